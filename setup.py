@@ -1,0 +1,28 @@
+"""yuanjax: Yuan2.0-M32-style Mixture-of-Experts language models in JAX/Flax."""
+import setuptools
+
+setuptools.setup(
+    name="yuanjax",
+    version="0.1.0",
+    description="Train, evaluate and serve Yuan2.0-M32-style MoE language models in JAX/Flax.",
+    packages=setuptools.find_packages(include=["yuanjax", "yuanjax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12",
+        "grain>=0.2.18",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.1",
+        "chex>=0.1.92",
+        "numpy",
+        "tensorboardX>=2.6",
+        "safetensors>=0.4",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist"],
+    },
+)
