@@ -1,0 +1,33 @@
+"""Tiny configs for model tests."""
+import flax.linen as nn
+import jax
+import numpy as np
+
+from yuanjax import config_lib
+
+
+def tiny(**overrides):
+  """The tiny M32 config with dotted-name overrides, e.g. tiny(**{'router.type': 'linear'})."""
+  m = config_lib.tiny_model()
+  m.update(dict(vocab_size=97, hidden_size=32, num_heads=2, head_dim=16, rotary_dims=8,
+                num_experts=4, dense_ffn_size=48))
+  m.moe.ffn_size = 24
+  for k, v in overrides.items():
+    node = m
+    *path, last = k.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = v
+  config_lib.validate_model(m)
+  return m
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def tree_rel_err(a, b):
+  la, lb = jax.tree_util.tree_leaves(nn.unbox(a)), jax.tree_util.tree_leaves(nn.unbox(b))
+  assert len(la) == len(lb)
+  return max(rel_err(x, y) for x, y in zip(la, lb))

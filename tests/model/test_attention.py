@@ -1,0 +1,63 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from yuanjax.model import attention
+from tests.model.helpers import rel_err, tiny
+
+
+def _lfa_loop(p, u, eps):
+  """Plain per-position loop of the spec's LFA equations (float64)."""
+  u = u.astype(np.float64)
+  A, a = p['conv1_kernel'].astype(np.float64), p['conv1_bias'].astype(np.float64)
+  Bk, b = p['conv2_kernel'].astype(np.float64), p['conv2_bias'].astype(np.float64)
+  Bsz, L, D = u.shape
+  c1 = np.zeros((Bsz, L, D // 2))
+  c2 = np.zeros((Bsz, L, D))
+  for t in range(L):
+    prev_u = u[:, t - 1] if t > 0 else np.zeros_like(u[:, 0])
+    c1[:, t] = prev_u @ A[0] + u[:, t] @ A[1] + a
+  for t in range(L):
+    prev_c = c1[:, t - 1] if t > 0 else np.zeros_like(c1[:, 0])
+    c2[:, t] = prev_c @ Bk[0] + c1[:, t] @ Bk[1] + b
+  z = c2 + u
+  return z / np.sqrt((z ** 2).mean(-1, keepdims=True) + eps) * p['norm']['scale']
+
+
+def test_lfa_matches_plain_loop():
+  cfg = tiny()
+  lf = attention.LocalizedFiltering(cfg)
+  u = np.random.RandomState(0).randn(2, 9, cfg.hidden_size).astype(np.float32)
+  v = nn.unbox(lf.init(jax.random.key(0), u))
+  v = jax.tree_util.tree_map(lambda x: x + 0.1 * np.random.RandomState(1).randn(*x.shape).astype(np.float32), v)
+  assert rel_err(lf.apply(v, u), _lfa_loop(jax.device_get(v['params']), u, cfg.norm_eps)) < 1e-5
+
+
+def test_lfa_does_not_cross_segments():
+  cfg = tiny()
+  lf = attention.LocalizedFiltering(cfg)
+  u = np.random.RandomState(0).randn(1, 10, cfg.hidden_size).astype(np.float32)
+  v = lf.init(jax.random.key(0), u)
+  seg = jnp.array([[1] * 4 + [2] * 6])
+  packed = lf.apply(v, u, seg)
+  assert rel_err(packed[:, :4], lf.apply(v, u[:, :4])) < 1e-6
+  assert rel_err(packed[:, 4:], lf.apply(v, u[:, 4:])) < 1e-6
+
+
+def test_attention_backends_agree():
+  x = np.random.RandomState(0).randn(2, 11, tiny().hidden_size).astype(np.float32)
+  seg = jnp.array([[1] * 5 + [2] * 6, [1] * 11])
+  pos = jnp.array([list(range(5)) + list(range(6)), list(range(11))])
+  mod = attention.Attention(tiny())
+  v = mod.init(jax.random.key(0), x, seg, pos)
+  outs = [attention.Attention(tiny(attention_backend=b)).apply(v, x, s, pos)
+          for b in attention.ATTENTION_BACKENDS for s in (seg, None)]
+  assert rel_err(outs[2], outs[0]) < 1e-5 and rel_err(outs[3], outs[1]) < 1e-5
+
+
+def test_attention_mask_block_causal():
+  seg = jnp.array([[1, 1, 2, 2, 2]])
+  m = np.asarray(attention.attention_mask(seg, 5, 5))[0, 0]
+  want = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], bool)
+  np.testing.assert_array_equal(m, want)

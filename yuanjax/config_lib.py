@@ -1,0 +1,111 @@
+"""Shared config pieces: the released Yuan2.0-M32 model config, and validation.
+
+Experiment files in `configs/` build on `m32_model()`; `validate_model` checks a model
+config before anything compiles and names the field and the rule on failure.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from yuanjax.model import attention, moe, routers, transformer
+
+
+def m32_model() -> ml_collections.ConfigDict:
+  """Yuan2.0-M32 exactly as released (../shared/yuan2-m32-spec.md)."""
+  return ml_collections.ConfigDict(dict(
+      vocab_size=135040,
+      hidden_size=2048,
+      num_layers=24,
+      num_heads=16,
+      head_dim=256,
+      rotary_dims=128,          # rotary on the first 128 of 256 dims per head
+      rope_base=10000.0,
+      rope_ntk_factor=1.0,      # 4.0 -> the 16K NTK-aware base 40890
+      max_seq_len=4096,
+      norm_eps=1e-6,
+      init_std=0.02,
+      dtype='bfloat16',         # compute dtype; router, softmax and loss stay float32
+      param_dtype='float32',
+      attention_backend='dot_product_attention',
+      remat='none',
+      num_experts=32,
+      moe_every=1,              # every layer MoE; n: every n-th layer; 0: all dense
+      dense_ffn_size=8192,      # FFN size of the dense layers (unused when moe_every=1)
+      router=dict(
+          type='attention',
+          top_k=2,
+          norm_topk_prob=True,
+          jitter_eps=0.0,
+          noisy_topk=False,
+          load_balance_weight=0.0,   # released M32: no load-balancing loss
+          z_loss_weight=0.0,
+          num_shared_experts=0,
+      ),
+      moe=dict(
+          dispatch='capacity',       # the fast one on accelerators (see README, MoE dispatch)
+          capacity_factor=1.25,
+          ffn_size=8192,             # per-expert FFN size
+      ),
+  ))
+
+
+def tiny_model() -> ml_collections.ConfigDict:
+  """M32's structure at CPU size: LFA, attention router, 8 experts top-2, partial rotary."""
+  m = m32_model()
+  m.update(dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=32,
+                rotary_dims=16, max_seq_len=256, dtype='float32', attention_backend='xla',
+                num_experts=8, dense_ffn_size=128))
+  m.moe.ffn_size = 64
+  m.moe.dispatch = 'dropless'
+  return m
+
+
+def _err(field, value, rule):
+  return ValueError(f'config.model.{field}={value!r}: {rule}')
+
+
+def validate_model(m: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field and the rule for the first bad value."""
+  for f in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim', 'max_seq_len'):
+    if not isinstance(m[f], int) or m[f] < 1:
+      raise _err(f, m[f], 'must be a positive integer')
+  if m.hidden_size % 2:
+    raise _err('hidden_size', m.hidden_size, 'must be even (the LFA convolution halves it)')
+  if m.rotary_dims % 2 or not 0 <= m.rotary_dims <= m.head_dim:
+    raise _err('rotary_dims', m.rotary_dims, f'must be even and in [0, head_dim={m.head_dim}]')
+  if m.rope_ntk_factor < 1.0:
+    raise _err('rope_ntk_factor', m.rope_ntk_factor, 'must be >= 1 (1 = plain rotary)')
+  if m.attention_backend not in attention.ATTENTION_BACKENDS:
+    raise _err('attention_backend', m.attention_backend, f'expected one of {attention.ATTENTION_BACKENDS}')
+  if m.remat not in transformer.REMAT_POLICIES:
+    raise _err('remat', m.remat, f'expected one of {sorted(transformer.REMAT_POLICIES)}')
+  for f in ('dtype', 'param_dtype'):
+    if m[f] not in ('float32', 'bfloat16', 'float16'):
+      raise _err(f, m[f], "expected 'float32', 'bfloat16' or 'float16'")
+  if m.moe_every < 0 or (m.moe_every and m.num_layers % m.moe_every):
+    raise _err('moe_every', m.moe_every, f'must be 0 (all dense) or divide num_layers={m.num_layers}')
+  if m.moe_every == 0:
+    return
+  r = m.router
+  if r.type not in routers.ROUTERS:
+    raise _err('router.type', r.type, f'expected one of {sorted(routers.ROUTERS)}')
+  if m.num_experts < 1:
+    raise _err('num_experts', m.num_experts, 'must be >= 1')
+  if not 1 <= r.top_k <= m.num_experts:
+    raise _err('router.top_k', r.top_k, f'must be in [1, num_experts={m.num_experts}]')
+  if r.type == 'shared' and r.num_shared_experts < 1:
+    raise _err('router.num_shared_experts', r.num_shared_experts,
+               "must be >= 1 with router.type='shared'")
+  if r.num_shared_experts < 0:
+    raise _err('router.num_shared_experts', r.num_shared_experts, 'must be >= 0')
+  for f in ('jitter_eps', 'load_balance_weight', 'z_loss_weight'):
+    if r[f] < 0:
+      raise _err(f'router.{f}', r[f], 'must be >= 0')
+  if r.jitter_eps >= 1:
+    raise _err('router.jitter_eps', r.jitter_eps, 'must be < 1')
+  if m.moe.dispatch not in moe.DISPATCHES:
+    raise _err('moe.dispatch', m.moe.dispatch, f'expected one of {moe.DISPATCHES}')
+  if m.moe.capacity_factor <= 0:
+    raise _err('moe.capacity_factor', m.moe.capacity_factor, 'must be > 0')
+  if m.moe.ffn_size < 1:
+    raise _err('moe.ffn_size', m.moe.ffn_size, 'must be >= 1')

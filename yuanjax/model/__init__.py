@@ -1,0 +1,4 @@
+"""yuanjax.model: the Yuan 2.0-M32 decoder in Flax Linen. See transformer.py for the API."""
+from yuanjax.model.transformer import Transformer
+
+__all__ = ['Transformer']

@@ -1,0 +1,126 @@
+"""Localized Filtering-based Attention (LFA), Yuan 2.0's attention block.
+
+  v = u Wv                                     (no filtering on the value path)
+  c1[t] = A0 u[t-1] + A1 u[t] + a              (d -> d/2, causal conv, kernel 2)
+  c2[t] = B0 c1[t-1] + B1 c1[t] + b            (d/2 -> d)
+  f = RMSNorm_lf(c2 + u);  q = f Wq;  k = f Wk
+  partial rotary on q, k; causal softmax(q k^T / sqrt(K)) v; o Wo
+
+Axis key: see `yuanjax.model.layers`. Packed rows: `segment_ids_BxL` make the attention
+mask block-diagonal causal, and the convolutions never look across a document boundary
+(u[t-1] counts as zero at the first token of a segment), so every packed document gives
+exactly its stand-alone result.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from yuanjax.model import layers
+
+f32 = jnp.float32
+ATTENTION_BACKENDS = ('xla', 'dot_product_attention')
+
+
+def _shift_right(x_BxLxC, same_segment_BxL):
+  """x[t-1] (zero at t = 0 and at the first token of each segment)."""
+  prev = jnp.pad(x_BxLxC, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+  if same_segment_BxL is not None:
+    prev = prev * same_segment_BxL[..., None].astype(prev.dtype)
+  return prev
+
+
+class LocalizedFiltering(nn.Module):
+  """Two causal kernel-2 convolutions with bias (d -> d/2 -> d), residual, RMSNorm."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, u_BxLxD, segment_ids_BxL=None):
+    cfg = self.config
+    D, dtype, pdtype = cfg.hidden_size, layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_std)
+    # Kernel index 0 multiplies the previous position, index 1 the current one.
+    a_2xDxM = layers.param_with_axes(self, 'conv1_kernel', init, (2, D, D // 2),
+                                     ('conv', 'embed', 'mlp'), pdtype)
+    a_M = layers.param_with_axes(self, 'conv1_bias', nn.initializers.zeros, (D // 2,),
+                                 ('mlp',), pdtype)
+    b_2xMxD = layers.param_with_axes(self, 'conv2_kernel', init, (2, D // 2, D),
+                                     ('conv', 'mlp', 'embed'), pdtype)
+    b_D = layers.param_with_axes(self, 'conv2_bias', nn.initializers.zeros, (D,),
+                                 ('embed',), pdtype)
+    same = None
+    if segment_ids_BxL is not None:
+      same = jnp.pad(segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
+
+    def conv(x, kernel, bias):
+      kernel = kernel.astype(dtype)
+      return (jnp.einsum('blc,cm->blm', _shift_right(x, same), kernel[0])
+              + jnp.einsum('blc,cm->blm', x, kernel[1]) + bias.astype(dtype))
+
+    c1_BxLxM = conv(u_BxLxD, a_2xDxM, a_M)
+    c2_BxLxD = conv(c1_BxLxM, b_2xMxD, b_D)
+    return layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='norm')(c2_BxLxD + u_BxLxD)
+
+
+def attention_mask(segment_ids_BxL, q_len: int, kv_len: int):
+  """Boolean [B, 1, L, S] causal mask, block-diagonal over segments when given."""
+  causal_LxS = jnp.tril(jnp.ones((q_len, kv_len), bool), k=kv_len - q_len)
+  if segment_ids_BxL is None:
+    return causal_LxS[None, None]
+  same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+  return causal_LxS[None, None] & same_BxLxS[:, None]
+
+
+def xla_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, scale: float):
+  """Reference attention: einsum, float32 logits and softmax."""
+  logits_BxHxLxS = jnp.einsum('blhk,bshk->bhls', q_BxLxHxK, k_BxSxHxK,
+                              preferred_element_type=f32) * scale
+  logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
+  return jnp.einsum('bhls,bshk->blhk', probs, v_BxSxHxK)
+
+
+class Attention(nn.Module):
+  """LFA self-attention over packed rows."""
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, u_BxLxD, segment_ids_BxL, positions_BxL):
+    cfg = self.config
+    D, H, K = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    init = nn.initializers.normal(cfg.init_std)
+    out_init = nn.initializers.normal(layers.scaled_init_std(cfg.init_std, cfg.num_layers))
+    wq_DxHxK = layers.param_with_axes(self, 'wq', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
+    wk_DxHxK = layers.param_with_axes(self, 'wk', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
+    wv_DxHxK = layers.param_with_axes(self, 'wv', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
+    wo_HxKxD = layers.param_with_axes(self, 'wo', out_init, (H, K, D), ('heads', 'kv', 'embed'), pdtype)
+    heads = ('act_batch', 'act_len', 'act_heads', 'act_kv')
+
+    v = jnp.einsum('bld,dhk->blhk', u_BxLxD, wv_DxHxK.astype(dtype))
+    f_BxLxD = LocalizedFiltering(cfg, name='lf')(u_BxLxD, segment_ids_BxL)
+    q = jnp.einsum('bld,dhk->blhk', f_BxLxD, wq_DxHxK.astype(dtype))
+    k = jnp.einsum('bld,dhk->blhk', f_BxLxD, wk_DxHxK.astype(dtype))
+    base = layers.rope_base(cfg.rope_base, cfg.rotary_dims, cfg.rope_ntk_factor)
+    q = layers.apply_rotary(q, positions_BxL, cfg.rotary_dims, base)
+    k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base)
+    q, k, v = (layers.constrain(t, heads) for t in (q, k, v))
+
+    scale = K ** -0.5
+    L = u_BxLxD.shape[1]
+    if cfg.attention_backend == 'xla':
+      o_BxLxHxK = xla_attention(q, k, v, attention_mask(segment_ids_BxL, L, L), scale)
+    elif cfg.attention_backend == 'dot_product_attention':
+      # cuDNN flash attention on GPU; its XLA fallback elsewhere. Causality via is_causal,
+      # document boundaries via the segment mask.
+      mask = None
+      if segment_ids_BxL is not None:
+        mask = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+      o_BxLxHxK = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
+    else:
+      raise ValueError(f'config.model.attention_backend={cfg.attention_backend!r}: '
+                       f'expected one of {ATTENTION_BACKENDS}')
+    o_BxLxHxK = layers.constrain(o_BxLxHxK, heads)
+    return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, wo_HxKxD.astype(dtype))

@@ -1,0 +1,73 @@
+"""Model facts from abstract shapes (jax.eval_shape: nothing is allocated).
+
+  python -m yuanjax.stats --config configs/yuan_m32.py [--config.model.num_experts=16]
+
+Prints a human summary, then (last line) one JSON object:
+  total_params             every parameter (tied embedding counted once)
+  active_params            parameters one token uses: all non-expert params, top_k/E of
+                           the routed expert params, all shared-expert params
+  forward_flops_per_token  2 x active matmul weights (the paper's convention: excludes the
+                           attention score/value products, which depend on sequence length)
+  attention_flops_per_token  those products at config.model.max_seq_len (causal, averaged)
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import app
+from ml_collections import config_flags
+
+from yuanjax import config_lib
+from yuanjax.model import Transformer
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+
+
+def abstract_params(model_cfg):
+  """Boxed abstract params (ShapeDtypeStructs carrying logical axis names)."""
+  model = Transformer(model_cfg)
+  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
+
+
+def model_facts(model_cfg) -> dict:
+  config_lib.validate_model(model_cfg)
+  params = abstract_params(model_cfg)
+  total = active = matmul_active = 0.0
+  moe_frac = (model_cfg.router.top_k / model_cfg.num_experts) if model_cfg.moe_every else 0.0
+  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  for leaf in leaves:
+    names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
+    shape = leaf.value.shape if isinstance(leaf, nn.LogicallyPartitioned) else leaf.shape
+    n = float(math.prod(shape))
+    share = moe_frac if 'expert' in names else 1.0
+    total += n
+    active += n * share
+    if len([a for a in names if a != 'layers']) >= 2:   # weight matrices, convs, embedding
+      matmul_active += n * share
+  m = model_cfg
+  # Per token per layer, causal: QK^T and AV each 2 * H * K * (mean context (L+1)/2).
+  attn = 2 * 2 * m.num_heads * m.head_dim * (m.max_seq_len + 1) / 2 * m.num_layers
+  return dict(total_params=int(total), active_params=int(active),
+              forward_flops_per_token=2.0 * matmul_active,
+              attention_flops_per_token=float(attn))
+
+
+def main(argv):
+  del argv
+  facts = model_facts(_CONFIG.value.model)
+  print(f"total params        {facts['total_params'] / 1e9:8.3f} B")
+  print(f"active params/token {facts['active_params'] / 1e9:8.3f} B")
+  print(f"forward GFLOPs/token {facts['forward_flops_per_token'] / 1e9:7.3f} "
+        f"(+{facts['attention_flops_per_token'] / 1e9:.3f} attention at seq "
+        f"{_CONFIG.value.model.max_seq_len})")
+  print(json.dumps(facts))
+
+
+if __name__ == '__main__':
+  app.run(main)
