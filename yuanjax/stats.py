@@ -24,10 +24,6 @@ from ml_collections import config_flags
 from yuanjax import config_lib
 from yuanjax.model import Transformer
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-
-
 def abstract_params(model_cfg):
   """Boxed abstract params (ShapeDtypeStructs carrying logical axis names)."""
   model = Transformer(model_cfg)
@@ -60,14 +56,18 @@ def model_facts(model_cfg) -> dict:
 
 def main(argv):
   del argv
-  facts = model_facts(_CONFIG.value.model)
+  config = _CONFIG.value
+  facts = model_facts(config.model)
   print(f"total params        {facts['total_params'] / 1e9:8.3f} B")
   print(f"active params/token {facts['active_params'] / 1e9:8.3f} B")
   print(f"forward GFLOPs/token {facts['forward_flops_per_token'] / 1e9:7.3f} "
         f"(+{facts['attention_flops_per_token'] / 1e9:.3f} attention at seq "
-        f"{_CONFIG.value.model.max_seq_len})")
+        f"{config.model.max_seq_len})")
   print(json.dumps(facts))
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not at import, so the trainer can import this module.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                            lock_config=True)
   app.run(main)

@@ -12,6 +12,7 @@ def tiny(**overrides):
   m.update(dict(vocab_size=97, hidden_size=32, num_heads=2, head_dim=16, rotary_dims=8,
                 num_experts=4, dense_ffn_size=48))
   m.moe.ffn_size = 24
+  m.moe.dispatch = 'dropless'   # exact regardless of grouping (packing, batching)
   for k, v in overrides.items():
     node = m
     *path, last = k.split('.')

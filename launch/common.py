@@ -1,0 +1,212 @@
+"""What the launchers share: the run flags, the training command, and running a plan.
+
+A launcher turns its flags into a `Plan`: argv lists to run in order (plus teardown that
+runs whatever happens). `execute` either prints every command, one per line with
+`shlex.join` (--dry-run), or runs them: the same plan both ways, so the dry run shows
+exactly what a real run does.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_MODULE = 'yuanjax.train'
+_FIELD = r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*'
+FIELD_RE = re.compile(_FIELD)
+OVERRIDE_RE = re.compile(rf'--config\.({_FIELD})=(.*)', re.DOTALL)
+GS_RE = re.compile(r'gs://[^/]+(/.*)?')
+
+
+@dataclasses.dataclass
+class Plan:
+  """What a launcher does: every command is an argv list (no shell in between)."""
+  steps: list[list[str]]                  # in order; stops at the first failure
+  cleanup: list[list[str]] = dataclasses.field(default_factory=list)  # always, once reached
+  cleanup_from: int = 0                   # cleanup runs once step `cleanup_from` has started
+  together: bool = False                  # steps are the processes of one job: run them at once
+  log_dir: str | None = None              # with `together`: also write process_<i>.log here
+  files: dict[str, str] = dataclasses.field(default_factory=dict)  # written first, dry run too
+
+  def commands(self) -> list[list[str]]:
+    return self.steps + self.cleanup
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+  """The flags every launcher takes; config overrides (--config.KEY=VALUE) go through as is."""
+  p = argparse.ArgumentParser(
+      description=description, allow_abbrev=False,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog='Config overrides: any number of --config.KEY=VALUE, passed on to yuanjax.train.')
+  p.add_argument('--config', required=True,
+                 help='config file, optionally with an argument: configs/demo.py[:variant]')
+  p.add_argument('--workdir', required=True,
+                 help='where the run writes checkpoints and logs: a path or gs://BUCKET/PATH')
+  p.add_argument('--dry-run', '--dry_run', dest='dry_run', action='store_true',
+                 help='print the commands, one per line, and run nothing')
+  return p
+
+
+def parse(p: argparse.ArgumentParser, argv: list[str] | None,
+          pass_through: bool = False) -> argparse.Namespace:
+  """Parses argv; errors (exit 2) name the flag at fault.
+
+  Sets args.overrides (the --config.KEY=VALUE flags, in order) and args.config_path. Other
+  unknown flags are an error, or with pass_through go to args.rest.
+  """
+  args, rest = p.parse_known_args(argv)
+  args.overrides = [a for a in rest if OVERRIDE_RE.fullmatch(a)]
+  args.rest = [a for a in rest if not OVERRIDE_RE.fullmatch(a)]
+  if args.rest and not pass_through:
+    p.error(f'unrecognized argument {args.rest[0]!r} '
+            '(config overrides are written --config.KEY=VALUE)')
+  args.config_path = config_path(args.config)
+  if not os.path.isfile(args.config_path):
+    p.error(f'--config={args.config}: no such file {args.config_path!r}')
+  if not args.workdir.strip():
+    p.error('--workdir is empty')
+  if '://' in args.workdir and not GS_RE.fullmatch(args.workdir):
+    p.error(f'--workdir={args.workdir}: only local paths and gs://BUCKET/PATH are supported')
+  return args
+
+
+def config_path(spec: str) -> str:
+  """'configs/x.py:variant' -> 'configs/x.py'."""
+  return spec.partition(':')[0]
+
+
+def train_argv(python: str, config: str, workdir: str, overrides: list[str],
+               module: str = TRAIN_MODULE) -> list[str]:
+  """The training command (the contract with yuanjax.train); -u: logs arrive as they happen."""
+  return [python, '-u', '-m', module, f'--config={config}', f'--workdir={workdir}', *overrides]
+
+
+# ------------------------------------------------------------------------------- running
+
+def _say(msg: str) -> None:
+  print(f'[launch] {msg}', file=sys.stderr, flush=True)
+
+
+def execute(plan: Plan, dry_run: bool) -> int:
+  """Prints the plan's commands (dry run) or runs them; returns the exit status."""
+  for path, text in plan.files.items():
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+      f.write(text)
+    _say(f'wrote {path}')
+  if dry_run:
+    for argv in plan.commands():
+      print(shlex.join(argv), flush=True)
+    return 0
+  started = 0  # steps started so far
+  handlers = _exit_on_signals()
+  try:
+    if plan.together:
+      started = len(plan.steps)
+      return run_together(plan.steps, plan.log_dir)
+    for argv in plan.steps:
+      started += 1
+      _say(f'+ {shlex.join(argv)}')
+      rc = subprocess.call(argv)
+      if rc:
+        _say(f'failed with exit status {rc}: {shlex.join(argv)}')
+        return rc
+    return 0
+  finally:
+    if plan.cleanup and started > plan.cleanup_from:
+      for argv in plan.cleanup:
+        _say(f'+ {shlex.join(argv)}')
+        if rc := subprocess.call(argv):
+          _say(f'cleanup step failed with exit status {rc}; going on')
+    for sig, handler in handlers.items():
+      signal.signal(sig, handler)
+
+
+def _exit_on_signals() -> dict:
+  """SIGTERM/SIGHUP raise SystemExit like Ctrl-C raises KeyboardInterrupt, so that the
+  cleanup (a TPU slice's deletion) and the stopping of child processes still happen."""
+  def leave(signum, frame):
+    del frame
+    raise SystemExit(128 + signum)
+  try:
+    return {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+  except ValueError:  # not the main thread: leave the handlers alone
+    return {}
+
+
+def _pump(i: int, proc: subprocess.Popen, log_path: str | None, lock: threading.Lock) -> None:
+  """Copies one process's output to stdout, each line prefixed with [i], and to its log."""
+  log = open(log_path, 'wb') if log_path else None
+  try:
+    for line in proc.stdout:
+      line = line if line.endswith(b'\n') else line + b'\n'
+      with lock:
+        sys.stdout.write(f'[{i}] ' + line.decode(errors='replace'))
+        sys.stdout.flush()
+      if log:
+        log.write(line)
+        log.flush()
+  finally:
+    if log:
+      log.close()
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+  """SIGTERM to every running process group, SIGKILL to what is left after grace_s."""
+  for sig in (signal.SIGTERM, signal.SIGKILL):
+    running = [p for p in procs if p.poll() is None]
+    for p in running:
+      try:
+        os.killpg(p.pid, sig)
+      except ProcessLookupError:
+        pass
+    deadline = time.monotonic() + grace_s
+    for p in running:
+      try:
+        p.wait(max(0.0, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        pass
+
+
+def run_together(cmds: list[list[str]], log_dir: str | None = None) -> int:
+  """Starts every command at once; 0 when all succeed, else the first failure's status.
+
+  When one fails the others are stopped (they would wait for it forever). Output is
+  prefixed [i] on stdout and, with log_dir, also written to log_dir/process_<i>.log.
+  """
+  if log_dir:
+    os.makedirs(log_dir, exist_ok=True)
+  lock = threading.Lock()
+  procs, pumps = [], []
+  try:
+    for i, argv in enumerate(cmds):
+      _say(f'+ {shlex.join(argv)}')
+      # Own process group, so that stopping a process stops whatever it started too.
+      p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           stdin=subprocess.DEVNULL, start_new_session=True)
+      procs.append(p)
+      log = os.path.join(log_dir, f'process_{i}.log') if log_dir else None
+      pumps.append(threading.Thread(target=_pump, args=(i, p, log, lock), daemon=True))
+      pumps[-1].start()
+    while True:
+      codes = [p.poll() for p in procs]
+      failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+      if failed:
+        i = failed[0]
+        _say(f'process {i} exited with status {codes[i]}; stopping the others')
+        return codes[i] if codes[i] > 0 else 128 - codes[i]  # -SIG -> 128+SIG, like a shell
+      if all(c == 0 for c in codes):
+        return 0
+      time.sleep(0.05)
+  finally:
+    _stop(procs)
+    for t in pumps:
+      t.join(timeout=5)

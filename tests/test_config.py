@@ -1,0 +1,80 @@
+import types
+
+import pytest
+
+from yuanjax import config_lib, sharding
+from tests.conftest import rel_err  # noqa: F401  (conftest puts the repo on sys.path)
+import configs.demo as demo
+import configs.tiny as tiny
+import configs.yuan_m32 as yuan_m32
+
+
+def test_configs_validate():
+  config_lib.validate(demo.get_config())
+  config_lib.validate(demo.get_config('runlocal'))
+  config_lib.validate_model(tiny.get_config().model)
+  config_lib.validate_model(yuan_m32.get_config().model)
+
+
+def test_m32_config_is_the_spec():
+  m = yuan_m32.get_config().model
+  assert (m.num_layers, m.hidden_size, m.num_heads, m.head_dim, m.rotary_dims) == (24, 2048, 16, 256, 128)
+  assert (m.num_experts, m.router.top_k, m.moe.ffn_size, m.vocab_size) == (32, 2, 8192, 135040)
+  assert m.router.type == 'attention' and m.router.load_balance_weight == 0.0
+  assert m.norm_eps == 1e-6 and m.rope_base == 10000.0
+
+
+@pytest.mark.parametrize('field,value,pattern', [
+    ('model.router.top_k', 99, r'config\.model\.router\.top_k=99'),
+    ('train.seq_len', 4096, r'config\.train\.seq_len=4096: longer than the rotary range'),
+    ('train.grad_accum', 3, r'config\.train\.grad_accum=3'),
+    ('optimizer.lr', -1.0, r'config\.optimizer\.lr'),
+    ('data.fim_rate', 1.5, r'config\.data\.fim_rate'),
+    ('model.moe.dispatch', 'magic', r'config\.model\.moe\.dispatch'),
+    ('model.attention_backend', 'flash', r'config\.model\.attention_backend'),
+])
+def test_bad_values_name_the_field(field, value, pattern):
+  config = demo.get_config()
+  node = config
+  *path, last = field.split('.')
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ValueError, match=pattern):
+    config_lib.validate(config)
+
+
+def test_mesh_rules_name_the_field():
+  config = demo.get_config()
+  mesh = types.SimpleNamespace(shape={'data': 3, 'fsdp': 1, 'expert': 1, 'tensor': 1})
+  with pytest.raises(ValueError, match=r'config\.train\.batch_size=16.*data-parallel size'):
+    config_lib.validate_against_mesh(config, mesh)
+  mesh.shape = {'data': 1, 'fsdp': 1, 'expert': 3, 'tensor': 1}
+  config.train.batch_size = 3
+  with pytest.raises(ValueError, match=r'config\.model\.num_experts=8'):
+    config_lib.validate_against_mesh(config, mesh)
+  mesh.shape = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 3}
+  with pytest.raises(ValueError, match=r'config\.model\.num_heads=4'):
+    config_lib.validate_against_mesh(config, mesh)
+
+
+def test_mesh_shape():
+  cfg = sharding.mesh_config()
+  assert sharding.mesh_shape(cfg, 8) == (8, 1, 1, 1)
+  cfg.expert = 4
+  assert sharding.mesh_shape(cfg, 8) == (2, 1, 4, 1)
+  cfg.data = 3
+  with pytest.raises(ValueError, match='config.mesh'):
+    sharding.mesh_shape(cfg, 8)
+
+
+def test_sweep_variants_validate():
+  for overrides in demo.sweep():
+    config = demo.get_config()
+    for k, v in overrides.items():
+      node = config
+      *path, last = k.split('.')
+      for p in path:
+        node = node[p]
+      node[last] = v
+    config_lib.validate(config)

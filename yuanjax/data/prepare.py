@@ -1,0 +1,358 @@
+"""Token shards on disk: writing them (``prepare``), reading them, and the embedded default.
+
+Write shards from .txt files (one document each) and .jsonl files (one document per line)::
+
+    python -m yuanjax.data prepare --tokenizer out/tok.model --input 'corpus/*.jsonl' --output out/shards
+    python -m yuanjax.data default            # build (once) and print the embedded default
+
+Layout of a shards directory::
+
+    manifest.json           format, tokenizer, vocab_size, eod_id, newline_token, counts, shards
+    shard_00000.bin         flat uint32 tokens; every document is followed by <eod>
+    shard_00000.idx.npy     int64 document start offsets into the .bin, plus the end (n_docs + 1)
+    ...
+
+Documents never span shards; a shard is closed once it holds ``shard_tokens`` tokens or more.
+Empty documents (``""`` in a jsonl line) are skipped and counted (``num_skipped_empty``).
+
+Guarantees: every input is validated (missing file, bad JSON, missing ``text`` field, empty file)
+before anything is written, and the error names the file and line. Shards are written into a
+temporary sibling directory that is renamed into place only when complete, so an output
+directory that exists is always whole. Memory is bounded: documents are streamed and shards are
+flushed as they fill.
+
+Embedded default: :func:`ensure_default_data` trains a tokenizer on the running Python's
+standard library (``corpus.stdlib_sources``) and prepares shards, once, cached under
+``$YUANJAX_CACHE`` (default ``~/.cache/yuanjax``) in a directory keyed by Python version,
+vocab size and byte cap. Concurrent callers are safe: a lock file serialises builders, and the
+result is published by one atomic rename.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+import tqdm
+
+from yuanjax.data import corpus
+from yuanjax.data.tokenizer import Tokenizer, train_from_documents
+
+FORMAT = "yuanjax-shards-v1"
+MANIFEST = "manifest.json"
+TOKEN_DTYPE = np.uint32
+INDEX_DTYPE = np.int64
+DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
+_ENCODE_BATCH_BYTES = 4 << 20  # encode this much text per SentencePiece call (C++ threads)
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _ShardWriter:
+    """Appends documents to ``shard_NNNNN.bin`` files, rolling over at ``shard_tokens``."""
+
+    def __init__(self, out_dir: str, shard_tokens: int):
+        self.out_dir, self.shard_tokens = out_dir, shard_tokens
+        self.shards: list[dict] = []
+        self._file = None
+
+    def _open(self):
+        name = f"shard_{len(self.shards):05d}"
+        self._name = name
+        self._file = open(os.path.join(self.out_dir, name + ".bin"), "wb")
+        self._offsets = [0]
+
+    def add(self, ids: np.ndarray):
+        if self._file is None:
+            self._open()
+        self._file.write(ids.tobytes())
+        self._offsets.append(self._offsets[-1] + len(ids))
+        if self._offsets[-1] >= self.shard_tokens:
+            self.close()
+
+    def close(self):
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        np.save(os.path.join(self.out_dir, self._name + ".idx.npy"), np.asarray(self._offsets, INDEX_DTYPE))
+        self.shards.append(
+            dict(tokens=self._name + ".bin", index=self._name + ".idx.npy",
+                 num_docs=len(self._offsets) - 1, num_tokens=int(self._offsets[-1]))
+        )
+
+
+def prepare_documents(
+    tokenizer_path: str,
+    documents: Callable[[], Iterable[corpus.Document]],
+    output_dir: str | os.PathLike,
+    *,
+    newline_token: str | None = None,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    overwrite: bool = False,
+    progress: bool = True,
+    manifest_tokenizer: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Tokenizes ``documents()`` into shards in ``output_dir``; returns the manifest.
+
+    ``documents`` is called twice: a validation pass (nothing written yet) and the writing pass.
+    ``manifest_tokenizer`` overrides the tokenizer path recorded in the manifest (relative paths
+    are resolved against the shards directory when read).
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    tok = Tokenizer(tokenizer_path, newline_token=newline_token)
+    if os.path.exists(output_dir) and not overwrite:
+        raise ValueError(f"{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+
+    # Pass 1: validate everything before writing anything.
+    total_bytes = num_docs = 0
+    for doc in documents():
+        total_bytes += doc.nbytes
+        num_docs += bool(doc.text)
+    if num_docs == 0:
+        raise corpus.InputError("no non-empty documents in the input")
+
+    parent = os.path.dirname(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published directory should not be
+        writer = _ShardWriter(tmp, shard_tokens)
+        eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
+        skipped = 0
+        batch, batch_bytes = [], 0
+        bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+
+        def flush():
+            for ids in tok.encode_batch(batch):
+                writer.add(np.concatenate([np.asarray(ids, TOKEN_DTYPE), eod]))
+            batch.clear()
+
+        for doc in documents():
+            if not doc.text:
+                skipped += 1
+            else:
+                batch.append(doc.text)
+                batch_bytes += len(doc.text)
+                if batch_bytes >= _ENCODE_BATCH_BYTES:
+                    flush()
+                    batch_bytes = 0
+            bar.update(doc.nbytes)
+        flush()
+        writer.close()
+        bar.close()
+
+        manifest = dict(
+            format=FORMAT,
+            tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
+            tokenizer_sha256=_file_sha256(tokenizer_path),
+            vocab_size=tok.vocab_size,
+            eod_id=tok.eod_id,
+            newline_token=newline_token,
+            dtype=np.dtype(TOKEN_DTYPE).name,
+            num_docs=sum(s["num_docs"] for s in writer.shards),
+            num_tokens=sum(s["num_tokens"] for s in writer.shards),
+            num_skipped_empty=skipped,
+            shards=writer.shards,
+            **(extra or {}),
+        )
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _publish(tmp, output_dir, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _publish(tmp: str, final: str, overwrite: bool):
+    """Atomically moves the finished ``tmp`` directory to ``final``."""
+    if overwrite and os.path.exists(final):
+        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
+        os.rename(final, os.path.join(trash, "x"))
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
+def prepare(
+    tokenizer_path: str,
+    inputs: str | Sequence[str],
+    output_dir: str | os.PathLike,
+    *,
+    text_key: str = "text",
+    **kwargs,
+) -> dict:
+    """Tokenizes .txt / .jsonl files or globs into shards (see :func:`prepare_documents`)."""
+    files = corpus.expand_inputs(inputs)
+    return prepare_documents(
+        tokenizer_path, lambda: corpus.read_documents(files, text_key), output_dir,
+        extra=dict(text_key=text_key, num_inputs=len(files)), **kwargs,
+    )
+
+
+def load_manifest(shards_dir: str | os.PathLike) -> dict:
+    """Reads and checks ``manifest.json``; raises ValueError naming the directory or file."""
+    shards_dir = os.fspath(shards_dir)
+    path = os.path.join(shards_dir, MANIFEST)
+    if not os.path.isdir(shards_dir):
+        raise ValueError(f"data.path: {shards_dir}: no such directory")
+    if not os.path.isfile(path):
+        raise ValueError(f"data.path: {path}: no such file (not a prepared shards directory?)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable manifest ({e})") from e
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def manifest_tokenizer_path(shards_dir: str, manifest: dict) -> str:
+    """The manifest's tokenizer path, relative paths resolved against the shards directory."""
+    return os.path.normpath(os.path.join(shards_dir, manifest["tokenizer"]))
+
+
+class ShardedDocuments:
+    """Random access to the documents of a shards directory (a grain data source).
+
+    ``docs[i]`` is document ``i`` (global order: shard by shard) as an int32 array that ends
+    with ``<eod>``. Token files are memory-mapped; nothing is read until asked for.
+    """
+
+    def __init__(self, shards_dir: str | os.PathLike):
+        self.path = os.path.abspath(os.fspath(shards_dir))
+        self.manifest = load_manifest(self.path)
+        self._tokens, self._offsets = [], []
+        for shard in self.manifest["shards"]:
+            tokens_path = os.path.join(self.path, shard["tokens"])
+            index_path = os.path.join(self.path, shard["index"])
+            for p in (tokens_path, index_path):
+                if not os.path.isfile(p):
+                    raise ValueError(f"{p}: missing shard file (listed in {MANIFEST})")
+            tokens = np.memmap(tokens_path, dtype=self.manifest["dtype"], mode="r")
+            offsets = np.load(index_path, mmap_mode="r")
+            if len(offsets) != shard["num_docs"] + 1 or offsets[-1] != len(tokens):
+                raise ValueError(f"{tokens_path}: size does not match its index / {MANIFEST}")
+            self._tokens.append(tokens)
+            self._offsets.append(offsets)
+        self._first_doc = np.cumsum([0] + [s["num_docs"] for s in self.manifest["shards"]])
+
+    def __len__(self) -> int:
+        return int(self._first_doc[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(f"document {index} out of range [0, {len(self)})")
+        shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+        local = index - self._first_doc[shard]
+        start, stop = self._offsets[shard][local], self._offsets[shard][local + 1]
+        return self._tokens[shard][start:stop].astype(np.int32)
+
+    def doc_lengths(self) -> np.ndarray:
+        """Token count (``<eod>`` included) of every document, int64 [num_docs]."""
+        return np.concatenate([np.diff(np.asarray(o)) for o in self._offsets])
+
+    def __repr__(self) -> str:
+        return f"ShardedDocuments({self.path!r}, docs={len(self)}, tokens={self.manifest['num_tokens']})"
+
+
+# --------------------------------------------------------------------------- embedded default
+
+
+def default_cache_root(cache_dir: str | None = None) -> str:
+    return os.path.expanduser(cache_dir or os.environ.get("YUANJAX_CACHE") or "~/.cache/yuanjax")
+
+
+def default_data_key(vocab_size: int, max_bytes: int) -> str:
+    return f"stdlib-py{platform.python_version()}-v{vocab_size}-b{max_bytes}-{FORMAT}"
+
+
+@contextlib.contextmanager
+def _file_lock(path: str):
+    """An exclusive advisory lock (no-op where fcntl is unavailable; the rename stays atomic)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def ensure_default_data(
+    cache_dir: str | None = None,
+    vocab_size: int = 4096,
+    max_bytes: int = 8_000_000,
+    *,
+    progress: bool = False,
+) -> tuple[str, str]:
+    """Builds (once) the embedded default: a tokenizer and shards from the Python stdlib.
+
+    Returns ``(tokenizer_path, shards_dir)`` under ``<cache>/<key>/`` where the cache is
+    ``cache_dir`` or ``$YUANJAX_CACHE`` or ``~/.cache/yuanjax`` and the key includes the Python
+    version, ``vocab_size`` and ``max_bytes``. Safe to call from many processes at once.
+    """
+    root = default_cache_root(cache_dir)
+    key = default_data_key(vocab_size, max_bytes)
+    final = os.path.join(root, key)
+    result = (os.path.join(final, "tokenizer.model"), os.path.join(final, "shards"))
+    if os.path.isfile(os.path.join(result[1], MANIFEST)):
+        return result
+    os.makedirs(root, exist_ok=True)
+    with _file_lock(os.path.join(root, f".{key}.lock")):
+        if os.path.isfile(os.path.join(result[1], MANIFEST)):  # another process built it meanwhile
+            return result
+        t0 = time.perf_counter()
+        files = corpus.stdlib_sources(max_bytes)
+        tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
+        try:
+            os.chmod(tmp, 0o755)
+            model = train_from_documents(
+                corpus.stdlib_documents(files), os.path.join(tmp, "tokenizer"), vocab_size
+            )
+            prepare_documents(
+                model, lambda: corpus.stdlib_documents(files), os.path.join(tmp, "shards"),
+                progress=progress, manifest_tokenizer="../tokenizer.model",
+                extra=dict(source="python-stdlib", stdlib=corpus.stdlib_root(), num_inputs=len(files),
+                           max_bytes=max_bytes, build_seconds=None),
+            )
+            mpath = os.path.join(tmp, "shards", MANIFEST)
+            with open(mpath) as f:
+                manifest = json.load(f)
+            manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
+            with open(mpath, "w") as f:
+                json.dump(manifest, f, indent=1)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not os.path.isfile(os.path.join(result[1], MANIFEST)):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)  # lost a race with a lock-less builder
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return result

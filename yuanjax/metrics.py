@@ -1,0 +1,127 @@
+"""Training metrics: metrics.jsonl, TensorBoard event files (tensorboardX), console lines.
+
+Also: peak FLOP/s per device kind (for MFU) and the router-collapse check.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, from vendor spec sheets (H100 SXM: 989 TF dense; we
+# measured 797 TF/s for a bf16 8192^3 matmul through JAX, see ../shared notes).
+PEAK_FLOPS = (
+    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12),
+    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
+    ('TPU v4', 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+  """Peak bf16 FLOP/s of one device, or None when unknown (CPU): MFU is then not reported."""
+  for name, flops in PEAK_FLOPS:
+    if name.lower() in device_kind.lower():
+      return flops
+  return None
+
+
+def effective_experts(load_E) -> float:
+  """exp(entropy) of the load distribution: E when balanced, 1 when all on one expert."""
+  p = np.asarray(load_E, np.float64)
+  p = p[p > 0]
+  return float(math.exp(-(p * np.log(p)).sum()))
+
+
+def collapsed_layers(load_LxE, threshold: float) -> list[tuple[int, float]]:
+  """(layer, effective experts) for MoE layers whose load spreads over fewer than
+  threshold * E effective experts."""
+  out = []
+  for i, load in enumerate(np.asarray(load_LxE)):
+    eff = effective_experts(load)
+    if eff < threshold * load.shape[-1]:
+      out.append((i, eff))
+  return out
+
+
+def flatten(metrics: dict, prefix: str = '') -> dict[str, float]:
+  """{'moe': {'load': [L, E]}} -> {'moe/load/layer_0/expert_0': ...}; scalars as float."""
+  out = {}
+  for k, v in metrics.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, dict):
+      out.update(flatten(v, name + '/'))
+      continue
+    a = np.asarray(v)
+    if a.ndim == 0:
+      out[name] = float(a)
+    elif a.ndim == 1:
+      out.update({f'{name}/layer_{i}': float(x) for i, x in enumerate(a)})
+    else:
+      for i, row in enumerate(a.reshape(a.shape[0], -1)):
+        out.update({f'{name}/layer_{i}/expert_{j}': float(x) for j, x in enumerate(row)})
+  return out
+
+
+class MetricsWriter:
+  """Writes one JSON object per logged step to workdir/metrics.jsonl and scalars to
+  workdir/tb. Only the main process writes."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.tb = None
+    if enabled:
+      from tensorboardX import SummaryWriter
+      os.makedirs(workdir, exist_ok=True)
+      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def truncate_after(self, step: int) -> None:
+    """On resume: drop records of steps after `step` (they are recomputed identically)."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
+  def write(self, step: int, scalars: dict[str, float], kind: str = 'train') -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), 'kind': kind, **scalars}
+    with open(self.path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    for k, v in scalars.items():
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        self.tb.add_scalar(f'{kind}/{k}', v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.tb is not None:
+      self.tb.close()
+
+
+def summary_line(step: int, num_steps: int, s: dict[str, float]) -> str:
+  parts = [f'step {step}/{num_steps}', f"loss {s['loss']:.4f}", f"ppl {s['perplexity']:.2f}",
+           f"lr {s['learning_rate']:.2e}", f"gnorm {s['grad_norm']:.3f}",
+           f"tok/s {s['tokens_per_sec']:.0f}"]
+  if 'mfu' in s:
+    parts.append(f"mfu {100 * s['mfu']:.1f}%")
+  if 'moe/dropped_fraction' in s:
+    parts.append(f"dropped {100 * s['moe/dropped_fraction']:.2f}%")
+  if 'moe/entropy' in s:
+    parts.append(f"router-H {s['moe/entropy']:.3f}")
+  return ' | '.join(parts)
+
+
+def log_collapse(step: int, load_LxE, threshold: float) -> list[tuple[int, float]]:
+  bad = collapsed_layers(load_LxE, threshold)
+  for layer, eff in bad:
+    logging.warning('step %d: router of MoE layer %d collapsed: load spread over %.1f of %d '
+                    'experts (threshold %.0f%%)', step, layer, eff, np.asarray(load_LxE).shape[-1],
+                    100 * threshold)
+  return bad
