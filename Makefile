@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install test demo clean
+DEMO_DIR ?= workdir/demo
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +17,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python -m yuanjax.train --config=configs/demo.py --workdir=$(DEMO_DIR)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

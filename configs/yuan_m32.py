@@ -1,14 +1,38 @@
-"""Yuan2.0-M32 as released: 24 layers, d 2048, 32 experts top-2, Attention Router.
+"""Yuan2.0-M32 pre-training as released: 24 layers, d 2048, 32 experts top-2 with the
+Attention Router; seq 4096, global batch 1536, AdamW (0.9, 0.95, wd 0.1), lr 1e-4 -> 1e-5
+cosine, 6400 warm-up steps, clip 1.0, bf16 compute, FIM 0.5 / SPM 0.5, no balancing loss.
 
   python -m yuanjax.stats --config configs/yuan_m32.py
-"""
-import ml_collections
+  python -m yuanjax.train --config=configs/yuan_m32.py --workdir=gs://BUCKET/m32 \
+      --config.data.path=gs://BUCKET/shards --config.mesh.expert=8
+  python -m yuanjax.train --config=configs/yuan_m32.py:runlocal --workdir=/tmp/m32-local
 
+Variant `runlocal`: the same structure shrunk to run a few steps on a CPU.
+`sweep()`: the paper's Table 2 (8 / 16 / 32 experts, top-2, per-expert size fixed).
+"""
 from yuanjax import config_lib
 
 
 def get_config(arg=None):
-  del arg
-  config = ml_collections.ConfigDict()
+  config = config_lib.base_config()
   config.model = config_lib.m32_model()
+  config.train.update(dict(num_steps=300_000, batch_size=1536, seq_len=4096, log_every=50,
+                           eval_every=5000, eval_steps=32, sample_tokens=64))
+  config.optimizer.update(dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=6400))
+  config.checkpoint.update(dict(every=1000, keep=3))
+  config.data.update(dict(fim_rate=0.5, fim_spm_rate=0.5))
+  if arg == 'runlocal':
+    config.model = config_lib.tiny_model()
+    config.train.update(dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0,
+                             eval_steps=1, sample_tokens=4, progress=False))
+    config.optimizer.warmup_steps = 2
+    config.checkpoint.every = 2
+    config.data.update(dict(vocab_size=512, max_bytes=300_000))
+  elif arg is not None:
+    raise ValueError(f'configs/yuan_m32.py: unknown variant {arg!r} (expected none or runlocal)')
   return config
+
+
+def sweep():
+  """Paper Table 2: 8, 16, 32 experts at fixed per-expert size."""
+  return [{'model.num_experts': e} for e in (8, 16, 32)]

@@ -9,11 +9,15 @@ import configs.tiny as tiny
 import configs.yuan_m32 as yuan_m32
 
 
-def test_configs_validate():
-  config_lib.validate(demo.get_config())
-  config_lib.validate(demo.get_config('runlocal'))
-  config_lib.validate_model(tiny.get_config().model)
-  config_lib.validate_model(yuan_m32.get_config().model)
+CONFIGS = (demo, tiny, yuan_m32)
+
+
+@pytest.mark.parametrize('module', CONFIGS, ids=lambda m: m.__name__)
+def test_configs_and_variants_validate(module):
+  config_lib.validate(module.get_config())
+  config_lib.validate(module.get_config('runlocal'))
+  with pytest.raises(ValueError, match='unknown variant'):
+    module.get_config('nope')
 
 
 def test_m32_config_is_the_spec():
@@ -68,9 +72,12 @@ def test_mesh_shape():
     sharding.mesh_shape(cfg, 8)
 
 
-def test_sweep_variants_validate():
-  for overrides in demo.sweep():
-    config = demo.get_config()
+@pytest.mark.parametrize('module', CONFIGS, ids=lambda m: m.__name__)
+def test_sweep_variants_validate(module):
+  variants = module.sweep()
+  assert len(variants) >= 2
+  for overrides in variants:
+    config = module.get_config()
     for k, v in overrides.items():
       node = config
       *path, last = k.split('.')
