@@ -45,7 +45,7 @@ def tiny_hf_config(**kw) -> dict:
 
 def hf_shapes(c: dict) -> dict[str, tuple[int, ...]]:
   """Every tensor of the HF checkpoint (spec's "HF checkpoint layout"), lm_head included."""
-  D, H = c['hidden_size'], c['num_attention_heads']
+  D = c['hidden_size']
   P = c.get('attention_projection_size', D)
   E, F, V = c['moe_config']['moe_num_experts'], c['moe_config']['ffn_hidden_size'], c['vocab_size']
   s = {'model.embed_tokens.weight': (V, D)}
@@ -146,7 +146,7 @@ def forward(w: dict[str, np.ndarray], c: dict, tokens_BxL, hf_bf16_rope=False) -
   hd = P // H
   eps = c.get('rms_norm_eps', 1e-6)
   moe = c['moe_config']
-  E, top_k = moe['moe_num_experts'], moe['moe_top_k']
+  top_k = moe['moe_top_k']
   B, L = tokens_BxL.shape
   x = w['model.embed_tokens.weight'][tokens_BxL]
   rot_dim = D // H if hd != D // H else hd
@@ -229,7 +229,7 @@ def _fake_torch():
 
   def _rebuild_tensor_v2(*args):
     raise NotImplementedError
-  _rebuild_tensor_v2.__module__ = 'torch._utils'
+  _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
   utils._rebuild_tensor_v2 = _rebuild_tensor_v2
   torch._utils = utils
   for name in _STORAGE_NAMES.values():
@@ -293,3 +293,34 @@ def write_torch_bin(path, tensors: dict, archive='archive') -> None:
     for key, st in enumerate(storages):
       zf.writestr(f'{archive}/data/{key}', st.data.tobytes())
     zf.writestr(f'{archive}/version', '3\n')
+
+
+MEDIUM = dict(hidden_size=1024, num_attention_heads=8, attention_projection_size=2048,
+              num_hidden_layers=8, vocab_size=32000, max_position_embeddings=4096,
+              torch_dtype='bfloat16',
+              moe_config={'moe_num_experts': 8, 'moe_top_k': 2, 'ffn_hidden_size': 2048,
+                          'norm_topk_prob': True, 'gated_linear_unit': True})
+
+
+def write_random_checkpoint(path, config: dict, shards: int = 4, seed: int = 0) -> None:
+  """A random bf16 HF checkpoint written shard by shard (lm_head left out: tied, saved once)."""
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  rng = np.random.default_rng(seed)
+  shapes = {n: s for n, s in hf_shapes(config).items() if n != 'lm_head.weight'}
+  names, weight_map = list(shapes), {}
+  for i, chunk in enumerate(np.array_split(np.arange(len(names)), shards)):
+    fname = f'model-{i + 1:05d}-of-{shards:05d}.safetensors'
+    part = {names[j]: (0.02 * rng.standard_normal(shapes[names[j]], np.float32)).astype(ml_dtypes.bfloat16)
+            for j in chunk}
+    save_file(part, os.path.join(path, fname), metadata={'format': 'pt'})
+    weight_map.update({n: fname for n in part})
+  with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+
+
+if __name__ == '__main__':
+  # python tests/interop/hf_reference.py DIR: a medium random checkpoint (1 GB of bf16: d 1024,
+  # 8 heads x 256, 8 layers, 8 experts x ffn 2048, vocab 32000) for memory measurements.
+  write_random_checkpoint(sys.argv[1], tiny_hf_config(**MEDIUM))

@@ -1,7 +1,7 @@
 """Import, export and load the released Yuan2-M32-hf checkpoint (and any HF Yuan MoE checkpoint).
 
 Commands:
-  python -m yuanjax.convert from-hf SRC DST [--overwrite]
+  python -m yuanjax.convert from-hf SRC DST [--overwrite] [--compress]
   python -m yuanjax.convert to-hf SRC DST [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
 
 Python:
@@ -18,26 +18,34 @@ A converted checkpoint (DST of from-hf):
                             "has_lm_head": bool, "weight_format": "safetensors" | "bin",
                             "source": SRC}}
   DST/config.py     an ml_collections config file (`--config DST/config.py`): config.model
-  DST/params/       orbax PyTree checkpoint of the unboxed params (param_dtype, float32), the
-                    same layout `ocp.StandardCheckpointer().save(DST/'params', params)` writes:
+  DST/params/       orbax PyTree checkpoint of the unboxed params, the layout
+                    `ocp.StandardCheckpointer().save(DST/'params', params)` writes; restore with
                     ocp.StandardCheckpointer().restore(DST/'params', abstract_params(config.model))
-                    (`restore_params` below; the abstract leaves may carry shardings)
+                    (= `restore_params`; abstract leaves with shardings give sharded jax.Arrays).
+                    Leaves are stored in the source dtype when param_dtype holds it exactly
+                    (bf16 for M32: half the disk and memory); orbax casts to the abstract
+                    dtype (float32) on restore. Chunks <= 256 MiB, split along layers/experts.
   DST/hf_files/     the source's other small files (tokenizer.model, modelling code, ...)
 
 from-hf reads config.json and the weights lazily (hf_weights.py; .bin without torch), checks
 every tensor name/shape/dtype and the tied lm_head before writing anything (one error lists
-every missing, unexpected and mis-shaped tensor), then converts one param leaf at a time
-(stacked over layers) and adds it to the orbax checkpoint with orbax's partial saving: peak
-host memory is about the largest stacked leaf (M32: experts' w1, [24, 32, 2048, 16384]) in
-param_dtype plus one layer of its source tensors. Everything is written to DST.tmp-* next to
+every missing, unexpected, mis-shaped and mis-typed tensor), then builds one param leaf at a
+time (stacked over layers) and adds it to the orbax checkpoint with orbax's partial saving.
+Peak host memory: about twice the largest stacked leaf in its stored dtype (tensorstore copies
+a leaf into its chunks while writing) = the largest leaf in float32; M32: experts' w1
+[24, 32, 2048, 16384] bf16 = 51.5 GB, so ~103 GB. Everything is written to DST.tmp-* next to
 DST and renamed at the end; an existing DST is an error unless --overwrite.
 
 to-hf writes safetensors shards (model-0000i-of-0000n.safetensors, at most --max-shard-size
 each), model.safetensors.index.json and config.json (the imported source's config.json with
 the size fields refreshed, else the released M32 values), plus DST/hf_files/ from an import.
 The dtype is the imported source's (per tensor) unless --dtype says otherwise (default then
-bfloat16). HF -> yuanjax -> HF reproduces every tensor bit for bit (only transposes and
-permutations; bf16/f16 -> f32 -> bf16/f16 is exact). Mapping details: hf_mapping.py.
+bfloat16). Tensors stream straight into their shard files: peak host memory is one stored
+leaf plus a chunk. HF -> yuanjax -> HF reproduces every tensor bit for bit (only transposes
+and permutations; bf16/f16 -> f32 -> bf16/f16 is exact). Mapping details: hf_mapping.py.
+
+`hf.load` on an HF dir converts in memory (the whole model in param_dtype); for M32, convert
+first and restore with shardings (`restore_params`).
 """
 from __future__ import annotations
 
@@ -74,14 +82,18 @@ CHUNK_BYTES = 256 << 20
 _STANDARD_HANDLER = 'orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler'
 _CONFIG_PY = '''"""yuanjax config of a checkpoint converted from Hugging Face (`python -m yuanjax.convert from-hf`).
 
-  --config {dir}/config.py        config.model as stored in config.json next to this file
-  params: {dir}/params            (yuanjax.interop.hf.restore_params)
+  --config {dir}/config.py   config_lib.base_config() with config.model as stored in the
+                             config.json next to this file
+  params: {dir}/params       (yuanjax.interop.hf.restore_params)
+  tokenizer: {dir}/hf_files/tokenizer.model if the source had one; Yuan's tokenizer writes
+             newlines as '<n>' (yuanjax.interop.hf.load_tokenizer does that)
 """
 import json
 import os
 
 import ml_collections
 
+from yuanjax import config_lib
 from yuanjax.interop import hf_mapping
 
 
@@ -89,8 +101,11 @@ def get_config(arg=None):
   del arg
   with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config.json')) as f:
     saved = json.load(f)
-  config = ml_collections.ConfigDict()
+  base = getattr(config_lib, 'base_config', None)
+  config = base() if base else ml_collections.ConfigDict()
   config.model = hf_mapping.model_config_from_saved(saved['model'])
+  if 'train' in config:
+    config.train.seq_len = min(config.train.seq_len, config.model.max_seq_len)
   return config
 '''
 
@@ -165,7 +180,7 @@ def _commit(tmp: str, dst: str, overwrite: bool) -> None:
 
 
 def _fix_permissions(tmp: str) -> None:
-  """mkdtemp makes 0700 dirs and safetensors 0600 files; give them the usual umask modes."""
+  """mkdtemp makes a 0700 dir: give it (and the files in it) the modes the umask asks for."""
   umask = os.umask(0)
   os.umask(umask)
   os.chmod(tmp, 0o777 & ~umask)
@@ -413,22 +428,23 @@ def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_m
       plan.append((LM_HEAD, g.hf_shapes[0], overrides.get(LM_HEAD, main)))
   np_dtype = {n: np.dtype(jnp.dtype(d)) for n, _, d in plan}
 
+  def write_group(writer, g):
+    raw = [np.asarray(x) for x in get_leaves(g.leaves)]
+    if len({r.dtype for r in raw}) > 1:
+      raw = [r.astype(np.float32) for r in raw]
+    leaf_dtype, leaves = raw[0].dtype, [_bits(r) for r in raw]
+    for i in (range(m.num_layers) if g.per_layer else [None]):
+      per_layer = [leaf[i] for leaf in leaves] if g.per_layer else leaves
+      for name, a in zip(g.names(i), g.to_hf(*per_layer)):
+        a = np.ascontiguousarray(a).view(leaf_dtype)    # moved as bits, then cast
+        writer.add(name, a.astype(np_dtype[name], copy=False))
+        if name == EMBED and has_lm_head:
+          writer.add(LM_HEAD, a.astype(np_dtype[LM_HEAD], copy=False))
+
   def write(tmp):
     writer = SafetensorsShardWriter(tmp, plan, parse_size(max_shard_size))
     for g in groups:
-      raw = [np.asarray(x) for x in get_leaves(g.leaves)]
-      if len({r.dtype for r in raw}) > 1:
-        raw = [r.astype(np.float32) for r in raw]
-      leaf_dtype, leaves = raw[0].dtype, [_bits(r) for r in raw]
-      del raw
-      for i in (range(m.num_layers) if g.per_layer else [None]):
-        per_layer = [leaf[i] for leaf in leaves] if g.per_layer else leaves
-        for name, a in zip(g.names(i), g.to_hf(*per_layer)):
-          a = np.ascontiguousarray(a).view(leaf_dtype)    # moved as bits, then cast
-          writer.add(name, a.astype(np_dtype[name], copy=False))
-          if name == EMBED and has_lm_head:
-            writer.add(LM_HEAD, a.astype(np_dtype[LM_HEAD], copy=False))
-      del leaves
+      write_group(writer, g)     # its leaves are freed on return
     writer.close()
     _write_json(os.path.join(tmp, 'config.json'), hf_cfg)
     if aux_dir:

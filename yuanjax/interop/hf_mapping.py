@@ -185,7 +185,7 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
                      ('max_position_embeddings', m.max_seq_len), ('torch_dtype', torch_dtype)):
     _keep_or_set(c, key, value)
   _keep_or_set(c, 'attention_projection_size', H * K, default=D)
-  _keep_or_set(c, 'rms_norm_eps', m.norm_eps, default=1e-6)
+  _keep_or_set(c, 'rms_norm_eps', m.norm_eps)
   if not base:
     c['intermediate_size'] = F     # the dense FFN size, unused by MoE layers; M32 sets it to F
   base_freq = layers.rope_base(m.rope_base, m.rotary_dims, m.rope_ntk_factor)

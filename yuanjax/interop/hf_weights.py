@@ -11,8 +11,9 @@ memory-mapped storage record of a .bin file).
 Writing (`SafetensorsShardWriter`): the tensors' names, shapes and dtypes are planned up
 front and packed in order into shards of at most `max_shard_bytes` (a bigger tensor gets a
 shard of its own), named `model-0000i-of-0000n.safetensors`, plus
-`model.safetensors.index.json`. Tensors must then be `add`ed in plan order; each shard is
-written as soon as its last tensor arrives, so at most one shard is held in memory.
+`model.safetensors.index.json`. Tensors must then be `add`ed in plan order; each goes
+straight to its file (the safetensors header is written from the plan), so nothing is
+buffered. Files carry `{"format": "pt"}` metadata, which transformers requires.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from collections.abc import Sequence
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from yuanjax.interop import torch_bin
 
@@ -120,45 +120,70 @@ def parse_size(size: int | str) -> int:
   return int(float(m.group(1)) * powers[unit])
 
 
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
+
+
 class SafetensorsShardWriter:
-  """Writes planned tensors into size-capped safetensors shards plus the index."""
+  """Streams planned tensors into size-capped safetensors shards, then writes the index.
+
+  Each shard's header is known from the plan, so every tensor goes straight to its file when
+  it is `add`ed (plan order): nothing beyond the tensor at hand is buffered.
+  """
 
   def __init__(self, path: str, plan: Sequence[tuple[str, tuple[int, ...], np.dtype]],
                max_shard_bytes: int):
     self.path = path
-    self.plan = [(n, tuple(s), np.dtype(d)) for n, s, d in plan]
+    self.plan = [(n, tuple(int(d) for d in s), np.dtype(d)) for n, s, d in plan]
     shards, size = [[]], 0
-    for name, shape, dtype in self.plan:
-      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    for entry in self.plan:
+      nbytes = _nbytes(entry)
       if shards[-1] and size + nbytes > max_shard_bytes:
         shards.append([])
         size = 0
-      shards[-1].append(name)
+      shards[-1].append(entry)
       size += nbytes
     n = len(shards)
+    self.shards = shards
     self.shard_files = [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
-    self.weight_map = {name: self.shard_files[i] for i, names in enumerate(shards) for name in names}
-    self._last = {names[-1]: i for i, names in enumerate(shards)}
-    self.total_size = sum(int(np.prod(s, dtype=np.int64)) * d.itemsize for _, s, d in self.plan)
-    self._next = 0
-    self._buffer: dict[str, np.ndarray] = {}
+    self.weight_map = {e[0]: self.shard_files[i] for i, entries in enumerate(shards) for e in entries}
+    self.total_size = sum(_nbytes(e) for e in self.plan)
+    self._shard, self._pos, self._file = 0, 0, None
+
+  def _open_shard(self) -> None:
+    header, offset = {'__metadata__': {'format': 'pt'}}, 0
+    for name, shape, dtype in self.shards[self._shard]:
+      end = offset + _nbytes((name, shape, dtype))
+      header[name] = {'dtype': _ST_NAMES[dtype], 'shape': list(shape), 'data_offsets': [offset, end]}
+      offset = end
+    blob = json.dumps(header, separators=(',', ':')).encode()
+    blob += b' ' * (-len(blob) % 8)                # the data starts 8-byte aligned
+    self._file = open(os.path.join(self.path, self.shard_files[self._shard]), 'wb')
+    self._file.write(len(blob).to_bytes(8, 'little') + blob)
 
   def add(self, name: str, array: np.ndarray) -> None:
-    want_name, shape, dtype = self.plan[self._next]
-    if (name, array.shape, array.dtype) != (want_name, shape, dtype):
-      raise AssertionError(f'expected {want_name} {shape} {dtype}, got {name} {array.shape} {array.dtype}')
-    self._next += 1
-    self._buffer[name] = np.ascontiguousarray(array)
-    if name in self._last:
-      file = self.shard_files[self._last[name]]
-      save_file(self._buffer, os.path.join(self.path, file), metadata={'format': 'pt'})
-      self._buffer = {}
+    if self._shard >= len(self.shards):
+      raise AssertionError(f'{name}: every planned tensor was already written')
+    want = self.shards[self._shard][self._pos]
+    if (name, tuple(array.shape), array.dtype) != want:
+      raise AssertionError(f'expected {want}, got {(name, array.shape, array.dtype)}')
+    if self._file is None:
+      self._open_shard()
+    self._file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    self._pos += 1
+    if self._pos == len(self.shards[self._shard]):
+      self._file.close()
+      self._file, self._shard, self._pos = None, self._shard + 1, 0
 
   def close(self) -> None:
-    if self._next != len(self.plan):
-      raise AssertionError(f'only {self._next} of {len(self.plan)} planned tensors were written')
+    if self._shard != len(self.shards):
+      raise AssertionError(f'shard {self._shard + 1} of {len(self.shards)} is incomplete')
     index = {'metadata': {'total_size': self.total_size},
              'weight_map': dict(sorted(self.weight_map.items()))}
     with open(os.path.join(self.path, SAFETENSORS_INDEX), 'w') as f:
       json.dump(index, f, indent=2)
       f.write('\n')
+
+
+def _nbytes(entry) -> int:
+  _, shape, dtype = entry
+  return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize

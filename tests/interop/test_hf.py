@@ -1,0 +1,331 @@
+"""HF Yuan2-M32 checkpoint import/export (yuanjax.interop.hf, python -m yuanjax.convert).
+
+Tiny random checkpoints in the exact HF layout (hidden 32, 2 heads x head_dim 32: rotary on
+hidden // heads = 16 of 32 dims; 2 layers, 4 experts top-2, vocab 97) as one safetensors file
+(float32), three shards with an index (bfloat16) and two torch .bin files with an index
+(bfloat16, tied lm_head sharing the embedding's storage, one tensor stored transposed).
+Logits are checked against hf_reference.forward, a NumPy transcription of the HF code.
+"""
+import functools
+import glob
+import importlib.util
+import json
+import os
+import pickle
+import zipfile
+
+import jax
+import ml_dtypes
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from safetensors import safe_open
+
+from tests.interop import hf_reference as R
+from yuanjax import config_lib, convert
+from yuanjax.interop import hf, hf_mapping, torch_bin
+from yuanjax.model import Transformer
+
+TOKENS = np.random.default_rng(7).integers(0, 97, (2, 13))
+F32 = {'dtype': 'float32'}
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@functools.lru_cache(maxsize=None)
+def logits_of(path, exact_hf_rope=False):
+  model, params = hf.load(str(path), overrides=F32, exact_hf_rope=exact_hf_rope)
+  return np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
+
+
+def read_all(path):
+  out = {}
+  for file in glob.glob(os.path.join(path, '*.safetensors')):
+    with safe_open(file, framework='numpy') as f:
+      for name in f.keys():
+        out[name] = f.get_tensor(name)
+  return out
+
+
+def write_bin_dir(path, tensors, config):
+  """Two pytorch_model-*.bin files + index; lm_head shares the embedding's storage, o_proj of
+  layer 1 is stored transposed (a strided view)."""
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+    f.write('\n')
+  tensors = dict(tensors)
+  tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']   # same object: shared storage
+  first = [n for n in tensors if 'layers.1.' not in n and n != 'model.norm.weight']
+  files = {'pytorch_model-00001-of-00002.bin': first,
+           'pytorch_model-00002-of-00002.bin': [n for n in tensors if n not in first]}
+  weight_map = {}
+  for file, names in files.items():
+    part = {n: ('T', tensors[n]) if n == 'model.layers.1.self_attn.o_proj.weight' else tensors[n]
+            for n in names}
+    R.write_torch_bin(os.path.join(path, file), part, archive=file[:-4])
+    weight_map.update({n: file for n in names})
+  with open(os.path.join(path, 'pytorch_model.bin.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
+
+
+KINDS = {
+    'safetensors-f32': (np.float32, 1),
+    'sharded-bf16': (ml_dtypes.bfloat16, 3),
+    'bin-bf16': (ml_dtypes.bfloat16, 'bin'),
+}
+
+
+@pytest.fixture(scope='module', params=list(KINDS))
+def converted(request, tmp_path_factory):
+  """(kind, HF src dir, converted dst dir, tensors, config)."""
+  dtype, layout = KINDS[request.param]
+  root = tmp_path_factory.mktemp(request.param)
+  config = R.tiny_hf_config(torch_dtype=np.dtype(dtype).name)
+  tensors = R.random_hf_tensors(config, seed=3, dtype=dtype)
+  src, dst = str(root / 'hf'), str(root / 'yj')
+  if layout == 'bin':
+    write_bin_dir(src, tensors, config)
+  else:
+    R.write_hf_dir(src, tensors, config, shards=layout, extra_files={'README.md': 'tiny\n'})
+  assert convert.main(['from-hf', src, dst, '-q']) == 0
+  return request.param, src, dst, tensors, config
+
+
+def test_logits_match_numpy_reference(converted):
+  kind, src, dst, tensors, config = converted
+  ref = R.forward(tensors, config, TOKENS)
+  got = logits_of(dst)
+  assert rel_err(got, ref) < 1e-5, kind
+  np.testing.assert_array_equal(logits_of(src), got)    # hf.load straight from the HF dir
+
+
+def test_roundtrip_is_bit_exact(converted, tmp_path):
+  kind, src, dst, tensors, config = converted
+  out = str(tmp_path / 'hf_out')
+  assert convert.main(['to-hf', dst, out, '--max-shard-size', '30KB', '-q']) == 0
+  back = read_all(out)
+  assert sorted(back) == sorted(tensors)
+  for name, a in tensors.items():
+    b = back[name]
+    assert (b.dtype, b.shape) == (a.dtype, a.shape), name
+    assert b.tobytes() == a.tobytes(), name
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f) == config
+  with open(os.path.join(out, 'model.safetensors.index.json')) as f:
+    index = json.load(f)
+  shards = sorted(set(index['weight_map'].values()))
+  assert len(shards) > 1 and sorted(os.path.basename(p) for p in glob.glob(f'{out}/*.safetensors')) == shards
+  assert set(index['weight_map']) == set(tensors)
+  assert index['metadata']['total_size'] == sum(a.nbytes for a in tensors.values())
+  for shard in shards:
+    with safe_open(os.path.join(out, shard), framework='numpy') as f:
+      assert f.metadata() == {'format': 'pt'}
+      sizes = [f.get_tensor(n).nbytes for n in f.keys()]
+    assert sum(sizes) <= 30_000 or len(sizes) == 1
+  if kind == 'safetensors-f32':
+    assert os.path.isfile(os.path.join(out, 'README.md'))     # hf_files travel back
+  np.testing.assert_array_equal(logits_of(out), logits_of(dst))
+
+
+def test_params_restore_with_plain_orbax(converted):
+  """What the trainer does: StandardCheckpointer().restore(DST/params, abstract) -> float32."""
+  kind, _, dst, tensors, _ = converted
+  with open(os.path.join(dst, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['format'] == hf.FORMAT and saved['hf']['has_lm_head']
+  m = hf_mapping.model_config_from_saved(saved['model'])
+  params = ocp.StandardCheckpointer().restore(os.path.join(dst, 'params'), hf.abstract_params(m))
+  assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  emb = tensors['model.embed_tokens.weight'].astype(np.float32)
+  np.testing.assert_array_equal(params['embedding'], emb)
+  stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
+  assert stored['embedding'].dtype == tensors['model.embed_tokens.weight'].dtype   # bf16 stays bf16 on disk
+  spec = importlib.util.spec_from_file_location('converted_config', os.path.join(dst, 'config.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config()
+  config_lib.validate(cfg) if hasattr(config_lib, 'validate') else config_lib.validate_model(cfg.model)
+  assert cfg.model.to_dict() == m.to_dict()
+  assert (cfg.model.head_dim, cfg.model.rotary_dims, cfg.model.moe.dispatch) == (32, 16, 'dropless')
+
+
+def test_layout_quirks():
+  """Quirk 1 (interleaved q/k heads) and the conv kernel order, on the mapping itself."""
+  config = R.tiny_hf_config()
+  m = hf_mapping.model_config_from_hf(config)
+  t = R.random_hf_tensors(config, seed=1)
+  groups = {'/'.join(g.leaves[0][2:]): g for g in hf_mapping.tensor_groups(m)}
+  q, k = t['model.layers.0.self_attn.q_proj.weight'], t['model.layers.0.self_attn.k_proj.weight']
+  wq, wk = groups['attention/wq'].to_jax(q, k)
+  stacked, K = np.concatenate([q, k]), m.head_dim
+  for h in range(m.num_heads):
+    np.testing.assert_array_equal(wq[:, h, :], stacked[2 * h * K:2 * h * K + K].T)
+    np.testing.assert_array_equal(wk[:, h, :], stacked[2 * h * K + K:2 * h * K + 2 * K].T)
+  w = t['model.layers.0.self_attn.lf_gate.conv1.weight']
+  (kernel,) = groups['attention/lf/conv1_kernel'].to_jax(w)
+  np.testing.assert_array_equal(kernel[0], w[:, :, 0, 0].T)    # previous position
+  np.testing.assert_array_equal(kernel[1], w[:, :, 1, 0].T)    # current position
+  for g in groups.values():   # every map inverts exactly
+    hf_in = [np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in g.hf_shapes]
+    for x, y in zip(g.to_hf(*g.to_jax(*hf_in)), hf_in):
+      np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture
+def tiny_src(tmp_path):
+  config = R.tiny_hf_config()
+  tensors = R.random_hf_tensors(config, seed=5)
+  return tmp_path, config, tensors
+
+
+def test_bad_tensors_listed_in_one_error_and_nothing_written(tiny_src, capsys):
+  root, config, tensors = tiny_src
+  tensors.pop('model.layers.1.mlp.experts.2.w2.weight')
+  tensors['model.layers.0.self_attn.v_proj.weight'] = np.zeros((64, 31), np.float32)
+  tensors['model.layers.0.mlp.shared_expert.weight'] = np.zeros((3,), np.float32)
+  tensors['model.norm.weight'] = tensors['model.norm.weight'].astype(np.float64)
+  R.write_hf_dir(root / 'src', tensors, config)
+  with pytest.raises(hf.HFCheckpointError) as e:
+    hf.import_hf(str(root / 'src'), str(root / 'dst'))
+  msg = str(e.value)
+  assert 'missing (1)' in msg and 'model.layers.1.mlp.experts.2.w2.weight [expected [32, 24]]' in msg
+  assert 'mis-shaped (1)' in msg and 'v_proj.weight: expected [64, 32], found [64, 31]' in msg
+  assert 'unexpected (1)' in msg
+  assert 'model.layers.0.mlp.shared_expert.weight [3] float32' in msg
+  assert 'model.norm.weight: float64' in msg and 'nothing was written' in msg
+  assert sorted(os.listdir(root)) == ['src']
+  assert convert.main(['from-hf', str(root / 'src'), str(root / 'dst'), '-q']) == 1
+  assert 'missing (1)' in capsys.readouterr().err
+  assert sorted(os.listdir(root)) == ['src']
+
+
+def test_untied_lm_head_refused(tiny_src):
+  root, config, tensors = tiny_src
+  tensors['lm_head.weight'] = tensors['lm_head.weight'] + 1e-3
+  R.write_hf_dir(root / 'src', tensors, config)
+  with pytest.raises(hf.HFCheckpointError, match='lm_head.weight differs'):
+    hf.import_hf(str(root / 'src'), str(root / 'dst'))
+  assert not os.path.exists(root / 'dst')
+
+
+def test_existing_dst_refused_unless_overwrite(tiny_src):
+  root, config, tensors = tiny_src
+  del tensors['lm_head.weight']                        # tied weights saved once: allowed
+  R.write_hf_dir(root / 'src', tensors, config)
+  os.makedirs(root / 'dst')
+  (root / 'dst' / 'keep').write_text('x')
+  with pytest.raises(FileExistsError, match='--overwrite'):
+    hf.import_hf(str(root / 'src'), str(root / 'dst'))
+  assert os.listdir(root / 'dst') == ['keep']
+  hf.import_hf(str(root / 'src'), str(root / 'dst'), overwrite=True)
+  assert sorted(os.listdir(root / 'dst')) == ['config.json', 'config.py', 'params']
+  assert sorted(os.listdir(root)) == ['dst', 'src']     # no tmp or old dirs left
+  hf.export_hf(str(root / 'dst'), str(root / 'out'))
+  assert 'lm_head.weight' not in read_all(root / 'out')   # absent in, absent out
+
+
+def test_unsupported_configs_list_every_problem():
+  bad = R.tiny_hf_config(hidden_act='gelu', use_moe=False, num_key_value_heads=1)
+  bad['moe_config']['gated_linear_unit'] = False
+  with pytest.raises(hf_mapping.HFConfigError) as e:
+    hf_mapping.model_config_from_hf(bad)
+  for word in ('hidden_act', 'not a MoE model', 'gated_linear_unit', 'num_key_value_heads'):
+    assert word in str(e.value)
+  m = hf_mapping.model_config_from_hf(R.tiny_hf_config())
+  m.moe_every, m.num_layers = 2, 4
+  with pytest.raises(hf_mapping.HFConfigError, match='moe_every=2'):
+    hf_mapping.hf_config_from_model(m, None, 'bfloat16')
+
+
+# The released Yuan2-M32-hf config.json (huggingface.co/IEITYuan/Yuan2-M32-hf), minus the path.
+M32_HF_CONFIG = {
+    'architectures': ['YuanForCausalLM'], 'attention_projection_size': 4096,
+    'auto_map': {'AutoConfig': 'configuration_yuan.YuanConfig',
+                 'AutoModelForCausalLM': 'yuan_hf_model.YuanForCausalLM'},
+    'bos_token_id': 77185, 'causal_mask': True, 'dropout': 0, 'eod_token': 77185,
+    'eod_token_id': 77185, 'eos_token_id': 77185, 'hidden_act': 'silu', 'hidden_size': 2048,
+    'initializer_range': 0.02, 'intermediate_size': 8192, 'mask_token_id': 77185,
+    'max_position_embeddings': 4096, 'model_max_length': 8192, 'model_type': 'yuan',
+    'moe_config': {'ffn_hidden_size': 8192, 'gated_linear_unit': True, 'moe_num_experts': 32,
+                   'moe_top_k': 2, 'norm_topk_prob': True},
+    'num_attention_heads': 16, 'num_hidden_layers': 24, 'output_router_logits': True,
+    'pad_token_id': 77185, 'reset_attention_mask': False, 'reset_position_ids': True,
+    'rms_norm_eps': 1e-06, 'sep_token': 77187, 'sep_token_id': 77185,
+    'tokenizer_class': 'YuanTokenizer', 'torch_dtype': 'bfloat16', 'transformers_version': '4.30.2',
+    'use_cache': True, 'use_flash_attention': True, 'use_loss_mask': False, 'use_moe': True,
+    'vocab_size': 135040,
+}
+
+
+def test_released_m32_config_maps_to_m32_model():
+  m, ref = hf_mapping.model_config_from_hf(M32_HF_CONFIG), config_lib.m32_model()
+  for f in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim', 'rotary_dims',
+            'rope_base', 'max_seq_len', 'norm_eps', 'num_experts', 'moe_every'):
+    assert m[f] == ref[f], f
+  assert (m.router.type, m.router.top_k, m.router.norm_topk_prob, m.moe.ffn_size) == ('attention', 2, True, 8192)
+  assert hf_mapping.hf_config_from_model(ref, None, 'bfloat16') == M32_HF_CONFIG
+  assert hf_mapping.hf_config_from_model(m, M32_HF_CONFIG, 'bfloat16') == M32_HF_CONFIG
+  shapes = hf_mapping.hf_shapes(m)
+  assert shapes['model.layers.23.self_attn.q_proj.weight'] == (4096, 2048)
+  assert shapes['model.layers.23.mlp.experts.31.w1.weight'] == (16384, 2048)
+  assert len(shapes) == 2 + 24 * (14 + 2 * 32)
+
+
+def test_save_hf_of_a_yuanjax_model(tmp_path):
+  """In-memory params -> HF dir (default config.json, no source) -> the same logits."""
+  m = hf_mapping.model_config_from_hf(R.tiny_hf_config())
+  m.dtype = 'float32'
+  model = Transformer(m)
+  params = jax.jit(model.init)(jax.random.key(0), TOKENS)['params']
+  hf.save_hf(str(tmp_path / 'out'), m, params, dtype='float32')
+  with open(tmp_path / 'out' / 'config.json') as f:
+    cfg = json.load(f)
+  assert cfg['attention_projection_size'] == 64 and cfg['eod_token'] == 77185
+  ref = np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
+  assert rel_err(logits_of(tmp_path / 'out'), ref) < 1e-6
+  assert rel_err(R.forward(read_all(tmp_path / 'out'), cfg, TOKENS), ref) < 1e-5
+
+
+def test_exact_hf_rope(tiny_src):
+  root, config, tensors = tiny_src
+  R.write_hf_dir(root / 'src', tensors, config)
+  if 'rope_hf_bf16' not in config_lib.m32_model():
+    with pytest.raises(NotImplementedError, match='rope_hf_bf16'):
+      hf.load(str(root / 'src'), exact_hf_rope=True)
+    return
+  ref = R.forward(tensors, config, TOKENS, hf_bf16_rope=True)
+  assert rel_err(logits_of(root / 'src', exact_hf_rope=True), ref) < 1e-5
+
+
+def test_load_tokenizer(tiny_src):
+  tokenizer = pytest.importorskip('yuanjax.data.tokenizer')
+  spm = pytest.importorskip('sentencepiece')
+  root, config, tensors = tiny_src
+  text = '\n'.join(f'line {i} of some text' for i in range(200))
+  (root / 'corpus.txt').write_text(text)
+  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
+                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
+                                 model_type='bpe', num_threads=1, minloglevel=2)
+  R.write_hf_dir(root / 'src', tensors, config,
+                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+  hf.import_hf(str(root / 'src'), str(root / 'dst'))
+  for path in (root / 'src', root / 'dst'):
+    tok = hf.load_tokenizer(str(path))
+    assert isinstance(tok, tokenizer.Tokenizer)
+    assert tok.decode(tok.encode('line 1\nline 2')) == 'line 1\nline 2'
+
+
+def test_torch_bin_reader_refuses_what_it_cannot_read(tmp_path):
+  legacy = tmp_path / 'legacy.bin'
+  legacy.write_bytes(pickle.dumps({'a': 1}))
+  with pytest.raises(torch_bin.TorchBinError, match='pip install torch==2.13.0'):
+    torch_bin.TorchBinFile(legacy)
+  evil = tmp_path / 'evil.bin'
+  with zipfile.ZipFile(evil, 'w') as zf:
+    zf.writestr('archive/data.pkl', b'\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.')
+  with pytest.raises(torch_bin.TorchBinError, match='os.system'):
+    torch_bin.TorchBinFile(evil)
