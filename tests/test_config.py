@@ -1,5 +1,6 @@
 import types
 
+import numpy as np
 import pytest
 
 from yuanjax import config_lib, sharding
@@ -60,6 +61,10 @@ def test_mesh_rules_name_the_field():
   mesh.shape = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 3}
   with pytest.raises(ValueError, match=r'config\.model\.num_heads=4'):
     config_lib.validate_against_mesh(config, mesh)
+  mesh.shape = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 2}
+  config.model.moe.ffn_size = 63
+  with pytest.raises(ValueError, match=r'config\.model\.moe\.ffn_size=63'):
+    config_lib.validate_against_mesh(config, mesh)
 
 
 def test_mesh_shape():
@@ -85,3 +90,26 @@ def test_sweep_variants_validate(module):
         node = node[p]
       node[last] = v
     config_lib.validate(config)
+
+
+def test_multislice_dcn_mesh():
+  """config.mesh.dcn splits an axis across slices: global size ici * dcn, slices contiguous."""
+  cfg = sharding.mesh_config()
+  cfg.update(dict(data=-1, fsdp=2))
+  cfg.dcn.data = 2
+  assert sharding.mesh_shape(cfg, 16) == (8, 2, 1, 1)          # 2 slices of 8: data 4 x 2
+  devices = [types.SimpleNamespace(id=i, slice_index=i // 8, platform='cpu', device_kind='cpu',
+                                   process_index=i // 4) for i in range(16)]
+  grid = sharding.hybrid_device_grid(cfg, devices)
+  assert grid.shape == (8, 2, 1, 1)
+  slices = np.vectorize(lambda d: d.slice_index)(grid)
+  assert (slices[:4] == 0).all() and (slices[4:] == 1).all()   # data axis: slice-major
+  cfg.dcn.data = 4                                             # 4 granules asked, 2 present
+  with pytest.raises(ValueError, match='config.mesh.dcn'):
+    sharding.hybrid_device_grid(cfg, devices)
+  cfg.dcn.data = 3
+  with pytest.raises(ValueError, match='config.mesh.dcn'):
+    sharding.mesh_shape(cfg, 16)
+  cfg.dcn.data = 0
+  with pytest.raises(ValueError, match=r'config\.mesh\.dcn\.data=0'):
+    sharding.mesh_shape(cfg, 16)

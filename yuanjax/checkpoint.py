@@ -5,14 +5,30 @@ temporary directory and renames it when complete, so a save cut short (SIGKILL m
 never looks like a checkpoint. A checkpoint that looks complete but cannot be read (a file
 truncated or removed) is reported, moved aside to `<step>.unreadable-<n>` (never deleted),
 and the previous good one is used.
+
+Several processes: every process calls save and restore (Orbax coordinates them: each writes
+and reads the shards of its own devices, process 0 writes the metadata and finalises).
+grain's handler writes one iterator state per process, `data/process_<i>-of-<n>.json`; a
+checkpoint written by a different number of processes is refused with an error (its data
+states do not fit), not moved aside. Falling back from an unreadable checkpoint is agreed by
+all processes: after each attempt they all-gather whether it failed; if any did, process 0
+alone moves the step aside, all wait at a barrier, and all try the previous step. (A read
+that fails on some processes only can leave the others waiting in Orbax's own end-of-restore
+barrier, which the vote cannot reach; the run then stops with an error, or, failing that, the
+launcher's or the coordination service's timeout ends it. Move the step aside by hand.)
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import re
 
 import grain
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 class Checkpointer:
@@ -37,19 +53,37 @@ class Checkpointer:
   def restore_latest(self, abstract_state, data_iterator):
     """(step, state, meta) of the newest readable checkpoint, or None if there is none."""
     for step in sorted(self.mngr.all_steps(), reverse=True):
+      self._check_process_count(step)
+      error = None
       try:
         r = self.mngr.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
+        error = e
+      if _any_process(error is not None):
+        why = 'on another process' if error is None else (
+            f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}')
         moved = self._move_aside(step)
-        logging.error('checkpoint %s/%d is unreadable (%s: %s); moved it to %s and trying the '
-                      'previous one', self.directory, step, type(e).__name__,
-                      str(e).splitlines()[0][:300], moved)
+        logging.error('checkpoint %s/%d is unreadable (%s); moved it to %s and trying the '
+                      'previous one', self.directory, step, why, moved)
         continue
       return step, r.state, r.meta
     return None
+
+  def _check_process_count(self, step: int) -> None:
+    """A checkpoint's data states are per process: refuse one written by another count."""
+    if '://' in self.directory:
+      return    # remote storage: leave it to grain's own check
+    names = [os.path.basename(p) for p in
+             glob.glob(os.path.join(self.directory, str(step), 'data', 'process_*-of-*.json'))]
+    counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))}
+    if counts and jax.process_count() not in counts:
+      raise ValueError(
+          f'checkpoint {self.directory}/{step} was written by {sorted(counts)[0]} processes; this '
+          f'run has {jax.process_count()} (the data-iterator state is per process). Resume with '
+          'the same number of processes, or start a new workdir.')
 
   def _move_aside(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
@@ -57,7 +91,10 @@ class Checkpointer:
     while os.path.exists(f'{src}.unreadable-{n}'):
       n += 1
     dst = f'{src}.unreadable-{n}'
-    os.rename(src, dst)
+    if jax.process_index() == 0:
+      os.rename(src, dst)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'yuanjax checkpoint {step} moved aside')
     self.mngr.close()
     self._open()          # rescan steps
     return dst
@@ -68,3 +105,10 @@ class Checkpointer:
   def close(self):
     self.mngr.wait_until_finished()
     self.mngr.close()
+
+
+def _any_process(flag: bool) -> bool:
+  """True on every process if `flag` is true on any of them."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(np.any(multihost_utils.process_allgather(np.array([flag], np.int32))))

@@ -21,6 +21,7 @@ def m32_model() -> ml_collections.ConfigDict:
       rotary_dims=128,          # rotary on the first 128 of 256 dims per head
       rope_base=10000.0,
       rope_ntk_factor=1.0,      # 4.0 -> the 16K NTK-aware base 40890
+      rope_hf_bf16=False,       # True: HF's bfloat16-rounded rotary angles (spec quirk 3)
       max_seq_len=4096,
       norm_eps=1e-6,
       init_std=0.02,
@@ -130,6 +131,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'longer than the rotary range config.model.max_seq_len={config.model.max_seq_len}')
   _check(t.batch_size % t.grad_accum == 0, 'train.grad_accum', t.grad_accum,
          f'must divide train.batch_size={t.batch_size}')
+  _check(isinstance(t.data_shards, int) and t.data_shards >= 0, 'train.data_shards', t.data_shards,
+         'must be an integer >= 0 (0: one per process)')
+  _check(t.data_shards == 0 or t.batch_size % t.data_shards == 0, 'train.data_shards',
+         t.data_shards, f'must divide train.batch_size={t.batch_size}')
   _check(0.0 <= t.collapse_threshold <= 1.0, 'train.collapse_threshold', t.collapse_threshold,
          'must be in [0, 1]')
   _check(o.lr > 0, 'optimizer.lr', o.lr, 'must be > 0')
@@ -156,10 +161,14 @@ def validate_against_mesh(config: ml_collections.ConfigDict, mesh) -> None:
          f'size data*fsdp*expert={dp}')
   _check(t.batch_size % jax.process_count() == 0, 'train.batch_size', t.batch_size,
          f'must be divisible by the number of processes ({jax.process_count()})')
+  _check(t.data_shards % jax.process_count() == 0, 'train.data_shards', t.data_shards,
+         f'must be 0 or a multiple of the number of processes ({jax.process_count()})')
   m = config.model
   if m.moe_every:
     _check(m.num_experts % mesh.shape['expert'] == 0, 'model.num_experts', m.num_experts,
            f"must be divisible by config.mesh.expert={mesh.shape['expert']}")
+    _check(m.moe.ffn_size % mesh.shape['tensor'] == 0, 'model.moe.ffn_size', m.moe.ffn_size,
+           f"must be divisible by config.mesh.tensor={mesh.shape['tensor']} (experts' ffn split)")
   _check(m.num_heads % mesh.shape['tensor'] == 0, 'model.num_heads', m.num_heads,
          f"must be divisible by config.mesh.tensor={mesh.shape['tensor']}")
 
@@ -170,6 +179,7 @@ def base_config() -> ml_collections.ConfigDict:
   from yuanjax.data import pipeline
   return ml_collections.ConfigDict(dict(
       train=dict(num_steps=1000, batch_size=8, seq_len=128, grad_accum=1, seed=0,
+                 data_shards=0,    # input streams making up the batch; 0: one per process
                  log_every=10, eval_every=0, eval_steps=8, sample_tokens=32,
                  sample_prompt='def ', progress=True,
                  collapse_threshold=0.25),   # flag a layer whose load spreads over < 25% of experts

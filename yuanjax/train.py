@@ -2,21 +2,32 @@
 
   python -m yuanjax.train --config=configs/demo.py --workdir=/tmp/demo \
       [--config.model.router.type=linear --config.train.num_steps=100 ...]
+
+Multi-process (README "Scale-out"; the launchers in launch/ write these): every process runs
+the same command plus --coordinator_address=HOST:PORT --num_processes=N --process_id=i. On a
+Cloud TPU pod, in a SLURM job step with several tasks, or with JAX_COORDINATOR_ADDRESS set,
+the flags may be left out: `yuanjax.distributed.initialize` asks the environment.
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from yuanjax import trainer
+from yuanjax import distributed, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where checkpoints, metrics and logs go.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'HOST:PORT of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num_processes).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  # Before anything creates a JAX backend (the trainer's first jax.devices()).
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   logging.info('done: %s', {k: v for k, v in summary.items() if k != 'sample'})
 

@@ -8,6 +8,14 @@ Writes WORKDIR/metrics.jsonl (one JSON object per logged step, eval lines with
 same workdir it resumes from the newest readable checkpoint, data iterator included, and
 continues with exactly the losses of an uninterrupted run. SIGTERM/SIGINT save the current
 step and exit 0.
+
+Multi-process (after `yuanjax.distributed.initialize`): every process runs this same
+function. The batch is made of `train.data_shards` input streams (default one per process);
+each process reads only its own streams and hands its rows to
+`jax.make_array_from_process_local_data`, so the global batch is the same for any number of
+processes with the same streams. Process 0 alone writes metrics, TensorBoard and the console;
+all processes save and restore checkpoints together (Orbax), each with its own data-iterator
+state; a preemption stops all of them at the same step (`_Preemption`).
 """
 from __future__ import annotations
 
@@ -20,12 +28,14 @@ from typing import Any
 
 import flax.linen as nn
 import flax.struct
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import tqdm
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import checkpoint as ckpt_lib
@@ -101,17 +111,95 @@ def _strip_boxes(tree):
       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-class _Preempted:
-  """SIGTERM/SIGINT set a flag; the loop saves the current step and exits 0."""
+def model_and_state(config: ml_collections.ConfigDict):
+  """(model, optimizer, schedule, init_boxed): `init_boxed(key)` builds the TrainState with
+  every leaf boxed with its logical axis names. Evaluate it abstractly (jax.eval_shape) under
+  the mesh and axis rules to get shapes and shardings; `yuanjax.plan` does exactly that."""
+  tcfg = config.train
+  model = Transformer(config.model)
+  init_params = lambda key: model.init(key, jnp.zeros((1, tcfg.seq_len), jnp.int32))['params']
+  boxed = jax.eval_shape(init_params, jax.random.key(0))
+  optimizer = optim.make_optimizer(config.optimizer, tcfg.num_steps, boxed)
+  schedule = optim.schedule(config.optimizer, tcfg.num_steps)
+
+  def init_boxed(key):
+    params = init_params(key)
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+  return model, optimizer, schedule, init_boxed
+
+
+class _ShardedIterator(grain.DatasetIterator):
+  """Several input streams of one process as one checkpointable iterator: their batches
+  concatenated row-wise, in shard order (the rows this process's devices hold)."""
+
+  def __init__(self, iterators):
+    super().__init__(iterators)
+
+  def __next__(self):
+    batches = [next(it) for it in self._parents]
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+  def get_state(self):
+    return {'shards': [it.get_state() for it in self._parents]}
+
+  def set_state(self, state):
+    for it, s in zip(self._parents, state['shards'], strict=True):
+      it.set_state(s)
+
+
+def make_data(config: ml_collections.ConfigDict):
+  """(train_iter, make_eval_iter, tokenizer) of this process's input streams.
+
+  Stream s of S (S = train.data_shards, or the process count) is `make_datasets` with
+  process_index=s, process_count=S; process p of n reads streams [p S/n, (p+1) S/n).
+  """
+  tcfg, n, p = config.train, jax.process_count(), jax.process_index()
+  S = tcfg.data_shards or n
+  make = lambda s: data_lib.make_datasets(config.data, global_batch_size=tcfg.batch_size,
+                                          seq_len=tcfg.seq_len, process_index=s, process_count=S)
+  streams = [make(s) for s in range(p * S // n, (p + 1) * S // n)]
+  tokenizer = streams[0][2]
+  if len(streams) == 1:
+    return streams[0]
+  return (_ShardedIterator([t for t, _, _ in streams]),
+          lambda: _ShardedIterator([e() for _, e, _ in streams]), tokenizer)
+
+
+class _Preemption:
+  """When to stop for SIGTERM/SIGINT: `reached(step)`, asked at every step.
+
+  One process: a signal handler sets a flag. Several processes: all of them must save the same
+  step, wherever the signal arrived. JAX's preemption sync manager (started by
+  jax.distributed.initialize) catches SIGTERM in any process, and
+  `multihost_utils.reached_preemption_sync_point(step)` turns true on every process at the same
+  step (the coordination service picks it: host-side, no device work, cheap every step).
+  SIGINT is re-raised as SIGTERM so that it takes the same path.
+  """
 
   def __init__(self):
     self.signum = None
-    for s in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(s, self._handle)
+    self.multi = jax.process_count() > 1
+    if self.multi:
+      signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+    else:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, self._handle)
 
   def _handle(self, signum, frame):
     del frame
     self.signum = signum
+
+  def reached(self, step: int) -> bool:
+    if not self.multi:
+      return self.signum is not None
+    try:
+      hit = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:   # jax_enable_preemption_service=False: no coordinated stop
+      return False
+    if hit:
+      self.signum = signal.SIGTERM
+    return hit
 
   def __bool__(self):
     return self.signum is not None
@@ -122,33 +210,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)                                  # before any compile or write
   tcfg = config.train
   is_main = jax.process_index() == 0
-  preempted = _Preempted()
+  preempted = _Preemption()
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
   config_lib.validate_against_mesh(config, mesh)
   data_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  replicated = NamedSharding(mesh, P())
 
   # --- Data.
-  train_iter, make_eval_iter, tokenizer = data_lib.make_datasets(
-      config.data, global_batch_size=tcfg.batch_size, seq_len=tcfg.seq_len)
+  train_iter, make_eval_iter, tokenizer = make_data(config)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
                      f'tokenizer vocabulary ({tokenizer.vocab_size})')
 
   # --- Model and optimizer; state built abstractly, then initialised sharded.
-  model = Transformer(config.model)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    dummy = jnp.zeros((1, tcfg.seq_len), jnp.int32)
-    boxed = jax.eval_shape(model.init, jax.random.key(0), dummy)['params']
-    optimizer = optim.make_optimizer(config.optimizer, tcfg.num_steps, boxed)
-    schedule = optim.schedule(config.optimizer, tcfg.num_steps)
-
-    def init_boxed(key):   # params and optimizer state carrying logical axis names
-      params = model.init(key, dummy)['params']
-      return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
-
+    model, optimizer, schedule, init_boxed = model_and_state(config)
     init_state = lambda key: nn.unbox(init_boxed(key))
     abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
@@ -168,13 +247,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.truncate_after(start)
       logging.info('resumed from step %d', start)
 
+    # Metrics come back replicated: every process can read them (process 0 writes them).
     step_fn = jax.jit(
         functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
                           grad_accum=tcfg.grad_accum, seed=tcfg.seed),
-        in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, None),
+        in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
         donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(state_shardings.params, data_sharding))
+                      in_shardings=(state_shardings.params, data_sharding), out_shardings=replicated)
 
     facts = stats.model_facts(config.model)
     flops_per_token = 3 * (facts['forward_flops_per_token'] + facts['attention_flops_per_token']
@@ -182,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
 
-    def to_device(batch):
+    def to_device(batch):   # this process's rows -> the global batch array
       return jax.tree_util.tree_map(
           lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
 
@@ -233,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     dynamic_ncols=True, desc='train')
     step = start
     while step < tcfg.num_steps:
-      if preempted:
+      if preempted.reached(step):
         logging.warning('signal %d: saving step %d and exiting', preempted.signum, step)
         break
       batch = to_device(next(train_iter))
@@ -260,12 +340,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return {**summary, 'preempted': True}
 
     summary['eval_loss'] = evaluate(step)
-    if tcfg.sample_tokens:
-      prompt = tcfg.sample_prompt
-      ids = sample_lib.greedy(model, state.params, tokenizer.encode(prompt), tcfg.sample_tokens,
-                              eod_id=tokenizer.eod_id)
-      summary['sample'] = prompt + tokenizer.decode(ids)
-      if is_main:
-        print(f'--- greedy sample ({tcfg.sample_tokens} tokens) ---\n{summary["sample"]}\n---')
-    writer.close()
-    return summary
+
+  # The sample runs outside the mesh, on this process's devices (parameters gathered first
+  # when they span processes): one short sequence has nothing to split over a mesh.
+  if tcfg.sample_tokens:
+    prompt = tcfg.sample_prompt
+    params = state.params
+    if jax.process_count() > 1:
+      params = multihost_utils.process_allgather(params, tiled=True)
+    ids = sample_lib.greedy(model, params, tokenizer.encode(prompt), tcfg.sample_tokens,
+                            eod_id=tokenizer.eod_id)
+    summary['sample'] = prompt + tokenizer.decode(ids)
+    if is_main:
+      print(f'--- greedy sample ({tcfg.sample_tokens} tokens) ---\n{summary["sample"]}\n---')
+  writer.close()
+  return summary

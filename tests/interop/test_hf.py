@@ -291,14 +291,19 @@ def test_save_hf_of_a_yuanjax_model(tmp_path):
 
 
 def test_exact_hf_rope(tiny_src):
+  """exact_hf_rope=True reproduces HF's bfloat16 rotary (quirk 3); the float32 default differs."""
   root, config, tensors = tiny_src
   R.write_hf_dir(root / 'src', tensors, config)
-  if 'rope_hf_bf16' not in config_lib.m32_model():
-    with pytest.raises(NotImplementedError, match='rope_hf_bf16'):
-      hf.load(str(root / 'src'), exact_hf_rope=True)
-    return
-  ref = R.forward(tensors, config, TOKENS, hf_bf16_rope=True)
-  assert rel_err(logits_of(root / 'src', exact_hf_rope=True), ref) < 1e-5
+  ref_bf16 = R.forward(tensors, config, TOKENS, hf_bf16_rope=True)
+  ref_f32 = R.forward(tensors, config, TOKENS)
+  got_bf16 = logits_of(root / 'src', exact_hf_rope=True)
+  got_f32 = logits_of(root / 'src')
+  assert rel_err(got_bf16, ref_bf16) < 1e-5
+  assert rel_err(got_f32, ref_f32) < 1e-5
+  # The two rotaries differ by far more than the tolerance, so the comparison above can fail.
+  assert rel_err(ref_bf16, ref_f32) > 1e-4 and rel_err(got_bf16, got_f32) > 1e-4   # ~1.3e-3
+  model, _ = hf.load(str(root / 'src'), exact_hf_rope=True)
+  assert model.config.rope_hf_bf16 and not hf.load(str(root / 'src'))[0].config.rope_hf_bf16
 
 
 def test_load_tokenizer(tiny_src):

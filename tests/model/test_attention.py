@@ -61,3 +61,28 @@ def test_attention_mask_block_causal():
   m = np.asarray(attention.attention_mask(seg, 5, 5))[0, 0]
   want = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], bool)
   np.testing.assert_array_equal(m, want)
+
+
+def test_lfa_decode_state_matches_full_pass():
+  """decode=True: chunks of different lengths per row (right-padded), carried by the LFA
+  state (the last two LF inputs), give the full pass's outputs."""
+  cfg = tiny()
+  u = np.random.RandomState(0).randn(2, 9, cfg.hidden_size).astype(np.float32)
+  v = nn.unbox(attention.LocalizedFiltering(cfg).init(jax.random.key(0), u))
+  v = jax.tree_util.tree_map(lambda x: x + 0.1 * np.random.RandomState(1).randn(*x.shape).astype(np.float32), v)
+  full = np.asarray(attention.LocalizedFiltering(cfg).apply(v, u))
+  dec = attention.LocalizedFiltering(cfg, decode=True)
+  cache = {'u_prev': jnp.zeros((2, 2, cfg.hidden_size))}
+  starts = np.array([0, 0])
+  for lengths, L in (((4, 1), 4), ((1, 3), 3), ((4, 5), 5)):     # row 0: 4+1+4, row 1: 1+3+5
+    chunk = np.zeros((2, L, cfg.hidden_size), np.float32)
+    for b in range(2):
+      chunk[b, :lengths[b]] = u[b, starts[b]:starts[b] + lengths[b]]
+    pos = starts[:, None] + np.arange(L)
+    out, state = dec.apply({**v, 'cache': cache}, chunk, None, pos, jnp.array(lengths),
+                           mutable=['cache'])
+    cache = state['cache']
+    for b in range(2):
+      assert rel_err(out[b, :lengths[b]], full[b, starts[b]:starts[b] + lengths[b]]) < 1e-6
+      np.testing.assert_array_equal(cache['u_prev'][b, 1], u[b, starts[b] + lengths[b] - 1])
+    starts = starts + np.array(lengths)

@@ -41,3 +41,23 @@ def test_positions_restart_per_segment():
   seg = jnp.array([[1, 1, 1, 2, 2, 3, 3, 3, 3]])
   chex.assert_trees_all_equal(layers.positions_from_segments(seg),
                               jnp.array([[0, 1, 2, 0, 1, 0, 1, 2, 3]]))
+
+
+def test_rotary_hf_bf16_rounds_like_the_hf_runtime():
+  """Spec quirk 3: inv_freq, positions, angles and cos/sin in bfloat16."""
+  import ml_dtypes
+  bf = lambda a: np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+  R, base = 8, 10000.0
+  pos = np.array([[0, 1, 7, 255, 256, 257, 300, 4097]])
+  cos, sin = layers.rotary_angles(jnp.asarray(pos), R, base, hf_bf16=True)
+  inv = 1.0 / base ** (np.arange(0, R, 2, dtype=np.float32) / R)
+  angles = bf(bf(pos)[..., None] * bf(inv))
+  np.testing.assert_allclose(cos, bf(np.cos(angles)), atol=2 ** -8, rtol=0)
+  np.testing.assert_allclose(sin, bf(np.sin(angles)), atol=2 ** -8, rtol=0)
+  np.testing.assert_array_equal(cos[0, 4], cos[0, 5])           # 257 rounds to 256
+  exact_cos, _ = layers.rotary_angles(jnp.asarray(pos), R, base)
+  assert np.abs(np.asarray(exact_cos[0, 4]) - np.asarray(exact_cos[0, 5])).max() > 1e-3
+  assert np.abs(np.asarray(cos) - np.asarray(exact_cos)).max() > 1e-3
+  x = jnp.asarray(np.random.RandomState(0).randn(1, 8, 2, 12).astype(np.float32))
+  assert np.abs(np.asarray(layers.apply_rotary(x, jnp.asarray(pos), R, base, hf_bf16=True)
+                           - layers.apply_rotary(x, jnp.asarray(pos), R, base))).max() > 1e-3

@@ -7,8 +7,10 @@ Commands:
 Python:
   from yuanjax.interop import hf
   model, params = hf.load(path)          # path: an HF dir or a converted (from-hf) dir
+  model, params = hf.load(path, exact_hf_rope=True)   # HF's bfloat16 rotary rounding (quirk 3)
   logits_BxLxV, aux = model.apply({'params': params}, tokens_BxL)
   tokenizer = hf.load_tokenizer(path)    # yuanjax.data.tokenizer.Tokenizer, newline_token='<n>'
+  # text: yuanjax.generate (python -m yuanjax.generate --checkpoint path --prompt ...)
 
 A converted checkpoint (DST of from-hf):
   DST/config.json   {"format": "yuanjax-hf/1",
@@ -536,8 +538,9 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   """(Transformer, params) from an HF dir or a converted dir.
 
   overrides: dotted config.model fields, e.g. {'dtype': 'float32', 'moe.dispatch': 'dense'}.
-  exact_hf_rope: reproduce HF's bfloat16 rotary angles (quirk 3); needs the model's
-  `rope_hf_bf16` switch (NotImplementedError until the model has it).
+  exact_hf_rope: reproduce the released HF runtime's bfloat16 rotary rounding (spec, quirk 3:
+  inv_freq, positions, angles and cos/sin rounded to bfloat16), for agreement with it; sets
+  config.model.rope_hf_bf16. The default is exact float32 rotary.
   """
   path = os.fspath(path)
   if is_converted(path):
@@ -548,10 +551,6 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
     m, params = params_from_hf(path)
   _apply_overrides(m, overrides or {})
   if exact_hf_rope:
-    if 'rope_hf_bf16' not in m:
-      raise NotImplementedError(
-          'exact_hf_rope=True needs config.model.rope_hf_bf16 (HF rounds inv_freq and the positions '
-          'to bfloat16 before cos/sin), which the model does not have yet')
     m.rope_hf_bf16 = True
   config_lib.validate_model(m)
   _check_against_model(m)

@@ -10,6 +10,20 @@ Axis key: see `yuanjax.model.layers`. Packed rows: `segment_ids_BxL` make the at
 mask block-diagonal causal, and the convolutions never look across a document boundary
 (u[t-1] counts as zero at the first token of a segment), so every packed document gives
 exactly its stand-alone result.
+
+Decoding (`decode=True`; one sequence per row, no segments). State in the 'cache' collection,
+created by `yuanjax.model.transformer.init_cache`:
+  attention/k, attention/v   [B, S, H, K] (compute dtype): keys (after rotary) and values of
+                             cache slots 0..S-1; slot = the token's position in its row
+  attention/lf/u_prev        [B, 2, D]: the last two LF inputs u[p-2], u[p-1] of each row
+                             (zeros before the row's start: u[-2] = u[-1] = 0)
+A call feeds a chunk of L tokens per row at positions p..p+L-1 (p differs per row): the chunk's
+keys/values are written into their slots, and query p+t attends to slots <= p+t, so stale
+slots past a row's end are never seen. The convolution needs u[p-1] for c1[p] and c1[p-1]
+(= A0 u[p-2] + A1 u[p-1] + a, or 0 at p = 0) for c2[p]; both come from u_prev. `lengths_B`
+(how many of the chunk's tokens are real in each row; right padding) picks the new u_prev.
+A full prompt (prefill) and a one-token step are the same call. Decoding always uses the
+reference einsum attention (`xla_attention`) over the cache, whatever `attention_backend` says.
 """
 from __future__ import annotations
 
@@ -35,9 +49,10 @@ def _shift_right(x_BxLxC, same_segment_BxL):
 class LocalizedFiltering(nn.Module):
   """Two causal kernel-2 convolutions with bias (d -> d/2 -> d), residual, RMSNorm."""
   config: ml_collections.ConfigDict
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, u_BxLxD, segment_ids_BxL=None):
+  def __call__(self, u_BxLxD, segment_ids_BxL=None, positions_BxL=None, lengths_B=None):
     cfg = self.config
     D, dtype, pdtype = cfg.hidden_size, layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
@@ -50,17 +65,28 @@ class LocalizedFiltering(nn.Module):
                                      ('conv', 'mlp', 'embed'), pdtype)
     b_D = layers.param_with_axes(self, 'conv2_bias', nn.initializers.zeros, (D,),
                                  ('embed',), pdtype)
-    same = None
-    if segment_ids_BxL is not None:
-      same = jnp.pad(segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
 
-    def conv(x, kernel, bias):
+    def conv(x, x_prev, kernel, bias):
+      """kernel[0] x[t-1] + kernel[1] x[t] + bias."""
       kernel = kernel.astype(dtype)
-      return (jnp.einsum('blc,cm->blm', _shift_right(x, same), kernel[0])
+      return (jnp.einsum('blc,cm->blm', x_prev, kernel[0])
               + jnp.einsum('blc,cm->blm', x, kernel[1]) + bias.astype(dtype))
 
-    c1_BxLxM = conv(u_BxLxD, a_2xDxM, a_M)
-    c2_BxLxD = conv(c1_BxLxM, b_2xMxD, b_D)
+    if not self.decode:
+      same = None
+      if segment_ids_BxL is not None:
+        same = jnp.pad(segment_ids_BxL[:, 1:] == segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
+      c1_BxLxM = conv(u_BxLxD, _shift_right(u_BxLxD, same), a_2xDxM, a_M)
+      c2_BxLxD = conv(c1_BxLxM, _shift_right(c1_BxLxM, same), b_2xMxD, b_D)
+    else:
+      B, L, _ = u_BxLxD.shape
+      u_prev = self.variable('cache', 'u_prev', jnp.zeros, (B, 2, D), dtype)
+      u_ext = jnp.concatenate([u_prev.value, u_BxLxD], axis=1)     # u[p-2] .. u[p+L-1]
+      c1_ext = conv(u_ext[:, 1:], u_ext[:, :-1], a_2xDxM, a_M)      # c1[p-1] .. c1[p+L-1]
+      c1_ext = c1_ext.at[:, 0].multiply((positions_BxL[:, 0] > 0)[:, None].astype(dtype))  # c1[-1] = 0
+      c2_BxLxD = conv(c1_ext[:, 1:], c1_ext[:, :-1], b_2xMxD, b_D)
+      last_two_Bx2 = lengths_B[:, None] + jnp.arange(2)            # u[p+n-2], u[p+n-1] in u_ext
+      u_prev.value = jnp.take_along_axis(u_ext, last_two_Bx2[..., None], axis=1)
     return layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='norm')(c2_BxLxD + u_BxLxD)
 
 
@@ -83,11 +109,12 @@ def xla_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, scale: float):
 
 
 class Attention(nn.Module):
-  """LFA self-attention over packed rows."""
+  """LFA self-attention over packed rows (or, with `decode`, over the rows' KV cache)."""
   config: ml_collections.ConfigDict
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, u_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, u_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
     cfg = self.config
     D, H, K = cfg.hidden_size, cfg.num_heads, cfg.head_dim
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
@@ -100,17 +127,30 @@ class Attention(nn.Module):
     heads = ('act_batch', 'act_len', 'act_heads', 'act_kv')
 
     v = jnp.einsum('bld,dhk->blhk', u_BxLxD, wv_DxHxK.astype(dtype))
-    f_BxLxD = LocalizedFiltering(cfg, name='lf')(u_BxLxD, segment_ids_BxL)
+    f_BxLxD = LocalizedFiltering(cfg, self.decode, name='lf')(u_BxLxD, segment_ids_BxL,
+                                                             positions_BxL, lengths_B)
     q = jnp.einsum('bld,dhk->blhk', f_BxLxD, wq_DxHxK.astype(dtype))
     k = jnp.einsum('bld,dhk->blhk', f_BxLxD, wk_DxHxK.astype(dtype))
     base = layers.rope_base(cfg.rope_base, cfg.rotary_dims, cfg.rope_ntk_factor)
-    q = layers.apply_rotary(q, positions_BxL, cfg.rotary_dims, base)
-    k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base)
+    hf_bf16 = cfg.get('rope_hf_bf16', False)     # spec quirk 3 (layers.rotary_angles)
+    q = layers.apply_rotary(q, positions_BxL, cfg.rotary_dims, base, hf_bf16)
+    k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     q, k, v = (layers.constrain(t, heads) for t in (q, k, v))
 
     scale = K ** -0.5
     L = u_BxLxD.shape[1]
-    if cfg.attention_backend == 'xla':
+    if self.decode:
+      # The cache is created by init_cache with the maximum length as L (see the module doc).
+      B = u_BxLxD.shape[0]
+      cached_k = self.variable('cache', 'k', jnp.zeros, (B, L, H, K), dtype)
+      cached_v = self.variable('cache', 'v', jnp.zeros, (B, L, H, K), dtype)
+      rows_Bx1 = jnp.arange(B)[:, None]
+      cached_k.value = cached_k.value.at[rows_Bx1, positions_BxL].set(k, mode='drop')
+      cached_v.value = cached_v.value.at[rows_Bx1, positions_BxL].set(v, mode='drop')
+      S = cached_k.value.shape[1]
+      mask_Bx1xLxS = (jnp.arange(S) <= positions_BxL[:, :, None])[:, None]
+      o_BxLxHxK = xla_attention(q, cached_k.value, cached_v.value, mask_Bx1xLxS, scale)
+    elif cfg.attention_backend == 'xla':
       o_BxLxHxK = xla_attention(q, k, v, attention_mask(segment_ids_BxL, L, L), scale)
     elif cfg.attention_backend == 'dot_product_attention':
       # cuDNN flash attention on GPU; its XLA fallback elsewhere. Causality via is_causal,

@@ -10,7 +10,7 @@ Logical axis names (mapped to mesh axes only by the config's rules):
   params: 'vocab', 'embed', 'heads', 'kv', 'mlp', 'expert', 'shared', 'router',
           'conv', 'norm', 'layers'
   activations: 'act_batch', 'act_len', 'act_embed', 'act_heads', 'act_kv',
-               'act_vocab', 'act_expert', 'act_capacity'
+               'act_vocab'
 """
 from __future__ import annotations
 
@@ -98,19 +98,36 @@ def rope_inv_freq(rotary_dims: int, base: float) -> np.ndarray:
   return (1.0 / base**exponent).astype(np.float32)
 
 
-def apply_rotary(x_BxLxHxK, positions_BxL, rotary_dims: int, base: float):
+def rotary_angles(positions_BxL, rotary_dims: int, base: float, hf_bf16: bool = False):
+  """(cos, sin) [B, L, R/2] in float32 for the given positions.
+
+  Default: angle = position * inv_freq in float32 (exact integer positions).
+  hf_bf16 reproduces Yuan's HF runtime (spec, quirk 3): inv_freq and the positions are rounded
+  to bfloat16, so is their product, and cos/sin come out rounded to bfloat16 (positions above
+  256 are then not even exact).
+  """
+  inv_freq_R2 = jnp.asarray(rope_inv_freq(rotary_dims, base))
+  if not hf_bf16:
+    angles_BxLxR2 = positions_BxL.astype(f32)[..., None] * inv_freq_R2
+    return jnp.cos(angles_BxLxR2), jnp.sin(angles_BxLxR2)
+  bf16 = lambda a: a.astype(jnp.bfloat16).astype(f32)
+  # The product of two bfloat16 values is exact in float32; rounding it once to bfloat16 is
+  # what a bfloat16 multiply gives.
+  angles_BxLxR2 = bf16(bf16(positions_BxL.astype(f32))[..., None] * bf16(inv_freq_R2))
+  return bf16(jnp.cos(angles_BxLxR2)), bf16(jnp.sin(angles_BxLxR2))
+
+
+def apply_rotary(x_BxLxHxK, positions_BxL, rotary_dims: int, base: float, hf_bf16: bool = False):
   """Rotate-half rotary on the first `rotary_dims` dims of each head; the rest pass through.
 
-  Angles are position * inv_freq in float32 (exact integer positions); the rotation
-  itself is done in float32 and cast back to the input dtype.
+  Angles as in `rotary_angles` (exact float32 unless `hf_bf16`); the rotation itself is done
+  in float32 and cast back to the input dtype.
   """
   if rotary_dims == 0:
     return x_BxLxHxK
   half = rotary_dims // 2
-  inv_freq_R2 = jnp.asarray(rope_inv_freq(rotary_dims, base))
-  angles_BxLxR2 = positions_BxL.astype(f32)[..., None] * inv_freq_R2
-  cos = jnp.cos(angles_BxLxR2)[:, :, None, :]
-  sin = jnp.sin(angles_BxLxR2)[:, :, None, :]
+  cos, sin = rotary_angles(positions_BxL, rotary_dims, base, hf_bf16)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
   x32 = x_BxLxHxK.astype(f32)
   x1, x2, rest = x32[..., :half], x32[..., half:rotary_dims], x32[..., rotary_dims:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)

@@ -13,6 +13,20 @@ Experts are stored stacked: w1_ExDx2F (first F columns the gate), w2_ExFxD.
             nothing, so the token keeps only its residual path.
 
 With ample capacity the three agree to float32 rounding, forward and gradients.
+
+Expert parallelism. Under a mesh of more than one device (`jax.set_mesh`) the sparse
+dispatches run inside `jax.shard_map`: each device routes its own tokens (the batch is
+split over the mesh axes of 'act_batch'), places its token-slots in per-expert buffers, and
+an `all_to_all` over the mesh axis of the 'expert' param axis carries them to the devices
+holding those experts and back (`Exchange`). Expert weights are split over that axis and,
+optionally, their ffn dimension over the axis of 'mlp' (partial sums then `psum`-ed). The
+router itself runs outside, on the global (auto-sharded) arrays, so routing and its
+statistics are those of a single device. Capacity is per device (GShard's groups): the
+C slots of an expert are counted over that device's tokens. `dropless` exchanges fixed-size
+buffers (every destination gets room for all of a device's slots: `ragged_all_to_all` is
+unimplemented on XLA:CPU and unmeasured here), so nothing is ever dropped. `dense` and
+`expert_choice` (which routes over the whole group) stay on plain GSPMD sharding.
+
 Placement uses index scatter/gather, not GShard's one-hot dispatch einsum: at M32 sizes
 that einsum ([T, E, C] x [T, D]) costs more FLOPs than the experts themselves.
 
@@ -26,10 +40,14 @@ Axis key: see `yuanjax.model.layers`.
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec as P
 
 from yuanjax.model import layers, routers
 
@@ -47,6 +65,43 @@ def combine_weights(r: routers.Routing, T: int, E: int):
   return jnp.zeros((T, E), f32).at[r.token_A, r.expert_A].add(jnp.where(r.valid_A, r.weight_A, 0.0))
 
 
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+  """How expert buffers reach the devices holding the experts (inside `shard_map`).
+
+  `expert_axis`: mesh axis (or axes) the experts are split over, in `n` shards; `tensor_axis`:
+  mesh axis of the experts' ffn dimension (partial results summed). The default is one
+  device: every method is the identity.
+  """
+  expert_axis: str | tuple[str, ...] | None = None
+  n: int = 1
+  tensor_axis: str | tuple[str, ...] | None = None
+
+  def to_experts(self, x_ExCxD):
+    """[E, C, D] (all experts, my slots) -> [E/n, n*C, D] (my experts, everyone's slots)."""
+    if self.n == 1:
+      return x_ExCxD
+    return jax.lax.all_to_all(x_ExCxD, self.expert_axis, 0, 1, tiled=True)
+
+  def from_experts(self, y_GxnCxD):
+    """Inverse of `to_experts`."""
+    if self.n == 1:
+      return y_GxnCxD
+    return jax.lax.all_to_all(y_GxnCxD, self.expert_axis, 1, 0, tiled=True)
+
+  def swap(self, x_nxA):
+    """Chunk j of axis 0 goes to expert shard j; chunk j of the result came from shard j."""
+    if self.n == 1:
+      return x_nxA
+    return jax.lax.all_to_all(x_nxA, self.expert_axis, 0, 0, tiled=True)
+
+  def reduce_ffn(self, y):
+    return y if self.tensor_axis is None else jax.lax.psum(y, self.tensor_axis)
+
+
+LOCAL = Exchange()
+
+
 def dense_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD):
   """Reference: all experts on all tokens, combined with a [T, E] weight matrix."""
   T, E = x_TxD.shape[0], w1_ExDx2F.shape[0]
@@ -57,24 +112,53 @@ def dense_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD):
   return y_TxD, jnp.zeros((), f32)
 
 
-def dropless_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD):
-  """Sort slots by expert; grouped matmuls over the sorted rows; nothing dropped."""
-  E = w1_ExDx2F.shape[0]
+def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchange = LOCAL):
+  """Sort slots by expert; grouped matmuls over the sorted rows; nothing dropped.
+
+  With `ex.n` expert shards (G = E/n experts here), the sorted slots go out in fixed-size
+  chunks, one per destination shard (room for all A slots each), are re-sorted there by
+  local expert, computed, and come back the same way.
+  """
+  G, D = w1_GxDx2F.shape[0], x_TxD.shape[1]
+  E, A = G * ex.n, r.expert_A.shape[0]
   key_A = jnp.where(r.valid_A, r.expert_A, E)         # invalid slots sort last
   order_A = jnp.argsort(key_A, stable=True)
-  group_sizes_E = jnp.zeros((E,), jnp.int32).at[r.expert_A].add(r.valid_A.astype(jnp.int32))
-  token_A = r.token_A[order_A]
+  expert_A, token_A = key_A[order_A], r.token_A[order_A]
   xs_AxD = x_TxD[token_A]
-  h_Ax2F = jax.lax.ragged_dot(xs_AxD, w1_ExDx2F, group_sizes_E)
-  ys_AxD = jax.lax.ragged_dot(layers.swiglu(h_Ax2F), w2_ExFxD, group_sizes_E)
+  if ex.n == 1:
+    group_sizes_G = jnp.zeros((G,), jnp.int32).at[expert_A].add(1, mode='drop')
+    ys_AxD = _ragged_experts(xs_AxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex)
+  else:
+    dest_A = expert_A // G                             # == n for invalid slots: dropped below
+    count_n = jnp.zeros((ex.n,), jnp.int32).at[dest_A].add(1, mode='drop')
+    row_A = jnp.arange(A) - (jnp.cumsum(count_n) - count_n).at[dest_A].get(mode='fill', fill_value=0)
+    send_nxAxD = jnp.zeros((ex.n, A, D), x_TxD.dtype).at[dest_A, row_A].set(xs_AxD, mode='drop')
+    send_nxA = jnp.full((ex.n, A), G, jnp.int32).at[dest_A, row_A].set(expert_A - dest_A * G,
+                                                                      mode='drop')
+    recv_MxD, recv_M = ex.swap(send_nxAxD).reshape(-1, D), ex.swap(send_nxA).reshape(-1)
+    order_M = jnp.argsort(recv_M, stable=True)
+    group_sizes_G = jnp.zeros((G,), jnp.int32).at[recv_M].add(1, mode='drop')
+    ys_MxD = _ragged_experts(recv_MxD[order_M], w1_GxDx2F, w2_GxFxD, group_sizes_G, ex)
+    back_nxAxD = ex.swap(jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(ex.n, A, D))
+    ys_AxD = back_nxAxD.at[dest_A, row_A].get(mode='fill', fill_value=0)
   w_A = jnp.where(r.valid_A, r.weight_A, 0.0)[order_A].astype(x_TxD.dtype)
   y_TxD = jnp.zeros_like(x_TxD).at[token_A].add(ys_AxD * w_A[:, None])
   return y_TxD, jnp.zeros((), f32)
 
 
-def capacity_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, capacity: int):
-  """GShard capacity: scatter into [E, C, D], batched einsum, gather back; overflow dropped."""
-  T, E = x_TxD.shape[0], w1_ExDx2F.shape[0]
+def _ragged_experts(xs_MxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex: Exchange):
+  h_Mx2F = jax.lax.ragged_dot(xs_MxD, w1_GxDx2F, group_sizes_G)
+  return ex.reduce_ffn(jax.lax.ragged_dot(layers.swiglu(h_Mx2F), w2_GxFxD, group_sizes_G))
+
+
+def capacity_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, capacity: int,
+                      ex: Exchange = LOCAL):
+  """GShard capacity: scatter into [E, C, D], batched einsum, gather back; overflow dropped.
+
+  With `ex.n` expert shards the [E, C, D] buffer is exchanged (all_to_all) so that each shard
+  runs its G = E/n experts on every shard's slots, then exchanged back.
+  """
+  E = w1_GxDx2F.shape[0] * ex.n
   onehot_AxE = jax.nn.one_hot(r.expert_A, E, dtype=jnp.int32) * r.valid_A[:, None]
   # Position of each slot in its expert's buffer, in slot order (token-major: causal).
   pos_A = jnp.take_along_axis(jnp.cumsum(onehot_AxE, axis=0), r.expert_A[:, None], axis=1)[:, 0] - 1
@@ -82,14 +166,60 @@ def capacity_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, capacity: 
   slot_A = jnp.where(kept_A, pos_A, capacity)          # out of range -> dropped by the scatter
   x_ExCxD = jnp.zeros((E, capacity, x_TxD.shape[1]), x_TxD.dtype).at[r.expert_A, slot_A].set(
       x_TxD[r.token_A], mode='drop')
-  x_ExCxD = layers.constrain(x_ExCxD, ('act_expert', 'act_capacity', 'act_embed'))
-  y_ExCxD = _experts(x_ExCxD, w1_ExDx2F, w2_ExFxD)
-  y_ExCxD = layers.constrain(y_ExCxD, ('act_expert', 'act_capacity', 'act_embed'))
+  y_GxnCxD = ex.reduce_ffn(_experts(ex.to_experts(x_ExCxD), w1_GxDx2F, w2_GxFxD))
+  y_ExCxD = ex.from_experts(y_GxnCxD)
   ys_AxD = y_ExCxD.at[r.expert_A, slot_A].get(mode='fill', fill_value=0)
   w_A = jnp.where(kept_A, r.weight_A, 0.0).astype(x_TxD.dtype)
   y_TxD = jnp.zeros_like(x_TxD).at[r.token_A].add(ys_AxD * w_A[:, None])
   dropped = jnp.sum(r.valid_A & ~kept_A) / jnp.maximum(jnp.sum(r.valid_A), 1)
   return y_TxD, dropped.astype(f32)
+
+
+def mesh_axes_of(logical: str):
+  """The mesh axis (or axes, or None) the active rules map a logical axis to."""
+  return nn.logical_to_mesh_axes((logical,))[0]
+
+
+def _axes_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, dispatch: str,
+                             top_k: int, capacity_factor: float, mesh):
+  """`dispatch` ('capacity' or 'dropless') inside `shard_map` over `mesh`, experts exchanged
+  by all_to_all. Token-choice routings only (slots token-major, k per token)."""
+  batch, ep, tp = mesh_axes_of('act_batch'), mesh_axes_of('expert'), mesh_axes_of('mlp')
+  E, D, F2 = w1_ExDx2F.shape
+  ex = Exchange(ep, _axes_size(mesh, ep), tp)
+  n_batch = _axes_size(mesh, batch)
+  T = x_TxD.shape[0]
+  if T % n_batch:
+    raise ValueError(f'MoE: {T} tokens do not split over the batch mesh axes {batch} ({n_batch})')
+  T_loc = T // n_batch
+
+  def local(x_TxD, token_A, expert_A, weight_A, valid_A, w1_GxDx2xF, w2_GxFxD):
+    r = routers.Routing(token_A=token_A % T_loc, expert_A=expert_A, weight_A=weight_A,
+                        valid_A=valid_A, probs_TxE=None, aux={})
+    G, F = w1_GxDx2xF.shape[0], w1_GxDx2xF.shape[-1]
+    w1_GxDx2F = w1_GxDx2xF.reshape(G, D, 2 * F)       # [gate | up] of this ffn shard
+    if dispatch == 'capacity':
+      C = routers.expert_capacity(T_loc, E, top_k, capacity_factor)
+      y, dropped = capacity_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, C, ex)
+    else:
+      y, dropped = dropless_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, ex)
+    return y, dropped[None]
+
+  # Split w1's [gate | up] columns into (2, F) so that an ffn shard holds matching halves.
+  w1_ExDx2xF = w1_ExDx2F.reshape(E, D, 2, F2 // 2)
+  y_TxD, dropped_n = jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(batch, None), P(batch), P(batch), P(batch), P(batch),
+                P(ep, None, None, tp), P(ep, tp, None)),
+      out_specs=(P(batch, None), P(batch)))(
+          x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A, w1_ExDx2xF, w2_ExFxD)
+  return y_TxD, jnp.mean(dropped_n)   # every shard routes the same number of slots
 
 
 class MoE(nn.Module):
@@ -116,7 +246,13 @@ class MoE(nn.Module):
     self.sow('intermediates', 'combine_weights', combine_weights(r, B * L, E).reshape(B, L, E))
     w1, w2 = w1_ExDx2F.astype(dtype), w2_ExFxD.astype(dtype)
     dispatch = cfg.moe.dispatch
-    if dispatch == 'dense':
+    mesh = jax.sharding.get_abstract_mesh()
+    if (dispatch in ('capacity', 'dropless') and cfg.router.type in routers.CAUSAL_ROUTERS
+        and not mesh.empty and mesh.size > 1):
+      y_TxD, dropped = expert_parallel_dispatch(
+          x_TxD, r, w1, w2, dispatch=dispatch, top_k=k, capacity_factor=cfg.moe.capacity_factor,
+          mesh=mesh)
+    elif dispatch == 'dense':
       y_TxD, dropped = dense_dispatch(x_TxD, r, w1, w2)
     elif dispatch == 'dropless':
       y_TxD, dropped = dropless_dispatch(x_TxD, r, w1, w2)

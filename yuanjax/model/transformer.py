@@ -17,6 +17,19 @@ Public API:
 `aux['moe']` holds per-layer MoE statistics stacked on a leading [num_moe_layers] axis.
 Pass `deterministic=False` (and an rng named 'router') to enable router noise/jitter.
 
+Cached decoding (what `yuanjax.generate` uses; one sequence per row, right-padded):
+  cache = init_cache(model, batch_size, max_len)        # the 'cache' collection, zeros
+  (logits, _), vars = model.apply({'params': p, 'cache': cache}, tokens_BxL, decode=True,
+                                 lengths=lengths_B, mutable=['cache'])
+Each call appends a chunk of L tokens to every row at positions index..index+L-1 (index [B]
+lives in the cache and starts at 0), of which the first lengths_B (default L) are real; the
+row's index then advances by its length. Prefill is one call with the padded prompts, each
+decode step a call with L = 1. The cache holds, per layer, keys/values [B, max_len, H, K] and
+the LFA state (the last two LF inputs; `yuanjax.model.attention`). Logits at padded places
+are meaningless. Routing must be per token and must not drop (a causal router with the
+`dropless` or `dense` dispatch) for decoding to reproduce the full forward; `capacity`
+dispatch can drop slots of a small decode batch (`yuanjax.generate` switches to `dropless`).
+
 Axis key: see `yuanjax.model.layers`.
 """
 from __future__ import annotations
@@ -44,14 +57,15 @@ class DecoderLayer(nn.Module):
   config: ml_collections.ConfigDict
   use_moe: bool
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
     cfg = self.config
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)
-    h = x_BxLxD + Attention(cfg, name='attention')(norm('input_norm')(x_BxLxD),
-                                                  segment_ids_BxL, positions_BxL)
+    h = x_BxLxD + Attention(cfg, self.decode, name='attention')(
+        norm('input_norm')(x_BxLxD), segment_ids_BxL, positions_BxL, lengths_B)
     h = layers.constrain(h, ACT)
     u = norm('post_attention_norm')(h)
     if self.use_moe:
@@ -68,15 +82,16 @@ class Block(nn.Module):
   """`moe_every` layers, the last one MoE (or one dense layer when moe_every == 0)."""
   config: ml_collections.ConfigDict
   deterministic: bool = True
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
     n = self.config.moe_every
     kinds = [False] if n == 0 else [False] * (n - 1) + [True]
     stats = {}
     for i, use_moe in enumerate(kinds):
-      x_BxLxD, s = DecoderLayer(self.config, use_moe, self.deterministic, name=f'layer_{i}')(
-          x_BxLxD, segment_ids_BxL, positions_BxL)
+      x_BxLxD, s = DecoderLayer(self.config, use_moe, self.deterministic, self.decode,
+                                name=f'layer_{i}')(x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B)
       if s is not None:
         stats = s
     return x_BxLxD, stats
@@ -91,9 +106,14 @@ class Transformer(nn.Module):
   config: ml_collections.ConfigDict   # config.model
 
   @nn.compact
-  def __call__(self, tokens_BxL, segment_ids=None, positions=None, deterministic: bool = True):
+  def __call__(self, tokens_BxL, segment_ids=None, positions=None, deterministic: bool = True,
+               decode: bool = False, lengths=None):
     cfg = self.config
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
+    if decode:
+      positions, lengths = self._decode_positions(tokens_BxL, segment_ids, positions, lengths)
+    elif lengths is not None:
+      raise ValueError('lengths is only for decode=True (use segment_ids for padding/packing)')
     if positions is None:
       positions = (layers.positions_from_segments(segment_ids) if segment_ids is not None
                    else jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape))
@@ -104,14 +124,15 @@ class Transformer(nn.Module):
 
     block = Block
     policy = REMAT_POLICIES[cfg.remat]
-    if cfg.remat != 'none':
+    if cfg.remat != 'none' and not decode:     # remat only matters for gradients
       block = nn.remat(block, policy=policy, prevent_cse=False)
     blocks = nn.scan(
-        block, variable_axes={'params': 0, 'intermediates': 0},
+        block, variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
         split_rngs={'params': True, 'router': True},
-        in_axes=(nn.broadcast, nn.broadcast), length=num_blocks(cfg),
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_blocks(cfg),
         metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxD, stats = blocks(cfg, deterministic, name='blocks')(x_BxLxD, segment_ids, positions)
+    x_BxLxD, stats = blocks(cfg, deterministic, decode, name='blocks')(
+        x_BxLxD, segment_ids, positions, lengths)
 
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='final_norm')(x_BxLxD)
     logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, embedding_VxD.astype(dtype),
@@ -119,3 +140,26 @@ class Transformer(nn.Module):
     logits_BxLxV = layers.constrain(logits_BxLxV, ('act_batch', 'act_len', 'act_vocab'))
     aux_loss = jnp.sum(stats['aux_loss']) if stats else jnp.zeros((), f32)
     return logits_BxLxV, {'aux_loss': aux_loss, 'moe': stats}
+
+  def _decode_positions(self, tokens_BxL, segment_ids, positions, lengths):
+    """(positions [B, L], lengths [B]) of a decode chunk; advances the cache index."""
+    if segment_ids is not None or positions is not None:
+      raise ValueError('decode=True takes neither segment_ids nor positions: every row is one '
+                       'sequence, placed after what its cache already holds')
+    if not self.is_initializing() and not self.has_variable('cache', 'index'):
+      raise ValueError("decode=True needs a cache: apply({'params': ..., 'cache': "
+                       "init_cache(model, batch_size, max_len)}, ..., mutable=['cache'])")
+    B, L = tokens_BxL.shape
+    index = self.variable('cache', 'index', jnp.zeros, (B,), jnp.int32)
+    lengths = (jnp.full((B,), L, jnp.int32) if lengths is None
+               else jnp.asarray(lengths, jnp.int32).reshape(B))
+    positions = index.value[:, None] + jnp.arange(L, dtype=jnp.int32)
+    index.value = index.value + lengths
+    return positions, lengths
+
+
+def init_cache(model: Transformer, batch_size: int, max_len: int):
+  """The zeroed 'cache' collection for decoding `batch_size` rows of up to `max_len` tokens."""
+  tokens = jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32)
+  shapes = jax.eval_shape(lambda t: model.init(jax.random.key(0), t, decode=True), tokens)['cache']
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

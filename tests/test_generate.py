@@ -1,0 +1,238 @@
+"""Cached generation (yuanjax.generate; decode=True in yuanjax.model).
+
+A tiny M32 (LFA, attention router, 4 experts top-2, partial rotary) with bold random weights;
+a batch of three prompts of different lengths. Cached decoding must give the logits of full
+forwards at every step, and greedy generation the argmax of full forwards.
+"""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.model.helpers import rel_err, tiny
+from yuanjax import generate as gen
+from yuanjax.model import Transformer
+from yuanjax.model.transformer import init_cache
+
+LENGTHS = (5, 2, 8)      # prompt lengths
+NEW = 6
+S = max(LENGTHS) + NEW
+
+
+@pytest.fixture(scope='module')
+def setup():
+  cfg = tiny(**{'moe.dispatch': 'capacity'})    # generation must switch it to a dropless one
+  model = Transformer(cfg)
+  rng = np.random.default_rng(0)
+  abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
+
+  def random_leaf(path, a):      # bold weights: routing and logits that depend on the input
+    name = path[-1].key
+    if name == 'scale':
+      return jnp.asarray(1.0 + 0.2 * rng.standard_normal(a.shape), a.dtype)
+    return jnp.asarray((0.1 if 'bias' in name else 0.3) * rng.standard_normal(a.shape), a.dtype)
+  params = jax.tree_util.tree_map_with_path(random_leaf, abstract['params'])
+  seqs = rng.integers(0, cfg.vocab_size, (len(LENGTHS), S)).astype(np.int32)
+  prompts = [seqs[b, :n].tolist() for b, n in enumerate(LENGTHS)]
+  full = Transformer(gen.generation_config(cfg))               # same function, dropless
+  forward = jax.jit(lambda p, t: full.apply({'params': p}, t)[0])
+  greedy = gen.generate(model, params, prompts, max_new_tokens=NEW)
+  return dict(cfg=cfg, model=model, params=params, seqs=seqs, prompts=prompts, forward=forward,
+              greedy=greedy)
+
+
+def test_cached_decode_matches_full_forward(setup):
+  """Prefill of right-padded prompts, then one token per step: every step's logits equal a
+  full forward's over the whole prefix (the model is causal: one padded [B, S] forward
+  gives every prefix's logits)."""
+  model, params, seqs = setup['model'], setup['params'], setup['seqs']
+  dec = Transformer(gen.generation_config(setup['cfg']))
+  ref = np.asarray(setup['forward'](params, seqs))             # [B, S, V]
+  step = jax.jit(lambda p, c, t, n: dec.apply({'params': p, 'cache': c}, t, decode=True, lengths=n,
+                                              mutable=['cache']))
+  P = max(LENGTHS)
+  prompt = np.where(np.arange(P) < np.array(LENGTHS)[:, None], seqs[:, :P], 0)
+  (logits, _), state = step(params, init_cache(dec, len(LENGTHS), S), prompt, np.array(LENGTHS))
+  for b, n in enumerate(LENGTHS):
+    assert rel_err(logits[b, :n], ref[b, :n]) < 1e-5, b
+  np.testing.assert_array_equal(state['cache']['index'], LENGTHS)
+  for t in range(NEW):
+    tokens = np.array([[seqs[b, n + t]] for b, n in enumerate(LENGTHS)])
+    (logits, _), state = step(params, state['cache'], tokens, np.ones(len(LENGTHS), np.int32))
+    for b, n in enumerate(LENGTHS):
+      assert rel_err(logits[b, 0], ref[b, n + t]) < 1e-5, (b, t)
+  np.testing.assert_array_equal(state['cache']['index'], np.array(LENGTHS) + NEW)
+  kv = state['cache']['blocks']['layer_0']['attention']
+  assert kv['k'].shape == (setup['cfg'].num_layers, len(LENGTHS), S, 2, 16)
+  assert kv['lf']['u_prev'].shape == (setup['cfg'].num_layers, len(LENGTHS), 2, 32)
+
+
+def test_greedy_equals_argmax_of_full_forwards(setup):
+  buf = np.zeros((len(LENGTHS), S), np.int32)
+  for b, p in enumerate(setup['prompts']):
+    buf[b, :len(p)] = p
+  want = [[] for _ in LENGTHS]
+  for t in range(NEW):
+    logits = np.asarray(setup['forward'](setup['params'], buf))
+    for b, n in enumerate(LENGTHS):
+      buf[b, n + t] = int(np.argmax(logits[b, n + t - 1]))
+      want[b].append(int(buf[b, n + t]))
+  assert setup['greedy'] == want
+  assert len({tuple(w) for w in want}) == len(LENGTHS)     # rows really differ
+
+
+def test_stop_at_eod(setup):
+  greedy = setup['greedy']
+  k = next(i for i in range(1, NEW) if greedy[0][i] not in greedy[0][:i])
+  eod = greedy[0][k]                                       # row 0 first emits it as token k+1
+  tokens, counts = gen.generate_padded(setup['model'], setup['params'], setup['prompts'],
+                                       max_new_tokens=NEW, eod_id=eod)
+  outs = gen.generate(setup['model'], setup['params'], setup['prompts'], max_new_tokens=NEW,
+                      eod_id=eod)
+  for b, g in enumerate(greedy):
+    n = g.index(eod) + 1 if eod in g else NEW
+    assert counts[b] == n and outs[b] == g[:n]
+    np.testing.assert_array_equal(tokens[b, :n], g[:n])
+    np.testing.assert_array_equal(tokens[b, n:], eod)      # padded after the stop
+  assert counts[0] == k + 1 < NEW and outs[0][-1] == eod
+  assert gen.strip_eod(outs[0], eod) == greedy[0][:k]
+  # Every row stops at once: a one-token budget is all that is used.
+  first = [g[0] for g in greedy]
+  if len(set(first)) == 1:
+    assert gen.generate(setup['model'], setup['params'], setup['prompts'], max_new_tokens=NEW,
+                        eod_id=first[0]) == [[first[0]]] * len(LENGTHS)
+
+
+def test_sampling_seeded_and_top_k_1_is_greedy(setup):
+  model, params, prompts = setup['model'], setup['params'], setup['prompts']
+  sample = lambda **kw: gen.generate(model, params, prompts, max_new_tokens=NEW, **kw)
+  a = sample(temperature=2.0, seed=0)
+  assert a == sample(temperature=2.0, seed=0)
+  assert a != sample(temperature=2.0, seed=1)
+  assert a != setup['greedy']
+  assert sample(temperature=2.0, top_k=1, seed=3) == setup['greedy']
+  assert sample(temperature=2.0, top_p=1e-6, seed=3) == setup['greedy']
+
+
+def test_sample_logits_respects_top_k_and_top_p():
+  logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 4000))   # probabilities 0.1 .. 0.4
+  key = jax.random.key(0)
+  draw = lambda **kw: np.asarray(gen.sample_logits(logits, key, **kw))
+  full = draw(temperature=1.0, top_k=0, top_p=1.0)
+  assert set(full) == {0, 1, 2, 3} and abs(np.mean(full == 3) - 0.4) < 0.04
+  assert set(draw(temperature=1.0, top_k=2, top_p=1.0)) == {2, 3}
+  assert set(draw(temperature=1.0, top_k=0, top_p=0.65)) == {2, 3}    # 0.4 + 0.3 >= 0.65
+  assert set(draw(temperature=1.0, top_k=0, top_p=0.75)) == {1, 2, 3}
+  assert set(draw(temperature=0.0, top_k=0, top_p=1.0)) == {3}
+
+
+def test_bad_inputs_name_the_argument(setup):
+  model, params = setup['model'], setup['params']
+  run = lambda prompts, **kw: gen.generate(model, params, prompts, **{'max_new_tokens': 2, **kw})
+  with pytest.raises(ValueError, match=r'prompts\[1\]: must be a non-empty'):
+    run([[1, 2], []])
+  with pytest.raises(ValueError, match='prompts: expected a non-empty list'):
+    run([])
+  too_long = [1] * (setup['cfg'].max_seq_len + 1)
+  with pytest.raises(ValueError, match=r'prompts\[0\]: 257 tokens is longer than max_len=256'):
+    run([too_long])
+  with pytest.raises(ValueError, match=r'prompts\[0\] \(10 tokens\) \+ max_new_tokens=5 = 15 .*max_len=12'):
+    run([[1] * 10], max_new_tokens=5, max_len=12)
+  with pytest.raises(ValueError, match=r'prompts\[0\]: token id 97 is outside the vocabulary'):
+    run([[1, 97]])
+  with pytest.raises(ValueError, match='max_new_tokens=0'):
+    run([[1]], max_new_tokens=0)
+  with pytest.raises(ValueError, match='top_p=0'):
+    run([[1]], top_p=0.0)
+  ec = tiny(**{'router.type': 'expert_choice'})
+  with pytest.raises(ValueError, match="router.type='expert_choice' is not causal"):
+    gen.generation_config(ec)
+  with pytest.raises(ValueError, match='decode=True needs a cache'):
+    model.apply({'params': params}, jnp.zeros((1, 2), jnp.int32), decode=True, mutable=['cache'])
+
+
+@pytest.fixture(scope='module')
+def hf_dirs(tmp_path_factory):
+  """A tiny HF checkpoint with a sentencepiece tokenizer ('<n>' for newlines), and its
+  conversion."""
+  spm = pytest.importorskip('sentencepiece')
+  from tests.interop import hf_reference as R
+  from yuanjax.interop import hf
+  root = tmp_path_factory.mktemp('gen_hf')
+  (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(200)))
+  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
+                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
+                                 model_type='bpe', num_threads=1, minloglevel=2)
+  config = R.tiny_hf_config()
+  R.write_hf_dir(root / 'hf', R.random_hf_tensors(config, seed=5), config,
+                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+  hf.import_hf(str(root / 'hf'), str(root / 'yj'))
+  return root
+
+
+def test_tokenizer_newlines_and_special_ids(hf_dirs):
+  from yuanjax.interop import hf
+  tok = hf.load_tokenizer(str(hf_dirs / 'yj'))
+  ids = tok.encode('line 1\nsome text')
+  assert tok.sp.piece_to_id('<n>') in ids and tok.decode(ids) == 'line 1\nsome text'
+  assert tok.decode([tok.sp.piece_to_id('<n>')]) == '\n'
+  assert (tok.eod_id, tok.sep_id) == (tok.sp.piece_to_id('<eod>'), tok.sp.piece_to_id('<sep>'))
+
+
+def test_cli_on_converted_dir(hf_dirs, capsys):
+  from yuanjax.interop import hf
+  argv = ['--prompt', 'line 1 of', '--prompt', 'line 22\nline', '--max_new_tokens', '5', '--json']
+  assert gen.main(['--checkpoint', str(hf_dirs / 'yj'), *argv]) == 0
+  outs = {'yj': [json.loads(line) for line in capsys.readouterr().out.splitlines()]}
+  assert [r['prompt'] for r in outs['yj']] == ['line 1 of', 'line 22\nline']
+  model, params = hf.load(str(hf_dirs / 'hf'))          # the HF dir itself: the same model
+  tok = hf.load_tokenizer(str(hf_dirs / 'yj'))
+  want = gen.generate(model, params, [tok.encode('line 1 of'), tok.encode('line 22\nline')],
+                      max_new_tokens=5, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
+  assert max(max(w) for w in want) < tok.vocab_size < model.config.vocab_size
+  assert [r['tokens'] for r in outs['yj']] == want
+  for r, w in zip(outs['yj'], want):
+    assert r['completion'] == tok.decode(gen.strip_eod(w, tok.eod_id))
+    assert r['stopped'] == ('eod' if w[-1] == tok.eod_id else 'length')
+  assert gen.main(['--checkpoint', str(hf_dirs / 'yj'), '--prompt', 'x', '--max_new_tokens', '0']) == 1
+  assert 'max_new_tokens=0' in capsys.readouterr().err
+  assert gen.main(['--checkpoint', str(hf_dirs / 'nowhere'), '--prompt', 'x']) == 1
+  assert 'neither' in capsys.readouterr().err
+
+
+def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
+  """WORKDIR/checkpoints/<step>/{state,meta} as the trainer writes them (state: the train
+  state's fields; meta: the config json); the tokenizer given with --tokenizer."""
+  import orbax.checkpoint as ocp
+  from yuanjax import config_lib
+  config = config_lib.base_config()
+  config.model = setup['cfg']
+  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as mngr:
+    for step in (1, 2):
+      params = jax.tree_util.tree_map(lambda a: a * step / 2, setup['params'])   # step 2: the real ones
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({'step': step, 'params': params}),
+          meta=ocp.args.JsonSave({'step': step, 'config': config.to_json()})))
+    mngr.wait_until_finished()
+  texts = ['line 3']     # batch 1, as the trainer's sample below: compiled once for both
+  argv = [a for t in texts for a in ('--prompt', t)]
+  assert gen.main(['--checkpoint', str(tmp_path), '--tokenizer', str(hf_dirs / 'tok.model'),
+                   *argv, '--max_new_tokens', str(NEW), '--json']) == 0
+  recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  from yuanjax.data.tokenizer import Tokenizer
+  tok = Tokenizer(hf_dirs / 'tok.model')
+  want = gen.generate(setup['model'], setup['params'], [tok.encode(t) for t in texts],
+                      max_new_tokens=NEW, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
+  assert [r['tokens'] for r in recs] == want
+
+
+def test_trainer_sample_uses_cached_generation(setup):
+  from yuanjax import sample
+  greedy = setup['greedy'][2]
+  eod = greedy[3] if greedy[3] not in greedy[:3] else None
+  got = sample.greedy(setup['model'], setup['params'], setup['prompts'][2], NEW, eod_id=eod)
+  assert got == (greedy[:3] if eod is not None else greedy)
+  assert sample.greedy(setup['model'], setup['params'], [1], 0) == []

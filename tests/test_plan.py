@@ -1,0 +1,114 @@
+"""The memory planner: shard arithmetic, totals against yuanjax.stats, errors, the CLI."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from yuanjax import plan, stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from configs import tiny, yuan_m32  # pylint: disable=g-import-not-at-top
+
+
+def test_shard_bytes():
+  mesh = dict(data=2, fsdp=4, expert=2, tensor=1)
+  assert plan.shard_bytes((64, 32), 'float32', P('fsdp', 'expert'), mesh) * 8 == 64 * 32 * 4
+  assert plan.shard_bytes((64, 32), 'float32', P(None, None), mesh) == 64 * 32 * 4
+  assert plan.shard_bytes((64, 32), 'bfloat16', P(('data', 'fsdp')), mesh) == 8 * 32 * 2
+  assert plan.shard_bytes((6,), 'float32', P('fsdp'), mesh) == 2 * 4   # uneven: rounded up
+
+
+def test_fully_sharded_params_split_exactly_and_replicated_ones_count_fully():
+  config = tiny.get_config()
+  # Every param dimension named 'embed' goes over fsdp; 'expert' over expert.
+  config.mesh.data, config.mesh.fsdp, config.mesh.expert = 1, 4, 2
+  r = plan.plan(config)
+  assert r['devices'] == 8 and r['mesh'] == dict(data=1, fsdp=4, expert=2, tensor=1)
+  params = [x for x in r['leaves'] if x['part'] == 'params']
+  full = [x for x in params if {'fsdp', 'expert'} <= set(_axes(x['spec']))]
+  replicated = [x for x in params if not _axes(x['spec'])]
+  assert full and replicated
+  for x in full:      # split over all 8 devices: shards add up to the whole
+    assert x['per_device_bytes'] * r['devices'] == x['total_bytes'], x
+  for x in replicated:  # every device holds all of it
+    assert x['per_device_bytes'] == x['total_bytes'], x
+  for x in params:
+    assert x['total_bytes'] <= x['per_device_bytes'] * r['devices']
+  assert r['per_device']['params'] == sum(x['per_device_bytes'] for x in params)
+
+
+def _axes(spec):
+  out = []
+  for a in spec:
+    out += [] if a is None else ([a] if isinstance(a, str) else list(a))
+  return out
+
+
+def test_m32_on_8_h100_with_expert_parallelism():
+  config = yuan_m32.get_config()
+  config.mesh.expert = 8
+  r = plan.plan(config, devices=8, device_kind='H100-80G')
+  facts = stats.model_facts(config.model)
+  assert r['mesh'] == dict(data=1, fsdp=1, expert=8, tensor=1)
+  assert r['param_count'] == facts['total_params']
+  assert r['totals']['params'] == 4 * facts['total_params']            # float32 params
+  assert r['totals']['gradients'] == 4 * facts['total_params']
+  # AdamW: mu and nu like the params, plus scalar counts.
+  assert 2 * r['totals']['params'] <= r['totals']['optimizer'] < 2 * r['totals']['params'] + 1024
+  # Expert weights split 8 ways, everything else replicated (fsdp = tensor = 1).
+  leaves = [x for x in r['leaves'] if x['part'] == 'params']
+  expert = sum(x['total_bytes'] for x in leaves if 'expert' in _axes(x['spec']))
+  rest = sum(x['total_bytes'] for x in leaves if 'expert' not in _axes(x['spec']))
+  assert expert > 0.9 * r['totals']['params']
+  assert r['per_device']['params'] == expert // 8 + rest
+  assert r['per_device']['gradients'] == r['per_device']['params']
+  # Per micro-batch: 1536 sequences / 8 data-parallel devices x 4096 tokens.
+  assert r['micro_batch_tokens_per_device'] == 1536 / 8 * 4096
+  assert r['per_device']['total'] == sum(v for k, v in r['per_device'].items() if k != 'total')
+  assert r['fits'] == {'H100-80G': False}   # ~91 GiB of state alone
+
+
+def test_remat_and_accumulation_shrink_activations():
+  config = yuan_m32.get_config()
+  config.mesh.expert, config.mesh.fsdp = 8, 4
+  base = plan.plan(config, devices=32)['per_device']['activations']
+  config.model.remat = 'full'
+  full = plan.plan(config, devices=32)['per_device']['activations']
+  config.train.grad_accum = 48
+  r = plan.plan(config, devices=32, device_kind='TPU v5p')
+  assert full < base / 4   # the float32 logits (vocab 135040) stay
+  assert r['per_device']['activations'] == pytest.approx(full / 48, rel=1e-6)
+  assert r['micro_batch_tokens_per_device'] == 4096
+  assert r['fits'] == {'TPU v5p': True}
+
+
+@pytest.mark.parametrize('axis, value, devices', [('expert', 3, 24), ('expert', 0, 8),
+                                                  ('tensor', 3, 3)])
+def test_bad_mesh_names_the_axis(axis, value, devices):
+  config = yuan_m32.get_config()
+  config.mesh[axis] = value
+  with pytest.raises(ValueError, match=rf'config\.mesh\.{axis}={value}'):
+    plan.plan(config, devices=devices)
+
+
+def test_cli_prints_table_then_json():
+  r = subprocess.run(
+      [sys.executable, '-m', 'yuanjax.plan', '--config=configs/yuan_m32.py',
+       '--config.mesh.expert=8', '--devices=8', '--device_kind=H100-80G'],
+      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+      timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
+  lines = r.stdout.strip().splitlines()
+  out = json.loads(lines[-1])
+  assert out['devices'] == 8 and out['fits'] == {'H100-80G': False}
+  assert out['totals']['params'] == 4 * out['param_count']
+  assert any('does NOT fit' in line for line in lines[:-1])
+  assert math.isclose(out['per_device']['params'] / 2**30,
+                      float(next(l for l in lines if l.startswith('params')).split()[1]),
+                      abs_tol=0.01)

@@ -1,0 +1,357 @@
+"""Text generation with a KV cache: prefill, then one jitted fixed-shape decode loop.
+
+Command line (PATH: an HF dir, a converted `python -m yuanjax.convert from-hf` dir, or a
+yuanjax training workdir; Yuan's tokenizer writes newlines as `<n>`, which is handled)::
+
+    python -m yuanjax.generate --checkpoint PATH --prompt "def fib(n):" [--prompt ...] \\
+        [--max_new_tokens 64] [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] [--json]
+
+Python::
+
+    from yuanjax import generate
+    from yuanjax.interop import hf
+    model, params = hf.load(path)
+    tok = hf.load_tokenizer(path)
+    outs = generate.generate(model, params, [tok.encode('Hello'), tok.encode('def f(')],
+                             max_new_tokens=32, temperature=0.7, top_p=0.9, eod_id=tok.eod_id)
+    texts = [tok.decode(generate.strip_eod(o, tok.eod_id)) for o in outs]
+
+How: the prompts are right-padded into one [B, P] batch; one cached forward (prefill) over it
+fills every layer's KV cache and LFA state (`yuanjax.model.transformer`, decode=True) and
+gives the first new token of each row from the logits at its last real position; then a
+`jax.lax.while_loop` feeds one token per row per step into the cache, for at most
+`max_new_tokens - 1` steps, and stops early once every row has emitted `eod_id`. Shapes are
+fixed ([B, P + max_new_tokens] cache, P the longest prompt rounded up to a multiple of 16),
+so the loop compiles once per (batch size, P, max_new_tokens); sampling settings and the seed
+are traced values (changing them does not recompile).
+
+Sampling: `temperature == 0` is greedy (argmax). Otherwise the logits are divided by the
+temperature, cut to the `top_k` most likely tokens (0: no cut), then to the smallest set whose
+probability reaches `top_p` (1.0: no cut), and sampled with `jax.random` from `seed`
+(reproducible; rows draw independently).
+
+Generation overrides two fields of `model.config` (the returned tokens are otherwise those of
+the full forward pass): `moe.dispatch` becomes 'dropless' unless it is already 'dense' or
+'dropless' (the `capacity` dispatch can drop token slots when few tokens are routed, as in a
+one-token decode step, and would then disagree with the full forward), and `remat` becomes
+'none'. The expert-choice router is refused: it is not causal.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import glob
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from yuanjax.model import Transformer, routers
+from yuanjax.model.transformer import init_cache
+
+f32 = jnp.float32
+_NO_EOD = -1
+PROMPT_BUCKET = 16
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def sample_logits(logits_BxV, key, temperature, top_k, top_p):
+  """One token per row [B] (int32): greedy when temperature <= 0, else temperature / top-k /
+  top-p sampling. All settings may be traced scalars."""
+  logits_BxV = logits_BxV.astype(f32)
+  V = logits_BxV.shape[-1]
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  x = logits_BxV / jnp.maximum(temperature, 1e-6).astype(f32)
+  sorted_BxV = -jnp.sort(-x, axis=-1)                          # descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V).astype(jnp.int32)
+  in_top_k_BxV = jnp.arange(V) < k
+  sorted_BxV = jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf)
+  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+  # Keep the i-th most likely token while the ones before it hold less than top_p (so the
+  # most likely token is always kept).
+  keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p
+  keep_BxV = (keep_BxV | (top_p >= 1.0)) & in_top_k_BxV     # top_p 1: exactly no cut
+  threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+  x = jnp.where(x >= threshold_Bx1, x, -jnp.inf)
+  sampled_B = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled_B, greedy_B)
+
+
+# ---------------------------------------------------------------- the decode loop
+
+
+def generation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.model as generation runs it: a dispatch that never drops, no remat."""
+  m = ml_collections.ConfigDict(config.to_dict())
+  if m.moe_every and m.router.type not in routers.CAUSAL_ROUTERS:
+    raise ValueError(f'config.model.router.type={m.router.type!r} is not causal (a token\'s routing '
+                     f'depends on later tokens); generation needs one of {routers.CAUSAL_ROUTERS}')
+  if m.moe.dispatch not in ('dense', 'dropless'):
+    m.moe.dispatch = 'dropless'
+  m.remat = 'none'
+  return m
+
+
+def _run(params, prompt_BxP, lengths_B, key, temperature, top_k, top_p, eod_id, pad_id,
+         vocab_limit, *, model: Transformer, max_new_tokens: int):
+  """Prefill + while_loop decode; returns (tokens [B, N], number generated [B])."""
+  B, P = prompt_BxP.shape
+  N = max_new_tokens
+
+  def sample(logits_BxV, key):
+    logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_limit, logits_BxV, -jnp.inf)
+    return sample_logits(logits_BxV, key, temperature, top_k, top_p)
+
+  def forward(cache, tokens_BxL, lengths):
+    (logits, _), state = model.apply({'params': params, 'cache': cache}, tokens_BxL, decode=True,
+                                     lengths=lengths, mutable=['cache'])
+    return logits, state['cache']
+
+  logits_BxPxV, cache = forward(init_cache(model, B, P + N), prompt_BxP, lengths_B)
+  last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  tok_B = sample(last_BxV, jax.random.fold_in(key, 0))
+  out_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok_B)
+  done_B = tok_B == eod_id
+  count_B = jnp.ones((B,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, _, done_B, _ = carry
+    return (step < N) & ~jnp.all(done_B)
+
+  def body(carry):
+    step, cache, tok_B, out_BxN, done_B, count_B = carry
+    logits_Bx1xV, cache = forward(cache, tok_B[:, None], jnp.ones((B,), jnp.int32))
+    new_B = sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, step))
+    new_B = jnp.where(done_B, pad_id, new_B)
+    out_BxN = jax.lax.dynamic_update_slice(out_BxN, new_B[:, None], (0, step))
+    count_B = jnp.where(done_B, count_B, step + 1)
+    return step + 1, cache, new_B, out_BxN, done_B | (new_B == eod_id), count_B
+
+  carry = (jnp.asarray(1, jnp.int32), cache, tok_B, out_BxN, done_B, count_B)
+  _, _, _, out_BxN, _, count_B = jax.lax.while_loop(cond, body, carry)
+  return out_BxN, count_B
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled_run(config: ml_collections.ConfigDict):
+  """The jitted `_run` for a generation config (one per config; jit caches shapes)."""
+  key = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  if key not in _COMPILED:
+    if len(_COMPILED) >= 8:
+      _COMPILED.clear()
+    _COMPILED[key] = jax.jit(functools.partial(_run, model=Transformer(config)),
+                             static_argnames=('max_new_tokens',))
+  return _COMPILED[key]
+
+
+def _check_prompts(prompts, vocab_size: int, max_new_tokens: int, max_len: int) -> None:
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+      or max_new_tokens < 1:
+    raise ValueError(f'max_new_tokens={max_new_tokens!r}: must be an integer >= 1')
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+    raise ValueError('prompts: expected a non-empty list of prompts, each a non-empty list of '
+                     f'token ids; got {type(prompts).__name__} {prompts!r:.80}')
+  for i, p in enumerate(prompts):
+    a = np.asarray(p)
+    if a.ndim != 1 or a.size == 0:
+      raise ValueError(f'prompts[{i}]: must be a non-empty list of token ids (got shape {a.shape})')
+    if not np.issubdtype(a.dtype, np.integer):
+      raise ValueError(f'prompts[{i}]: token ids must be integers (got {a.dtype})')
+    bad = a[(a < 0) | (a >= vocab_size)]
+    if bad.size:
+      raise ValueError(f'prompts[{i}]: token id {int(bad[0])} is outside the vocabulary '
+                       f'[0, config.model.vocab_size={vocab_size})')
+    if a.size > max_len:
+      raise ValueError(f'prompts[{i}]: {a.size} tokens is longer than max_len={max_len}')
+    if a.size + max_new_tokens > max_len:
+      raise ValueError(f'prompts[{i}] ({a.size} tokens) + max_new_tokens={max_new_tokens} = '
+                       f'{a.size + max_new_tokens} is longer than max_len={max_len}')
+
+
+def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0, eod_id: int | None = None,
+                    max_len: int | None = None,
+                    vocab_limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Like `generate`, as arrays: (tokens [B, max_new_tokens] int32, counts [B]).
+
+  Row b generated counts[b] tokens (its `<eod>` included when it stopped there); the rest of
+  the row is padding (`eod_id`, or 0 without one).
+  """
+  m = model.config
+  max_len = m.max_seq_len if max_len is None else max_len
+  _check_prompts(prompts, m.vocab_size, max_new_tokens, max_len)
+  if not 0.0 <= float(temperature):
+    raise ValueError(f'temperature={temperature}: must be >= 0 (0: greedy)')
+  if int(top_k) < 0:
+    raise ValueError(f'top_k={top_k}: must be >= 0 (0: no top-k cut)')
+  if not 0.0 < float(top_p) <= 1.0:
+    raise ValueError(f'top_p={top_p}: must be in (0, 1] (1: no top-p cut)')
+  if eod_id is not None and not 0 <= eod_id < m.vocab_size:
+    raise ValueError(f'eod_id={eod_id}: outside the vocabulary [0, {m.vocab_size})')
+  vocab_limit = m.vocab_size if vocab_limit is None else int(vocab_limit)
+  if not 1 <= vocab_limit <= m.vocab_size:
+    raise ValueError(f'vocab_limit={vocab_limit}: must be in [1, config.model.vocab_size={m.vocab_size}]')
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  # The padded prompt length is rounded up to a multiple of PROMPT_BUCKET, so that prompts
+  # of similar lengths reuse one compiled program (padding is never attended to).
+  P = -(-int(lengths.max()) // PROMPT_BUCKET) * PROMPT_BUCKET
+  batch = np.zeros((len(prompts), P), np.int32)
+  for b, p in enumerate(prompts):
+    batch[b, :len(p)] = np.asarray(p)
+  run = _compiled_run(generation_config(m))
+  eod = _NO_EOD if eod_id is None else int(eod_id)
+  tokens, counts = run(params, batch, lengths, jax.random.key(seed), jnp.float32(temperature),
+                       jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eod),
+                       jnp.int32(max(eod, 0)), jnp.int32(vocab_limit),
+                       max_new_tokens=int(max_new_tokens))
+  return np.asarray(tokens), np.asarray(counts)
+
+
+def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             eod_id: int | None = None, max_len: int | None = None,
+             vocab_limit: int | None = None) -> list[list[int]]:
+  """New tokens for each prompt (lists of token ids, of different lengths).
+
+  Each row stops after emitting `eod_id` (kept as its last token) or after `max_new_tokens`.
+  temperature 0: greedy; else temperature / top_k (0: off) / top_p (1.0: off) sampling from
+  `seed`. max_len (default config.model.max_seq_len) bounds prompt + new tokens. vocab_limit:
+  ids >= it are never generated (a model vocabulary padded beyond the tokenizer's).
+  `model.config.moe.dispatch` 'capacity' runs as 'dropless' (see the module docstring).
+  Raises ValueError naming the argument for an empty or too long prompt, an id outside the
+  vocabulary, or a bad setting.
+  """
+  tokens, counts = generate_padded(model, params, prompts, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                   eod_id=eod_id, max_len=max_len, vocab_limit=vocab_limit)
+  return [row[:n].tolist() for row, n in zip(tokens, counts)]
+
+
+def strip_eod(ids: Sequence[int], eod_id: int | None) -> list[int]:
+  """The ids before the first `eod_id` (all of them without one)."""
+  ids = list(ids)
+  return ids[:ids.index(eod_id)] if eod_id is not None and eod_id in ids else ids
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None):
+  """(model, params, tokenizer) of the newest checkpoint of a yuanjax training workdir
+  (WORKDIR/checkpoints/<step>/{state,meta}, yuanjax.checkpoint). The tokenizer is the data
+  config's (yuanjax.data.pipeline.resolve_data), or `tokenizer` (a .model path)."""
+  import orbax.checkpoint as ocp
+  from yuanjax.data import pipeline
+  from yuanjax.data.tokenizer import Tokenizer
+  from yuanjax.interop import hf
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  steps = sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(ckpt_dir, '*'))
+                 if os.path.basename(d).isdigit())
+  if not steps:
+    raise FileNotFoundError(f'{workdir}: no checkpoints under {ckpt_dir}')
+  step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+  with ocp.CheckpointManager(ckpt_dir) as mngr:
+    meta = mngr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  config = ml_collections.ConfigDict(json.loads(meta['config']))
+  hf._apply_overrides(config.model, overrides)
+  abstract = hf.abstract_params(config.model)
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    state = ckptr.restore(os.path.join(step_dir, 'state'), args=ocp.args.PyTreeRestore(
+        item={'params': abstract}, restore_args={'params': restore_args}, partial_restore=True))
+  pdtype = jnp.dtype(config.model.param_dtype)
+  params = jax.tree.map(lambda a: jnp.asarray(a, pdtype), state['params'])
+  tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
+  return Transformer(config.model), params, tok
+
+
+def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict | None = None,
+                    tokenizer: str | None = None):
+  """(model, params, tokenizer) of an HF dir, a converted dir or a training workdir.
+
+  tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
+  it is loaded with Yuan's '<n>' newline convention, for workdirs as our trained ones are).
+  Workdirs: the newest checkpoint's params and config, and the data config's tokenizer.
+  """
+  from yuanjax.data.tokenizer import Tokenizer
+  from yuanjax.interop import hf
+  path = os.fspath(path)
+  overrides = dict(overrides or {})
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    model, params = hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides)
+    tok = Tokenizer(tokenizer, newline_token='<n>') if tokenizer else hf.load_tokenizer(path)
+  elif os.path.isdir(os.path.join(path, 'checkpoints')):
+    if exact_hf_rope:
+      overrides['rope_hf_bf16'] = True
+    model, params, tok = _load_workdir(path, overrides, tokenizer)
+  else:
+    raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
+                            'training workdir (checkpoints/)')
+  return model, params, tok
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(prog='python -m yuanjax.generate', description=__doc__.split('\n')[0])
+  p.add_argument('--checkpoint', required=True,
+                 help='HF dir, converted (from-hf) dir, or yuanjax training workdir')
+  p.add_argument('--prompt', action='append', required=True,
+                 help='prompt text (repeat for a batch); "\\n" is not unescaped')
+  p.add_argument('--max_new_tokens', type=int, default=64)
+  p.add_argument('--temperature', type=float, default=0.0, help='0: greedy')
+  p.add_argument('--top_k', type=int, default=0, help='0: off')
+  p.add_argument('--top_p', type=float, default=1.0, help='1.0: off')
+  p.add_argument('--seed', type=int, default=0)
+  p.add_argument('--no_eod_stop', action='store_true', help='do not stop at <eod>')
+  p.add_argument('--exact_hf_rope', action='store_true',
+                 help="HF runtime's bfloat16 rotary rounding (spec quirk 3)")
+  p.add_argument('--dtype', default=None, help='compute dtype override, e.g. float32')
+  p.add_argument('--tokenizer', default=None, help='a sentencepiece .model instead of the checkpoint\'s')
+  p.add_argument('--json', action='store_true',
+                 help='one JSON object per prompt: prompt, completion, tokens, stopped')
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parse(argv)
+  overrides = {'dtype': args.dtype} if args.dtype else {}
+  try:
+    model, params, tok = load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
+                                         overrides=overrides, tokenizer=args.tokenizer)
+    eod_id = tok.eod_id
+    prompts = [tok.encode(p) for p in args.prompt]
+    outs = generate(model, params, prompts, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    seed=args.seed, eod_id=None if args.no_eod_stop else eod_id,
+                    vocab_limit=min(tok.vocab_size, model.config.vocab_size))
+  except (ValueError, FileNotFoundError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  for text, ids in zip(args.prompt, outs):
+    stopped = 'eod' if ids and ids[-1] == eod_id and not args.no_eod_stop else 'length'
+    completion = tok.decode(strip_eod(ids, eod_id) if stopped == 'eod' else ids)
+    if args.json:
+      print(json.dumps({'prompt': text, 'completion': completion, 'tokens': ids,
+                        'stopped': stopped}, ensure_ascii=False))
+    else:
+      print(text + completion)
+      if len(args.prompt) > 1:
+        print('-' * 40)
+  sys.stdout.flush()
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

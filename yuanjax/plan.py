@@ -1,0 +1,232 @@
+"""Memory planner: what one device holds for a config on a mesh, and whether it fits.
+
+  python -m yuanjax.plan --config configs/yuan_m32.py --config.mesh.expert=8 \
+      --devices=8 --device_kind=H100-80G
+  python -m yuanjax.plan --config configs/yuan_m32.py --config.mesh.expert=8 \
+      --config.mesh.fsdp=4 --devices=32 --device_kind='TPU v5p'    # a v5p-64 slice: 32 chips
+
+Nothing is allocated and no accelerator is needed: the train state (params and AdamW state)
+is built with jax.eval_shape by the trainer's own `model_and_state`, its logical axes are
+mapped to mesh axes by `config.mesh.rules` as in training, and each leaf's per-device shard is
+its shape divided (rounded up) by the sizes of the mesh axes of its PartitionSpec, on a mesh
+of `--devices` (default: the product of the fixed `config.mesh` axes; -1 takes the rest).
+`--devices` counts JAX devices: GPUs, or TPU chips (v5p-N and v4-N slices name TensorCores,
+two per chip: v5p-64 is 32 devices; v5e/v6e-N name chips).
+
+Per device, in bytes:
+  params       the params' shards (config.model.param_dtype)
+  optimizer    AdamW's mu and nu (and counts), sharded like the params
+  gradients    float32, sharded like the params; twice that with train.grad_accum > 1 (the
+               accumulator and one micro-batch's gradients are both alive)
+  activations  an analytic estimate of what the backward pass keeps (below)
+  total        their sum; it fits a device when total <= HEADROOM x its memory (the rest is
+               for XLA's scratch buffers, collectives and fragmentation; on GPU also set
+               XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, as JAX takes only 75% by default)
+
+Activations. T = train.batch_size / train.grad_accum / (data*fsdp*expert) * train.seq_len
+tokens per device per micro-batch; D hidden, H heads, K head_dim, F expert ffn (dense ffn for
+dense layers), E experts, k top_k, cf capacity_factor, V vocab, L seq_len, tp = mesh tensor
+size (heads, ffn and vocab are split over it); b bytes of config.model.dtype. Elements kept
+per token and layer without remat:
+  attention (LFA)  8 D (norms, convolutions and their shifted inputs, residual) + 6 H K / tp
+                   (q, k, v, rotated q and k, output); backend 'xla' adds the scores and
+                   probabilities, 2 H L / tp in float32; 'dot_product_attention' keeps only
+                   the log-sum-exp (H / tp floats)
+  MoE layer        3 D + cf k (2 D + 3 F / tp)   (dispatch and combine buffers, gate, up, act)
+  dense layer      3 D + 3 F / tp
+remat policy (config.model.remat, applied to each scanned block):
+  none           every layer's amount
+  full           D per layer (the block inputs) + one layer's amount (recomputed in its backward)
+  dots           per layer D + the outputs of matmuls without batch dims (convolutions 3 D,
+                 q k v 3 H K / tp, output D; dense FFN 2 F / tp + D), + one layer's amount
+  dots_saveable  dots + the batched matmuls too (expert FFN cf k (2 F / tp + D); 'xla'
+                 attention scores H L / tp in float32), + one layer's amount
+plus, once, the embedding output (T D) and float32 logits with their gradient (2 T V / tp x 4
+bytes). An estimate of what matters at scale (XLA's fusion and scheduling move it by tens of
+percent); the state terms above are exact.
+
+Prints a table, then (last line) one JSON object with the same numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from yuanjax import config_lib, sharding, stats
+
+GiB = 2 ** 30
+HEADROOM = 0.85
+# Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
+DEVICE_MEMORY = {'H100-80G': 80, 'H200': 141, 'TPU v5e': 16, 'TPU v5p': 95, 'TPU v6e': 32}
+
+
+def shard_bytes(shape, dtype, spec, mesh_shape: dict) -> int:
+  """Bytes of one device's shard: each dim divided (rounded up) by its mesh axes' sizes."""
+  n = np.dtype(dtype).itemsize
+  spec = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+  for dim, axes in zip(shape, spec):
+    axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    n *= -(-dim // math.prod(mesh_shape[a] for a in axes))
+  return int(n)
+
+
+def _resolve_mesh(config, devices: int | None) -> dict:
+  sizes = [config.mesh[a] for a in sharding.MESH_AXES]
+  if devices is None:   # -1 takes nothing: the product of the fixed axes
+    devices = math.prod(s for s in sizes if s > 0) or 1
+  if devices < 1:
+    raise ValueError(f'--devices={devices}: must be at least 1')
+  shape = sharding.mesh_shape(config.mesh, devices)   # errors name config.mesh.<axis>
+  return dict(zip(sharding.MESH_AXES, shape))
+
+
+def state_leaves(config, mesh_shape: dict) -> list[dict]:
+  """Every leaf of the abstract train state: path, shape, dtype, mesh spec, per-device and
+  total bytes, and whether it is a param or optimizer state."""
+  from yuanjax import trainer   # pylint: disable=g-import-not-at-top  (heavy; plan-time only)
+  rules = sharding.rules(config.mesh)
+  with nn.logical_axis_rules(rules):
+    _, _, _, init_boxed = trainer.model_and_state(config)
+    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
+  logical = nn.get_partition_spec(abstract)
+  mesh_specs = nn.logical_to_mesh(logical, rules)
+  values = trainer._strip_boxes(abstract)   # pylint: disable=protected-access
+  out = []
+  for part in ('params', 'opt_state'):
+    flat, _ = jax.tree_util.tree_flatten_with_path(getattr(values, part))
+    specs = jax.tree_util.tree_leaves(getattr(mesh_specs, part),
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    assert len(flat) == len(specs), (part, len(flat), len(specs))
+    for (path, leaf), spec in zip(flat, specs):
+      out.append(dict(part=part, path=jax.tree_util.keystr(path), shape=tuple(leaf.shape),
+                      dtype=str(leaf.dtype), spec=tuple(spec),
+                      total_bytes=int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize,
+                      per_device_bytes=shard_bytes(leaf.shape, leaf.dtype, spec, mesh_shape)))
+  return out
+
+
+def activation_bytes(config, mesh_shape: dict) -> tuple[float, float]:
+  """(bytes per device, tokens per device per micro-batch): the module docstring's formula."""
+  m, t = config.model, config.train
+  dp = mesh_shape['data'] * mesh_shape['fsdp'] * mesh_shape['expert']
+  tp = mesh_shape['tensor']
+  T = t.batch_size / t.grad_accum / dp * t.seq_len
+  b = np.dtype(jnp.dtype(m.dtype)).itemsize
+  D, H, K, L, V = m.hidden_size, m.num_heads, m.head_dim, t.seq_len, m.vocab_size
+  HK = H * K / tp
+  xla = m.attention_backend == 'xla'
+  ck = m.moe.capacity_factor * m.router.top_k
+  F = m.moe.ffn_size / tp
+  Fd = m.dense_ffn_size / tp
+  n_moe = 0 if m.moe_every == 0 else m.num_layers // m.moe_every
+  n_dense = m.num_layers - n_moe
+
+  # Bytes per token of one layer, by what a remat policy keeps.
+  attn_core = (2 * H * L / tp * 4) if xla else (H / tp * 4)
+  attn_all = (8 * D + 6 * HK) * b + attn_core
+  moe_all = (3 * D + ck * (2 * D + 3 * F)) * b
+  dense_all = (3 * D + 3 * Fd) * b
+  attn_dots = (D + 3 * D + 3 * HK + D) * b     # block input, convolutions, q k v, output
+  moe_dots, dense_dots = 0.0, (2 * Fd + D) * b
+  attn_saveable = attn_dots + ((H * L / tp * 4) if xla else 0.0)
+  moe_saveable = ck * (2 * F + D) * b
+  one_layer = attn_all + max(moe_all if n_moe else 0.0, dense_all if n_dense else 0.0)
+  per_layer = {
+      'none': None,
+      'full': D * b,
+      'dots': (attn_dots, moe_dots, dense_dots),
+      'dots_saveable': (attn_saveable, moe_dots + moe_saveable, dense_dots),
+  }[m.remat]
+  if m.remat == 'none':
+    layers = n_moe * (attn_all + moe_all) + n_dense * (attn_all + dense_all)
+  elif m.remat == 'full':
+    layers = m.num_layers * per_layer + one_layer
+  else:
+    a, mo, de = per_layer
+    layers = n_moe * (a + mo) + n_dense * (a + de) + one_layer
+  top = D * b + 2 * V / tp * 4
+  return T * (layers + top), T
+
+
+def plan(config: ml_collections.ConfigDict, devices: int | None = None,
+         device_kind: str | None = None) -> dict:
+  """The numbers the CLI prints (without `leaves` in its JSON)."""
+  config_lib.validate(config)
+  mesh_shape = _resolve_mesh(config, devices)
+  n_devices = math.prod(mesh_shape.values())
+  abstract_mesh = jax.sharding.AbstractMesh(
+      tuple(mesh_shape.values()), tuple(mesh_shape),
+      axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_shape))
+  config_lib.validate_against_mesh(config, abstract_mesh)
+  if device_kind is not None and device_kind not in DEVICE_MEMORY:
+    raise ValueError(f'--device_kind={device_kind!r}: expected one of {sorted(DEVICE_MEMORY)}')
+
+  leaves = state_leaves(config, mesh_shape)
+  params = [x for x in leaves if x['part'] == 'params']
+  opt = [x for x in leaves if x['part'] == 'opt_state']
+  param_count = sum(math.prod(x['shape']) for x in params)
+  grad_copies = 2 if config.train.grad_accum > 1 else 1
+  grads_dev = grad_copies * sum(x['per_device_bytes'] // np.dtype(x['dtype']).itemsize * 4
+                                for x in params)
+  act, tokens = activation_bytes(config, mesh_shape)
+  per_device = dict(
+      params=sum(x['per_device_bytes'] for x in params),
+      optimizer=sum(x['per_device_bytes'] for x in opt) + 4,   # + the int32 step
+      gradients=grads_dev,
+      activations=int(act))
+  per_device['total'] = sum(per_device.values())
+  totals = dict(params=sum(x['total_bytes'] for x in params),
+                optimizer=sum(x['total_bytes'] for x in opt) + 4,
+                gradients=grad_copies * param_count * 4)
+  kinds = [device_kind] if device_kind else list(DEVICE_MEMORY)
+  fits = {k: per_device['total'] <= HEADROOM * DEVICE_MEMORY[k] * GiB for k in kinds}
+  return dict(
+      mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
+      remat=config.model.remat, micro_batch_tokens_per_device=tokens,
+      per_device=per_device, totals=totals, headroom=HEADROOM,
+      device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds}, fits=fits, leaves=leaves)
+
+
+def format_table(r: dict) -> str:
+  g = lambda n: f'{n / GiB:10.2f}'
+  mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
+  lines = [f"mesh {mesh} ({r['devices']} devices); {r['param_count'] / 1e9:.3f} B params; "
+           f"remat={r['remat']}; {r['micro_batch_tokens_per_device']:g} tokens per device per "
+           'micro-batch',
+           f"{'':12} {'GiB/device':>10} {'GiB total':>10}"]
+  for k, v in r['per_device'].items():
+    total = r['totals'].get(k)
+    lines.append(f'{k:12} {g(v)} {g(total) if total is not None else "":>10}')
+  for k, ok in r['fits'].items():
+    usable = HEADROOM * r['device_memory_gib'][k]
+    lines.append(f"{k:12} {r['device_memory_gib'][k]:>6} GiB: {'fits' if ok else 'does NOT fit'} "
+                 f"({r['per_device']['total'] / GiB:.1f} GiB of {usable:.1f} usable at "
+                 f'{HEADROOM:.0%})')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  r = plan(_CONFIG.value, _DEVICES.value, _DEVICE_KIND.value)
+  print(format_table(r))
+  print(json.dumps({k: v for k, v in r.items() if k != 'leaves'}))
+
+
+if __name__ == '__main__':
+  # Flags are defined here, not at import, so that tests can import this module.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                            lock_config=True)
+  _DEVICES = flags.DEFINE_integer('devices', None, 'JAX devices (GPUs or TPU chips); default: '
+                                  'the product of the fixed config.mesh axes')
+  _DEVICE_KIND = flags.DEFINE_enum('device_kind', None, list(DEVICE_MEMORY),
+                                   'device to check against (default: all of them)')
+  flags.mark_flags_as_required(['config'])
+  app.run(main)
