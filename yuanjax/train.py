@@ -8,6 +8,8 @@ the same command plus --coordinator_address=HOST:PORT --num_processes=N --proces
 Cloud TPU pod, in a SLURM job step with several tasks, or with JAX_COORDINATOR_ADDRESS set,
 the flags may be left out: `yuanjax.distributed.initialize` asks the environment.
 """
+import logging as std_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -23,9 +25,15 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, in [0, num
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record) -> bool:
+  """Drops Orbax's INFO chatter (a dozen lines per save); its warnings and errors stay."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  std_logging.getLogger('absl').addFilter(_quiet_orbax)   # Orbax logs through absl
   # Before anything creates a JAX backend (the trainer's first jax.devices()).
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
