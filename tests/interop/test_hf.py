@@ -131,17 +131,44 @@ def test_roundtrip_is_bit_exact(converted, tmp_path):
   np.testing.assert_array_equal(logits_of(out), logits_of(dst))
 
 
+def _per_layer_abstract(m):
+  """abstract_params(m) with each per-layer param replaced by {'0': layer 0, '1': ...}: the
+  tree a converted dir's params/ holds."""
+  flat = {}
+  for g in hf_mapping.tensor_groups(m):
+    for leaf, shape in zip(g.leaves, g.leaf_shapes):
+      dtype = np.dtype(m.param_dtype)
+      if g.per_layer:
+        for i in range(m.num_layers):
+          flat[leaf + (str(i),)] = jax.ShapeDtypeStruct(shape, dtype)
+      else:
+        flat[leaf] = jax.ShapeDtypeStruct(shape, dtype)
+  return hf._nest(flat)
+
+
 def test_params_restore_with_plain_orbax(converted):
-  """What the trainer does: StandardCheckpointer().restore(DST/params, abstract) -> float32."""
-  kind, _, dst, tensors, _ = converted
+  """StandardCheckpointer().restore(DST/params, per-layer tree) -> float32; stacking the
+  layers gives the model's params (= hf.restore_params = the in-memory conversion)."""
+  kind, src, dst, tensors, _ = converted
   with open(os.path.join(dst, 'config.json')) as f:
     saved = json.load(f)
-  assert saved['format'] == hf.FORMAT and saved['hf']['has_lm_head']
+  assert saved['format'] == hf.FORMAT == 'yuanjax-hf/2' and saved['hf']['has_lm_head']
   m = hf_mapping.model_config_from_saved(saved['model'])
-  params = ocp.StandardCheckpointer().restore(os.path.join(dst, 'params'), hf.abstract_params(m))
-  assert {a.dtype for a in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+  per_layer = ocp.StandardCheckpointer().restore(os.path.join(dst, 'params'), _per_layer_abstract(m))
+  assert {a.dtype for a in jax.tree.leaves(per_layer)} == {np.dtype(np.float32)}
   emb = tensors['model.embed_tokens.weight'].astype(np.float32)
-  np.testing.assert_array_equal(params['embedding'], emb)
+  np.testing.assert_array_equal(per_layer['embedding'], emb)
+  stack = lambda d: np.stack([d[str(i)] for i in range(m.num_layers)])
+  flat = {}
+  for g in hf_mapping.tensor_groups(m):
+    for leaf in g.leaves:
+      flat[leaf] = stack(hf._get(per_layer, leaf)) if g.per_layer else hf._get(per_layer, leaf)
+  params = hf._nest(flat)
+  abstract = hf.abstract_params(m)
+  assert jax.tree.structure(params) == jax.tree.structure(abstract)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params,
+               hf.restore_params(dst, abstract))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, hf.params_from_hf(src)[1])
   stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
   assert stored['embedding'].dtype == tensors['model.embed_tokens.weight'].dtype   # bf16 stays bf16 on disk
   spec = importlib.util.spec_from_file_location('converted_config', os.path.join(dst, 'config.py'))
@@ -151,6 +178,66 @@ def test_params_restore_with_plain_orbax(converted):
   config_lib.validate(cfg) if hasattr(config_lib, 'validate') else config_lib.validate_model(cfg.model)
   assert cfg.model.to_dict() == m.to_dict()
   assert (cfg.model.head_dim, cfg.model.rotary_dims, cfg.model.moe.dispatch) == (32, 16, 'dropless')
+
+
+def test_import_writes_one_leaf_per_layer(converted):
+  """The memory property, structurally: every per-layer param is stored as one leaf per layer
+  (none has the layers axis), so from-hf holds at most one layer of a param at a time."""
+  _, _, dst, _, _ = converted
+  with open(os.path.join(dst, 'config.json')) as f:
+    m = hf_mapping.model_config_from_saved(json.load(f)['model'])
+  assert m.num_layers > 1
+  stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
+  shapes = {tuple(k.key for k in path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+  expected = {}
+  for g in hf_mapping.tensor_groups(m):
+    for leaf, shape in zip(g.leaves, g.leaf_shapes):
+      for i in (range(m.num_layers) if g.per_layer else [None]):
+        expected[leaf if i is None else leaf + (str(i),)] = tuple(shape)
+  assert shapes == expected
+  largest_layer = max(int(np.prod(s)) for g in hf_mapping.tensor_groups(m) for s in g.leaf_shapes)
+  assert max(int(np.prod(s)) for s in shapes.values()) == largest_layer
+
+
+def test_sharded_restore_stacks_on_device(converted):
+  """Abstract leaves with shardings: layers restored sharded like the stacked leaf minus its
+  layers axis, stacked on device into the stacked leaf's sharding."""
+  _, _, dst, _, _ = converted
+  with open(os.path.join(dst, 'config.json')) as f:
+    m = hf_mapping.model_config_from_saved(json.load(f)['model'])
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
+  P = jax.sharding.PartitionSpec
+  spec = lambda a: P('x') if a.ndim >= 2 and a.shape[0] == m.num_layers else P()
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                     sharding=jax.sharding.NamedSharding(mesh, spec(a))),
+      hf.abstract_params(m))
+  got = hf.restore_params(dst, abstract)
+  ref = hf.restore_params(dst, hf.abstract_params(m))
+  for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(ref), jax.tree.leaves(abstract)):
+    assert isinstance(a, jax.Array) and a.sharding == s.sharding and a.dtype == s.dtype
+    np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_old_format_refused_with_a_clear_error(converted, tmp_path, capsys):
+  _, _, dst, _, _ = converted
+  old = tmp_path / 'old'
+  os.makedirs(old)
+  with open(os.path.join(dst, 'config.json')) as f:
+    saved = json.load(f)
+  saved['format'] = 'yuanjax-hf/1'
+  with open(old / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  assert hf.is_converted(str(old))
+  for call in (lambda: hf.load(str(old)), lambda: hf.restore_params(str(old), {}),
+               lambda: hf.export_hf(str(old), str(tmp_path / 'out'))):
+    with pytest.raises(ValueError, match=r"'yuanjax-hf/1'.*Re-run the conversion: python -m "
+                                         r'yuanjax.convert from-hf SRC .* --overwrite'):
+      call()
+  assert convert.main(['to-hf', str(old), str(tmp_path / 'out'), '-q']) == 1
+  assert 'from-hf' in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'out')
 
 
 def test_layout_quirks():

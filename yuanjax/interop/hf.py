@@ -13,38 +13,52 @@ Python:
   # text: yuanjax.generate (python -m yuanjax.generate --checkpoint path --prompt ...)
 
 A converted checkpoint (DST of from-hf):
-  DST/config.json   {"format": "yuanjax-hf/1",
+  DST/config.json   {"format": "yuanjax-hf/2",
                      "model": config.model (every field of config_lib.m32_model()),
                      "hf": {"config": the source config.json verbatim,
                             "dtype": the source tensors' dtype, "dtype_overrides": {name: dtype},
                             "has_lm_head": bool, "weight_format": "safetensors" | "bin",
                             "source": SRC}}
   DST/config.py     an ml_collections config file (`--config DST/config.py`): config.model
-  DST/params/       orbax PyTree checkpoint of the unboxed params, the layout
-                    `ocp.StandardCheckpointer().save(DST/'params', params)` writes; restore with
-                    ocp.StandardCheckpointer().restore(DST/'params', abstract_params(config.model))
-                    (= `restore_params`; abstract leaves with shardings give sharded jax.Arrays).
-                    Leaves are stored in the source dtype when param_dtype holds it exactly
-                    (bf16 for M32: half the disk and memory); orbax casts to the abstract
-                    dtype (float32) on restore. Chunks <= 256 MiB, split along layers/experts.
+  DST/params/       orbax PyTree checkpoint (the StandardCheckpointer layout) of the unboxed
+                    params with ONE LEAF PER LAYER: each per-layer param (everything under
+                    blocks/layer_0, stacked [num_layers, ...] in the model) is stored as a dict
+                    {'0': layer 0's [...], '1': ..., }, e.g. blocks/layer_0/moe/w1/5 is layer
+                    5's experts' w1 [E, D, 2F]; embedding and final_norm/scale are plain leaves.
+                    `restore_params(DST, abstract_params(config.model))` restores the layers and
+                    stacks them into the model's tree (abstract leaves with shardings give
+                    sharded jax.Arrays: each layer restored sharded like the stacked leaf minus
+                    its layers axis, stacked on device one param at a time); plain orbax works
+                    too with the per-layer tree as target. Leaves are stored in the source dtype
+                    when param_dtype holds it exactly (bf16 for M32: half the disk and memory);
+                    orbax casts to the abstract dtype (float32) on restore. Chunks <= 256 MiB,
+                    split along the first axis (experts for w1/w2). Format "yuanjax-hf/1" (one
+                    stacked leaf per param) is refused with a request to re-run from-hf.
   DST/hf_files/     the source's other small files (tokenizer.model, modelling code, ...)
 
 from-hf reads config.json and the weights lazily (hf_weights.py; .bin without torch), checks
 every tensor name/shape/dtype and the tied lm_head before writing anything (one error lists
-every missing, unexpected, mis-shaped and mis-typed tensor), then builds one param leaf at a
-time (stacked over layers) and adds it to the orbax checkpoint with orbax's partial saving.
-Peak host memory: about twice the largest stacked leaf in its stored dtype (tensorstore copies
-a leaf into its chunks while writing) = the largest leaf in float32; M32: experts' w1
-[24, 32, 2048, 16384] bf16 = 51.5 GB, so ~103 GB. Everything is written to DST.tmp-* next to
-DST and renamed at the end; an existing DST is an error unless --overwrite.
+every missing, unexpected, mis-shaped and mis-typed tensor), then builds one layer at a time
+(that layer's leaves of every per-layer param; first the non-layer params) and adds it to the
+orbax checkpoint with orbax's partial saving (one save per layer: finalize merges each save,
+and many small saves made it slow). Peak host memory: about twice one layer's leaves in their
+stored dtype (tensorstore copies a leaf into its chunks while writing), or twice the
+embedding if larger; M32 in bf16: a layer is w1 [32, 2048, 16384] 2.1 GB + w2 1.07 GB +
+attention/router ~0.1 GB = 3.3 GB, so ~6.6 GB plus the runtime (JAX ~0.2 GB), where the
+stacked layout needed ~103 GB. Measured on a synthetic 1.95 GB checkpoint (6 layers, layer
+0.31 GB, stacked w1 1.21 GB; benchmarks/convert_memory.py): peak RSS 1.77 GB for from-hf and
+1.23 GB for to-hf, 2.76 GB and 2.30 GB with the stacked layout; RSS also counts source file
+pages mapped while reading, which the OS can reclaim. Everything is written to DST.tmp-* next
+to DST and renamed at the end; an existing DST is an error unless --overwrite.
 
 to-hf writes safetensors shards (model-0000i-of-0000n.safetensors, at most --max-shard-size
 each), model.safetensors.index.json and config.json (the imported source's config.json with
 the size fields refreshed, else the released M32 values), plus DST/hf_files/ from an import.
 The dtype is the imported source's (per tensor) unless --dtype says otherwise (default then
-bfloat16). Tensors stream straight into their shard files: peak host memory is one stored
-leaf plus a chunk. HF -> yuanjax -> HF reproduces every tensor bit for bit (only transposes
-and permutations; bf16/f16 -> f32 -> bf16/f16 is exact). Mapping details: hf_mapping.py.
+bfloat16). Tensors stream straight into their shard files, read one layer of one param at a
+time: peak host memory is one layer's leaf (M32: w1, 2.1 GB) plus a chunk. HF -> yuanjax ->
+HF reproduces every tensor bit for bit (only transposes and permutations; bf16/f16 -> f32 ->
+bf16/f16 is exact). Mapping details: hf_mapping.py.
 
 `hf.load` on an HF dir converts in memory (the whole model in param_dtype); for M32, convert
 first and restore with shardings (`restore_params`).
@@ -52,6 +66,7 @@ first and restore with shardings (`restore_params`).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -77,7 +92,7 @@ from yuanjax.model import Transformer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 'yuanjax-hf/1'
+FORMAT = 'yuanjax-hf/2'   # /1: one stacked leaf per param (refused)
 SUPPORTED_DTYPES = ('float32', 'bfloat16', 'float16')
 AUX_FILE_MAX_BYTES = 64 << 20
 CHUNK_BYTES = 256 << 20
@@ -119,13 +134,34 @@ class HFCheckpointError(ValueError):
 # ---------------------------------------------------------------- shared helpers
 
 
-def is_converted(path) -> bool:
-  """True for a from-hf output dir (config.json with our "format" key)."""
+def _saved_format(path) -> str | None:
   cfg = os.path.join(path, 'config.json')
   if not os.path.isfile(cfg):
-    return False
+    return None
   with open(cfg) as f:
-    return json.load(f).get('format') == FORMAT
+    fmt = json.load(f).get('format')
+  return fmt if isinstance(fmt, str) else None
+
+
+def is_converted(path) -> bool:
+  """True for a from-hf output dir (config.json with a "format": "yuanjax-hf/..." key; one
+  written by an older yuanjax counts too, and is then refused with a clear error on loading)."""
+  return (_saved_format(path) or '').startswith('yuanjax-hf/')
+
+
+def _require_current_format(path) -> None:
+  fmt = _saved_format(path)
+  if fmt != FORMAT:
+    raise ValueError(
+        f'{path}: converted checkpoint of format {fmt!r}; this yuanjax reads {FORMAT!r} (one orbax '
+        'leaf per layer, written and read one layer at a time). Re-run the conversion: '
+        f'python -m yuanjax.convert from-hf SRC {path} --overwrite')
+
+
+def _get(tree, path: tuple[str, ...]):
+  for k in path:
+    tree = tree[k]
+  return tree
 
 
 def abstract_params(m: ml_collections.ConfigDict) -> dict:
@@ -290,18 +326,35 @@ def _bits(a: np.ndarray) -> np.ndarray:
   return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
+def _build_layer(g: hf_mapping.Group, get: Callable[[str], np.ndarray], i: int | None,
+                 dtype) -> list[np.ndarray]:
+  """The group's yuanjax leaves for layer i (i=None: a group that is not per layer), in `dtype`."""
+  dtype = np.dtype(dtype)
+  read = lambda name: _bits(get(name).astype(dtype, copy=False))
+  return [np.ascontiguousarray(a).view(dtype) for a in g.to_jax(*[read(n) for n in g.names(i)])]
+
+
 def _build_group(g: hf_mapping.Group, get: Callable[[str], np.ndarray], num_layers: int,
                  dtype) -> list[np.ndarray]:
   """The group's yuanjax leaves (stacked over layers when per-layer), in `dtype`."""
-  dtype = np.dtype(dtype)
-  read = lambda name: _bits(get(name).astype(dtype, copy=False))
   if not g.per_layer:
-    return [np.ascontiguousarray(a).view(dtype) for a in g.to_jax(*[read(n) for n in g.names(None)])]
-  outs = [np.empty((num_layers, *s), _bits(np.empty(0, dtype)).dtype) for s in g.leaf_shapes]
+    return _build_layer(g, get, None, dtype)
+  dtype = np.dtype(dtype)
+  outs = [np.empty((num_layers, *s), dtype) for s in g.leaf_shapes]
   for i in range(num_layers):
-    for out, a in zip(outs, g.to_jax(*[read(n) for n in g.names(i)])):
+    for out, a in zip(outs, _build_layer(g, get, i, dtype)):
       out[i] = a
-  return [o.view(dtype) for o in outs]
+  return outs
+
+
+def _layer_key(i: int) -> str:
+  """The key of layer i's leaf under a per-layer param's path in a converted checkpoint."""
+  return str(i)
+
+
+def _stored_leaves(g: hf_mapping.Group, i: int | None) -> list[tuple[str, ...]]:
+  """Paths in the converted checkpoint of the group's leaves for layer i (None: not per layer)."""
+  return list(g.leaves) if i is None else [leaf + (_layer_key(i),) for leaf in g.leaves]
 
 
 def _storage_dtype(g: hf_mapping.Group, weights: HFWeights, num_layers: int, param_dtype) -> np.dtype:
@@ -356,14 +409,14 @@ def _finish_orbax(partial_path: str, params_dir: str) -> None:
   shutil.rmtree(partial_path)
 
 
-def _orbax_save_context(ndim: int, compress: bool) -> ocpv1.Context:
-  """How each group is written: no defensive copy of the leaf (we do not mutate it while it
-  is written); chunks of at most CHUNK_BYTES split along layers (then experts/the 2nd axis)
-  first, so a sharded restore reads only what it needs and to-hf holds one chunk beyond the
-  leaf (tensorstore copies a leaf into its chunks once while writing); no zstd unless asked
-  (it also buffers the compressed leaf, and is ~5x slower)."""
+def _orbax_save_context(compress: bool) -> ocpv1.Context:
+  """How each partial save is written: no defensive copy of the leaves (we do not mutate them
+  while they are written); chunks of at most CHUNK_BYTES split along the first axis (experts
+  for w1/w2), so a sharded restore reads only what it needs and to-hf holds one chunk beyond
+  the layer's leaf (tensorstore copies a leaf into its chunks once while writing); no zstd
+  unless asked (it also buffers the compressed leaf, and is ~5x slower)."""
   storage = ocpv1.options.ArrayOptions.Saving.StorageOptions(
-      chunk_byte_size=CHUNK_BYTES, shard_axes=(0, 1) if ndim >= 3 else (0,))
+      chunk_byte_size=CHUNK_BYTES, shard_axes=(0,))
   return ocpv1.Context(
       memory_options=ocpv1.options.MemoryOptions(deepcopy_host_arrays=False),
       array_options=ocpv1.options.ArrayOptions(saving=ocpv1.options.ArrayOptions.Saving(
@@ -385,15 +438,21 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
 
   def write(tmp):
     partial_path = os.path.join(tmp, 'params.partial')
-    for g in hf_mapping.tensor_groups(m):
+    groups = hf_mapping.tensor_groups(m)
+    dtypes = [_storage_dtype(g, weights, m.num_layers, pdtype) for g in groups]
+    # One partial save for the params that are not per layer, then one per layer holding that
+    # layer's leaves of every per-layer param (few saves: orbax's finalize merges each one).
+    for i in [None, *range(m.num_layers)]:
       t0 = time.time()
-      dtype = _storage_dtype(g, weights, m.num_layers, pdtype)
-      arrays = _build_group(g, weights.get, m.num_layers, dtype)
-      with _orbax_save_context(arrays[0].ndim, compress):
-        ocp_partial.save(partial_path, _nest(dict(zip(g.leaves, arrays))))
-      log.info('  %s %s %s (%.1fs)', ', '.join('/'.join(p) for p in g.leaves),
-               [list(a.shape) for a in arrays], dtype.name, time.time() - t0)
-      del arrays
+      flat = {}
+      for g, dtype in zip(groups, dtypes):
+        if g.per_layer == (i is not None):
+          flat.update(zip(_stored_leaves(g, i), _build_layer(g, weights.get, i, dtype)))
+      with _orbax_save_context(compress):
+        ocp_partial.save(partial_path, _nest(flat))
+      log.info('  %s: %d leaves, %.2f GB (%.1fs)', 'global' if i is None else f'layer {i}',
+               len(flat), sum(a.nbytes for a in flat.values()) / 1e9, time.time() - t0)
+      del flat
     _finish_orbax(partial_path, os.path.join(tmp, 'params'))
     _write_json(os.path.join(tmp, 'config.json'), {
         'format': FORMAT, 'model': m.to_dict(),
@@ -413,7 +472,8 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
 
 def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_meta: dict,
               dtype: str | None, max_shard_size, overwrite: bool, aux_dir: str | None) -> None:
-  """Writes an HF dir; get_leaves(paths) -> the arrays of those param paths."""
+  """Writes an HF dir; get_leaves(paths, i) -> the arrays of those param paths for layer i
+  (i=None: params that are not per layer)."""
   if dtype is not None and dtype not in SUPPORTED_DTYPES:
     raise ValueError(f'dtype={dtype!r}: expected one of {SUPPORTED_DTYPES}')
   main = dtype or hf_meta.get('dtype', 'bfloat16')
@@ -431,13 +491,12 @@ def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_m
   np_dtype = {n: np.dtype(jnp.dtype(d)) for n, _, d in plan}
 
   def write_group(writer, g):
-    raw = [np.asarray(x) for x in get_leaves(g.leaves)]
-    if len({r.dtype for r in raw}) > 1:
-      raw = [r.astype(np.float32) for r in raw]
-    leaf_dtype, leaves = raw[0].dtype, [_bits(r) for r in raw]
-    for i in (range(m.num_layers) if g.per_layer else [None]):
-      per_layer = [leaf[i] for leaf in leaves] if g.per_layer else leaves
-      for name, a in zip(g.names(i), g.to_hf(*per_layer)):
+    for i in (range(m.num_layers) if g.per_layer else [None]):   # one layer in memory at a time
+      raw = [np.asarray(x) for x in get_leaves(g.leaves, i)]
+      if len({r.dtype for r in raw}) > 1:
+        raw = [r.astype(np.float32) for r in raw]
+      leaf_dtype = raw[0].dtype
+      for name, a in zip(g.names(i), g.to_hf(*[_bits(r) for r in raw])):
         a = np.ascontiguousarray(a).view(leaf_dtype)    # moved as bits, then cast
         writer.add(name, a.astype(np_dtype[name], copy=False))
         if name == EMBED and has_lm_head:
@@ -446,7 +505,7 @@ def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_m
   def write(tmp):
     writer = SafetensorsShardWriter(tmp, plan, parse_size(max_shard_size))
     for g in groups:
-      write_group(writer, g)     # its leaves are freed on return
+      write_group(writer, g)
     writer.close()
     _write_json(os.path.join(tmp, 'config.json'), hf_cfg)
     if aux_dir:
@@ -461,40 +520,27 @@ def save_hf(dst: str, model_config: ml_collections.ConfigDict, params, *, dtype:
   """Writes in-memory params (boxed or not) of `model_config` as an HF checkpoint dir."""
   params = nn.unbox(params)
 
-  def get_leaves(paths):
-    out = []
-    for path in paths:
-      node = params
-      for k in path:
-        node = node[k]
-      out.append(np.asarray(node))
-    return out
+  def get_leaves(paths, i):
+    return [np.asarray(_get(params, path) if i is None else _get(params, path)[i]) for path in paths]
   _write_hf(dst, model_config, get_leaves, {'config': hf_config}, dtype, max_shard_size,
             overwrite, None)
 
 
 def _orbax_leaf_reader(params_dir: str, m: ml_collections.ConfigDict) -> Callable:
+  """get_leaves(paths, i) of `_write_hf`: reads one layer's leaves (in their stored dtype)."""
   abstract = abstract_params(m)
 
-  def get_leaves(paths):
+  def get_leaves(paths, i):
     flat = {}
     for path in paths:
-      node = abstract
-      for k in path:
-        node = node[k]
-      flat[path] = node
-    item = _nest(flat)
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+      leaf = _get(abstract, path)
+      if i is None:
+        flat[path] = leaf
+      else:
+        flat[path + (_layer_key(i),)] = jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
     with ocp.PyTreeCheckpointer() as ckptr:
-      tree = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args, partial_restore=True))
-    out = []
-    for path in paths:
-      node = tree
-      for k in path:
-        node = node[k]
-      out.append(node)
-    return out
+      tree = _partial_restore(ckptr, params_dir, _nest(flat), sharded=False, cast=False)
+    return [_get(tree, p) for p in flat]
   return get_leaves
 
 
@@ -506,6 +552,7 @@ def export_hf(src: str, dst: str, *, dtype: str | None = None, max_shard_size='5
   if not is_converted(src):
     raise FileNotFoundError(f'{src}: not a converted yuanjax checkpoint (config.json with '
                             f'"format": "{FORMAT}" and params/)')
+  _require_current_format(src)
   with open(os.path.join(src, 'config.json')) as f:
     saved = json.load(f)
   m = hf_mapping.model_config_from_saved(saved['model'])
@@ -517,10 +564,74 @@ def export_hf(src: str, dst: str, *, dtype: str | None = None, max_shard_size='5
 # ---------------------------------------------------------------- load
 
 
+def _partial_restore(ckptr, params_dir: str, item, *, sharded: bool, cast: bool = True):
+  """Restores the sub-tree `item` (ShapeDtypeStructs) of params_dir: sharded jax.Arrays, or
+  NumPy arrays in item's dtypes (cast) or in their stored dtypes (not cast)."""
+  if sharded:
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  else:
+    restore_args = jax.tree.map(
+        lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype if cast else None), item)
+  return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
+      item=item, restore_args=restore_args, partial_restore=True))
+
+
+def _layer_sharding(sharding, ndim: int):
+  """The sharding of one layer of a leaf sharded as `sharding` over [num_layers, ...]."""
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  return None      # anything else: the layers are read to host and placed once stacked
+
+
+@functools.lru_cache(maxsize=None)
+def _stacker(sharding):
+  return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding)
+
+
 def restore_params(path: str, abstract) -> dict:
-  """Params of a converted dir restored onto `abstract` (ShapeDtypeStructs; with shardings
-  they come back as sharded jax.Arrays, without as NumPy arrays)."""
-  return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(path), 'params'), abstract)
+  """Params of a converted dir restored onto `abstract` (ShapeDtypeStructs, e.g.
+  abstract_params(config.model); with shardings they come back as sharded jax.Arrays, without
+  as NumPy arrays), in the abstract dtypes.
+
+  One param at a time: a per-layer param's layers are restored (sharded like the stacked leaf
+  minus its layers axis) and stacked, so memory peaks at the params restored so far plus about
+  twice the current one (on the devices when sharded, else on the host).
+  """
+  path = os.path.abspath(path)
+  _require_current_format(path)
+  params_dir = os.path.join(path, 'params')
+  with ocp.StandardCheckpointer() as ckptr:
+    stored = ckptr.metadata(params_dir).item_metadata.tree
+
+  def restore(kpath, leaf):
+    keys = tuple(k.key for k in kpath)
+    node = _get(stored, keys)
+    sharding = getattr(leaf, 'sharding', None)
+    if not isinstance(node, Mapping):
+      with ocp.PyTreeCheckpointer() as ckptr:
+        return _get(_partial_restore(ckptr, params_dir, _nest({keys: leaf}),
+                                     sharded=sharding is not None), keys)
+    n = leaf.shape[0]
+    if set(node) != {_layer_key(i) for i in range(n)}:
+      raise ValueError(f'{path}: {"/".join(keys)} has layers {sorted(node)} in the checkpoint, '
+                       f'the model has {n}')
+    part_sharding = _layer_sharding(sharding, leaf.ndim) if sharding is not None else None
+    item = {_layer_key(i): jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=part_sharding)
+            for i in range(n)}
+    with ocp.PyTreeCheckpointer() as ckptr:
+      parts = _get(_partial_restore(ckptr, params_dir, _nest({keys: item}),
+                                    sharded=part_sharding is not None), keys)
+    parts = [parts.pop(_layer_key(i)) for i in range(n)]
+    if part_sharding is not None:
+      return _stacker(sharding)(*parts)
+    stacked = np.stack(parts)
+    del parts
+    return stacked if sharding is None else jax.device_put(stacked, sharding)
+
+  return jax.tree_util.tree_map_with_path(restore, abstract)
 
 
 def _apply_overrides(m: ml_collections.ConfigDict, overrides: Mapping[str, object]) -> None:
