@@ -40,11 +40,7 @@ def test_m32_config_is_the_spec():
 ])
 def test_bad_values_name_the_field(field, value, pattern):
   config = demo.get_config()
-  node = config
-  *path, last = field.split('.')
-  for p in path:
-    node = node[p]
-  node[last] = value
+  config_lib.override(config, {field: value})
   with pytest.raises(ValueError, match=pattern):
     config_lib.validate(config)
 
@@ -83,12 +79,7 @@ def test_sweep_variants_validate(module):
   assert len(variants) >= 2
   for overrides in variants:
     config = module.get_config()
-    for k, v in overrides.items():
-      node = config
-      *path, last = k.split('.')
-      for p in path:
-        node = node[p]
-      node[last] = v
+    config_lib.override(config, overrides)
     config_lib.validate(config)
 
 

@@ -60,6 +60,19 @@ def tiny_model() -> ml_collections.ConfigDict:
   return m
 
 
+def override(config: ml_collections.ConfigDict, overrides, name: str = 'config') -> None:
+  """Sets dotted fields in place, e.g. {'moe.dispatch': 'dense'}; a field that does not
+  exist is a KeyError naming it (`name` is how `config` is called in the message)."""
+  for key, value in overrides.items():
+    node = config
+    *path, last = key.split('.')
+    for k in path:
+      node = node[k]
+    if last not in node:
+      raise KeyError(f'{name} has no field {key!r}')
+    node[last] = value
+
+
 def _err(field, value, rule):
   return ValueError(f'config.model.{field}={value!r}: {rule}')
 

@@ -51,6 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from yuanjax import config_lib
 from yuanjax.model import Transformer, routers
 from yuanjax.model.transformer import init_cache
 
@@ -263,7 +264,7 @@ def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None):
   with ocp.CheckpointManager(ckpt_dir) as mngr:
     meta = mngr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   config = ml_collections.ConfigDict(json.loads(meta['config']))
-  hf._apply_overrides(config.model, overrides)
+  config_lib.override(config.model, overrides, 'config.model')
   abstract = hf.abstract_params(config.model)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
   with ocp.PyTreeCheckpointer() as ckptr:

@@ -13,12 +13,7 @@ def tiny(**overrides):
                 num_experts=4, dense_ffn_size=48))
   m.moe.ffn_size = 24
   m.moe.dispatch = 'dropless'   # exact regardless of grouping (packing, batching)
-  for k, v in overrides.items():
-    node = m
-    *path, last = k.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = v
+  config_lib.override(m, overrides)
   config_lib.validate_model(m)
   return m
 

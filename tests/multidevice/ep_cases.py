@@ -10,12 +10,11 @@ import json
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from yuanjax import config_lib, optim, sharding, trainer
-from yuanjax.model import Transformer, moe
+from yuanjax import config_lib, sharding, trainer
+from yuanjax.model import moe
 
 B, L, STEPS = 8, 16, 3
 MESHES = (dict(data=8), dict(data=2, expert=4), dict(fsdp=2, expert=4),
@@ -56,17 +55,6 @@ def _mesh(axes):
   return sharding.make_mesh(cfg, devices), sharding.rules(cfg)
 
 
-def _boxed_state_fn(cfg, model):
-  dummy = jnp.zeros((1, L), jnp.int32)
-  boxed = jax.eval_shape(model.init, jax.random.key(0), dummy)['params']
-  opt = optim.make_optimizer(cfg.optimizer, STEPS, boxed)
-
-  def init_boxed(key):
-    params = model.init(key, dummy)['params']
-    return trainer.TrainState(jnp.zeros((), jnp.int32), params, opt.init(params))
-  return init_boxed, opt
-
-
 def initial_state(cfg):
   """The initial train state on one device, as numpy (shared by every mesh).
 
@@ -75,7 +63,7 @@ def initial_state(cfg):
   reduction order on another mesh) flips top-k choices and sends the runs down different,
   equally valid trajectories. Scaled, the top-2 margin stays above 1e-5 for these steps.
   """
-  init_boxed, _ = _boxed_state_fn(cfg, Transformer(cfg.model))
+  _, _, _, init_boxed = trainer.model_and_state(cfg)
   state = jax.device_get(jax.jit(lambda k: nn.unbox(init_boxed(k)))(jax.random.key(1)))
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x * 10.0 if "['router']" in jax.tree_util.keystr(p) else x, state.params)
@@ -88,17 +76,16 @@ def _spec(x):
 
 def run(cfg, axes, state0):
   """Loss and grads at state0, three train steps; flat dict of numpy results."""
-  model = Transformer(cfg.model)
   mesh, rules = _mesh(axes)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    init_boxed, opt = _boxed_state_fn(cfg, model)
+    model, opt, schedule, init_boxed = trainer.model_and_state(cfg)
     abstract = jax.eval_shape(init_boxed, jax.random.key(0))
     shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
     state = jax.device_put(state0, shardings)
     data_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
     b = jax.device_put(batch(), data_sharding)
-    step = functools.partial(trainer.train_step, model=model, optimizer=opt,
-                             schedule=optim.schedule(cfg.optimizer, STEPS), grad_accum=1, seed=0)
+    step = functools.partial(trainer.train_step, model=model, optimizer=opt, schedule=schedule,
+                             grad_accum=1, seed=0)
 
     def case(state, b):   # one compile per case: grads at state, then STEPS train steps
       loss0, grads = jax.value_and_grad(

@@ -634,17 +634,6 @@ def restore_params(path: str, abstract) -> dict:
   return jax.tree_util.tree_map_with_path(restore, abstract)
 
 
-def _apply_overrides(m: ml_collections.ConfigDict, overrides: Mapping[str, object]) -> None:
-  for key, value in overrides.items():
-    node = m
-    *path, last = key.split('.')
-    for k in path:
-      node = node[k]
-    if last not in node:
-      raise KeyError(f'config.model has no field {key!r}')
-    node[last] = value
-
-
 def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object] | None = None):
   """(Transformer, params) from an HF dir or a converted dir.
 
@@ -660,7 +649,7 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
     params = None
   else:
     m, params = params_from_hf(path)
-  _apply_overrides(m, overrides or {})
+  config_lib.override(m, overrides or {}, 'config.model')
   if exact_hf_rope:
     m.rope_hf_bf16 = True
   config_lib.validate_model(m)
