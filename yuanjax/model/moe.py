@@ -115,9 +115,9 @@ def dense_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD):
 def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchange = LOCAL):
   """Sort slots by expert; grouped matmuls over the sorted rows; nothing dropped.
 
-  With `ex.n` expert shards (G = E/n experts here), the sorted slots go out in fixed-size
-  chunks, one per destination shard (room for all A slots each), are re-sorted there by
-  local expert, computed, and come back the same way.
+  With `ex.n` expert shards (G = E/n experts here), the slots go out in fixed-size chunks,
+  one per destination shard (room for all A slots each), are sorted there by local expert,
+  computed, and come back the same way.
   """
   G, D = w1_GxDx2F.shape[0], x_TxD.shape[1]
   E, A = G * ex.n, r.expert_A.shape[0]
@@ -129,9 +129,10 @@ def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchan
     group_sizes_G = jnp.zeros((G,), jnp.int32).at[expert_A].add(1, mode='drop')
     ys_AxD = _ragged_experts(xs_AxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex)
   else:
+    # Slot a travels in row a of its destination's chunk: rows never collide, and the
+    # receiver sorts what it gets by local expert anyway (empty rows carry id G: last).
     dest_A = expert_A // G                             # == n for invalid slots: dropped below
-    count_n = jnp.zeros((ex.n,), jnp.int32).at[dest_A].add(1, mode='drop')
-    row_A = jnp.arange(A) - (jnp.cumsum(count_n) - count_n).at[dest_A].get(mode='fill', fill_value=0)
+    row_A = jnp.arange(A)
     send_nxAxD = jnp.zeros((ex.n, A, D), x_TxD.dtype).at[dest_A, row_A].set(xs_AxD, mode='drop')
     send_nxA = jnp.full((ex.n, A), G, jnp.int32).at[dest_A, row_A].set(expert_A - dest_A * G,
                                                                       mode='drop')
