@@ -91,8 +91,9 @@ def train_argv(python: str, config: str, workdir: str, overrides: list[str],
 
 # ------------------------------------------------------------------------------- running
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
   print(f'[launch] {msg}', file=sys.stderr, flush=True)
+
 
 
 def execute(plan: Plan, dry_run: bool) -> int:
@@ -101,36 +102,40 @@ def execute(plan: Plan, dry_run: bool) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, 'w') as f:
       f.write(text)
-    _say(f'wrote {path}')
+    say(f'wrote {path}')
   if dry_run:
     for argv in plan.commands():
       print(shlex.join(argv), flush=True)
     return 0
   started = 0  # steps started so far
-  handlers = _exit_on_signals()
+  handlers = exit_on_signals()
   try:
     if plan.together:
       started = len(plan.steps)
       return run_together(plan.steps, plan.log_dir)
     for argv in plan.steps:
       started += 1
-      _say(f'+ {shlex.join(argv)}')
+      say(f'+ {shlex.join(argv)}')
       rc = subprocess.call(argv)
       if rc:
-        _say(f'failed with exit status {rc}: {shlex.join(argv)}')
+        say(f'failed with exit status {rc}: {shlex.join(argv)}')
         return rc
     return 0
   finally:
     if plan.cleanup and started > plan.cleanup_from:
       for argv in plan.cleanup:
-        _say(f'+ {shlex.join(argv)}')
+        say(f'+ {shlex.join(argv)}')
         if rc := subprocess.call(argv):
-          _say(f'cleanup step failed with exit status {rc}; going on')
-    for sig, handler in handlers.items():
-      signal.signal(sig, handler)
+          say(f'cleanup step failed with exit status {rc}; going on')
+    restore_signals(handlers)
 
 
-def _exit_on_signals() -> dict:
+def restore_signals(handlers: dict) -> None:
+  for sig, handler in handlers.items():
+    signal.signal(sig, handler)
+
+
+def exit_on_signals() -> dict:
   """SIGTERM/SIGHUP raise SystemExit like Ctrl-C raises KeyboardInterrupt, so that the
   cleanup (a TPU slice's deletion) and the stopping of child processes still happen."""
   def leave(signum, frame):
@@ -188,7 +193,7 @@ def run_together(cmds: list[list[str]], log_dir: str | None = None) -> int:
   procs, pumps = [], []
   try:
     for i, argv in enumerate(cmds):
-      _say(f'+ {shlex.join(argv)}')
+      say(f'+ {shlex.join(argv)}')
       # Own process group, so that stopping a process stops whatever it started too.
       p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            stdin=subprocess.DEVNULL, start_new_session=True)
@@ -201,7 +206,7 @@ def run_together(cmds: list[list[str]], log_dir: str | None = None) -> int:
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:
         i = failed[0]
-        _say(f'process {i} exited with status {codes[i]}; stopping the others')
+        say(f'process {i} exited with status {codes[i]}; stopping the others')
         return codes[i] if codes[i] > 0 else 128 - codes[i]  # -SIG -> 128+SIG, like a shell
       if all(c == 0 for c in codes):
         return 0

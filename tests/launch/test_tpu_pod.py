@@ -1,0 +1,286 @@
+"""launch.tpu_pod against a fake `gcloud` on PATH (tests/launch/fakes/gcloud) that records its
+calls and fails on cue, and launch/tpu_worker.sh run for real on this machine."""
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
+sys.path.insert(0, REPO)
+
+from launch import common, tpu_pod  # pylint: disable=g-import-not-at-top
+
+
+class Fake:
+  """The fake gcloud's folder: what it should do, and what it was asked."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def scenario(self, **kw):
+    """A fresh fake (calls kept): slices, counters and buckets start again."""
+    (self.path / 'scenario.json').write_text(json.dumps(kw))
+    (self.path / 'state.json').unlink(missing_ok=True)
+
+  def calls(self):
+    text = (self.path / 'calls.jsonl').read_text() if (self.path / 'calls.jsonl').exists() else ''
+    return [json.loads(line) for line in text.splitlines()]
+
+  def kinds(self):
+    return [kind(c) for c in self.calls()]
+
+
+def kind(argv):
+  """A short name for one gcloud call: 'create', 'qr delete', 'ssh start', 'storage ls'..."""
+  if argv[0] == 'storage':
+    return f'storage {argv[1]}'
+  what = {'tpu-vm': '', 'queued-resources': 'qr '}[argv[2]] + argv[3]
+  if argv[3] == 'ssh':
+    command = next(a for a in argv if a.startswith('--command='))
+    if m := re.search(r'tpu_worker.sh"? (\w+)', command):
+      return f'ssh {m[1]}'
+    return 'ssh write-check' if 'gcloud storage cp' in command else 'ssh'
+  return what
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+  d = tmp_path / 'fake'
+  d.mkdir()
+  monkeypatch.setenv('FAKE_DIR', str(d))
+  monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
+  return Fake(d)
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+  """A tiny git repo standing in for this one (what gets packed)."""
+  root = tmp_path / 'repo'
+  (root / 'configs').mkdir(parents=True)
+  (root / 'configs' / 'fake.py').write_text('def get_config(arg=None):\n  return {}\n')
+  subprocess.run(['git', 'init', '-q', str(root)], check=True)
+  monkeypatch.setattr(common, 'REPO', str(root))
+  return root
+
+
+def argv(repo, tmp_path, *extra):
+  return [f'--config={repo}/configs/fake.py', '--workdir=gs://bucket/m32 run', '--name=m32-a',
+          '--zone=us-east5-a', '--accelerator_type=v5p-64', f'--local_dir={tmp_path}/stage',
+          '--poll_s=0', '--config.mesh.expert=8', *extra]
+
+
+SETUP = ['storage cp', 'storage rm', 'create', 'ssh write-check', 'scp', 'ssh install',
+         'storage rm', 'ssh start']
+
+
+def test_already_exists_deletes_nothing(fake, repo, tmp_path):
+  """Someone else's slice of that name: the create fails, and nothing is deleted."""
+  fake.scenario(create_error='ALREADY_EXISTS: node m32-a already exists', existing=['m32-a'])
+  assert tpu_pod.main(argv(repo, tmp_path)) == 1
+  assert fake.kinds() == ['storage cp', 'storage rm', 'create']
+  fake.scenario(create_error='ALREADY_EXISTS', existing=['m32-a'])
+  assert tpu_pod.main(argv(repo, tmp_path, '--queued')) == 1
+  assert not any('delete' in k for k in fake.kinds())
+
+
+def test_bucket_not_writable_creates_nothing(fake, repo, tmp_path):
+  fake.scenario(bucket_denied=True)
+  assert tpu_pod.main(argv(repo, tmp_path)) == 1
+  assert fake.kinds() == ['storage cp']
+
+
+def test_dropped_ssh_does_not_end_the_run(fake, repo, tmp_path):
+  """ssh exits 255 after starting the run: retried, the run goes on, the slice stays."""
+  fake.scenario(ssh_drop='start', runs=[{'exit_at_poll': 3}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--libtpu_init_args=--xla_tpu_x=1')) == 0
+  assert fake.kinds() == [*SETUP, 'ssh start', 'storage ls', 'describe', 'storage ls',
+                          'describe', 'storage ls', 'delete']
+  start = next(c for c in fake.calls() if kind(c) == 'ssh start')
+  command = shlex.split(start[6][len('--command='):].split('; ', 1)[1])
+  assert command[:6] == ['bash', '$HOME/yuanjax/launch/tpu_worker.sh', 'start',
+                         'gs://bucket/m32 run/worker_logs',
+                         'gcloud compute tpus tpu-vm delete m32-a --quiet --zone=us-east5-a '
+                         '--async', '--']
+  assert command[6:] == ['env', 'LIBTPU_INIT_ARGS=--xla_tpu_x=1', '.venv/bin/python', '-u', '-m',
+                         'yuanjax.train', '--config=configs/fake.py',
+                         '--workdir=gs://bucket/m32 run', '--config.mesh.expert=8']
+
+
+def test_spot_preemption_resubmits_and_resumes(fake, repo, tmp_path):
+  fake.scenario(qr_states=['WAITING_FOR_RESOURCES', 'ACTIVE'],
+                runs=[{'preempt_at_poll': 1}, {'exit_at_poll': 1}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--spot', '--valid_until_duration=6h',
+                           '--service_account=sa@p.iam', '--scopes=cloud-platform')) == 0
+  kinds = fake.kinds()
+  assert [k for k in kinds if k.startswith(('qr create', 'qr delete', 'ssh start'))] == [
+      'qr create', 'ssh start', 'qr delete', 'qr create', 'ssh start', 'qr delete']
+  assert 'ssh stop' not in kinds  # preempted: no trainer left to stop
+  create = next(c for c in fake.calls() if kind(c) == 'qr create')
+  assert create[4:] == ['m32-a', '--node-id=m32-a', '--accelerator-type=v5p-64',
+                        '--runtime-version=v2-alpha-tpuv5', '--spot', '--valid-until-duration=6h',
+                        '--service-account=sa@p.iam', '--scopes=cloud-platform',
+                        '--zone=us-east5-a']
+
+
+def test_preemptions_beyond_max_restarts_fail(fake, repo, tmp_path):
+  fake.scenario(runs=[{'preempt_at_poll': 1}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--spot', '--max_restarts=1')) == 1
+  assert [k for k in fake.kinds() if k in ('qr create', 'qr delete')] == [
+      'qr create', 'qr delete', 'qr create', 'qr delete']
+
+
+def test_queue_timeout_deletes_its_own_request(fake, repo, tmp_path):
+  fake.scenario(qr_states=['WAITING_FOR_RESOURCES'])
+  assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--queue_timeout_s=0')) == 1
+  assert fake.kinds()[-2:] == ['qr describe', 'qr delete']
+  assert 'ssh install' not in fake.kinds()
+
+
+def test_failed_worker_stops_the_others_then_deletes(fake, repo, tmp_path):
+  fake.scenario(runs=[{'exit_at_poll': 1, 'rcs': [0, 3]}])
+  assert tpu_pod.main(argv(repo, tmp_path)) == 1
+  assert fake.kinds()[-3:] == ['storage ls', 'ssh stop', 'delete']
+
+
+def test_reuse_never_deletes(fake, repo, tmp_path, capsys):
+  fake.scenario(existing=['m32-a'], runs=[{'exit_at_poll': 1, 'rcs': [5]}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--reuse')) == 1
+  assert fake.kinds() == ['storage cp', 'storage rm', 'describe', 'ssh write-check', 'scp',
+                          'ssh install', 'storage rm', 'ssh start', 'storage ls', 'ssh stop']
+  start = next(c for c in fake.calls() if kind(c) == 'ssh start')
+  assert " start 'gs://bucket/m32 run/worker_logs' '' -- " in start[6]  # no delete at the end
+  fake.scenario(runs=[{'preempt_at_poll': 1}], existing=['m32-a'])
+  assert tpu_pod.main(argv(repo, tmp_path, '--reuse')) == 1
+  assert 'not resubmitted' in capsys.readouterr().err
+  assert not any('delete' in k for k in fake.kinds())
+
+
+def test_reuse_of_a_missing_slice_fails_before_install(fake, repo, tmp_path, capsys):
+  fake.scenario()
+  assert tpu_pod.main(argv(repo, tmp_path, '--reuse')) == 1
+  assert fake.kinds() == ['storage cp', 'storage rm', 'describe']
+  assert '--reuse: no READY slice m32-a' in capsys.readouterr().err
+
+
+def test_sigterm_to_the_launcher_stops_trainers_before_delete(fake, tmp_path):
+  """The launcher as its own process, SIGTERM mid-run: trainers first, then the slice."""
+  fake.scenario(runs=[{}])  # runs until stopped
+  cmd = [sys.executable, '-m', 'launch.tpu_pod', '--config=configs/tiny.py',
+         '--workdir=gs://bucket/run', '--name=m32-a', '--zone=z', '--accelerator_type=v4-8',
+         f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7']
+  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  deadline = time.monotonic() + 60
+  while 'storage ls' not in fake.kinds() and time.monotonic() < deadline:
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 128 + signal.SIGTERM, err
+  kinds = fake.kinds()
+  assert kinds[-2:] == ['ssh stop', 'delete'], kinds
+  stop = next(c for c in fake.calls() if kind(c) == 'ssh stop')
+  assert stop[5:7] == ['--worker=all', '--command=bash "$HOME/yuanjax/launch/tpu_worker.sh" stop 7']
+
+
+def test_stop_deletes_only_what_this_machine_created(fake, repo, tmp_path):
+  where = ['--name=m32-a', '--zone=us-east5-a', f'--local_dir={tmp_path}/stage']
+  fake.scenario(existing=['m32-a'])
+  assert tpu_pod.main(['stop', *where]) == 0
+  assert fake.kinds() == ['ssh stop']  # not created here: not deleted
+  fake.scenario(runs=[{}], existing=['m32-a'])
+  assert tpu_pod.main(argv(repo, tmp_path, '--detach')) == 0
+  assert fake.kinds()[-1] == 'ssh start'  # detached: no poll, no delete
+  assert tpu_pod.main(['stop', *where]) == 0
+  assert fake.kinds()[-2:] == ['ssh stop', 'delete']
+  assert not os.path.exists(tmp_path / 'stage' / 'created.json')
+
+
+def test_dry_run_prints_the_happy_path(repo, tmp_path, capsys, monkeypatch):
+  def fail(*a, **k):
+    raise AssertionError(f'dry run started a process: {a}')
+  monkeypatch.setattr(subprocess, 'call', fail)
+  monkeypatch.setattr(subprocess, 'run', fail)
+  assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--dry-run', '--project=p')) == 0
+  lines = capsys.readouterr().out.splitlines()
+  cmds = [shlex.split(line) for line in lines]
+  assert lines == [shlex.join(c) for c in cmds]
+  assert [c[:5] for c in cmds] == [
+      ['gcloud', 'storage', 'cp', f'{tmp_path}/stage/write_check',
+       'gs://bucket/m32 run/.write_check/launcher'],
+      ['gcloud', 'storage', 'rm', 'gs://bucket/m32 run/.write_check/launcher'],
+      cmds[2][:5],  # pack (bash -c ...)
+      ['gcloud', 'compute', 'tpus', 'queued-resources', 'create'],
+      ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe'],
+      ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'],
+      ['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp'],
+      ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'],
+      ['gcloud', 'storage', 'rm', 'gs://bucket/m32 run/worker_logs/*.exit-*'],
+      ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'],
+      ['gcloud', 'storage', 'ls', 'gs://bucket/m32 run/worker_logs/'],
+      ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe'],
+      ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete']]
+  assert cmds[2][:2] == ['bash', '-c'] and cmds[-1][-2:] == ['--zone=us-east5-a', '--project=p']
+
+
+# ------------------------------------------------------------- the worker script, for real
+
+FAKE_TRAINER = textwrap.dedent('''\
+    import signal, sys, time
+    def save(*_):
+      print('SIGTERM: checkpoint saved', flush=True)
+      sys.exit(0)
+    signal.signal(signal.SIGTERM, save)
+    print('training', sys.argv[1:], flush=True)
+    time.sleep(float(sys.argv[1]))
+    sys.exit(int(sys.argv[2]))
+    ''')
+
+
+def worker(tmp_path, *args, **env):
+  e = dict(os.environ, YUANJAX_RUN_DIR=str(tmp_path / 'run'), YUANJAX_WORKER_ID='0',
+           YUANJAX_WORKER_COUNT='1', YUANJAX_UPLOAD_S='1', YUANJAX_EXIT_WAIT_S='5', **env)
+  return subprocess.run(['bash', os.path.join(REPO, 'launch', 'tpu_worker.sh'), *args],
+                        env=e, capture_output=True, text=True, timeout=60)
+
+
+def wait_for(path, seconds=30):
+  deadline = time.monotonic() + seconds
+  while not os.path.exists(path) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  return os.path.exists(path)
+
+
+def test_worker_stop_lets_the_trainer_save(fake, tmp_path):
+  """start returns at once; stop sends SIGTERM, the trainer saves, the exit is uploaded."""
+  fake.scenario()
+  (tmp_path / 'trainer.py').write_text(FAKE_TRAINER)
+  marker = tmp_path / 'deleted'
+  url = 'gs://b/run/worker_logs'
+  r = worker(tmp_path, 'start', url, f'touch {marker}', '--',
+             sys.executable, str(tmp_path / 'trainer.py'), '600', '0')
+  assert r.returncode == 0 and 'started' in r.stdout, r.stderr
+  assert 'running' in worker(tmp_path, 'status').stdout
+  assert 'already going' in worker(tmp_path, 'start', url, '', '--', 'false').stdout
+  r = worker(tmp_path, 'stop', '20')
+  assert r.returncode == 0 and 'stopped' in r.stdout, r.stderr
+  gcs = fake.path / 'gcs' / 'b' / 'run' / 'worker_logs'
+  assert wait_for(gcs / 'worker-0-of-1.exit-0')
+  assert 'SIGTERM: checkpoint saved' in (gcs / 'worker-0-of-1.log').read_text()
+  assert wait_for(marker)  # worker 0 ran the exit command once every worker had finished
+  assert 'exited with status 0' in worker(tmp_path, 'status').stdout
+
+
+def test_worker_reports_a_failure(fake, tmp_path):
+  fake.scenario()
+  (tmp_path / 'trainer.py').write_text(FAKE_TRAINER)
+  r = worker(tmp_path, 'start', 'gs://b/w', '', '--', sys.executable,
+             str(tmp_path / 'trainer.py'), '0', '7')
+  assert r.returncode == 0, r.stderr
+  assert wait_for(fake.path / 'gcs' / 'b' / 'w' / 'worker-0-of-1.exit-7')
