@@ -98,59 +98,6 @@ def _tpu_argv(cfg, *extra, local_dir='/tmp/stage'):
           '--config.mesh.expert=8', TRICKY, *extra]
 
 
-def test_slurm_dry_run(capsys, cfg, tmp_path, monkeypatch, no_run):
-  monkeypatch.chdir(tmp_path)
-  cmds = dry_run(capsys, gpu_slurm, [
-      f'--config={cfg}', '--workdir=gs://bucket/m32', '--nodes=4', '--gpus_per_node=8',
-      '--time=24:00:00', '--partition=gpu', '--account=proj', '--job_name=m32',
-      '--config.mesh.data=4', '--config.mesh.shape=1,2', TRICKY])
-  script_path = str(tmp_path / 'slurm_logs' / 'm32.sbatch')
-  assert cmds == [['mkdir', '-p', str(tmp_path / 'slurm_logs')], ['sbatch', script_path]]
-  text = open(script_path).read()
-  assert text.startswith('#!/bin/bash\n')
-  for line in ['#SBATCH --job-name=m32', '#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1',
-               '#SBATCH --gpus-per-node=8', '#SBATCH --time=24:00:00', '#SBATCH --partition=gpu',
-               '#SBATCH --account=proj', f'#SBATCH --chdir={tmp_path}',
-               f'#SBATCH --output={tmp_path}/slurm_logs/%x-%j.out',
-               'mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")',
-               'coordinator="${nodes[0]}:$((20000 + SLURM_JOB_ID % 20000))"',
-               'train=(' + shlex.join([PY, '-u', '-m', 'yuanjax.train', f'--config={cfg}',
-                                       '--workdir=gs://bucket/m32', '--config.mesh.data=4'])
-               + " '--config.mesh.shape=1,2' " + shlex.quote(TRICKY) + ')']:
-    assert line in text.splitlines(), line
-  assert "bash -c 'exec \"$@\" --process_id=\"$SLURM_PROCID\"' bash \"${train[@]}\"" in text
-  assert '--coordinator_address="$coordinator" --num_processes="$SLURM_JOB_NUM_NODES"' in text
-  shellcheck(tmp_path, text, 'job.sbatch')
-
-
-def test_slurm_script_runs_the_right_processes(cfg, tmp_path, monkeypatch):
-  """The generated script under a fake scontrol/srun: the argv each task would get."""
-  monkeypatch.chdir(tmp_path)
-  args = gpu_slurm.parse([f'--config={cfg}', '--workdir=/w', '--nodes=2', '--port=1234',
-                          "--config.mesh.shape=1,'2'", TRICKY])
-  bin_dir = tmp_path / 'bin'
-  bin_dir.mkdir()
-  (bin_dir / 'scontrol').write_text('#!/bin/bash\nprintf "node-a\\nnode-b\\n"\n')
-  # srun stand-in: runs its command (after srun's own flags) once per task.
-  (bin_dir / 'srun').write_text(textwrap.dedent('''\
-      #!/bin/bash
-      while [[ $1 == --* ]]; do shift; done
-      for task in 0 1; do SLURM_PROCID=$task "$@"; done
-      '''))
-  for f in bin_dir.iterdir():
-    f.chmod(0o755)
-  script = tmp_path / 'job.sbatch'
-  script.write_text(gpu_slurm.script(args).replace(
-      f'train=({shlex.join([PY])} ', f'train=({shlex.join([PY])} -c "import sys; print(sys.argv[1:])" '))
-  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_NODELIST='node-[a-b]',
-             SLURM_JOB_NUM_NODES='2', SLURM_JOB_ID='7')
-  r = subprocess.run(['bash', str(script)], env=env, capture_output=True, text=True, check=True)
-  expected = ['-u', '-m', 'yuanjax.train', f'--config={cfg}', '--workdir=/w',
-              "--config.mesh.shape=1,'2'", TRICKY,
-              '--coordinator_address=node-a:1234', '--num_processes=2']
-  assert r.stdout.splitlines() == [str(expected + [f'--process_id={i}']) for i in (0, 1)]
-
-
 def test_tpu_remote_scripts_pass_shellcheck(cfg, tmp_path, monkeypatch, capsys):
   """Every string that a shell runs (bash -c here, ssh --command there) passes shellcheck."""
   monkeypatch.setattr(common, 'REPO', os.path.dirname(os.path.dirname(cfg)))
