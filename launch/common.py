@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_MODULE = 'yuanjax.train'
@@ -38,6 +39,9 @@ class Plan:
   together: bool = False                  # steps are the processes of one job: run them at once
   log_dir: str | None = None              # with `together`: also write process_<i>.log here
   files: dict[str, str] = dataclasses.field(default_factory=dict)  # written first, dry run too
+  # A launcher with control flow of its own (tpu_pod: polls, resubmits): call(dry_run) -> status
+  # instead of the steps.
+  call: Callable[[bool], int] | None = None
 
   def commands(self) -> list[list[str]]:
     return self.steps + self.cleanup
@@ -106,6 +110,8 @@ def execute(plan: Plan, dry_run: bool) -> int:
     with open(path, 'w') as f:
       f.write(text)
     say(f'wrote {path}')
+  if plan.call:
+    return plan.call(dry_run)
   if dry_run:
     for argv in plan.commands():
       print(shlex.join(argv), flush=True)
@@ -208,7 +214,7 @@ def run_together(cmds: list[list[str]], log_dir: str | None = None) -> int:
       pumps[-1].start()
     while True:
       if STOP.is_set():
-        _say('stopping (the sweep was interrupted)')
+        say('stopping (the sweep was interrupted)')
         return 128 + signal.SIGTERM
       codes = [p.poll() for p in procs]
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]

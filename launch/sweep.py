@@ -10,8 +10,12 @@ variant) and --workdir=WORKDIR/<name>, the name made from the overrides
 
   local  one launch/local.py job per variant; each run's output also goes to
          WORKDIR/<name>/logs/process_<i>.log (or --log_dir/<name>);
-  tpu    one launch/tpu_pod.py slice per variant, named NAME-0, NAME-1, ...;
-  slurm  one sbatch job each (they queue side by side), job names JOB_NAME-<name>.
+  tpu    one launch/tpu_pod.py slice per variant, named NAME-0, NAME-1, ...; with
+         --parallel=N, N slices are asked for, and wait in the queue, at once; with --reuse
+         every variant runs on the one existing slice NAME, one after another;
+  slurm  one sbatch job each (they queue side by side), job names JOB_NAME-<name>;
+  xpk    one `xpk workload create` each on an existing GKE cluster (they queue side by side
+         on its capacity), workloads WORKLOAD-0, WORKLOAD-1, ...
 
 --parallel=N runs up to N variants at once (default 1: one after another); a failed
 variant never stops the others. With a local WORKDIR the sweep keeps a manifest,
@@ -38,13 +42,12 @@ import inspect
 import json
 import os
 import re
-import signal
 import sys
 import threading
 
-from launch import common, gpu_slurm, local, tpu_pod
+from launch import common, gpu_slurm, local, tpu_pod, xpk
 
-BACKENDS = {'local': local, 'tpu': tpu_pod, 'slurm': gpu_slurm}
+BACKENDS = {'local': local, 'tpu': tpu_pod, 'slurm': gpu_slurm, 'xpk': xpk}
 
 
 def load_sweep(path: str, arg: str | None = None) -> list[dict]:
@@ -103,6 +106,8 @@ def parse(argv=None):
     args.variants = load_sweep(args.config_path, args.config_arg)
   except ValueError as e:
     p.error(f'--config={args.config}: {e}')
+  if args.backend == 'tpu' and '--reuse' in args.rest and args.parallel > 1:
+    p.error(f'--parallel={args.parallel}: with --reuse the variants queue on the one slice')
   if args.backend == 'slurm' and any(a.startswith('--script') for a in args.rest):
     p.error('--script: not in a sweep (each variant writes LOG_DIR/JOB_NAME-<variant>.sbatch)')
   return args
@@ -126,10 +131,15 @@ def runs(args) -> list[tuple[str, argparse.Namespace]]:
       run.log_dir = os.path.join(run.log_dir or run.workdir, name if run.log_dir else 'logs')
       if args.parallel > 1:   # variants running at once need coordinator ports of their own
         run.port += i
-    elif args.backend == 'tpu':
+    elif args.backend == 'tpu' and not run.reuse:  # --reuse: all on the one slice
       run.name = f'{run.name}-{i}'
-      if run.local_dir:
-        run.local_dir = os.path.join(run.local_dir, run.name)
+      given = any(a.startswith('--local_dir') for a in args.rest)
+      run.local_dir = os.path.join(run.local_dir if given else os.path.dirname(run.local_dir),
+                                   run.name)
+    elif args.backend == 'xpk':
+      run.workload = f'{run.workload}-{i}'
+      if len(run.workload) > 40:
+        raise SystemExit(f'--workload: {run.workload!r} is over 40 characters; shorten it')
     elif args.backend == 'slurm':
       run.job_name = f'{run.job_name}-{name}'
     out.append((name, run))
@@ -213,7 +223,7 @@ def main(argv=None) -> int:
 
 def _run_parallel(plans, manifest, args) -> dict[str, int]:
   """Up to args.parallel plans at once; SIGTERM/SIGHUP/Ctrl-C stop all of them."""
-  handlers = common._exit_on_signals()  # pylint: disable=protected-access
+  handlers = common.exit_on_signals()
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
     futures = {name: pool.submit(_run_one, name, plan, manifest, args.dry_run)
                for name, plan in plans}
@@ -225,8 +235,7 @@ def _run_parallel(plans, manifest, args) -> dict[str, int]:
         f.cancel()
       raise
     finally:
-      for sig, handler in handlers.items():
-        signal.signal(sig, handler)
+      common.restore_signals(handlers)
 
 
 if __name__ == '__main__':

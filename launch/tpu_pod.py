@@ -318,6 +318,7 @@ def wait_active(args, g: Gcloud) -> None:
     if time.monotonic() > deadline:
       raise Failed(1, f'queued resource {args.name} not ACTIVE after {args.queue_timeout_s:g} s '
                       '(--queue_timeout_s)')
+    stopping()
     time.sleep(args.poll_s)
 
 
@@ -382,7 +383,14 @@ def follow(args, g: Gcloud) -> str:
       return 'preempted'
     if g.dry_run:
       return 'done'
+    stopping()
     time.sleep(args.poll_s)
+
+
+def stopping() -> None:
+  """A sweep running this launch in a thread was interrupted: stop like after Ctrl-C."""
+  if common.STOP.is_set():
+    raise KeyboardInterrupt
 
 
 def stop_trainers(args, g: Gcloud) -> None:
@@ -474,6 +482,14 @@ def control(command: str, argv: list[str]) -> int:
   elif not args.keep:
     common.say(f'{args.name} was not created from this machine ({_owned_path(args)}): not deleted')
   return 0
+
+
+def plan(args) -> common.Plan:
+  """For launch.sweep: the launch as a plan that common.execute runs (in a thread, too)."""
+  def call(dry_run: bool) -> int:
+    args.dry_run = dry_run
+    return launch(args)
+  return common.Plan(steps=[], call=call)
 
 
 def main(argv=None) -> int:

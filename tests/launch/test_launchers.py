@@ -170,11 +170,12 @@ def test_sweep_tpu_and_slurm_names(capsys, cfg, tmp_path, monkeypatch, no_run):
                                  '--name=sw', '--zone=z', '--accelerator_type=v4-8'])
   creates = [c for c in cmds if c[3:5] == ['tpu-vm', 'create']]
   assert [c[5] for c in creates] == ['sw-0', 'sw-1']
-  assert [c for c in cmds if c[:3] == ['gcloud', 'storage', 'cp']] == [
-      ['gcloud', 'storage', 'cp', '--recursive',
-       os.path.join(tpu_pod.tempfile.gettempdir(), 'yuanjax-tpu', f'sw-{i}', 'worker_logs'),
-       f'gs://b/sw/{name}/'] for i, name in enumerate(
-           ['model.router.type=attention', 'model.router.type=linear+train.lr=0.001+name=a_b_c'])]
+  names = ['model.router.type=attention', 'model.router.type=linear+train.lr=0.001+name=a_b_c']
+  assert [c for c in cmds if c[:3] == ['gcloud', 'storage', 'ls']] == [
+      ['gcloud', 'storage', 'ls', f'gs://b/sw/{name}/worker_logs/'] for name in names]
+  packs = [c[2] for c in cmds if c[:2] == ['bash', '-c']]
+  assert [os.path.join(tpu_pod.tempfile.gettempdir(), 'yuanjax-tpu', f'sw-{i}', 'yuanjax.tgz')
+          in p for i, p in enumerate(packs)] == [True, True]
   monkeypatch.chdir(tmp_path)
   cmds = dry_run(capsys, sweep, [f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm',
                                  '--nodes=2', '--job_name=sw'])

@@ -1,0 +1,134 @@
+"""launch.sweep on the cloud backends, against fake `gcloud` and `xpk` on PATH: TPU variants
+on N slices at once, or queued on one reused slice; xpk workloads."""
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
+sys.path.insert(0, REPO)
+
+from launch import common, sweep  # pylint: disable=g-import-not-at-top
+from tests.launch.test_launchers import dry_run  # pylint: disable=g-import-not-at-top
+from tests.launch.test_tpu_pod import Fake, kind  # pylint: disable=g-import-not-at-top
+
+CONFIG = textwrap.dedent('''\
+    def get_config(arg=None):
+      return {}
+
+
+    def sweep():
+      return [{'train.seed': 0}, {'train.seed': 1}]
+    ''')
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+  d = tmp_path / 'fake'
+  d.mkdir()
+  monkeypatch.setenv('FAKE_DIR', str(d))
+  monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
+  return Fake(d)
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch):
+  root = tmp_path / 'repo'
+  (root / 'configs').mkdir(parents=True)
+  (root / 'configs' / 'sw.py').write_text(CONFIG)
+  subprocess.run(['git', 'init', '-q', str(root)], check=True)
+  monkeypatch.setattr(common, 'REPO', str(root))
+  return str(root / 'configs' / 'sw.py')
+
+
+def tpu_sweep(cfg, tmp_path, *flags):
+  return sweep.main([f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw',
+                     '--zone=z', '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage',
+                     '--poll_s=0.02', *flags])
+
+
+def events(fake):
+  """(kind, slice) per gcloud call, in order."""
+  return [(kind(c), c[4]) for c in fake.calls() if c[0] != 'storage']
+
+
+def test_tpu_variants_on_slices_at_once(fake, cfg, tmp_path):
+  fake.scenario(runs=[{'exit_at_poll': 4}])
+  assert tpu_sweep(cfg, tmp_path, '--parallel=2') == 0
+  ev = events(fake)
+  creates = [ev.index(('create', f'sw-{i}')) for i in (0, 1)]
+  deletes = [ev.index(('delete', f'sw-{i}')) for i in (0, 1)]
+  assert max(creates) < min(deletes)  # both slices asked for before either is done
+  assert {os.path.basename(p) for p in os.listdir(tmp_path / 'stage')} == {'sw-0', 'sw-1'}
+
+
+def test_tpu_variants_one_after_another_without_parallel(fake, cfg, tmp_path):
+  fake.scenario(runs=[{'exit_at_poll': 1}])
+  assert tpu_sweep(cfg, tmp_path) == 0
+  ev = events(fake)
+  assert ev.index(('delete', 'sw-0')) < ev.index(('create', 'sw-1'))
+
+
+def test_tpu_reuse_queues_the_variants_on_one_slice(fake, cfg, tmp_path):
+  fake.scenario(existing=['sw'], runs=[{'exit_at_poll': 1}])
+  assert tpu_sweep(cfg, tmp_path, '--reuse') == 0
+  ev = events(fake)
+  assert [e for e in ev if e[0] in ('create', 'delete', 'ssh start')] == [
+      ('ssh start', 'sw'), ('ssh start', 'sw')]
+  starts = [c for c in fake.calls() if kind(c) == 'ssh start']
+  assert ['--workdir=gs://b/sw/train.seed=0' in starts[0][6],
+          '--workdir=gs://b/sw/train.seed=1' in starts[1][6]] == [True, True]
+
+
+def test_tpu_reuse_refuses_parallel(capsys, cfg, tmp_path):
+  with pytest.raises(SystemExit) as e:
+    tpu_sweep(cfg, tmp_path, '--reuse', '--parallel=2')
+  assert e.value.code == 2 and 'with --reuse the variants queue on the one slice' in (
+      capsys.readouterr().err)
+
+
+def xpk_argv(cfg, *flags):
+  return [f'--config={cfg}', '--workdir=gs://b/sw', '--backend=xpk', '--cluster=c1',
+          '--workload=wl', '--tpu_type=v5p-64', '--docker_image=gcr.io/p/yuanjax:1',
+          '--zone=us-east5-a', '--project=p', '--env=A=b c', '--config.train.num_steps=9', *flags]
+
+
+def test_xpk_dry_run(capsys, cfg):
+  cmds = dry_run(capsys, sweep, xpk_argv(cfg, '--libtpu_init_args=--xla_x=1'))
+  assert cmds == [
+      ['xpk', 'workload', 'create', '--cluster=c1', f'--workload=wl-{i}', '--tpu-type=v5p-64',
+       '--num-slices=1', '--docker-image=gcr.io/p/yuanjax:1', '--max-restarts=3',
+       '--zone=us-east5-a', '--project=p', '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
+       '--command=' + shlex.join(['python3', '-u', '-m', 'yuanjax.train', '--config=configs/sw.py',
+                                  f'--workdir=gs://b/sw/train.seed={i}',
+                                  '--config.train.num_steps=9', f'--config.train.seed={i}'])]
+      for i in (0, 1)]
+
+
+def test_xpk_submits_each_variant(fake, cfg, tmp_path):
+  base = [a for a in xpk_argv(cfg) if not a.startswith('--docker_image')]
+  assert sweep.main(base + ['--base_docker_image=python:3.11', f'--script_dir={tmp_path}/repo',
+                            '--parallel=2']) == 0
+  calls = [json.loads(l) for l in (fake.path / 'xpk.jsonl').read_text().splitlines()]
+  assert sorted(c[3] for c in calls) == ['--workload=wl-0', '--workload=wl-1']
+  for c in calls:
+    assert f'--script-dir={tmp_path}/repo' in c and '--base-docker-image=python:3.11' in c
+    assert c[-1].startswith("--command=pip install -q -c constraints.txt . 'jax[tpu]' && python3")
+
+
+@pytest.mark.parametrize('flags, message', [
+    (['--docker_image=a', '--base_docker_image=b'], 'give one of --docker_image'),
+    (['--workload=Bad_Name'], '--workload=Bad_Name'),
+])
+def test_xpk_bad_input(capsys, cfg, flags, message):
+  argv = [a for a in xpk_argv(cfg) if not a.startswith(('--docker_image', '--workload'))]
+  if not any(f.startswith('--workload') for f in flags):
+    argv.append('--workload=wl')
+  with pytest.raises(SystemExit) as e:
+    sweep.main(argv + flags + ['--dry-run'])
+  assert e.value.code == 2 and message in capsys.readouterr().err
