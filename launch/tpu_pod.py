@@ -418,7 +418,9 @@ def launch(args) -> int:
         ours = True
         if args.queued:
           wait_active(args, g)
+      stopping()
       install(args, g)
+      stopping()
       running = True
       start(args, g, created=ours)
       if args.detach:
