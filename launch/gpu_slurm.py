@@ -117,7 +117,8 @@ def parse(argv=None):
   p = common.parser(__doc__)
   p.add_argument('--nodes', type=int, default=1)
   p.add_argument('--gpus_per_node', type=int, default=8)
-  p.add_argument('--time', default=None, help='time limit, e.g. 24:00:00 (default: the partition\'s)')
+  p.add_argument('--time', default=None,
+                 help='time limit, e.g. 24:00:00 (default: the partition\'s)')
   p.add_argument('--partition', default=None)
   p.add_argument('--account', default=None)
   p.add_argument('--job_name', default='yuanjax')
@@ -140,7 +141,8 @@ def parse(argv=None):
   p.add_argument('--port', type=int, default=None,
                  help='coordinator port (default: 10000 + SLURM_JOB_ID %% 20000)')
   p.add_argument('--log_dir', default='slurm_logs',
-                 help='where SLURM writes JOB_NAME-JOBID.out (srun --label: lines start with the task)')
+                 help='where SLURM writes JOB_NAME-JOBID.out (srun --label: lines start with '
+                      'the task)')
   p.add_argument('--script', default=None, help='where to write the sbatch script '
                  '(default LOG_DIR/JOB_NAME.sbatch; written by --dry-run too, to read)')
   p.add_argument('--python', default='python3',
@@ -192,7 +194,8 @@ def script(args) -> str:
   return SCRIPT.format(
       sbatch='\n'.join(f'#SBATCH {o}' for o in opts),
       setup='\n'.join(f'  {line}' for line in args.setup) or '  :  # no --setup',
-      env='\n'.join(f'export {k}={_quote(v)}' for k, v in environment(args).items()) or '# (no env)',
+      env='\n'.join(f'export {k}={_quote(v)}' for k, v in environment(args).items())
+      or '# (no env)',
       port=args.port or '$((10000 + SLURM_JOB_ID % 20000))',
       cpus=args.cpus_per_task or '$((SLURM_CPUS_ON_NODE / 1))  # the node\'s CPUs / tasks per node',
       mem=f' --mem={args.mem}' if args.mem is not None else '',

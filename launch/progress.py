@@ -4,7 +4,8 @@ The SLURM job script asks this after the trainer returns: a trainer stopped by t
 --signal before the time limit (or by a preemption) saved a checkpoint and exited 0, and the
 job is requeued until the newest checkpoint in WORKDIR/checkpoints/ is at num_steps.
 
-  python launch/progress.py --config=configs/x.py[:arg] --workdir=DIR [--config.train.num_steps=N ...]
+  python launch/progress.py --config=configs/x.py[:arg] --workdir=DIR \\
+      [--config.train.num_steps=N ...]
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def newest_step(workdir: str) -> int | None:
   directory = os.path.join(workdir, 'checkpoints')
   if '://' in directory:
     from etils import epath  # pylint: disable=g-import-not-at-top  # Orbax's own path library
-    names = [p.name for p in epath.Path(directory).iterdir()] if epath.Path(directory).exists() else []
+    path = epath.Path(directory)
+    names = [p.name for p in path.iterdir()] if path.exists() else []
   else:
     names = os.listdir(directory) if os.path.isdir(directory) else []
   steps = [int(n) for n in names if n.isdigit()]

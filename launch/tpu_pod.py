@@ -28,7 +28,7 @@ by worker 0 when every trainer has exited. Follow and end a run from any machine
 
   python -m launch.tpu_pod status --name=m32-a --zone=us-east5-a
   python -m launch.tpu_pod logs --workdir=gs://my-bucket/m32-a [--worker=0]
-  python -m launch.tpu_pod stop --name=m32-a --zone=us-east5-a   # deletes it if this machine made it
+  python -m launch.tpu_pod stop --name=m32-a --zone=us-east5-a  # deletes it if made from here
 
   python -m launch.tpu_pod --name=m32-a --zone=us-east5-a --accelerator_type=v5p-64 \\
       --queued --spot --config=configs/yuan_m32.py --workdir=gs://my-bucket/m32-a \\
@@ -93,7 +93,8 @@ def parse(argv=None):
                  help='run on the existing slice NAME (kept, or made elsewhere); never delete it')
   p.add_argument('--keep', action='store_true', help='do not delete the slice at the end')
   p.add_argument('--detach', action='store_true',
-                 help='return once the run has started (worker 0 deletes a created slice at the end)')
+                 help='return once the run has started (worker 0 deletes a created slice at '
+                      'the end)')
   p.add_argument('--spot', action='store_true', help='Spot capacity (cheaper; can be preempted)')
   p.add_argument('--reserved', action='store_true', help='use the project\'s reservation')
   p.add_argument('--valid_until_duration', default=None,
@@ -123,7 +124,8 @@ def _check(p, args) -> None:
     p.error(f'--workdir={args.workdir}: must be gs://BUCKET/PATH on a TPU pod (every worker '
             'writes there, and the workers\' disks are deleted with the slice)')
   if not re.fullmatch(r'[a-z]([-a-z0-9]*[a-z0-9])?', args.name):
-    p.error(f'--name={args.name}: use lowercase letters, digits and hyphens, starting with a letter')
+    p.error(f'--name={args.name}: use lowercase letters, digits and hyphens, starting with a '
+            'letter')
   if args.reuse:
     for flag in ('queued', 'spot', 'reserved', 'valid_until_duration', 'service_account', 'scopes'):
       if getattr(args, flag):

@@ -13,7 +13,8 @@ FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
 sys.path.insert(0, REPO)
 
 from launch import gpu_slurm, progress  # pylint: disable=g-import-not-at-top
-from tests.launch.test_launchers import TRICKY, dry_run, shellcheck  # pylint: disable=g-import-not-at-top
+from tests.launch.test_launchers import (  # pylint: disable=g-import-not-at-top
+    TRICKY, dry_run, shellcheck)
 
 
 @pytest.fixture
@@ -134,7 +135,8 @@ def test_gpu_xla_flags_exist_in_this_jaxlib():
   """An XLA flag jaxlib does not know aborts every process: each default must parse."""
   def runs(flags):
     env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
-    return subprocess.run([sys.executable, '-c', 'import jax; jax.numpy.ones(1).block_until_ready()'],
+    code = 'import jax; jax.numpy.ones(1).block_until_ready()'
+    return subprocess.run([sys.executable, '-c', code],
                           env=env, capture_output=True, timeout=120).returncode == 0
   assert runs(gpu_slurm.GPU_ENV['XLA_FLAGS'])
   assert not runs('--xla_gpu_enable_async_collectives=true')  # removed from XLA: caught
