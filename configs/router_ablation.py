@@ -37,11 +37,11 @@ def study_config(arg, name):
   config.model = m
   config.data.vocab_size = 4096
   config.data.eval_fraction = 0.05        # 28 of the 557 documents held out: 95 batches
-  config.train.update(dict(num_steps=100, batch_size=16, seq_len=128, log_every=10,
-                           eval_every=50, eval_steps=32,      # 65,536 eval tokens
+  config.train.update(dict(num_steps=80, batch_size=16, seq_len=128, log_every=10,
+                           eval_every=40, eval_steps=32,      # 65,536 eval tokens
                            sample_tokens=0, progress=False))
-  config.optimizer.update(dict(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1))
-  config.checkpoint.update(dict(every=50, keep=1))
+  config.optimizer.update(dict(lr=1e-3, warmup_steps=8, min_lr_ratio=0.1))
+  config.checkpoint.update(dict(every=40, keep=1))
   if arg == 'smoke':
     m.update(dict(hidden_size=64, num_layers=2, head_dim=16, rotary_dims=8))
     m.moe.ffn_size = 64
