@@ -11,7 +11,7 @@ Variants (the `:arg`, passed to both get_config and sweep): none (the CPU study,
 `smoke` (a few steps, seconds; for tests: 2 routers x 2 seeds), `gpu` (one H100/H200, about an
 hour for the whole sweep). `shared` is 2 always-on experts + top-2 of 14 routed experts of half
 the FFN size (the paper's 2 + top-2 of 14): total and active parameters match the 8-expert
-variants (within 1%, tests/configs/test_ablation_configs.py). Seeds set `train.seed` only:
+variants (within 1%, tests/test_ablation_configs.py). Seeds set `train.seed` only:
 parameter init and router noise; the data order and the eval split are the same for every run.
 """
 from yuanjax import config_lib
@@ -48,7 +48,7 @@ def study_config(arg, name):
     config.data.eval_fraction = 0.02
     config.train.update(dict(num_steps=4, batch_size=4, seq_len=32, log_every=2, eval_every=2,
                              eval_steps=2))
-    config.checkpoint.every = 2
+    config.checkpoint.every = 4
   elif arg == 'gpu':
     m.update(dict(hidden_size=512, num_layers=8, num_heads=8, head_dim=64, rotary_dims=32,
                   max_seq_len=512, dtype='bfloat16', attention_backend='dot_product_attention'))
