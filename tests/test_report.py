@@ -46,12 +46,14 @@ def study(tmp_path_factory):
 def final_eval(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     records = [json.loads(line) for line in f]
-  return [r for r in records if r['kind'] == 'eval'][-1], [r for r in records if r['kind'] == 'train']
+  evals = [r for r in records if r['kind'] == 'eval']
+  return evals[-1], [r for r in records if r['kind'] == 'train']
 
 
 def test_report_numbers_match_metrics(study):
   sw, rows = study
-  assert [r['variant'] for r in rows] == ['model.router.type=attention', 'model.router.type=linear']
+  assert [r['variant'] for r in rows] == ['model.router.type=attention',
+                                          'model.router.type=linear']
   for row, router in zip(rows, ('attention', 'linear')):
     assert row['seeds'] == [0, 1]
     evals = [final_eval(sw / f'model.router.type={router}+train.seed={s}') for s in (0, 1)]
@@ -65,7 +67,8 @@ def test_report_numbers_match_metrics(study):
     loads = [report.load_matrix(train[-1], 2, 8) for _, train in evals]
     expected = np.mean([stats.relative_load(l) for l in loads], axis=0)
     np.testing.assert_allclose(row['relative_load'], expected, rtol=1e-12)
-    np.testing.assert_allclose(row['max_load'], np.mean([stats.relative_load(l).max() for l in loads]))
+    np.testing.assert_allclose(row['max_load'],
+                               np.mean([stats.relative_load(l).max() for l in loads]))
     entropy = [train[-1]['moe/entropy'] for _, train in evals]
     np.testing.assert_allclose(row['expert_diversity'], np.mean(np.exp(entropy) / 8))
   assert rows[1]['router_params'] == rows[0]['router_params'] // 3   # W vs Wq, Wk, Wv
@@ -79,6 +82,10 @@ def test_failed_run_is_flagged_not_averaged(study):
   assert 'model.router.type=linear+train.seed=bad (failed)' in text
   diff = rows[1]['eval_loss_mean'] - rows[0]['eval_loss_mean']
   assert f'{diff:+.4f}' in text
+  (c,) = json.loads((sw / 'comparisons.json').read_text())
+  assert c['paired_seeds'] == [0, 1]
+  np.testing.assert_allclose(c['paired_diffs'], np.subtract(rows[1]['eval_losses'],
+                                                            rows[0]['eval_losses']))
   saved = json.loads((sw / 'report.json').read_text())
   assert [r['eval_loss_mean'] for r in saved] == [r['eval_loss_mean'] for r in rows]
   for png in ('eval_loss.png', 'expert_load.png'):

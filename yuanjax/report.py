@@ -9,7 +9,9 @@ the first D):
 
   report.json      a list of rows, one per variant (fields below)
   report.md        the same as a table; each variant's difference from the first one, and
-                   whether it exceeds twice the pooled seed std; failed/unfinished runs
+                   whether it exceeds twice the pooled seed std, with the same-seed
+                   differences (seeds share the data order); failed/unfinished runs
+  comparisons.json those differences
   eval_loss.png    eval loss vs training tokens, per variant: mean over seeds, band min..max
   expert_load.png  relative expert load (load / balanced load) per layer x expert, one panel
                    per variant (DeepSeek-V3 style)
@@ -214,8 +216,19 @@ def compare(rows: list[dict]) -> list[dict]:
     std = pooled_std([base['eval_loss_std'], row['eval_loss_std']],
                      [len(base['seeds']), len(row['seeds'])])
     out.append(dict(variant=row['variant'], diff=diff, pooled_std=std,
-                    exceeds=bool(abs(diff) > 2 * std) if math.isfinite(std) else None))
+                    exceeds=bool(abs(diff) > 2 * std) if math.isfinite(std) else None,
+                    **paired(base, row)))
   return out
+
+
+def paired(base: dict, row: dict) -> dict:
+  """Same-seed differences (the seed sets init and router noise; the data order is shared):
+  their mean and std over the seeds both variants finished."""
+  losses = [dict(zip(r['seeds'], r['eval_losses'])) for r in (base, row)]
+  common = [s for s in base['seeds'] if s in losses[1]]
+  d = [losses[1][s] - losses[0][s] for s in common]
+  return dict(paired_seeds=common, paired_diffs=d,
+              paired_std=float(np.std(d, ddof=1)) if len(d) > 1 else float('nan'))
 
 
 def group(runs: list[Run]) -> dict[str, list[Run]]:
@@ -255,6 +268,10 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
     verdict = {True: 'yes', False: 'no', None: 'n/a'}[c['exceeds']]
     lines.append(f'- `{c["variant"]}`: {_fmt(c["diff"], "+.4f")} '
                  f'(pooled std {_fmt(c["pooled_std"], ".4f")}; exceeds 2 std: {verdict})')
+    if c.get('paired_diffs'):
+      lines.append(f'  same-seed differences: '
+                   f'{", ".join(_fmt(d, "+.4f") for d in c["paired_diffs"])} '
+                   f'(std {_fmt(c["paired_std"], ".4f")})')
   missing = [m for row in rows for m in row['runs_not_finished']]
   lines += ['', 'Runs not finished (not averaged): ' + (', '.join(missing) if missing else 'none')]
   return '\n'.join(lines) + '\n'
@@ -312,6 +329,8 @@ def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, 'report.json'), 'w') as f:
     json.dump(rows, f, indent=1)
+  with open(os.path.join(out_dir, 'comparisons.json'), 'w') as f:
+    json.dump(comparisons, f, indent=1)
   text = markdown(rows, comparisons)
   with open(os.path.join(out_dir, 'report.md'), 'w') as f:
     f.write(text)
@@ -322,7 +341,8 @@ def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('sweep_dirs', nargs='+', help='launch.sweep --workdir directories')
   p.add_argument('--out', default=None, help='where the report goes (default: the first dir)')
   args = p.parse_args(argv)
