@@ -277,6 +277,12 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def short_label(variant: str) -> str:
+  """'model.router.type=shared model.num_experts=14' -> 'type=shared num_experts=14'."""
+  return ' '.join(item.split('=', 1)[0].rsplit('.', 1)[-1] + '=' + item.split('=', 1)[1]
+                  if '=' in item else item for item in variant.split(' '))
+
+
 def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
@@ -291,7 +297,8 @@ def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
     losses = np.array([[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps]
                        for r in done])
     tokens = np.array(steps) * t.batch_size * t.seq_len
-    line, = ax.plot(tokens, losses.mean(0), marker='o', label=f'{variant} ({len(done)} seeds)')
+    line, = ax.plot(tokens, losses.mean(0), marker='o',
+                    label=f'{short_label(variant)} ({len(done)} seeds)')
     ax.fill_between(tokens, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
   ax.set(xlabel='training tokens', ylabel='eval loss', title='Eval loss (mean, band: min..max)')
   ax.legend(fontsize=7)
@@ -312,7 +319,7 @@ def plot_expert_load(rows: list[dict], path: str) -> None:
   norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
   for ax, row in zip(axes[:, 0], rows):
     im = ax.imshow(np.array(row['relative_load']), cmap='RdBu_r', norm=norm, aspect='auto')
-    ax.set(title=row['variant'], ylabel='layer', xlabel='expert')
+    ax.set(title=short_label(row['variant']), ylabel='layer', xlabel='expert')
     fig.colorbar(im, ax=ax, label='load / balanced')
   fig.tight_layout()
   fig.savefig(path, dpi=120)
