@@ -81,15 +81,15 @@ def _forward(model: Transformer, per_token_attention: bool):
   return jax.jit(forward)
 
 
-_COMPILED: dict = {}   # (id(model), per_token) -> (model, jitted forward); the model is kept
-                       # alive so that its id is never reused for another model
+_COMPILED: dict = {}   # (model config JSON, per_token) -> jitted forward: models of the same
+                       # config (checkpoints of one run) share their compilations
 
 
 def _compiled(model: Transformer, per_token_attention: bool):
-  key = (id(model), per_token_attention)
+  key = (model.config.to_json_best_effort(sort_keys=True), per_token_attention)
   if key not in _COMPILED:
-    _COMPILED[key] = (model, _forward(model, per_token_attention))
-  return _COMPILED[key][1]
+    _COMPILED[key] = _forward(model, per_token_attention)
+  return _COMPILED[key]
 
 
 def _check_inputs(cfg, tokens_BxL, segment_ids_BxL) -> None:
