@@ -24,6 +24,9 @@ _FIELD = r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*'
 FIELD_RE = re.compile(_FIELD)
 OVERRIDE_RE = re.compile(rf'--config\.({_FIELD})=(.*)', re.DOTALL)
 GS_RE = re.compile(r'gs://[^/]+(/.*)?')
+# Set (by a sweep running plans in threads) to stop every plan that runs: its processes
+# are stopped and its cleanup runs, as after a signal.
+STOP = threading.Event()
 
 
 @dataclasses.dataclass
@@ -113,6 +116,8 @@ def execute(plan: Plan, dry_run: bool) -> int:
       started = len(plan.steps)
       return run_together(plan.steps, plan.log_dir)
     for argv in plan.steps:
+      if STOP.is_set():
+        return 128 + signal.SIGTERM
       started += 1
       _say(f'+ {shlex.join(argv)}')
       rc = subprocess.call(argv)
@@ -197,6 +202,9 @@ def run_together(cmds: list[list[str]], log_dir: str | None = None) -> int:
       pumps.append(threading.Thread(target=_pump, args=(i, p, log, lock), daemon=True))
       pumps[-1].start()
     while True:
+      if STOP.is_set():
+        _say('stopping (the sweep was interrupted)')
+        return 128 + signal.SIGTERM
       codes = [p.poll() for p in procs]
       failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
       if failed:

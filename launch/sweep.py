@@ -1,36 +1,54 @@
 """Runs every variant of a config file's sweep(), one run each, with its own workdir.
 
-`sweep()` in the --config file returns a list of dicts of dotted overrides, e.g.
-[{'model.router.type': 'attention'}, {'model.router.type': 'linear'}]. Each dict becomes
-one run of the chosen backend with --config.KEY=VALUE flags (after any given here, which
-apply to every variant) and --workdir=WORKDIR/<name>, the name made from the overrides
+`sweep(arg)` in the --config file returns a list of dicts of dotted overrides, e.g.
+[{'model.router.type': 'attention'}, {'model.router.type': 'linear'}]; `arg` is the
+`:variant` of --config=FILE:variant (None without one; a sweep() taking no argument is
+called without it), the same one get_config receives. Each dict becomes one run of the
+chosen backend with --config.KEY=VALUE flags (after any given here, which apply to every
+variant) and --workdir=WORKDIR/<name>, the name made from the overrides
 (`model.router.type=linear`, filesystem-safe). Backends:
 
-  local  one launch/local.py job after another (a failed variant does not stop the rest);
-  tpu    one launch/tpu_pod.py slice after another, named NAME-0, NAME-1, ...;
+  local  one launch/local.py job per variant; each run's output also goes to
+         WORKDIR/<name>/logs/process_<i>.log (or --log_dir/<name>);
+  tpu    one launch/tpu_pod.py slice per variant, named NAME-0, NAME-1, ...;
   slurm  one sbatch job each (they queue side by side), job names JOB_NAME-<name>.
+
+--parallel=N runs up to N variants at once (default 1: one after another); a failed
+variant never stops the others. With a local WORKDIR the sweep keeps a manifest,
+WORKDIR/sweep.json: the config, the common overrides and, per run, its name, overrides,
+workdir, status (pending, running, done, failed) and return code; `yuanjax.report` reads
+it. Running the same command again skips the runs the manifest says are done (for slurm,
+"done" means submitted) and starts the others again (training resumes from its
+checkpoints).
 
 Flags this launcher does not know go to the backend (e.g. --zone, --nodes).
 
   python -m launch.sweep --backend=local --config=configs/demo.py --workdir=/tmp/sweep \\
       --num_processes=2 --config.train.steps=20
+  python -m launch.sweep --backend=local --parallel=2 --num_processes=1 \\
+      --config=configs/router_ablation.py:smoke --workdir=/tmp/smoke
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import importlib.util
+import inspect
+import json
 import os
 import re
+import signal
 import sys
+import threading
 
 from launch import common, gpu_slurm, local, tpu_pod
 
 BACKENDS = {'local': local, 'tpu': tpu_pod, 'slurm': gpu_slurm}
 
 
-def load_sweep(path: str) -> list[dict]:
-  """Imports the config file by path (as ml_collections' config_flags does), calls sweep()."""
+def load_sweep(path: str, arg: str | None = None) -> list[dict]:
+  """Imports the config file by path (as ml_collections' config_flags does), calls sweep(arg)."""
   spec = importlib.util.spec_from_file_location('_sweep_config', path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -39,7 +57,11 @@ def load_sweep(path: str) -> list[dict]:
     raise ValueError(f'importing it failed: {type(e).__name__}: {e}') from e
   if not callable(getattr(module, 'sweep', None)):
     raise ValueError('it defines no sweep() function')
-  variants = module.sweep()
+  takes_arg = bool(inspect.signature(module.sweep).parameters)
+  try:
+    variants = module.sweep(arg) if takes_arg else module.sweep()
+  except Exception as e:
+    raise ValueError(f'sweep({arg!r}) failed: {type(e).__name__}: {e}') from e
   if not isinstance(variants, (list, tuple)) or not variants:
     raise ValueError(f'sweep() must return a non-empty list of dicts, got {variants!r}')
   for i, v in enumerate(variants):
@@ -60,13 +82,25 @@ def variant_name(overrides: dict) -> str:
   return name
 
 
+def config_arg(spec: str) -> str | None:
+  """'configs/x.py:smoke' -> 'smoke'; 'configs/x.py' -> None."""
+  path, colon, arg = spec.partition(':')
+  del path
+  return arg if colon else None
+
+
 def parse(argv=None):
   p = common.parser(__doc__)
   p.add_argument('--backend', choices=sorted(BACKENDS), default='local',
                  help='where each variant runs (default local)')
+  p.add_argument('--parallel', type=int, default=1,
+                 help='variants run at once (default 1: one after another)')
   args = common.parse(p, argv, pass_through=True)
+  if args.parallel < 1:
+    p.error(f'--parallel={args.parallel}: must be at least 1')
+  args.config_arg = config_arg(args.config)
   try:
-    args.variants = load_sweep(args.config_path)
+    args.variants = load_sweep(args.config_path, args.config_arg)
   except ValueError as e:
     p.error(f'--config={args.config}: {e}')
   if args.backend == 'slurm' and any(a.startswith('--script') for a in args.rest):
@@ -88,8 +122,10 @@ def runs(args) -> list[tuple[str, argparse.Namespace]]:
             f'--workdir={args.workdir.rstrip("/")}/{name}', *overrides.values()]
     run = backend.parse(argv)
     # Names and local folders of their own, so that variants do not overwrite each other.
-    if args.backend == 'local' and run.log_dir:
-      run.log_dir = os.path.join(run.log_dir, name)
+    if args.backend == 'local' and (run.log_dir or '://' not in run.workdir):
+      run.log_dir = os.path.join(run.log_dir or run.workdir, name if run.log_dir else 'logs')
+      if args.parallel > 1:   # variants running at once need coordinator ports of their own
+        run.port += i
     elif args.backend == 'tpu':
       run.name = f'{run.name}-{i}'
       if run.local_dir:
@@ -100,19 +136,97 @@ def runs(args) -> list[tuple[str, argparse.Namespace]]:
   return out
 
 
+class Manifest:
+  """WORKDIR/sweep.json, rewritten whole (atomically) at every change; thread-safe."""
+
+  def __init__(self, args, names_overrides):
+    local = '://' not in args.workdir
+    self.path = os.path.join(args.workdir, 'sweep.json') if local and not args.dry_run else None
+    before = {}
+    if self.path and os.path.exists(self.path):
+      with open(self.path) as f:
+        before = {r['name']: r for r in json.load(f)['runs']}
+    self.lock = threading.Lock()
+    self.data = dict(config=args.config, arg=args.config_arg, backend=args.backend,
+                     overrides=args.overrides, runs=[])
+    for name, overrides in names_overrides:
+      old = before.get(name, {})
+      done = old.get('status') == 'done' and old.get('overrides') == overrides
+      self.data['runs'].append(dict(
+          name=name, overrides=overrides, workdir=os.path.join(args.workdir, name),
+          status='done' if done else 'pending', returncode=old.get('returncode') if done else None))
+    self.write()
+
+  def done(self, name: str) -> bool:
+    return self._run(name)['status'] == 'done'
+
+  def _run(self, name):
+    return next(r for r in self.data['runs'] if r['name'] == name)
+
+  def set(self, name: str, status: str, returncode: int | None = None) -> None:
+    with self.lock:
+      self._run(name).update(status=status, returncode=returncode)
+      self.write()
+
+  def write(self):
+    if not self.path:
+      return
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    with open(self.path + '.tmp', 'w') as f:
+      json.dump(self.data, f, indent=1)
+    os.replace(self.path + '.tmp', self.path)
+
+
+def _run_one(name, plan, manifest, dry_run) -> int:
+  if manifest.done(name):
+    print(f'[sweep] variant {name}: done before, skipped', file=sys.stderr, flush=True)
+    return 0
+  if not dry_run:
+    print(f'[sweep] variant {name}', file=sys.stderr, flush=True)
+  manifest.set(name, 'running')
+  try:
+    rc = common.execute(plan, dry_run)
+  except BaseException:
+    manifest.set(name, 'failed', None)
+    raise
+  manifest.set(name, 'failed' if rc else 'done', rc)
+  if rc:
+    print(f'[sweep] variant {name} failed with exit status {rc}', file=sys.stderr, flush=True)
+  return rc
+
+
 def main(argv=None) -> int:
   args = parse(argv)
   backend = BACKENDS[args.backend]
-  plans = [(name, backend.plan(run)) for name, run in runs(args)]  # all checked before any runs
-  failed = []
-  for name, plan in plans:
-    if not args.dry_run:
-      print(f'[sweep] variant {name}', file=sys.stderr, flush=True)
-    if common.execute(plan, args.dry_run):
-      failed.append(name)
+  named = runs(args)
+  plans = [(name, backend.plan(run)) for name, run in named]  # all checked before any runs
+  manifest = Manifest(args, [(name, v) for (name, _), v in zip(named, args.variants)])
+  if args.parallel == 1:    # in this thread: signals reach execute (a TPU slice's cleanup)
+    codes = {name: _run_one(name, plan, manifest, args.dry_run) for name, plan in plans}
+  else:
+    codes = _run_parallel(plans, manifest, args)
+  failed = [name for name, rc in codes.items() if rc]
   if failed:
     print(f'[sweep] failed: {", ".join(failed)}', file=sys.stderr)
   return 1 if failed else 0
+
+
+def _run_parallel(plans, manifest, args) -> dict[str, int]:
+  """Up to args.parallel plans at once; SIGTERM/SIGHUP/Ctrl-C stop all of them."""
+  handlers = common._exit_on_signals()  # pylint: disable=protected-access
+  with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+    futures = {name: pool.submit(_run_one, name, plan, manifest, args.dry_run)
+               for name, plan in plans}
+    try:
+      return {name: f.result() for name, f in futures.items()}
+    except BaseException:          # Ctrl-C / SIGTERM: stop what runs, start nothing more
+      common.STOP.set()
+      for f in futures.values():
+        f.cancel()
+      raise
+    finally:
+      for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ Prints a human summary, then (last line) one JSON object:
   total_params             every parameter (tied embedding counted once)
   active_params            parameters one token uses: all non-expert params, top_k/E of
                            the routed expert params, all shared-expert params
+  router_params            the routers' parameters (all layers)
   forward_flops_per_token  2 x active matmul weights (the paper's convention: excludes the
                            attention score/value products, which depend on sequence length)
   attention_flops_per_token  those products at config.model.max_seq_len (causal, averaged)
@@ -34,22 +35,24 @@ def abstract_params(model_cfg):
 def model_facts(model_cfg) -> dict:
   config_lib.validate_model(model_cfg)
   params = abstract_params(model_cfg)
-  total = active = matmul_active = 0.0
+  total = active = matmul_active = router = 0.0
   moe_frac = (model_cfg.router.top_k / model_cfg.num_experts) if model_cfg.moe_every else 0.0
-  leaves = jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  for leaf in leaves:
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for path, leaf in leaves:
     names = leaf.names if isinstance(leaf, nn.LogicallyPartitioned) else ()
     shape = leaf.value.shape if isinstance(leaf, nn.LogicallyPartitioned) else leaf.shape
     n = float(math.prod(shape))
     share = moe_frac if 'expert' in names else 1.0
     total += n
     active += n * share
+    router += n if any(getattr(k, 'key', None) == 'router' for k in path) else 0.0
     if len([a for a in names if a != 'layers']) >= 2:   # weight matrices, convs, embedding
       matmul_active += n * share
   m = model_cfg
   # Per token per layer, causal: QK^T and AV each 2 * H * K * (mean context (L+1)/2).
   attn = 2 * 2 * m.num_heads * m.head_dim * (m.max_seq_len + 1) / 2 * m.num_layers
-  return dict(total_params=int(total), active_params=int(active),
+  return dict(total_params=int(total), active_params=int(active), router_params=int(router),
               forward_flops_per_token=2.0 * matmul_active,
               attention_flops_per_token=float(attn))
 

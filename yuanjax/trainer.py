@@ -301,7 +301,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         s, n = eval_fn(state.params, to_device(batch))
         total, count = total + float(s), count + float(n)
       loss = total / max(count, 1.0)
-      writer.write(step, {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0)))}, kind='eval')
+      writer.write(step, {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
+                          'tokens': count}, kind='eval')     # tokens: the eval tokens scored
       if is_main:
         tqdm.tqdm.write(f'step {step}/{tcfg.num_steps} | eval loss {loss:.4f}')
       return loss

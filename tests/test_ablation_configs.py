@@ -1,0 +1,54 @@
+"""configs/router_ablation.py and configs/expert_count_ablation.py: variants, sweeps, and the
+`shared` router's parameter matching."""
+import importlib.util
+import os
+
+import pytest
+
+from yuanjax import config_lib, stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize('arg', [None, 'smoke', 'gpu'])
+def test_shared_matches_params_within_1_percent(arg):
+  ablation = load('router_ablation')
+  facts = {}
+  for overrides in ablation.sweep(arg):
+    if overrides['train.seed'] == 0:
+      config = ablation.get_config(arg)
+      config_lib.override(config, overrides)
+      config_lib.validate(config)
+      facts[overrides['model.router.type']] = stats.model_facts(config.model)
+  assert set(facts) == ({'attention', 'linear'} if arg == 'smoke' else
+                        {'attention', 'linear', 'shared'})
+  if 'shared' in facts:
+    for other in ('attention', 'linear'):
+      for key in ('total_params', 'active_params'):
+        assert abs(facts['shared'][key] / facts[other][key] - 1) < 0.01, (other, key)
+
+
+def test_sweeps():
+  router, experts = load('router_ablation'), load('expert_count_ablation')
+  assert len(router.sweep()) == 9 and len(router.sweep('smoke')) == 4
+  assert {v['train.seed'] for v in router.sweep()} == {0, 1, 2}
+  assert [v['model.num_experts'] for v in experts.sweep()] == [8] * 3 + [16] * 3 + [32] * 3
+  assert len(experts.sweep('smoke')) == 4
+  # Both studies train and evaluate the same way.
+  assert experts.get_config().to_dict() == router.get_config().to_dict()
+  assert experts.get_config('smoke').train.num_steps == 4
+
+
+@pytest.mark.parametrize('name', ['router_ablation', 'expert_count_ablation'])
+def test_unknown_variant_is_named(name):
+  with pytest.raises(ValueError, match=f"configs/{name}.py: unknown variant 'big'"):
+    load(name).get_config('big')
+  with pytest.raises(ValueError, match='unknown variant'):
+    load(name).sweep('big')

@@ -1,0 +1,124 @@
+"""yuanjax.report end to end: the smoke router study (2 routers x 2 seeds, 4 steps) through
+launch.sweep, plus one run that fails; the report's numbers recomputed from metrics.jsonl."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from yuanjax import report
+from yuanjax.analysis import stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The smoke study plus a linear-router run whose seed is not an int: it fails at config
+# parsing (exit status != 0), in the `linear` variant's group.
+CONFIG = textwrap.dedent(f'''\
+    import importlib.util
+    _spec = importlib.util.spec_from_file_location(
+        'router_ablation', {os.path.join(REPO, 'configs', 'router_ablation.py')!r})
+    base = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(base)
+    get_config = base.get_config
+
+
+    def sweep(arg=None):
+      return base.sweep(arg) + [{{'model.router.type': 'linear', 'train.seed': 'bad'}}]
+    ''')
+
+
+@pytest.fixture(scope='module')
+def study(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('study')
+  cfg = tmp / 'study.py'
+  cfg.write_text(CONFIG)
+  argv = [sys.executable, '-m', 'launch.sweep', '--backend=local', '--parallel=2',
+          '--num_processes=1', f'--config={cfg}:smoke', f'--workdir={tmp / "sw"}']
+  r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 1, r.stderr[-3000:]       # the bad run failed, the others did not
+  rows = report.report([str(tmp / 'sw')])
+  return tmp / 'sw', rows
+
+
+def final_eval(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f]
+  evals = [r for r in records if r['kind'] == 'eval']
+  return evals[-1], [r for r in records if r['kind'] == 'train']
+
+
+def test_report_numbers_match_metrics(study):
+  sw, rows = study
+  assert [r['variant'] for r in rows] == ['model.router.type=attention',
+                                          'model.router.type=linear']
+  for row, router in zip(rows, ('attention', 'linear')):
+    assert row['seeds'] == [0, 1]
+    evals = [final_eval(sw / f'model.router.type={router}+train.seed={s}') for s in (0, 1)]
+    losses = [e['loss'] for e, _ in evals]
+    assert all(e['step'] == 4 for e, _ in evals)          # the smoke variant's 4 steps
+    np.testing.assert_allclose(row['eval_loss_mean'], np.mean(losses), rtol=1e-12)
+    np.testing.assert_allclose(row['eval_loss_std'], np.std(losses, ddof=1), rtol=1e-12)
+    assert row['eval_tokens'] == evals[0][0]['tokens'] == 2 * 4 * 32   # eval_steps x batch x seq
+    assert row['tokens'] == 4 * 4 * 32
+    # Relative load: the mean over seeds of the late-training load (steps > 3 of 4: step 4).
+    loads = [report.load_matrix(train[-1], 2, 8) for _, train in evals]
+    expected = np.mean([stats.relative_load(l) for l in loads], axis=0)
+    np.testing.assert_allclose(row['relative_load'], expected, rtol=1e-12)
+    np.testing.assert_allclose(row['max_load'],
+                               np.mean([stats.relative_load(l).max() for l in loads]))
+    entropy = [train[-1]['moe/entropy'] for _, train in evals]
+    np.testing.assert_allclose(row['expert_diversity'], np.mean(np.exp(entropy) / 8))
+  assert rows[1]['router_params'] == rows[0]['router_params'] // 3   # W vs Wq, Wk, Wv
+
+
+def test_failed_run_is_flagged_not_averaged(study):
+  sw, rows = study
+  assert rows[0]['runs_not_finished'] == []
+  assert rows[1]['runs_not_finished'] == ['model.router.type=linear+train.seed=bad (failed)']
+  text = (sw / 'report.md').read_text()
+  assert 'model.router.type=linear+train.seed=bad (failed)' in text
+  diff = rows[1]['eval_loss_mean'] - rows[0]['eval_loss_mean']
+  assert f'{diff:+.4f}' in text
+  (c,) = json.loads((sw / 'comparisons.json').read_text())
+  assert c['paired_seeds'] == [0, 1]
+  np.testing.assert_allclose(c['paired_diffs'], np.subtract(rows[1]['eval_losses'],
+                                                            rows[0]['eval_losses']))
+  saved = json.loads((sw / 'report.json').read_text())
+  assert [r['eval_loss_mean'] for r in saved] == [r['eval_loss_mean'] for r in rows]
+  for png in ('eval_loss.png', 'expert_load.png'):
+    assert (sw / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_unfinished_run_is_flagged(study, tmp_path):
+  """A run that exited 0 without its last eval (preempted) is `unfinished`, not averaged."""
+  sw, _ = study
+  manifest = json.loads((sw / 'sweep.json').read_text())
+  name = 'model.router.type=attention+train.seed=1'
+  (tmp_path / name).mkdir()
+  _, train = final_eval(sw / name)
+  with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in train)          # no eval lines at all
+  for run in manifest['runs']:
+    if run['name'] == name:
+      run['workdir'] = str(tmp_path / name)
+  (tmp_path / 'sweep.json').write_text(json.dumps(manifest))
+  rows = report.report([str(tmp_path)])
+  assert rows[0]['seeds'] == [0]
+  assert rows[0]['runs_not_finished'] == [f'{name} (unfinished)']
+  eval0, _ = final_eval(sw / 'model.router.type=attention+train.seed=0')
+  assert rows[0]['eval_loss_mean'] == eval0['loss']
+  assert np.isnan(rows[0]['eval_loss_std'])
+
+
+def test_pooled_std():
+  assert report.pooled_std([1.0, 3.0], [3, 3]) == pytest.approx(np.sqrt(5.0))
+  assert np.isnan(report.pooled_std([float('nan')], [1]))
+
+
+def test_missing_manifest_is_named(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    report.main([str(tmp_path)])
+  assert f'{tmp_path}/sweep.json: no sweep manifest' in capsys.readouterr().err

@@ -1,0 +1,357 @@
+"""Turns sweep directories into an answer: a table over seeds, and two plots.
+
+  python -m yuanjax.report D [D2 ...] [--out=DIR]
+
+Reads each D/sweep.json (written by `launch.sweep`), and per run its metrics.jsonl and its
+config (the sweep's config file, `:arg` and overrides, rebuilt as the trainer built it).
+Runs are grouped by variant: their overrides minus `train.seed`. Writes to --out (default:
+the first D):
+
+  report.json      a list of rows, one per variant (fields below)
+  report.md        the same as a table; each variant's difference from the first one, and
+                   whether it exceeds twice the pooled seed std, with the same-seed
+                   differences (seeds share the data order); failed/unfinished runs
+  comparisons.json those differences
+  eval_loss.png    eval loss vs training tokens, per variant: mean over seeds, band min..max
+  expert_load.png  relative expert load (load / balanced load) per layer x expert, one panel
+                   per variant (DeepSeek-V3 style)
+
+and prints the table. Only finished runs (status `done` in the manifest and an eval line
+at the last step) are averaged; the others are listed by name with their status, never
+averaged in. Load statistics are those of yuanjax.analysis.stats, over the train steps
+logged in the last quarter of training (one batch per logged step), then over seeds.
+
+Row fields: variant, seeds (finished), runs_not_finished, tokens (training tokens per run),
+eval_tokens, eval_loss_mean, eval_loss_std (over seeds, ddof 1), eval_losses, total_params,
+active_params, router_params (yuanjax.stats), tokens_per_s (train, mean over seeds; the
+first logged interval, which includes compilation, left out), max_load (max relative load
+over layers x experts), max_vio (mean over layers), expert_diversity (exp(router entropy)/E),
+dropped_fraction, dead_experts (summed over layers).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+from yuanjax import config_lib, stats as model_stats
+from yuanjax.analysis import stats
+
+SEED_KEY = 'train.seed'
+LATE_FRACTION = 0.25      # load statistics over the last quarter of training
+
+
+@dataclasses.dataclass
+class Run:
+  """One run of a sweep: its manifest entry, config, metrics and whether it finished."""
+  name: str
+  variant: str
+  seed: int | None
+  status: str               # done, failed, unfinished, pending, running
+  config: object
+  train: list[dict]
+  evals: list[dict]
+
+
+# ---------------------------------------------------------------------------- reading runs
+
+def _load_module(path: str):
+  spec = importlib.util.spec_from_file_location('_report_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _literal(text: str):
+  """A --config.KEY=VALUE value as the command line gives it: a Python literal, else a str."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def run_config(manifest: dict, overrides: dict, base_dir: str):
+  """The config a run trained with: get_config(arg), the common overrides, the run's."""
+  path = manifest['config'].partition(':')[0]
+  if not os.path.isabs(path) and not os.path.exists(path):
+    path = os.path.join(base_dir, path)
+  config = _load_module(path).get_config(manifest.get('arg'))
+  common = {}
+  for flag in manifest.get('overrides', []):
+    key, _, value = flag[len('--config.'):].partition('=')
+    common[key] = _literal(value)
+  config_lib.override(config, {**common, **overrides})
+  return config
+
+
+def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
+  """(train records, eval records) of workdir/metrics.jsonl; ([], []) if there is none."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if not os.path.exists(path):
+    return [], []
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  return ([r for r in records if r.get('kind') == 'train'],
+          [r for r in records if r.get('kind') == 'eval'])
+
+
+def variant_of(overrides: dict) -> str:
+  rest = {k: v for k, v in overrides.items() if k != SEED_KEY}
+  return ' '.join(f'{k}={v}' for k, v in rest.items()) or 'base'
+
+
+def load_runs(sweep_dir: str) -> list[Run]:
+  path = os.path.join(sweep_dir, 'sweep.json')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path}: no sweep manifest (is {sweep_dir} a launch.sweep --workdir?)')
+  with open(path) as f:
+    manifest = json.load(f)
+  out = []
+  for r in manifest['runs']:
+    status = r['status']
+    try:
+      config = run_config(manifest, r['overrides'], os.getcwd())
+    except (TypeError, ValueError, KeyError) as e:
+      if status == 'done':
+        raise ValueError(f'{path}: run {r["name"]}: its config cannot be rebuilt: {e}') from e
+      config = None               # a run that failed on its own overrides
+    workdir = r['workdir'] if os.path.isabs(r['workdir']) else os.path.join(
+        sweep_dir, os.path.basename(r['workdir']))
+    train, evals = read_metrics(workdir)
+    if status == 'done' and not any(e['step'] == config.train.num_steps for e in evals):
+      status = 'unfinished'       # exited 0 without an eval at the last step (preempted)
+    out.append(Run(r['name'], variant_of(r['overrides']), r['overrides'].get(SEED_KEY), status,
+                   config, train, evals))
+  return out
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def load_matrix(record: dict, num_layers: int, num_experts: int) -> np.ndarray:
+  """metrics.jsonl's moe/load/layer_<l>/expert_<e> -> [L, E]."""
+  return np.array([[record[f'moe/load/layer_{l}/expert_{e}'] for e in range(num_experts)]
+                   for l in range(num_layers)])
+
+
+def late_records(run: Run) -> list[dict]:
+  start = (1.0 - LATE_FRACTION) * run.config.train.num_steps
+  late = [r for r in run.train if r['step'] > start]
+  return late or run.train[-1:]
+
+
+def num_moe_layers(run: Run) -> int:
+  m = run.config.model
+  return m.num_layers // m.moe_every if m.moe_every else 0
+
+
+def run_stats(run: Run) -> dict:
+  """Per-run figures: final eval, throughput and late-training routing statistics."""
+  m, t = run.config.model, run.config.train
+  final = next(e for e in run.evals if e['step'] == t.num_steps)
+  speeds = [r['tokens_per_sec'] for r in run.train[1:]] or [run.train[-1]['tokens_per_sec']]
+  out = dict(eval_loss=final['loss'], eval_tokens=final.get('tokens'),
+             tokens=t.num_steps * t.batch_size * t.seq_len, tokens_per_s=float(np.mean(speeds)))
+  late = late_records(run)
+  if num_moe_layers(run):
+    load = np.mean([load_matrix(r, num_moe_layers(run), m.num_experts) for r in late], axis=0)
+    rel = stats.relative_load(load)
+    out.update(relative_load=rel, max_load=float(rel.max()),
+               max_vio=float(stats.max_vio(load).mean()),
+               dead_experts=int(stats.dead_experts(load).sum()),
+               expert_diversity=float(np.mean(stats.expert_diversity(
+                   [r['moe/entropy'] for r in late], m.num_experts))),
+               dropped_fraction=float(np.mean([r['moe/dropped_fraction'] for r in late])))
+  return out
+
+
+def pooled_std(stds: list[float], counts: list[int]) -> float:
+  """sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)); nan without any degree of freedom."""
+  dof = sum(n - 1 for n in counts)
+  if dof <= 0:
+    return float('nan')
+  return math.sqrt(sum((n - 1) * s * s for s, n in zip(stds, counts) if n > 1) / dof)
+
+
+def variant_row(variant: str, runs: list[Run]) -> dict:
+  done = [r for r in runs if r.status == 'done']
+  row = dict(variant=variant, seeds=[r.seed for r in done],
+             runs_not_finished=[f'{r.name} ({r.status})' for r in runs if r.status != 'done'])
+  config = next((r.config for r in runs if r.config is not None), None)
+  if config is not None:
+    facts = model_stats.model_facts(config.model)
+    row.update(total_params=facts['total_params'], active_params=facts['active_params'],
+               router_params=facts['router_params'])
+  if not done:
+    return row
+  per_run = [run_stats(r) for r in done]
+  losses = [s['eval_loss'] for s in per_run]
+  row.update(tokens=per_run[0]['tokens'], eval_tokens=per_run[0]['eval_tokens'],
+             eval_losses=losses, eval_loss_mean=float(np.mean(losses)),
+             eval_loss_std=float(np.std(losses, ddof=1)) if len(losses) > 1 else float('nan'),
+             tokens_per_s=float(np.mean([s['tokens_per_s'] for s in per_run])))
+  for key in ('max_load', 'max_vio', 'expert_diversity', 'dropped_fraction', 'dead_experts'):
+    if key in per_run[0]:
+      row[key] = float(np.mean([s[key] for s in per_run]))
+  if 'relative_load' in per_run[0]:
+    row['relative_load'] = np.mean([s['relative_load'] for s in per_run], axis=0).tolist()
+  return row
+
+
+def compare(rows: list[dict]) -> list[dict]:
+  """Each variant vs the first: difference of means, pooled seed std, |diff| > 2 std?"""
+  base = rows[0]
+  out = []
+  for row in rows[1:]:
+    if 'eval_loss_mean' not in row or 'eval_loss_mean' not in base:
+      out.append(dict(variant=row['variant'], diff=None, pooled_std=None, exceeds=None))
+      continue
+    diff = row['eval_loss_mean'] - base['eval_loss_mean']
+    std = pooled_std([base['eval_loss_std'], row['eval_loss_std']],
+                     [len(base['seeds']), len(row['seeds'])])
+    out.append(dict(variant=row['variant'], diff=diff, pooled_std=std,
+                    exceeds=bool(abs(diff) > 2 * std) if math.isfinite(std) else None,
+                    **paired(base, row)))
+  return out
+
+
+def paired(base: dict, row: dict) -> dict:
+  """Same-seed differences (the seed sets init and router noise; the data order is shared):
+  their mean and std over the seeds both variants finished."""
+  losses = [dict(zip(r['seeds'], r['eval_losses'])) for r in (base, row)]
+  common = [s for s in base['seeds'] if s in losses[1]]
+  d = [losses[1][s] - losses[0][s] for s in common]
+  return dict(paired_seeds=common, paired_diffs=d,
+              paired_std=float(np.std(d, ddof=1)) if len(d) > 1 else float('nan'))
+
+
+def group(runs: list[Run]) -> dict[str, list[Run]]:
+  groups: dict[str, list[Run]] = {}
+  for r in runs:
+    groups.setdefault(r.variant, []).append(r)
+  return groups
+
+
+# --------------------------------------------------------------------------------- output
+
+def _fmt(v, spec):
+  return 'n/a' if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+COLUMNS = [('variant', 'variant', 's'), ('seeds', 'seeds', 's'), ('tokens', 'tokens', ',d'),
+           ('eval_tokens', 'eval tokens', ',.0f'), ('eval_loss_mean', 'eval loss', '.4f'),
+           ('eval_loss_std', '± std', '.4f'), ('total_params', 'params', ',d'),
+           ('active_params', 'active', ',d'), ('router_params', 'router', ',d'),
+           ('tokens_per_s', 'tok/s', ',.0f'), ('max_load', 'max load', '.2f'),
+           ('expert_diversity', 'diversity', '.3f'), ('dropped_fraction', 'dropped', '.3f'),
+           ('dead_experts', 'dead', '.1f')]
+
+
+def markdown(rows: list[dict], comparisons: list[dict]) -> str:
+  lines = ['| ' + ' | '.join(h for _, h, _ in COLUMNS) + ' |',
+           '|' + '---|' * len(COLUMNS)]
+  for row in rows:
+    cells = []
+    for key, _, spec in COLUMNS:
+      v = row.get(key)
+      cells.append(','.join(map(str, v)) if key == 'seeds' else _fmt(v, spec))
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  lines += ['', f'Differences from `{rows[0]["variant"]}` (eval loss; pooled seed std; '
+            'exceeds 2 x pooled std?):', '']
+  for c in comparisons:
+    verdict = {True: 'yes', False: 'no', None: 'n/a'}[c['exceeds']]
+    lines.append(f'- `{c["variant"]}`: {_fmt(c["diff"], "+.4f")} '
+                 f'(pooled std {_fmt(c["pooled_std"], ".4f")}; exceeds 2 std: {verdict})')
+    if c.get('paired_diffs'):
+      lines.append(f'  same-seed differences: '
+                   f'{", ".join(_fmt(d, "+.4f") for d in c["paired_diffs"])} '
+                   f'(std {_fmt(c["paired_std"], ".4f")})')
+  missing = [m for row in rows for m in row['runs_not_finished']]
+  lines += ['', 'Runs not finished (not averaged): ' + (', '.join(missing) if missing else 'none')]
+  return '\n'.join(lines) + '\n'
+
+
+def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for variant, runs in groups.items():
+    done = [r for r in runs if r.status == 'done']
+    if not done:
+      continue
+    t = done[0].config.train
+    steps = sorted(set.intersection(*[{e['step'] for e in r.evals} for r in done]))
+    losses = np.array([[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps]
+                       for r in done])
+    tokens = np.array(steps) * t.batch_size * t.seq_len
+    line, = ax.plot(tokens, losses.mean(0), marker='o', label=f'{variant} ({len(done)} seeds)')
+    ax.fill_between(tokens, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
+  ax.set(xlabel='training tokens', ylabel='eval loss', title='Eval loss (mean, band: min..max)')
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def plot_expert_load(rows: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.colors as mcolors
+  import matplotlib.pyplot as plt
+  rows = [r for r in rows if 'relative_load' in r]
+  fig, axes = plt.subplots(len(rows) or 1, 1, figsize=(8, 1.2 + 1.3 * max(len(rows), 1)),
+                           squeeze=False)
+  vmax = max([np.max(r['relative_load']) for r in rows] + [2.0])
+  norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
+  for ax, row in zip(axes[:, 0], rows):
+    im = ax.imshow(np.array(row['relative_load']), cmap='RdBu_r', norm=norm, aspect='auto')
+    ax.set(title=row['variant'], ylabel='layer', xlabel='expert')
+    fig.colorbar(im, ax=ax, label='load / balanced')
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
+  """Reads the sweeps, writes report.json/.md and the plots to out_dir; returns the rows."""
+  runs = [r for d in sweep_dirs for r in load_runs(d)]
+  out_dir = out_dir or sweep_dirs[0]
+  groups = group(runs)
+  rows = [variant_row(v, rs) for v, rs in groups.items()]
+  comparisons = compare(rows)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
+    json.dump(rows, f, indent=1)
+  with open(os.path.join(out_dir, 'comparisons.json'), 'w') as f:
+    json.dump(comparisons, f, indent=1)
+  text = markdown(rows, comparisons)
+  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
+    f.write(text)
+  plot_eval_loss(groups, os.path.join(out_dir, 'eval_loss.png'))
+  plot_expert_load(rows, os.path.join(out_dir, 'expert_load.png'))
+  print(text)
+  return rows
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('sweep_dirs', nargs='+', help='launch.sweep --workdir directories')
+  p.add_argument('--out', default=None, help='where the report goes (default: the first dir)')
+  args = p.parse_args(argv)
+  try:
+    report(args.sweep_dirs, args.out)
+  except (FileNotFoundError, ValueError) as e:
+    p.error(str(e))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
