@@ -164,3 +164,17 @@ def memory_bars(per_device_gib: Mapping[str, Mapping[str, float]],
   ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   return fig
+
+
+def mean_with_band(series: Mapping[str, tuple[Sequence[float], np.ndarray]], *,
+                   xlabel='training tokens', ylabel='eval loss', title=''):
+  """{name: (x [N], y [S, N])}: the mean over S seeds with a min..max band."""
+  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  for name, (x, y_SxN) in series.items():
+    y = np.asarray(y_SxN, np.float64).reshape(-1, len(x))
+    line, = ax.plot(x, y.mean(0), marker='o', label=f'{name} ({y.shape[0]} seeds)')
+    ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+  ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+  ax.legend(fontsize='small')
+  fig.tight_layout()
+  return fig
