@@ -2,6 +2,11 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -26,6 +31,8 @@
 # Without it the notebook runs the study's `:smoke` variant itself (2 routers × 2 seeds on a tiny
 # model; 60 steps each here, 4 in smoke mode): curves and table work, but the numbers answer
 # nothing at that size. It needs a checkout of the repository (`launch/`, `configs/`).
+# The outputs committed with this notebook read the CPU study of `configs/router_ablation.py`
+# (3 routers × 3 seeds × 80 steps) run on a 2-core CPU: `docs/ablations.md` discusses it.
 
 # %%
 # Install yuanjax where it is missing (Colab); a no-op where it imports (CI, a local checkout).
@@ -68,6 +75,7 @@ if not SWEEP_DIRS:
 
 runs = [r for d in SWEEP_DIRS for r in report.load_runs(d)]
 groups = report.group(runs)
+short = lambda variant: variant.split()[0].replace('model.router.type=', '')   # legends
 print(f'{len(runs)} runs in {len(groups)} variants from {SWEEP_DIRS}')
 
 # %% [markdown]
@@ -99,12 +107,12 @@ for variant, rs in groups.items():
   steps = sorted(set.intersection(*[{e['step'] for e in r.evals} for r in done]))
   losses = np.array([[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps]
                      for r in done])
-  series[variant] = (np.array(steps) * t.batch_size * t.seq_len, losses)
+  series[short(variant)] = (np.array(steps) * t.batch_size * t.seq_len, losses)
 fig = plots.mean_with_band(series, title='eval loss')
 
 # %%
-fig = plots.curves({f'{r.variant} seed {r.seed}': ([x['step'] for x in r.train],
-                                                    [x['loss'] for x in r.train])
+fig = plots.curves({f'{short(r.variant)} seed {r.seed}':
+                    ([x['step'] for x in r.train], [x['loss'] for x in r.train])
                     for r in runs if r.train}, title='training loss per run')
 
 # %% [markdown]
@@ -117,4 +125,4 @@ fig = plots.curves({f'{r.variant} seed {r.seed}': ([x['step'] for x in r.train],
 for row in rows:
   if 'relative_load' in row:
     fig = plots.relative_load_heatmap(np.array(row['relative_load']),
-                                      title=f"{row['variant']}: relative load")
+                                      title=f"{short(row['variant'])}: relative load")

@@ -50,3 +50,4 @@ def test_domain_bars_and_bands():
   y = np.array([[3.0, 2.0], [5.0, 4.0]])
   fig = plots.mean_with_band({'a': ([10, 20], y)})
   np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [4.0, 3.0])
+  assert fig.legends[0].get_texts()[0].get_text() == 'a (2 seeds)'

@@ -134,14 +134,13 @@ def colored_tokens(pieces: Sequence[str], experts: Sequence[int], num_experts: i
 def curves(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel='step',
            ylabel='loss', title='', logy=False):
   """One line per run: {name: (x, y)}."""
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig, ax = plt.subplots(figsize=(8, 3.5), layout='constrained')
   for name, (x, y) in runs.items():
     ax.plot(x, y, label=name)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   if logy:
     ax.set_yscale('log')
-  ax.legend()
-  fig.tight_layout()
+  fig.legend(loc='outside right upper', fontsize='small')
   return fig
 
 
@@ -169,12 +168,11 @@ def memory_bars(per_device_gib: Mapping[str, Mapping[str, float]],
 def mean_with_band(series: Mapping[str, tuple[Sequence[float], np.ndarray]], *,
                    xlabel='training tokens', ylabel='eval loss', title=''):
   """{name: (x [N], y [S, N])}: the mean over S seeds with a min..max band."""
-  fig, ax = plt.subplots(figsize=(6.5, 3.8))
+  fig, ax = plt.subplots(figsize=(8, 3.8), layout='constrained')
   for name, (x, y_SxN) in series.items():
     y = np.asarray(y_SxN, np.float64).reshape(-1, len(x))
     line, = ax.plot(x, y.mean(0), marker='o', label=f'{name} ({y.shape[0]} seeds)')
     ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-  ax.legend(fontsize='small')
-  fig.tight_layout()
+  fig.legend(loc='outside right upper', fontsize='small')
   return fig
