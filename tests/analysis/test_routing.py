@@ -60,7 +60,7 @@ def test_routing_equals_sown_intermediates(rtype, moe_every):
 
 def test_routing_load_matches_the_models_own_statistics():
   cfg, model, params, tokens = _setup()
-  r = routing_lib.routing(model, params, tokens)
+  r = routing_lib.routing(model, params, tokens, per_token_attention=True)   # compiled above
   _, aux = jax.jit(model.apply)({'params': params}, tokens)
   np.testing.assert_allclose(stats.expert_load(r.experts_MxBxLxK, cfg.num_experts),
                              aux['moe']['load'], atol=1e-6)
