@@ -4,8 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo clean
+.PHONY: install test demo notebooks clean
 DEMO_DIR ?= workdir/demo
+NOTEBOOK_DIR ?= workdir/notebooks
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,6 +21,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m yuanjax.train --config=configs/demo.py --workdir=$(DEMO_DIR)
+
+# Executes notebooks/*.py for real (minutes each on a CPU) and writes the paired .ipynb with
+# their outputs; their training runs live in $(NOTEBOOK_DIR) (delete it to start over).
+notebooks: $(STAMP)
+	YUANJAX_NOTEBOOK_DIR=$(abspath $(NOTEBOOK_DIR)) $(BIN)/python -m yuanjax.analysis.notebook
 
 clean:
 	rm -rf $(VENV) build *.egg-info

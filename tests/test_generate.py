@@ -227,6 +227,13 @@ def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
   want = gen.generate(setup['model'], setup['params'], [tok.encode(t) for t in texts],
                       max_new_tokens=NEW, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
   assert [r['tokens'] for r in recs] == want
+  # An earlier checkpoint by step (router saturation reads them); a missing one is named.
+  tok_path = str(hf_dirs / 'tok.model')
+  _, p1, _ = gen.load_checkpoint(str(tmp_path), step=1, tokenizer=tok_path)
+  half = jax.tree_util.tree_map(lambda a: a / 2, setup['params'])
+  jax.tree_util.tree_map(np.testing.assert_array_equal, p1, half)
+  with pytest.raises(FileNotFoundError, match='no checkpoint of step 3'):
+    gen.load_checkpoint(str(tmp_path), step=3, tokenizer=tok_path)
 
 
 def test_trainer_sample_uses_cached_generation(setup):

@@ -247,10 +247,10 @@ def strip_eod(ids: Sequence[int], eod_id: int | None) -> list[int]:
 # ---------------------------------------------------------------- loading
 
 
-def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None):
-  """(model, params, tokenizer) of the newest checkpoint of a yuanjax training workdir
-  (WORKDIR/checkpoints/<step>/{state,meta}, yuanjax.checkpoint). The tokenizer is the data
-  config's (yuanjax.data.pipeline.resolve_data), or `tokenizer` (a .model path)."""
+def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None, step: int | None = None):
+  """(model, params, tokenizer) of the newest checkpoint (or that of `step`) of a yuanjax
+  training workdir (WORKDIR/checkpoints/<step>/{state,meta}, yuanjax.checkpoint). The tokenizer
+  is the data config's (yuanjax.data.pipeline.resolve_data), or `tokenizer` (a .model path)."""
   import orbax.checkpoint as ocp
   from yuanjax.data import pipeline
   from yuanjax.data.tokenizer import Tokenizer
@@ -260,9 +260,12 @@ def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None):
                  if os.path.basename(d).isdigit())
   if not steps:
     raise FileNotFoundError(f'{workdir}: no checkpoints under {ckpt_dir}')
-  step_dir = os.path.join(ckpt_dir, str(steps[-1]))
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'{workdir}: no checkpoint of step {step} (there are {steps})')
+  step = steps[-1] if step is None else step
+  step_dir = os.path.join(ckpt_dir, str(step))
   with ocp.CheckpointManager(ckpt_dir) as mngr:
-    meta = mngr.restore(steps[-1], args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
   config = ml_collections.ConfigDict(json.loads(meta['config']))
   config_lib.override(config.model, overrides, 'config.model')
   abstract = hf.abstract_params(config.model)
@@ -277,8 +280,10 @@ def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None):
 
 
 def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict | None = None,
-                    tokenizer: str | None = None):
+                    tokenizer: str | None = None, step: int | None = None):
   """(model, params, tokenizer) of an HF dir, a converted dir or a training workdir.
+
+  step: for a workdir, that checkpoint instead of the newest (an error for other dirs).
 
   tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
   it is loaded with Yuan's '<n>' newline convention, for workdirs as our trained ones are).
@@ -289,12 +294,14 @@ def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict |
   path = os.fspath(path)
   overrides = dict(overrides or {})
   if os.path.isfile(os.path.join(path, 'config.json')):
+    if step is not None:
+      raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
     model, params = hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides)
     tok = Tokenizer(tokenizer, newline_token='<n>') if tokenizer else hf.load_tokenizer(path)
   elif os.path.isdir(os.path.join(path, 'checkpoints')):
     if exact_hf_rope:
       overrides['rope_hf_bf16'] = True
-    model, params, tok = _load_workdir(path, overrides, tokenizer)
+    model, params, tok = _load_workdir(path, overrides, tokenizer, step)
   else:
     raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
                             'training workdir (checkpoints/)')

@@ -26,3 +26,50 @@ def test_expert_diversity_bounds():
   assert np.isclose(stats.expert_diversity(np.log(E), E), 1.0)
   assert np.isclose(stats.expert_diversity(0.0, E), 1 / E)
   np.testing.assert_allclose(stats.expert_diversity(np.log([2.0, 4.0]), E), [0.25, 0.5])
+
+
+# Routing-decision statistics on a hand-made routing: 1 layer, 4 tokens, top-2 of 4 experts.
+EXPERTS = np.array([[[0, 1], [0, 1], [0, 2], [3, 1]]])       # [M=1, N=4, K=2]
+
+
+def test_expert_load_and_token_share_by_hand():
+  np.testing.assert_allclose(stats.expert_load(EXPERTS, 4), [[3 / 8, 3 / 8, 1 / 8, 1 / 8]])
+  np.testing.assert_allclose(stats.token_share(EXPERTS, 4), [[3 / 4, 3 / 4, 1 / 4, 1 / 4]])
+  mask = np.array([True, True, False, False])
+  np.testing.assert_allclose(stats.expert_load(EXPERTS, 4, mask), [[0.5, 0.5, 0, 0]])
+  # -1 (no expert) is not a slot.
+  np.testing.assert_allclose(stats.expert_load(np.array([[[2, -1]]]), 4), [[0, 0, 1, 0]])
+
+
+def test_coactivation_by_hand():
+  p = stats.coactivation(EXPERTS, 4)[0]
+  # Expert 0 fires on tokens 0, 1, 2; with 1 on two of them, with 2 on one.
+  np.testing.assert_allclose(p[0], [0, 2 / 3, 1 / 3, 0])
+  np.testing.assert_allclose(p[1], [2 / 3, 0, 0, 1 / 3])
+  np.testing.assert_allclose(p[2], [1, 0, 0, 0])
+  np.testing.assert_allclose(p[3], [0, 1, 0, 0])
+  never = stats.coactivation(np.array([[[0, 1]]]), 3)[0]
+  np.testing.assert_allclose(never[2], 0.0)                   # expert 2 never fires
+
+
+def test_router_entropy_by_hand():
+  probs = np.array([[[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25]],
+                    [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]]])    # [M=2, N=2, E=4]
+  np.testing.assert_allclose(stats.router_entropy(probs), [np.log(4) / 2, np.log(2)])
+  np.testing.assert_allclose(stats.router_entropy(probs, np.array([True, False])), [0, np.log(2)])
+
+
+def test_saturation():
+  np.testing.assert_allclose(stats.saturation(EXPERTS, EXPERTS), [1.0])
+  # Order within the top-k does not matter; one of the 8 final choices differs.
+  earlier = np.array([[[1, 0], [0, 1], [0, 3], [1, 3]]])
+  np.testing.assert_allclose(stats.saturation(earlier, EXPERTS), [7 / 8])
+  other = np.array([[[0, 3], [2, 3], [2, 3], [1, 2]]])
+  np.testing.assert_allclose(stats.saturation(other, EXPERTS), [3 / 8])
+
+
+def test_same_expert_as_previous():
+  first = np.array([[[[0, 1], [0, 2], [1, 0], [1, 3]], [[2, 0], [2, 1], [2, 3], [0, 1]]]])
+  np.testing.assert_allclose(stats.same_expert_as_previous(first), [4 / 6])
+  mask = np.array([[True, True, True, True], [True, True, False, False]])
+  np.testing.assert_allclose(stats.same_expert_as_previous(first, mask), [3 / 4])

@@ -58,6 +58,22 @@ def test_attention_router_matches_numpy_equation():
   assert rel_err(r.probs_TxE, _attention_router_numpy(nn.unbox(v)['params'], u)) < 1e-5
 
 
+def test_attention_router_sows_its_expert_matrix():
+  """The sown E×E matrix is the equation's softmax_row(q kᵀ), token by token."""
+  cfg, router, v, u = _init('attention', T=6)
+  p = {n: np.asarray(w, np.float64) for n, w in nn.unbox(v)['params'].items()}
+  r_plain = router.apply(v, u)
+  r, state = router.apply(v, u, mutable=['intermediates'])
+  (attn_TxExE,) = state['intermediates']['expert_attention']
+  u64 = np.asarray(u, np.float64)
+  s_TxExE = (u64 @ p['wq'])[:, :, None] * (u64 @ p['wk'])[:, None, :]
+  want = np.exp(s_TxExE - s_TxExE.max(-1, keepdims=True))
+  want /= want.sum(-1, keepdims=True)
+  assert attn_TxExE.shape == (6, cfg.num_experts, cfg.num_experts)
+  assert rel_err(attn_TxExE, want) < 1e-5
+  np.testing.assert_array_equal(r.probs_TxE, r_plain.probs_TxE)   # sowing changes nothing
+
+
 @pytest.mark.parametrize('rtype', sorted(routers.ROUTERS))
 def test_gradients_reach_router_params(rtype):
   cfg, router, v, u = _init(rtype)

@@ -143,6 +143,9 @@ class AttentionRouter(Router):
     k_TxE = u_TxD @ self.dense_init('wk', (D, E), ('embed', 'router')).astype(f32)
     v_TxE = u_TxD @ self.dense_init('wv', (D, E), ('embed', 'router')).astype(f32)
     attn_TxExE = jax.nn.softmax(q_TxE[:, :, None] * k_TxE[:, None, :], axis=-1)
+    # For inspection (dead code unless 'intermediates' is mutable): row i is how expert i's
+    # logit mixes the experts' values for this token (`yuanjax.analysis.routing`).
+    self.sow('intermediates', 'expert_attention', attn_TxExE)
     return jnp.einsum('tij,tj->ti', attn_TxExE, v_TxE)
 
 

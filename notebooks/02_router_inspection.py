@@ -1,0 +1,195 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Router inspection: what the Attention Router does
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/yuanjax/yuanjax/blob/main/notebooks/02_router_inspection.ipynb)
+#
+# Opens a checkpoint and draws what an MoE researcher looks at first: relative expert load per
+# layer, a text coloured by each token's first-choice expert (Mixtral §5), expert co-activation
+# (OLMoE), the Attention Router's expert×expert matrix (what sets Yuan's router apart), entropy
+# and diversity per layer, domain specialisation (code vs. prose), and router saturation over
+# training (OLMoE).
+#
+# `YUANJAX_CHECKPOINT=PATH`: a training workdir, a converted (`python -m yuanjax.convert from-hf`)
+# or a raw Yuan2-M32-hf directory (the 40 B model needs ~160 GB of host memory in float32).
+# Without it, notebook 01's workdir is opened (trained first if missing).
+# `YUANJAX_TEXT_SETS=a.txt,b.txt`: compare two text files of your own instead of code vs. prose.
+
+# %%
+# Install yuanjax where it is missing (Colab); a no-op where it imports (CI, a local checkout).
+try:
+  import yuanjax  # noqa: F401
+except ImportError:
+  import subprocess
+  import sys
+  subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q',
+                         'yuanjax[notebooks] @ git+https://github.com/yuanjax/yuanjax'])
+
+# %%
+import os
+
+import numpy as np
+from IPython.display import Markdown, display
+
+from yuanjax import generate
+from yuanjax.analysis import notebook, plots, texts
+from yuanjax.analysis import routing as routing_lib
+from yuanjax.analysis import stats
+from yuanjax.data import corpus
+
+SMOKE = notebook.smoke()
+CHECKPOINT = os.environ.get('YUANJAX_CHECKPOINT')
+TEXT_SETS = os.environ.get('YUANJAX_TEXT_SETS')
+ROWS, SEQ_LEN = (2, 32) if SMOKE else (16, 256)       # texts per domain, tokens per text
+
+if CHECKPOINT is None:
+  CHECKPOINT = notebook.workdir('quickstart')
+  notebook.train_or_open(notebook.quickstart_config(SMOKE), CHECKPOINT)
+model, params, tok = generate.load_checkpoint(CHECKPOINT)
+cfg = model.config
+E, K = cfg.num_experts, cfg.router.top_k
+print(f'{CHECKPOINT}: {cfg.num_layers} layers, {E} experts, top-{K}, {cfg.router.type} router')
+
+# %% [markdown]
+# ## Two text sets
+#
+# By default: Python code and the prose inside it (docstrings and comments), split by
+# `yuanjax.analysis.texts` from standard-library files past the first 1 MB that the quickstart
+# model trained on.
+
+# %%
+if TEXT_SETS:
+  paths = TEXT_SETS.split(',')
+  domains = {}
+  for p in paths:
+    with open(p, encoding='utf-8') as f:
+      domains[os.path.basename(p)] = f.read()
+else:
+  files = corpus.stdlib_sources(max_bytes=3_000_000)[-60:]
+  code, prose = texts.code_and_prose(files, max_chars=ROWS * SEQ_LEN * 6)
+  domains = {'code': code, 'prose': prose}
+rows = {name: texts.chunks(text, ROWS, SEQ_LEN * 4) for name, text in domains.items()}
+names = list(rows)
+tokens, segment_ids = routing_lib.batch_texts(tok, sum(rows.values(), []), SEQ_LEN)
+r = routing_lib.routing(model, params, tokens, segment_ids)
+row_domain = np.repeat(np.arange(len(names)), [len(rows[n]) for n in names])
+print({n: len(rows[n]) for n in names}, 'rows of', SEQ_LEN, 'tokens;',
+      int(r.mask_BxL.sum()), 'real tokens;', len(r.layers_M), 'MoE layers')
+
+# %% [markdown]
+# ## Relative expert load per layer
+#
+# Each expert's share of the routed slots divided by the balanced share k/E (DeepSeek-V3):
+# 1 (white) is balanced, red overloaded, blue starved. MaxVio = max ÷ mean − 1.
+
+# %%
+load = stats.expert_load(r.experts_MxBxLxK, E, r.mask_BxL)
+fig = plots.relative_load_heatmap(stats.relative_load(load), r.layers_M)
+entropy = stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL)
+same = stats.same_expert_as_previous(r.experts_MxBxLxK, r.mask_BxL)
+display(Markdown(notebook.markdown_table(
+    ['layer', 'MaxVio', 'dead experts', 'router entropy (nats)', 'diversity exp(H)/E',
+     'same 1st expert as previous token'],
+    [[int(layer), float(v), int(d), float(h), float(dv), float(s)] for layer, v, d, h, dv, s in
+     zip(r.layers_M, stats.max_vio(load), stats.dead_experts(load), entropy,
+         stats.expert_diversity(entropy, E), same)])))
+
+# %% [markdown]
+# ## Tokens coloured by their first-choice expert (Mixtral §5)
+#
+# Mixtral found little topic specialisation but strong syntax-driven patterns (indentation,
+# keywords, consecutive tokens sharing an expert). First and last MoE layer of one text:
+
+# %%
+row = 0
+n = int(r.mask_BxL[row].sum())
+pieces = notebook.token_pieces(tok, tokens[row, :n].tolist())
+for m in sorted({0, len(r.layers_M) - 1}):
+  fig = plots.colored_tokens(pieces, r.experts_MxBxLxK[m, row, :n, 0], E,
+                             title=f'{names[0]}, layer {r.layers_M[m]}: first-choice expert')
+
+# %% [markdown]
+# ## Expert co-activation (OLMoE)
+#
+# P(expert j fires | expert i fires) over the tokens routed to i. With top-2 routing a bright
+# cell means i and j are usually picked together: they may have learned overlapping skills.
+
+# %%
+coact = stats.coactivation(r.experts_MxBxLxK, E, r.mask_BxL)
+fig = plots.matrix_grid(coact, r.layers_M, title='co-activation P(j | i)', label='P(j | i)',
+                        vmin=0.0, vmax=1.0)
+
+# %% [markdown]
+# ## The Attention Router's expert × expert matrix
+#
+# Yuan's router computes q, k, v ∈ R^E from the token and the expert logits as
+# `softmax_row(q kᵀ) v`: row i says how much expert i's logit borrows from every expert's value,
+# so the router can model how experts relate (a linear router scores each expert alone). Below:
+# that matrix averaged over the real tokens. A diagonal-heavy matrix behaves like a linear router;
+# off-diagonal mass is the correlation the paper argues for.
+
+# %%
+if r.attention_MxExE is not None:
+  fig = plots.matrix_grid(r.attention_MxExE, r.layers_M, title='mean softmax(q kᵀ)',
+                          label='attention weight', cmap='magma', vmin=0.0)
+  diag = np.diagonal(r.attention_MxExE, axis1=1, axis2=2).mean(-1)
+  print('mean diagonal weight per layer:', np.round(diag, 3), f'(uniform: {1 / E:.3f})')
+else:
+  print(f'{cfg.router.type} router: no expert x expert matrix (Attention Router only)')
+
+# %% [markdown]
+# ## Router entropy and expert diversity per layer
+#
+# Entropy of the router's probabilities (log E = uniform) and exp(H)/E: the share of experts the
+# router effectively spreads its probability over. Low values mean confident routing.
+
+# %%
+fig = plots.per_layer({'entropy (nats)': entropy}, r.layers_M, ylabel='nats',
+                      title='router entropy', hlines={f'log E = {np.log(E):.2f}': np.log(E)})
+fig = plots.per_layer({'diversity exp(H)/E': stats.expert_diversity(entropy, E),
+                       'same first expert as previous token': same}, r.layers_M,
+                      ylabel='fraction', title='diversity and consecutive-token agreement',
+                      hlines={'1/E (chance agreement)': 1 / E})
+
+# %% [markdown]
+# ## Domain specialisation (OLMoE)
+#
+# Each expert's share of the tokens of each text set; the dashed line is the uniform k/E. An
+# expert far above it on one set and not the other specialises in that domain.
+
+# %%
+for m in sorted({0, len(r.layers_M) - 1}):
+  shares = {name: stats.token_share(r.experts_MxBxLxK[m:m + 1],
+                                    E, r.mask_BxL & (row_domain == i)[:, None])[0]
+            for i, name in enumerate(names)}
+  fig = plots.domain_bars(shares, K / E, title=f'layer {r.layers_M[m]}: share of tokens per expert')
+
+# %% [markdown]
+# ## Router saturation over training (OLMoE)
+#
+# For each checkpoint of a training workdir: the share of the final checkpoint's top-k choices
+# (same tokens) that this checkpoint already makes. OLMoE saw it pass 60% within 1% of training;
+# where it stays low the routing is still moving.
+
+# %%
+steps = notebook.checkpoint_steps(CHECKPOINT)
+if len(steps) >= 2:
+  sat = []
+  for step in steps:
+    m_s, p_s, _ = generate.load_checkpoint(CHECKPOINT, step=step)
+    r_s = routing_lib.routing(m_s, p_s, tokens, segment_ids)
+    sat.append(stats.saturation(r_s.experts_MxBxLxK, r.experts_MxBxLxK, r.mask_BxL))
+  fig = plots.over_steps(steps, np.array(sat), r.layers_M, ylabel='saturation',
+                         title='router saturation vs. the final checkpoint')
+  print('saturation at the first checkpoint:', np.round(sat[0], 3))
+else:
+  print('one checkpoint only: saturation needs a training workdir with several')

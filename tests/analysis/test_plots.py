@@ -1,0 +1,53 @@
+"""yuanjax.analysis.plots: each figure draws the numbers it is given."""
+import matplotlib
+
+matplotlib.use('Agg')
+
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from yuanjax.analysis import plots  # noqa: E402
+
+
+def teardown_function():
+  plt.close('all')
+
+
+def test_relative_load_heatmap_shows_the_matrix_centred_at_one():
+  rel = np.array([[1.0, 2.0, 0.5, 0.5], [0.0, 4.0, 0.0, 0.0]])
+  fig = plots.relative_load_heatmap(rel, layers_M=[1, 3])
+  im = fig.axes[0].images[0]
+  np.testing.assert_array_equal(im.get_array(), rel)
+  assert isinstance(im.norm, mcolors.TwoSlopeNorm) and im.norm.vcenter == 1.0
+  assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['1', '3']
+
+
+def test_matrix_grid_spreads_panels_over_the_depth():
+  mats = np.arange(10 * 3 * 3, dtype=float).reshape(10, 3, 3)
+  fig = plots.matrix_grid(mats, max_panels=3)
+  panels = [ax for ax in fig.axes if ax.images]
+  assert [ax.get_title() for ax in panels] == ['layer 0', 'layer 4', 'layer 9']   # 0, 4.5, 9
+  np.testing.assert_array_equal(panels[2].images[0].get_array(), mats[9])
+
+
+def test_colored_tokens_wraps_and_colours_by_expert():
+  fig = plots.colored_tokens(['def', ' f', '():\n', '  x'], [0, 1, 1, -1], 2, width=5)
+  texts = fig.axes[0].texts
+  assert [t.get_text() for t in texts] == ['def', ' f', '():', '  x']
+  rows = [t.get_position()[1] for t in texts]
+  assert rows == [0, 0, 1, 2]              # ' f' fits in 5 columns; '():' wraps; '\n' breaks
+  colors = plots.expert_colors(2)
+  assert texts[1].get_bbox_patch().get_facecolor()[:3] == colors[1][:3]
+  assert texts[3].get_bbox_patch().get_facecolor()[:3] == (0.85, 0.85, 0.85)
+
+
+def test_domain_bars_and_bands():
+  shares = {'code': np.array([0.5, 0.1, 0.4]), 'prose': np.array([0.2, 0.6, 0.2])}
+  fig = plots.domain_bars(shares, uniform=2 / 3)
+  heights = [p.get_height() for p in fig.axes[0].patches]
+  np.testing.assert_allclose(heights, [0.5, 0.1, 0.4, 0.2, 0.6, 0.2])
+  y = np.array([[3.0, 2.0], [5.0, 4.0]])
+  fig = plots.mean_with_band({'a': ([10, 20], y)})
+  np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [4.0, 3.0])
+  assert fig.legends[0].get_texts()[0].get_text() == 'a (2 seeds)'
