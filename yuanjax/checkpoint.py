@@ -1,6 +1,8 @@
 """Orbax checkpoints: train state and grain iterator state saved together, async.
 
-Layout: WORKDIR/checkpoints/<step>/{state,data,meta}. Orbax writes each save into a
+This module owns the workdir's checkpoint layout: WORKDIR/checkpoints/<step>/{state,data,meta}
+(`for_workdir(workdir)` for the trainer, `restore_params(workdir, ...)` for generate; relative
+workdirs are made absolute here, as Orbax requires). Orbax writes each save into a
 temporary directory and renames it when complete, so a save cut short (SIGKILL mid-save)
 never looks like a checkpoint. A checkpoint that looks complete but cannot be read (a file
 truncated or removed) is reported, moved aside to `<step>.unreadable-<n>` (never deleted),
@@ -31,6 +33,63 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 
+CHECKPOINTS = 'checkpoints'
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written; the ones already saved are intact."""
+
+
+def directory(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute (Orbax refuses relative paths)."""
+  path = os.path.join(workdir, CHECKPOINTS)
+  return path if '://' in path else os.path.abspath(path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  return os.path.isdir(directory(workdir))
+
+
+def steps(workdir: str) -> list[int]:
+  """The finished checkpoints' steps, oldest first (temporary and moved-aside dirs excluded)."""
+  names = os.listdir(directory(workdir)) if has_checkpoints(workdir) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def for_workdir(workdir: str, *, keep: int, async_save: bool = True) -> 'Checkpointer':
+  return Checkpointer(directory(workdir), keep=keep, async_save=async_save)
+
+
+def read_meta(workdir: str, step: int) -> dict:
+  with ocp.CheckpointManager(directory(workdir)) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore_params(workdir: str, make_abstract):
+  """(step, params, meta) of the newest readable checkpoint of a training workdir, read-only:
+  an unreadable one is reported and the previous one tried (nothing is moved).
+  `make_abstract(meta)` gives the abstract params (ShapeDtypeStructs) for that checkpoint."""
+  found = steps(workdir)
+  if not found:
+    raise FileNotFoundError(f'{workdir}: no checkpoints under {directory(workdir)}')
+  for step in reversed(found):
+    try:
+      meta = read_meta(workdir, step)
+      abstract = make_abstract(meta)
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+      with ocp.PyTreeCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(directory(workdir), str(step), 'state'),
+                              args=ocp.args.PyTreeRestore(item={'params': abstract},
+                                                          restore_args={'params': args},
+                                                          partial_restore=True))
+      return step, state['params'], meta
+    except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
+      logging.error('checkpoint %s/%d is unreadable (%s: %s); trying the previous one',
+                    directory(workdir), step, type(e).__name__, str(e).splitlines()[0][:300]
+                    if str(e) else '')
+  raise FileNotFoundError(f'{workdir}: no readable checkpoint among steps {found}')
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int, async_save: bool = True):
@@ -45,10 +104,15 @@ class Checkpointer:
                                              enable_async_checkpointing=self._async))
 
   def save(self, step: int, state, data_iterator, meta: dict) -> None:
-    self.mngr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)))
+    """Starts saving `step` (async); a failure of this or an earlier save is a SaveError."""
+    with self._reporting(step):
+      self.mngr.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)))
+
+  def _reporting(self, step):
+    return _SaveErrors(self, step)
 
   def restore_latest(self, abstract_state, data_iterator):
     """(step, state, meta) of the newest readable checkpoint, or None if there is none."""
@@ -100,11 +164,36 @@ class Checkpointer:
     return dst
 
   def wait(self):
-    self.mngr.wait_until_finished()
+    with self._reporting(None):
+      self.mngr.wait_until_finished()
 
   def close(self):
-    self.mngr.wait_until_finished()
+    self.wait()
     self.mngr.close()
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+
+class _SaveErrors:
+  """Turns any failure while saving into a SaveError naming the directory and what is kept."""
+
+  def __init__(self, ckpt: Checkpointer, step):
+    self.ckpt, self.step = ckpt, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is None or not isinstance(error, Exception) or isinstance(error, SaveError):
+      return False
+    kept = sorted(int(n) for n in os.listdir(self.ckpt.directory) if n.isdigit()) \
+        if os.path.isdir(self.ckpt.directory) else []
+    what = 'a checkpoint save' if self.step is None else f'saving step {self.step}'
+    raise SaveError(f'{what} to {self.ckpt.directory} failed ({type(error).__name__}: '
+                    f'{str(error).splitlines()[0][:300] if str(error) else ""}); the checkpoints '
+                    f'already saved are intact (steps {kept}). Fix the disk (space, permissions) '
+                    'and run the same command again to resume from the newest.') from error
 
 
 def _any_process(flag: bool) -> bool:

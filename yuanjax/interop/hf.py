@@ -84,7 +84,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocpv1
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
-from yuanjax import config_lib
+from yuanjax import config_lib, train_state
 from yuanjax.interop import hf_mapping
 from yuanjax.interop.hf_mapping import EMBED, LM_HEAD, HFConfigError, model_config_from_hf
 from yuanjax.interop.hf_weights import HFWeights, SafetensorsShardWriter, is_weight_file, parse_size
@@ -164,10 +164,7 @@ def _get(tree, path: tuple[str, ...]):
   return tree
 
 
-def abstract_params(m: ml_collections.ConfigDict) -> dict:
-  """Unboxed ShapeDtypeStructs of `Transformer(m).init(...)['params']` (nothing allocated)."""
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return nn.unbox(jax.eval_shape(Transformer(m).init, jax.random.key(0), tokens)['params'])
+abstract_params = train_state.abstract_params   # unboxed ShapeDtypeStructs of the model's params
 
 
 def _check_against_model(m) -> None:
@@ -637,6 +634,8 @@ def restore_params(path: str, abstract) -> dict:
 def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object] | None = None):
   """(Transformer, params) from an HF dir or a converted dir.
 
+  The model computes in the checkpoint's own dtype (`torch_dtype` of its config.json; the
+  source's for a converted dir) unless overrides set 'dtype'.
   overrides: dotted config.model fields, e.g. {'dtype': 'float32', 'moe.dispatch': 'dense'}.
   exact_hf_rope: reproduce the released HF runtime's bfloat16 rotary rounding (spec, quirk 3:
   inv_freq, positions, angles and cos/sin rounded to bfloat16), for agreement with it; sets
@@ -645,10 +644,14 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   path = os.fspath(path)
   if is_converted(path):
     with open(os.path.join(path, 'config.json')) as f:
-      m = hf_mapping.model_config_from_saved(json.load(f)['model'])
-    params = None
+      saved = json.load(f)
+    m, params = hf_mapping.model_config_from_saved(saved['model']), None
+    hf_cfg = saved.get('hf', {}).get('config', {})
   else:
     m, params = params_from_hf(path)
+    hf_cfg = _read_hf_config(path)
+  if hf_cfg.get('torch_dtype') in SUPPORTED_DTYPES:
+    m.dtype = hf_cfg['torch_dtype']
   config_lib.override(m, overrides or {}, 'config.model')
   if exact_hf_rope:
     m.rope_hf_bf16 = True
@@ -662,12 +665,15 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
 
 
 def load_tokenizer(path: str):
-  """Yuan's SentencePiece tokenizer of an HF dir or a converted dir (tokenizer.model)."""
-  from yuanjax.data.tokenizer import Tokenizer   # lazily: the data package is optional here
+  """Yuan's tokenizer of an HF dir or a converted dir, exactly as Yuan's runtime builds it:
+  tokenizer.model, newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS:
+  one that the model lacks gets the next id past it, in order; each is encoded as one id)."""
+  from yuanjax.data import tokenizer   # lazily: the data package is optional here
   for candidate in (os.path.join(path, 'tokenizer.model'),
                     os.path.join(path, 'hf_files', 'tokenizer.model')):
     if os.path.isfile(candidate):
-      return Tokenizer(candidate, newline_token='<n>')
+      return tokenizer.Tokenizer(candidate, newline_token='<n>',
+                                 added_tokens=tokenizer.YUAN_ADDED_TOKENS)
   raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)')
 
 
