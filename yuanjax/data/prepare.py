@@ -37,14 +37,13 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
 
+from yuanjax import publish
 from yuanjax.data import corpus
 from yuanjax.data.tokenizer import Tokenizer, train_from_documents
 
@@ -132,11 +131,7 @@ def prepare_documents(
     if num_docs == 0:
         raise corpus.InputError("no non-empty documents in the input")
 
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published directory should not be
+    def write(tmp):
         writer = _ShardWriter(tmp, shard_tokens)
         eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
         skipped = invalid = 0
@@ -183,22 +178,9 @@ def prepare_documents(
         )
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        _publish(tmp, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        return manifest
 
-
-def _publish(tmp: str, final: str, overwrite: bool):
-    """Atomically moves the finished ``tmp`` directory to ``final``."""
-    if overwrite and os.path.exists(final):
-        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
-        os.rename(final, os.path.join(trash, "x"))
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    return publish.directory(output_dir, write, overwrite=overwrite)
 
 
 def prepare(
@@ -350,9 +332,8 @@ def ensure_default_data(
             return result
         t0 = time.perf_counter()
         files = corpus.stdlib_sources(max_bytes)
-        tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
-        try:
-            os.chmod(tmp, 0o755)
+
+        def write(tmp):
             model = train_from_documents(
                 corpus.stdlib_documents(files), os.path.join(tmp, "tokenizer"), vocab_size
             )
@@ -368,13 +349,6 @@ def ensure_default_data(
             manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
             with open(mpath, "w") as f:
                 json.dump(manifest, f, indent=1)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.isfile(os.path.join(result[1], MANIFEST)):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # lost a race with a lock-less builder
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        publish.directory(final, write, keep_existing=True)  # lost a race: the other copy is kept
     return result

@@ -43,12 +43,12 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from yuanjax import publish
 from yuanjax.data import corpus
 
 EOD, SEP, PAD = "<eod>", "<sep>", "<pad>"
@@ -252,21 +252,9 @@ def train_from_documents(
         raise ValueError(f"tokenizer training failed: {e}") from e
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    _atomic_write(output_prefix + ".vocab", vocab.encode("utf-8"))
-    _atomic_write(output_prefix + ".model", model.getvalue())
+    publish.file(output_prefix + ".vocab", vocab.encode("utf-8"))
+    publish.file(output_prefix + ".model", model.getvalue())
     return output_prefix + ".model"
-
-
-def _atomic_write(path: str, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def train_tokenizer(
