@@ -24,16 +24,18 @@ def test_directory_published_whole_with_umask_modes(tmp_path, umask_022):
   assert publish.directory(str(dst), _write) == 'done'
   assert (dst / 'a.txt').read_text() == 'a'
   assert os.stat(dst).st_mode & 0o777 == 0o755 and os.stat(dst / 'a.txt').st_mode & 0o777 == 0o644
-  assert sorted(os.listdir(tmp_path)) == ['out']                     # no temporary left
+  assert sorted(os.listdir(tmp_path)) == ['out']  # no temporary left
   with pytest.raises(FileExistsError, match='out exists; pass --overwrite'):
     publish.directory(str(dst), _write)
 
 
 def test_failure_leaves_nothing_and_overwrite_replaces(tmp_path):
   dst = tmp_path / 'out'
+
   def fail(tmp):
     _write(tmp)
     raise RuntimeError('disk full')
+
   with pytest.raises(RuntimeError, match='disk full'):
     publish.directory(str(dst), fail)
   assert os.listdir(tmp_path) == []
@@ -42,13 +44,14 @@ def test_failure_leaves_nothing_and_overwrite_replaces(tmp_path):
   assert os.listdir(dst) == [] and sorted(os.listdir(tmp_path)) == ['marker', 'out']
   with pytest.raises(RuntimeError):
     publish.directory(str(dst), fail, overwrite=True)
-  assert os.listdir(dst) == []                                        # the old one kept whole
+  assert os.listdir(dst) == []  # the old one kept whole
 
 
 def test_keep_existing_discards_ours(tmp_path):
   dst = tmp_path / 'cache'
   publish.directory(str(dst), _write)
-  publish.directory(str(dst), lambda tmp: (open(os.path.join(tmp, 'b'), 'w').close()),
+  publish.directory(str(dst),
+                    lambda tmp: (open(os.path.join(tmp, 'b'), 'w').close()),
                     keep_existing=True)
   assert os.listdir(dst) == ['a.txt'] and sorted(os.listdir(tmp_path)) == ['cache']
 

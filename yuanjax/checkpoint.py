@@ -21,7 +21,9 @@ launcher's or the coordination service's timeout ends it. Move the step aside by
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import logging
 import os
 import re
@@ -34,6 +36,14 @@ from jax.experimental import multihost_utils
 
 
 CHECKPOINTS = 'checkpoints'
+
+
+class _Everything(set):
+  def __contains__(self, item):
+    return True
+
+
+_EVERYTHING = _Everything()
 
 
 class SaveError(RuntimeError):
@@ -114,14 +124,23 @@ class Checkpointer:
   def _reporting(self, step):
     return _SaveErrors(self, step)
 
-  def restore_latest(self, abstract_state, data_iterator):
-    """(step, state, meta) of the newest readable checkpoint, or None if there is none."""
+  def restore_latest(self, abstract_state, data_iterator, defaults: dict | None = None):
+    """(step, state, meta) of the newest readable checkpoint, or None if there is none.
+
+    defaults: {field: value} for fields of the state dataclass that a checkpoint written by an
+    older version lacks (e.g. the step guard's state): restored without them, then filled in.
+    """
     for step in sorted(self.mngr.all_steps(), reverse=True):
       self._check_process_count(step)
       error = None
+      missing = {f: v for f, v in (defaults or {}).items() if f not in self._stored_fields(step)}
+      target = abstract_state
+      if missing:
+        target = {f.name: getattr(abstract_state, f.name) for f in
+                  dataclasses.fields(abstract_state) if f.name not in missing}
       try:
         r = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(target),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
@@ -133,8 +152,20 @@ class Checkpointer:
         logging.error('checkpoint %s/%d is unreadable (%s); moved it to %s and trying the '
                       'previous one', self.directory, step, why, moved)
         continue
-      return step, r.state, r.meta
+      state = abstract_state.replace(**r.state, **missing) if missing else r.state
+      return step, state, r.meta
     return None
+
+  def _stored_fields(self, step: int) -> set[str]:
+    """The top-level names of a checkpoint's saved state (from Orbax's _METADATA), or every
+    name when they cannot be read here (remote storage, unknown layout)."""
+    path = os.path.join(self.directory, str(step), 'state', '_METADATA')
+    try:
+      with open(path) as f:
+        tree = json.load(f)['tree_metadata']
+      return {v['key_metadata'][0]['key'] for v in tree.values()}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+      return _EVERYTHING
 
   def _check_process_count(self, step: int) -> None:
     """A checkpoint's data states are per process: refuse one written by another count."""

@@ -106,8 +106,6 @@ def eval_step(params, batch, *, model):
   return out['lm_loss'] * out['tokens'], out['tokens']
 
 
-
-
 def check_workdir(workdir: str) -> None:
   """Creates workdir if needed and checks that it can be written, before any compile."""
   if '://' in workdir:
@@ -195,7 +193,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt = ckpt_lib.for_workdir(workdir, keep=config.checkpoint.keep,
                                 async_save=config.checkpoint.async_save)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    restored = ckpt.restore_latest(built.abstract, train_iter)
+    guard0 = jax.device_put(step_guard.init(tcfg.spike_window), shardings.guard)
+    restored = ckpt.restore_latest(built.abstract, train_iter, {'guard': guard0})  # older ckpts
     if restored is None:
       state = jax.jit(built.init, out_shardings=shardings)(jax.random.key(tcfg.seed))
       start = 0
