@@ -1,6 +1,5 @@
 """The step guard's decisions, on numbers (no model)."""
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

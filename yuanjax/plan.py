@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections

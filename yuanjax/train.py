@@ -40,8 +40,7 @@ def main(argv):
   try:
     summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (step_guard.HaltError, checkpoint.SaveError) as e:
-    logging.error('%s', e)
-    sys.exit(f'error: {e}')
+    sys.exit(f'error: {e}')     # exit status 1, the message on stderr
   logging.info('done: %s', {k: v for k, v in summary.items() if k != 'sample'})
 
 
