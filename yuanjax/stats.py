@@ -18,23 +18,14 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 from absl import app
 from ml_collections import config_flags
 
-from yuanjax import config_lib
-from yuanjax.model import Transformer
-
-def abstract_params(model_cfg):
-  """Boxed abstract params (ShapeDtypeStructs carrying logical axis names)."""
-  model = Transformer(model_cfg)
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return jax.eval_shape(model.init, jax.random.key(0), tokens)['params']
-
+from yuanjax import config_lib, train_state
 
 def model_facts(model_cfg) -> dict:
   config_lib.validate_model(model_cfg)
-  params = abstract_params(model_cfg)
+  params = train_state.abstract_params(model_cfg, boxed=True)
   total = active = matmul_active = router = 0.0
   moe_frac = (model_cfg.router.top_k / model_cfg.num_experts) if model_cfg.moe_every else 0.0
   leaves = jax.tree_util.tree_flatten_with_path(

@@ -9,11 +9,12 @@ Cloud TPU pod, in a SLURM job step with several tasks, or with JAX_COORDINATOR_A
 the flags may be left out: `yuanjax.distributed.initialize` asks the environment.
 """
 import logging as std_logging
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from yuanjax import distributed, trainer
+from yuanjax import checkpoint, distributed, step_guard, trainer
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -36,7 +37,10 @@ def main(argv):
   std_logging.getLogger('absl').addFilter(_quiet_orbax)   # Orbax logs through absl
   # Before anything creates a JAX backend (the trainer's first jax.devices()).
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except (step_guard.HaltError, checkpoint.SaveError) as e:
+    sys.exit(f'error: {e}')     # exit status 1, the message on stderr
   logging.info('done: %s', {k: v for k, v in summary.items() if k != 'sample'})
 
 

@@ -1,5 +1,5 @@
-"""The trainer, top to bottom: mesh, data, model and optimizer, state and shardings, the
-pure jitted step, checkpoints, the loop, eval and a greedy sample.
+"""The trainer: the loss, the pure jitted step, and the loop (mesh, data, state, checkpoints,
+logging, eval and a greedy sample, each owned by its own module).
 
   python -m yuanjax.train --config=configs/demo.py --workdir=/tmp/demo
 
@@ -7,7 +7,9 @@ Writes WORKDIR/metrics.jsonl (one JSON object per logged step, eval lines with
 "kind": "eval"), WORKDIR/tb/ (TensorBoard) and WORKDIR/checkpoints/. Started again with the
 same workdir it resumes from the newest readable checkpoint, data iterator included, and
 continues with exactly the losses of an uninterrupted run. SIGTERM/SIGINT save the current
-step and exit 0.
+step and exit 0. A step whose loss or grad norm is not finite halts the run (a HaltError, exit
+non-zero) without saving at or after it, or is skipped (config.train.on_nonfinite; see
+yuanjax.step_guard); a failed checkpoint write is a checkpoint.SaveError.
 
 Multi-process (after `yuanjax.distributed.initialize`): every process runs this same
 function. The batch is made of `train.data_shards` input streams (default one per process);
@@ -15,20 +17,17 @@ each process reads only its own streams and hands its rows to
 `jax.make_array_from_process_local_data`, so the global batch is the same for any number of
 processes with the same streams. Process 0 alone writes metrics, TensorBoard and the console;
 all processes save and restore checkpoints together (Orbax), each with its own data-iterator
-state; a preemption stops all of them at the same step (`_Preemption`).
+state; a preemption stops all of them at the same step (`distributed.Preemption`).
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
-import signal
+import tempfile
 import time
-from typing import Any
 
 import flax.linen as nn
-import flax.struct
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -39,18 +38,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import checkpoint as ckpt_lib
-from yuanjax import config_lib, metrics as metrics_lib, optim, sample as sample_lib, sharding, stats
-from yuanjax.data import pipeline as data_lib
-from yuanjax.model import Transformer
+from yuanjax import config_lib, distributed, metrics as metrics_lib, sample as sample_lib
+from yuanjax import sharding, step_guard, train_state
+from yuanjax.data import streams
+from yuanjax.train_state import TrainState
 
 f32 = jnp.float32
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
 
 
 def loss_fn(params, model, batch, rng, aux_in_loss=True):
@@ -65,8 +58,11 @@ def loss_fn(params, model, batch, rng, aux_in_loss=True):
   return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())
 
 
-def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_accum, seed):
-  """One optimizer step; gradients averaged over `grad_accum` micro-batches (lax.scan)."""
+def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_accum, seed,
+               guard_cfg=None):
+  """One optimizer step; gradients averaged over `grad_accum` micro-batches (lax.scan). The
+  update is applied unless the step guard (guard_cfg: config.train's guard fields, default
+  step_guard.defaults()) skips it or the run has halted."""
   rng = jax.random.fold_in(jax.random.key(seed), state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -87,16 +83,22 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_acc
   init = (jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros((), f32), zeros(aux_shape))
   (grads, loss, aux), _ = jax.lax.scan(micro, init, (micro_batches, jnp.arange(grad_accum)))
 
+  grad_norm = optax.global_norm(grads)
+  guard, apply, guard_metrics = step_guard.update(
+      state.guard, state.step + 1, loss, grad_norm,
+      step_guard.defaults() if guard_cfg is None else guard_cfg)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
+  params, opt_state = step_guard.select(apply, (params, opt_state),
+                                        (state.params, state.opt_state))
   moe = aux['moe']
-  metrics = dict(loss=loss, aux_loss=aux['aux_loss'], grad_norm=optax.global_norm(grads),
-                 learning_rate=schedule(state.step))
+  metrics = dict(loss=loss, aux_loss=aux['aux_loss'], grad_norm=grad_norm,
+                 learning_rate=schedule(state.step), **guard_metrics)
   if moe:
     metrics['moe'] = dict(load=moe['load'], entropy=moe['entropy'].mean(),
                           max_load=moe['max_load'].max(), dropped_fraction=moe['dropped_fraction'].mean(),
                           load_balance_loss=moe['load_balance_loss'].mean(), z_loss=moe['z_loss'].mean())
-  return TrainState(state.step + 1, params, opt_state), metrics
+  return TrainState(state.step + 1, params, opt_state, guard), metrics
 
 
 def eval_step(params, batch, *, model):
@@ -104,105 +106,62 @@ def eval_step(params, batch, *, model):
   return out['lm_loss'] * out['tokens'], out['tokens']
 
 
-def _strip_boxes(tree):
-  """Boxed (logically partitioned) leaves -> their values, without sharding constraints."""
-  return jax.tree_util.tree_map(
-      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
-      is_leaf=lambda x: isinstance(x, nn.Partitioned))
+def check_workdir(workdir: str) -> None:
+  """Creates workdir if needed and checks that it can be written, before any compile."""
+  if '://' in workdir:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise ValueError(f'--workdir={workdir}: not a writable directory ({e.strerror or e})') from e
 
 
-def model_and_state(config: ml_collections.ConfigDict):
-  """(model, optimizer, schedule, init_boxed): `init_boxed(key)` builds the TrainState with
-  every leaf boxed with its logical axis names. Evaluate it abstractly (jax.eval_shape) under
-  the mesh and axis rules to get shapes and shardings; `yuanjax.plan` does exactly that."""
-  tcfg = config.train
-  model = Transformer(config.model)
-  init_params = lambda key: model.init(key, jnp.zeros((1, tcfg.seq_len), jnp.int32))['params']
-  boxed = jax.eval_shape(init_params, jax.random.key(0))
-  optimizer = optim.make_optimizer(config.optimizer, tcfg.num_steps, boxed)
-  schedule = optim.schedule(config.optimizer, tcfg.num_steps)
+class _Logger:
+  """Turns fetched step metrics into scalars (tokens/s since the previous log, MFU, router
+  collapse), writes them (metrics.jsonl, TensorBoard, console) and remembers the last."""
 
-  def init_boxed(key):
-    params = init_params(key)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+  def __init__(self, config, writer, start: int, is_main: bool):
+    self.tcfg, self.writer, self.is_main = config.train, writer, is_main
+    self.tokens_per_step = config.train.batch_size * config.train.seq_len
+    self.flops_per_token = metrics_lib.train_flops_per_token(config)
+    self.device_kind, self.num_devices = jax.devices()[0].device_kind, jax.device_count()
+    self.last_step, self.last_time, self.last = start, time.time(), {}
 
-  return model, optimizer, schedule, init_boxed
+  def scalars(self, step: int, m) -> dict:
+    """The line of step `step` (m fetched to host); the first interval includes compilation."""
+    m = dict(m)
+    for k in ('halted_at', 'halt_loss', 'halt_grad_norm'):
+      m.pop(k, None)
+    now = time.time()
+    s = metrics_lib.flatten(m)
+    s.update(nonfinite=bool(m['nonfinite']), spike=bool(m['spike']),
+             skipped_steps=int(m['skipped_steps']))
+    s['perplexity'] = float(np.exp(min(s['loss'], 50.0)))
+    s['tokens_per_sec'] = (self.tokens_per_step * (step - self.last_step)
+                           / max(now - self.last_time, 1e-9))
+    self.last_step, self.last_time = step, now
+    mfu = metrics_lib.mfu(s['tokens_per_sec'], self.flops_per_token, self.device_kind,
+                          self.num_devices)
+    if mfu is not None:
+      s['mfu'] = mfu
+    if 'moe' in m:
+      bad = metrics_lib.log_collapse(step, m['moe']['load'], self.tcfg.collapse_threshold)
+      s['moe/collapsed_layers'] = float(len(bad))
+    return s
 
-
-class _ShardedIterator(grain.DatasetIterator):
-  """Several input streams of one process as one checkpointable iterator: their batches
-  concatenated row-wise, in shard order (the rows this process's devices hold)."""
-
-  def __init__(self, iterators):
-    super().__init__(iterators)
-
-  def __next__(self):
-    batches = [next(it) for it in self._parents]
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-
-  def get_state(self):
-    return {'shards': [it.get_state() for it in self._parents]}
-
-  def set_state(self, state):
-    for it, s in zip(self._parents, state['shards'], strict=True):
-      it.set_state(s)
-
-
-def make_data(config: ml_collections.ConfigDict):
-  """(train_iter, make_eval_iter, tokenizer) of this process's input streams.
-
-  Stream s of S (S = train.data_shards, or the process count) is `make_datasets` with
-  process_index=s, process_count=S; process p of n reads streams [p S/n, (p+1) S/n).
-  """
-  tcfg, n, p = config.train, jax.process_count(), jax.process_index()
-  S = tcfg.data_shards or n
-  make = lambda s: data_lib.make_datasets(config.data, global_batch_size=tcfg.batch_size,
-                                          seq_len=tcfg.seq_len, process_index=s, process_count=S)
-  streams = [make(s) for s in range(p * S // n, (p + 1) * S // n)]
-  tokenizer = streams[0][2]
-  if len(streams) == 1:
-    return streams[0]
-  return (_ShardedIterator([t for t, _, _ in streams]),
-          lambda: _ShardedIterator([e() for _, e, _ in streams]), tokenizer)
+  def write(self, step: int, s: dict) -> None:
+    self.writer.write(step, s)
+    if self.is_main:
+      tqdm.tqdm.write(metrics_lib.summary_line(step, self.tcfg.num_steps, s))
+    self.last = s
 
 
-class _Preemption:
-  """When to stop for SIGTERM/SIGINT: `reached(step)`, asked at every step.
-
-  One process: a signal handler sets a flag. Several processes: all of them must save the same
-  step, wherever the signal arrived. JAX's preemption sync manager (started by
-  jax.distributed.initialize) catches SIGTERM in any process, and
-  `multihost_utils.reached_preemption_sync_point(step)` turns true on every process at the same
-  step (the coordination service picks it: host-side, no device work, cheap every step).
-  SIGINT is re-raised as SIGTERM so that it takes the same path.
-  """
-
-  def __init__(self):
-    self.signum = None
-    self.multi = jax.process_count() > 1
-    if self.multi:
-      signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
-    else:
-      for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, self._handle)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.signum = signum
-
-  def reached(self, step: int) -> bool:
-    if not self.multi:
-      return self.signum is not None
-    try:
-      hit = multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:   # jax_enable_preemption_service=False: no coordinated stop
-      return False
-    if hit:
-      self.signum = signal.SIGTERM
-    return hit
-
-  def __bool__(self):
-    return self.signum is not None
+def _halted(m) -> tuple[int, float, float] | None:
+  """(step, loss, grad norm) of the step that halted the run, from fetched metrics/guard."""
+  step = int(m['halted_at'])
+  return (step, float(m['halt_loss']), float(m['halt_grad_norm'])) if step else None
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -210,7 +169,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_lib.validate(config)                                  # before any compile or write
   tcfg = config.train
   is_main = jax.process_index() == 0
-  preempted = _Preemption()
+  check_workdir(workdir)
+  preempted = distributed.Preemption()
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh)
@@ -220,27 +180,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   replicated = NamedSharding(mesh, P())
 
   # --- Data.
-  train_iter, make_eval_iter, tokenizer = make_data(config)
+  train_iter, make_eval_iter, tokenizer = streams.make_data(config)
   if tokenizer.vocab_size > config.model.vocab_size:
     raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
-                     f'tokenizer vocabulary ({tokenizer.vocab_size})')
+                     f'tokenizer vocabulary ({tokenizer.vocab_size}, {tokenizer.model_path})')
 
-  # --- Model and optimizer; state built abstractly, then initialised sharded.
+  # --- Model, optimizer and state: built abstractly, then initialised sharded.
+  built = train_state.build(config, mesh)
+  model, shardings = built.model, built.shardings
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model, optimizer, schedule, init_boxed = model_and_state(config)
-    init_state = lambda key: nn.unbox(init_boxed(key))
-    abstract_boxed = jax.eval_shape(init_boxed, jax.random.key(0))
-    state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
-    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      _strip_boxes(abstract_boxed), state_shardings)
-
     # --- Checkpoints: resume from the newest readable one, else initialise.
-    ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'), keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+    ckpt = ckpt_lib.for_workdir(workdir, keep=config.checkpoint.keep,
+                                async_save=config.checkpoint.async_save)
     writer = metrics_lib.MetricsWriter(workdir, enabled=is_main)
-    restored = ckpt.restore_latest(abstract, train_iter)
+    guard0 = jax.device_put(step_guard.init(tcfg.spike_window), shardings.guard)
+    restored = ckpt.restore_latest(built.abstract, train_iter, {'guard': guard0})  # older ckpts
     if restored is None:
-      state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(tcfg.seed))
+      state = jax.jit(built.init, out_shardings=shardings)(jax.random.key(tcfg.seed))
       start = 0
     else:
       start, state, _ = restored
@@ -249,49 +205,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Metrics come back replicated: every process can read them (process 0 writes them).
     step_fn = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, schedule=schedule,
-                          grad_accum=tcfg.grad_accum, seed=tcfg.seed),
-        in_shardings=(state_shardings, data_sharding), out_shardings=(state_shardings, replicated),
+        functools.partial(train_step, model=model, optimizer=built.optimizer,
+                          schedule=built.schedule, grad_accum=tcfg.grad_accum, seed=tcfg.seed,
+                          guard_cfg=tcfg),
+        in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated),
         donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(state_shardings.params, data_sharding), out_shardings=replicated)
-
-    facts = stats.model_facts(config.model)
-    flops_per_token = 3 * (facts['forward_flops_per_token'] + facts['attention_flops_per_token']
-                           * tcfg.seq_len / config.model.max_seq_len)
-    peak = metrics_lib.peak_flops(jax.devices()[0].device_kind)
-    tokens_per_step = tcfg.batch_size * tcfg.seq_len
+                      in_shardings=(shardings.params, data_sharding), out_shardings=replicated)
 
     def to_device(batch):   # this process's rows -> the global batch array
       return jax.tree_util.tree_map(
           lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
 
-    saved = {'step': None if restored is None else start}
+    logger = _Logger(config, writer, start, is_main)
+    last_saved = None if restored is None else start
+
+    def halt(info, pending):
+      """Writes the halted step's line (after a pending good one), waits for saves, raises."""
+      bad_step, loss, gnorm = info
+      if pending is not None and pending[0] < bad_step:
+        logger.write(pending[0], logger.scalars(*pending))
+      line = dict(loss=loss, grad_norm=gnorm, **step_guard.nonfinite_fields(loss, gnorm))
+      if pending is not None and pending[0] == bad_step:
+        line = {**logger.scalars(*pending), **line}
+      writer.write(bad_step, {**line, 'halted': True})
+      ckpt.close()
+      writer.close()
+      raise step_guard.HaltError(step_guard.halt_message(bad_step, loss, gnorm, tcfg, last_saved))
+
+    def check(pending):
+      """Halts if any step so far did (the guard of the current state: one small fetch)."""
+      info = _halted(jax.device_get({k: state.guard[k] for k in
+                                     ('halted_at', 'halt_loss', 'halt_grad_norm')}))
+      if info is not None:
+        halt(info, pending)
 
     def save(step):
-      if saved['step'] != step:
+      nonlocal last_saved
+      if last_saved != step:
         ckpt.save(step, state, train_iter, {'step': step, 'config': config.to_json()})
-        saved['step'] = step
-
-    clock = {'step': start, 'time': time.time()}
-
-    def log(step, m):
-      m = jax.device_get(m)          # waits for step `step` only
-      now = time.time()              # tokens/s over the steps since the last log (the first
-      scalars = metrics_lib.flatten(m)   # interval includes compilation)
-      scalars['perplexity'] = float(np.exp(min(scalars['loss'], 50.0)))
-      scalars['tokens_per_sec'] = (tokens_per_step * (step - clock['step'])
-                                   / max(now - clock['time'], 1e-9))
-      clock.update(step=step, time=now)
-      if peak:
-        scalars['mfu'] = scalars['tokens_per_sec'] * flops_per_token / (peak * jax.device_count())
-      if 'moe' in m:
-        bad = metrics_lib.log_collapse(step, m['moe']['load'], tcfg.collapse_threshold)
-        scalars['moe/collapsed_layers'] = float(len(bad))
-      writer.write(step, scalars)
-      if is_main:
-        tqdm.tqdm.write(metrics_lib.summary_line(step, tcfg.num_steps, scalars))
-      return scalars
+        last_saved = step
 
     def evaluate(step):
       total = count = 0.0
@@ -307,8 +260,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         tqdm.tqdm.write(f'step {step}/{tcfg.num_steps} | eval loss {loss:.4f}')
       return loss
 
+    def flush(pending):
+      """Logs the pending step (fetched now: it is done or nearly) unless it halted."""
+      m = jax.device_get(pending[1])
+      info = _halted(m)
+      if info is not None:
+        halt(info, (pending[0], m))
+      logger.write(pending[0], logger.scalars(pending[0], m))
+
     # --- Loop. Metrics are fetched one step late, so the host never waits on the device.
-    last = {}
     pending = None
     bar = tqdm.tqdm(total=tcfg.num_steps, initial=start, disable=not is_main or not tcfg.progress,
                     dynamic_ncols=True, desc='train')
@@ -322,20 +282,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       step += 1
       bar.update(1)
       if pending is not None:
-        last = log(*pending)
+        flush(pending)
         pending = None
       if step % tcfg.log_every == 0 or step == tcfg.num_steps:
         pending = (step, m)
-      if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps:
+      due_eval = tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.num_steps
+      due_save = step % config.checkpoint.every == 0 and step < tcfg.num_steps
+      if due_eval or due_save:
+        check(pending)
+      if due_eval:
         evaluate(step)
-      if step % config.checkpoint.every == 0 and step < tcfg.num_steps:
+      if due_save:
         save(step)
     if pending is not None:
-      last = log(*pending)
+      flush(pending)
     bar.close()
+    check(None)
     save(step)
     ckpt.close()
-    summary = {'step': step, 'train_loss': last.get('loss')}
+    summary = {'step': step, 'train_loss': logger.last.get('loss')}
     if preempted:
       writer.close()
       return {**summary, 'preempted': True}

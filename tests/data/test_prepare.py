@@ -243,3 +243,35 @@ def test_outputs_are_not_private(tok_path, tmp_path):
     prepare_lib.prepare(tok_path, inputs, tmp_path / "s", progress=False)
     assert os.stat(tmp_path / "s").st_mode & 0o055 == 0o055
     assert os.stat(tok_path).st_mode & 0o044 == 0o044
+
+
+def test_shard_not_whole_tokens_and_out_of_vocab_ids_name_the_file(tok_path, tmp_path):
+    inputs, texts = make_inputs(tmp_path)
+    prepare_lib.prepare(tok_path, inputs, tmp_path / "s", progress=False)
+    bin_path = tmp_path / "s" / "shard_00000.bin"
+    tokens = np.fromfile(bin_path, np.uint32)
+    tokens[1] = 360                                   # == vocab_size: one past the last id
+    tokens.tofile(bin_path)
+    docs = ShardedDocuments(tmp_path / "s")
+    assert docs[1].size and docs[2].size            # other documents still read
+    with pytest.raises(ValueError, match=r"shard_00000.bin: document 0 holds token id 360 >= vocab_size=360"):
+        docs[0]
+    with open(bin_path, "ab") as f:
+        f.write(b"\0\0")                              # half a token
+    with pytest.raises(ValueError, match=r"shard_00000.bin: .* not a whole number of uint32 tokens"):
+        ShardedDocuments(tmp_path / "s")
+
+
+def test_prepare_skips_and_counts_invalid_utf8(tok_path, tmp_path, capsys):
+    inputs, texts = make_inputs(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with open(tmp_path / "b.jsonl", "ab") as f:
+        f.write(b'{"text": "caf\xe9"}\n')              # raw invalid byte in the line
+        f.write(b'{"text": "lone \\ud800 surrogate"}\n')  # valid JSON, not encodable as UTF-8
+    inputs.append(str(tmp_path / "latin1.txt"))
+    assert cli(["prepare", "--tokenizer", tok_path, "--input", *inputs, "--output", str(tmp_path / "s")]) == 0
+    assert "1 empty skipped, 3 not UTF-8 skipped" in capsys.readouterr().out
+    m = prepare_lib.load_manifest(tmp_path / "s")
+    assert (m["num_docs"], m["num_skipped_empty"], m["num_skipped_invalid"]) == (3, 1, 3)
+    docs, tok = ShardedDocuments(tmp_path / "s"), Tokenizer(tok_path)
+    assert [tok.decode(docs[i][:-1]) for i in range(len(docs))] == texts

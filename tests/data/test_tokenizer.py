@@ -151,3 +151,46 @@ def test_training_chunks_keep_every_byte():
     sizes = [len(c.encode("utf-8")) for c in chunks]
     assert max(sizes) <= 4 * 1024  # within max_sentence_length: the trainer drops nothing
     assert all(n <= 1024 for c, n in zip(chunks, sizes) if not c.startswith("数"))
+
+
+# --------------------------------------------------------------------------- Yuan's added tokens
+
+
+@pytest.fixture(scope="module")
+def yuan_like(tmp_path_factory):
+    """A model that has <eod>, <n>, <sep> and <FIM_MIDDLE> but lacks the other added tokens."""
+    d = tmp_path_factory.mktemp("tok_yuan")
+    docs = [corpus.Document(t.replace("\n", "<n>"), "mem", None, 0) for t in (CODE * 3, PROSE * 5)]
+    return tokenizer_lib.train_from_documents(
+        docs, d / "yuan", 400, user_defined_symbols=("<eod>", "<sep>", "<n>", "<FIM_MIDDLE>"))
+
+
+def test_added_tokens_get_yuan_runtime_ids(yuan_like):
+    tok = Tokenizer(yuan_like, newline_token="<n>", added_tokens=tokenizer_lib.YUAN_ADDED_TOKENS)
+    sp = tok.sp
+    size = sp.get_piece_size()
+    missing = [t for t in tokenizer_lib.YUAN_ADDED_TOKENS if t not in ("<sep>", "<FIM_MIDDLE>")]
+    want = {t: size + k for k, t in enumerate(missing)}          # next ids, in the runtime's order
+    want.update({"<sep>": sp.piece_to_id("<sep>"), "<FIM_MIDDLE>": sp.piece_to_id("<FIM_MIDDLE>")})
+    assert want["<sep>"] < size and want["<FIM_MIDDLE>"] < size   # kept their own ids
+    assert {t: tok.token_id(t) for t in tokenizer_lib.YUAN_ADDED_TOKENS} == want
+    assert (tok.fim_prefix_id, tok.fim_suffix_id, tok.pad_id) == (
+        want["<FIM_PREFIX>"], want["<FIM_SUFFIX>"], want["<pad>"])
+    assert want["<pad>"] == size and want["<file_sep>"] == size + len(missing) - 1
+    assert tok.vocab_size == size + len(missing)
+
+
+def test_added_tokens_are_encoded_as_one_id(yuan_like):
+    tok = Tokenizer(yuan_like, newline_token="<n>", added_tokens=tokenizer_lib.YUAN_ADDED_TOKENS)
+    text = "<FIM_PREFIX>def f(x):\n<FIM_SUFFIX>    return x\n<FIM_MIDDLE><file_sep><mask>"
+    ids = tok.encode(text)
+    sp_enc = lambda s: tok.sp.encode(s.replace("\n", "<n>"))
+    assert ids == ([tok.fim_prefix_id] + sp_enc("def f(x):\n") + [tok.fim_suffix_id]
+                   + sp_enc("    return x\n")
+                   + [tok.fim_middle_id, tok.token_id("<file_sep>"), tok.token_id("<mask>")])
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, "x"]) == [ids, sp_enc("x")]
+    plain = Tokenizer(yuan_like, newline_token="<n>")            # without: the SentencePiece pieces
+    assert len(plain.encode("<FIM_PREFIX>")) > 1
+    with pytest.raises(ValueError, match="<FIM_PREFIX>"):
+        plain.fim_prefix_id

@@ -411,6 +411,35 @@ def test_load_tokenizer(tiny_src):
     assert tok.decode(tok.encode('line 1\nline 2')) == 'line 1\nline 2'
 
 
+def test_load_tokenizer_adds_yuan_tokens_past_the_model(tiny_src):
+  """The tokens Yuan's runtime adds: <sep> (in the model) keeps its id, the rest follow it."""
+  from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS
+  spm = pytest.importorskip('sentencepiece')
+  root, config, tensors = tiny_src
+  (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(200)))
+  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
+                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
+                                 model_type='bpe', num_threads=1, minloglevel=2)
+  R.write_hf_dir(root / 'src', tensors, config,
+                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+  tok = hf.load_tokenizer(str(root / 'src'))
+  added = [t for t in YUAN_ADDED_TOKENS if t != '<sep>']
+  assert [tok.token_id(t) for t in added] == list(range(60, 60 + len(added)))
+  assert tok.sep_id == tok.sp.piece_to_id('<sep>') < 60 and tok.fim_prefix_id == 60 + 4
+  assert tok.encode('a<FIM_PREFIX>b') == tok.sp.encode('a') + [64] + tok.sp.encode('b')
+
+
+def test_load_computes_in_the_checkpoint_dtype(tiny_src):
+  root, _, tensors = tiny_src
+  R.write_hf_dir(root / 'src', tensors, R.tiny_hf_config(torch_dtype='bfloat16'))
+  hf.import_hf(str(root / 'src'), str(root / 'dst'))
+  for path in (root / 'src', root / 'dst'):
+    assert hf.load(str(path))[0].config.dtype == 'bfloat16'
+    assert hf.load(str(path), overrides=F32)[0].config.dtype == 'float32'
+  R.write_hf_dir(root / 'f32', tensors, R.tiny_hf_config(torch_dtype='float32'))
+  assert hf.load(str(root / 'f32'))[0].config.dtype == 'float32'
+
+
 def test_torch_bin_reader_refuses_what_it_cannot_read(tmp_path):
   legacy = tmp_path / 'legacy.bin'
   legacy.write_bytes(pickle.dumps({'a': 1}))

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from yuanjax import config_lib, sharding, trainer
+from yuanjax import config_lib, sharding, train_state, trainer
 from yuanjax.model import moe
 
 B, L, STEPS = 8, 16, 3
@@ -63,8 +63,7 @@ def initial_state(cfg):
   reduction order on another mesh) flips top-k choices and sends the runs down different,
   equally valid trajectories. Scaled, the top-2 margin stays above 1e-5 for these steps.
   """
-  _, _, _, init_boxed = trainer.model_and_state(cfg)
-  state = jax.device_get(jax.jit(lambda k: nn.unbox(init_boxed(k)))(jax.random.key(1)))
+  state = jax.device_get(jax.jit(train_state.build(cfg).init)(jax.random.key(1)))
   params = jax.tree_util.tree_map_with_path(
       lambda p, x: x * 10.0 if "['router']" in jax.tree_util.keystr(p) else x, state.params)
   return state.replace(params=params)
@@ -78,9 +77,8 @@ def run(cfg, axes, state0):
   """Loss and grads at state0, three train steps; flat dict of numpy results."""
   mesh, rules = _mesh(axes)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    model, opt, schedule, init_boxed = trainer.model_and_state(cfg)
-    abstract = jax.eval_shape(init_boxed, jax.random.key(0))
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+    built = train_state.build(cfg, mesh)
+    model, opt, schedule, shardings = built.model, built.optimizer, built.schedule, built.shardings
     state = jax.device_put(state0, shardings)
     data_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
     b = jax.device_put(batch(), data_sharding)

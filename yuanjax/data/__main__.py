@@ -28,7 +28,8 @@ def _prepare(args):
                         shard_tokens=args.shard_tokens, newline_token=args.newline_token,
                         overwrite=args.overwrite)
     print(f"wrote {args.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, "
-          f"{len(m['shards'])} shard(s), {m['num_skipped_empty']} empty skipped")
+          f"{len(m['shards'])} shard(s), {m['num_skipped_empty']} empty skipped, "
+          f"{m['num_skipped_invalid']} not UTF-8 skipped")
 
 
 def _default(args):

@@ -40,6 +40,7 @@ class Document:
     path: str
     line: int | None  # 1-based line number for .jsonl, None for .txt
     nbytes: int  # size of the raw record on disk (for progress bars)
+    error: str | None = None  # why the record was skipped (read_documents(skip_invalid=True))
 
     @property
     def where(self) -> str:
@@ -76,12 +77,26 @@ def expand_inputs(inputs: str | Sequence[str]) -> list[str]:
     return list(dict.fromkeys(files))
 
 
-def read_documents(files: Sequence[str], text_key: str = "text") -> Iterator[Document]:
+def _invalid_text(text: str) -> str | None:
+    """Why ``text`` cannot be written as UTF-8 (lone surrogates from JSON escapes), or None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not UTF-8 ({e.reason})"
+    return None
+
+
+def read_documents(files: Sequence[str], text_key: str = "text",
+                   skip_invalid: bool = False) -> Iterator[Document]:
     """Yields the documents of ``files`` in order, streaming (one document in memory at a time).
 
     Raises InputError for unreadable or undecodable files, a file holding no document, bad
     JSON, or a JSON line without a string ``text_key`` field. Empty documents (``""`` in a
-    jsonl line) are yielded too; callers decide what to do with them.
+    jsonl line) are yielded too; callers decide what to do with them. With ``skip_invalid``, a
+    document that is not valid UTF-8 (a .txt file or a jsonl line) is yielded with empty text
+    and ``error`` set instead of raising.
     """
     for path in files:
         if path.endswith(".txt"):
@@ -95,13 +110,16 @@ def read_documents(files: Sequence[str], text_key: str = "text") -> Iterator[Doc
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from e
+                if not skip_invalid:
+                    raise InputError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from e
+                yield Document("", path, None, len(raw), f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
             yield Document(text, path, None, len(raw))
         else:
-            yield from _read_jsonl(path, text_key)
+            yield from _read_jsonl(path, text_key, skip_invalid)
 
 
-def _read_jsonl(path: str, text_key: str) -> Iterator[Document]:
+def _read_jsonl(path: str, text_key: str, skip_invalid: bool = False) -> Iterator[Document]:
     found = False
     try:
         f = open(path, "rb")
@@ -115,7 +133,11 @@ def _read_jsonl(path: str, text_key: str) -> Iterator[Document]:
             try:
                 record = json.loads(raw)
             except UnicodeDecodeError as e:
-                raise InputError(f"{where}: not UTF-8 ({e.reason})") from e
+                if not skip_invalid:
+                    raise InputError(f"{where}: not UTF-8 ({e.reason})") from e
+                found = True
+                yield Document("", path, lineno, len(raw), f"not UTF-8 ({e.reason})")
+                continue
             except json.JSONDecodeError as e:
                 raise InputError(f"{where}: invalid JSON ({e.msg}, column {e.colno})") from e
             if not isinstance(record, dict) or text_key not in record:
@@ -124,7 +146,10 @@ def _read_jsonl(path: str, text_key: str) -> Iterator[Document]:
             if not isinstance(text, str):
                 raise InputError(f"{where}: field {text_key!r} is {type(text).__name__}, not a string")
             found = True
-            yield Document(text, path, lineno, len(raw))
+            invalid = _invalid_text(text)
+            if invalid and not skip_invalid:
+                raise InputError(f"{where}: {invalid}")
+            yield Document("" if invalid else text, path, lineno, len(raw), invalid)
     if not found:
         raise InputError(f"{path}: no documents (empty file)")
 

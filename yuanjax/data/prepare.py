@@ -13,7 +13,9 @@ Layout of a shards directory::
     ...
 
 Documents never span shards; a shard is closed once it holds ``shard_tokens`` tokens or more.
-Empty documents (``""`` in a jsonl line) are skipped and counted (``num_skipped_empty``).
+Empty documents (``""`` in a jsonl line) are skipped and counted (``num_skipped_empty``), and
+so are documents that are not valid UTF-8 (a .txt file or a jsonl line;
+``num_skipped_invalid``): the CLI prints both counts at the end.
 
 Guarantees: every input is validated (missing file, bad JSON, missing ``text`` field, empty file)
 before anything is written, and the error names the file and line. Shards are written into a
@@ -32,19 +34,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import tqdm
 
+from yuanjax import publish
 from yuanjax.data import corpus
 from yuanjax.data.tokenizer import Tokenizer, train_from_documents
 
+log = logging.getLogger(__name__)
 FORMAT = "yuanjax-shards-v1"
 MANIFEST = "manifest.json"
 TOKEN_DTYPE = np.uint32
@@ -128,14 +131,10 @@ def prepare_documents(
     if num_docs == 0:
         raise corpus.InputError("no non-empty documents in the input")
 
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the published directory should not be
+    def write(tmp):
         writer = _ShardWriter(tmp, shard_tokens)
         eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
-        skipped = 0
+        skipped = invalid = 0
         batch, batch_bytes = [], 0
         bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
 
@@ -145,7 +144,11 @@ def prepare_documents(
             batch.clear()
 
         for doc in documents():
-            if not doc.text:
+            if doc.error:
+                invalid += 1
+                if invalid <= 5:
+                    log.warning("%s: %s; skipped", doc.where, doc.error)
+            elif not doc.text:
                 skipped += 1
             else:
                 batch.append(doc.text)
@@ -169,27 +172,15 @@ def prepare_documents(
             num_docs=sum(s["num_docs"] for s in writer.shards),
             num_tokens=sum(s["num_tokens"] for s in writer.shards),
             num_skipped_empty=skipped,
+            num_skipped_invalid=invalid,
             shards=writer.shards,
             **(extra or {}),
         )
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
-        _publish(tmp, output_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
+        return manifest
 
-
-def _publish(tmp: str, final: str, overwrite: bool):
-    """Atomically moves the finished ``tmp`` directory to ``final``."""
-    if overwrite and os.path.exists(final):
-        trash = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=os.path.dirname(final))
-        os.rename(final, os.path.join(trash, "x"))
-        os.rename(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    return publish.directory(output_dir, write, overwrite=overwrite)
 
 
 def prepare(
@@ -203,7 +194,7 @@ def prepare(
     """Tokenizes .txt / .jsonl files or globs into shards (see :func:`prepare_documents`)."""
     files = corpus.expand_inputs(inputs)
     return prepare_documents(
-        tokenizer_path, lambda: corpus.read_documents(files, text_key), output_dir,
+        tokenizer_path, lambda: corpus.read_documents(files, text_key, skip_invalid=True), output_dir,
         extra=dict(text_key=text_key, num_inputs=len(files)), **kwargs,
     )
 
@@ -235,7 +226,10 @@ class ShardedDocuments:
     """Random access to the documents of a shards directory (a grain data source).
 
     ``docs[i]`` is document ``i`` (global order: shard by shard) as an int32 array that ends
-    with ``<eod>``. Token files are memory-mapped; nothing is read until asked for.
+    with ``<eod>``. Token files are memory-mapped; nothing is read until asked for. A token
+    file whose size is not a whole number of tokens, or that disagrees with its index, is an
+    error at open; a document holding a token id >= the manifest's ``vocab_size`` is an error
+    when read (both name the file).
     """
 
     def __init__(self, shards_dir: str | os.PathLike):
@@ -248,6 +242,10 @@ class ShardedDocuments:
             for p in (tokens_path, index_path):
                 if not os.path.isfile(p):
                     raise ValueError(f"{p}: missing shard file (listed in {MANIFEST})")
+            itemsize = np.dtype(self.manifest["dtype"]).itemsize
+            if os.path.getsize(tokens_path) % itemsize:
+                raise ValueError(f"{tokens_path}: {os.path.getsize(tokens_path)} bytes is not a whole "
+                                 f"number of {self.manifest['dtype']} tokens (truncated or corrupt)")
             tokens = np.memmap(tokens_path, dtype=self.manifest["dtype"], mode="r")
             offsets = np.load(index_path, mmap_mode="r")
             if len(offsets) != shard["num_docs"] + 1 or offsets[-1] != len(tokens):
@@ -266,7 +264,13 @@ class ShardedDocuments:
         shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
         local = index - self._first_doc[shard]
         start, stop = self._offsets[shard][local], self._offsets[shard][local + 1]
-        return self._tokens[shard][start:stop].astype(np.int32)
+        doc = self._tokens[shard][start:stop]
+        if doc.size and int(doc.max()) >= self.manifest["vocab_size"]:
+            raise ValueError(f"{os.path.join(self.path, self.manifest['shards'][shard]['tokens'])}: "
+                             f"document {local} holds token id {int(doc.max())} >= vocab_size="
+                             f"{self.manifest['vocab_size']} ({MANIFEST}); the shard is corrupt "
+                             "or was written with another tokenizer")
+        return doc.astype(np.int32)
 
     def doc_lengths(self) -> np.ndarray:
         """Token count (``<eod>`` included) of every document, int64 [num_docs]."""
@@ -328,9 +332,8 @@ def ensure_default_data(
             return result
         t0 = time.perf_counter()
         files = corpus.stdlib_sources(max_bytes)
-        tmp = tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root)
-        try:
-            os.chmod(tmp, 0o755)
+
+        def write(tmp):
             model = train_from_documents(
                 corpus.stdlib_documents(files), os.path.join(tmp, "tokenizer"), vocab_size
             )
@@ -346,13 +349,6 @@ def ensure_default_data(
             manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
             with open(mpath, "w") as f:
                 json.dump(manifest, f, indent=1)
-            try:
-                os.rename(tmp, final)
-            except OSError:
-                if not os.path.isfile(os.path.join(result[1], MANIFEST)):
-                    raise
-                shutil.rmtree(tmp, ignore_errors=True)  # lost a race with a lock-less builder
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        publish.directory(final, write, keep_existing=True)  # lost a race: the other copy is kept
     return result

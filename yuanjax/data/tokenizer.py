@@ -29,22 +29,37 @@ therefore decodes as a newline in that mode; the same holds for Yuan's own runti
 
 Like every SentencePiece model with user-defined symbols, a literal ``<eod>`` (or any other
 special symbol) inside a text is encoded as that symbol's id.
+
+Added tokens (Yuan's released tokenizer). Yuan's runtime loads ``tokenizer.model`` with HF's
+SentencePiece-based LlamaTokenizer and then adds :data:`YUAN_ADDED_TOKENS`, in that order: a
+token already in the SentencePiece model keeps its id, each one that is not gets the next id
+from the model's size on. ``Tokenizer(path, added_tokens=YUAN_ADDED_TOKENS)`` (what
+``yuanjax.interop.hf.load_tokenizer`` does) gives exactly those ids, and encodes a literal
+occurrence of any of them in a text as that one id (the text is split on them and the pieces
+encoded), as HF's added tokens are.
 """
 from __future__ import annotations
 
 import io
 import os
-import tempfile
+import re
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import sentencepiece as spm
 
+from yuanjax import publish
 from yuanjax.data import corpus
 
 EOD, SEP, PAD = "<eod>", "<sep>", "<pad>"
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFIX>"
 SPECIAL_SYMBOLS = (EOD, SEP, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
+# Added by Yuan's runtime after loading tokenizer.model, in this order (Yuan2.0-M32 README).
+YUAN_ADDED_TOKENS = (
+    SEP, PAD, "<mask>", "<predict>", FIM_SUFFIX, FIM_PREFIX, FIM_MIDDLE, "<commit_before>",
+    "<commit_msg>", "<commit_after>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+    "<jupyter_output>", "<empty_output>", "<repo_name>", "<file_sep>",
+)
 
 TRAINER_OPTIONS = dict(
     model_type="bpe",
@@ -65,20 +80,40 @@ class Tokenizer:
       model_path: a SentencePiece ``.model`` file.
       newline_token: ``None`` (newlines are encoded natively; our trained tokenizers) or a piece
         such as ``'<n>'`` that stands for ``'\\n'`` (Yuan's released tokenizer).
+      added_tokens: tokens added past the SentencePiece model, in order (module docstring).
     """
 
-    def __init__(self, model_path: str | os.PathLike, newline_token: str | None = None):
+    def __init__(self, model_path: str | os.PathLike, newline_token: str | None = None,
+                 added_tokens: Sequence[str] = ()):
         self.model_path = os.fspath(model_path)
         if not os.path.isfile(self.model_path):
             raise ValueError(f"tokenizer: {self.model_path}: no such file")
         self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
         self.newline_token = newline_token
+        self._added = self._add_tokens(added_tokens)
+        self._added_pieces = {i: t for t, i in self._added.items() if i >= self._sp.get_piece_size()}
+        by_length = sorted(self._added, key=len, reverse=True)
+        self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
         if newline_token is not None and self._piece_id(newline_token) is None:
             raise ValueError(f"tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)")
         if self._piece_id(EOD) is None:
             raise ValueError(f"tokenizer: {self.model_path} has no {EOD} piece")
 
+    def _add_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
+        """{token: id}: its SentencePiece id if it has one, else the next id past the model."""
+        ids, next_id = {}, self._sp.get_piece_size()
+        for t in tokens:
+            if t in ids:
+                continue
+            i = self._sp_piece_id(t)
+            ids[t] = next_id if i is None else i
+            next_id += i is None
+        return ids
+
     def _piece_id(self, piece: str) -> int | None:
+        return self._added[piece] if piece in self._added else self._sp_piece_id(piece)
+
+    def _sp_piece_id(self, piece: str) -> int | None:
         i = self._sp.piece_to_id(piece)
         # piece_to_id answers unk_id for unknown pieces.
         return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
@@ -95,7 +130,11 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._sp.get_piece_size()
+        return self._sp.get_piece_size() + len(self._added_pieces)
+
+    def token_id(self, piece: str) -> int:
+        """The id of a special or added token (ValueError naming the model if it has none)."""
+        return self._special(piece)
 
     eod_id = property(lambda self: self._special(EOD), doc="id of <eod> (ends every document)")
     sep_id = property(lambda self: self._special(SEP))
@@ -111,14 +150,30 @@ class Tokenizer:
         return text if self.newline_token is None else text.replace("\n", self.newline_token)
 
     def encode(self, text: str) -> list[int]:
-        return self._sp.encode(self._pre(text))
+        text = self._pre(text)
+        if self._split is None:
+            return self._sp.encode(text)
+        ids = []
+        for i, part in enumerate(self._split.split(text)):   # odd parts: the added tokens
+            ids.extend([self._added[part]] if i % 2 else self._sp.encode(part) if part else [])
+        return ids
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
         """Encodes many texts at once in SentencePiece's own C++ thread pool."""
+        if self._split is not None:
+            return [self.encode(t) for t in texts]
         return self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-        text = self._sp.decode(np.asarray(ids, dtype=np.int64).reshape(-1).tolist())
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+        parts, run = [], []
+        for i in ids:    # runs of SentencePiece ids, and the added tokens past the model
+            if i in self._added_pieces:
+                parts += [self._sp.decode(run), self._added_pieces[i]]
+                run = []
+            else:
+                run.append(i)
+        text = "".join(parts) + self._sp.decode(run)
         return text if self.newline_token is None else text.replace(self.newline_token, "\n")
 
     def __repr__(self) -> str:
@@ -197,21 +252,9 @@ def train_from_documents(
         raise ValueError(f"tokenizer training failed: {e}") from e
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    _atomic_write(output_prefix + ".vocab", vocab.encode("utf-8"))
-    _atomic_write(output_prefix + ".model", model.getvalue())
+    publish.file(output_prefix + ".vocab", vocab.encode("utf-8"))
+    publish.file(output_prefix + ".model", model.getvalue())
     return output_prefix + ".model"
-
-
-def _atomic_write(path: str, data: bytes):
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def train_tokenizer(

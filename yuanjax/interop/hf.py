@@ -48,8 +48,8 @@ attention/router ~0.1 GB = 3.3 GB, so ~6.6 GB plus the runtime (JAX ~0.2 GB), wh
 stacked layout needed ~103 GB. Measured on a synthetic 1.95 GB checkpoint (6 layers, layer
 0.31 GB, stacked w1 1.21 GB; benchmarks/convert_memory.py): peak RSS 1.77 GB for from-hf and
 1.23 GB for to-hf, 2.76 GB and 2.30 GB with the stacked layout; RSS also counts source file
-pages mapped while reading, which the OS can reclaim. Everything is written to DST.tmp-* next
-to DST and renamed at the end; an existing DST is an error unless --overwrite.
+pages mapped while reading, which the OS can reclaim. Everything is written to .DST.tmp-* next
+to DST and renamed at the end (yuanjax.publish); an existing DST is an error unless --overwrite.
 
 to-hf writes safetensors shards (model-0000i-of-0000n.safetensors, at most --max-shard-size
 each), model.safetensors.index.json and config.json (the imported source's config.json with
@@ -71,7 +71,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 
@@ -84,7 +83,7 @@ import orbax.checkpoint as ocp
 import orbax.checkpoint.experimental.v1 as ocpv1
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
-from yuanjax import config_lib
+from yuanjax import config_lib, publish, train_state
 from yuanjax.interop import hf_mapping
 from yuanjax.interop.hf_mapping import EMBED, LM_HEAD, HFConfigError, model_config_from_hf
 from yuanjax.interop.hf_weights import HFWeights, SafetensorsShardWriter, is_weight_file, parse_size
@@ -164,10 +163,7 @@ def _get(tree, path: tuple[str, ...]):
   return tree
 
 
-def abstract_params(m: ml_collections.ConfigDict) -> dict:
-  """Unboxed ShapeDtypeStructs of `Transformer(m).init(...)['params']` (nothing allocated)."""
-  tokens = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  return nn.unbox(jax.eval_shape(Transformer(m).init, jax.random.key(0), tokens)['params'])
+abstract_params = train_state.abstract_params   # unboxed ShapeDtypeStructs of the model's params
 
 
 def _check_against_model(m) -> None:
@@ -191,53 +187,6 @@ def _nest(flat: Mapping[tuple[str, ...], object]) -> dict:
       node = node.setdefault(k, {})
     node[path[-1]] = value
   return out
-
-
-def _check_dst(dst: str, overwrite: bool) -> None:
-  if os.path.lexists(dst) and not overwrite:
-    raise FileExistsError(f'{dst} exists; pass --overwrite (overwrite=True) to replace it')
-
-
-def _tmp_dir_for(dst: str) -> str:
-  parent = os.path.dirname(dst) or '.'
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix=os.path.basename(dst) + '.tmp-', dir=parent)
-
-
-def _commit(tmp: str, dst: str, overwrite: bool) -> None:
-  """Renames the finished tmp dir to dst (moving an old dst aside first when overwriting)."""
-  _check_dst(dst, overwrite)
-  old = None
-  if os.path.lexists(dst):
-    old = tempfile.mkdtemp(prefix=os.path.basename(dst) + '.old-', dir=os.path.dirname(dst) or '.')
-    os.rmdir(old)
-    os.rename(dst, old)
-  os.rename(tmp, dst)
-  if old:
-    shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-
-
-def _fix_permissions(tmp: str) -> None:
-  """mkdtemp makes a 0700 dir: give it (and the files in it) the modes the umask asks for."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o777 & ~umask)
-  for name in os.listdir(tmp):
-    path = os.path.join(tmp, name)
-    if os.path.isfile(path) and not os.path.islink(path):
-      os.chmod(path, 0o666 & ~umask)
-
-
-def _in_tmp_dir(dst: str, overwrite: bool, write: Callable[[str], None]) -> None:
-  _check_dst(dst, overwrite)
-  tmp = _tmp_dir_for(dst)
-  try:
-    write(tmp)
-    _fix_permissions(tmp)
-    _commit(tmp, dst, overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def _write_json(path: str, obj) -> None:
@@ -430,7 +379,7 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
   costs host memory for the compressed leaf and time).
   """
   src, dst = os.path.abspath(src), os.path.abspath(dst)
-  _check_dst(dst, overwrite)
+  publish.check_absent(dst, overwrite)
   hf_cfg, m, weights = _open_hf(src)
   main_dtype, overrides = _dtype_record(weights)
   pdtype = np.dtype(m.param_dtype)
@@ -463,7 +412,7 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
       f.write(_CONFIG_PY.format(dir=dst))
     _copy_aux_files(src, os.path.join(tmp, 'hf_files'))
 
-  _in_tmp_dir(dst, overwrite, write)
+  publish.directory(dst, write, overwrite)
   log.info('wrote %s', dst)
 
 
@@ -512,7 +461,7 @@ def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_m
       _copy_aux_files(aux_dir, tmp)
     log.info('%d tensors in %d shards (%s)', len(plan), len(writer.shard_files), main)
 
-  _in_tmp_dir(os.path.abspath(dst), overwrite, write)
+  publish.directory(os.path.abspath(dst), write, overwrite)
 
 
 def save_hf(dst: str, model_config: ml_collections.ConfigDict, params, *, dtype: str = 'bfloat16',
@@ -548,7 +497,7 @@ def export_hf(src: str, dst: str, *, dtype: str | None = None, max_shard_size='5
               overwrite: bool = False) -> None:
   """Converted yuanjax dir (from-hf layout) -> HF checkpoint dir (see the module docstring)."""
   src, dst = os.path.abspath(src), os.path.abspath(dst)
-  _check_dst(dst, overwrite)
+  publish.check_absent(dst, overwrite)
   if not is_converted(src):
     raise FileNotFoundError(f'{src}: not a converted yuanjax checkpoint (config.json with '
                             f'"format": "{FORMAT}" and params/)')
@@ -637,6 +586,8 @@ def restore_params(path: str, abstract) -> dict:
 def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object] | None = None):
   """(Transformer, params) from an HF dir or a converted dir.
 
+  The model computes in the checkpoint's own dtype (`torch_dtype` of its config.json; the
+  source's for a converted dir) unless overrides set 'dtype'.
   overrides: dotted config.model fields, e.g. {'dtype': 'float32', 'moe.dispatch': 'dense'}.
   exact_hf_rope: reproduce the released HF runtime's bfloat16 rotary rounding (spec, quirk 3:
   inv_freq, positions, angles and cos/sin rounded to bfloat16), for agreement with it; sets
@@ -645,10 +596,14 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   path = os.fspath(path)
   if is_converted(path):
     with open(os.path.join(path, 'config.json')) as f:
-      m = hf_mapping.model_config_from_saved(json.load(f)['model'])
-    params = None
+      saved = json.load(f)
+    m, params = hf_mapping.model_config_from_saved(saved['model']), None
+    hf_cfg = saved.get('hf', {}).get('config', {})
   else:
     m, params = params_from_hf(path)
+    hf_cfg = _read_hf_config(path)
+  if hf_cfg.get('torch_dtype') in SUPPORTED_DTYPES:
+    m.dtype = hf_cfg['torch_dtype']
   config_lib.override(m, overrides or {}, 'config.model')
   if exact_hf_rope:
     m.rope_hf_bf16 = True
@@ -662,12 +617,15 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
 
 
 def load_tokenizer(path: str):
-  """Yuan's SentencePiece tokenizer of an HF dir or a converted dir (tokenizer.model)."""
-  from yuanjax.data.tokenizer import Tokenizer   # lazily: the data package is optional here
+  """Yuan's tokenizer of an HF dir or a converted dir, exactly as Yuan's runtime builds it:
+  tokenizer.model, newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS:
+  one that the model lacks gets the next id past it, in order; each is encoded as one id)."""
+  from yuanjax.data import tokenizer   # lazily: the data package is optional here
   for candidate in (os.path.join(path, 'tokenizer.model'),
                     os.path.join(path, 'hf_files', 'tokenizer.model')):
     if os.path.isfile(candidate):
-      return Tokenizer(candidate, newline_token='<n>')
+      return tokenizer.Tokenizer(candidate, newline_token='<n>',
+                                 added_tokens=tokenizer.YUAN_ADDED_TOKENS)
   raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)')
 
 
