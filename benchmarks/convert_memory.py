@@ -41,11 +41,12 @@ def run_child(args: list[str], repo: str, cwd: str) -> tuple[float, float]:
   proc.returncode = os.waitstatus_to_exitcode(status)
   if proc.returncode:
     raise SystemExit(f'{args} failed with exit code {proc.returncode}')
-  return usage.ru_maxrss * 1024, time.time() - t     # Linux: KiB
+  return usage.ru_maxrss * 1024, time.time() - t  # Linux: KiB
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument('--layers', type=int, default=6)
   p.add_argument('--experts', type=int, default=8)
   p.add_argument('--hidden', type=int, default=1024)
@@ -59,11 +60,15 @@ def main() -> None:
   config = R.tiny_hf_config(
       hidden_size=args.hidden, num_attention_heads=8, attention_projection_size=args.hidden,
       num_hidden_layers=args.layers, vocab_size=args.vocab, max_position_embeddings=4096,
-      torch_dtype='bfloat16',
-      moe_config={'moe_num_experts': args.experts, 'moe_top_k': 2, 'ffn_hidden_size': args.ffn,
-                  'norm_topk_prob': True, 'gated_linear_unit': True})
+      torch_dtype='bfloat16', moe_config={
+          'moe_num_experts': args.experts,
+          'moe_top_k': 2,
+          'ffn_hidden_size': args.ffn,
+          'norm_topk_prob': True,
+          'gated_linear_unit': True
+      })
   shapes = {n: s for n, s in R.hf_shapes(config).items() if n != 'lm_head.weight'}
-  nbytes = lambda s: 2 * int(np.prod(s))    # bf16
+  nbytes = lambda s: 2 * int(np.prod(s))  # bf16
   D, E, F, L = args.hidden, args.experts, args.ffn, args.layers
   sizes = {
       'largest HF tensor': max(nbytes(s) for s in shapes.values()),
@@ -97,7 +102,9 @@ def main() -> None:
   if args.json:
     print(json.dumps({k: v / GB for k, v in rows.items()}, indent=2))
     return
-  print(f'layers {L}, experts {E}, d {D}, expert ffn {F}, vocab {args.vocab}, bf16; yuanjax from {args.repo}')
+  print(
+      f'layers {L}, experts {E}, d {D}, expert ffn {F}, vocab {args.vocab}, bf16; yuanjax from {args.repo}'
+  )
   for name, v in rows.items():
     print(f'  {name:<58} {v / GB:6.2f} GB')
 

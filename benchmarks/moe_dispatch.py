@@ -27,7 +27,7 @@ def bench(cfg, tokens: int, steps: int) -> dict:
 
   @jax.jit
   def step(v, x):
-    return jax.grad(lambda v, x: jnp.sum(mod.apply(v, x)[0].astype(jnp.float32) ** 2),
+    return jax.grad(lambda v, x: jnp.sum(mod.apply(v, x)[0].astype(jnp.float32)**2),
                     argnums=(0, 1))(v, x)
 
   jax.block_until_ready(step(v, x))
@@ -49,7 +49,7 @@ def main():
   args = ap.parse_args()
   if args.m32:
     cfg, tokens = config_lib.m32_model(), args.tokens or 8192
-  else:   # the demo config's MoE layer, one batch of 16 x 128 tokens
+  else:  # the demo config's MoE layer, one batch of 16 x 128 tokens
     cfg, tokens = config_lib.tiny_model(), args.tokens or 2048
     cfg.hidden_size, cfg.moe.ffn_size = 128, 192
   print(f'device: {jax.devices()[0].device_kind}, tokens {tokens}, d {cfg.hidden_size}, '

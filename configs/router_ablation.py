@@ -31,31 +31,41 @@ def study_config(arg, name):
   _check(arg, name)
   config = config_lib.base_config()
   m = config_lib.tiny_model()
-  m.update(dict(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, head_dim=32,
-                rotary_dims=16, max_seq_len=256, num_experts=8))
+  m.update(
+      dict(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, head_dim=32, rotary_dims=16,
+           max_seq_len=256, num_experts=8))
   m.moe.ffn_size = 192
   config.model = m
   config.data.vocab_size = 4096
-  config.data.eval_fraction = 0.05        # 28 of the 557 documents held out: 95 batches
-  config.train.update(dict(num_steps=80, batch_size=16, seq_len=128, log_every=10,
-                           eval_every=40, eval_steps=32,      # 65,536 eval tokens
-                           sample_tokens=0, progress=False))
+  config.data.eval_fraction = 0.05  # 28 of the 557 documents held out: 95 batches
+  config.train.update(
+      dict(
+          num_steps=80,
+          batch_size=16,
+          seq_len=128,
+          log_every=10,
+          eval_every=40,
+          eval_steps=32,  # 65,536 eval tokens
+          sample_tokens=0,
+          progress=False))
   config.optimizer.update(dict(lr=1e-3, warmup_steps=8, min_lr_ratio=0.1))
   config.checkpoint.update(dict(every=40, keep=1))
   if arg == 'smoke':
     m.update(dict(hidden_size=64, num_layers=2, head_dim=16, rotary_dims=8))
     m.moe.ffn_size = 64
     config.data.eval_fraction = 0.02
-    config.train.update(dict(num_steps=4, batch_size=4, seq_len=32, log_every=2, eval_every=2,
-                             eval_steps=2))
+    config.train.update(
+        dict(num_steps=4, batch_size=4, seq_len=32, log_every=2, eval_every=2, eval_steps=2))
     config.checkpoint.every = 4
   elif arg == 'gpu':
-    m.update(dict(hidden_size=512, num_layers=8, num_heads=8, head_dim=64, rotary_dims=32,
-                  max_seq_len=512, dtype='bfloat16', attention_backend='dot_product_attention'))
+    m.update(
+        dict(hidden_size=512, num_layers=8, num_heads=8, head_dim=64, rotary_dims=32,
+             max_seq_len=512, dtype='bfloat16', attention_backend='dot_product_attention'))
     m.moe.ffn_size = 768
-    config.data.max_bytes = 40_000_000     # all of the stdlib (~33M tokens per run, few epochs)
-    config.train.update(dict(num_steps=1000, batch_size=64, seq_len=512, log_every=50,
-                             eval_every=250, eval_steps=16))   # 524k eval tokens
+    config.data.max_bytes = 40_000_000  # all of the stdlib (~33M tokens per run, few epochs)
+    config.train.update(
+        dict(num_steps=1000, batch_size=64, seq_len=512, log_every=50, eval_every=250,
+             eval_steps=16))  # 524k eval tokens
     config.checkpoint.every = 250
   return config
 
@@ -68,13 +78,18 @@ def router_overrides(router: str, ffn_size: int) -> dict:
   """`shared`: 2 shared + 14 routed experts of half the FFN (same total and active params)."""
   if router != 'shared':
     return {'model.router.type': router}
-  return {'model.router.type': 'shared', 'model.router.num_shared_experts': 2,
-          'model.num_experts': 14, 'model.moe.ffn_size': ffn_size // 2}
+  return {
+      'model.router.type': 'shared',
+      'model.router.num_shared_experts': 2,
+      'model.num_experts': 14,
+      'model.moe.ffn_size': ffn_size // 2
+  }
 
 
 def sweep(arg=None):
   """One run per (router, seed); `smoke`: attention and linear, seeds 0 and 1."""
   config = get_config(arg)
   routers, seeds = (ROUTERS[:2], SEEDS[:2]) if arg == 'smoke' else (ROUTERS, SEEDS)
-  return [{**router_overrides(r, config.model.moe.ffn_size), 'train.seed': s}
-          for r in routers for s in seeds]
+  return [{
+      **router_overrides(r, config.model.moe.ffn_size), 'train.seed': s
+  } for r in routers for s in seeds]

@@ -16,15 +16,17 @@ from yuanjax import config_lib
 def get_config(arg=None):
   config = config_lib.base_config()
   config.model = config_lib.m32_model()
-  config.train.update(dict(num_steps=300_000, batch_size=1536, seq_len=4096, log_every=50,
-                           eval_every=5000, eval_steps=32, sample_tokens=64))
+  config.train.update(
+      dict(num_steps=300_000, batch_size=1536, seq_len=4096, log_every=50, eval_every=5000,
+           eval_steps=32, sample_tokens=64))
   config.optimizer.update(dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=6400))
   config.checkpoint.update(dict(every=1000, keep=3))
   config.data.update(dict(fim_rate=0.5, fim_spm_rate=0.5))
   if arg == 'runlocal':
     config.model = config_lib.tiny_model()
-    config.train.update(dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0,
-                             eval_steps=1, sample_tokens=4, progress=False))
+    config.train.update(
+        dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0, eval_steps=1,
+             sample_tokens=4, progress=False))
     config.optimizer.warmup_steps = 2
     config.checkpoint.every = 2
     config.data.update(dict(vocab_size=512, max_bytes=300_000))

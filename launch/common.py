@@ -33,11 +33,11 @@ STOP = threading.Event()
 @dataclasses.dataclass
 class Plan:
   """What a launcher does: every command is an argv list (no shell in between)."""
-  steps: list[list[str]]                  # in order; stops at the first failure
+  steps: list[list[str]]  # in order; stops at the first failure
   cleanup: list[list[str]] = dataclasses.field(default_factory=list)  # always, once reached
-  cleanup_from: int = 0                   # cleanup runs once step `cleanup_from` has started
-  together: bool = False                  # steps are the processes of one job: run them at once
-  log_dir: str | None = None              # with `together`: also write process_<i>.log here
+  cleanup_from: int = 0  # cleanup runs once step `cleanup_from` has started
+  together: bool = False  # steps are the processes of one job: run them at once
+  log_dir: str | None = None  # with `together`: also write process_<i>.log here
   files: dict[str, str] = dataclasses.field(default_factory=dict)  # written first, dry run too
   # A launcher with control flow of its own (tpu_pod: polls, resubmits): call(dry_run) -> status
   # instead of the steps.
@@ -98,9 +98,9 @@ def train_argv(python: str, config: str, workdir: str, overrides: list[str],
 
 # ------------------------------------------------------------------------------- running
 
+
 def say(msg: str) -> None:
   print(f'[launch] {msg}', file=sys.stderr, flush=True)
-
 
 
 def execute(plan: Plan, dry_run: bool) -> int:
@@ -149,9 +149,11 @@ def restore_signals(handlers: dict) -> None:
 def exit_on_signals() -> dict:
   """SIGTERM/SIGHUP raise SystemExit like Ctrl-C raises KeyboardInterrupt, so that the
   cleanup (a TPU slice's deletion) and the stopping of child processes still happen."""
+
   def leave(signum, frame):
     del frame
     raise SystemExit(128 + signum)
+
   try:
     return {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
   except ValueError:  # not the main thread: leave the handlers alone

@@ -127,24 +127,28 @@ def parse(argv=None):
   p.add_argument('--exclusive', action=argparse.BooleanOptionalAction, default=True,
                  help='whole nodes (default; --no-exclusive to share them)')
   p.add_argument('--mem', default=None, help='memory per node, e.g. 0 (all of it) or 1800G')
-  p.add_argument('--setup', action='append', default=[],
-                 help='a shell line run before python (module load ..., conda activate ...); '
-                      'repeatable')
+  p.add_argument(
+      '--setup', action='append', default=[],
+      help='a shell line run before python (module load ..., conda activate ...); '
+      'repeatable')
   p.add_argument('--env', action='append', default=[], metavar='KEY=VALUE',
                  help='environment for the trainers; repeatable; replaces a default of that KEY')
   p.add_argument('--no_gpu_env', action='store_true', help='leave out the XLA/NCCL defaults')
-  p.add_argument('--signal_s', type=int, default=300,
-                 help='SIGTERM the trainers this many seconds before the time limit (default '
-                      '300), so that they save a checkpoint; 0: no signal')
+  p.add_argument(
+      '--signal_s', type=int, default=300,
+      help='SIGTERM the trainers this many seconds before the time limit (default '
+      '300), so that they save a checkpoint; 0: no signal')
   p.add_argument('--max_requeues', type=int, default=20,
                  help='requeue until train.num_steps is reached, at most this often (default 20)')
   p.add_argument('--port', type=int, default=None,
                  help='coordinator port (default: 10000 + SLURM_JOB_ID %% 20000)')
-  p.add_argument('--log_dir', default='slurm_logs',
-                 help='where SLURM writes JOB_NAME-JOBID.out (srun --label: lines start with '
-                      'the task)')
-  p.add_argument('--script', default=None, help='where to write the sbatch script '
-                 '(default LOG_DIR/JOB_NAME.sbatch; written by --dry-run too, to read)')
+  p.add_argument(
+      '--log_dir', default='slurm_logs',
+      help='where SLURM writes JOB_NAME-JOBID.out (srun --label: lines start with '
+      'the task)')
+  p.add_argument(
+      '--script', default=None, help='where to write the sbatch script '
+      '(default LOG_DIR/JOB_NAME.sbatch; written by --dry-run too, to read)')
   p.add_argument('--python', default='python3',
                  help='interpreter on the nodes, after --setup (default python3 from their PATH)')
   args = common.parse(p, argv)
@@ -182,26 +186,30 @@ def environment(args) -> dict[str, str]:
 def script(args) -> str:
   """The sbatch script's text."""
   log_dir = os.path.abspath(args.log_dir)
-  opts = [f'--job-name={args.job_name}', f'--nodes={args.nodes}', '--ntasks-per-node=1',
-          f'--gpus-per-node={args.gpus_per_node}', f'--chdir={os.getcwd()}',
-          f'--output={log_dir}/%x-%j.out', '--open-mode=append', '--requeue']
+  opts = [
+      f'--job-name={args.job_name}', f'--nodes={args.nodes}', '--ntasks-per-node=1',
+      f'--gpus-per-node={args.gpus_per_node}', f'--chdir={os.getcwd()}',
+      f'--output={log_dir}/%x-%j.out', '--open-mode=append', '--requeue'
+  ]
   opts += ['--exclusive'] if args.exclusive else []
   opts += [f'--signal=TERM@{args.signal_s}'] if args.signal_s else []
-  opts += [f'--{k.replace("_", "-")}={v}' for k, v in (
-      ('cpus_per_task', args.cpus_per_task), ('mem', args.mem), ('time', args.time),
-      ('partition', args.partition), ('account', args.account)) if v is not None]
+  opts += [
+      f'--{k.replace("_", "-")}={v}'
+      for k, v in (('cpus_per_task', args.cpus_per_task), ('mem', args.mem), ('time', args.time),
+                   ('partition', args.partition), ('account', args.account))
+      if v is not None
+  ]
   train = common.train_argv(args.python, args.config, args.workdir, args.overrides)
   return SCRIPT.format(
       sbatch='\n'.join(f'#SBATCH {o}' for o in opts),
       setup='\n'.join(f'  {line}' for line in args.setup) or '  :  # no --setup',
-      env='\n'.join(f'export {k}={_quote(v)}' for k, v in environment(args).items())
-      or '# (no env)',
-      port=args.port or '$((10000 + SLURM_JOB_ID % 20000))',
+      env='\n'.join(f'export {k}={_quote(v)}' for k, v in environment(args).items()) or
+      '# (no env)', port=args.port or '$((10000 + SLURM_JOB_ID % 20000))',
       cpus=args.cpus_per_task or '$((SLURM_CPUS_ON_NODE / 1))  # the node\'s CPUs / tasks per node',
-      mem=f' --mem={args.mem}' if args.mem is not None else '',
-      python=_quote(args.python), gpus=args.gpus_per_node, preflight=_quote(PREFLIGHT),
-      args=' '.join(map(_quote, train[4:])), max_requeues=args.max_requeues,
-      progress=_quote(os.path.join(common.REPO, 'launch', 'progress.py')))
+      mem=f' --mem={args.mem}' if args.mem is not None else '', python=_quote(
+          args.python), gpus=args.gpus_per_node, preflight=_quote(PREFLIGHT), args=' '.join(
+              map(_quote, train[4:])), max_requeues=args.max_requeues, progress=_quote(
+                  os.path.join(common.REPO, 'launch', 'progress.py')))
 
 
 def _quote(arg: str) -> str:

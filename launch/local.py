@@ -41,9 +41,12 @@ def plan(args) -> common.Plan:
   if args.host_device_count:
     env.append(f'XLA_FLAGS=--xla_force_host_platform_device_count={args.host_device_count}')
   train = common.train_argv(args.python, args.config, args.workdir, args.overrides, args.module)
-  procs = [env + train + [f'--coordinator_address=127.0.0.1:{args.port}',
-                          f'--num_processes={args.num_processes}', f'--process_id={i}']
-           for i in range(args.num_processes)]
+  procs = [
+      env + train + [
+          f'--coordinator_address=127.0.0.1:{args.port}', f'--num_processes={args.num_processes}',
+          f'--process_id={i}'
+      ] for i in range(args.num_processes)
+  ]
   return common.Plan(steps=procs, together=True, log_dir=args.log_dir)
 
 

@@ -123,13 +123,15 @@ def runs(args) -> list[tuple[str, argparse.Namespace]]:
       name = f'{name}-{i}'
     seen.add(name)
     overrides = {**fixed, **{k: f'--config.{k}={v}' for k, v in variant.items()}}
-    argv = [*args.rest, f'--config={args.config}',
-            f'--workdir={args.workdir.rstrip("/")}/{name}', *overrides.values()]
+    argv = [
+        *args.rest, f'--config={args.config}', f'--workdir={args.workdir.rstrip("/")}/{name}',
+        *overrides.values()
+    ]
     run = backend.parse(argv)
     # Names and local folders of their own, so that variants do not overwrite each other.
     if args.backend == 'local' and (run.log_dir or '://' not in run.workdir):
       run.log_dir = os.path.join(run.log_dir or run.workdir, name if run.log_dir else 'logs')
-      if args.parallel > 1:   # variants running at once need coordinator ports of their own
+      if args.parallel > 1:  # variants running at once need coordinator ports of their own
         run.port += i
     elif args.backend == 'tpu' and not run.reuse:  # --reuse: all on the one slice
       run.name = f'{run.name}-{i}'
@@ -162,9 +164,10 @@ class Manifest:
     for name, overrides in names_overrides:
       old = before.get(name, {})
       done = old.get('status') == 'done' and old.get('overrides') == overrides
-      self.data['runs'].append(dict(
-          name=name, overrides=overrides, workdir=os.path.join(args.workdir, name),
-          status='done' if done else 'pending', returncode=old.get('returncode') if done else None))
+      self.data['runs'].append(
+          dict(name=name, overrides=overrides, workdir=os.path.join(args.workdir, name),
+               status='done' if done else 'pending',
+               returncode=old.get('returncode') if done else None))
     self.write()
 
   def done(self, name: str) -> bool:
@@ -211,7 +214,7 @@ def main(argv=None) -> int:
   named = runs(args)
   plans = [(name, backend.plan(run)) for name, run in named]  # all checked before any runs
   manifest = Manifest(args, [(name, v) for (name, _), v in zip(named, args.variants)])
-  if args.parallel == 1:    # in this thread: signals reach execute (a TPU slice's cleanup)
+  if args.parallel == 1:  # in this thread: signals reach execute (a TPU slice's cleanup)
     codes = {name: _run_one(name, plan, manifest, args.dry_run) for name, plan in plans}
   else:
     codes = _run_parallel(plans, manifest, args)
@@ -225,11 +228,12 @@ def _run_parallel(plans, manifest, args) -> dict[str, int]:
   """Up to args.parallel plans at once; SIGTERM/SIGHUP/Ctrl-C stop all of them."""
   handlers = common.exit_on_signals()
   with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
-    futures = {name: pool.submit(_run_one, name, plan, manifest, args.dry_run)
-               for name, plan in plans}
+    futures = {
+        name: pool.submit(_run_one, name, plan, manifest, args.dry_run) for name, plan in plans
+    }
     try:
       return {name: f.result() for name, f in futures.items()}
-    except BaseException:          # Ctrl-C / SIGTERM: stop what runs, start nothing more
+    except BaseException:  # Ctrl-C / SIGTERM: stop what runs, start nothing more
       common.STOP.set()
       for f in futures.values():
         f.cancel()

@@ -54,10 +54,14 @@ import time
 from launch import common
 
 # Default runtime (TPU software version) per generation, from the Cloud TPU docs.
-RUNTIMES = {'v6e': 'v2-alpha-tpuv6e', 'v5p': 'v2-alpha-tpuv5', 'v5litepod': 'v2-alpha-tpuv5-lite',
-            'v4': 'tpu-ubuntu2204-base'}
+RUNTIMES = {
+    'v6e': 'v2-alpha-tpuv6e',
+    'v5p': 'v2-alpha-tpuv5',
+    'v5litepod': 'v2-alpha-tpuv5-lite',
+    'v4': 'tpu-ubuntu2204-base'
+}
 REMOTE_DIR = '"$HOME/yuanjax"'  # quoted for the remote shell; ~ would not expand inside quotes
-TARBALL = 'yuanjax.tgz'         # in the remote home directory
+TARBALL = 'yuanjax.tgz'  # in the remote home directory
 WORKER = 'bash "$HOME/yuanjax/launch/tpu_worker.sh"'
 EXIT_RE = re.compile(r'worker-(\d+)-of-(\d+)\.exit-(\d+)$')
 PREEMPTED = {'SUSPENDING', 'SUSPENDED', 'PREEMPTED', 'TERMINATED'}  # QR / TPU node states
@@ -66,6 +70,7 @@ COMMANDS = ('status', 'logs', 'stop')
 
 
 class Failed(Exception):
+
   def __init__(self, rc: int, message: str):
     super().__init__(message)
     self.rc = rc
@@ -73,28 +78,32 @@ class Failed(Exception):
 
 # ------------------------------------------------------------------------------- flags
 
+
 def _where_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument('--name', required=True, help='TPU (and queued resource) name')
   p.add_argument('--zone', required=True)
   p.add_argument('--project', default=None, help='GCP project (default: gcloud\'s)')
-  p.add_argument('--local_dir', default=None, help='local folder for the tarball and the record '
-                 'of what this machine created (default: $TMPDIR/yuanjax-tpu/NAME)')
+  p.add_argument(
+      '--local_dir', default=None, help='local folder for the tarball and the record '
+      'of what this machine created (default: $TMPDIR/yuanjax-tpu/NAME)')
 
 
 def parse(argv=None):
   p = common.parser(__doc__)
   _where_flags(p)
   p.add_argument('--accelerator_type', default=None, help='e.g. v5p-64, v6e-32, v4-16')
-  p.add_argument('--version', default=None, help='TPU software version; default by generation: '
-                 + ', '.join(f'{k}: {v}' for k, v in RUNTIMES.items()))
+  p.add_argument(
+      '--version', default=None, help='TPU software version; default by generation: ' +
+      ', '.join(f'{k}: {v}' for k, v in RUNTIMES.items()))
   p.add_argument('--queued', action='store_true',
                  help='ask for the slice with `queued-resources create` and wait for it')
   p.add_argument('--reuse', action='store_true',
                  help='run on the existing slice NAME (kept, or made elsewhere); never delete it')
   p.add_argument('--keep', action='store_true', help='do not delete the slice at the end')
-  p.add_argument('--detach', action='store_true',
-                 help='return once the run has started (worker 0 deletes a created slice at '
-                      'the end)')
+  p.add_argument(
+      '--detach', action='store_true',
+      help='return once the run has started (worker 0 deletes a created slice at '
+      'the end)')
   p.add_argument('--spot', action='store_true', help='Spot capacity (cheaper; can be preempted)')
   p.add_argument('--reserved', action='store_true', help='use the project\'s reservation')
   p.add_argument('--valid_until_duration', default=None,
@@ -111,9 +120,10 @@ def parse(argv=None):
   p.add_argument('--poll_s', type=float, default=60, help='seconds between polls (default 60)')
   p.add_argument('--ssh_retries', type=int, default=5,
                  help='retries of an ssh call whose connection dropped (default 5)')
-  p.add_argument('--remote_python', default='python3.11',
-                 help='python on the workers that builds the venv (jax needs >= 3.11); '
-                      'installed with apt when it cannot make a venv')
+  p.add_argument(
+      '--remote_python', default='python3.11',
+      help='python on the workers that builds the venv (jax needs >= 3.11); '
+      'installed with apt when it cannot make a venv')
   args = common.parse(p, argv)
   _check(p, args)
   return args
@@ -154,8 +164,8 @@ def _check(p, args) -> None:
 
 
 def local_dir(args) -> str:
-  return os.path.abspath(args.local_dir or os.path.join(tempfile.gettempdir(), 'yuanjax-tpu',
-                                                        args.name))
+  return os.path.abspath(args.local_dir or
+                         os.path.join(tempfile.gettempdir(), 'yuanjax-tpu', args.name))
 
 
 def remote(*lines: str) -> str:
@@ -168,6 +178,7 @@ def log_url(args) -> str:
 
 
 # ------------------------------------------------------------------------------- gcloud
+
 
 @dataclasses.dataclass
 class Gcloud:
@@ -204,8 +215,10 @@ class Gcloud:
 
   def ssh(self, command: str, what: str, worker: str = 'all') -> None:
     """ssh on the workers; a dropped connection (255) is retried, other failures raise."""
-    argv = [*self.tpus('tpu-vm', 'ssh', self.name), f'--worker={worker}',
-            f'--command={command}', *self.where]
+    argv = [
+        *self.tpus('tpu-vm', 'ssh', self.name), f'--worker={worker}', f'--command={command}',
+        *self.where
+    ]
     for attempt in range(self.ssh_retries + 1):
       rc, _ = self.run(argv)
       if rc != SSH_DROPPED:
@@ -227,8 +240,9 @@ class Gcloud:
 
   def delete_argv(self, queued: bool) -> list[str]:
     if queued:
-      return [*self.tpus('queued-resources', 'delete', self.name, '--force', '--quiet'),
-              *self.where]
+      return [
+          *self.tpus('queued-resources', 'delete', self.name, '--force', '--quiet'), *self.where
+      ]
     return [*self.tpus('tpu-vm', 'delete', self.name, '--quiet'), *self.where]
 
 
@@ -238,6 +252,7 @@ def gcloud_for(args) -> Gcloud:
 
 
 # -------------------------------------------------------------------- what this machine owns
+
 
 def _owned_path(args) -> str:
   return os.path.join(args.local_dir, 'created.json')
@@ -262,13 +277,14 @@ def created_here(args) -> dict | None:
 def delete(args, g: Gcloud, queued: bool) -> None:
   rc, _ = g.run(g.delete_argv(queued))
   if rc:
-    common.say(f'deleting {args.name} failed with exit status {rc}; delete it by hand: '
-               + shlex.join(g.delete_argv(queued)))
+    common.say(f'deleting {args.name} failed with exit status {rc}; delete it by hand: ' +
+               shlex.join(g.delete_argv(queued)))
   elif not g.dry_run:
     os.remove(_owned_path(args))
 
 
 # ------------------------------------------------------------------------------- the steps
+
 
 def check_bucket(args, g: Gcloud) -> None:
   """Can WORKDIR be written? Checked with this machine's credentials, before any create."""
@@ -284,21 +300,29 @@ def check_bucket(args, g: Gcloud) -> None:
 
 def pack(args, g: Gcloud) -> None:
   q, tarball = shlex.quote, os.path.join(args.local_dir, TARBALL)
-  g.must(['bash', '-c', f'set -euo pipefail; mkdir -p {q(args.local_dir)}; cd {q(common.REPO)}; '
-          'git ls-files -z --cached --others --exclude-standard '
-          f'| tar -czf {q(tarball)} --null --ignore-failed-read -T -'], 'packing the repo')
+  g.must([
+      'bash', '-c', f'set -euo pipefail; mkdir -p {q(args.local_dir)}; cd {q(common.REPO)}; '
+      'git ls-files -z --cached --others --exclude-standard '
+      f'| tar -czf {q(tarball)} --null --ignore-failed-read -T -'
+  ], 'packing the repo')
 
 
 def create_argv(args, g: Gcloud) -> list[str]:
   capacity = [f for f, on in (('--spot', args.spot), ('--reserved', args.reserved)) if on]
-  capacity += [f'--{k.replace("_", "-")}={v}' for k in ('valid_until_duration',
-               'service_account', 'scopes') if (v := getattr(args, k))]
+  capacity += [
+      f'--{k.replace("_", "-")}={v}' for k in ('valid_until_duration', 'service_account', 'scopes')
+      if (v := getattr(args, k))
+  ]
   if args.queued:
-    return [*g.tpus('queued-resources', 'create', args.name), f'--node-id={args.name}',
-            f'--accelerator-type={args.accelerator_type}', f'--runtime-version={args.version}',
-            *capacity, *g.where]
-  return [*g.tpus('tpu-vm', 'create', args.name), f'--accelerator-type={args.accelerator_type}',
-          f'--version={args.version}', *capacity, *g.where]
+    return [
+        *g.tpus('queued-resources', 'create', args.name), f'--node-id={args.name}',
+        f'--accelerator-type={args.accelerator_type}', f'--runtime-version={args.version}',
+        *capacity, *g.where
+    ]
+  return [
+      *g.tpus('tpu-vm', 'create', args.name), f'--accelerator-type={args.accelerator_type}',
+      f'--version={args.version}', *capacity, *g.where
+  ]
 
 
 def create(args, g: Gcloud) -> None:
@@ -318,8 +342,9 @@ def wait_active(args, g: Gcloud) -> None:
     if state in ('FAILED', 'SUSPENDED'):
       raise Failed(1, f'queued resource {args.name} is {state}')
     if time.monotonic() > deadline:
-      raise Failed(1, f'queued resource {args.name} not ACTIVE after {args.queue_timeout_s:g} s '
-                      '(--queue_timeout_s)')
+      raise Failed(
+          1, f'queued resource {args.name} not ACTIVE after {args.queue_timeout_s:g} s '
+          '(--queue_timeout_s)')
     stopping()
     time.sleep(args.poll_s)
 
@@ -335,15 +360,17 @@ def install(args, g: Gcloud) -> None:
   url = shlex.quote(f'{args.workdir.rstrip("/")}/.write_check/')
   g.ssh(remote(f'echo ok | gcloud storage cp - {url}"$(hostname)"'),
         'the workers\' write check of --workdir (their service account and scopes)')
-  g.must([*g.tpus('tpu-vm', 'scp', os.path.join(args.local_dir, TARBALL), f'{args.name}:{TARBALL}'),
-          '--worker=all', *g.where], 'copying the repo')
+  g.must([
+      *g.tpus('tpu-vm', 'scp', os.path.join(args.local_dir, TARBALL), f'{args.name}:{TARBALL}'),
+      '--worker=all', *g.where
+  ], 'copying the repo')
   busy = ('if pid=$(cat "$HOME/yuanjax-run/pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; '
           'then echo "$(hostname): a run is going (pid $pid); stop it first" >&2; exit 3; fi')
-  g.ssh(remote(busy, f'mkdir -p {REMOTE_DIR}',
-               f'find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +',
-               f'tar -xzf "$HOME/{TARBALL}" -C {REMOTE_DIR}', f'cd {REMOTE_DIR}',
-               f'bash launch/tpu_worker.sh install {shlex.quote(args.remote_python)}'),
-        'installing')
+  g.ssh(
+      remote(busy, f'mkdir -p {REMOTE_DIR}',
+             f'find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +',
+             f'tar -xzf "$HOME/{TARBALL}" -C {REMOTE_DIR}', f'cd {REMOTE_DIR}',
+             f'bash launch/tpu_worker.sh install {shlex.quote(args.remote_python)}'), 'installing')
 
 
 def train_argv(args) -> list[str]:
@@ -356,8 +383,9 @@ def start(args, g: Gcloud, created: bool) -> None:
   on_exit = ''
   if created and not args.keep:  # worker 0 deletes the slice when every trainer has exited
     on_exit = shlex.join(g.delete_argv(args.queued) + ['--async'])
-  g.ssh(remote(f'{WORKER} start {shlex.quote(log_url(args))} {shlex.quote(on_exit)} -- '
-               + shlex.join(train_argv(args))), 'starting the run')
+  g.ssh(
+      remote(f'{WORKER} start {shlex.quote(log_url(args))} {shlex.quote(on_exit)} -- ' +
+             shlex.join(train_argv(args))), 'starting the run')
 
 
 def exits(args, g: Gcloud) -> tuple[dict[int, int], int]:
@@ -405,6 +433,7 @@ def stop_trainers(args, g: Gcloud) -> None:
 
 # ------------------------------------------------------------------------------- launch
 
+
 def launch(args) -> int:
   g = gcloud_for(args)
   ours, running, outcome, restarts = False, False, None, 0
@@ -434,8 +463,9 @@ def launch(args) -> int:
         return 0 if outcome == 'done' else 1
       running = False
       if args.reuse or restarts >= args.max_restarts:
-        raise Failed(1, f'preempted, and {restarts} of --max_restarts={args.max_restarts} '
-                        'restarts used' + (' (--reuse: not resubmitted)' if args.reuse else ''))
+        raise Failed(
+            1, f'preempted, and {restarts} of --max_restarts={args.max_restarts} '
+            'restarts used' + (' (--reuse: not resubmitted)' if args.reuse else ''))
       restarts += 1
       common.say(f'resubmitting {args.name} (restart {restarts} of {args.max_restarts})')
       delete(args, g, args.queued)
@@ -459,6 +489,7 @@ def launch(args) -> int:
 
 # ------------------------------------------------------------------------- status/logs/stop
 
+
 def control(command: str, argv: list[str]) -> int:
   p = argparse.ArgumentParser(prog=f'python -m launch.tpu_pod {command}', allow_abbrev=False)
   if command == 'logs':
@@ -471,14 +502,16 @@ def control(command: str, argv: list[str]) -> int:
     p.add_argument('--keep', action='store_true', help='stop the run, keep the slice')
   args = p.parse_args(argv)
   if command == 'logs':
-    return subprocess.call(['gcloud', 'storage', 'cat',
-                            f'{log_url(args)}/worker-{args.worker}-of-*.log'])
+    return subprocess.call([
+        'gcloud', 'storage', 'cat', f'{log_url(args)}/worker-{args.worker}-of-*.log'
+    ])
   args.local_dir = local_dir(args)
   g = gcloud_for(args)
   if command == 'status':
     g.run([*g.tpus('tpu-vm', 'describe', args.name, '--format=value(state)'), *g.where])
-    return subprocess.call([*g.tpus('tpu-vm', 'ssh', args.name), '--worker=all',
-                            f'--command={WORKER} status', *g.where])
+    return subprocess.call([
+        *g.tpus('tpu-vm', 'ssh', args.name), '--worker=all', f'--command={WORKER} status', *g.where
+    ])
   stop_trainers(args, g)
   record = created_here(args)
   if record and not args.keep:
@@ -490,9 +523,11 @@ def control(command: str, argv: list[str]) -> int:
 
 def plan(args) -> common.Plan:
   """For launch.sweep: the launch as a plan that common.execute runs (in a thread, too)."""
+
   def call(dry_run: bool) -> int:
     args.dry_run = dry_run
     return launch(args)
+
   return common.Plan(steps=[], call=call)
 
 

@@ -90,11 +90,13 @@ def create_argv(args) -> list[str]:
   env = list(args.env)
   if args.libtpu_init_args:
     env.insert(0, f'LIBTPU_INIT_ARGS={args.libtpu_init_args}')
-  return ['xpk', 'workload', 'create', f'--cluster={args.cluster}',
-          f'--workload={args.workload}', f'--tpu-type={args.tpu_type}',
-          f'--num-slices={args.num_slices}', *image, f'--max-restarts={args.max_restarts}',
-          *[f'--{k}={v}' for k in ('zone', 'project') if (v := getattr(args, k))],
-          *[f'--env={e}' for e in env], f'--command={command(args)}']
+  return [
+      'xpk', 'workload', 'create', f'--cluster={args.cluster}', f'--workload={args.workload}',
+      f'--tpu-type={args.tpu_type}', f'--num-slices={args.num_slices}', *image,
+      f'--max-restarts={args.max_restarts}',
+      *[f'--{k}={v}' for k in ('zone', 'project') if (v := getattr(args, k))],
+      *[f'--env={e}' for e in env], f'--command={command(args)}'
+  ]
 
 
 def plan(args) -> common.Plan:

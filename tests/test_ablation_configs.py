@@ -27,8 +27,8 @@ def test_shared_matches_params_within_1_percent(arg):
       config_lib.override(config, overrides)
       config_lib.validate(config)
       facts[overrides['model.router.type']] = stats.model_facts(config.model)
-  assert set(facts) == ({'attention', 'linear'} if arg == 'smoke' else
-                        {'attention', 'linear', 'shared'})
+  assert set(facts) == ({'attention', 'linear'}
+                        if arg == 'smoke' else {'attention', 'linear', 'shared'})
   if 'shared' in facts:
     for other in ('attention', 'linear'):
       for key in ('total_params', 'active_params'):

@@ -21,10 +21,10 @@ def test_checkpoint_without_guard_restores_with_a_fresh_guard(tmp_path, monkeypa
   it = _iter()
   next(it)
   with ocp.CheckpointManager(os.path.abspath('run/checkpoints')) as mngr:  # as older versions
-    mngr.save(7,
-              args=ocp.args.Composite(state=ocp.args.StandardSave(old),
-                                      data=grain.checkpoint.CheckpointSave(it),
-                                      meta=ocp.args.JsonSave({'step': 7})))
+    mngr.save(
+        7, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
+                                   data=grain.checkpoint.CheckpointSave(it),
+                                   meta=ocp.args.JsonSave({'step': 7})))
   assert checkpoint.steps('run') == [7] and checkpoint.directory('run').startswith('/')
   guard = step_guard.init(4)
   abstract = jax.eval_shape(lambda: TrainState(old['step'], old['params'], old['opt_state'], guard))

@@ -9,7 +9,6 @@ import configs.demo as demo
 import configs.tiny as tiny
 import configs.yuan_m32 as yuan_m32
 
-
 CONFIGS = (demo, tiny, yuan_m32)
 
 
@@ -23,7 +22,8 @@ def test_configs_and_variants_validate(module):
 
 def test_m32_config_is_the_spec():
   m = yuan_m32.get_config().model
-  assert (m.num_layers, m.hidden_size, m.num_heads, m.head_dim, m.rotary_dims) == (24, 2048, 16, 256, 128)
+  assert (m.num_layers, m.hidden_size, m.num_heads, m.head_dim, m.rotary_dims) == (24, 2048, 16,
+                                                                                   256, 128)
   assert (m.num_experts, m.router.top_k, m.moe.ffn_size, m.vocab_size) == (32, 2, 8192, 135040)
   assert m.router.type == 'attention' and m.router.load_balance_weight == 0.0
   assert m.norm_eps == 1e-6 and m.rope_base == 10000.0
@@ -88,14 +88,16 @@ def test_multislice_dcn_mesh():
   cfg = sharding.mesh_config()
   cfg.update(dict(data=-1, fsdp=2))
   cfg.dcn.data = 2
-  assert sharding.mesh_shape(cfg, 16) == (8, 2, 1, 1)          # 2 slices of 8: data 4 x 2
-  devices = [types.SimpleNamespace(id=i, slice_index=i // 8, platform='cpu', device_kind='cpu',
-                                   process_index=i // 4) for i in range(16)]
+  assert sharding.mesh_shape(cfg, 16) == (8, 2, 1, 1)  # 2 slices of 8: data 4 x 2
+  devices = [
+      types.SimpleNamespace(id=i, slice_index=i // 8, platform='cpu', device_kind='cpu',
+                            process_index=i // 4) for i in range(16)
+  ]
   grid = sharding.hybrid_device_grid(cfg, devices)
   assert grid.shape == (8, 2, 1, 1)
   slices = np.vectorize(lambda d: d.slice_index)(grid)
-  assert (slices[:4] == 0).all() and (slices[4:] == 1).all()   # data axis: slice-major
-  cfg.dcn.data = 4                                             # 4 granules asked, 2 present
+  assert (slices[:4] == 0).all() and (slices[4:] == 1).all()  # data axis: slice-major
+  cfg.dcn.data = 4  # 4 granules asked, 2 present
   with pytest.raises(ValueError, match='config.mesh.dcn'):
     sharding.hybrid_device_grid(cfg, devices)
   cfg.dcn.data = 3

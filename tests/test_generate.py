@@ -17,27 +17,28 @@ from yuanjax import generate as gen
 from yuanjax.model import Transformer
 from yuanjax.model.transformer import init_cache
 
-LENGTHS = (5, 2, 8)      # prompt lengths
+LENGTHS = (5, 2, 8)  # prompt lengths
 NEW = 6
 S = max(LENGTHS) + NEW
 
 
 @pytest.fixture(scope='module')
 def setup():
-  cfg = tiny(**{'moe.dispatch': 'capacity'})    # generation must switch it to a dropless one
+  cfg = tiny(**{'moe.dispatch': 'capacity'})  # generation must switch it to a dropless one
   model = Transformer(cfg)
   rng = np.random.default_rng(0)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
 
-  def random_leaf(path, a):      # bold weights: routing and logits that depend on the input
+  def random_leaf(path, a):  # bold weights: routing and logits that depend on the input
     name = path[-1].key
     if name == 'scale':
       return jnp.asarray(1.0 + 0.2 * rng.standard_normal(a.shape), a.dtype)
     return jnp.asarray((0.1 if 'bias' in name else 0.3) * rng.standard_normal(a.shape), a.dtype)
+
   params = jax.tree_util.tree_map_with_path(random_leaf, abstract['params'])
   seqs = rng.integers(0, cfg.vocab_size, (len(LENGTHS), S)).astype(np.int32)
   prompts = [seqs[b, :n].tolist() for b, n in enumerate(LENGTHS)]
-  full = Transformer(gen.generation_config(cfg))               # same function, dropless
+  full = Transformer(gen.generation_config(cfg))  # same function, dropless
   forward = jax.jit(lambda p, t: full.apply({'params': p}, t)[0])
   greedy = gen.generate(model, params, prompts, max_new_tokens=NEW)
   return dict(cfg=cfg, model=model, params=params, seqs=seqs, prompts=prompts, forward=forward,
@@ -50,9 +51,11 @@ def test_cached_decode_matches_full_forward(setup):
   gives every prefix's logits)."""
   model, params, seqs = setup['model'], setup['params'], setup['seqs']
   dec = Transformer(gen.generation_config(setup['cfg']))
-  ref = np.asarray(setup['forward'](params, seqs))             # [B, S, V]
-  step = jax.jit(lambda p, c, t, n: dec.apply({'params': p, 'cache': c}, t, decode=True, lengths=n,
-                                              mutable=['cache']))
+  ref = np.asarray(setup['forward'](params, seqs))  # [B, S, V]
+  step = jax.jit(lambda p, c, t, n: dec.apply({
+      'params': p,
+      'cache': c
+  }, t, decode=True, lengths=n, mutable=['cache']))
   P = max(LENGTHS)
   prompt = np.where(np.arange(P) < np.array(LENGTHS)[:, None], seqs[:, :P], 0)
   (logits, _), state = step(params, init_cache(dec, len(LENGTHS), S), prompt, np.array(LENGTHS))
@@ -81,13 +84,13 @@ def test_greedy_equals_argmax_of_full_forwards(setup):
       buf[b, n + t] = int(np.argmax(logits[b, n + t - 1]))
       want[b].append(int(buf[b, n + t]))
   assert setup['greedy'] == want
-  assert len({tuple(w) for w in want}) == len(LENGTHS)     # rows really differ
+  assert len({tuple(w) for w in want}) == len(LENGTHS)  # rows really differ
 
 
 def test_stop_at_eod(setup):
   greedy = setup['greedy']
   k = next(i for i in range(1, NEW) if greedy[0][i] not in greedy[0][:i])
-  eod = greedy[0][k]                                       # row 0 first emits it as token k+1
+  eod = greedy[0][k]  # row 0 first emits it as token k+1
   tokens, counts = gen.generate_padded(setup['model'], setup['params'], setup['prompts'],
                                        max_new_tokens=NEW, eod_id=eod)
   outs = gen.generate(setup['model'], setup['params'], setup['prompts'], max_new_tokens=NEW,
@@ -96,7 +99,7 @@ def test_stop_at_eod(setup):
     n = g.index(eod) + 1 if eod in g else NEW
     assert counts[b] == n and outs[b] == g[:n]
     np.testing.assert_array_equal(tokens[b, :n], g[:n])
-    np.testing.assert_array_equal(tokens[b, n:], eod)      # padded after the stop
+    np.testing.assert_array_equal(tokens[b, n:], eod)  # padded after the stop
   assert counts[0] == k + 1 < NEW and outs[0][-1] == eod
   assert gen.strip_eod(outs[0], eod) == greedy[0][:k]
   # Every row stops at once: a one-token budget is all that is used.
@@ -118,13 +121,13 @@ def test_sampling_seeded_and_top_k_1_is_greedy(setup):
 
 
 def test_sample_logits_respects_top_k_and_top_p():
-  logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 4000))   # probabilities 0.1 .. 0.4
+  logits = jnp.log(jnp.array([[0.1, 0.2, 0.3, 0.4]] * 4000))  # probabilities 0.1 .. 0.4
   key = jax.random.key(0)
   draw = lambda **kw: np.asarray(gen.sample_logits(logits, key, **kw))
   full = draw(temperature=1.0, top_k=0, top_p=1.0)
   assert set(full) == {0, 1, 2, 3} and abs(np.mean(full == 3) - 0.4) < 0.04
   assert set(draw(temperature=1.0, top_k=2, top_p=1.0)) == {2, 3}
-  assert set(draw(temperature=1.0, top_k=0, top_p=0.65)) == {2, 3}    # 0.4 + 0.3 >= 0.65
+  assert set(draw(temperature=1.0, top_k=0, top_p=0.65)) == {2, 3}  # 0.4 + 0.3 >= 0.65
   assert set(draw(temperature=1.0, top_k=0, top_p=0.75)) == {1, 2, 3}
   assert set(draw(temperature=0.0, top_k=0, top_p=1.0)) == {3}
 
@@ -139,7 +142,8 @@ def test_bad_inputs_name_the_argument(setup):
   too_long = [1] * (setup['cfg'].max_seq_len + 1)
   with pytest.raises(ValueError, match=r'prompts\[0\]: 257 tokens is longer than max_len=256'):
     run([too_long])
-  with pytest.raises(ValueError, match=r'prompts\[0\] \(10 tokens\) \+ max_new_tokens=5 = 15 .*max_len=12'):
+  with pytest.raises(ValueError,
+                     match=r'prompts\[0\] \(10 tokens\) \+ max_new_tokens=5 = 15 .*max_len=12'):
     run([[1] * 10], max_new_tokens=5, max_len=12)
   with pytest.raises(ValueError, match=r'prompts\[0\]: token id 97 is outside the vocabulary'):
     run([[1, 97]])
@@ -188,16 +192,18 @@ def test_cli_on_converted_dir(hf_dirs, capsys):
   assert gen.main(['--checkpoint', str(hf_dirs / 'yj'), *argv]) == 0
   outs = {'yj': [json.loads(line) for line in capsys.readouterr().out.splitlines()]}
   assert [r['prompt'] for r in outs['yj']] == ['line 1 of', 'line 22\nline']
-  model, params = hf.load(str(hf_dirs / 'hf'))          # the HF dir itself: the same model
+  model, params = hf.load(str(hf_dirs / 'hf'))  # the HF dir itself: the same model
   tok = hf.load_tokenizer(str(hf_dirs / 'yj'))
-  want = gen.generate(model, params, [tok.encode('line 1 of'), tok.encode('line 22\nline')],
-                      max_new_tokens=5, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
+  want = gen.generate(model, params, [tok.encode('line 1 of'),
+                                      tok.encode('line 22\nline')], max_new_tokens=5,
+                      eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
   assert max(max(w) for w in want) < tok.vocab_size < model.config.vocab_size
   assert [r['tokens'] for r in outs['yj']] == want
   for r, w in zip(outs['yj'], want):
     assert r['completion'] == tok.decode(gen.strip_eod(w, tok.eod_id))
     assert r['stopped'] == ('eod' if w[-1] == tok.eod_id else 'length')
-  assert gen.main(['--checkpoint', str(hf_dirs / 'yj'), '--prompt', 'x', '--max_new_tokens', '0']) == 1
+  assert gen.main(['--checkpoint',
+                   str(hf_dirs / 'yj'), '--prompt', 'x', '--max_new_tokens', '0']) == 1
   assert 'max_new_tokens=0' in capsys.readouterr().err
   assert gen.main(['--checkpoint', str(hf_dirs / 'nowhere'), '--prompt', 'x']) == 1
   assert 'neither' in capsys.readouterr().err
@@ -212,15 +218,26 @@ def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
   config.model = setup['cfg']
   with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as mngr:
     for step in (1, 2):
-      params = jax.tree_util.tree_map(lambda a: a * step / 2, setup['params'])   # step 2: the real ones
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave({'step': step, 'params': params}),
-          meta=ocp.args.JsonSave({'step': step, 'config': config.to_json()})))
+      params = jax.tree_util.tree_map(lambda a: a * step / 2,
+                                      setup['params'])  # step 2: the real ones
+      mngr.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave({
+                  'step': step,
+                  'params': params
+              }), meta=ocp.args.JsonSave({
+                  'step': step,
+                  'config': config.to_json()
+              })))
     mngr.wait_until_finished()
-  texts = ['line 3']     # batch 1, as the trainer's sample below: compiled once for both
+  texts = ['line 3']  # batch 1, as the trainer's sample below: compiled once for both
   argv = [a for t in texts for a in ('--prompt', t)]
-  assert gen.main(['--checkpoint', str(tmp_path), '--tokenizer', str(hf_dirs / 'tok.model'),
-                   *argv, '--max_new_tokens', str(NEW), '--json']) == 0
+  assert gen.main([
+      '--checkpoint',
+      str(tmp_path), '--tokenizer',
+      str(hf_dirs / 'tok.model'), *argv, '--max_new_tokens',
+      str(NEW), '--json'
+  ]) == 0
   recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   from yuanjax.data.tokenizer import Tokenizer
   tok = Tokenizer(hf_dirs / 'tok.model')
@@ -245,8 +262,8 @@ def test_trainer_sample_uses_cached_generation(setup):
   assert sample.greedy(setup['model'], setup['params'], [1], 0) == []
 
 
-def test_workdir_relative_path_and_fallback_from_unreadable_newest(setup, hf_dirs, tmp_path,
-                                                                   capsys, monkeypatch):
+def test_workdir_relative_path_and_fallback_from_unreadable_newest(setup, hf_dirs, tmp_path, capsys,
+                                                                   monkeypatch):
   """`--checkpoint workdir/demo` (relative, as after `make demo`) works, and a newest checkpoint
   that cannot be read falls back to the previous one (yuanjax.checkpoint owns both)."""
   import glob
@@ -257,23 +274,34 @@ def test_workdir_relative_path_and_fallback_from_unreadable_newest(setup, hf_dir
   config.model = setup['cfg']
   workdir = tmp_path / 'workdir' / 'demo'
   with ocp.CheckpointManager(str(workdir / 'checkpoints')) as mngr:
-    for step, scale in ((1, 1.0), (2, 0.5)):     # step 1: the real params
+    for step, scale in ((1, 1.0), (2, 0.5)):  # step 1: the real params
       params = jax.tree_util.tree_map(lambda a: a * scale, setup['params'])
-      mngr.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave({'step': step, 'params': params}),
-          meta=ocp.args.JsonSave({'step': step, 'config': config.to_json()})))
+      mngr.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave({
+                  'step': step,
+                  'params': params
+              }), meta=ocp.args.JsonSave({
+                  'step': step,
+                  'config': config.to_json()
+              })))
     mngr.wait_until_finished()
-  files = [f for f in glob.glob(str(workdir / 'checkpoints' / '2' / 'state' / '**'), recursive=True)
-           if os.path.isfile(f)]
+  files = [
+      f for f in glob.glob(str(workdir / 'checkpoints' / '2' / 'state' / '**'), recursive=True)
+      if os.path.isfile(f)
+  ]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, 'r+b') as f:
     f.truncate(os.path.getsize(biggest) // 2)
   monkeypatch.chdir(tmp_path)
-  assert gen.main(['--checkpoint', 'workdir/demo', '--tokenizer', str(hf_dirs / 'tok.model'),
-                   '--prompt', 'line 3', '--max_new_tokens', str(NEW), '--json']) == 0
+  assert gen.main([
+      '--checkpoint', 'workdir/demo', '--tokenizer',
+      str(hf_dirs / 'tok.model'), '--prompt', 'line 3', '--max_new_tokens',
+      str(NEW), '--json'
+  ]) == 0
   recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
   from yuanjax.data.tokenizer import Tokenizer
   tok = Tokenizer(hf_dirs / 'tok.model')
-  want = gen.generate(setup['model'], setup['params'], [tok.encode('line 3')],
-                      max_new_tokens=NEW, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
+  want = gen.generate(setup['model'], setup['params'], [tok.encode('line 3')], max_new_tokens=NEW,
+                      eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
   assert [r['tokens'] for r in recs] == want

@@ -17,20 +17,22 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 200      # steps are milliseconds here: enough that the preemption lands mid-run
-TIMEOUT = 240    # per run, seconds
+STEPS = 200  # steps are milliseconds here: enough that the preemption lands mid-run
+TIMEOUT = 240  # per run, seconds
 
 
 def _flags(workdir, cache):
-  return [f'--workdir={workdir}', '--config=configs/demo.py:runlocal',
-          f'--config.data.cache_dir={cache}', '--config.data.max_bytes=300000',
-          '--config.data.vocab_size=512', '--config.model.vocab_size=512',
-          '--config.model.num_layers=1', '--config.model.hidden_size=64',
-          '--config.model.num_experts=4', f'--config.train.num_steps={STEPS}',
-          '--config.train.log_every=1', '--config.checkpoint.every=50',
-          '--config.train.sample_tokens=0', '--config.train.eval_steps=1',
-          '--config.train.batch_size=4', '--config.train.seq_len=32',
-          '--config.mesh.data=2', '--config.train.data_shards=2']
+  return [
+      f'--workdir={workdir}', '--config=configs/demo.py:runlocal',
+      f'--config.data.cache_dir={cache}', '--config.data.max_bytes=300000',
+      '--config.data.vocab_size=512', '--config.model.vocab_size=512',
+      '--config.model.num_layers=1', '--config.model.hidden_size=64',
+      '--config.model.num_experts=4', f'--config.train.num_steps={STEPS}',
+      '--config.train.log_every=1', '--config.checkpoint.every=50',
+      '--config.train.sample_tokens=0', '--config.train.eval_steps=1',
+      '--config.train.batch_size=4', '--config.train.seq_len=32', '--config.mesh.data=2',
+      '--config.train.data_shards=2'
+  ]
 
 
 def _env(tmp, **extra):
@@ -55,9 +57,11 @@ def _start_pair(workdir, cache, tmp, tag):
   procs, logs = [], []
   for i in range(2):
     logs.append(tmp / f'{tag}_{i}.log')
-    procs.append(_start(_flags(workdir, cache) + [
-        f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
-        _env(tmp), logs[-1]))
+    procs.append(
+        _start(
+            _flags(workdir, cache) +
+            [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'],
+            _env(tmp), logs[-1]))
   return procs, logs
 
 
@@ -100,9 +104,11 @@ def reference(tmp_path_factory):
   """One process, 2 CPU devices: also builds the data cache the 2-process runs then share."""
   tmp = tmp_path_factory.mktemp('multihost')
   cache, workdir = str(tmp / 'data_cache'), str(tmp / 'reference')
-  p = _start(_flags(workdir, cache), _env(tmp, XLA_FLAGS=os.environ.get('XLA_FLAGS', '')
-                                                  + ' --xla_force_host_platform_device_count=2'),
-             tmp / 'reference.log')
+  p = _start(
+      _flags(workdir, cache),
+      _env(tmp,
+           XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'),
+      tmp / 'reference.log')
   _finish([p], [tmp / 'reference.log'])
   train, evals = _metrics(workdir)
   assert sorted(train) == list(range(1, STEPS + 1)) and list(evals) == [STEPS]
@@ -129,7 +135,7 @@ def test_two_processes_preempted_and_resumed_match_one_process(reference):
   ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
   assert ckpts[-1] == stopped, ckpts
   data = os.listdir(os.path.join(workdir, 'checkpoints', str(stopped), 'data'))
-  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data)   # grain state per process
+  assert {'process_0-of-2.json', 'process_1-of-2.json'} <= set(data)  # grain state per process
 
   # 2. The same command resumes both processes from that checkpoint and finishes the run.
   procs, logs = _start_pair(workdir, cache, tmp, 'resumed')
@@ -161,7 +167,7 @@ def test_several_streams_per_process_resume_exactly(reference):
   other, _, _ = streams.make_data(config)
   for _ in range(3):
     next(it)
-  state = json.loads(json.dumps(it.get_state()))   # as grain.checkpoint stores it
+  state = json.loads(json.dumps(it.get_state()))  # as grain.checkpoint stores it
   want = [next(it) for _ in range(2)]
   other.set_state(state)
   got = [next(other) for _ in range(2)]

@@ -21,7 +21,7 @@ def test_shard_bytes():
   assert plan.shard_bytes((64, 32), 'float32', P('fsdp', 'expert'), mesh) * 8 == 64 * 32 * 4
   assert plan.shard_bytes((64, 32), 'float32', P(None, None), mesh) == 64 * 32 * 4
   assert plan.shard_bytes((64, 32), 'bfloat16', P(('data', 'fsdp')), mesh) == 8 * 32 * 2
-  assert plan.shard_bytes((6,), 'float32', P('fsdp'), mesh) == 2 * 4   # uneven: rounded up
+  assert plan.shard_bytes((6,), 'float32', P('fsdp'), mesh) == 2 * 4  # uneven: rounded up
 
 
 def test_fully_sharded_params_split_exactly_and_replicated_ones_count_fully():
@@ -34,7 +34,7 @@ def test_fully_sharded_params_split_exactly_and_replicated_ones_count_fully():
   full = [x for x in params if {'fsdp', 'expert'} <= set(_axes(x['spec']))]
   replicated = [x for x in params if not _axes(x['spec'])]
   assert full and replicated
-  for x in full:      # split over all 8 devices: shards add up to the whole
+  for x in full:  # split over all 8 devices: shards add up to the whole
     assert x['per_device_bytes'] * r['devices'] == x['total_bytes'], x
   for x in replicated:  # every device holds all of it
     assert x['per_device_bytes'] == x['total_bytes'], x
@@ -57,7 +57,7 @@ def test_m32_on_8_h100_with_expert_parallelism():
   facts = stats.model_facts(config.model)
   assert r['mesh'] == dict(data=1, fsdp=1, expert=8, tensor=1)
   assert r['param_count'] == facts['total_params']
-  assert r['totals']['params'] == 4 * facts['total_params']            # float32 params
+  assert r['totals']['params'] == 4 * facts['total_params']  # float32 params
   assert r['totals']['gradients'] == 4 * facts['total_params']
   # AdamW: mu and nu like the params, plus scalar counts.
   assert 2 * r['totals']['params'] <= r['totals']['optimizer'] < 2 * r['totals']['params'] + 1024
@@ -71,7 +71,7 @@ def test_m32_on_8_h100_with_expert_parallelism():
   # Per micro-batch: 1536 sequences / 8 data-parallel devices x 4096 tokens.
   assert r['micro_batch_tokens_per_device'] == 1536 / 8 * 4096
   assert r['per_device']['total'] == sum(v for k, v in r['per_device'].items() if k != 'total')
-  assert r['fits'] == {'H100-80G': False}   # ~91 GiB of state alone
+  assert r['fits'] == {'H100-80G': False}  # ~91 GiB of state alone
 
 
 def test_remat_and_accumulation_shrink_activations():
@@ -82,7 +82,7 @@ def test_remat_and_accumulation_shrink_activations():
   full = plan.plan(config, devices=32)['per_device']['activations']
   config.train.grad_accum = 48
   r = plan.plan(config, devices=32, device_kind='TPU v5p')
-  assert full < base / 4   # the float32 logits (vocab 135040) stay
+  assert full < base / 4  # the float32 logits (vocab 135040) stay
   assert r['per_device']['activations'] == pytest.approx(full / 48, rel=1e-6)
   assert r['micro_batch_tokens_per_device'] == 4096
   assert r['fits'] == {'TPU v5p': True}
@@ -98,11 +98,11 @@ def test_bad_mesh_names_the_axis(axis, value, devices):
 
 
 def test_cli_prints_table_then_json():
-  r = subprocess.run(
-      [sys.executable, '-m', 'yuanjax.plan', '--config=configs/yuan_m32.py',
-       '--config.mesh.expert=8', '--devices=8', '--device_kind=H100-80G'],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
-      timeout=300)
+  r = subprocess.run([
+      sys.executable, '-m', 'yuanjax.plan', '--config=configs/yuan_m32.py',
+      '--config.mesh.expert=8', '--devices=8', '--device_kind=H100-80G'
+  ], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                     timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   lines = r.stdout.strip().splitlines()
   out = json.loads(lines[-1])

@@ -50,8 +50,7 @@ def test_failure_leaves_nothing_and_overwrite_replaces(tmp_path):
 def test_keep_existing_discards_ours(tmp_path):
   dst = tmp_path / 'cache'
   publish.directory(str(dst), _write)
-  publish.directory(str(dst),
-                    lambda tmp: (open(os.path.join(tmp, 'b'), 'w').close()),
+  publish.directory(str(dst), lambda tmp: (open(os.path.join(tmp, 'b'), 'w').close()),
                     keep_existing=True)
   assert os.listdir(dst) == ['a.txt'] and sorted(os.listdir(tmp_path)) == ['cache']
 

@@ -35,10 +35,12 @@ def study(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('study')
   cfg = tmp / 'study.py'
   cfg.write_text(CONFIG)
-  argv = [sys.executable, '-m', 'launch.sweep', '--backend=local', '--parallel=2',
-          '--num_processes=1', f'--config={cfg}:smoke', f'--workdir={tmp / "sw"}']
+  argv = [
+      sys.executable, '-m', 'launch.sweep', '--backend=local', '--parallel=2', '--num_processes=1',
+      f'--config={cfg}:smoke', f'--workdir={tmp / "sw"}'
+  ]
   r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 1, r.stderr[-3000:]       # the bad run failed, the others did not
+  assert r.returncode == 1, r.stderr[-3000:]  # the bad run failed, the others did not
   rows = report.report([str(tmp / 'sw')])
   return tmp / 'sw', rows
 
@@ -52,16 +54,15 @@ def final_eval(workdir):
 
 def test_report_numbers_match_metrics(study):
   sw, rows = study
-  assert [r['variant'] for r in rows] == ['model.router.type=attention',
-                                          'model.router.type=linear']
+  assert [r['variant'] for r in rows] == ['model.router.type=attention', 'model.router.type=linear']
   for row, router in zip(rows, ('attention', 'linear')):
     assert row['seeds'] == [0, 1]
     evals = [final_eval(sw / f'model.router.type={router}+train.seed={s}') for s in (0, 1)]
     losses = [e['loss'] for e, _ in evals]
-    assert all(e['step'] == 4 for e, _ in evals)          # the smoke variant's 4 steps
+    assert all(e['step'] == 4 for e, _ in evals)  # the smoke variant's 4 steps
     np.testing.assert_allclose(row['eval_loss_mean'], np.mean(losses), rtol=1e-12)
     np.testing.assert_allclose(row['eval_loss_std'], np.std(losses, ddof=1), rtol=1e-12)
-    assert row['eval_tokens'] == evals[0][0]['tokens'] == 2 * 4 * 32   # eval_steps x batch x seq
+    assert row['eval_tokens'] == evals[0][0]['tokens'] == 2 * 4 * 32  # eval_steps x batch x seq
     assert row['tokens'] == 4 * 4 * 32
     # Relative load: the mean over seeds of the late-training load (steps > 3 of 4: step 4).
     loads = [report.load_matrix(train[-1], 2, 8) for _, train in evals]
@@ -71,7 +72,7 @@ def test_report_numbers_match_metrics(study):
                                np.mean([stats.relative_load(l).max() for l in loads]))
     entropy = [train[-1]['moe/entropy'] for _, train in evals]
     np.testing.assert_allclose(row['expert_diversity'], np.mean(np.exp(entropy) / 8))
-  assert rows[1]['router_params'] == rows[0]['router_params'] // 3   # W vs Wq, Wk, Wv
+  assert rows[1]['router_params'] == rows[0]['router_params'] // 3  # W vs Wq, Wk, Wv
 
 
 def test_failed_run_is_flagged_not_averaged(study):
@@ -84,8 +85,8 @@ def test_failed_run_is_flagged_not_averaged(study):
   assert f'{diff:+.4f}' in text
   (c,) = json.loads((sw / 'comparisons.json').read_text())
   assert c['paired_seeds'] == [0, 1]
-  np.testing.assert_allclose(c['paired_diffs'], np.subtract(rows[1]['eval_losses'],
-                                                            rows[0]['eval_losses']))
+  np.testing.assert_allclose(c['paired_diffs'],
+                             np.subtract(rows[1]['eval_losses'], rows[0]['eval_losses']))
   saved = json.loads((sw / 'report.json').read_text())
   assert [r['eval_loss_mean'] for r in saved] == [r['eval_loss_mean'] for r in rows]
   for png in ('eval_loss.png', 'expert_load.png'):
@@ -100,7 +101,7 @@ def test_unfinished_run_is_flagged(study, tmp_path):
   (tmp_path / name).mkdir()
   _, train = final_eval(sw / name)
   with open(tmp_path / name / 'metrics.jsonl', 'w') as f:
-    f.writelines(json.dumps(r) + '\n' for r in train)          # no eval lines at all
+    f.writelines(json.dumps(r) + '\n' for r in train)  # no eval lines at all
   for run in manifest['runs']:
     if run['name'] == name:
       run['workdir'] = str(tmp_path / name)

@@ -24,8 +24,10 @@ def test_active_params_follow_top_k():
 
 
 def test_cli_prints_json_last_line():
-  out = subprocess.run([sys.executable, '-m', 'yuanjax.stats', '--config', 'configs/yuan_m32.py',
-                        '--config.model.num_experts=16'], capture_output=True, text=True, check=True)
+  out = subprocess.run([
+      sys.executable, '-m', 'yuanjax.stats', '--config', 'configs/yuan_m32.py',
+      '--config.model.num_experts=16'
+  ], capture_output=True, text=True, check=True)
   facts = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(facts) >= {'total_params', 'active_params', 'forward_flops_per_token'}
   assert abs(facts['total_params'] / 20.6e9 - 1) < 0.05

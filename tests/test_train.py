@@ -17,21 +17,23 @@ STEPS = 10
 
 
 def _flags(workdir, cache, steps=STEPS, extra=()):
-  return [f'--workdir={workdir}', '--config=configs/demo.py:runlocal',
-          f'--config.data.cache_dir={cache}', '--config.data.max_bytes=300000',
-          '--config.data.vocab_size=512', '--config.model.vocab_size=512',
-          '--config.model.num_layers=2', '--config.model.hidden_size=64',
-          f'--config.train.num_steps={steps}', '--config.train.log_every=1',
-          '--config.checkpoint.every=2', '--config.train.sample_tokens=0',
-          '--config.train.eval_steps=1', '--config.train.batch_size=4', '--config.train.seq_len=64',
-          *extra]
+  return [
+      f'--workdir={workdir}', '--config=configs/demo.py:runlocal',
+      f'--config.data.cache_dir={cache}', '--config.data.max_bytes=300000',
+      '--config.data.vocab_size=512', '--config.model.vocab_size=512',
+      '--config.model.num_layers=2', '--config.model.hidden_size=64',
+      f'--config.train.num_steps={steps}', '--config.train.log_every=1',
+      '--config.checkpoint.every=2', '--config.train.sample_tokens=0',
+      '--config.train.eval_steps=1', '--config.train.batch_size=4', '--config.train.seq_len=64',
+      *extra
+  ]
 
 
 def _start(workdir, cache, steps=STEPS, extra=(), preexec_fn=None):
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  return subprocess.Popen([sys.executable, '-m', 'yuanjax.train', *_flags(workdir, cache, steps, extra)],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          preexec_fn=preexec_fn)
+  return subprocess.Popen(
+      [sys.executable, '-m', 'yuanjax.train', *_flags(workdir, cache, steps, extra)], cwd=REPO,
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
 
 
 def _run(workdir, cache, steps=STEPS, extra=(), returncode=0, preexec_fn=None):
@@ -66,8 +68,10 @@ def _wait(cond, proc, timeout=300):
 
 
 def _checkpoint_steps(workdir):
-  return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
-                if os.path.basename(p).isdigit())
+  return sorted(
+      int(os.path.basename(p))
+      for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
+      if os.path.basename(p).isdigit())
 
 
 @pytest.fixture(scope='module')
@@ -96,7 +100,7 @@ def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path, cache, reference):
   assert p.returncode == 0, out[-3000:]
   saved = _checkpoint_steps(workdir)
   assert 'saving step' in out
-  assert saved and saved[-1] >= max(3, _max_logged_step(workdir)), saved   # the step reached
+  assert saved and saved[-1] >= max(3, _max_logged_step(workdir)), saved  # the step reached
   # 2. SIGKILL while a checkpoint is being written (Orbax's temporary directory exists).
   p = _start(workdir, cache)
   tmp_glob = os.path.join(workdir, 'checkpoints', '*tmp*')
@@ -120,16 +124,18 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, cache, reference):
   subprocess.run(['cp', '-r', ref_dir, workdir], check=True)
   latest = _checkpoint_steps(workdir)[-1]
   assert latest == STEPS
-  files = [f for f in glob.glob(os.path.join(workdir, 'checkpoints', str(latest), 'state', '**'),
-                                recursive=True) if os.path.isfile(f)]
+  files = [
+      f for f in glob.glob(os.path.join(workdir, 'checkpoints', str(latest), 'state', '**'),
+                           recursive=True) if os.path.isfile(f)
+  ]
   biggest = max(files, key=os.path.getsize)
   with open(biggest, 'r+b') as f:
     f.truncate(os.path.getsize(biggest) // 2)
   out = _run(workdir, cache, steps=STEPS + 2)
   assert 'unreadable' in out and f'/{latest}' in out
-  assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'{latest}.unreadable-0'))   # kept
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints', f'{latest}.unreadable-0'))  # kept
   got = _losses(workdir)
-  assert {s: got[s] for s in range(1, STEPS + 1)} == want   # steps 9, 10 recomputed identically
+  assert {s: got[s] for s in range(1, STEPS + 1)} == want  # steps 9, 10 recomputed identically
   assert max(got) == STEPS + 2
 
 
@@ -150,14 +156,18 @@ def test_one_step_on_real_demo_config(tmp_path):
 
 def _records(workdir):
   """metrics.jsonl as strict JSON: a bare NaN or Infinity is an error."""
+
   def refuse(name):
     raise ValueError(f'non-standard JSON constant {name}')
+
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
     return [json.loads(line, parse_constant=refuse) for line in f]
 
 
-DIVERGE = ['--config.optimizer.lr=1e30', '--config.optimizer.warmup_steps=0',
-           '--config.checkpoint.every=1', '--config.checkpoint.keep=3']
+DIVERGE = [
+    '--config.optimizer.lr=1e30', '--config.optimizer.warmup_steps=0',
+    '--config.checkpoint.every=1', '--config.checkpoint.keep=3'
+]
 
 
 def test_nonfinite_halts_without_saving_then_resumes(tmp_path, cache):
@@ -183,12 +193,14 @@ def test_nonfinite_skip_counts_then_halts(tmp_path, cache):
   """on_nonfinite=skip: steps 2 and 3 are skipped (and may be saved: their state is step 1's
   update), the third non-finite step in a row exceeds max_skipped_in_a_row=2 and halts."""
   workdir = str(tmp_path)
-  out = _run(workdir, cache, steps=8, returncode=1, extra=DIVERGE + [
-      '--config.train.on_nonfinite=skip', '--config.train.max_skipped_in_a_row=2'])
+  out = _run(
+      workdir, cache, steps=8, returncode=1,
+      extra=DIVERGE + ['--config.train.on_nonfinite=skip', '--config.train.max_skipped_in_a_row=2'])
   assert 'step 4: 3 steps in a row skipped' in out
   recs = _records(workdir)
-  assert [(r['step'], r['skipped_steps'], r['nonfinite']) for r in recs[:3]] == [
-      (1, 0, False), (2, 1, True), (3, 2, True)]
+  assert [(r['step'], r['skipped_steps'], r['nonfinite']) for r in recs[:3]] == [(1, 0, False),
+                                                                                 (2, 1, True),
+                                                                                 (3, 2, True)]
   assert recs[3]['step'] == 4 and recs[3]['halted'] is True
   assert _checkpoint_steps(workdir) == [1, 2, 3]
 
@@ -243,7 +255,8 @@ def test_bad_data_is_an_error_naming_it_before_any_compile(tmp_path, cache):
   config = demo.get_config('runlocal')
   config.data.update(dict(cache_dir=cache, max_bytes=300000, vocab_size=512))
   config.model.vocab_size = 256
-  with pytest.raises(ValueError, match=r'model.vocab_size=256 is smaller than the tokenizer .*512, '
-                     r'.*tokenizer.model'):
+  with pytest.raises(
+      ValueError, match=r'model.vocab_size=256 is smaller than the tokenizer .*512, '
+      r'.*tokenizer.model'):
     trainer.train_and_evaluate(config, str(tmp_path / 'w3'))
   assert not os.path.exists(tmp_path / 'w3' / 'checkpoints')

@@ -28,23 +28,17 @@ def _step(grad_accum):
   config = _config()
   built = train_state.build(config)
   fn = jax.jit(
-      functools.partial(trainer.train_step,
-                        model=built.model,
-                        optimizer=built.optimizer,
-                        schedule=built.schedule,
-                        grad_accum=grad_accum,
-                        seed=0,
+      functools.partial(trainer.train_step, model=built.model, optimizer=built.optimizer,
+                        schedule=built.schedule, grad_accum=grad_accum, seed=0,
                         guard_cfg=config.train))
   return built, fn
 
 
 def _batch(seed=0):
   tokens = np.random.default_rng(seed).integers(0, 512, (B, L + 1)).astype(np.int32)
-  return dict(inputs=tokens[:, :-1],
-              targets=tokens[:, 1:],
-              segment_ids=np.ones((B, L), np.int32),
-              positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)),
-              loss_mask=np.ones((B, L), np.float32))
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=np.ones((B, L), np.int32),
+              positions=np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)), loss_mask=np.ones(
+                  (B, L), np.float32))
 
 
 @pytest.fixture(scope='module')

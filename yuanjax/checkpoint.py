@@ -34,11 +34,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-
 CHECKPOINTS = 'checkpoints'
 
 
 class _Everything(set):
+
   def __contains__(self, item):
     return True
 
@@ -92,15 +92,16 @@ def restore_params(workdir: str, make_abstract, step: int | None = None):
       abstract = make_abstract(meta)
       args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
       with ocp.PyTreeCheckpointer() as ckptr:
-        state = ckptr.restore(os.path.join(directory(workdir), str(step), 'state'),
-                              args=ocp.args.PyTreeRestore(item={'params': abstract},
-                                                          restore_args={'params': args},
-                                                          partial_restore=True))
+        state = ckptr.restore(
+            os.path.join(directory(workdir), str(step), 'state'),
+            args=ocp.args.PyTreeRestore(item={'params': abstract}, restore_args={'params': args},
+                                        partial_restore=True))
       return step, state['params'], meta
     except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
       logging.error('checkpoint %s/%d is unreadable (%s: %s); trying the previous one',
-                    directory(workdir), step, type(e).__name__, str(e).splitlines()[0][:300]
-                    if str(e) else '')
+                    directory(workdir), step,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:300] if str(e) else '')
   raise FileNotFoundError(f'{workdir}: no readable checkpoint among steps {found}')
 
 
@@ -120,10 +121,10 @@ class Checkpointer:
   def save(self, step: int, state, data_iterator, meta: dict) -> None:
     """Starts saving `step` (async); a failure of this or an earlier save is a SaveError."""
     with self._reporting(step):
-      self.mngr.save(step, force=True, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(data_iterator),
-          meta=ocp.args.JsonSave(meta)))
+      self.mngr.save(
+          step, force=True, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=grain.checkpoint.CheckpointSave(data_iterator), meta=ocp.args.JsonSave(meta)))
 
   def _reporting(self, step):
     return _SaveErrors(self, step)
@@ -140,21 +141,25 @@ class Checkpointer:
       missing = {f: v for f, v in (defaults or {}).items() if f not in self._stored_fields(step)}
       target = abstract_state
       if missing:
-        target = {f.name: getattr(abstract_state, f.name) for f in
-                  dataclasses.fields(abstract_state) if f.name not in missing}
+        target = {
+            f.name: getattr(abstract_state, f.name)
+            for f in dataclasses.fields(abstract_state)
+            if f.name not in missing
+        }
       try:
-        r = self.mngr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target),
-            data=grain.checkpoint.CheckpointRestore(data_iterator),
-            meta=ocp.args.JsonRestore()))
+        r = self.mngr.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                          data=grain.checkpoint.CheckpointRestore(data_iterator),
+                                          meta=ocp.args.JsonRestore()))
       except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
         error = e
       if _any_process(error is not None):
         why = 'on another process' if error is None else (
             f'{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ""}')
         moved = self._move_aside(step)
-        logging.error('checkpoint %s/%d is unreadable (%s); moved it to %s and trying the '
-                      'previous one', self.directory, step, why, moved)
+        logging.error(
+            'checkpoint %s/%d is unreadable (%s); moved it to %s and trying the '
+            'previous one', self.directory, step, why, moved)
         continue
       state = abstract_state.replace(**r.state, **missing) if missing else r.state
       return step, state, r.meta
@@ -174,10 +179,14 @@ class Checkpointer:
   def _check_process_count(self, step: int) -> None:
     """A checkpoint's data states are per process: refuse one written by another count."""
     if '://' in self.directory:
-      return    # remote storage: leave it to grain's own check
-    names = [os.path.basename(p) for p in
-             glob.glob(os.path.join(self.directory, str(step), 'data', 'process_*-of-*.json'))]
-    counts = {int(m.group(1)) for n in names if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))}
+      return  # remote storage: leave it to grain's own check
+    names = [
+        os.path.basename(p)
+        for p in glob.glob(os.path.join(self.directory, str(step), 'data', 'process_*-of-*.json'))
+    ]
+    counts = {
+        int(m.group(1)) for n in names if (m := re.fullmatch(r'process_\d+-of-(\d+)\.json', n))
+    }
     if counts and jax.process_count() not in counts:
       raise ValueError(
           f'checkpoint {self.directory}/{step} was written by {sorted(counts)[0]} processes; this '
@@ -195,7 +204,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'yuanjax checkpoint {step} moved aside')
     self.mngr.close()
-    self._open()          # rescan steps
+    self._open()  # rescan steps
     return dst
 
   def wait(self):

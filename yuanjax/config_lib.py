@@ -13,50 +13,52 @@ from yuanjax.model import attention, moe, routers, transformer
 
 def m32_model() -> ml_collections.ConfigDict:
   """Yuan2.0-M32 exactly as released (../shared/yuan2-m32-spec.md)."""
-  return ml_collections.ConfigDict(dict(
-      vocab_size=135040,
-      hidden_size=2048,
-      num_layers=24,
-      num_heads=16,
-      head_dim=256,
-      rotary_dims=128,          # rotary on the first 128 of 256 dims per head
-      rope_base=10000.0,
-      rope_ntk_factor=1.0,      # 4.0 -> the 16K NTK-aware base 40890
-      rope_hf_bf16=False,       # True: HF's bfloat16-rounded rotary angles (spec quirk 3)
-      max_seq_len=4096,
-      norm_eps=1e-6,
-      init_std=0.02,
-      dtype='bfloat16',         # compute dtype; router, softmax and loss stay float32
-      param_dtype='float32',
-      attention_backend='dot_product_attention',
-      remat='none',
-      num_experts=32,
-      moe_every=1,              # every layer MoE; n: every n-th layer; 0: all dense
-      dense_ffn_size=8192,      # FFN size of the dense layers (unused when moe_every=1)
-      router=dict(
-          type='attention',
-          top_k=2,
-          norm_topk_prob=True,
-          jitter_eps=0.0,
-          noisy_topk=False,
-          load_balance_weight=0.0,   # released M32: no load-balancing loss
-          z_loss_weight=0.0,
-          num_shared_experts=0,
-      ),
-      moe=dict(
-          dispatch='capacity',       # fastest measured on H100 and on CPU (README, MoE dispatch)
-          capacity_factor=1.25,
-          ffn_size=8192,             # per-expert FFN size
-      ),
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          vocab_size=135040,
+          hidden_size=2048,
+          num_layers=24,
+          num_heads=16,
+          head_dim=256,
+          rotary_dims=128,  # rotary on the first 128 of 256 dims per head
+          rope_base=10000.0,
+          rope_ntk_factor=1.0,  # 4.0 -> the 16K NTK-aware base 40890
+          rope_hf_bf16=False,  # True: HF's bfloat16-rounded rotary angles (spec quirk 3)
+          max_seq_len=4096,
+          norm_eps=1e-6,
+          init_std=0.02,
+          dtype='bfloat16',  # compute dtype; router, softmax and loss stay float32
+          param_dtype='float32',
+          attention_backend='dot_product_attention',
+          remat='none',
+          num_experts=32,
+          moe_every=1,  # every layer MoE; n: every n-th layer; 0: all dense
+          dense_ffn_size=8192,  # FFN size of the dense layers (unused when moe_every=1)
+          router=dict(
+              type='attention',
+              top_k=2,
+              norm_topk_prob=True,
+              jitter_eps=0.0,
+              noisy_topk=False,
+              load_balance_weight=0.0,  # released M32: no load-balancing loss
+              z_loss_weight=0.0,
+              num_shared_experts=0,
+          ),
+          moe=dict(
+              dispatch='capacity',  # fastest measured on H100 and on CPU (README, MoE dispatch)
+              capacity_factor=1.25,
+              ffn_size=8192,  # per-expert FFN size
+          ),
+      ))
 
 
 def tiny_model() -> ml_collections.ConfigDict:
   """M32's structure at CPU size: LFA, attention router, 8 experts top-2, partial rotary."""
   m = m32_model()
-  m.update(dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=32,
-                rotary_dims=16, max_seq_len=256, dtype='float32', attention_backend='xla',
-                num_experts=8, dense_ffn_size=128))
+  m.update(
+      dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=32, rotary_dims=16,
+           max_seq_len=256, dtype='float32', attention_backend='xla', num_experts=8,
+           dense_ffn_size=128))
   m.moe.ffn_size = 64
   return m
 
@@ -90,14 +92,16 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   if m.rope_ntk_factor < 1.0:
     raise _err('rope_ntk_factor', m.rope_ntk_factor, 'must be >= 1 (1 = plain rotary)')
   if m.attention_backend not in attention.ATTENTION_BACKENDS:
-    raise _err('attention_backend', m.attention_backend, f'expected one of {attention.ATTENTION_BACKENDS}')
+    raise _err('attention_backend', m.attention_backend,
+               f'expected one of {attention.ATTENTION_BACKENDS}')
   if m.remat not in transformer.REMAT_POLICIES:
     raise _err('remat', m.remat, f'expected one of {sorted(transformer.REMAT_POLICIES)}')
   for f in ('dtype', 'param_dtype'):
     if m[f] not in ('float32', 'bfloat16', 'float16'):
       raise _err(f, m[f], "expected 'float32', 'bfloat16' or 'float16'")
   if m.moe_every < 0 or (m.moe_every and m.num_layers % m.moe_every):
-    raise _err('moe_every', m.moe_every, f'must be 0 (all dense) or divide num_layers={m.num_layers}')
+    raise _err('moe_every', m.moe_every,
+               f'must be 0 (all dense) or divide num_layers={m.num_layers}')
   if m.moe_every == 0:
     return
   r = m.router
@@ -145,15 +149,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
          f'longer than the rotary range config.model.max_seq_len={config.model.max_seq_len}')
   _check(t.batch_size % t.grad_accum == 0, 'train.grad_accum', t.grad_accum,
          f'must divide train.batch_size={t.batch_size}')
-  _check(isinstance(t.data_shards, int) and t.data_shards >= 0, 'train.data_shards', t.data_shards,
-         'must be an integer >= 0 (0: one per process)')
+  _check(
+      isinstance(t.data_shards, int) and t.data_shards >= 0, 'train.data_shards', t.data_shards,
+      'must be an integer >= 0 (0: one per process)')
   _check(t.data_shards == 0 or t.batch_size % t.data_shards == 0, 'train.data_shards',
          t.data_shards, f'must divide train.batch_size={t.batch_size}')
   step_guard.check_config(t)
   _check(0.0 <= t.collapse_threshold <= 1.0, 'train.collapse_threshold', t.collapse_threshold,
          'must be in [0, 1]')
   _check(o.lr > 0, 'optimizer.lr', o.lr, 'must be > 0')
-  _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio', o.min_lr_ratio, 'must be in [0, 1]')
+  _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio', o.min_lr_ratio,
+         'must be in [0, 1]')
   _check(o.warmup_steps >= 0, 'optimizer.warmup_steps', o.warmup_steps, 'must be >= 0')
   for f in ('b1', 'b2'):
     _check(0.0 <= o[f] < 1.0, f'optimizer.{f}', o[f], 'must be in [0, 1)')
@@ -192,16 +198,26 @@ def base_config() -> ml_collections.ConfigDict:
   """Everything but the model, with Yuan2.0-M32's optimizer settings as defaults."""
   from yuanjax import sharding
   from yuanjax.data import pipeline
-  return ml_collections.ConfigDict(dict(
-      train=dict(num_steps=1000, batch_size=8, seq_len=128, grad_accum=1, seed=0,
-                 data_shards=0,    # input streams making up the batch; 0: one per process
-                 log_every=10, eval_every=0, eval_steps=8, sample_tokens=32,
-                 sample_prompt='def ', progress=True,
-                 collapse_threshold=0.25,   # flag a layer whose load spreads over < 25% of experts
-                 **step_guard.defaults().to_dict()),  # on_nonfinite='halt', skip_spikes=False, ...
-      optimizer=dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
-                     weight_decay=0.1, clip_norm=1.0),
-      checkpoint=dict(every=500, keep=3, async_save=True),
-      mesh=sharding.mesh_config(),
-      data=pipeline.data_config(),
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          train=dict(
+              num_steps=1000,
+              batch_size=8,
+              seq_len=128,
+              grad_accum=1,
+              seed=0,
+              data_shards=0,  # input streams making up the batch; 0: one per process
+              log_every=10,
+              eval_every=0,
+              eval_steps=8,
+              sample_tokens=32,
+              sample_prompt='def ',
+              progress=True,
+              collapse_threshold=0.25,  # flag a layer whose load spreads over < 25% of experts
+              **step_guard.defaults().to_dict()),  # on_nonfinite='halt', skip_spikes=False, ...
+          optimizer=dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
+                         weight_decay=0.1, clip_norm=1.0),
+          checkpoint=dict(every=500, keep=3, async_save=True),
+          mesh=sharding.mesh_config(),
+          data=pipeline.data_config(),
+      ))

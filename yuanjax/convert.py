@@ -41,10 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
-  logging.basicConfig(level=logging.WARNING,
-                      format='%(levelname)s %(message)s')
+  logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(message)s')
   logging.getLogger('yuanjax').setLevel(logging.WARNING if args.quiet else logging.INFO)
-  from yuanjax.interop import hf   # after parsing: --help stays fast
+  from yuanjax.interop import hf  # after parsing: --help stays fast
   t0 = time.time()
   try:
     if args.command == 'from-hf':
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
   except (ValueError, FileExistsError, FileNotFoundError, NotImplementedError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux: KiB
+  peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
   logging.getLogger('yuanjax').info('done in %.1fs, peak RSS %.2f GiB', time.time() - t0, peak_gib)
   return 0
 

@@ -38,7 +38,7 @@ def detect() -> str | None:
   """The kind of multi-process environment this process runs in, or None."""
   if os.environ.get('JAX_COORDINATOR_ADDRESS'):
     return 'env'
-  try:   # set by `import jax` when libtpu and TPU chips are present (a Cloud TPU VM)
+  try:  # set by `import jax` when libtpu and TPU chips are present (a Cloud TPU VM)
     from jax._src import cloud_tpu_init
     if cloud_tpu_init.running_in_cloud_tpu_vm:
       return 'tpu'
@@ -69,7 +69,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     kind = detect()
     if kind is None:
       return False
-    if kind == 'env':   # JAX reads JAX_COORDINATOR_ADDRESS itself, but not these two
+    if kind == 'env':  # JAX reads JAX_COORDINATOR_ADDRESS itself, but not these two
       num_processes, process_id = _env_int('JAX_NUM_PROCESSES'), _env_int('JAX_PROCESS_ID')
     logging.info('multi-process environment detected (%s): jax.distributed.initialize()', kind)
   if num_processes is not None and num_processes < 1:
@@ -81,9 +81,10 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
   complete = None not in (coordinator_address, num_processes, process_id)
   jax.distributed.initialize(coordinator_address, num_processes, process_id,
                              cluster_detection_method='deactivate' if complete else None)
-  logging.info('joined the JAX distributed runtime: process %d of %d, %d local / %d global '
-               'devices', jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count())
+  logging.info(
+      'joined the JAX distributed runtime: process %d of %d, %d local / %d global '
+      'devices', jax.process_index(), jax.process_count(), jax.local_device_count(),
+      jax.device_count())
   return True
 
 
@@ -116,7 +117,7 @@ class Preemption:
       return self.signum is not None
     try:
       hit = multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:   # jax_enable_preemption_service=False: no coordinated stop
+    except RuntimeError:  # jax_enable_preemption_service=False: no coordinated stop
       return False
     if hit:
       self.signum = signal.SIGTERM

@@ -58,7 +58,6 @@ f32 = jnp.float32
 _NO_EOD = -1
 PROMPT_BUCKET = 16
 
-
 # ---------------------------------------------------------------- sampling
 
 
@@ -69,7 +68,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p):
   V = logits_BxV.shape[-1]
   greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   x = logits_BxV / jnp.maximum(temperature, 1e-6).astype(f32)
-  sorted_BxV = -jnp.sort(-x, axis=-1)                          # descending
+  sorted_BxV = -jnp.sort(-x, axis=-1)  # descending
   k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V).astype(jnp.int32)
   in_top_k_BxV = jnp.arange(V) < k
   sorted_BxV = jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf)
@@ -77,7 +76,7 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p):
   # Keep the i-th most likely token while the ones before it hold less than top_p (so the
   # most likely token is always kept).
   keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < top_p
-  keep_BxV = (keep_BxV | (top_p >= 1.0)) & in_top_k_BxV     # top_p 1: exactly no cut
+  keep_BxV = (keep_BxV | (top_p >= 1.0)) & in_top_k_BxV  # top_p 1: exactly no cut
   threshold_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
   x = jnp.where(x >= threshold_Bx1, x, -jnp.inf)
   sampled_B = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
@@ -91,16 +90,17 @@ def generation_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   """config.model as generation runs it: a dispatch that never drops, no remat."""
   m = ml_collections.ConfigDict(config.to_dict())
   if m.moe_every and m.router.type not in routers.CAUSAL_ROUTERS:
-    raise ValueError(f'config.model.router.type={m.router.type!r} is not causal (a token\'s routing '
-                     f'depends on later tokens); generation needs one of {routers.CAUSAL_ROUTERS}')
+    raise ValueError(
+        f'config.model.router.type={m.router.type!r} is not causal (a token\'s routing '
+        f'depends on later tokens); generation needs one of {routers.CAUSAL_ROUTERS}')
   if m.moe.dispatch not in ('dense', 'dropless'):
     m.moe.dispatch = 'dropless'
   m.remat = 'none'
   return m
 
 
-def _run(params, prompt_BxP, lengths_B, key, temperature, top_k, top_p, eod_id, pad_id,
-         vocab_limit, *, model: Transformer, max_new_tokens: int):
+def _run(params, prompt_BxP, lengths_B, key, temperature, top_k, top_p, eod_id, pad_id, vocab_limit,
+         *, model: Transformer, max_new_tokens: int):
   """Prefill + while_loop decode; returns (tokens [B, N], number generated [B])."""
   B, P = prompt_BxP.shape
   N = max_new_tokens
@@ -110,8 +110,10 @@ def _run(params, prompt_BxP, lengths_B, key, temperature, top_k, top_p, eod_id, 
     return sample_logits(logits_BxV, key, temperature, top_k, top_p)
 
   def forward(cache, tokens_BxL, lengths):
-    (logits, _), state = model.apply({'params': params, 'cache': cache}, tokens_BxL, decode=True,
-                                     lengths=lengths, mutable=['cache'])
+    (logits, _), state = model.apply({
+        'params': params,
+        'cache': cache
+    }, tokens_BxL, decode=True, lengths=lengths, mutable=['cache'])
     return logits, state['cache']
 
   logits_BxPxV, cache = forward(init_cache(model, B, P + N), prompt_BxP, lengths_B)
@@ -179,9 +181,8 @@ def _check_prompts(prompts, vocab_size: int, max_new_tokens: int, max_len: int) 
 
 def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]], *,
                     max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int = 0, eod_id: int | None = None,
-                    max_len: int | None = None,
-                    vocab_limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    top_p: float = 1.0, seed: int = 0, eod_id: int | None = None, max_len: int |
+                    None = None, vocab_limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Like `generate`, as arrays: (tokens [B, max_new_tokens] int32, counts [B]).
 
   Row b generated counts[b] tokens (its `<eod>` included when it stopped there); the rest of
@@ -200,7 +201,8 @@ def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]]
     raise ValueError(f'eod_id={eod_id}: outside the vocabulary [0, {m.vocab_size})')
   vocab_limit = m.vocab_size if vocab_limit is None else int(vocab_limit)
   if not 1 <= vocab_limit <= m.vocab_size:
-    raise ValueError(f'vocab_limit={vocab_limit}: must be in [1, config.model.vocab_size={m.vocab_size}]')
+    raise ValueError(
+        f'vocab_limit={vocab_limit}: must be in [1, config.model.vocab_size={m.vocab_size}]')
   lengths = np.array([len(p) for p in prompts], np.int32)
   # The padded prompt length is rounded up to a multiple of PROMPT_BUCKET, so that prompts
   # of similar lengths reuse one compiled program (padding is never attended to).
@@ -211,9 +213,8 @@ def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]]
   run = _compiled_run(generation_config(m))
   eod = _NO_EOD if eod_id is None else int(eod_id)
   tokens, counts = run(params, batch, lengths, jax.random.key(seed), jnp.float32(temperature),
-                       jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eod),
-                       jnp.int32(max(eod, 0)), jnp.int32(vocab_limit),
-                       max_new_tokens=int(max_new_tokens))
+                       jnp.int32(top_k), jnp.float32(top_p), jnp.int32(eod), jnp.int32(max(eod, 0)),
+                       jnp.int32(vocab_limit), max_new_tokens=int(max_new_tokens))
   return np.asarray(tokens), np.asarray(counts)
 
 
@@ -288,8 +289,8 @@ def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict |
     if step is not None:
       raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
     model, params = hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides)
-    tok = (Tokenizer(tokenizer, newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS) if tokenizer
-           else hf.load_tokenizer(path))
+    tok = (Tokenizer(tokenizer, newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS)
+           if tokenizer else hf.load_tokenizer(path))
   elif checkpoint.has_checkpoints(path):
     if exact_hf_rope:
       overrides['rope_hf_bf16'] = True
@@ -318,7 +319,8 @@ def _parse(argv):
   p.add_argument('--exact_hf_rope', action='store_true',
                  help="HF runtime's bfloat16 rotary rounding (spec quirk 3)")
   p.add_argument('--dtype', default=None, help='compute dtype override, e.g. float32')
-  p.add_argument('--tokenizer', default=None, help='a sentencepiece .model instead of the checkpoint\'s')
+  p.add_argument('--tokenizer', default=None,
+                 help='a sentencepiece .model instead of the checkpoint\'s')
   p.add_argument('--json', action='store_true',
                  help='one JSON object per prompt: prompt, completion, tokens, stopped')
   return p.parse_args(argv)
@@ -334,8 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = [tok.encode(p) for p in args.prompt]
     outs = generate(model, params, prompts, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, eod_id=None if args.no_eod_stop else eod_id,
-                    vocab_limit=min(tok.vocab_size, model.config.vocab_size))
+                    seed=args.seed, eod_id=None if args.no_eod_stop else eod_id, vocab_limit=min(
+                        tok.vocab_size, model.config.vocab_size))
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -343,8 +345,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     stopped = 'eod' if ids and ids[-1] == eod_id and not args.no_eod_stop else 'length'
     completion = tok.decode(strip_eod(ids, eod_id) if stopped == 'eod' else ids)
     if args.json:
-      print(json.dumps({'prompt': text, 'completion': completion, 'tokens': ids,
-                        'stopped': stopped}, ensure_ascii=False))
+      print(
+          json.dumps({
+              'prompt': text,
+              'completion': completion,
+              'tokens': ids,
+              'stopped': stopped
+          }, ensure_ascii=False))
     else:
       print(text + completion)
       if len(args.prompt) > 1:

@@ -16,8 +16,14 @@ import numpy as np
 # Dense bf16 peak FLOP/s per chip, from vendor spec sheets (H100 SXM: 989 TF dense; we
 # measured 797 TF/s for a bf16 8192^3 matmul through JAX, see ../shared notes).
 PEAK_FLOPS = (
-    ('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L4', 121e12),
-    ('TPU v6', 918e12), ('TPU v5p', 459e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
+    ('H200', 989e12),
+    ('H100', 989e12),
+    ('A100', 312e12),
+    ('L4', 121e12),
+    ('TPU v6', 918e12),
+    ('TPU v5p', 459e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5e', 197e12),
     ('TPU v4', 275e12),
 )
 
@@ -32,10 +38,10 @@ def peak_flops(device_kind: str) -> float | None:
 
 def train_flops_per_token(config) -> float:
   """Forward + backward (3x forward) FLOPs per token, attention at train.seq_len."""
-  from yuanjax import stats   # pylint: disable=g-import-not-at-top  (model import, lazily)
+  from yuanjax import stats  # pylint: disable=g-import-not-at-top  (model import, lazily)
   facts = stats.model_facts(config.model)
-  return 3 * (facts['forward_flops_per_token'] + facts['attention_flops_per_token']
-              * config.train.seq_len / config.model.max_seq_len)
+  return 3 * (facts['forward_flops_per_token'] +
+              facts['attention_flops_per_token'] * config.train.seq_len / config.model.max_seq_len)
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, device_kind: str,
@@ -128,9 +134,11 @@ class MetricsWriter:
 
 
 def summary_line(step: int, num_steps: int, s: dict[str, float]) -> str:
-  parts = [f'step {step}/{num_steps}', f"loss {s['loss']:.4f}", f"ppl {s['perplexity']:.2f}",
-           f"lr {s['learning_rate']:.2e}", f"gnorm {s['grad_norm']:.3f}",
-           f"tok/s {s['tokens_per_sec']:.0f}"]
+  parts = [
+      f'step {step}/{num_steps}', f"loss {s['loss']:.4f}", f"ppl {s['perplexity']:.2f}",
+      f"lr {s['learning_rate']:.2e}", f"gnorm {s['grad_norm']:.3f}",
+      f"tok/s {s['tokens_per_sec']:.0f}"
+  ]
   if 'mfu' in s:
     parts.append(f"mfu {100 * s['mfu']:.1f}%")
   if 'moe/dropped_fraction' in s:
@@ -143,7 +151,8 @@ def summary_line(step: int, num_steps: int, s: dict[str, float]) -> str:
 def log_collapse(step: int, load_LxE, threshold: float) -> list[tuple[int, float]]:
   bad = collapsed_layers(load_LxE, threshold)
   for layer, eff in bad:
-    logging.warning('step %d: router of MoE layer %d collapsed: load spread over %.1f of %d '
-                    'experts (threshold %.0f%%)', step, layer, eff, np.asarray(load_LxE).shape[-1],
-                    100 * threshold)
+    logging.warning(
+        'step %d: router of MoE layer %d collapsed: load spread over %.1f of %d '
+        'experts (threshold %.0f%%)', step, layer, eff,
+        np.asarray(load_LxE).shape[-1], 100 * threshold)
   return bad

@@ -14,16 +14,19 @@ import optax
 
 def schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
   """0 -> lr linearly over warmup_steps, then cosine to lr * min_lr_ratio at num_steps."""
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=max(num_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+  return optax.warmup_cosine_decay_schedule(init_value=0.0, peak_value=cfg.lr,
+                                            warmup_steps=cfg.warmup_steps, decay_steps=max(
+                                                num_steps, cfg.warmup_steps + 1),
+                                            end_value=cfg.lr * cfg.min_lr_ratio)
 
 
 def decay_mask(boxed_params):
   """True for params with >= 2 named dims besides 'layers' (matrices), False otherwise."""
+
   def is_matrix(p):
     names = p.names if isinstance(p, nn.LogicallyPartitioned) else ()
     return len([n for n in names if n != 'layers']) >= 2
+
   return jax.tree_util.tree_map(is_matrix, boxed_params,
                                 is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 

@@ -61,7 +61,7 @@ from ml_collections import config_flags
 
 from yuanjax import config_lib, sharding, stats
 
-GiB = 2 ** 30
+GiB = 2**30
 HEADROOM = 0.85
 # Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
 DEVICE_MEMORY = {'H100-80G': 80, 'H200': 141, 'TPU v5e': 16, 'TPU v5p': 95, 'TPU v6e': 32}
@@ -79,18 +79,18 @@ def shard_bytes(shape, dtype, spec, mesh_shape: dict) -> int:
 
 def _resolve_mesh(config, devices: int | None) -> dict:
   sizes = [config.mesh[a] for a in sharding.MESH_AXES]
-  if devices is None:   # -1 takes nothing: the product of the fixed axes
+  if devices is None:  # -1 takes nothing: the product of the fixed axes
     devices = math.prod(s for s in sizes if s > 0) or 1
   if devices < 1:
     raise ValueError(f'--devices={devices}: must be at least 1')
-  shape = sharding.mesh_shape(config.mesh, devices)   # errors name config.mesh.<axis>
+  shape = sharding.mesh_shape(config.mesh, devices)  # errors name config.mesh.<axis>
   return dict(zip(sharding.MESH_AXES, shape))
 
 
 def state_leaves(config, mesh_shape: dict) -> list[dict]:
   """Every leaf of the abstract train state: path, shape, dtype, mesh spec, per-device and
   total bytes, and whether it is a param or optimizer state."""
-  from yuanjax import train_state   # pylint: disable=g-import-not-at-top  (heavy; plan-time only)
+  from yuanjax import train_state  # pylint: disable=g-import-not-at-top  (heavy; plan-time only)
   built = train_state.build(config)
   mesh_specs, values = built.mesh_specs, built.abstract
   out = []
@@ -100,10 +100,11 @@ def state_leaves(config, mesh_shape: dict) -> list[dict]:
                                       is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
     assert len(flat) == len(specs), (part, len(flat), len(specs))
     for (path, leaf), spec in zip(flat, specs):
-      out.append(dict(part=part, path=jax.tree_util.keystr(path), shape=tuple(leaf.shape),
-                      dtype=str(leaf.dtype), spec=tuple(spec),
-                      total_bytes=int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize,
-                      per_device_bytes=shard_bytes(leaf.shape, leaf.dtype, spec, mesh_shape)))
+      out.append(
+          dict(part=part, path=jax.tree_util.keystr(path), shape=tuple(leaf.shape),
+               dtype=str(leaf.dtype), spec=tuple(spec),
+               total_bytes=int(math.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize,
+               per_device_bytes=shard_bytes(leaf.shape, leaf.dtype, spec, mesh_shape)))
   return out
 
 
@@ -128,7 +129,7 @@ def activation_bytes(config, mesh_shape: dict) -> tuple[float, float]:
   attn_all = (8 * D + 6 * HK) * b + attn_core
   moe_all = (3 * D + ck * (2 * D + 3 * F)) * b
   dense_all = (3 * D + 3 * Fd) * b
-  attn_dots = (D + 3 * D + 3 * HK + D) * b     # block input, convolutions, q k v, output
+  attn_dots = (D + 3 * D + 3 * HK + D) * b  # block input, convolutions, q k v, output
   moe_dots, dense_dots = 0.0, (2 * Fd + D) * b
   attn_saveable = attn_dots + ((H * L / tp * 4) if xla else 0.0)
   moe_saveable = ck * (2 * F + D) * b
@@ -173,7 +174,7 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   act, tokens = activation_bytes(config, mesh_shape)
   per_device = dict(
       params=sum(x['per_device_bytes'] for x in params),
-      optimizer=sum(x['per_device_bytes'] for x in opt) + 4,   # + the int32 step
+      optimizer=sum(x['per_device_bytes'] for x in opt) + 4,  # + the int32 step
       gradients=grads_dev,
       activations=int(act))
   per_device['total'] = sum(per_device.values())
@@ -182,20 +183,20 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
                 gradients=grad_copies * param_count * 4)
   kinds = [device_kind] if device_kind else list(DEVICE_MEMORY)
   fits = {k: per_device['total'] <= HEADROOM * DEVICE_MEMORY[k] * GiB for k in kinds}
-  return dict(
-      mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
-      remat=config.model.remat, micro_batch_tokens_per_device=tokens,
-      per_device=per_device, totals=totals, headroom=HEADROOM,
-      device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds}, fits=fits, leaves=leaves)
+  return dict(mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
+              remat=config.model.remat, micro_batch_tokens_per_device=tokens, per_device=per_device,
+              totals=totals, headroom=HEADROOM,
+              device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds}, fits=fits, leaves=leaves)
 
 
 def format_table(r: dict) -> str:
   g = lambda n: f'{n / GiB:10.2f}'
   mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
-  lines = [f"mesh {mesh} ({r['devices']} devices); {r['param_count'] / 1e9:.3f} B params; "
-           f"remat={r['remat']}; {r['micro_batch_tokens_per_device']:g} tokens per device per "
-           'micro-batch',
-           f"{'':12} {'GiB/device':>10} {'GiB total':>10}"]
+  lines = [
+      f"mesh {mesh} ({r['devices']} devices); {r['param_count'] / 1e9:.3f} B params; "
+      f"remat={r['remat']}; {r['micro_batch_tokens_per_device']:g} tokens per device per "
+      'micro-batch', f"{'':12} {'GiB/device':>10} {'GiB total':>10}"
+  ]
   for k, v in r['per_device'].items():
     total = r['totals'].get(k)
     lines.append(f'{k:12} {g(v)} {g(total) if total is not None else "":>10}')
@@ -218,8 +219,9 @@ if __name__ == '__main__':
   # Flags are defined here, not at import, so that tests can import this module.
   _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                             lock_config=True)
-  _DEVICES = flags.DEFINE_integer('devices', None, 'JAX devices (GPUs or TPU chips); default: '
-                                  'the product of the fixed config.mesh axes')
+  _DEVICES = flags.DEFINE_integer(
+      'devices', None, 'JAX devices (GPUs or TPU chips); default: '
+      'the product of the fixed config.mesh axes')
   _DEVICE_KIND = flags.DEFINE_enum('device_kind', None, list(DEVICE_MEMORY),
                                    'device to check against (default: all of them)')
   flags.mark_flags_as_required(['config'])

@@ -65,9 +65,7 @@ def _rename_unless_present(tmp: str, dst: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)  # lost a race: the other copy is as good
 
 
-def directory(dst: str,
-              write: Callable[[str], object],
-              overwrite: bool = False,
+def directory(dst: str, write: Callable[[str], object], overwrite: bool = False,
               keep_existing: bool = False):
   """Runs write(tmp) in a new temporary directory next to dst, then renames it to dst; returns
   what write returned. An existing dst is an error unless overwrite (replaced) or

@@ -45,7 +45,7 @@ from yuanjax import config_lib, stats as model_stats
 from yuanjax.analysis import stats
 
 SEED_KEY = 'train.seed'
-LATE_FRACTION = 0.25      # load statistics over the last quarter of training
+LATE_FRACTION = 0.25  # load statistics over the last quarter of training
 
 
 @dataclasses.dataclass
@@ -54,13 +54,14 @@ class Run:
   name: str
   variant: str
   seed: int | None
-  status: str               # done, failed, unfinished, pending, running
+  status: str  # done, failed, unfinished, pending, running
   config: object
   train: list[dict]
   evals: list[dict]
 
 
 # ---------------------------------------------------------------------------- reading runs
+
 
 def _load_module(path: str):
   spec = importlib.util.spec_from_file_location('_report_config', path)
@@ -121,22 +122,25 @@ def load_runs(sweep_dir: str) -> list[Run]:
     except (TypeError, ValueError, KeyError) as e:
       if status == 'done':
         raise ValueError(f'{path}: run {r["name"]}: its config cannot be rebuilt: {e}') from e
-      config = None               # a run that failed on its own overrides
+      config = None  # a run that failed on its own overrides
     workdir = r['workdir'] if os.path.isabs(r['workdir']) else os.path.join(
         sweep_dir, os.path.basename(r['workdir']))
     train, evals = read_metrics(workdir)
     if status == 'done' and not any(e['step'] == config.train.num_steps for e in evals):
-      status = 'unfinished'       # exited 0 without an eval at the last step (preempted)
-    out.append(Run(r['name'], variant_of(r['overrides']), r['overrides'].get(SEED_KEY), status,
-                   config, train, evals))
+      status = 'unfinished'  # exited 0 without an eval at the last step (preempted)
+    out.append(
+        Run(r['name'], variant_of(r['overrides']), r['overrides'].get(SEED_KEY), status, config,
+            train, evals))
   return out
 
 
 # ------------------------------------------------------------------------------ statistics
 
+
 def load_matrix(record: dict, num_layers: int, num_experts: int) -> np.ndarray:
   """metrics.jsonl's moe/load/layer_<l>/expert_<e> -> [L, E]."""
-  return np.array([[record[f'moe/load/layer_{l}/expert_{e}'] for e in range(num_experts)]
+  return np.array([[record[f'moe/load/layer_{l}/expert_{e}']
+                    for e in range(num_experts)]
                    for l in range(num_layers)])
 
 
@@ -162,12 +166,11 @@ def run_stats(run: Run) -> dict:
   if num_moe_layers(run):
     load = np.mean([load_matrix(r, num_moe_layers(run), m.num_experts) for r in late], axis=0)
     rel = stats.relative_load(load)
-    out.update(relative_load=rel, max_load=float(rel.max()),
-               max_vio=float(stats.max_vio(load).mean()),
-               dead_experts=int(stats.dead_experts(load).sum()),
-               expert_diversity=float(np.mean(stats.expert_diversity(
-                   [r['moe/entropy'] for r in late], m.num_experts))),
-               dropped_fraction=float(np.mean([r['moe/dropped_fraction'] for r in late])))
+    out.update(
+        relative_load=rel, max_load=float(rel.max()), max_vio=float(stats.max_vio(load).mean()),
+        dead_experts=int(stats.dead_experts(load).sum()), expert_diversity=float(
+            np.mean(stats.expert_diversity([r['moe/entropy'] for r in late], m.num_experts))),
+        dropped_fraction=float(np.mean([r['moe/dropped_fraction'] for r in late])))
   return out
 
 
@@ -192,8 +195,8 @@ def variant_row(variant: str, runs: list[Run]) -> dict:
     return row
   per_run = [run_stats(r) for r in done]
   losses = [s['eval_loss'] for s in per_run]
-  row.update(tokens=per_run[0]['tokens'], eval_tokens=per_run[0]['eval_tokens'],
-             eval_losses=losses, eval_loss_mean=float(np.mean(losses)),
+  row.update(tokens=per_run[0]['tokens'], eval_tokens=per_run[0]['eval_tokens'], eval_losses=losses,
+             eval_loss_mean=float(np.mean(losses)),
              eval_loss_std=float(np.std(losses, ddof=1)) if len(losses) > 1 else float('nan'),
              tokens_per_s=float(np.mean([s['tokens_per_s'] for s in per_run])))
   for key in ('max_load', 'max_vio', 'expert_diversity', 'dropped_fraction', 'dead_experts'):
@@ -215,9 +218,10 @@ def compare(rows: list[dict]) -> list[dict]:
     diff = row['eval_loss_mean'] - base['eval_loss_mean']
     std = pooled_std([base['eval_loss_std'], row['eval_loss_std']],
                      [len(base['seeds']), len(row['seeds'])])
-    out.append(dict(variant=row['variant'], diff=diff, pooled_std=std,
-                    exceeds=bool(abs(diff) > 2 * std) if math.isfinite(std) else None,
-                    **paired(base, row)))
+    out.append(
+        dict(variant=row['variant'], diff=diff,
+             pooled_std=std, exceeds=bool(abs(diff) > 2 * std) if math.isfinite(std) else None,
+             **paired(base, row)))
   return out
 
 
@@ -240,6 +244,7 @@ def group(runs: list[Run]) -> dict[str, list[Run]]:
 
 # --------------------------------------------------------------------------------- output
 
+
 def _fmt(v, spec):
   return 'n/a' if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
@@ -254,16 +259,17 @@ COLUMNS = [('variant', 'variant', 's'), ('seeds', 'seeds', 's'), ('tokens', 'tok
 
 
 def markdown(rows: list[dict], comparisons: list[dict]) -> str:
-  lines = ['| ' + ' | '.join(h for _, h, _ in COLUMNS) + ' |',
-           '|' + '---|' * len(COLUMNS)]
+  lines = ['| ' + ' | '.join(h for _, h, _ in COLUMNS) + ' |', '|' + '---|' * len(COLUMNS)]
   for row in rows:
     cells = []
     for key, _, spec in COLUMNS:
       v = row.get(key)
       cells.append(','.join(map(str, v)) if key == 'seeds' else _fmt(v, spec))
     lines.append('| ' + ' | '.join(cells) + ' |')
-  lines += ['', f'Differences from `{rows[0]["variant"]}` (eval loss; pooled seed std; '
-            'exceeds 2 x pooled std?):', '']
+  lines += [
+      '', f'Differences from `{rows[0]["variant"]}` (eval loss; pooled seed std; '
+      'exceeds 2 x pooled std?):', ''
+  ]
   for c in comparisons:
     verdict = {True: 'yes', False: 'no', None: 'n/a'}[c['exceeds']]
     lines.append(f'- `{c["variant"]}`: {_fmt(c["diff"], "+.4f")} '
@@ -279,8 +285,9 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
 
 def short_label(variant: str) -> str:
   """'model.router.type=shared model.num_experts=14' -> 'type=shared num_experts=14'."""
-  return ' '.join(item.split('=', 1)[0].rsplit('.', 1)[-1] + '=' + item.split('=', 1)[1]
-                  if '=' in item else item for item in variant.split(' '))
+  return ' '.join(
+      item.split('=', 1)[0].rsplit('.', 1)[-1] + '=' +
+      item.split('=', 1)[1] if '=' in item else item for item in variant.split(' '))
 
 
 def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
@@ -294,8 +301,8 @@ def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
       continue
     t = done[0].config.train
     steps = sorted(set.intersection(*[{e['step'] for e in r.evals} for r in done]))
-    losses = np.array([[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps]
-                       for r in done])
+    losses = np.array(
+        [[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps] for r in done])
     tokens = np.array(steps) * t.batch_size * t.seq_len
     line, = ax.plot(tokens, losses.mean(0), marker='o',
                     label=f'{short_label(variant)} ({len(done)} seeds)')
@@ -313,8 +320,8 @@ def plot_expert_load(rows: list[dict], path: str) -> None:
   import matplotlib.colors as mcolors
   import matplotlib.pyplot as plt
   rows = [r for r in rows if 'relative_load' in r]
-  fig, axes = plt.subplots(len(rows) or 1, 1, figsize=(8, 1.2 + 1.3 * max(len(rows), 1)),
-                           squeeze=False)
+  fig, axes = plt.subplots(
+      len(rows) or 1, 1, figsize=(8, 1.2 + 1.3 * max(len(rows), 1)), squeeze=False)
   vmax = max([np.max(r['relative_load']) for r in rows] + [2.0])
   norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
   for ax, row in zip(axes[:, 0], rows):

@@ -13,5 +13,6 @@ def greedy(model, params, prompt_ids, num_tokens: int, eod_id: int | None = None
   if num_tokens <= 0:
     return []
   (out,) = generate_lib.generate(model, params, [list(prompt_ids)], max_new_tokens=num_tokens,
-                                 eod_id=eod_id, max_len=max(P + num_tokens, model.config.max_seq_len))
+                                 eod_id=eod_id, max_len=max(P + num_tokens,
+                                                            model.config.max_seq_len))
   return generate_lib.strip_eod(out, eod_id)

@@ -17,21 +17,33 @@ import numpy as np
 from jax.experimental import mesh_utils
 
 MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
-BATCH_AXES = ('data', 'fsdp', 'expert')   # the batch is split over these: no device idles
+BATCH_AXES = ('data', 'fsdp', 'expert')  # the batch is split over these: no device idles
 
 DEFAULT_RULES = (
-    ('act_batch', BATCH_AXES), ('act_len', None), ('act_embed', None),
-    ('act_heads', 'tensor'), ('act_kv', None), ('act_vocab', 'tensor'),
-    ('vocab', 'tensor'), ('embed', 'fsdp'), ('heads', 'tensor'), ('kv', None),
-    ('mlp', 'tensor'), ('expert', 'expert'), ('shared', None), ('router', None),
-    ('conv', None), ('norm', None), ('layers', None),
+    ('act_batch', BATCH_AXES),
+    ('act_len', None),
+    ('act_embed', None),
+    ('act_heads', 'tensor'),
+    ('act_kv', None),
+    ('act_vocab', 'tensor'),
+    ('vocab', 'tensor'),
+    ('embed', 'fsdp'),
+    ('heads', 'tensor'),
+    ('kv', None),
+    ('mlp', 'tensor'),
+    ('expert', 'expert'),
+    ('shared', None),
+    ('router', None),
+    ('conv', None),
+    ('norm', None),
+    ('layers', None),
 )
 
 
 def mesh_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1,
-                                        dcn=dict(data=1, fsdp=1, expert=1, tensor=1),
-                                        rules=[(k, v) for k, v in DEFAULT_RULES]))
+  return ml_collections.ConfigDict(
+      dict(data=-1, fsdp=1, expert=1, tensor=1, dcn=dict(data=1, fsdp=1, expert=1, tensor=1),
+           rules=[(k, v) for k, v in DEFAULT_RULES]))
 
 
 def dcn_shape(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from yuanjax import config_lib, train_state
 
+
 def model_facts(model_cfg) -> dict:
   config_lib.validate_model(model_cfg)
   params = train_state.abstract_params(model_cfg, boxed=True)
@@ -38,14 +39,13 @@ def model_facts(model_cfg) -> dict:
     total += n
     active += n * share
     router += n if any(getattr(k, 'key', None) == 'router' for k in path) else 0.0
-    if len([a for a in names if a != 'layers']) >= 2:   # weight matrices, convs, embedding
+    if len([a for a in names if a != 'layers']) >= 2:  # weight matrices, convs, embedding
       matmul_active += n * share
   m = model_cfg
   # Per token per layer, causal: QK^T and AV each 2 * H * K * (mean context (L+1)/2).
   attn = 2 * 2 * m.num_heads * m.head_dim * (m.max_seq_len + 1) / 2 * m.num_layers
   return dict(total_params=int(total), active_params=int(active), router_params=int(router),
-              forward_flops_per_token=2.0 * matmul_active,
-              attention_flops_per_token=float(attn))
+              forward_flops_per_token=2.0 * matmul_active, attention_flops_per_token=float(attn))
 
 
 def main(argv):

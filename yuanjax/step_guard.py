@@ -29,22 +29,15 @@ MODES = ('halt', 'skip')
 def defaults() -> ml_collections.ConfigDict:
   """The guard's fields of config.train, with their defaults."""
   return ml_collections.ConfigDict(
-      dict(on_nonfinite='halt',
-           max_skipped_in_a_row=10,
-           skip_spikes=False,
-           spike_window=128,
+      dict(on_nonfinite='halt', max_skipped_in_a_row=10, skip_spikes=False, spike_window=128,
            spike_std=6.0))
 
 
 def init(window: int) -> dict:
   """The guard state before step 1."""
-  return dict(losses=jnp.zeros((window,), f32),
-              grad_norms=jnp.zeros((window,), f32),
-              accepted=jnp.zeros((), i32),
-              skipped=jnp.zeros((), i32),
-              in_a_row=jnp.zeros((), i32),
-              halted_at=jnp.zeros((), i32),
-              halt_loss=jnp.zeros((), f32),
+  return dict(losses=jnp.zeros((window,), f32), grad_norms=jnp.zeros(
+      (window,), f32), accepted=jnp.zeros((), i32), skipped=jnp.zeros((), i32), in_a_row=jnp.zeros(
+          (), i32), halted_at=jnp.zeros((), i32), halt_loss=jnp.zeros((), f32),
               halt_grad_norm=jnp.zeros((), f32))
 
 
@@ -74,19 +67,13 @@ def update(guard: dict, step, loss, grad_norm, tcfg: ml_collections.ConfigDict):
   apply = ~skip & (halted_at == 0)
   slot = guard['accepted'] % guard['losses'].shape[0]
   keep = lambda buf, x: jnp.where(apply, buf.at[slot].set(x), buf)
-  new = dict(losses=keep(guard['losses'], loss),
-             grad_norms=keep(guard['grad_norms'], grad_norm),
+  new = dict(losses=keep(guard['losses'], loss), grad_norms=keep(guard['grad_norms'], grad_norm),
              accepted=guard['accepted'] + apply.astype(i32),
-             skipped=guard['skipped'] + (skip & (halted_at == 0)).astype(i32),
-             in_a_row=in_a_row,
-             halted_at=halted_at,
-             halt_loss=jnp.where(first_halt, loss, guard['halt_loss']),
+             skipped=guard['skipped'] + (skip & (halted_at == 0)).astype(i32), in_a_row=in_a_row,
+             halted_at=halted_at, halt_loss=jnp.where(first_halt, loss, guard['halt_loss']),
              halt_grad_norm=jnp.where(first_halt, grad_norm, guard['halt_grad_norm']))
-  metrics = dict(skipped_steps=new['skipped'],
-                 nonfinite=nonfinite,
-                 spike=spike,
-                 halted_at=halted_at,
-                 halt_loss=new['halt_loss'],
+  metrics = dict(skipped_steps=new['skipped'], nonfinite=nonfinite, spike=spike,
+                 halted_at=halted_at, halt_loss=new['halt_loss'],
                  halt_grad_norm=new['halt_grad_norm'])
   return new, apply, metrics
 
@@ -103,8 +90,7 @@ class HaltError(RuntimeError):
 def nonfinite_fields(loss: float, grad_norm: float) -> dict:
   """The flags of a halted step's metrics line."""
   bad = lambda v: not math.isfinite(v)
-  return dict(nonfinite=bad(loss) or bad(grad_norm),
-              nonfinite_loss=bad(loss),
+  return dict(nonfinite=bad(loss) or bad(grad_norm), nonfinite_loss=bad(loss),
               nonfinite_grad_norm=bad(grad_norm))
 
 

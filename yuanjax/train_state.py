@@ -48,10 +48,9 @@ class Built:
 
 def strip_boxes(tree):
   """Boxed (logically partitioned) leaves -> their values, without sharding constraints."""
-  return jax.tree_util.tree_map(lambda x: x.unbox(apply_constraint=False)
-                                if isinstance(x, nn.Partitioned) else x,
-                                tree,
-                                is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  return jax.tree_util.tree_map(
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.Partitioned) else x, tree,
+      is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def abstract_params(m: ml_collections.ConfigDict, boxed: bool = False):

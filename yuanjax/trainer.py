@@ -76,11 +76,11 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_acc
 
   split = lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:])
   micro_batches = jax.tree_util.tree_map(split, batch)
-  aux_shape = jax.eval_shape(lambda: grad_fn(state.params, model,
-                                             jax.tree_util.tree_map(lambda x: x[0], micro_batches),
-                                             rng)[0][1]['aux'])
+  aux_shape = jax.eval_shape(lambda: grad_fn(
+      state.params, model, jax.tree_util.tree_map(lambda x: x[0], micro_batches), rng)[0][1]['aux'])
   zeros = lambda t: jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), t)
-  init = (jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros((), f32), zeros(aux_shape))
+  init = (jax.tree_util.tree_map(jnp.zeros_like, state.params), jnp.zeros((),
+                                                                          f32), zeros(aux_shape))
   (grads, loss, aux), _ = jax.lax.scan(micro, init, (micro_batches, jnp.arange(grad_accum)))
 
   grad_norm = optax.global_norm(grads)
@@ -89,15 +89,15 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_acc
       step_guard.defaults() if guard_cfg is None else guard_cfg)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  params, opt_state = step_guard.select(apply, (params, opt_state),
-                                        (state.params, state.opt_state))
+  params, opt_state = step_guard.select(apply, (params, opt_state), (state.params, state.opt_state))
   moe = aux['moe']
   metrics = dict(loss=loss, aux_loss=aux['aux_loss'], grad_norm=grad_norm,
                  learning_rate=schedule(state.step), **guard_metrics)
   if moe:
-    metrics['moe'] = dict(load=moe['load'], entropy=moe['entropy'].mean(),
-                          max_load=moe['max_load'].max(), dropped_fraction=moe['dropped_fraction'].mean(),
-                          load_balance_loss=moe['load_balance_loss'].mean(), z_loss=moe['z_loss'].mean())
+    metrics['moe'] = dict(
+        load=moe['load'], entropy=moe['entropy'].mean(), max_load=moe['max_load'].max(),
+        dropped_fraction=moe['dropped_fraction'].mean(),
+        load_balance_loss=moe['load_balance_loss'].mean(), z_loss=moe['z_loss'].mean())
   return TrainState(state.step + 1, params, opt_state, guard), metrics
 
 
@@ -139,8 +139,8 @@ class _Logger:
     s.update(nonfinite=bool(m['nonfinite']), spike=bool(m['spike']),
              skipped_steps=int(m['skipped_steps']))
     s['perplexity'] = float(np.exp(min(s['loss'], 50.0)))
-    s['tokens_per_sec'] = (self.tokens_per_step * (step - self.last_step)
-                           / max(now - self.last_time, 1e-9))
+    s['tokens_per_sec'] = (self.tokens_per_step * (step - self.last_step) /
+                           max(now - self.last_time, 1e-9))
     self.last_step, self.last_time = step, now
     mfu = metrics_lib.mfu(s['tokens_per_sec'], self.flops_per_token, self.device_kind,
                           self.num_devices)
@@ -166,7 +166,7 @@ def _halted(m) -> tuple[int, float, float] | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains config.train.num_steps steps into workdir; returns the final summary."""
-  config_lib.validate(config)                                  # before any compile or write
+  config_lib.validate(config)  # before any compile or write
   tcfg = config.train
   is_main = jax.process_index() == 0
   check_workdir(workdir)
@@ -207,13 +207,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step_fn = jax.jit(
         functools.partial(train_step, model=model, optimizer=built.optimizer,
                           schedule=built.schedule, grad_accum=tcfg.grad_accum, seed=tcfg.seed,
-                          guard_cfg=tcfg),
-        in_shardings=(shardings, data_sharding), out_shardings=(shardings, replicated),
-        donate_argnums=(0,))
+                          guard_cfg=tcfg), in_shardings=(shardings, data_sharding),
+        out_shardings=(shardings, replicated), donate_argnums=(0,))
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
                       in_shardings=(shardings.params, data_sharding), out_shardings=replicated)
 
-    def to_device(batch):   # this process's rows -> the global batch array
+    def to_device(batch):  # this process's rows -> the global batch array
       return jax.tree_util.tree_map(
           lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
 
@@ -235,8 +234,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     def check(pending):
       """Halts if any step so far did (the guard of the current state: one small fetch)."""
-      info = _halted(jax.device_get({k: state.guard[k] for k in
-                                     ('halted_at', 'halt_loss', 'halt_grad_norm')}))
+      info = _halted(
+          jax.device_get({k: state.guard[k] for k in ('halted_at', 'halt_loss', 'halt_grad_norm')}))
       if info is not None:
         halt(info, pending)
 
@@ -254,8 +253,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         s, n = eval_fn(state.params, to_device(batch))
         total, count = total + float(s), count + float(n)
       loss = total / max(count, 1.0)
-      writer.write(step, {'loss': loss, 'perplexity': float(np.exp(min(loss, 50.0))),
-                          'tokens': count}, kind='eval')     # tokens: the eval tokens scored
+      writer.write(step, {
+          'loss': loss,
+          'perplexity': float(np.exp(min(loss, 50.0))),
+          'tokens': count
+      }, kind='eval')  # tokens: the eval tokens scored
       if is_main:
         tqdm.tqdm.write(f'step {step}/{tcfg.num_steps} | eval loss {loss:.4f}')
       return loss

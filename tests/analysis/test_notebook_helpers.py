@@ -17,8 +17,19 @@ def test_smoke_switch_and_workdir(monkeypatch, tmp_path):
 
 
 def test_read_metrics_and_checkpoint_steps(tmp_path):
-  records = [{'step': 2, 'kind': 'train', 'loss': 2.0}, {'step': 1, 'kind': 'train', 'loss': 3.0},
-             {'step': 2, 'kind': 'eval', 'loss': 2.5}]
+  records = [{
+      'step': 2,
+      'kind': 'train',
+      'loss': 2.0
+  }, {
+      'step': 1,
+      'kind': 'train',
+      'loss': 3.0
+  }, {
+      'step': 2,
+      'kind': 'eval',
+      'loss': 2.5
+  }]
   (tmp_path / 'metrics.jsonl').write_text('\n'.join(map(json.dumps, records)) + '\n')
   m = notebook.read_metrics(str(tmp_path))
   assert [r['loss'] for r in m['train']] == [3.0, 2.0] and m['eval'][0]['loss'] == 2.5

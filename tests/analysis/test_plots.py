@@ -27,7 +27,7 @@ def test_matrix_grid_spreads_panels_over_the_depth():
   mats = np.arange(10 * 3 * 3, dtype=float).reshape(10, 3, 3)
   fig = plots.matrix_grid(mats, max_panels=3)
   panels = [ax for ax in fig.axes if ax.images]
-  assert [ax.get_title() for ax in panels] == ['layer 0', 'layer 4', 'layer 9']   # 0, 4.5, 9
+  assert [ax.get_title() for ax in panels] == ['layer 0', 'layer 4', 'layer 9']  # 0, 4.5, 9
   np.testing.assert_array_equal(panels[2].images[0].get_array(), mats[9])
 
 
@@ -36,7 +36,7 @@ def test_colored_tokens_wraps_and_colours_by_expert():
   texts = fig.axes[0].texts
   assert [t.get_text() for t in texts] == ['def', ' f', '():', '  x']
   rows = [t.get_position()[1] for t in texts]
-  assert rows == [0, 0, 1, 2]              # ' f' fits in 5 columns; '():' wraps; '\n' breaks
+  assert rows == [0, 0, 1, 2]  # ' f' fits in 5 columns; '():' wraps; '\n' breaks
   colors = plots.expert_colors(2)
   assert texts[1].get_bbox_patch().get_facecolor()[:3] == colors[1][:3]
   assert texts[3].get_bbox_patch().get_facecolor()[:3] == (0.85, 0.85, 0.85)

@@ -19,13 +19,14 @@ def _setup(rtype='attention', moe_every=1):
   model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(0), (B, L), 0, cfg.vocab_size)
   params = jax.jit(model.init)(jax.random.key(1), tokens)['params']
-  params = jax.tree_util.tree_map(lambda a: a * 3.0, params)   # bolder routing
+  params = jax.tree_util.tree_map(lambda a: a * 3.0, params)  # bolder routing
   return cfg, model, params, np.asarray(tokens)
 
 
 def _sown(model, params, tokens, segment_ids):
-  _, state = jax.jit(functools.partial(model.apply, mutable=['intermediates']))(
-      {'params': params}, tokens, segment_ids=segment_ids)
+  _, state = jax.jit(functools.partial(model.apply, mutable=['intermediates']))({
+      'params': params
+  }, tokens, segment_ids=segment_ids)
   return jax.device_get(routing_lib.moe_intermediates(state, model.config.moe_every))
 
 
@@ -33,7 +34,7 @@ def _sown(model, params, tokens, segment_ids):
 def test_routing_equals_sown_intermediates(rtype, moe_every):
   cfg, model, params, tokens = _setup(rtype, moe_every)
   segment_ids = np.ones((B, L), np.int32)
-  segment_ids[1, 7:] = 0                                   # padding at the end of row 1
+  segment_ids[1, 7:] = 0  # padding at the end of row 1
   r = routing_lib.routing(model, params, tokens, segment_ids, per_token_attention=True)
   sown = _sown(model, params, tokens, segment_ids)
   M, E, k = 2 // moe_every, cfg.num_experts, cfg.router.top_k
@@ -51,7 +52,7 @@ def test_routing_equals_sown_intermediates(rtype, moe_every):
   if rtype == 'attention':
     per_token = sown['expert_attention'].reshape(M, B, L, E, E)
     np.testing.assert_array_equal(r.attention_MxBxLxExE, per_token)
-    want = per_token[:, segment_ids != 0].mean(axis=1)     # real tokens only
+    want = per_token[:, segment_ids != 0].mean(axis=1)  # real tokens only
     np.testing.assert_allclose(r.attention_MxExE, want, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(r.attention_MxExE.sum(-1), 1.0, rtol=1e-5)
   else:
@@ -60,7 +61,7 @@ def test_routing_equals_sown_intermediates(rtype, moe_every):
 
 def test_routing_load_matches_the_models_own_statistics():
   cfg, model, params, tokens = _setup()
-  r = routing_lib.routing(model, params, tokens, per_token_attention=True)   # compiled above
+  r = routing_lib.routing(model, params, tokens, per_token_attention=True)  # compiled above
   _, aux = jax.jit(model.apply)({'params': params}, tokens)
   np.testing.assert_allclose(stats.expert_load(r.experts_MxBxLxK, cfg.num_experts),
                              aux['moe']['load'], atol=1e-6)

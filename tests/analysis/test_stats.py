@@ -29,7 +29,7 @@ def test_expert_diversity_bounds():
 
 
 # Routing-decision statistics on a hand-made routing: 1 layer, 4 tokens, top-2 of 4 experts.
-EXPERTS = np.array([[[0, 1], [0, 1], [0, 2], [3, 1]]])       # [M=1, N=4, K=2]
+EXPERTS = np.array([[[0, 1], [0, 1], [0, 2], [3, 1]]])  # [M=1, N=4, K=2]
 
 
 def test_expert_load_and_token_share_by_hand():
@@ -49,12 +49,12 @@ def test_coactivation_by_hand():
   np.testing.assert_allclose(p[2], [1, 0, 0, 0])
   np.testing.assert_allclose(p[3], [0, 1, 0, 0])
   never = stats.coactivation(np.array([[[0, 1]]]), 3)[0]
-  np.testing.assert_allclose(never[2], 0.0)                   # expert 2 never fires
+  np.testing.assert_allclose(never[2], 0.0)  # expert 2 never fires
 
 
 def test_router_entropy_by_hand():
   probs = np.array([[[1.0, 0, 0, 0], [0.25, 0.25, 0.25, 0.25]],
-                    [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]]])    # [M=2, N=2, E=4]
+                    [[0.5, 0.5, 0, 0], [0.5, 0.5, 0, 0]]])  # [M=2, N=2, E=4]
   np.testing.assert_allclose(stats.router_entropy(probs), [np.log(4) / 2, np.log(2)])
   np.testing.assert_allclose(stats.router_entropy(probs, np.array([True, False])), [0, np.log(2)])
 

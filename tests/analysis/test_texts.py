@@ -20,8 +20,9 @@ def test_split_code_and_prose():
     assert piece in code
   for piece in ('doc', '#', 'comment', 'add one'):
     assert piece not in code
-  assert prose.split('\n\n') == ['Module doc.', 'Class doc.', 'Function doc.', 'why os',
-                                 'A comment line.', 'add one']
+  assert prose.split('\n\n') == [
+      'Module doc.', 'Class doc.', 'Function doc.', 'why os', 'A comment line.', 'add one'
+  ]
 
 
 def test_code_and_prose_caps_and_skips_bad_files(tmp_path):

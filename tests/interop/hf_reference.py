@@ -31,13 +31,30 @@ def tiny_hf_config(**kw) -> dict:
   """hidden 32, 2 heads x head_dim 32 (attention_projection_size 64 != hidden: rotary on
   hidden // heads = 16 of the 32 dims, quirk 2), 2 layers, 4 experts top-2, ffn 24, vocab 97."""
   c = {
-      'architectures': ['YuanForCausalLM'], 'model_type': 'yuan', 'hidden_size': 32,
-      'num_attention_heads': 2, 'attention_projection_size': 64, 'num_hidden_layers': 2,
-      'vocab_size': 97, 'rms_norm_eps': 1e-6, 'max_position_embeddings': 64, 'hidden_act': 'silu',
-      'intermediate_size': 24, 'torch_dtype': 'float32', 'use_moe': True, 'causal_mask': True,
-      'eod_token': 77185, 'sep_token': 77187, 'use_flash_attention': False,
-      'moe_config': {'moe_num_experts': 4, 'moe_top_k': 2, 'ffn_hidden_size': 24,
-                     'norm_topk_prob': True, 'gated_linear_unit': True},
+      'architectures': ['YuanForCausalLM'],
+      'model_type': 'yuan',
+      'hidden_size': 32,
+      'num_attention_heads': 2,
+      'attention_projection_size': 64,
+      'num_hidden_layers': 2,
+      'vocab_size': 97,
+      'rms_norm_eps': 1e-6,
+      'max_position_embeddings': 64,
+      'hidden_act': 'silu',
+      'intermediate_size': 24,
+      'torch_dtype': 'float32',
+      'use_moe': True,
+      'causal_mask': True,
+      'eod_token': 77185,
+      'sep_token': 77187,
+      'use_flash_attention': False,
+      'moe_config': {
+          'moe_num_experts': 4,
+          'moe_top_k': 2,
+          'ffn_hidden_size': 24,
+          'norm_topk_prob': True,
+          'gated_linear_unit': True
+      },
   }
   c.update(kw)
   return c
@@ -53,13 +70,18 @@ def hf_shapes(c: dict) -> dict[str, tuple[int, ...]]:
     p = f'model.layers.{i}.'
     s.update({
         p + 'input_layernorm.weight': (D,),
-        p + 'self_attn.q_proj.weight': (P, D), p + 'self_attn.k_proj.weight': (P, D),
-        p + 'self_attn.v_proj.weight': (P, D), p + 'self_attn.o_proj.weight': (D, P),
-        p + 'self_attn.lf_gate.conv1.weight': (D // 2, D, 2, 1), p + 'self_attn.lf_gate.conv1.bias': (D // 2,),
-        p + 'self_attn.lf_gate.conv2.weight': (D, D // 2, 2, 1), p + 'self_attn.lf_gate.conv2.bias': (D,),
+        p + 'self_attn.q_proj.weight': (P, D),
+        p + 'self_attn.k_proj.weight': (P, D),
+        p + 'self_attn.v_proj.weight': (P, D),
+        p + 'self_attn.o_proj.weight': (D, P),
+        p + 'self_attn.lf_gate.conv1.weight': (D // 2, D, 2, 1),
+        p + 'self_attn.lf_gate.conv1.bias': (D // 2,),
+        p + 'self_attn.lf_gate.conv2.weight': (D, D // 2, 2, 1),
+        p + 'self_attn.lf_gate.conv2.bias': (D,),
         p + 'self_attn.lf_gate.output_layernorm.weight': (D,),
         p + 'post_attention_layernorm.weight': (D,),
-        p + 'mlp.gate.query.weight': (E, D), p + 'mlp.gate.key.weight': (E, D),
+        p + 'mlp.gate.query.weight': (E, D),
+        p + 'mlp.gate.key.weight': (E, D),
         p + 'mlp.gate.value.weight': (E, D),
     })
     for e in range(E):
@@ -110,7 +132,9 @@ def softmax(x, axis=-1):
 def conv2d_k2(x_BxLxC, w_OxIx2x1, b_O):
   """torch Conv2d(in, out, (2, 1), padding=(1, 0)) along the sequence, output cropped to L."""
   B, L, _ = x_BxLxC.shape
-  xp = np.concatenate([np.zeros((B, 1, x_BxLxC.shape[2])), x_BxLxC, np.zeros((B, 1, x_BxLxC.shape[2]))], 1)
+  xp = np.concatenate(
+      [np.zeros((B, 1, x_BxLxC.shape[2])), x_BxLxC,
+       np.zeros((B, 1, x_BxLxC.shape[2]))], 1)
   out = np.zeros((B, L + 1, w_OxIx2x1.shape[0]))
   for t in range(L + 1):
     for j in range(2):
@@ -122,7 +146,7 @@ def rotary_cos_sin(dim, L, base=10000.0, hf_bf16=False):
   """YuanRotaryEmbedding over `dim` dims. hf_bf16 (quirk 3, what the HF code really does):
   inv_freq and t = arange(L) are bfloat16, so is their outer product, and cos/sin of a
   bfloat16 tensor come out rounded to bfloat16."""
-  inv_freq = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+  inv_freq = 1.0 / (base**(np.arange(0, dim, 2, dtype=np.float32) / dim))
   t = np.arange(L, dtype=np.float32)
   if not hf_bf16:
     emb = np.tile(np.multiply.outer(t.astype(f64), inv_freq.astype(f64)), 2)
@@ -157,21 +181,26 @@ def forward(w: dict[str, np.ndarray], c: dict, tokens_BxL, hf_bf16_rope=False) -
     # --- attention (YuanAttention.forward)
     h = rms_norm(x, w[p + 'input_layernorm.weight'], eps)
     v = (h @ w[p + 'self_attn.v_proj.weight'].T).reshape(B, L, H, hd).transpose(0, 2, 1, 3)
-    c1 = conv2d_k2(h, w[p + 'self_attn.lf_gate.conv1.weight'], w[p + 'self_attn.lf_gate.conv1.bias'])
-    c2 = conv2d_k2(c1, w[p + 'self_attn.lf_gate.conv2.weight'], w[p + 'self_attn.lf_gate.conv2.bias'])
+    c1 = conv2d_k2(h, w[p + 'self_attn.lf_gate.conv1.weight'],
+                   w[p + 'self_attn.lf_gate.conv1.bias'])
+    c2 = conv2d_k2(c1, w[p + 'self_attn.lf_gate.conv2.weight'],
+                   w[p + 'self_attn.lf_gate.conv2.bias'])
     f = rms_norm(c2 + h, w[p + 'self_attn.lf_gate.output_layernorm.weight'], 1e-6)
-    qk = np.concatenate([f @ w[p + 'self_attn.q_proj.weight'].T, f @ w[p + 'self_attn.k_proj.weight'].T], -1)
+    qk = np.concatenate(
+        [f @ w[p + 'self_attn.q_proj.weight'].T, f @ w[p + 'self_attn.k_proj.weight'].T], -1)
     qk = qk.reshape(B, L, H, qk.shape[-1] // H)
     q, k = qk[..., :hd].transpose(0, 2, 1, 3), qk[..., hd:].transpose(0, 2, 1, 3)
-    q = np.concatenate([q[..., :rot_dim] * cos + rotate_half(q[..., :rot_dim]) * sin, q[..., rot_dim:]], -1)
-    k = np.concatenate([k[..., :rot_dim] * cos + rotate_half(k[..., :rot_dim]) * sin, k[..., rot_dim:]], -1)
+    q = np.concatenate(
+        [q[..., :rot_dim] * cos + rotate_half(q[..., :rot_dim]) * sin, q[..., rot_dim:]], -1)
+    k = np.concatenate(
+        [k[..., :rot_dim] * cos + rotate_half(k[..., :rot_dim]) * sin, k[..., rot_dim:]], -1)
     scores = np.where(causal, q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd), -np.inf)
     o = (softmax(scores) @ v).transpose(0, 2, 1, 3).reshape(B, L, P)
     x = x + o @ w[p + 'self_attn.o_proj.weight'].T
     # --- MoE (YuanMoeLayer.forward with ParallelAttention_router)
     h = rms_norm(x, w[p + 'post_attention_layernorm.weight'], eps).reshape(B * L, D)
     rq, rk, rv = (h @ w[p + f'mlp.gate.{n}.weight'].T for n in ('query', 'key', 'value'))
-    attn = softmax(rq[:, :, None] * rk[:, None, :])             # [T, E, E]
+    attn = softmax(rq[:, :, None] * rk[:, None, :])  # [T, E, E]
     router_logits = np.einsum('tij,tj->ti', attn, rv)
     probs = softmax(router_logits)
     chosen = np.argsort(-probs, axis=-1, kind='stable')[:, :top_k]
@@ -217,8 +246,11 @@ def write_hf_dir(path, tensors: dict, config: dict, shards: int = 1, extra_files
       f.write(content)
 
 
-_STORAGE_NAMES = {np.dtype(np.float32): 'FloatStorage', np.dtype(ml_dtypes.bfloat16): 'BFloat16Storage',
-                  np.dtype(np.float16): 'HalfStorage'}
+_STORAGE_NAMES = {
+    np.dtype(np.float32): 'FloatStorage',
+    np.dtype(ml_dtypes.bfloat16): 'BFloat16Storage',
+    np.dtype(np.float16): 'HalfStorage'
+}
 
 
 @contextlib.contextmanager
@@ -229,6 +261,7 @@ def _fake_torch():
 
   def _rebuild_tensor_v2(*args):
     raise NotImplementedError
+
   _rebuild_tensor_v2.__module__, _rebuild_tensor_v2.__qualname__ = 'torch._utils', '_rebuild_tensor_v2'
   utils._rebuild_tensor_v2 = _rebuild_tensor_v2
   torch._utils = utils
@@ -251,16 +284,18 @@ def write_torch_bin(path, tensors: dict, archive='archive') -> None:
     storages, keys = [], {}
 
     class Storage:
+
       def __init__(self, data):
         self.data = data
 
     class Tensor:
+
       def __init__(self, storage, shape, stride):
         self.storage, self.shape, self.stride = storage, shape, stride
 
       def __reduce_ex__(self, proto):
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.shape, self.stride, False, collections.OrderedDict()))
+        return (torch._utils._rebuild_tensor_v2, (self.storage, 0, self.shape, self.stride, False,
+                                                  collections.OrderedDict()))
 
     state = collections.OrderedDict()
     for name, value in tensors.items():
@@ -271,7 +306,7 @@ def write_torch_bin(path, tensors: dict, archive='archive') -> None:
         keys[id(a)] = Storage(data)
         storages.append(keys[id(a)])
       st = keys[id(a)]
-      if transposed:   # a 2-D array stored column-major
+      if transposed:  # a 2-D array stored column-major
         stride = (1, a.shape[0])
       else:
         stride = tuple(int(np.prod(a.shape[d + 1:])) for d in range(a.ndim))
@@ -280,7 +315,8 @@ def write_torch_bin(path, tensors: dict, archive='archive') -> None:
     def persistent_id(obj):
       if isinstance(obj, Storage):
         key = str(storages.index(obj))
-        return ('storage', getattr(torch, _STORAGE_NAMES[obj.data.dtype]), key, 'cpu', obj.data.size)
+        return ('storage', getattr(torch,
+                                   _STORAGE_NAMES[obj.data.dtype]), key, 'cpu', obj.data.size)
       return None
 
     buf = io.BytesIO()
@@ -295,11 +331,15 @@ def write_torch_bin(path, tensors: dict, archive='archive') -> None:
     zf.writestr(f'{archive}/version', '3\n')
 
 
-MEDIUM = dict(hidden_size=1024, num_attention_heads=8, attention_projection_size=2048,
-              num_hidden_layers=8, vocab_size=32000, max_position_embeddings=4096,
-              torch_dtype='bfloat16',
-              moe_config={'moe_num_experts': 8, 'moe_top_k': 2, 'ffn_hidden_size': 2048,
-                          'norm_topk_prob': True, 'gated_linear_unit': True})
+MEDIUM = dict(
+    hidden_size=1024, num_attention_heads=8, attention_projection_size=2048, num_hidden_layers=8,
+    vocab_size=32000, max_position_embeddings=4096, torch_dtype='bfloat16', moe_config={
+        'moe_num_experts': 8,
+        'moe_top_k': 2,
+        'ffn_hidden_size': 2048,
+        'norm_topk_prob': True,
+        'gated_linear_unit': True
+    })
 
 
 def write_random_checkpoint(path, config: dict, shards: int = 4, seed: int = 0) -> None:
@@ -312,8 +352,11 @@ def write_random_checkpoint(path, config: dict, shards: int = 4, seed: int = 0) 
   names, weight_map = list(shapes), {}
   for i, chunk in enumerate(np.array_split(np.arange(len(names)), shards)):
     fname = f'model-{i + 1:05d}-of-{shards:05d}.safetensors'
-    part = {names[j]: (0.02 * rng.standard_normal(shapes[names[j]], np.float32)).astype(ml_dtypes.bfloat16)
-            for j in chunk}
+    part = {
+        names[j]:
+            (0.02 * rng.standard_normal(shapes[names[j]], np.float32)).astype(ml_dtypes.bfloat16)
+        for j in chunk
+    }
     save_file(part, os.path.join(path, fname), metadata={'format': 'pt'})
     weight_map.update({n: fname for n in part})
   with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:

@@ -58,14 +58,18 @@ def write_bin_dir(path, tensors, config):
     json.dump(config, f, indent=2, sort_keys=True)
     f.write('\n')
   tensors = dict(tensors)
-  tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']   # same object: shared storage
+  tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']  # same object: shared storage
   first = [n for n in tensors if 'layers.1.' not in n and n != 'model.norm.weight']
-  files = {'pytorch_model-00001-of-00002.bin': first,
-           'pytorch_model-00002-of-00002.bin': [n for n in tensors if n not in first]}
+  files = {
+      'pytorch_model-00001-of-00002.bin': first,
+      'pytorch_model-00002-of-00002.bin': [n for n in tensors if n not in first]
+  }
   weight_map = {}
   for file, names in files.items():
-    part = {n: ('T', tensors[n]) if n == 'model.layers.1.self_attn.o_proj.weight' else tensors[n]
-            for n in names}
+    part = {
+        n: ('T', tensors[n]) if n == 'model.layers.1.self_attn.o_proj.weight' else tensors[n]
+        for n in names
+    }
     R.write_torch_bin(os.path.join(path, file), part, archive=file[:-4])
     weight_map.update({n: file for n in names})
   with open(os.path.join(path, 'pytorch_model.bin.index.json'), 'w') as f:
@@ -100,7 +104,7 @@ def test_logits_match_numpy_reference(converted):
   ref = R.forward(tensors, config, TOKENS)
   got = logits_of(dst)
   assert rel_err(got, ref) < 1e-5, kind
-  np.testing.assert_array_equal(logits_of(src), got)    # hf.load straight from the HF dir
+  np.testing.assert_array_equal(logits_of(src), got)  # hf.load straight from the HF dir
 
 
 def test_roundtrip_is_bit_exact(converted, tmp_path):
@@ -118,7 +122,8 @@ def test_roundtrip_is_bit_exact(converted, tmp_path):
   with open(os.path.join(out, 'model.safetensors.index.json')) as f:
     index = json.load(f)
   shards = sorted(set(index['weight_map'].values()))
-  assert len(shards) > 1 and sorted(os.path.basename(p) for p in glob.glob(f'{out}/*.safetensors')) == shards
+  assert len(shards) > 1 and sorted(
+      os.path.basename(p) for p in glob.glob(f'{out}/*.safetensors')) == shards
   assert set(index['weight_map']) == set(tensors)
   assert index['metadata']['total_size'] == sum(a.nbytes for a in tensors.values())
   for shard in shards:
@@ -127,7 +132,7 @@ def test_roundtrip_is_bit_exact(converted, tmp_path):
       sizes = [f.get_tensor(n).nbytes for n in f.keys()]
     assert sum(sizes) <= 30_000 or len(sizes) == 1
   if kind == 'safetensors-f32':
-    assert os.path.isfile(os.path.join(out, 'README.md'))     # hf_files travel back
+    assert os.path.isfile(os.path.join(out, 'README.md'))  # hf_files travel back
   np.testing.assert_array_equal(logits_of(out), logits_of(dst))
 
 
@@ -154,7 +159,8 @@ def test_params_restore_with_plain_orbax(converted):
     saved = json.load(f)
   assert saved['format'] == hf.FORMAT == 'yuanjax-hf/2' and saved['hf']['has_lm_head']
   m = hf_mapping.model_config_from_saved(saved['model'])
-  per_layer = ocp.StandardCheckpointer().restore(os.path.join(dst, 'params'), _per_layer_abstract(m))
+  per_layer = ocp.StandardCheckpointer().restore(os.path.join(dst, 'params'),
+                                                 _per_layer_abstract(m))
   assert {a.dtype for a in jax.tree.leaves(per_layer)} == {np.dtype(np.float32)}
   emb = tensors['model.embed_tokens.weight'].astype(np.float32)
   np.testing.assert_array_equal(per_layer['embedding'], emb)
@@ -170,12 +176,14 @@ def test_params_restore_with_plain_orbax(converted):
                hf.restore_params(dst, abstract))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, hf.params_from_hf(src)[1])
   stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
-  assert stored['embedding'].dtype == tensors['model.embed_tokens.weight'].dtype   # bf16 stays bf16 on disk
+  assert stored['embedding'].dtype == tensors[
+      'model.embed_tokens.weight'].dtype  # bf16 stays bf16 on disk
   spec = importlib.util.spec_from_file_location('converted_config', os.path.join(dst, 'config.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   cfg = module.get_config()
-  config_lib.validate(cfg) if hasattr(config_lib, 'validate') else config_lib.validate_model(cfg.model)
+  config_lib.validate(cfg) if hasattr(config_lib, 'validate') else config_lib.validate_model(
+      cfg.model)
   assert cfg.model.to_dict() == m.to_dict()
   assert (cfg.model.head_dim, cfg.model.rotary_dims, cfg.model.moe.dispatch) == (32, 16, 'dropless')
 
@@ -188,8 +196,10 @@ def test_import_writes_one_leaf_per_layer(converted):
     m = hf_mapping.model_config_from_saved(json.load(f)['model'])
   assert m.num_layers > 1
   stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
-  shapes = {tuple(k.key for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+  shapes = {
+      tuple(k.key for k in path): tuple(
+          leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(stored)
+  }
   expected = {}
   for g in hf_mapping.tensor_groups(m):
     for leaf, shape in zip(g.leaves, g.leaf_shapes):
@@ -210,9 +220,8 @@ def test_sharded_restore_stacks_on_device(converted):
   P = jax.sharding.PartitionSpec
   spec = lambda a: P('x') if a.ndim >= 2 and a.shape[0] == m.num_layers else P()
   abstract = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=jax.sharding.NamedSharding(mesh, spec(a))),
-      hf.abstract_params(m))
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
+          mesh, spec(a))), hf.abstract_params(m))
   got = hf.restore_params(dst, abstract)
   ref = hf.restore_params(dst, hf.abstract_params(m))
   for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(ref), jax.tree.leaves(abstract)):
@@ -232,8 +241,9 @@ def test_old_format_refused_with_a_clear_error(converted, tmp_path, capsys):
   assert hf.is_converted(str(old))
   for call in (lambda: hf.load(str(old)), lambda: hf.restore_params(str(old), {}),
                lambda: hf.export_hf(str(old), str(tmp_path / 'out'))):
-    with pytest.raises(ValueError, match=r"'yuanjax-hf/1'.*Re-run the conversion: python -m "
-                                         r'yuanjax.convert from-hf SRC .* --overwrite'):
+    with pytest.raises(
+        ValueError, match=r"'yuanjax-hf/1'.*Re-run the conversion: python -m "
+        r'yuanjax.convert from-hf SRC .* --overwrite'):
       call()
   assert convert.main(['to-hf', str(old), str(tmp_path / 'out'), '-q']) == 1
   assert 'from-hf' in capsys.readouterr().err
@@ -254,9 +264,9 @@ def test_layout_quirks():
     np.testing.assert_array_equal(wk[:, h, :], stacked[2 * h * K + K:2 * h * K + 2 * K].T)
   w = t['model.layers.0.self_attn.lf_gate.conv1.weight']
   (kernel,) = groups['attention/lf/conv1_kernel'].to_jax(w)
-  np.testing.assert_array_equal(kernel[0], w[:, :, 0, 0].T)    # previous position
-  np.testing.assert_array_equal(kernel[1], w[:, :, 1, 0].T)    # current position
-  for g in groups.values():   # every map inverts exactly
+  np.testing.assert_array_equal(kernel[0], w[:, :, 0, 0].T)  # previous position
+  np.testing.assert_array_equal(kernel[1], w[:, :, 1, 0].T)  # current position
+  for g in groups.values():  # every map inverts exactly
     hf_in = [np.random.default_rng(0).standard_normal(s).astype(np.float32) for s in g.hf_shapes]
     for x, y in zip(g.to_hf(*g.to_jax(*hf_in)), hf_in):
       np.testing.assert_array_equal(x, y)
@@ -301,7 +311,7 @@ def test_untied_lm_head_refused(tiny_src):
 
 def test_existing_dst_refused_unless_overwrite(tiny_src):
   root, config, tensors = tiny_src
-  del tensors['lm_head.weight']                        # tied weights saved once: allowed
+  del tensors['lm_head.weight']  # tied weights saved once: allowed
   R.write_hf_dir(root / 'src', tensors, config)
   os.makedirs(root / 'dst')
   (root / 'dst' / 'keep').write_text('x')
@@ -310,9 +320,9 @@ def test_existing_dst_refused_unless_overwrite(tiny_src):
   assert os.listdir(root / 'dst') == ['keep']
   hf.import_hf(str(root / 'src'), str(root / 'dst'), overwrite=True)
   assert sorted(os.listdir(root / 'dst')) == ['config.json', 'config.py', 'params']
-  assert sorted(os.listdir(root)) == ['dst', 'src']     # no tmp or old dirs left
+  assert sorted(os.listdir(root)) == ['dst', 'src']  # no tmp or old dirs left
   hf.export_hf(str(root / 'dst'), str(root / 'out'))
-  assert 'lm_head.weight' not in read_all(root / 'out')   # absent in, absent out
+  assert 'lm_head.weight' not in read_all(root / 'out')  # absent in, absent out
 
 
 def test_unsupported_configs_list_every_problem():
@@ -330,20 +340,49 @@ def test_unsupported_configs_list_every_problem():
 
 # The released Yuan2-M32-hf config.json (huggingface.co/IEITYuan/Yuan2-M32-hf), minus the path.
 M32_HF_CONFIG = {
-    'architectures': ['YuanForCausalLM'], 'attention_projection_size': 4096,
-    'auto_map': {'AutoConfig': 'configuration_yuan.YuanConfig',
-                 'AutoModelForCausalLM': 'yuan_hf_model.YuanForCausalLM'},
-    'bos_token_id': 77185, 'causal_mask': True, 'dropout': 0, 'eod_token': 77185,
-    'eod_token_id': 77185, 'eos_token_id': 77185, 'hidden_act': 'silu', 'hidden_size': 2048,
-    'initializer_range': 0.02, 'intermediate_size': 8192, 'mask_token_id': 77185,
-    'max_position_embeddings': 4096, 'model_max_length': 8192, 'model_type': 'yuan',
-    'moe_config': {'ffn_hidden_size': 8192, 'gated_linear_unit': True, 'moe_num_experts': 32,
-                   'moe_top_k': 2, 'norm_topk_prob': True},
-    'num_attention_heads': 16, 'num_hidden_layers': 24, 'output_router_logits': True,
-    'pad_token_id': 77185, 'reset_attention_mask': False, 'reset_position_ids': True,
-    'rms_norm_eps': 1e-06, 'sep_token': 77187, 'sep_token_id': 77185,
-    'tokenizer_class': 'YuanTokenizer', 'torch_dtype': 'bfloat16', 'transformers_version': '4.30.2',
-    'use_cache': True, 'use_flash_attention': True, 'use_loss_mask': False, 'use_moe': True,
+    'architectures': ['YuanForCausalLM'],
+    'attention_projection_size': 4096,
+    'auto_map': {
+        'AutoConfig': 'configuration_yuan.YuanConfig',
+        'AutoModelForCausalLM': 'yuan_hf_model.YuanForCausalLM'
+    },
+    'bos_token_id': 77185,
+    'causal_mask': True,
+    'dropout': 0,
+    'eod_token': 77185,
+    'eod_token_id': 77185,
+    'eos_token_id': 77185,
+    'hidden_act': 'silu',
+    'hidden_size': 2048,
+    'initializer_range': 0.02,
+    'intermediate_size': 8192,
+    'mask_token_id': 77185,
+    'max_position_embeddings': 4096,
+    'model_max_length': 8192,
+    'model_type': 'yuan',
+    'moe_config': {
+        'ffn_hidden_size': 8192,
+        'gated_linear_unit': True,
+        'moe_num_experts': 32,
+        'moe_top_k': 2,
+        'norm_topk_prob': True
+    },
+    'num_attention_heads': 16,
+    'num_hidden_layers': 24,
+    'output_router_logits': True,
+    'pad_token_id': 77185,
+    'reset_attention_mask': False,
+    'reset_position_ids': True,
+    'rms_norm_eps': 1e-06,
+    'sep_token': 77187,
+    'sep_token_id': 77185,
+    'tokenizer_class': 'YuanTokenizer',
+    'torch_dtype': 'bfloat16',
+    'transformers_version': '4.30.2',
+    'use_cache': True,
+    'use_flash_attention': True,
+    'use_loss_mask': False,
+    'use_moe': True,
     'vocab_size': 135040,
 }
 
@@ -353,7 +392,8 @@ def test_released_m32_config_maps_to_m32_model():
   for f in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim', 'rotary_dims',
             'rope_base', 'max_seq_len', 'norm_eps', 'num_experts', 'moe_every'):
     assert m[f] == ref[f], f
-  assert (m.router.type, m.router.top_k, m.router.norm_topk_prob, m.moe.ffn_size) == ('attention', 2, True, 8192)
+  assert (m.router.type, m.router.top_k, m.router.norm_topk_prob, m.moe.ffn_size) == ('attention',
+                                                                                      2, True, 8192)
   assert hf_mapping.hf_config_from_model(ref, None, 'bfloat16') == M32_HF_CONFIG
   assert hf_mapping.hf_config_from_model(m, M32_HF_CONFIG, 'bfloat16') == M32_HF_CONFIG
   shapes = hf_mapping.hf_shapes(m)
@@ -388,7 +428,7 @@ def test_exact_hf_rope(tiny_src):
   assert rel_err(got_bf16, ref_bf16) < 1e-5
   assert rel_err(got_f32, ref_f32) < 1e-5
   # The two rotaries differ by far more than the tolerance, so the comparison above can fail.
-  assert rel_err(ref_bf16, ref_f32) > 1e-4 and rel_err(got_bf16, got_f32) > 1e-4   # ~1.3e-3
+  assert rel_err(ref_bf16, ref_f32) > 1e-4 and rel_err(got_bf16, got_f32) > 1e-4  # ~1.3e-3
   model, _ = hf.load(str(root / 'src'), exact_hf_rope=True)
   assert model.config.rope_hf_bf16 and not hf.load(str(root / 'src'))[0].config.rope_hf_bf16
 

@@ -28,29 +28,29 @@ def cfg(tmp_path):
 def test_script(capsys, cfg, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   cmds = dry_run(capsys, gpu_slurm, [
-      f'--config={cfg}', '--workdir=/shared/m32', '--nodes=4', '--time=24:00:00',
-      '--partition=gpu', '--account=proj', '--job_name=m32', '--mem=0',
-      '--setup=module load cuda/12.4', '--setup=source /shared/venv/bin/activate',
-      '--env=NCCL_DEBUG=WARN', '--env=XLA_PYTHON_CLIENT_MEM_FRACTION=0.8',
-      '--config.mesh.data=4', '--config.mesh.shape=1,2', TRICKY])
+      f'--config={cfg}', '--workdir=/shared/m32', '--nodes=4', '--time=24:00:00', '--partition=gpu',
+      '--account=proj', '--job_name=m32', '--mem=0', '--setup=module load cuda/12.4',
+      '--setup=source /shared/venv/bin/activate', '--env=NCCL_DEBUG=WARN',
+      '--env=XLA_PYTHON_CLIENT_MEM_FRACTION=0.8', '--config.mesh.data=4', '--config.mesh.shape=1,2',
+      TRICKY
+  ])
   path = str(tmp_path / 'slurm_logs' / 'm32.sbatch')
   assert cmds == [['mkdir', '-p', str(tmp_path / 'slurm_logs')], ['sbatch', path]]
   text = open(path).read()
   lines = text.splitlines()
-  for line in ['#SBATCH --job-name=m32', '#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1',
-               '#SBATCH --gpus-per-node=8', '#SBATCH --requeue', '#SBATCH --exclusive',
-               '#SBATCH --signal=TERM@300', '#SBATCH --open-mode=append', '#SBATCH --mem=0',
-               '#SBATCH --time=24:00:00', '#SBATCH --partition=gpu', '#SBATCH --account=proj',
-               f'#SBATCH --output={tmp_path}/slurm_logs/%x-%j.out',
-               '  module load cuda/12.4', '  source /shared/venv/bin/activate',
-               'export NCCL_DEBUG=WARN', 'export XLA_PYTHON_CLIENT_MEM_FRACTION=0.8',
-               'export CUDA_DEVICE_MAX_CONNECTIONS=1',
-               "export XLA_FLAGS='" + ' '.join(gpu_slurm.GPU_XLA_FLAGS) + "'",
-               'coordinator="${nodes[0]}:$((10000 + SLURM_JOB_ID % 20000))"',
-               'python=(python3)',
-               'args=(' + shlex.join([f'--config={cfg}', '--workdir=/shared/m32',
-                                      '--config.mesh.data=4'])
-               + " '--config.mesh.shape=1,2' " + shlex.quote(TRICKY) + ')']:
+  for line in [
+      '#SBATCH --job-name=m32', '#SBATCH --nodes=4', '#SBATCH --ntasks-per-node=1',
+      '#SBATCH --gpus-per-node=8', '#SBATCH --requeue', '#SBATCH --exclusive',
+      '#SBATCH --signal=TERM@300', '#SBATCH --open-mode=append', '#SBATCH --mem=0',
+      '#SBATCH --time=24:00:00', '#SBATCH --partition=gpu', '#SBATCH --account=proj',
+      f'#SBATCH --output={tmp_path}/slurm_logs/%x-%j.out', '  module load cuda/12.4',
+      '  source /shared/venv/bin/activate', 'export NCCL_DEBUG=WARN',
+      'export XLA_PYTHON_CLIENT_MEM_FRACTION=0.8', 'export CUDA_DEVICE_MAX_CONNECTIONS=1',
+      "export XLA_FLAGS='" + ' '.join(gpu_slurm.GPU_XLA_FLAGS) + "'",
+      'coordinator="${nodes[0]}:$((10000 + SLURM_JOB_ID % 20000))"', 'python=(python3)',
+      'args=(' + shlex.join([f'--config={cfg}', '--workdir=/shared/m32', '--config.mesh.data=4']) +
+      " '--config.mesh.shape=1,2' " + shlex.quote(TRICKY) + ')'
+  ]:
     assert line in lines, line
   assert 'export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9' not in lines  # --env replaced the default
   assert not any(l.startswith('#SBATCH --cpus-per-task') for l in lines)  # from the node, below
@@ -85,17 +85,20 @@ def run_job(tmp_path, cfg, step, *flags, **env):
   py.chmod(0o755)
   fake = tmp_path / 'fake'
   fake.mkdir(exist_ok=True)
-  args = gpu_slurm.parse([f'--config={cfg}', f'--workdir={tmp_path}/wd', '--nodes=2',
-                          '--port=1234', f'--python={py}', '--config.train.num_steps=10',
-                          TRICKY, *flags])
+  args = gpu_slurm.parse([
+      f'--config={cfg}', f'--workdir={tmp_path}/wd', '--nodes=2', '--port=1234', f'--python={py}',
+      '--config.train.num_steps=10', TRICKY, *flags
+  ])
   script = tmp_path / 'job.sbatch'
   script.write_text(gpu_slurm.script(args))
   e = dict(os.environ, PATH=f'{FAKES}:{os.environ["PATH"]}', FAKE_DIR=str(fake),
            SLURM_JOB_NODELIST='node-[a-b]', SLURM_JOB_NUM_NODES='2', SLURM_JOB_ID='77',
            SLURM_CPUS_ON_NODE='96', FAKE_CKPT=f'{tmp_path}/wd/checkpoints/{step}', **env)
   r = subprocess.run(['bash', str(script)], env=e, capture_output=True, text=True, timeout=120)
-  logs = {n: (fake / f'{n}.log').read_text().splitlines() if (fake / f'{n}.log').exists() else []
-          for n in ('srun', 'scontrol')}
+  logs = {
+      n: (fake / f'{n}.log').read_text().splitlines() if (fake / f'{n}.log').exists() else []
+      for n in ('srun', 'scontrol')
+  }
   return r, logs
 
 
@@ -104,10 +107,11 @@ def test_job_trains_and_stops_at_num_steps(cfg, tmp_path):
   assert r.returncode == 0, r.stderr
   out = r.stdout.splitlines()
   assert out[1:3] == ['preflight task 0 wants 8 GPUs', 'preflight task 1 wants 8 GPUs']
-  train = [f'--config={cfg}', f'--workdir={tmp_path}/wd', '--config.train.num_steps=10', TRICKY,
-           '--coordinator_address=node-a:1234', '--num_processes=2']
-  assert out[3:5] == [f'train task {i}: ' + ' '.join(train + [f'--process_id={i}'])
-                      for i in (0, 1)]
+  train = [
+      f'--config={cfg}', f'--workdir={tmp_path}/wd', '--config.train.num_steps=10', TRICKY,
+      '--coordinator_address=node-a:1234', '--num_processes=2'
+  ]
+  assert out[3:5] == [f'train task {i}: ' + ' '.join(train + [f'--process_id={i}']) for i in (0, 1)]
   assert '[progress] newest checkpoint: step 10; train.num_steps: 10' in out
   step = ('--nodes=2 --ntasks-per-node=1 --cpus-per-task=96 --kill-on-bad-exit=1 --label '
           'SRUN_CPUS_PER_TASK=96')
@@ -133,11 +137,13 @@ def test_preflight_failure_stops_before_training(cfg, tmp_path):
 
 def test_gpu_xla_flags_exist_in_this_jaxlib():
   """An XLA flag jaxlib does not know aborts every process: each default must parse."""
+
   def runs(flags):
     env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=flags)
     code = 'import jax; jax.numpy.ones(1).block_until_ready()'
-    return subprocess.run([sys.executable, '-c', code],
-                          env=env, capture_output=True, timeout=120).returncode == 0
+    return subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                          timeout=120).returncode == 0
+
   assert runs(gpu_slurm.GPU_ENV['XLA_FLAGS'])
   assert not runs('--xla_gpu_enable_async_collectives=true')  # removed from XLA: caught
 
@@ -164,7 +170,8 @@ def test_bad_input(capsys, cfg, argv, message):
 
 def test_progress_reads_the_newest_checkpoint(tmp_path):
   cfg = tmp_path / 'c.py'
-  cfg.write_text(textwrap.dedent('''\
+  cfg.write_text(
+      textwrap.dedent('''\
       import types
       def get_config(arg=None):
         return types.SimpleNamespace(train=types.SimpleNamespace(num_steps=int(arg or 8)))

@@ -41,10 +41,13 @@ def cfg(tmp_path):
 @pytest.fixture
 def no_run(monkeypatch):
   """Dry runs must start nothing."""
+
   def fail(*a, **k):
     raise AssertionError(f'dry run started a process: {a}')
-  monkeypatch.setattr(common, 'subprocess', types.SimpleNamespace(
-      call=fail, run=fail, Popen=fail, check_call=fail, check_output=fail))
+
+  monkeypatch.setattr(
+      common, 'subprocess',
+      types.SimpleNamespace(call=fail, run=fail, Popen=fail, check_call=fail, check_output=fail))
 
 
 def dry_run(capsys, module, argv):
@@ -65,23 +68,25 @@ def shellcheck(tmp_path, script, name='script.sh', exclude=()):
     script = '#!/bin/bash\n' + script + '\n'
   path = tmp_path / name
   path.write_text(script)
-  r = subprocess.run([exe, *(f'--exclude={e}' for e in exclude), str(path)],
-                     capture_output=True, text=True)
+  r = subprocess.run([exe, *(f'--exclude={e}' for e in exclude),
+                      str(path)], capture_output=True, text=True)
   assert r.returncode == 0, f'shellcheck {name}:\n{script}\n{r.stdout}{r.stderr}'
 
 
 # ----------------------------------------------------------------------------- dry runs
 
+
 def test_local_dry_run(capsys, cfg, no_run):
-  cmds = dry_run(capsys, local, [f'--config={cfg}:small', '--workdir=gs://bucket/runs/a b',
-                                 '--num_processes=3', '--port=9999', '--host_device_count=4',
-                                 '--config.mesh.data=2', TRICKY])
-  assert cmds == [
-      ['env', 'JAX_PLATFORMS=cpu', 'XLA_FLAGS=--xla_force_host_platform_device_count=4',
-       PY, '-u', '-m', 'yuanjax.train', f'--config={cfg}:small',
-       '--workdir=gs://bucket/runs/a b', '--config.mesh.data=2', TRICKY,
-       '--coordinator_address=127.0.0.1:9999', '--num_processes=3', f'--process_id={i}']
-      for i in range(3)]
+  cmds = dry_run(capsys, local, [
+      f'--config={cfg}:small', '--workdir=gs://bucket/runs/a b', '--num_processes=3', '--port=9999',
+      '--host_device_count=4', '--config.mesh.data=2', TRICKY
+  ])
+  assert cmds == [[
+      'env', 'JAX_PLATFORMS=cpu', 'XLA_FLAGS=--xla_force_host_platform_device_count=4', PY, '-u',
+      '-m', 'yuanjax.train', f'--config={cfg}:small', '--workdir=gs://bucket/runs/a b',
+      '--config.mesh.data=2', TRICKY, '--coordinator_address=127.0.0.1:9999', '--num_processes=3',
+      f'--process_id={i}'
+  ] for i in range(3)]
 
 
 def test_local_dry_run_quoting_is_exact(capsys, cfg, no_run):
@@ -93,9 +98,11 @@ def test_local_dry_run_quoting_is_exact(capsys, cfg, no_run):
 
 
 def _tpu_argv(cfg, *extra, local_dir='/tmp/stage'):
-  return [f'--config={cfg}', '--workdir=gs://bucket/m32 run', '--name=m32-a',
-          '--zone=us-east5-a', '--accelerator_type=v5p-64', f'--local_dir={local_dir}',
-          '--config.mesh.expert=8', TRICKY, *extra]
+  return [
+      f'--config={cfg}', '--workdir=gs://bucket/m32 run', '--name=m32-a', '--zone=us-east5-a',
+      '--accelerator_type=v5p-64', f'--local_dir={local_dir}', '--config.mesh.expert=8', TRICKY,
+      *extra
+  ]
 
 
 def test_tpu_remote_scripts_pass_shellcheck(cfg, tmp_path, monkeypatch, capsys):
@@ -124,8 +131,10 @@ def test_shell_files_in_launch_pass_shellcheck(tmp_path):
 
 
 def test_execute_cleanup_runs_once_reached(tmp_path):
+
   def touch(name):
     return [PY, '-c', f'open({str(tmp_path / name)!r}, "w")']
+
   fail = [PY, '-c', 'raise SystemExit(4)']
   plan = common.Plan(steps=[touch('a'), fail, touch('b')], cleanup=[fail, touch('c')])
   assert common.execute(plan, dry_run=False) == 4
@@ -137,52 +146,68 @@ def test_execute_cleanup_runs_once_reached(tmp_path):
 
 # ---------------------------------------------------------------------------------- sweep
 
+
 def test_sweep_expands_variants(cfg):
-  args = sweep.parse([f'--config={cfg}', '--workdir=gs://b/sw/', '--num_processes=1',
-                      '--config.train.lr=0.1', '--config.train.steps=5'])
+  args = sweep.parse([
+      f'--config={cfg}', '--workdir=gs://b/sw/', '--num_processes=1', '--config.train.lr=0.1',
+      '--config.train.steps=5'
+  ])
   runs = sweep.runs(args)
-  assert [name for name, _ in runs] == [
-      'model.router.type=attention', 'model.router.type=linear+train.lr=0.001+name=a_b_c']
+  assert [name for name, _ in runs
+         ] == ['model.router.type=attention', 'model.router.type=linear+train.lr=0.001+name=a_b_c']
   assert [r.workdir for _, r in runs] == [f'gs://b/sw/{name}' for name, _ in runs]
-  assert runs[0][1].overrides == ['--config.train.lr=0.1', '--config.train.steps=5',
-                                  '--config.model.router.type=attention']
+  assert runs[0][1].overrides == [
+      '--config.train.lr=0.1', '--config.train.steps=5', '--config.model.router.type=attention'
+  ]
   # The variant's value wins over the same key given for all variants.
-  assert runs[1][1].overrides == ['--config.train.lr=0.001', '--config.train.steps=5',
-                                  '--config.model.router.type=linear', '--config.name=a b/c']
+  assert runs[1][1].overrides == [
+      '--config.train.lr=0.001', '--config.train.steps=5', '--config.model.router.type=linear',
+      '--config.name=a b/c'
+  ]
   assert all(r.num_processes == 1 and r.config == cfg for _, r in runs)
 
 
 def test_sweep_local_dry_run(capsys, cfg, no_run):
-  cmds = dry_run(capsys, sweep, [f'--config={cfg}', '--workdir=/tmp/sw', '--backend=local',
-                                 '--num_processes=2', '--port=5555'])
+  cmds = dry_run(capsys, sweep, [
+      f'--config={cfg}', '--workdir=/tmp/sw', '--backend=local', '--num_processes=2', '--port=5555'
+  ])
   train = [PY, '-u', '-m', 'yuanjax.train', f'--config={cfg}']
   dist = ['--coordinator_address=127.0.0.1:5555', '--num_processes=2']
   v0 = ['--workdir=/tmp/sw/model.router.type=attention', '--config.model.router.type=attention']
-  v1 = ['--workdir=/tmp/sw/model.router.type=linear+train.lr=0.001+name=a_b_c',
-        '--config.model.router.type=linear', '--config.train.lr=0.001', '--config.name=a b/c']
+  v1 = [
+      '--workdir=/tmp/sw/model.router.type=linear+train.lr=0.001+name=a_b_c',
+      '--config.model.router.type=linear', '--config.train.lr=0.001', '--config.name=a b/c'
+  ]
   assert cmds == [['env', 'JAX_PLATFORMS=cpu', *train, *v, *dist, f'--process_id={i}']
-                  for v in (v0, v1) for i in (0, 1)]
+                  for v in (v0, v1)
+                  for i in (0, 1)]
 
 
 def test_sweep_tpu_and_slurm_names(capsys, cfg, tmp_path, monkeypatch, no_run):
   monkeypatch.setattr(common, 'REPO', os.path.dirname(os.path.dirname(cfg)))
-  cmds = dry_run(capsys, sweep, [f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu',
-                                 '--name=sw', '--zone=z', '--accelerator_type=v4-8'])
+  cmds = dry_run(capsys, sweep, [
+      f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw', '--zone=z',
+      '--accelerator_type=v4-8'
+  ])
   creates = [c for c in cmds if c[3:5] == ['tpu-vm', 'create']]
   assert [c[5] for c in creates] == ['sw-0', 'sw-1']
   names = ['model.router.type=attention', 'model.router.type=linear+train.lr=0.001+name=a_b_c']
-  assert [c for c in cmds if c[:3] == ['gcloud', 'storage', 'ls']] == [
-      ['gcloud', 'storage', 'ls', f'gs://b/sw/{name}/worker_logs/'] for name in names]
+  assert [c for c in cmds if c[:3] == ['gcloud', 'storage', 'ls']
+         ] == [['gcloud', 'storage', 'ls', f'gs://b/sw/{name}/worker_logs/'] for name in names]
   packs = [c[2] for c in cmds if c[:2] == ['bash', '-c']]
-  assert [os.path.join(tpu_pod.tempfile.gettempdir(), 'yuanjax-tpu', f'sw-{i}', 'yuanjax.tgz')
-          in p for i, p in enumerate(packs)] == [True, True]
+  assert [
+      os.path.join(tpu_pod.tempfile.gettempdir(), 'yuanjax-tpu', f'sw-{i}', 'yuanjax.tgz') in p
+      for i, p in enumerate(packs)
+  ] == [True, True]
   monkeypatch.chdir(tmp_path)
-  cmds = dry_run(capsys, sweep, [f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm',
-                                 '--nodes=2', '--job_name=sw'])
+  cmds = dry_run(
+      capsys, sweep,
+      [f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm', '--nodes=2', '--job_name=sw'])
   scripts = [c[1] for c in cmds if c[0] == 'sbatch']
   assert [os.path.basename(s) for s in scripts] == [
       'sw-model.router.type=attention.sbatch',
-      'sw-model.router.type=linear+train.lr=0.001+name=a_b_c.sbatch']
+      'sw-model.router.type=linear+train.lr=0.001+name=a_b_c.sbatch'
+  ]
   for i, s in enumerate(scripts):
     text = open(s).read()
     assert '#SBATCH --nodes=2' in text and '--workdir=/shared/sw/model.router.type=' in text
@@ -198,24 +223,30 @@ def test_variant_names_are_filesystem_safe():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 @pytest.mark.parametrize('module, argv, message', [
     (local, ['--config={cfg}'], 'the following arguments are required: --workdir'),
     (local, ['--workdir=/w'], 'the following arguments are required: --config'),
     (local, ['--config=/no/such.py', '--workdir=/w'], '--config=/no/such.py: no such file'),
     (local, ['--config={cfg}', '--workdir=s3://b/x'], '--workdir=s3://b/x: only local paths'),
-    (local, ['--config={cfg}', '--workdir=/w', '--config.x', '1'], "unrecognized argument '--config.x'"),
+    (local, ['--config={cfg}', '--workdir=/w', '--config.x', '1'
+            ], "unrecognized argument '--config.x'"),
     (local, ['--config={cfg}', '--workdir=/w', '--zon=a'], "unrecognized argument '--zon=a'"),
     (local, ['--config={cfg}', '--workdir=/w', '--num_processes=0'], '--num_processes=0'),
-    (tpu_pod, ['--config={cfg}', '--workdir=/w', '--name=a', '--zone=z', '--accelerator_type=v5p-8'],
-     '--workdir=/w: must be gs://'),
-    (tpu_pod, ['--config={cfg}', '--workdir=gs://b/w', '--zone=z', '--accelerator_type=v5p-8'],
-     'required: --name'),
-    (tpu_pod, ['--config={cfg}', '--workdir=gs://b/w', '--name=A_b', '--zone=z',
-               '--accelerator_type=v5p-8'], '--name=A_b'),
-    (tpu_pod, ['--config={cfg}', '--workdir=gs://b/w', '--name=a', '--zone=z',
-               '--accelerator_type=v9x-8'], '--accelerator_type=v9x-8: no default runtime'),
+    (tpu_pod, [
+        '--config={cfg}', '--workdir=/w', '--name=a', '--zone=z', '--accelerator_type=v5p-8'
+    ], '--workdir=/w: must be gs://'),
+    (tpu_pod, ['--config={cfg}', '--workdir=gs://b/w', '--zone=z', '--accelerator_type=v5p-8'
+              ], 'required: --name'),
+    (tpu_pod, [
+        '--config={cfg}', '--workdir=gs://b/w', '--name=A_b', '--zone=z', '--accelerator_type=v5p-8'
+    ], '--name=A_b'),
+    (tpu_pod, [
+        '--config={cfg}', '--workdir=gs://b/w', '--name=a', '--zone=z', '--accelerator_type=v9x-8'
+    ], '--accelerator_type=v9x-8: no default runtime'),
     (gpu_slurm, ['--config={cfg}', '--workdir=/w', '--partition=a b'], "--partition='a b'"),
-    (sweep, ['--config={cfg}', '--workdir=/w', '--backend=k8s'], "argument --backend: invalid choice: 'k8s'"),
+    (sweep, ['--config={cfg}', '--workdir=/w', '--backend=k8s'
+            ], "argument --backend: invalid choice: 'k8s'"),
     (sweep, ['--config={cfg}'], 'required: --workdir'),
     (sweep, ['--config={cfg}', '--workdir=/w', '--backend=slurm', '--script=x'], '--script'),
     (sweep, ['--config={cfg}', '--workdir=/w', '--bogus=1'], "unrecognized argument '--bogus=1'"),
@@ -305,8 +336,10 @@ def run_local(tmp_path, cfg, module, *flags, timeout=60):
   (tmp_path / 'mods' / 'fake_jax.py').write_text(FAKE_JAX)
   env = dict(os.environ, PYTHONPATH=str(tmp_path / 'mods'))
   port = free_port()
-  argv = [PY, '-m', 'launch.local', f'--config={cfg}', f'--workdir={tmp_path / "wd"}',
-          f'--module={module}', f'--port={port}', f'--log_dir={tmp_path / "logs"}', *flags]
+  argv = [
+      PY, '-m', 'launch.local', f'--config={cfg}', f'--workdir={tmp_path / "wd"}',
+      f'--module={module}', f'--port={port}', f'--log_dir={tmp_path / "logs"}', *flags
+  ]
   start = time.monotonic()
   r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
   return r, time.monotonic() - start, port
@@ -319,7 +352,8 @@ def test_local_runs_processes_and_collects_logs(tmp_path, cfg):
     log = (tmp_path / 'logs' / f'process_{i}.log').read_text()
     assert log.splitlines() == [
         f"process {i} of 2 at 127.0.0.1:{port} platforms=cpu overrides=['--config.x=a b']",
-        f'process {i} done']
+        f'process {i} done'
+    ]
     assert sorted(l for l in r.stdout.splitlines() if l.startswith(f'[{i}] ')) == sorted(
         f'[{i}] {l}' for l in log.splitlines())
 
@@ -339,4 +373,5 @@ def test_local_jax_distributed_end_to_end(tmp_path, cfg):
   r, _, _ = run_local(tmp_path, cfg, 'fake_jax', '--host_device_count=2', timeout=120)
   assert r.returncode == 0, r.stdout + r.stderr
   assert sorted(l for l in r.stdout.splitlines() if l.startswith('[')) == [
-      '[0] index=0 count=2 devices=4 local=2', '[1] index=1 count=2 devices=4 local=2']
+      '[0] index=0 count=2 devices=4 local=2', '[1] index=1 count=2 devices=4 local=2'
+  ]

@@ -58,8 +58,10 @@ def run_sweep(tmp_path, cfg, *flags):
   mods.mkdir(exist_ok=True)
   (mods / 'fake_train.py').write_text(FAKE_TRAIN)
   env = dict(os.environ, PYTHONPATH=str(mods))
-  argv = [sys.executable, '-m', 'launch.sweep', '--backend=local', f'--config={cfg}:three',
-          f'--workdir={tmp_path / "sw"}', '--num_processes=1', '--module=fake_train', *flags]
+  argv = [
+      sys.executable, '-m', 'launch.sweep', '--backend=local', f'--config={cfg}:three',
+      f'--workdir={tmp_path / "sw"}', '--num_processes=1', '--module=fake_train', *flags
+  ]
   return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -74,13 +76,14 @@ def test_parallel_manifest_and_resume(tmp_path, cfg):
   names = [f'train.seed={s}+fail={s == 1}' for s in range(3)]
   manifest = json.loads((tmp_path / 'sw' / 'sweep.json').read_text())
   assert manifest['arg'] == 'three' and manifest['backend'] == 'local'
-  assert [(r['name'], r['status'], r['returncode']) for r in manifest['runs']] == [
-      (names[0], 'done', 0), (names[1], 'failed', 5), (names[2], 'done', 0)]
+  assert [(r['name'], r['status'], r['returncode']) for r in manifest['runs']
+         ] == [(names[0], 'done', 0), (names[1], 'failed', 5), (names[2], 'done', 0)]
   assert manifest['runs'][2]['overrides'] == {'train.seed': 2, 'fail': False}
-  assert all(len(calls(tmp_path, n)) == 1 for n in names)   # the failure stopped nothing
-  ports = {c.split('--coordinator_address=')[1].split()[0] for n in names
-           for c in calls(tmp_path, n)}
-  assert len(ports) == 3                                   # variants at once: own ports
+  assert all(len(calls(tmp_path, n)) == 1 for n in names)  # the failure stopped nothing
+  ports = {
+      c.split('--coordinator_address=')[1].split()[0] for n in names for c in calls(tmp_path, n)
+  }
+  assert len(ports) == 3  # variants at once: own ports
   assert (tmp_path / 'sw' / names[0] / 'logs' / 'process_0.log').read_text().startswith('fake')
   # Again: the finished runs are skipped, the failed one runs again.
   r = run_sweep(tmp_path, cfg, '--parallel=2')
@@ -92,8 +95,11 @@ def test_parallel_manifest_and_resume(tmp_path, cfg):
 def test_sequential_is_the_default(tmp_path, cfg):
   r = run_sweep(tmp_path, cfg, '--port=7001')
   assert r.returncode == 1, r.stderr
-  ports = [c.split('--coordinator_address=')[1].split()[0]
-           for s in range(3) for c in calls(tmp_path, f'train.seed={s}+fail={s == 1}')]
+  ports = [
+      c.split('--coordinator_address=')[1].split()[0]
+      for s in range(3)
+      for c in calls(tmp_path, f'train.seed={s}+fail={s == 1}')
+  ]
   assert ports == ['127.0.0.1:7001'] * 3
 
 

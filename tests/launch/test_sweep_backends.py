@@ -47,9 +47,10 @@ def cfg(tmp_path, monkeypatch):
 
 
 def tpu_sweep(cfg, tmp_path, *flags):
-  return sweep.main([f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw',
-                     '--zone=z', '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage',
-                     '--poll_s=0.02', *flags])
+  return sweep.main([
+      f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw', '--zone=z',
+      '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage', '--poll_s=0.02', *flags
+  ])
 
 
 def events(fake):
@@ -78,11 +79,13 @@ def test_tpu_reuse_queues_the_variants_on_one_slice(fake, cfg, tmp_path):
   fake.scenario(existing=['sw'], runs=[{'exit_at_poll': 1}])
   assert tpu_sweep(cfg, tmp_path, '--reuse') == 0
   ev = events(fake)
-  assert [e for e in ev if e[0] in ('create', 'delete', 'ssh start')] == [
-      ('ssh start', 'sw'), ('ssh start', 'sw')]
+  assert [e for e in ev if e[0] in ('create', 'delete', 'ssh start')] == [('ssh start', 'sw'),
+                                                                          ('ssh start', 'sw')]
   starts = [c for c in fake.calls() if kind(c) == 'ssh start']
-  assert ['--workdir=gs://b/sw/train.seed=0' in starts[0][6],
-          '--workdir=gs://b/sw/train.seed=1' in starts[1][6]] == [True, True]
+  assert [
+      '--workdir=gs://b/sw/train.seed=0' in starts[0][6], '--workdir=gs://b/sw/train.seed=1'
+      in starts[1][6]
+  ] == [True, True]
 
 
 def test_tpu_reuse_refuses_parallel(capsys, cfg, tmp_path):
@@ -93,27 +96,32 @@ def test_tpu_reuse_refuses_parallel(capsys, cfg, tmp_path):
 
 
 def xpk_argv(cfg, *flags):
-  return [f'--config={cfg}', '--workdir=gs://b/sw', '--backend=xpk', '--cluster=c1',
-          '--workload=wl', '--tpu_type=v5p-64', '--docker_image=gcr.io/p/yuanjax:1',
-          '--zone=us-east5-a', '--project=p', '--env=A=b c', '--config.train.num_steps=9', *flags]
+  return [
+      f'--config={cfg}', '--workdir=gs://b/sw', '--backend=xpk', '--cluster=c1', '--workload=wl',
+      '--tpu_type=v5p-64', '--docker_image=gcr.io/p/yuanjax:1', '--zone=us-east5-a', '--project=p',
+      '--env=A=b c', '--config.train.num_steps=9', *flags
+  ]
 
 
 def test_xpk_dry_run(capsys, cfg):
   cmds = dry_run(capsys, sweep, xpk_argv(cfg, '--libtpu_init_args=--xla_x=1'))
-  assert cmds == [
-      ['xpk', 'workload', 'create', '--cluster=c1', f'--workload=wl-{i}', '--tpu-type=v5p-64',
-       '--num-slices=1', '--docker-image=gcr.io/p/yuanjax:1', '--max-restarts=3',
-       '--zone=us-east5-a', '--project=p', '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
-       '--command=' + shlex.join(['python3', '-u', '-m', 'yuanjax.train', '--config=configs/sw.py',
-                                  f'--workdir=gs://b/sw/train.seed={i}',
-                                  '--config.train.num_steps=9', f'--config.train.seed={i}'])]
-      for i in (0, 1)]
+  assert cmds == [[
+      'xpk', 'workload', 'create', '--cluster=c1', f'--workload=wl-{i}', '--tpu-type=v5p-64',
+      '--num-slices=1', '--docker-image=gcr.io/p/yuanjax:1', '--max-restarts=3',
+      '--zone=us-east5-a', '--project=p', '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
+      '--command=' + shlex.join([
+          'python3', '-u', '-m', 'yuanjax.train', '--config=configs/sw.py',
+          f'--workdir=gs://b/sw/train.seed={i}', '--config.train.num_steps=9',
+          f'--config.train.seed={i}'
+      ])
+  ] for i in (0, 1)]
 
 
 def test_xpk_submits_each_variant(fake, cfg, tmp_path):
   base = [a for a in xpk_argv(cfg) if not a.startswith('--docker_image')]
-  assert sweep.main(base + ['--base_docker_image=python:3.11', f'--script_dir={tmp_path}/repo',
-                            '--parallel=2']) == 0
+  assert sweep.main(
+      base +
+      ['--base_docker_image=python:3.11', f'--script_dir={tmp_path}/repo', '--parallel=2']) == 0
   calls = [json.loads(l) for l in (fake.path / 'xpk.jsonl').read_text().splitlines()]
   assert sorted(c[3] for c in calls) == ['--workload=wl-0', '--workload=wl-1']
   for c in calls:

@@ -72,13 +72,17 @@ def repo(tmp_path, monkeypatch):
 
 
 def argv(repo, tmp_path, *extra):
-  return [f'--config={repo}/configs/fake.py', '--workdir=gs://bucket/m32 run', '--name=m32-a',
-          '--zone=us-east5-a', '--accelerator_type=v5p-64', f'--local_dir={tmp_path}/stage',
-          '--poll_s=0', '--config.mesh.expert=8', *extra]
+  return [
+      f'--config={repo}/configs/fake.py', '--workdir=gs://bucket/m32 run', '--name=m32-a',
+      '--zone=us-east5-a', '--accelerator_type=v5p-64', f'--local_dir={tmp_path}/stage',
+      '--poll_s=0', '--config.mesh.expert=8', *extra
+  ]
 
 
-SETUP = ['storage cp', 'storage rm', 'create', 'ssh write-check', 'scp', 'ssh install',
-         'storage rm', 'ssh start']
+SETUP = [
+    'storage cp', 'storage rm', 'create', 'ssh write-check', 'scp', 'ssh install', 'storage rm',
+    'ssh start'
+]
 
 
 def test_already_exists_deletes_nothing(fake, repo, tmp_path):
@@ -101,40 +105,49 @@ def test_dropped_ssh_does_not_end_the_run(fake, repo, tmp_path):
   """ssh exits 255 after starting the run: retried, the run goes on, the slice stays."""
   fake.scenario(ssh_drop='start', runs=[{'exit_at_poll': 3}])
   assert tpu_pod.main(argv(repo, tmp_path, '--libtpu_init_args=--xla_tpu_x=1')) == 0
-  assert fake.kinds() == [*SETUP, 'ssh start', 'storage ls', 'describe', 'storage ls',
-                          'describe', 'storage ls', 'delete']
+  assert fake.kinds() == [
+      *SETUP, 'ssh start', 'storage ls', 'describe', 'storage ls', 'describe', 'storage ls',
+      'delete'
+  ]
   start = next(c for c in fake.calls() if kind(c) == 'ssh start')
   command = shlex.split(start[6][len('--command='):].split('; ', 1)[1])
-  assert command[:6] == ['bash', '$HOME/yuanjax/launch/tpu_worker.sh', 'start',
-                         'gs://bucket/m32 run/worker_logs',
-                         'gcloud compute tpus tpu-vm delete m32-a --quiet --zone=us-east5-a '
-                         '--async', '--']
-  assert command[6:] == ['env', 'LIBTPU_INIT_ARGS=--xla_tpu_x=1', '.venv/bin/python', '-u', '-m',
-                         'yuanjax.train', '--config=configs/fake.py',
-                         '--workdir=gs://bucket/m32 run', '--config.mesh.expert=8']
+  assert command[:6] == [
+      'bash', '$HOME/yuanjax/launch/tpu_worker.sh', 'start', 'gs://bucket/m32 run/worker_logs',
+      'gcloud compute tpus tpu-vm delete m32-a --quiet --zone=us-east5-a '
+      '--async', '--'
+  ]
+  assert command[6:] == [
+      'env', 'LIBTPU_INIT_ARGS=--xla_tpu_x=1', '.venv/bin/python', '-u', '-m', 'yuanjax.train',
+      '--config=configs/fake.py', '--workdir=gs://bucket/m32 run', '--config.mesh.expert=8'
+  ]
 
 
 def test_spot_preemption_resubmits_and_resumes(fake, repo, tmp_path):
-  fake.scenario(qr_states=['WAITING_FOR_RESOURCES', 'ACTIVE'],
-                runs=[{'preempt_at_poll': 1}, {'exit_at_poll': 1}])
-  assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--spot', '--valid_until_duration=6h',
-                           '--service_account=sa@p.iam', '--scopes=cloud-platform')) == 0
+  fake.scenario(qr_states=['WAITING_FOR_RESOURCES', 'ACTIVE'], runs=[{
+      'preempt_at_poll': 1
+  }, {
+      'exit_at_poll': 1
+  }])
+  assert tpu_pod.main(
+      argv(repo, tmp_path, '--queued', '--spot', '--valid_until_duration=6h',
+           '--service_account=sa@p.iam', '--scopes=cloud-platform')) == 0
   kinds = fake.kinds()
-  assert [k for k in kinds if k.startswith(('qr create', 'qr delete', 'ssh start'))] == [
-      'qr create', 'ssh start', 'qr delete', 'qr create', 'ssh start', 'qr delete']
+  assert [k for k in kinds if k.startswith(('qr create', 'qr delete', 'ssh start'))
+         ] == ['qr create', 'ssh start', 'qr delete', 'qr create', 'ssh start', 'qr delete']
   assert 'ssh stop' not in kinds  # preempted: no trainer left to stop
   create = next(c for c in fake.calls() if kind(c) == 'qr create')
-  assert create[4:] == ['m32-a', '--node-id=m32-a', '--accelerator-type=v5p-64',
-                        '--runtime-version=v2-alpha-tpuv5', '--spot', '--valid-until-duration=6h',
-                        '--service-account=sa@p.iam', '--scopes=cloud-platform',
-                        '--zone=us-east5-a']
+  assert create[4:] == [
+      'm32-a', '--node-id=m32-a', '--accelerator-type=v5p-64', '--runtime-version=v2-alpha-tpuv5',
+      '--spot', '--valid-until-duration=6h', '--service-account=sa@p.iam',
+      '--scopes=cloud-platform', '--zone=us-east5-a'
+  ]
 
 
 def test_preemptions_beyond_max_restarts_fail(fake, repo, tmp_path):
   fake.scenario(runs=[{'preempt_at_poll': 1}])
   assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--spot', '--max_restarts=1')) == 1
-  assert [k for k in fake.kinds() if k in ('qr create', 'qr delete')] == [
-      'qr create', 'qr delete', 'qr create', 'qr delete']
+  assert [k for k in fake.kinds() if k in ('qr create', 'qr delete')
+         ] == ['qr create', 'qr delete', 'qr create', 'qr delete']
 
 
 def test_queue_timeout_deletes_its_own_request(fake, repo, tmp_path):
@@ -153,8 +166,10 @@ def test_failed_worker_stops_the_others_then_deletes(fake, repo, tmp_path):
 def test_reuse_never_deletes(fake, repo, tmp_path, capsys):
   fake.scenario(existing=['m32-a'], runs=[{'exit_at_poll': 1, 'rcs': [5]}])
   assert tpu_pod.main(argv(repo, tmp_path, '--reuse')) == 1
-  assert fake.kinds() == ['storage cp', 'storage rm', 'describe', 'ssh write-check', 'scp',
-                          'ssh install', 'storage rm', 'ssh start', 'storage ls', 'ssh stop']
+  assert fake.kinds() == [
+      'storage cp', 'storage rm', 'describe', 'ssh write-check', 'scp', 'ssh install', 'storage rm',
+      'ssh start', 'storage ls', 'ssh stop'
+  ]
   start = next(c for c in fake.calls() if kind(c) == 'ssh start')
   assert " start 'gs://bucket/m32 run/worker_logs' '' -- " in start[6]  # no delete at the end
   fake.scenario(runs=[{'preempt_at_poll': 1}], existing=['m32-a'])
@@ -173,9 +188,11 @@ def test_reuse_of_a_missing_slice_fails_before_install(fake, repo, tmp_path, cap
 def test_sigterm_to_the_launcher_stops_trainers_before_delete(fake, tmp_path):
   """The launcher as its own process, SIGTERM mid-run: trainers first, then the slice."""
   fake.scenario(runs=[{}])  # runs until stopped
-  cmd = [sys.executable, '-m', 'launch.tpu_pod', '--config=configs/tiny.py',
-         '--workdir=gs://bucket/run', '--name=m32-a', '--zone=z', '--accelerator_type=v4-8',
-         f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7']
+  cmd = [
+      sys.executable, '-m', 'launch.tpu_pod', '--config=configs/tiny.py',
+      '--workdir=gs://bucket/run', '--name=m32-a', '--zone=z', '--accelerator_type=v4-8',
+      f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7'
+  ]
   proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
   deadline = time.monotonic() + 60
   while 'storage ls' not in fake.kinds() and time.monotonic() < deadline:
@@ -203,8 +220,10 @@ def test_stop_deletes_only_what_this_machine_created(fake, repo, tmp_path):
 
 
 def test_dry_run_prints_the_happy_path(repo, tmp_path, capsys, monkeypatch):
+
   def fail(*a, **k):
     raise AssertionError(f'dry run started a process: {a}')
+
   monkeypatch.setattr(subprocess, 'call', fail)
   monkeypatch.setattr(subprocess, 'run', fail)
   assert tpu_pod.main(argv(repo, tmp_path, '--queued', '--dry-run', '--project=p')) == 0
@@ -212,8 +231,10 @@ def test_dry_run_prints_the_happy_path(repo, tmp_path, capsys, monkeypatch):
   cmds = [shlex.split(line) for line in lines]
   assert lines == [shlex.join(c) for c in cmds]
   assert [c[:5] for c in cmds] == [
-      ['gcloud', 'storage', 'cp', f'{tmp_path}/stage/write_check',
-       'gs://bucket/m32 run/.write_check/launcher'],
+      [
+          'gcloud', 'storage', 'cp', f'{tmp_path}/stage/write_check',
+          'gs://bucket/m32 run/.write_check/launcher'
+      ],
       ['gcloud', 'storage', 'rm', 'gs://bucket/m32 run/.write_check/launcher'],
       cmds[2][:5],  # pack (bash -c ...)
       ['gcloud', 'compute', 'tpus', 'queued-resources', 'create'],
@@ -225,7 +246,8 @@ def test_dry_run_prints_the_happy_path(repo, tmp_path, capsys, monkeypatch):
       ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh'],
       ['gcloud', 'storage', 'ls', 'gs://bucket/m32 run/worker_logs/'],
       ['gcloud', 'compute', 'tpus', 'queued-resources', 'describe'],
-      ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete']]
+      ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete']
+  ]
   assert cmds[2][:2] == ['bash', '-c'] and cmds[-1][-2:] == ['--zone=us-east5-a', '--project=p']
 
 
@@ -246,8 +268,8 @@ FAKE_TRAINER = textwrap.dedent('''\
 def worker(tmp_path, *args, **env):
   e = dict(os.environ, YUANJAX_RUN_DIR=str(tmp_path / 'run'), YUANJAX_WORKER_ID='0',
            YUANJAX_WORKER_COUNT='1', YUANJAX_UPLOAD_S='1', YUANJAX_EXIT_WAIT_S='5', **env)
-  return subprocess.run(['bash', os.path.join(REPO, 'launch', 'tpu_worker.sh'), *args],
-                        env=e, capture_output=True, text=True, timeout=60)
+  return subprocess.run(['bash', os.path.join(REPO, 'launch', 'tpu_worker.sh'), *args], env=e,
+                        capture_output=True, text=True, timeout=60)
 
 
 def wait_for(path, seconds=30):
@@ -263,8 +285,8 @@ def test_worker_stop_lets_the_trainer_save(fake, tmp_path):
   (tmp_path / 'trainer.py').write_text(FAKE_TRAINER)
   marker = tmp_path / 'deleted'
   url = 'gs://b/run/worker_logs'
-  r = worker(tmp_path, 'start', url, f'touch {marker}', '--',
-             sys.executable, str(tmp_path / 'trainer.py'), '600', '0')
+  r = worker(tmp_path, 'start', url, f'touch {marker}', '--', sys.executable,
+             str(tmp_path / 'trainer.py'), '600', '0')
   assert r.returncode == 0 and 'started' in r.stdout, r.stderr
   assert 'running' in worker(tmp_path, 'status').stdout
   assert 'already going' in worker(tmp_path, 'start', url, '', '--', 'false').stdout
@@ -280,7 +302,7 @@ def test_worker_stop_lets_the_trainer_save(fake, tmp_path):
 def test_worker_reports_a_failure(fake, tmp_path):
   fake.scenario()
   (tmp_path / 'trainer.py').write_text(FAKE_TRAINER)
-  r = worker(tmp_path, 'start', 'gs://b/w', '', '--', sys.executable,
-             str(tmp_path / 'trainer.py'), '0', '7')
+  r = worker(tmp_path, 'start', 'gs://b/w', '', '--', sys.executable, str(tmp_path / 'trainer.py'),
+             '0', '7')
   assert r.returncode == 0, r.stderr
   assert wait_for(fake.path / 'gcs' / 'b' / 'w' / 'worker-0-of-1.exit-7')

@@ -9,10 +9,11 @@ from yuanjax import config_lib
 def tiny(**overrides):
   """The tiny M32 config with dotted-name overrides, e.g. tiny(**{'router.type': 'linear'})."""
   m = config_lib.tiny_model()
-  m.update(dict(vocab_size=97, hidden_size=32, num_heads=2, head_dim=16, rotary_dims=8,
-                num_experts=4, dense_ffn_size=48))
+  m.update(
+      dict(vocab_size=97, hidden_size=32, num_heads=2, head_dim=16, rotary_dims=8, num_experts=4,
+           dense_ffn_size=48))
   m.moe.ffn_size = 24
-  m.moe.dispatch = 'dropless'   # exact regardless of grouping (packing, batching)
+  m.moe.dispatch = 'dropless'  # exact regardless of grouping (packing, batching)
   config_lib.override(m, overrides)
   config_lib.validate_model(m)
   return m

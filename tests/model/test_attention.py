@@ -22,7 +22,7 @@ def _lfa_loop(p, u, eps):
     prev_c = c1[:, t - 1] if t > 0 else np.zeros_like(c1[:, 0])
     c2[:, t] = prev_c @ Bk[0] + c1[:, t] @ Bk[1] + b
   z = c2 + u
-  return z / np.sqrt((z ** 2).mean(-1, keepdims=True) + eps) * p['norm']['scale']
+  return z / np.sqrt((z**2).mean(-1, keepdims=True) + eps) * p['norm']['scale']
 
 
 def test_lfa_matches_plain_loop():
@@ -30,7 +30,8 @@ def test_lfa_matches_plain_loop():
   lf = attention.LocalizedFiltering(cfg)
   u = np.random.RandomState(0).randn(2, 9, cfg.hidden_size).astype(np.float32)
   v = nn.unbox(lf.init(jax.random.key(0), u))
-  v = jax.tree_util.tree_map(lambda x: x + 0.1 * np.random.RandomState(1).randn(*x.shape).astype(np.float32), v)
+  v = jax.tree_util.tree_map(
+      lambda x: x + 0.1 * np.random.RandomState(1).randn(*x.shape).astype(np.float32), v)
   assert rel_err(lf.apply(v, u), _lfa_loop(jax.device_get(v['params']), u, cfg.norm_eps)) < 1e-5
 
 
@@ -51,15 +52,19 @@ def test_attention_backends_agree():
   pos = jnp.array([list(range(5)) + list(range(6)), list(range(11))])
   mod = attention.Attention(tiny())
   v = mod.init(jax.random.key(0), x, seg, pos)
-  outs = [attention.Attention(tiny(attention_backend=b)).apply(v, x, s, pos)
-          for b in attention.ATTENTION_BACKENDS for s in (seg, None)]
+  outs = [
+      attention.Attention(tiny(attention_backend=b)).apply(v, x, s, pos)
+      for b in attention.ATTENTION_BACKENDS
+      for s in (seg, None)
+  ]
   assert rel_err(outs[2], outs[0]) < 1e-5 and rel_err(outs[3], outs[1]) < 1e-5
 
 
 def test_attention_mask_block_causal():
   seg = jnp.array([[1, 1, 2, 2, 2]])
   m = np.asarray(attention.attention_mask(seg, 5, 5))[0, 0]
-  want = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], bool)
+  want = np.array(
+      [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]], bool)
   np.testing.assert_array_equal(m, want)
 
 
@@ -69,18 +74,20 @@ def test_lfa_decode_state_matches_full_pass():
   cfg = tiny()
   u = np.random.RandomState(0).randn(2, 9, cfg.hidden_size).astype(np.float32)
   v = nn.unbox(attention.LocalizedFiltering(cfg).init(jax.random.key(0), u))
-  v = jax.tree_util.tree_map(lambda x: x + 0.1 * np.random.RandomState(1).randn(*x.shape).astype(np.float32), v)
+  v = jax.tree_util.tree_map(
+      lambda x: x + 0.1 * np.random.RandomState(1).randn(*x.shape).astype(np.float32), v)
   full = np.asarray(attention.LocalizedFiltering(cfg).apply(v, u))
   dec = attention.LocalizedFiltering(cfg, decode=True)
   cache = {'u_prev': jnp.zeros((2, 2, cfg.hidden_size))}
   starts = np.array([0, 0])
-  for lengths, L in (((4, 1), 4), ((1, 3), 3), ((4, 5), 5)):     # row 0: 4+1+4, row 1: 1+3+5
+  for lengths, L in (((4, 1), 4), ((1, 3), 3), ((4, 5), 5)):  # row 0: 4+1+4, row 1: 1+3+5
     chunk = np.zeros((2, L, cfg.hidden_size), np.float32)
     for b in range(2):
       chunk[b, :lengths[b]] = u[b, starts[b]:starts[b] + lengths[b]]
     pos = starts[:, None] + np.arange(L)
-    out, state = dec.apply({**v, 'cache': cache}, chunk, None, pos, jnp.array(lengths),
-                           mutable=['cache'])
+    out, state = dec.apply({
+        **v, 'cache': cache
+    }, chunk, None, pos, jnp.array(lengths), mutable=['cache'])
     cache = state['cache']
     for b in range(2):
       assert rel_err(out[b, :lengths[b]], full[b, starts[b]:starts[b] + lengths[b]]) < 1e-6

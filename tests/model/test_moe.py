@@ -12,7 +12,7 @@ def _run(cfg, x, v=None):
   mod = moe.MoE(cfg)
   if v is None:
     v = mod.init(jax.random.key(0), x)
-    v = jax.tree_util.tree_map(lambda a: a * 5.0, v)   # spread the router out
+    v = jax.tree_util.tree_map(lambda a: a * 5.0, v)  # spread the router out
 
   def loss(v, x):
     y, stats = mod.apply(v, x)
@@ -26,8 +26,12 @@ def _run(cfg, x, v=None):
 def test_dispatches_agree_with_ample_capacity(rtype):
   base = {'router.type': rtype, 'router.num_shared_experts': 1 if rtype == 'shared' else 0}
   x = jax.random.normal(jax.random.key(1), (2, 10, tiny().hidden_size))
-  ample = 1.0 if rtype == 'expert_choice' else 4.0 / 2   # C = T for token choice (E/k)
-  v, y_ref, s_ref, g_ref = _run(tiny(**base, **{'moe.dispatch': 'dense', 'moe.capacity_factor': ample}), x)
+  ample = 1.0 if rtype == 'expert_choice' else 4.0 / 2  # C = T for token choice (E/k)
+  v, y_ref, s_ref, g_ref = _run(
+      tiny(**base, **{
+          'moe.dispatch': 'dense',
+          'moe.capacity_factor': ample
+      }), x)
   for d in ('dropless', 'capacity'):
     _, y, s, g = _run(tiny(**base, **{'moe.dispatch': d, 'moe.capacity_factor': ample}), x, v)
     assert rel_err(y, y_ref) < 1e-5, d
@@ -43,13 +47,13 @@ def test_capacity_drops_counted_exactly():
   w1 = jax.random.normal(jax.random.key(1), (E, D, 2 * F))
   w2 = jax.random.normal(jax.random.key(2), (E, F, D))
   r = routers.Routing(token_A=jnp.arange(T), expert_A=jnp.array([0, 0, 1, 0, 0]),
-                      weight_A=jnp.ones(T), valid_A=jnp.ones(T, bool),
-                      probs_TxE=jnp.full((T, E), 0.5), aux={})
+                      weight_A=jnp.ones(T), valid_A=jnp.ones(T, bool), probs_TxE=jnp.full(
+                          (T, E), 0.5), aux={})
   y, dropped = moe.capacity_dispatch(x, r, w1, w2, capacity=2)
-  assert float(dropped) == pytest.approx(2 / 5)       # tokens 3 and 4 overflow expert 0
+  assert float(dropped) == pytest.approx(2 / 5)  # tokens 3 and 4 overflow expert 0
   full, _ = moe.dense_dispatch(x, r, w1, w2)
   np.testing.assert_allclose(y[:3], full[:3], rtol=1e-5)
-  np.testing.assert_array_equal(y[3:], 0.0)           # dropped: only the residual remains
+  np.testing.assert_array_equal(y[3:], 0.0)  # dropped: only the residual remains
 
 
 def test_capacity_drop_fraction_in_stats():
@@ -58,7 +62,8 @@ def test_capacity_drop_fraction_in_stats():
   _, _, stats, _ = _run(cfg, x)
   C = routers.expert_capacity(16, cfg.num_experts, 2, 0.25)
   load = np.asarray(stats['load']) * 32
-  np.testing.assert_allclose(float(stats['dropped_fraction']), np.maximum(load - C, 0).sum() / 32, rtol=1e-6)
+  np.testing.assert_allclose(float(stats['dropped_fraction']),
+                             np.maximum(load - C, 0).sum() / 32, rtol=1e-6)
 
 
 def test_shared_experts_always_on():
@@ -69,7 +74,8 @@ def test_shared_experts_always_on():
   y, _ = mod.apply(v, x)
   p = nn.unbox(v)['params']
   routed = jax.tree_util.tree_map(lambda a: a, v)
-  routed['params']['shared_w2'] = nn.LogicallyPartitioned(jnp.zeros_like(p['shared_w2']), ('shared', 'mlp', 'embed'))
+  routed['params']['shared_w2'] = nn.LogicallyPartitioned(jnp.zeros_like(p['shared_w2']),
+                                                          ('shared', 'mlp', 'embed'))
   y_routed, _ = mod.apply(routed, x)
   xs = x.reshape(6, -1)
   h = jnp.einsum('td,ndf->tnf', xs, p['shared_w1'])

@@ -11,7 +11,11 @@ TOKEN_CHOICE = routers.CAUSAL_ROUTERS
 
 
 def _init(rtype, T=24, **kw):
-  cfg = tiny(**{'router.type': rtype, 'router.num_shared_experts': 1 if rtype == 'shared' else 0, **kw})
+  cfg = tiny(**{
+      'router.type': rtype,
+      'router.num_shared_experts': 1 if rtype == 'shared' else 0,
+      **kw
+  })
   router = routers.make_router(cfg)
   u = jax.random.normal(jax.random.key(3), (T, cfg.hidden_size))
   v = router.init(jax.random.key(0), u)
@@ -33,8 +37,10 @@ def test_token_choice_weights_and_topk(rtype, norm):
   probs = np.asarray(r.probs_TxE)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
   brute = np.argsort(-probs, axis=-1, kind='stable')[:, :k]
-  np.testing.assert_array_equal(np.sort(np.asarray(r.expert_A).reshape(T, k), -1), np.sort(brute, -1))
-  np.testing.assert_array_equal(np.asarray(r.token_A).reshape(T, k), np.repeat(np.arange(T)[:, None], k, 1))
+  np.testing.assert_array_equal(np.sort(np.asarray(r.expert_A).reshape(T, k), -1),
+                                np.sort(brute, -1))
+  np.testing.assert_array_equal(
+      np.asarray(r.token_A).reshape(T, k), np.repeat(np.arange(T)[:, None], k, 1))
 
 
 def _attention_router_numpy(params, u):
@@ -71,7 +77,7 @@ def test_attention_router_sows_its_expert_matrix():
   want /= want.sum(-1, keepdims=True)
   assert attn_TxExE.shape == (6, cfg.num_experts, cfg.num_experts)
   assert rel_err(attn_TxExE, want) < 1e-5
-  np.testing.assert_array_equal(r.probs_TxE, r_plain.probs_TxE)   # sowing changes nothing
+  np.testing.assert_array_equal(r.probs_TxE, r_plain.probs_TxE)  # sowing changes nothing
 
 
 @pytest.mark.parametrize('rtype', sorted(routers.ROUTERS))
@@ -98,7 +104,8 @@ def test_expert_choice_each_expert_takes_top_c_tokens():
   probs = np.asarray(r.probs_TxE)
   for e in range(E):
     assert set(tok[e]) == set(np.argsort(-probs[:, e], kind='stable')[:C])
-  np.testing.assert_allclose(np.asarray(r.weight_A).reshape(E, C), np.take_along_axis(probs.T, tok, 1))
+  np.testing.assert_allclose(
+      np.asarray(r.weight_A).reshape(E, C), np.take_along_axis(probs.T, tok, 1))
 
 
 def test_aux_losses():
@@ -109,11 +116,15 @@ def test_aux_losses():
   p0 = jnp.zeros((8, 4)).at[:, 0].set(1.0)
   assert abs(float(routers.load_balance_loss(p0, skew, jnp.ones(16, bool))) - 4.0) < 1e-6
   logits = np.random.RandomState(0).randn(5, 4)
-  want = np.mean(np.log(np.exp(logits).sum(-1)) ** 2)
+  want = np.mean(np.log(np.exp(logits).sum(-1))**2)
   assert abs(float(routers.z_loss(jnp.asarray(logits))) - want) < 1e-5
-  cfg, router, v, u = _init('linear', **{'router.load_balance_weight': 0.5, 'router.z_loss_weight': 0.1})
+  cfg, router, v, u = _init('linear', **{
+      'router.load_balance_weight': 0.5,
+      'router.z_loss_weight': 0.1
+  })
   aux = router.apply(v, u).aux
-  np.testing.assert_allclose(aux['aux_loss'], 0.5 * aux['load_balance_loss'] + 0.1 * aux['z_loss'], rtol=1e-6)
+  np.testing.assert_allclose(aux['aux_loss'], 0.5 * aux['load_balance_loss'] + 0.1 * aux['z_loss'],
+                             rtol=1e-6)
 
 
 @pytest.mark.parametrize('opt', [{'router.jitter_eps': 0.1}, {'router.noisy_topk': True}])

@@ -19,7 +19,7 @@ def _model(**kw):
   model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(0), (1, L), 0, cfg.vocab_size)
   variables = jax.jit(model.init)(jax.random.key(1), tokens)
-  variables = jax.tree_util.tree_map(lambda a: a * 3.0, variables)   # bolder routing
+  variables = jax.tree_util.tree_map(lambda a: a * 3.0, variables)  # bolder routing
   return cfg, model, variables, tokens
 
 
@@ -27,16 +27,20 @@ def _model(**kw):
 @pytest.mark.parametrize('rtype', routers.CAUSAL_ROUTERS)
 def test_causal(rtype, dispatch):
   """Changing token t never changes logits before t (through LFA convs and routing)."""
-  cfg, model, v, tokens = _model(**{'router.type': rtype, 'moe.dispatch': dispatch,
-                                    'moe.capacity_factor': 0.75,   # drops happen; still causal
-                                    'router.num_shared_experts': 1 if rtype == 'shared' else 0})
+  cfg, model, v, tokens = _model(
+      **{
+          'router.type': rtype,
+          'moe.dispatch': dispatch,
+          'moe.capacity_factor': 0.75,  # drops happen; still causal
+          'router.num_shared_experts': 1 if rtype == 'shared' else 0
+      })
   apply = jax.jit(model.apply)
   base, _ = apply(v, tokens)
   for t in (1, 5, L - 1):
     other = tokens.at[0, t].set((tokens[0, t] + 1 + t) % cfg.vocab_size)
     out, _ = apply(v, other)
     np.testing.assert_array_equal(out[0, :t], base[0, :t])
-    assert np.abs(np.asarray(out[0, t:] - base[0, t:])).max() > 0   # and t itself does change
+    assert np.abs(np.asarray(out[0, t:] - base[0, t:])).max() > 0  # and t itself does change
 
 
 @pytest.mark.parametrize('backend', ['xla', 'dot_product_attention'])
@@ -47,7 +51,7 @@ def test_packed_documents_equal_standalone(backend):
   packed = jnp.concatenate([a, b], axis=1)
   seg = jnp.array([[1] * 5 + [2] * 7])
   apply = jax.jit(model.apply)
-  out, _ = apply(v, packed, segment_ids=seg)   # positions derived from segments
+  out, _ = apply(v, packed, segment_ids=seg)  # positions derived from segments
   pos = jnp.array([list(range(5)) + list(range(7))])
   out_explicit, _ = apply(v, packed, segment_ids=seg, positions=pos)
   np.testing.assert_array_equal(out, out_explicit)
@@ -72,7 +76,7 @@ def test_bfloat16_close_to_float32():
   cfg, model, v, tokens = _model()
   ref, _ = jax.jit(model.apply)(v, tokens)
   out, _ = jax.jit(Transformer(tiny(dtype='bfloat16')).apply)(v, tokens)
-  assert out.dtype == jnp.float32          # logits for the loss are float32
+  assert out.dtype == jnp.float32  # logits for the loss are float32
   assert rel_err(out, ref) < 3e-2
 
 
@@ -106,13 +110,18 @@ def test_remat_gives_same_loss_and_grads():
 def test_every_param_has_logical_axes():
   cfg = config_lib.m32_model()
   abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  leaves = jax.tree_util.tree_leaves(abstract, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) and None not in x.names for x in leaves)
+  leaves = jax.tree_util.tree_leaves(abstract,
+                                     is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  assert leaves and all(
+      isinstance(x, nn.LogicallyPartitioned) and None not in x.names for x in leaves)
   assert all(x.value.dtype == jnp.float32 for x in leaves)
 
 
 def test_aux_loss_sums_layers():
-  cfg, model, v, tokens = _model(**{'router.load_balance_weight': 0.01, 'router.z_loss_weight': 0.001})
+  cfg, model, v, tokens = _model(**{
+      'router.load_balance_weight': 0.01,
+      'router.z_loss_weight': 0.001
+  })
   _, aux = jax.jit(model.apply)(v, tokens)
   want = np.sum(0.01 * aux['moe']['load_balance_loss'] + 0.001 * aux['moe']['z_loss'])
   np.testing.assert_allclose(aux['aux_loss'], want, rtol=1e-5)
@@ -122,7 +131,7 @@ def test_intermediates_show_which_experts_fire():
   cfg, model, v, tokens = _model()
   _, state = jax.jit(functools.partial(model.apply, mutable=['intermediates']))(v, tokens)
   inter = state['intermediates']['blocks']['layer_0']['moe']
-  cw = np.asarray(inter['combine_weights'][0])            # [layers, B, L, E]
+  cw = np.asarray(inter['combine_weights'][0])  # [layers, B, L, E]
   assert cw.shape == (cfg.num_layers, 1, L, cfg.num_experts)
   np.testing.assert_array_equal((cw > 0).sum(-1), cfg.router.top_k)
 

@@ -35,7 +35,7 @@ def config(dispatch):
 def batch():
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, 500, (B, L + 1)).astype(np.int32)
-  first = rng.integers(4, L, (B, 1))                   # two documents per row
+  first = rng.integers(4, L, (B, 1))  # two documents per row
   seg = np.where(np.arange(L)[None] < first, 1, 2).astype(np.int32)
   pos = np.where(seg == 1, np.arange(L)[None], np.arange(L)[None] - first).astype(np.int32)
   return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], segment_ids=seg, positions=pos,
@@ -85,18 +85,20 @@ def run(cfg, axes, state0):
     step = functools.partial(trainer.train_step, model=model, optimizer=opt, schedule=schedule,
                              grad_accum=1, seed=0)
 
-    def case(state, b):   # one compile per case: grads at state, then STEPS train steps
+    def case(state, b):  # one compile per case: grads at state, then STEPS train steps
       loss0, grads = jax.value_and_grad(
           lambda p: trainer.loss_fn(p, model, b, jax.random.key(0))[0])(state.params)
-      state, losses = jax.lax.scan(lambda s, _: (lambda s, m: (s, m['loss']))(*step(s, b)),
-                                   state, length=STEPS)
+      state, losses = jax.lax.scan(lambda s, _: (lambda s, m: (s, m['loss']))(*step(s, b)), state,
+                                   length=STEPS)
       return loss0, grads, state, losses
 
-    loss0, grads, state, losses = jax.jit(
-        case, in_shardings=(shardings, data_sharding),
-        out_shardings=(None, shardings.params, shardings, None))(state, b)
+    loss0, grads, state, losses = jax.jit(case, in_shardings=(shardings, data_sharding),
+                                          out_shardings=(None, shardings.params, shardings,
+                                                         None))(state, b)
   out = {'loss0': np.asarray(loss0), 'losses': np.asarray(jax.device_get(losses))}
-  flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  flat = lambda tree: {
+      jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)
+  }
   out.update({f'grad:{k}': np.asarray(v) for k, v in flat(grads).items()})
   out.update({f'param:{k}': np.asarray(v) for k, v in flat(state.params).items()})
   out.update({f'spec:{k}': np.asarray(_spec(v)) for k, v in flat(state.params).items()})
@@ -110,7 +112,7 @@ def capacity_case(x_BxLxD, axes):
   cfg.moe.capacity_factor = 0.5
   layer = moe.MoE(cfg)
   variables = jax.jit(layer.init)(jax.random.key(2), x_BxLxD[:1])
-  variables = jax.tree_util.tree_map(lambda a: a * 4.0, variables)   # spread the router out
+  variables = jax.tree_util.tree_map(lambda a: a * 4.0, variables)  # spread the router out
   mesh, rules = _mesh(axes)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     x = jax.device_put(x_BxLxD, NamedSharding(mesh, P(sharding.BATCH_AXES)))

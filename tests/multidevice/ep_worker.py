@@ -8,8 +8,8 @@ compares everything with a 1-device run of the same cases (`ep_cases.py`).
 import os
 import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
-                           + ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -17,7 +17,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tests.multidevice import ep_cases as cases  # noqa: E402
-
 
 
 def main(dispatch, out):

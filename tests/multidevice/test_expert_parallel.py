@@ -25,7 +25,13 @@ from yuanjax.model import Transformer
 DISPATCHES = ('capacity', 'dropless')
 CASES = [(d, cases.mesh_name(m)) for d in DISPATCHES for m in MESHES]
 # The rules by hand (sharding.DEFAULT_RULES for params): logical axis -> mesh axis.
-BY_HAND = {'vocab': 'tensor', 'embed': 'fsdp', 'heads': 'tensor', 'mlp': 'tensor', 'expert': 'expert'}
+BY_HAND = {
+    'vocab': 'tensor',
+    'embed': 'fsdp',
+    'heads': 'tensor',
+    'mlp': 'tensor',
+    'expert': 'expert'
+}
 
 
 def rel(a, b):
@@ -38,11 +44,14 @@ def workers(tmp_path_factory):
   """One 8-device worker per dispatch, started first so that they run side by side (and
   beside the 1-device reference) on the cores that pytest leaves idle."""
   tmp = tmp_path_factory.mktemp('ep')
-  env = dict(os.environ)                      # ep_worker.py adds the 8-device flag
+  env = dict(os.environ)  # ep_worker.py adds the 8-device flag
   worker = os.path.join(os.path.dirname(__file__), 'ep_worker.py')
-  procs = {d: subprocess.Popen([sys.executable, worker, d, str(tmp / f'{d}.npz')], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for d in DISPATCHES}
+  procs = {
+      d:
+          subprocess.Popen([sys.executable, worker, d,
+                            str(tmp / f'{d}.npz')], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True) for d in DISPATCHES
+  }
   yield tmp, procs
   for p in procs.values():
     p.kill()
@@ -89,18 +98,20 @@ def test_loss_and_gradients_match_one_device(sharded, reference, dispatch, mesh)
 def test_three_optimizer_steps_match_one_device(sharded, reference, dispatch, mesh):
   got, ref = _get(sharded, dispatch, mesh), reference[dispatch]
   np.testing.assert_allclose(got['losses'], ref['losses'], rtol=1e-5)
-  assert ref['losses'][-1] < ref['losses'][0] - 0.5     # the steps did something
+  assert ref['losses'][-1] < ref['losses'][0] - 0.5  # the steps did something
   for k in (k for k in ref if k.startswith('param:')):
     assert rel(got[k], ref[k]) < 1e-4, k
 
 
 def _logical_names():
   cfg = cases.config('capacity')
-  boxed = jax.eval_shape(Transformer(cfg.model).init, jax.random.key(0),
-                         jnp.zeros((1, cases.L), jnp.int32))['params']
+  boxed = jax.eval_shape(
+      Transformer(cfg.model).init, jax.random.key(0), jnp.zeros((1, cases.L), jnp.int32))['params']
   specs = nn.get_partition_spec(boxed)
-  return {jax.tree_util.keystr(k): tuple(v) for k, v in jax.tree_util.tree_leaves_with_path(
-      specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))}
+  return {
+      jax.tree_util.keystr(k): tuple(v) for k, v in jax.tree_util.tree_leaves_with_path(
+          specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  }
 
 
 @pytest.mark.parametrize('mesh', [cases.mesh_name(m) for m in MESHES])
@@ -116,7 +127,9 @@ def test_partition_specs_are_what_the_rules_say(sharded, mesh):
     assert len(moments) == 2, (path, moments)
     for k in moments:
       assert json.loads(str(got[k])) == want, k
-  assert json.loads(str(got["spec:['blocks']['layer_0']['moe']['w1']"])) == [None, 'expert', 'fsdp', 'tensor']
+  assert json.loads(str(got["spec:['blocks']['layer_0']['moe']['w1']"])) == [
+      None, 'expert', 'fsdp', 'tensor'
+  ]
   assert json.loads(str(got["spec:['embedding']"])) == ['tensor', 'fsdp']
 
 
@@ -125,10 +138,10 @@ def test_tight_capacity_drops_per_device_group(sharded):
   D = cases.config('capacity').model.hidden_size
   x = np.random.default_rng(3).normal(size=(cases.B, cases.L, D)).astype(np.float32)
   groups = cases.B // (CAPACITY_MESH['data'] * CAPACITY_MESH['expert'])
-  ys, dropped = zip(*(cases.capacity_case(x[i:i + groups], None)
-                      for i in range(0, cases.B, groups)))
-  assert 0.05 < np.mean(dropped) < 0.9                 # the case really drops
+  ys, dropped = zip(
+      *(cases.capacity_case(x[i:i + groups], None) for i in range(0, cases.B, groups)))
+  assert 0.05 < np.mean(dropped) < 0.9  # the case really drops
   np.testing.assert_allclose(sharded['tight/dropped'], np.mean(dropped), rtol=1e-6)
   assert rel(sharded['tight/y'], np.concatenate(ys)) < 1e-5
-  whole, _ = cases.capacity_case(x, None)               # one group of all tokens differs
+  whole, _ = cases.capacity_case(x, None)  # one group of all tokens differs
   assert rel(whole, np.concatenate(ys)) > 1e-3

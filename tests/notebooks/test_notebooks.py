@@ -36,14 +36,17 @@ def test_pair_in_sync(source):
 @pytest.fixture(scope='module')
 def smoke_env(tmp_path_factory):
   """Smoke mode; one notebook dir for the module, so 02 opens the workdir 01 trained."""
-  env = {'YUANJAX_NOTEBOOK_SMOKE': '1',
-         'YUANJAX_NOTEBOOK_DIR': str(tmp_path_factory.mktemp('notebooks'))}
-  saved = {k: os.environ.get(k) for k in
-           list(env) + ['YUANJAX_CHECKPOINT', 'YUANJAX_WORKDIR', 'YUANJAX_TEXT_SETS',
-                        'YUANJAX_SWEEP_DIR']}
+  env = {
+      'YUANJAX_NOTEBOOK_SMOKE': '1',
+      'YUANJAX_NOTEBOOK_DIR': str(tmp_path_factory.mktemp('notebooks'))
+  }
+  saved = {
+      k: os.environ.get(k) for k in list(env) +
+      ['YUANJAX_CHECKPOINT', 'YUANJAX_WORKDIR', 'YUANJAX_TEXT_SETS', 'YUANJAX_SWEEP_DIR']
+  }
   for k in saved:
     os.environ.pop(k, None)
-  os.environ.update(env)     # the kernel inherits this process's environment (XLA_FLAGS too)
+  os.environ.update(env)  # the kernel inherits this process's environment (XLA_FLAGS too)
   yield
   for k, v in saved.items():
     if v is None:
@@ -54,7 +57,7 @@ def smoke_env(tmp_path_factory):
 
 @pytest.mark.parametrize('source', SOURCES, ids=os.path.basename)
 def test_runs_in_smoke_mode(source, smoke_env):
-  nb = notebook.execute(source, timeout=300)       # raises on any cell error
+  nb = notebook.execute(source, timeout=300)  # raises on any cell error
   code = [c for c in nb.cells if c.cell_type == 'code']
   assert all(c.execution_count for c in code)
   assert any('image/png' in o.get('data', {}) for c in code for o in c.outputs)

@@ -35,21 +35,24 @@ def quickstart_config(is_smoke: bool) -> ml_collections.ConfigDict:
   config.model = config_lib.tiny_model()
   config.model.num_layers = 2 if is_smoke else 4
   config.data.update(dict(vocab_size=512, max_bytes=1_000_000))
-  config.train.update(dict(num_steps=300, batch_size=8, seq_len=128, log_every=10,
-                           eval_every=100, eval_steps=4, sample_tokens=0, progress=False))
+  config.train.update(
+      dict(num_steps=300, batch_size=8, seq_len=128, log_every=10, eval_every=100, eval_steps=4,
+           sample_tokens=0, progress=False))
   config.optimizer.update(dict(lr=2e-3, warmup_steps=30))
   config.checkpoint.update(dict(every=50, keep=10))
   if is_smoke:
-    config.train.update(dict(num_steps=4, batch_size=2, seq_len=32, log_every=1, eval_every=2,
-                             eval_steps=1))
+    config.train.update(
+        dict(num_steps=4, batch_size=2, seq_len=32, log_every=1, eval_every=2, eval_steps=1))
     config.checkpoint.every = 2
   return config
 
 
 def checkpoint_steps(path: str) -> list[int]:
   """The steps of the checkpoints a training workdir holds, oldest first ([] if none)."""
-  return sorted(int(os.path.basename(d)) for d in glob.glob(os.path.join(path, 'checkpoints', '*'))
-                if os.path.basename(d).isdigit())
+  return sorted(
+      int(os.path.basename(d))
+      for d in glob.glob(os.path.join(path, 'checkpoints', '*'))
+      if os.path.basename(d).isdigit())
 
 
 def train_or_open(config: ml_collections.ConfigDict, path: str) -> bool:
@@ -58,7 +61,7 @@ def train_or_open(config: ml_collections.ConfigDict, path: str) -> bool:
   steps = checkpoint_steps(path)
   if steps and steps[-1] >= config.train.num_steps:
     return False
-  from yuanjax import trainer   # pylint: disable=g-import-not-at-top  (heavy)
+  from yuanjax import trainer  # pylint: disable=g-import-not-at-top  (heavy)
   trainer.train_and_evaluate(config, path)
   return True
 
@@ -94,8 +97,8 @@ def token_pieces(tokenizer, ids) -> list[str]:
 
 # ---------------------------------------------------------------- executing the notebooks
 
-NOTEBOOKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'notebooks')
+NOTEBOOKS_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'notebooks')
 
 
 def sources(directory: str = NOTEBOOKS_DIR) -> list[str]:
@@ -106,18 +109,21 @@ def sources(directory: str = NOTEBOOKS_DIR) -> list[str]:
 def execute(source: str, timeout: int = 1800):
   """Runs the jupytext source `source` top to bottom in a fresh kernel (cwd: its folder) and
   returns the executed notebook; raises nbclient's CellExecutionError on any error."""
-  import jupytext   # pylint: disable=g-import-not-at-top  (notebook extras)
+  import jupytext  # pylint: disable=g-import-not-at-top  (notebook extras)
   import nbclient
   nb = jupytext.read(source)
-  nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3',
-                          resources={'metadata': {'path': os.path.dirname(source)}}).execute()
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3', resources={
+      'metadata': {
+          'path': os.path.dirname(source)
+      }
+  }).execute()
   return nb
 
 
 def main(argv=None) -> int:
   """`python -m yuanjax.analysis.notebook [NAME ...]`: executes the notebooks (all by default;
   smoke mode if YUANJAX_NOTEBOOK_SMOKE=1) and writes each paired .ipynb with its outputs."""
-  import sys   # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
   import time
   import jupytext
   names = (argv if argv is not None else sys.argv[1:])

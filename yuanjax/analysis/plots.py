@@ -49,8 +49,8 @@ def matrix_grid(mats_MxExE, layers_M=None, *, title='', label='', cmap='viridis'
   return fig
 
 
-def per_layer(series: Mapping[str, Sequence[float]], layers_M=None, *, ylabel='',
-              title='', hlines: Mapping[str, float] | None = None):
+def per_layer(series: Mapping[str, Sequence[float]], layers_M=None, *, ylabel='', title='',
+              hlines: Mapping[str, float] | None = None):
   """One line (with markers) per named series over the MoE layers; dashed reference lines."""
   fig, ax = plt.subplots(figsize=(6, 3.2))
   for name, values in series.items():
@@ -87,8 +87,9 @@ def domain_bars(shares_by_domain: Mapping[str, np.ndarray], uniform: float, *, t
   width = 0.8 / len(names)
   fig, ax = plt.subplots(figsize=(min(2 + 0.45 * E, 14), 3.2))
   for i, name in enumerate(names):
-    ax.bar(np.arange(E) + (i - (len(names) - 1) / 2) * width, shares_by_domain[name], width,
-           label=name)
+    ax.bar(
+        np.arange(E) + (i - (len(names) - 1) / 2) * width, shares_by_domain[name], width,
+        label=name)
   ax.axhline(uniform, ls='--', c='gray', lw=1, label=f'uniform k/E = {uniform:.2f}')
   ax.set(xlabel='expert', ylabel='share of tokens', title=title, xticks=range(E))
   ax.legend(fontsize='small')
@@ -120,9 +121,10 @@ def colored_tokens(pieces: Sequence[str], experts: Sequence[int], num_experts: i
         col += len(part)
   fig, ax = plt.subplots(figsize=(0.095 * width + 0.4, 0.2 * (rows + 1) + 0.9))
   for row, c, part, e in placed:
-    ax.text(c, row, part, family='monospace', fontsize=8, va='center', ha='left',
-            bbox=dict(boxstyle='square,pad=0.08', lw=0,
-                      fc=colors[e] if e >= 0 else (0.85, 0.85, 0.85), alpha=0.55))
+    ax.text(
+        c, row, part, family='monospace', fontsize=8, va='center', ha='left',
+        bbox=dict(boxstyle='square,pad=0.08', lw=0, fc=colors[e] if e >= 0 else (0.85, 0.85, 0.85),
+                  alpha=0.55))
   ax.set(xlim=(-0.5, width + 0.5), ylim=(rows + 0.7, -0.7), title=title)
   ax.axis('off')
   handles = [plt.Rectangle((0, 0), 1, 1, fc=colors[e], alpha=0.55) for e in range(num_experts)]
@@ -144,8 +146,8 @@ def curves(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabe
   return fig
 
 
-def memory_bars(per_device_gib: Mapping[str, Mapping[str, float]],
-                limits_gib: Mapping[str, float], *, title='memory per device'):
+def memory_bars(per_device_gib: Mapping[str, Mapping[str, float]], limits_gib: Mapping[str, float],
+                *, title='memory per device'):
   """Stacked bars (params, optimizer, gradients, activations) per mesh; a dashed line at
   each accelerator's usable memory."""
   names = list(per_device_gib)

@@ -52,7 +52,7 @@ def moe_intermediates(state: dict, moe_every: int) -> dict:
   moe = state['intermediates']['blocks'][f'layer_{moe_every - 1}']['moe']
   out = {name: moe[name][0] for name in ('router_probs', 'combine_weights')}
   if 'expert_attention' in moe.get('router', {}):
-    out['expert_attention'] = moe['router']['expert_attention'][0]    # [M, B*L, E, E]
+    out['expert_attention'] = moe['router']['expert_attention'][0]  # [M, B*L, E, E]
   return out
 
 
@@ -81,8 +81,8 @@ def _forward(model: Transformer, per_token_attention: bool):
   return jax.jit(forward)
 
 
-_COMPILED: dict = {}   # (model config JSON, per_token) -> jitted forward: models of the same
-                       # config (checkpoints of one run) share their compilations
+_COMPILED: dict = {}  # (model config JSON, per_token) -> jitted forward: models of the same
+# config (checkpoints of one run) share their compilations
 
 
 def _compiled(model: Transformer, per_token_attention: bool):
@@ -119,14 +119,14 @@ def routing(model: Transformer, params, tokens, segment_ids=None, *,
   _check_inputs(cfg, tokens_BxL, segment_ids_BxL)
   if segment_ids_BxL is None:
     segment_ids_BxL = np.ones_like(tokens_BxL, np.int32)
-  out = jax.device_get(_compiled(model, per_token_attention)(
-      params, jnp.asarray(tokens_BxL, jnp.int32), jnp.asarray(segment_ids_BxL, jnp.int32)))
+  out = jax.device_get(
+      _compiled(model, per_token_attention)(params, jnp.asarray(tokens_BxL, jnp.int32),
+                                            jnp.asarray(segment_ids_BxL, jnp.int32)))
   M = out['probs'].shape[0]
-  return Routing(probs_MxBxLxE=out['probs'], experts_MxBxLxK=out['experts'],
-                 weights_MxBxLxK=out['weights'], mask_BxL=segment_ids_BxL != 0,
-                 layers_M=np.arange(M) * cfg.moe_every + cfg.moe_every - 1,
-                 attention_MxExE=out.get('attention_mean'),
-                 attention_MxBxLxExE=out.get('attention'))
+  return Routing(
+      probs_MxBxLxE=out['probs'], experts_MxBxLxK=out['experts'], weights_MxBxLxK=out['weights'],
+      mask_BxL=segment_ids_BxL != 0, layers_M=np.arange(M) * cfg.moe_every + cfg.moe_every - 1,
+      attention_MxExE=out.get('attention_mean'), attention_MxBxLxExE=out.get('attention'))
 
 
 def batch_texts(tokenizer, texts: Sequence[str], seq_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DEAD_THRESHOLD = 0.01   # an expert under 1% of its balanced share is counted dead
+DEAD_THRESHOLD = 0.01  # an expert under 1% of its balanced share is counted dead
 
 
 def relative_load(load_LxE) -> np.ndarray:
@@ -105,8 +105,7 @@ def same_expert_as_previous(experts_MxBxLxK, mask_BxL=None) -> np.ndarray:
   """[M]: how often a token's first-choice expert is the previous token's (Mixtral §5), over
   pairs of consecutive real tokens of a row; 1/E by chance."""
   first_MxBxL = np.asarray(experts_MxBxLxK)[..., 0]
-  mask = (np.ones(first_MxBxL.shape[1:], bool) if mask_BxL is None
-          else np.asarray(mask_BxL, bool))
+  mask = (np.ones(first_MxBxL.shape[1:], bool) if mask_BxL is None else np.asarray(mask_BxL, bool))
   pair_BxL1 = mask[:, 1:] & mask[:, :-1]
   same_MxBxL1 = first_MxBxL[:, :, 1:] == first_MxBxL[:, :, :-1]
   return (same_MxBxL1 & pair_BxL1).sum(axis=(1, 2)) / max(pair_BxL1.sum(), 1)

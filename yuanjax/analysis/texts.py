@@ -15,8 +15,8 @@ _DOC_OWNERS = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 
 def _is_docstring(node) -> bool:
-  return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
-          and isinstance(node.value.value, str))
+  return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and
+          isinstance(node.value.value, str))
 
 
 def _comments(source: str) -> list[str]:

@@ -13,6 +13,15 @@ from yuanjax.data.prepare import ShardedDocuments, ensure_default_data
 from yuanjax.data.tokenizer import SPECIAL_SYMBOLS, Tokenizer, train_tokenizer
 
 __all__ = [
-    "BATCH_KEYS", "InputError", "SPECIAL_SYMBOLS", "ShardedDocuments", "SpecialIds", "Tokenizer",
-    "data_config", "ensure_default_data", "make_datasets", "make_pipeline", "train_tokenizer",
+    "BATCH_KEYS",
+    "InputError",
+    "SPECIAL_SYMBOLS",
+    "ShardedDocuments",
+    "SpecialIds",
+    "Tokenizer",
+    "data_config",
+    "ensure_default_data",
+    "make_datasets",
+    "make_pipeline",
+    "train_tokenizer",
 ]

@@ -84,160 +84,162 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """Token ids the pipeline needs. FIM ids may be None when ``fim_rate == 0``."""
+  """Token ids the pipeline needs. FIM ids may be None when ``fim_rate == 0``."""
 
-    eod: int
-    pad: int = 0
-    fim_prefix: int | None = None
-    fim_middle: int | None = None
-    fim_suffix: int | None = None
+  eod: int
+  pad: int = 0
+  fim_prefix: int | None = None
+  fim_middle: int | None = None
+  fim_suffix: int | None = None
 
-    @classmethod
-    def from_tokenizer(cls, tok: Tokenizer, fim: bool = True) -> SpecialIds:
-        return cls(
-            eod=tok.eod_id,
-            pad=tok.pad_id if tok.has_piece("<pad>") else 0,
-            fim_prefix=tok.fim_prefix_id if fim else None,
-            fim_middle=tok.fim_middle_id if fim else None,
-            fim_suffix=tok.fim_suffix_id if fim else None,
-        )
+  @classmethod
+  def from_tokenizer(cls, tok: Tokenizer, fim: bool = True) -> SpecialIds:
+    return cls(
+        eod=tok.eod_id,
+        pad=tok.pad_id if tok.has_piece("<pad>") else 0,
+        fim_prefix=tok.fim_prefix_id if fim else None,
+        fim_middle=tok.fim_middle_id if fim else None,
+        fim_suffix=tok.fim_suffix_id if fim else None,
+    )
 
 
 # --------------------------------------------------------------------------- split & sharding
 
 
 def split_documents(num_docs: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Returns sorted ``(train_ids, eval_ids)``: disjoint, together ``range(num_docs)``.
+  """Returns sorted ``(train_ids, eval_ids)``: disjoint, together ``range(num_docs)``.
 
     Eval is the first ``ceil(eval_fraction * num_docs)`` entries of a grain shuffle of
     ``range(num_docs)`` with a fixed seed (independent of the training seed).
     """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    num_eval = math.ceil(eval_fraction * num_docs)
-    if num_eval >= num_docs:
-        raise ValueError(f"eval_fraction={eval_fraction} leaves no training documents out of {num_docs}")
-    order = grain.MapDataset.range(num_docs).shuffle(seed=_SPLIT_SEED)
-    is_eval = np.zeros(num_docs, bool)
-    is_eval[[order[i] for i in range(num_eval)]] = True
-    return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
+  if not 0.0 <= eval_fraction < 1.0:
+    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+  num_eval = math.ceil(eval_fraction * num_docs)
+  if num_eval >= num_docs:
+    raise ValueError(
+        f"eval_fraction={eval_fraction} leaves no training documents out of {num_docs}")
+  order = grain.MapDataset.range(num_docs).shuffle(seed=_SPLIT_SEED)
+  is_eval = np.zeros(num_docs, bool)
+  is_eval[[order[i] for i in range(num_eval)]] = True
+  return np.flatnonzero(~is_eval), np.flatnonzero(is_eval)
 
 
 def process_shard(ids: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-    """Process ``p``'s share of ``ids``: ``ids[p::P]``."""
-    return np.asarray(ids)[process_index::process_count]
+  """Process ``p``'s share of ``ids``: ``ids[p::P]``."""
+  return np.asarray(ids)[process_index::process_count]
 
 
 def _stream_seed(seed: int, process_index: int, stream: int) -> int:
-    """A 32-bit seed for one (process, train/eval) FIM stream."""
-    return int(np.random.SeedSequence([seed, process_index, stream]).generate_state(1)[0])
+  """A 32-bit seed for one (process, train/eval) FIM stream."""
+  return int(np.random.SeedSequence([seed, process_index, stream]).generate_state(1)[0])
 
 
 # --------------------------------------------------------------------------- FIM
 
 
 def fim_plan(num_tokens: int, rng: np.random.Generator, fim_rate: float, spm_rate: float):
-    """Draws the FIM decision for a document of ``num_tokens`` content tokens.
+  """Draws the FIM decision for a document of ``num_tokens`` content tokens.
 
     Returns None (leave it alone) or ``(start, stop, spm)``: the middle is ``[start, stop)``.
     All randomness of :func:`apply_fim` is drawn here, in a fixed order.
     """
-    if fim_rate <= 0.0 or rng.random() >= fim_rate:
-        return None
-    start, stop = np.sort(rng.integers(0, num_tokens + 1, size=2))
-    return int(start), int(stop), bool(rng.random() < spm_rate)
+  if fim_rate <= 0.0 or rng.random() >= fim_rate:
+    return None
+  start, stop = np.sort(rng.integers(0, num_tokens + 1, size=2))
+  return int(start), int(stop), bool(rng.random() < spm_rate)
 
 
-def apply_fim(doc: np.ndarray, rng: np.random.Generator, *, special: SpecialIds,
-              fim_rate: float, spm_rate: float) -> np.ndarray:
-    """Fill-in-the-middle on one document (StarCoder/Megatron convention, token level).
+def apply_fim(doc: np.ndarray, rng: np.random.Generator, *, special: SpecialIds, fim_rate: float,
+              spm_rate: float) -> np.ndarray:
+  """Fill-in-the-middle on one document (StarCoder/Megatron convention, token level).
 
     ``doc`` ends with ``<eod>``, which stays last. With probability ``fim_rate`` the content is
     cut at two uniform points into prefix / middle / suffix and rearranged as
     PSM ``<FIM_PREFIX> prefix <FIM_SUFFIX> suffix <FIM_MIDDLE> middle <eod>`` or, with probability
     ``spm_rate``, SPM ``<FIM_PREFIX> <FIM_SUFFIX> suffix <FIM_MIDDLE> prefix middle <eod>``.
     """
-    plan = fim_plan(len(doc) - 1, rng, fim_rate, spm_rate)
-    if plan is None:
-        return doc
-    start, stop, spm = plan
-    prefix, middle, suffix = doc[:start], doc[start:stop], doc[stop:-1]
-    p, m, s = ([x] for x in (special.fim_prefix, special.fim_middle, special.fim_suffix))
-    parts = (p, s, suffix, m, prefix, middle) if spm else (p, prefix, s, suffix, m, middle)
-    return np.concatenate([*parts, doc[-1:]]).astype(np.int32)
+  plan = fim_plan(len(doc) - 1, rng, fim_rate, spm_rate)
+  if plan is None:
+    return doc
+  start, stop, spm = plan
+  prefix, middle, suffix = doc[:start], doc[start:stop], doc[stop:-1]
+  p, m, s = ([x] for x in (special.fim_prefix, special.fim_middle, special.fim_suffix))
+  parts = (p, s, suffix, m, prefix, middle) if spm else (p, prefix, s, suffix, m, middle)
+  return np.concatenate([*parts, doc[-1:]]).astype(np.int32)
 
 
-def _fim_length(num_tokens: int, rng: np.random.Generator, *, fim_rate: float, spm_rate: float) -> int:
-    """Length after :func:`apply_fim`, drawing the same random numbers (3 sentinels if FIM)."""
-    return num_tokens + (0 if fim_plan(num_tokens - 1, rng, fim_rate, spm_rate) is None else 3)
+def _fim_length(num_tokens: int, rng: np.random.Generator, *, fim_rate: float,
+                spm_rate: float) -> int:
+  """Length after :func:`apply_fim`, drawing the same random numbers (3 sentinels if FIM)."""
+  return num_tokens + (0 if fim_plan(num_tokens - 1, rng, fim_rate, spm_rate) is None else 3)
 
 
 # --------------------------------------------------------------------------- packing
 
 
 def row_to_example(row: np.ndarray, *, eod_id: int, pad_id: int) -> dict[str, np.ndarray]:
-    """One packed row of ``seq_len + 1`` tokens -> a training example (see module docstring).
+  """One packed row of ``seq_len + 1`` tokens -> a training example (see module docstring).
 
     Negative entries are padding (they only trail the last eval rows).
     """
-    row = np.asarray(row)
-    valid = row >= 0
-    tokens = np.where(valid, row, pad_id).astype(np.int32)
-    seq_len = len(row) - 1
-    in_valid = valid[:-1]
-    ends = (tokens[:-1] == eod_id) & in_valid
-    starts = np.empty(seq_len, bool)
-    starts[0] = True
-    starts[1:] = ends[:-1]
-    segment_ids = np.cumsum(starts, dtype=np.int32)
-    index = np.arange(seq_len, dtype=np.int32)
-    positions = index - np.maximum.accumulate(np.where(starts, index, 0))
-    return dict(
-        inputs=tokens[:-1],
-        targets=tokens[1:],
-        segment_ids=np.where(in_valid, segment_ids, 0).astype(np.int32),
-        positions=np.where(in_valid, positions, 0).astype(np.int32),
-        loss_mask=valid[1:].astype(np.float32),
-    )
+  row = np.asarray(row)
+  valid = row >= 0
+  tokens = np.where(valid, row, pad_id).astype(np.int32)
+  seq_len = len(row) - 1
+  in_valid = valid[:-1]
+  ends = (tokens[:-1] == eod_id) & in_valid
+  starts = np.empty(seq_len, bool)
+  starts[0] = True
+  starts[1:] = ends[:-1]
+  segment_ids = np.cumsum(starts, dtype=np.int32)
+  index = np.arange(seq_len, dtype=np.int32)
+  positions = index - np.maximum.accumulate(np.where(starts, index, 0))
+  return dict(
+      inputs=tokens[:-1],
+      targets=tokens[1:],
+      segment_ids=np.where(in_valid, segment_ids, 0).astype(np.int32),
+      positions=np.where(in_valid, positions, 0).astype(np.int32),
+      loss_mask=valid[1:].astype(np.float32),
+  )
 
 
 class _ReadAndFim:
-    """Global document id -> int32 tokens after FIM: one ``random_map`` stage (grain's per-stage
+  """Global document id -> int32 tokens after FIM: one ``random_map`` stage (grain's per-stage
     overhead dominates for short documents, so reading and FIM share one)."""
 
-    def __init__(self, source, special: SpecialIds, fim_rate: float, spm_rate: float):
-        self.source, self.special, self.fim_rate, self.spm_rate = source, special, fim_rate, spm_rate
+  def __init__(self, source, special: SpecialIds, fim_rate: float, spm_rate: float):
+    self.source, self.special, self.fim_rate, self.spm_rate = source, special, fim_rate, spm_rate
 
-    def __call__(self, doc_id, rng: np.random.Generator) -> np.ndarray:
-        doc = np.asarray(self.source[int(doc_id)], dtype=np.int32)
-        return apply_fim(doc, rng, special=self.special, fim_rate=self.fim_rate, spm_rate=self.spm_rate)
+  def __call__(self, doc_id, rng: np.random.Generator) -> np.ndarray:
+    doc = np.asarray(self.source[int(doc_id)], dtype=np.int32)
+    return apply_fim(doc, rng, special=self.special, fim_rate=self.fim_rate, spm_rate=self.spm_rate)
 
 
 def _doc_lengths(source, ids: np.ndarray) -> np.ndarray:
-    if hasattr(source, "doc_lengths"):
-        return np.asarray(source.doc_lengths())[ids]
-    return np.asarray([len(source[int(i)]) for i in ids], dtype=np.int64)
+  if hasattr(source, "doc_lengths"):
+    return np.asarray(source.doc_lengths())[ids]
+  return np.asarray([len(source[int(i)]) for i in ids], dtype=np.int64)
 
 
-def _eval_tokens(source, ids: np.ndarray, *, seed: int, process_index: int,
-                 fim_rate: float, fim_spm_rate: float) -> int:
-    """Tokens in one process's eval stream after FIM, from the index alone (no token reads)."""
-    if len(ids) == 0:
-        return 0
-    fim = functools.partial(_fim_length, fim_rate=fim_rate, spm_rate=fim_spm_rate)
-    lengths = grain.MapDataset.source(_doc_lengths(source, ids).tolist())
-    lengths = lengths.random_map(fim, seed=_stream_seed(seed, process_index, _EVAL_STREAM))
-    return int(sum(lengths[i] for i in range(len(lengths))))  # direct indexing: no thread pool
+def _eval_tokens(source, ids: np.ndarray, *, seed: int, process_index: int, fim_rate: float,
+                 fim_spm_rate: float) -> int:
+  """Tokens in one process's eval stream after FIM, from the index alone (no token reads)."""
+  if len(ids) == 0:
+    return 0
+  fim = functools.partial(_fim_length, fim_rate=fim_rate, spm_rate=fim_spm_rate)
+  lengths = grain.MapDataset.source(_doc_lengths(source, ids).tolist())
+  lengths = lengths.random_map(fim, seed=_stream_seed(seed, process_index, _EVAL_STREAM))
+  return int(sum(lengths[i] for i in range(len(lengths))))  # direct indexing: no thread pool
 
 
 def eval_num_batches(source, eval_ids: np.ndarray, *, seq_len: int, batch_size: int, seed: int,
                      fim_rate: float, fim_spm_rate: float, process_count: int) -> int:
-    """Eval batches per process: the largest process's packed eval stream, in whole batches."""
-    return max(
-        math.ceil(_eval_tokens(source, process_shard(eval_ids, p, process_count), seed=seed, process_index=p,
-                               fim_rate=fim_rate, fim_spm_rate=fim_spm_rate) / ((seq_len + 1) * batch_size))
-        for p in range(process_count)
-    )
+  """Eval batches per process: the largest process's packed eval stream, in whole batches."""
+  return max(
+      math.ceil(
+          _eval_tokens(source, process_shard(eval_ids, p, process_count), seed=seed,
+                       process_index=p, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate) /
+          ((seq_len + 1) * batch_size)) for p in range(process_count))
 
 
 def make_pipeline(
@@ -257,7 +259,7 @@ def make_pipeline(
     prefetch: int = 2,
     shuffle_rows: int = 0,
 ) -> grain.IterDataset:
-    """Builds one process's dataset; ``iter()`` of it is a checkpointable ``grain.DatasetIterator``.
+  """Builds one process's dataset; ``iter()`` of it is a checkpointable ``grain.DatasetIterator``.
 
     Args:
       source: random-access documents (int arrays, each ending with ``special.eod``), e.g.
@@ -268,147 +270,154 @@ def make_pipeline(
         process yields the same number of full batches.
     Other arguments as in :func:`data_config`.
     """
-    _check_range("seq_len", seq_len, 1)
-    _check_range("batch_size", batch_size, 1)
-    _check_range("seed", seed, 0, 2**32 - 1)
-    _check_range("prefetch", prefetch, 0)
-    _check_range("read_threads", read_threads, 0)
-    _check_range("process_count", process_count, 1)
-    _check_range("process_index", process_index, 0, process_count - 1)
-    for name, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"{name} must be in [0, 1], got {rate}")
-    if fim_rate > 0 and None in (special.fim_prefix, special.fim_middle, special.fim_suffix):
-        raise ValueError("fim_rate > 0 needs the tokenizer's <FIM_PREFIX>/<FIM_MIDDLE>/<FIM_SUFFIX> ids")
+  _check_range("seq_len", seq_len, 1)
+  _check_range("batch_size", batch_size, 1)
+  _check_range("seed", seed, 0, 2**32 - 1)
+  _check_range("prefetch", prefetch, 0)
+  _check_range("read_threads", read_threads, 0)
+  _check_range("process_count", process_count, 1)
+  _check_range("process_index", process_index, 0, process_count - 1)
+  for name, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+    if not 0.0 <= rate <= 1.0:
+      raise ValueError(f"{name} must be in [0, 1], got {rate}")
+  if fim_rate > 0 and None in (special.fim_prefix, special.fim_middle, special.fim_suffix):
+    raise ValueError(
+        "fim_rate > 0 needs the tokenizer's <FIM_PREFIX>/<FIM_MIDDLE>/<FIM_SUFFIX> ids")
 
-    all_ids = np.arange(len(source)) if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
-    ids = process_shard(all_ids, process_index, process_count)
-    read = _ReadAndFim(source, special, fim_rate, fim_spm_rate)
-    row_len = seq_len + 1
+  all_ids = np.arange(len(source)) if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
+  ids = process_shard(all_ids, process_index, process_count)
+  read = _ReadAndFim(source, special, fim_rate, fim_spm_rate)
+  row_len = seq_len + 1
 
-    if train:
-        if len(ids) == 0:
-            raise ValueError(f"process {process_index} of {process_count} gets no training documents "
-                             f"({len(all_ids)} in all)")
-        docs = grain.MapDataset.source(ids).shuffle(seed=seed).repeat(None)
-        docs = docs.random_map(read, seed=_stream_seed(seed, process_index, _TRAIN_STREAM))
-    else:
-        num_batches = eval_num_batches(source, all_ids, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                                       fim_rate=fim_rate, fim_spm_rate=fim_spm_rate,
-                                       process_count=process_count)
-        parts = []
-        if len(ids):
-            docs = grain.MapDataset.source(ids)
-            parts.append(docs.random_map(read, seed=_stream_seed(seed, process_index, _EVAL_STREAM)))
-        tokens = _eval_tokens(source, ids, seed=seed, process_index=process_index,
-                              fim_rate=fim_rate, fim_spm_rate=fim_spm_rate)
-        pad = num_batches * batch_size * row_len - tokens
-        if pad > 0:
-            parts.append(grain.MapDataset.source([np.full(pad, _PAD, np.int32)]))
-        docs = grain.MapDataset.concatenate(parts) if len(parts) > 1 else (
-            parts[0] if parts else grain.MapDataset.source([]))
+  if train:
+    if len(ids) == 0:
+      raise ValueError(f"process {process_index} of {process_count} gets no training documents "
+                       f"({len(all_ids)} in all)")
+    docs = grain.MapDataset.source(ids).shuffle(seed=seed).repeat(None)
+    docs = docs.random_map(read, seed=_stream_seed(seed, process_index, _TRAIN_STREAM))
+  else:
+    num_batches = eval_num_batches(source, all_ids, seq_len=seq_len, batch_size=batch_size,
+                                   seed=seed, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate,
+                                   process_count=process_count)
+    parts = []
+    if len(ids):
+      docs = grain.MapDataset.source(ids)
+      parts.append(docs.random_map(read, seed=_stream_seed(seed, process_index, _EVAL_STREAM)))
+    tokens = _eval_tokens(source, ids, seed=seed, process_index=process_index, fim_rate=fim_rate,
+                          fim_spm_rate=fim_spm_rate)
+    pad = num_batches * batch_size * row_len - tokens
+    if pad > 0:
+      parts.append(grain.MapDataset.source([np.full(pad, _PAD, np.int32)]))
+    docs = grain.MapDataset.concatenate(parts) if len(parts) > 1 else (
+        parts[0] if parts else grain.MapDataset.source([]))
 
-    ds = docs.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=_READ_BUFFER))
-    ds = grain.experimental.RebatchIterDataset(ds, batch_size=row_len, drop_remainder=True)
-    ds = ds.map(functools.partial(row_to_example, eod_id=special.eod, pad_id=special.pad))
-    if train and shuffle_rows > 1:
-        # Rows of one long document are consecutive after packing; shuffling rows within a
-        # window keeps a batch from being a few documents (correlated batches train badly).
-        ds = grain.experimental.WindowShuffleIterDataset(
-            ds, window_size=shuffle_rows, seed=_stream_seed(seed, process_index, _ROW_STREAM))
-    ds = ds.batch(batch_size, drop_remainder=True)
-    if prefetch:
-        ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
-    return ds
+  ds = docs.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=_READ_BUFFER))
+  ds = grain.experimental.RebatchIterDataset(ds, batch_size=row_len, drop_remainder=True)
+  ds = ds.map(functools.partial(row_to_example, eod_id=special.eod, pad_id=special.pad))
+  if train and shuffle_rows > 1:
+    # Rows of one long document are consecutive after packing; shuffling rows within a
+    # window keeps a batch from being a few documents (correlated batches train badly).
+    ds = grain.experimental.WindowShuffleIterDataset(
+        ds, window_size=shuffle_rows, seed=_stream_seed(seed, process_index, _ROW_STREAM))
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
 
 
 def _check_range(name: str, value, low: int, high: int | None = None):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise ValueError(f"{name} must be an integer, got {value!r}")
+  if value < low or (high is not None and value > high):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ValueError(f"{name} must be {bound}, got {value}")
 
 
 # --------------------------------------------------------------------------- trainer entry point
 
 
 def data_config() -> ml_collections.ConfigDict:
-    """The ``data`` section of a training config: every field :func:`make_datasets` reads.
+  """The ``data`` section of a training config: every field :func:`make_datasets` reads.
 
     ``seq_len`` and the batch size are not here: the trainer passes them (model and batch
     settings own them).
     """
-    c = ml_collections.ConfigDict()
-    c.path = config_dict.placeholder(str)  # shards dir written by `prepare`; None: embedded default
-    c.tokenizer = config_dict.placeholder(str)  # .model; None: the manifest's (or embedded) tokenizer
-    c.cache_dir = config_dict.placeholder(str)  # embedded default cache; None: $YUANJAX_CACHE or ~/.cache/yuanjax
-    c.vocab_size = 4096  # embedded default tokenizer's vocabulary size
-    c.max_bytes = 8_000_000  # embedded default corpus: stdlib bytes used
-    c.seed = 0  # document shuffle and FIM randomness
-    c.eval_fraction = 0.02  # documents held out for eval (at least one if > 0)
-    c.fim_rate = 0.5  # share of documents turned fill-in-the-middle (Yuan: 0.5)
-    c.fim_spm_rate = 0.5  # share of FIM documents in SPM order, the rest PSM (Yuan: 0.5)
-    c.read_threads = 0  # grain read threads; 0 = read in the prefetch thread (fastest measured on CPU)
-    c.prefetch = 4  # batches prepared ahead in a background thread (0: off)
-    c.shuffle_rows = 2048  # train rows shuffled within windows of this many rows (0/1: off)
-    return c
+  c = ml_collections.ConfigDict()
+  c.path = config_dict.placeholder(str)  # shards dir written by `prepare`; None: embedded default
+  c.tokenizer = config_dict.placeholder(str)  # .model; None: the manifest's (or embedded) tokenizer
+  c.cache_dir = config_dict.placeholder(
+      str)  # embedded default cache; None: $YUANJAX_CACHE or ~/.cache/yuanjax
+  c.vocab_size = 4096  # embedded default tokenizer's vocabulary size
+  c.max_bytes = 8_000_000  # embedded default corpus: stdlib bytes used
+  c.seed = 0  # document shuffle and FIM randomness
+  c.eval_fraction = 0.02  # documents held out for eval (at least one if > 0)
+  c.fim_rate = 0.5  # share of documents turned fill-in-the-middle (Yuan: 0.5)
+  c.fim_spm_rate = 0.5  # share of FIM documents in SPM order, the rest PSM (Yuan: 0.5)
+  c.read_threads = 0  # grain read threads; 0 = read in the prefetch thread (fastest measured on CPU)
+  c.prefetch = 4  # batches prepared ahead in a background thread (0: off)
+  c.shuffle_rows = 2048  # train rows shuffled within windows of this many rows (0/1: off)
+  return c
 
 
 _open_iterators: weakref.WeakSet = weakref.WeakSet()
 
 
 def _noop():
-    pass
+  pass
 
 
 @atexit.register
 def _close_open_iterators():
-    """Closes the iterators make_datasets handed out, before interpreter teardown.
+  """Closes the iterators make_datasets handed out, before interpreter teardown.
 
     Workaround (grain 0.2.18): ``DatasetIterator.__del__`` calls ``close()``, and
     ``ThreadPrefetchDatasetIterator.close`` uses module globals (``queue``, ``dataset``) that
     are already None when an iterator is collected during teardown, printing "Exception ignored
     in ... __del__" on every exit. We close them here and make any later ``close()`` a no-op.
     """
-    for it in list(_open_iterators):
-        it.close()
-        nodes = [it]
-        while nodes:
-            node = nodes.pop()
-            node.close = _noop
-            nodes.extend(getattr(node, "_parents", ()))
+  for it in list(_open_iterators):
+    it.close()
+    nodes = [it]
+    while nodes:
+      node = nodes.pop()
+      node.close = _noop
+      nodes.extend(getattr(node, "_parents", ()))
 
 
 def _tracked_iter(ds: grain.IterDataset) -> grain.DatasetIterator:
-    it = iter(ds)
-    _open_iterators.add(it)
-    return it
+  it = iter(ds)
+  _open_iterators.add(it)
+  return it
 
 
 def resolve_data(data_cfg) -> tuple[prepare_lib.ShardedDocuments, Tokenizer]:
-    """Opens the shards and tokenizer a config names (building the embedded default if needed)."""
-    if data_cfg.path is None:
-        _check_range("data.vocab_size", data_cfg.vocab_size, 1)
-        _check_range("data.max_bytes", data_cfg.max_bytes, 1)
-        default_tok, path = prepare_lib.ensure_default_data(
-            data_cfg.cache_dir, vocab_size=data_cfg.vocab_size, max_bytes=data_cfg.max_bytes)
-    else:
-        path, default_tok = data_cfg.path, None
-    source = prepare_lib.ShardedDocuments(path)
-    manifest = source.manifest
-    tok_path = data_cfg.tokenizer or default_tok or prepare_lib.manifest_tokenizer_path(source.path, manifest)
-    field = "data.tokenizer" if data_cfg.tokenizer else f"tokenizer of {source.path}/manifest.json"
-    if not os.path.isfile(tok_path):
-        raise ValueError(f"{field}: {tok_path}: no such file")
-    tok = Tokenizer(tok_path, newline_token=manifest.get("newline_token"))
-    for key, have in (("vocab_size", tok.vocab_size), ("eod_id", tok.eod_id)):
-        if manifest[key] != have:
-            raise ValueError(f"{source.path}/manifest.json: {key}={manifest[key]} but tokenizer "
-                             f"{tok_path} has {key}={have}; the shards were made with another tokenizer")
-    if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != prepare_lib._file_sha256(tok_path):
-        log.warning("%s differs from the tokenizer the shards in %s were made with", tok_path, source.path)
-    return source, tok
+  """Opens the shards and tokenizer a config names (building the embedded default if needed)."""
+  if data_cfg.path is None:
+    _check_range("data.vocab_size", data_cfg.vocab_size, 1)
+    _check_range("data.max_bytes", data_cfg.max_bytes, 1)
+    default_tok, path = prepare_lib.ensure_default_data(data_cfg.cache_dir,
+                                                        vocab_size=data_cfg.vocab_size,
+                                                        max_bytes=data_cfg.max_bytes)
+  else:
+    path, default_tok = data_cfg.path, None
+  source = prepare_lib.ShardedDocuments(path)
+  manifest = source.manifest
+  tok_path = data_cfg.tokenizer or default_tok or prepare_lib.manifest_tokenizer_path(
+      source.path, manifest)
+  field = "data.tokenizer" if data_cfg.tokenizer else f"tokenizer of {source.path}/manifest.json"
+  if not os.path.isfile(tok_path):
+    raise ValueError(f"{field}: {tok_path}: no such file")
+  tok = Tokenizer(tok_path, newline_token=manifest.get("newline_token"))
+  for key, have in (("vocab_size", tok.vocab_size), ("eod_id", tok.eod_id)):
+    if manifest[key] != have:
+      raise ValueError(f"{source.path}/manifest.json: {key}={manifest[key]} but tokenizer "
+                       f"{tok_path} has {key}={have}; the shards were made with another tokenizer")
+  if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != prepare_lib._file_sha256(
+      tok_path):
+    log.warning("%s differs from the tokenizer the shards in %s were made with", tok_path,
+                source.path)
+  return source, tok
 
 
 def make_datasets(
@@ -419,48 +428,49 @@ def make_datasets(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tuple[grain.DatasetIterator, Callable[[], grain.DatasetIterator], Tokenizer]:
-    """Returns ``(train_iter, make_eval_iter, tokenizer)`` for this JAX process.
+  """Returns ``(train_iter, make_eval_iter, tokenizer)`` for this JAX process.
 
     ``train_iter`` is an endless, checkpointable ``grain.DatasetIterator`` of
     ``[global_batch_size // process_count, seq_len]`` batches (see the module docstring);
     ``make_eval_iter()`` returns a fresh, finite iterator over the held-out documents with the
     same number of batches on every process. Raises ValueError naming the bad field or file.
     """
-    if process_index is None or process_count is None:
-        import jax
+  if process_index is None or process_count is None:
+    import jax
 
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    _check_range("process_count", process_count, 1)
-    _check_range("process_index", process_index, 0, process_count - 1)
-    _check_range("global_batch_size", global_batch_size, 1)
-    _check_range("seq_len", seq_len, 1)
-    if global_batch_size % process_count:
-        raise ValueError(f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
-    for name in ("fim_rate", "fim_spm_rate"):
-        if not 0.0 <= data_cfg[name] <= 1.0:
-            raise ValueError(f"data.{name} must be in [0, 1], got {data_cfg[name]}")
-    if not 0.0 <= data_cfg.eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction must be in [0, 1), got {data_cfg.eval_fraction}")
-    for name, low, high in (("seed", 0, 2**32 - 1), ("prefetch", 0, None), ("read_threads", 0, None)):
-        _check_range(f"data.{name}", data_cfg[name], low, high)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  _check_range("process_count", process_count, 1)
+  _check_range("process_index", process_index, 0, process_count - 1)
+  _check_range("global_batch_size", global_batch_size, 1)
+  _check_range("seq_len", seq_len, 1)
+  if global_batch_size % process_count:
+    raise ValueError(
+        f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
+  for name in ("fim_rate", "fim_spm_rate"):
+    if not 0.0 <= data_cfg[name] <= 1.0:
+      raise ValueError(f"data.{name} must be in [0, 1], got {data_cfg[name]}")
+  if not 0.0 <= data_cfg.eval_fraction < 1.0:
+    raise ValueError(f"data.eval_fraction must be in [0, 1), got {data_cfg.eval_fraction}")
+  for name, low, high in (("seed", 0, 2**32 - 1), ("prefetch", 0, None), ("read_threads", 0, None)):
+    _check_range(f"data.{name}", data_cfg[name], low, high)
 
-    source, tok = resolve_data(data_cfg)
-    train_ids, eval_ids = split_documents(len(source), data_cfg.eval_fraction)
-    common = dict(
-        seq_len=seq_len,
-        batch_size=global_batch_size // process_count,
-        special=SpecialIds.from_tokenizer(tok, fim=data_cfg.fim_rate > 0),
-        seed=data_cfg.seed,
-        fim_rate=data_cfg.fim_rate,
-        fim_spm_rate=data_cfg.fim_spm_rate,
-        process_index=process_index,
-        process_count=process_count,
-        read_threads=data_cfg.read_threads,
-        prefetch=data_cfg.prefetch,
-    )
-    _check_range("data.shuffle_rows", data_cfg.shuffle_rows, 0)
-    train_ds = make_pipeline(source, doc_ids=train_ids, train=True, shuffle_rows=data_cfg.shuffle_rows,
-                             **common)
-    eval_ds = make_pipeline(source, doc_ids=eval_ids, train=False, **common)
-    return _tracked_iter(train_ds), lambda: _tracked_iter(eval_ds), tok
+  source, tok = resolve_data(data_cfg)
+  train_ids, eval_ids = split_documents(len(source), data_cfg.eval_fraction)
+  common = dict(
+      seq_len=seq_len,
+      batch_size=global_batch_size // process_count,
+      special=SpecialIds.from_tokenizer(tok, fim=data_cfg.fim_rate > 0),
+      seed=data_cfg.seed,
+      fim_rate=data_cfg.fim_rate,
+      fim_spm_rate=data_cfg.fim_spm_rate,
+      process_index=process_index,
+      process_count=process_count,
+      read_threads=data_cfg.read_threads,
+      prefetch=data_cfg.prefetch,
+  )
+  _check_range("data.shuffle_rows", data_cfg.shuffle_rows, 0)
+  train_ds = make_pipeline(source, doc_ids=train_ids, train=True,
+                           shuffle_rows=data_cfg.shuffle_rows, **common)
+  eval_ds = make_pipeline(source, doc_ids=eval_ids, train=False, **common)
+  return _tracked_iter(train_ds), lambda: _tracked_iter(eval_ds), tok

@@ -57,45 +57,45 @@ _ENCODE_BATCH_BYTES = 4 << 20  # encode this much text per SentencePiece call (C
 
 
 def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
 
 
 class _ShardWriter:
-    """Appends documents to ``shard_NNNNN.bin`` files, rolling over at ``shard_tokens``."""
+  """Appends documents to ``shard_NNNNN.bin`` files, rolling over at ``shard_tokens``."""
 
-    def __init__(self, out_dir: str, shard_tokens: int):
-        self.out_dir, self.shard_tokens = out_dir, shard_tokens
-        self.shards: list[dict] = []
-        self._file = None
+  def __init__(self, out_dir: str, shard_tokens: int):
+    self.out_dir, self.shard_tokens = out_dir, shard_tokens
+    self.shards: list[dict] = []
+    self._file = None
 
-    def _open(self):
-        name = f"shard_{len(self.shards):05d}"
-        self._name = name
-        self._file = open(os.path.join(self.out_dir, name + ".bin"), "wb")
-        self._offsets = [0]
+  def _open(self):
+    name = f"shard_{len(self.shards):05d}"
+    self._name = name
+    self._file = open(os.path.join(self.out_dir, name + ".bin"), "wb")
+    self._offsets = [0]
 
-    def add(self, ids: np.ndarray):
-        if self._file is None:
-            self._open()
-        self._file.write(ids.tobytes())
-        self._offsets.append(self._offsets[-1] + len(ids))
-        if self._offsets[-1] >= self.shard_tokens:
-            self.close()
+  def add(self, ids: np.ndarray):
+    if self._file is None:
+      self._open()
+    self._file.write(ids.tobytes())
+    self._offsets.append(self._offsets[-1] + len(ids))
+    if self._offsets[-1] >= self.shard_tokens:
+      self.close()
 
-    def close(self):
-        if self._file is None:
-            return
-        self._file.close()
-        self._file = None
-        np.save(os.path.join(self.out_dir, self._name + ".idx.npy"), np.asarray(self._offsets, INDEX_DTYPE))
-        self.shards.append(
-            dict(tokens=self._name + ".bin", index=self._name + ".idx.npy",
-                 num_docs=len(self._offsets) - 1, num_tokens=int(self._offsets[-1]))
-        )
+  def close(self):
+    if self._file is None:
+      return
+    self._file.close()
+    self._file = None
+    np.save(os.path.join(self.out_dir, self._name + ".idx.npy"),
+            np.asarray(self._offsets, INDEX_DTYPE))
+    self.shards.append(
+        dict(tokens=self._name + ".bin", index=self._name + ".idx.npy",
+             num_docs=len(self._offsets) - 1, num_tokens=int(self._offsets[-1])))
 
 
 def prepare_documents(
@@ -110,77 +110,79 @@ def prepare_documents(
     manifest_tokenizer: str | None = None,
     extra: dict | None = None,
 ) -> dict:
-    """Tokenizes ``documents()`` into shards in ``output_dir``; returns the manifest.
+  """Tokenizes ``documents()`` into shards in ``output_dir``; returns the manifest.
 
     ``documents`` is called twice: a validation pass (nothing written yet) and the writing pass.
     ``manifest_tokenizer`` overrides the tokenizer path recorded in the manifest (relative paths
     are resolved against the shards directory when read).
     """
-    output_dir = os.path.abspath(os.fspath(output_dir))
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    tok = Tokenizer(tokenizer_path, newline_token=newline_token)
-    if os.path.exists(output_dir) and not overwrite:
-        raise ValueError(f"{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+  output_dir = os.path.abspath(os.fspath(output_dir))
+  if shard_tokens < 1:
+    raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+  tok = Tokenizer(tokenizer_path, newline_token=newline_token)
+  if os.path.exists(output_dir) and not overwrite:
+    raise ValueError(
+        f"{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
 
-    # Pass 1: validate everything before writing anything.
-    total_bytes = num_docs = 0
+  # Pass 1: validate everything before writing anything.
+  total_bytes = num_docs = 0
+  for doc in documents():
+    total_bytes += doc.nbytes
+    num_docs += bool(doc.text)
+  if num_docs == 0:
+    raise corpus.InputError("no non-empty documents in the input")
+
+  def write(tmp):
+    writer = _ShardWriter(tmp, shard_tokens)
+    eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
+    skipped = invalid = 0
+    batch, batch_bytes = [], 0
+    bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare",
+                    disable=not progress)
+
+    def flush():
+      for ids in tok.encode_batch(batch):
+        writer.add(np.concatenate([np.asarray(ids, TOKEN_DTYPE), eod]))
+      batch.clear()
+
     for doc in documents():
-        total_bytes += doc.nbytes
-        num_docs += bool(doc.text)
-    if num_docs == 0:
-        raise corpus.InputError("no non-empty documents in the input")
+      if doc.error:
+        invalid += 1
+        if invalid <= 5:
+          log.warning("%s: %s; skipped", doc.where, doc.error)
+      elif not doc.text:
+        skipped += 1
+      else:
+        batch.append(doc.text)
+        batch_bytes += len(doc.text)
+        if batch_bytes >= _ENCODE_BATCH_BYTES:
+          flush()
+          batch_bytes = 0
+      bar.update(doc.nbytes)
+    flush()
+    writer.close()
+    bar.close()
 
-    def write(tmp):
-        writer = _ShardWriter(tmp, shard_tokens)
-        eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
-        skipped = invalid = 0
-        batch, batch_bytes = [], 0
-        bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare", disable=not progress)
+    manifest = dict(
+        format=FORMAT,
+        tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
+        tokenizer_sha256=_file_sha256(tokenizer_path),
+        vocab_size=tok.vocab_size,
+        eod_id=tok.eod_id,
+        newline_token=newline_token,
+        dtype=np.dtype(TOKEN_DTYPE).name,
+        num_docs=sum(s["num_docs"] for s in writer.shards),
+        num_tokens=sum(s["num_tokens"] for s in writer.shards),
+        num_skipped_empty=skipped,
+        num_skipped_invalid=invalid,
+        shards=writer.shards,
+        **(extra or {}),
+    )
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+      json.dump(manifest, f, indent=1)
+    return manifest
 
-        def flush():
-            for ids in tok.encode_batch(batch):
-                writer.add(np.concatenate([np.asarray(ids, TOKEN_DTYPE), eod]))
-            batch.clear()
-
-        for doc in documents():
-            if doc.error:
-                invalid += 1
-                if invalid <= 5:
-                    log.warning("%s: %s; skipped", doc.where, doc.error)
-            elif not doc.text:
-                skipped += 1
-            else:
-                batch.append(doc.text)
-                batch_bytes += len(doc.text)
-                if batch_bytes >= _ENCODE_BATCH_BYTES:
-                    flush()
-                    batch_bytes = 0
-            bar.update(doc.nbytes)
-        flush()
-        writer.close()
-        bar.close()
-
-        manifest = dict(
-            format=FORMAT,
-            tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
-            tokenizer_sha256=_file_sha256(tokenizer_path),
-            vocab_size=tok.vocab_size,
-            eod_id=tok.eod_id,
-            newline_token=newline_token,
-            dtype=np.dtype(TOKEN_DTYPE).name,
-            num_docs=sum(s["num_docs"] for s in writer.shards),
-            num_tokens=sum(s["num_tokens"] for s in writer.shards),
-            num_skipped_empty=skipped,
-            num_skipped_invalid=invalid,
-            shards=writer.shards,
-            **(extra or {}),
-        )
-        with open(os.path.join(tmp, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        return manifest
-
-    return publish.directory(output_dir, write, overwrite=overwrite)
+  return publish.directory(output_dir, write, overwrite=overwrite)
 
 
 def prepare(
@@ -191,39 +193,42 @@ def prepare(
     text_key: str = "text",
     **kwargs,
 ) -> dict:
-    """Tokenizes .txt / .jsonl files or globs into shards (see :func:`prepare_documents`)."""
-    files = corpus.expand_inputs(inputs)
-    return prepare_documents(
-        tokenizer_path, lambda: corpus.read_documents(files, text_key, skip_invalid=True), output_dir,
-        extra=dict(text_key=text_key, num_inputs=len(files)), **kwargs,
-    )
+  """Tokenizes .txt / .jsonl files or globs into shards (see :func:`prepare_documents`)."""
+  files = corpus.expand_inputs(inputs)
+  return prepare_documents(
+      tokenizer_path,
+      lambda: corpus.read_documents(files, text_key, skip_invalid=True),
+      output_dir,
+      extra=dict(text_key=text_key, num_inputs=len(files)),
+      **kwargs,
+  )
 
 
 def load_manifest(shards_dir: str | os.PathLike) -> dict:
-    """Reads and checks ``manifest.json``; raises ValueError naming the directory or file."""
-    shards_dir = os.fspath(shards_dir)
-    path = os.path.join(shards_dir, MANIFEST)
-    if not os.path.isdir(shards_dir):
-        raise ValueError(f"data.path: {shards_dir}: no such directory")
-    if not os.path.isfile(path):
-        raise ValueError(f"data.path: {path}: no such file (not a prepared shards directory?)")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable manifest ({e})") from e
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    return manifest
+  """Reads and checks ``manifest.json``; raises ValueError naming the directory or file."""
+  shards_dir = os.fspath(shards_dir)
+  path = os.path.join(shards_dir, MANIFEST)
+  if not os.path.isdir(shards_dir):
+    raise ValueError(f"data.path: {shards_dir}: no such directory")
+  if not os.path.isfile(path):
+    raise ValueError(f"data.path: {path}: no such file (not a prepared shards directory?)")
+  try:
+    with open(path) as f:
+      manifest = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: unreadable manifest ({e})") from e
+  if manifest.get("format") != FORMAT:
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  return manifest
 
 
 def manifest_tokenizer_path(shards_dir: str, manifest: dict) -> str:
-    """The manifest's tokenizer path, relative paths resolved against the shards directory."""
-    return os.path.normpath(os.path.join(shards_dir, manifest["tokenizer"]))
+  """The manifest's tokenizer path, relative paths resolved against the shards directory."""
+  return os.path.normpath(os.path.join(shards_dir, manifest["tokenizer"]))
 
 
 class ShardedDocuments:
-    """Random access to the documents of a shards directory (a grain data source).
+  """Random access to the documents of a shards directory (a grain data source).
 
     ``docs[i]`` is document ``i`` (global order: shard by shard) as an int32 array that ends
     with ``<eod>``. Token files are memory-mapped; nothing is read until asked for. A token
@@ -232,79 +237,79 @@ class ShardedDocuments:
     when read (both name the file).
     """
 
-    def __init__(self, shards_dir: str | os.PathLike):
-        self.path = os.path.abspath(os.fspath(shards_dir))
-        self.manifest = load_manifest(self.path)
-        self._tokens, self._offsets = [], []
-        for shard in self.manifest["shards"]:
-            tokens_path = os.path.join(self.path, shard["tokens"])
-            index_path = os.path.join(self.path, shard["index"])
-            for p in (tokens_path, index_path):
-                if not os.path.isfile(p):
-                    raise ValueError(f"{p}: missing shard file (listed in {MANIFEST})")
-            itemsize = np.dtype(self.manifest["dtype"]).itemsize
-            if os.path.getsize(tokens_path) % itemsize:
-                raise ValueError(f"{tokens_path}: {os.path.getsize(tokens_path)} bytes is not a whole "
-                                 f"number of {self.manifest['dtype']} tokens (truncated or corrupt)")
-            tokens = np.memmap(tokens_path, dtype=self.manifest["dtype"], mode="r")
-            offsets = np.load(index_path, mmap_mode="r")
-            if len(offsets) != shard["num_docs"] + 1 or offsets[-1] != len(tokens):
-                raise ValueError(f"{tokens_path}: size does not match its index / {MANIFEST}")
-            self._tokens.append(tokens)
-            self._offsets.append(offsets)
-        self._first_doc = np.cumsum([0] + [s["num_docs"] for s in self.manifest["shards"]])
+  def __init__(self, shards_dir: str | os.PathLike):
+    self.path = os.path.abspath(os.fspath(shards_dir))
+    self.manifest = load_manifest(self.path)
+    self._tokens, self._offsets = [], []
+    for shard in self.manifest["shards"]:
+      tokens_path = os.path.join(self.path, shard["tokens"])
+      index_path = os.path.join(self.path, shard["index"])
+      for p in (tokens_path, index_path):
+        if not os.path.isfile(p):
+          raise ValueError(f"{p}: missing shard file (listed in {MANIFEST})")
+      itemsize = np.dtype(self.manifest["dtype"]).itemsize
+      if os.path.getsize(tokens_path) % itemsize:
+        raise ValueError(f"{tokens_path}: {os.path.getsize(tokens_path)} bytes is not a whole "
+                         f"number of {self.manifest['dtype']} tokens (truncated or corrupt)")
+      tokens = np.memmap(tokens_path, dtype=self.manifest["dtype"], mode="r")
+      offsets = np.load(index_path, mmap_mode="r")
+      if len(offsets) != shard["num_docs"] + 1 or offsets[-1] != len(tokens):
+        raise ValueError(f"{tokens_path}: size does not match its index / {MANIFEST}")
+      self._tokens.append(tokens)
+      self._offsets.append(offsets)
+    self._first_doc = np.cumsum([0] + [s["num_docs"] for s in self.manifest["shards"]])
 
-    def __len__(self) -> int:
-        return int(self._first_doc[-1])
+  def __len__(self) -> int:
+    return int(self._first_doc[-1])
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        index = int(index)
-        if not 0 <= index < len(self):
-            raise IndexError(f"document {index} out of range [0, {len(self)})")
-        shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
-        local = index - self._first_doc[shard]
-        start, stop = self._offsets[shard][local], self._offsets[shard][local + 1]
-        doc = self._tokens[shard][start:stop]
-        if doc.size and int(doc.max()) >= self.manifest["vocab_size"]:
-            raise ValueError(f"{os.path.join(self.path, self.manifest['shards'][shard]['tokens'])}: "
-                             f"document {local} holds token id {int(doc.max())} >= vocab_size="
-                             f"{self.manifest['vocab_size']} ({MANIFEST}); the shard is corrupt "
-                             "or was written with another tokenizer")
-        return doc.astype(np.int32)
+  def __getitem__(self, index: int) -> np.ndarray:
+    index = int(index)
+    if not 0 <= index < len(self):
+      raise IndexError(f"document {index} out of range [0, {len(self)})")
+    shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+    local = index - self._first_doc[shard]
+    start, stop = self._offsets[shard][local], self._offsets[shard][local + 1]
+    doc = self._tokens[shard][start:stop]
+    if doc.size and int(doc.max()) >= self.manifest["vocab_size"]:
+      raise ValueError(f"{os.path.join(self.path, self.manifest['shards'][shard]['tokens'])}: "
+                       f"document {local} holds token id {int(doc.max())} >= vocab_size="
+                       f"{self.manifest['vocab_size']} ({MANIFEST}); the shard is corrupt "
+                       "or was written with another tokenizer")
+    return doc.astype(np.int32)
 
-    def doc_lengths(self) -> np.ndarray:
-        """Token count (``<eod>`` included) of every document, int64 [num_docs]."""
-        return np.concatenate([np.diff(np.asarray(o)) for o in self._offsets])
+  def doc_lengths(self) -> np.ndarray:
+    """Token count (``<eod>`` included) of every document, int64 [num_docs]."""
+    return np.concatenate([np.diff(np.asarray(o)) for o in self._offsets])
 
-    def __repr__(self) -> str:
-        return f"ShardedDocuments({self.path!r}, docs={len(self)}, tokens={self.manifest['num_tokens']})"
+  def __repr__(self) -> str:
+    return f"ShardedDocuments({self.path!r}, docs={len(self)}, tokens={self.manifest['num_tokens']})"
 
 
 # --------------------------------------------------------------------------- embedded default
 
 
 def default_cache_root(cache_dir: str | None = None) -> str:
-    return os.path.expanduser(cache_dir or os.environ.get("YUANJAX_CACHE") or "~/.cache/yuanjax")
+  return os.path.expanduser(cache_dir or os.environ.get("YUANJAX_CACHE") or "~/.cache/yuanjax")
 
 
 def default_data_key(vocab_size: int, max_bytes: int) -> str:
-    return f"stdlib-py{platform.python_version()}-v{vocab_size}-b{max_bytes}-{FORMAT}"
+  return f"stdlib-py{platform.python_version()}-v{vocab_size}-b{max_bytes}-{FORMAT}"
 
 
 @contextlib.contextmanager
 def _file_lock(path: str):
-    """An exclusive advisory lock (no-op where fcntl is unavailable; the rename stays atomic)."""
+  """An exclusive advisory lock (no-op where fcntl is unavailable; the rename stays atomic)."""
+  try:
+    import fcntl
+  except ImportError:  # pragma: no cover - non-POSIX
+    yield
+    return
+  with open(path, "a+") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
     try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    with open(path, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_default_data(
@@ -314,41 +319,43 @@ def ensure_default_data(
     *,
     progress: bool = False,
 ) -> tuple[str, str]:
-    """Builds (once) the embedded default: a tokenizer and shards from the Python stdlib.
+  """Builds (once) the embedded default: a tokenizer and shards from the Python stdlib.
 
     Returns ``(tokenizer_path, shards_dir)`` under ``<cache>/<key>/`` where the cache is
     ``cache_dir`` or ``$YUANJAX_CACHE`` or ``~/.cache/yuanjax`` and the key includes the Python
     version, ``vocab_size`` and ``max_bytes``. Safe to call from many processes at once.
     """
-    root = default_cache_root(cache_dir)
-    key = default_data_key(vocab_size, max_bytes)
-    final = os.path.join(root, key)
-    result = (os.path.join(final, "tokenizer.model"), os.path.join(final, "shards"))
-    if os.path.isfile(os.path.join(result[1], MANIFEST)):
-        return result
-    os.makedirs(root, exist_ok=True)
-    with _file_lock(os.path.join(root, f".{key}.lock")):
-        if os.path.isfile(os.path.join(result[1], MANIFEST)):  # another process built it meanwhile
-            return result
-        t0 = time.perf_counter()
-        files = corpus.stdlib_sources(max_bytes)
-
-        def write(tmp):
-            model = train_from_documents(
-                corpus.stdlib_documents(files), os.path.join(tmp, "tokenizer"), vocab_size
-            )
-            prepare_documents(
-                model, lambda: corpus.stdlib_documents(files), os.path.join(tmp, "shards"),
-                progress=progress, manifest_tokenizer="../tokenizer.model",
-                extra=dict(source="python-stdlib", stdlib=corpus.stdlib_root(), num_inputs=len(files),
-                           max_bytes=max_bytes, build_seconds=None),
-            )
-            mpath = os.path.join(tmp, "shards", MANIFEST)
-            with open(mpath) as f:
-                manifest = json.load(f)
-            manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
-            with open(mpath, "w") as f:
-                json.dump(manifest, f, indent=1)
-
-        publish.directory(final, write, keep_existing=True)  # lost a race: the other copy is kept
+  root = default_cache_root(cache_dir)
+  key = default_data_key(vocab_size, max_bytes)
+  final = os.path.join(root, key)
+  result = (os.path.join(final, "tokenizer.model"), os.path.join(final, "shards"))
+  if os.path.isfile(os.path.join(result[1], MANIFEST)):
     return result
+  os.makedirs(root, exist_ok=True)
+  with _file_lock(os.path.join(root, f".{key}.lock")):
+    if os.path.isfile(os.path.join(result[1], MANIFEST)):  # another process built it meanwhile
+      return result
+    t0 = time.perf_counter()
+    files = corpus.stdlib_sources(max_bytes)
+
+    def write(tmp):
+      model = train_from_documents(corpus.stdlib_documents(files), os.path.join(tmp, "tokenizer"),
+                                   vocab_size)
+      prepare_documents(
+          model,
+          lambda: corpus.stdlib_documents(files),
+          os.path.join(tmp, "shards"),
+          progress=progress,
+          manifest_tokenizer="../tokenizer.model",
+          extra=dict(source="python-stdlib", stdlib=corpus.stdlib_root(), num_inputs=len(files),
+                     max_bytes=max_bytes, build_seconds=None),
+      )
+      mpath = os.path.join(tmp, "shards", MANIFEST)
+      with open(mpath) as f:
+        manifest = json.load(f)
+      manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
+      with open(mpath, "w") as f:
+        json.dump(manifest, f, indent=1)
+
+    publish.directory(final, write, keep_existing=True)  # lost a race: the other copy is kept
+  return result

@@ -44,11 +44,8 @@ def make_data(config: ml_collections.ConfigDict):
   """
   tcfg, n, p = config.train, jax.process_count(), jax.process_index()
   S = tcfg.data_shards or n
-  make = lambda s: pipeline.make_datasets(config.data,
-                                          global_batch_size=tcfg.batch_size,
-                                          seq_len=tcfg.seq_len,
-                                          process_index=s,
-                                          process_count=S)
+  make = lambda s: pipeline.make_datasets(config.data, global_batch_size=tcfg.batch_size, seq_len=
+                                          tcfg.seq_len, process_index=s, process_count=S)
   streams = [make(s) for s in range(p * S // n, (p + 1) * S // n)]
   tokenizer = streams[0][2]
   if len(streams) == 1:

@@ -56,9 +56,23 @@ FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFI
 SPECIAL_SYMBOLS = (EOD, SEP, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
 # Added by Yuan's runtime after loading tokenizer.model, in this order (Yuan2.0-M32 README).
 YUAN_ADDED_TOKENS = (
-    SEP, PAD, "<mask>", "<predict>", FIM_SUFFIX, FIM_PREFIX, FIM_MIDDLE, "<commit_before>",
-    "<commit_msg>", "<commit_after>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
-    "<jupyter_output>", "<empty_output>", "<repo_name>", "<file_sep>",
+    SEP,
+    PAD,
+    "<mask>",
+    "<predict>",
+    FIM_SUFFIX,
+    FIM_PREFIX,
+    FIM_MIDDLE,
+    "<commit_before>",
+    "<commit_msg>",
+    "<commit_after>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<empty_output>",
+    "<repo_name>",
+    "<file_sep>",
 )
 
 TRAINER_OPTIONS = dict(
@@ -74,7 +88,7 @@ TRAINER_OPTIONS = dict(
 
 
 class Tokenizer:
-    """A ``sentencepiece.SentencePieceProcessor`` with Yuan's special ids and newline handling.
+  """A ``sentencepiece.SentencePieceProcessor`` with Yuan's special ids and newline handling.
 
     Args:
       model_path: a SentencePiece ``.model`` file.
@@ -83,125 +97,126 @@ class Tokenizer:
       added_tokens: tokens added past the SentencePiece model, in order (module docstring).
     """
 
-    def __init__(self, model_path: str | os.PathLike, newline_token: str | None = None,
-                 added_tokens: Sequence[str] = ()):
-        self.model_path = os.fspath(model_path)
-        if not os.path.isfile(self.model_path):
-            raise ValueError(f"tokenizer: {self.model_path}: no such file")
-        self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
-        self.newline_token = newline_token
-        self._added = self._add_tokens(added_tokens)
-        self._added_pieces = {i: t for t, i in self._added.items() if i >= self._sp.get_piece_size()}
-        by_length = sorted(self._added, key=len, reverse=True)
-        self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
-        if newline_token is not None and self._piece_id(newline_token) is None:
-            raise ValueError(f"tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)")
-        if self._piece_id(EOD) is None:
-            raise ValueError(f"tokenizer: {self.model_path} has no {EOD} piece")
+  def __init__(self, model_path: str | os.PathLike, newline_token: str | None = None,
+               added_tokens: Sequence[str] = ()):
+    self.model_path = os.fspath(model_path)
+    if not os.path.isfile(self.model_path):
+      raise ValueError(f"tokenizer: {self.model_path}: no such file")
+    self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
+    self.newline_token = newline_token
+    self._added = self._add_tokens(added_tokens)
+    self._added_pieces = {i: t for t, i in self._added.items() if i >= self._sp.get_piece_size()}
+    by_length = sorted(self._added, key=len, reverse=True)
+    self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+    if newline_token is not None and self._piece_id(newline_token) is None:
+      raise ValueError(
+          f"tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)")
+    if self._piece_id(EOD) is None:
+      raise ValueError(f"tokenizer: {self.model_path} has no {EOD} piece")
 
-    def _add_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
-        """{token: id}: its SentencePiece id if it has one, else the next id past the model."""
-        ids, next_id = {}, self._sp.get_piece_size()
-        for t in tokens:
-            if t in ids:
-                continue
-            i = self._sp_piece_id(t)
-            ids[t] = next_id if i is None else i
-            next_id += i is None
-        return ids
+  def _add_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
+    """{token: id}: its SentencePiece id if it has one, else the next id past the model."""
+    ids, next_id = {}, self._sp.get_piece_size()
+    for t in tokens:
+      if t in ids:
+        continue
+      i = self._sp_piece_id(t)
+      ids[t] = next_id if i is None else i
+      next_id += i is None
+    return ids
 
-    def _piece_id(self, piece: str) -> int | None:
-        return self._added[piece] if piece in self._added else self._sp_piece_id(piece)
+  def _piece_id(self, piece: str) -> int | None:
+    return self._added[piece] if piece in self._added else self._sp_piece_id(piece)
 
-    def _sp_piece_id(self, piece: str) -> int | None:
-        i = self._sp.piece_to_id(piece)
-        # piece_to_id answers unk_id for unknown pieces.
-        return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
+  def _sp_piece_id(self, piece: str) -> int | None:
+    i = self._sp.piece_to_id(piece)
+    # piece_to_id answers unk_id for unknown pieces.
+    return None if i == self._sp.unk_id() and piece != self._sp.id_to_piece(i) else i
 
-    def _special(self, piece: str) -> int:
-        i = self._piece_id(piece)
-        if i is None:
-            raise ValueError(f"tokenizer: {self.model_path} has no {piece} piece")
-        return i
+  def _special(self, piece: str) -> int:
+    i = self._piece_id(piece)
+    if i is None:
+      raise ValueError(f"tokenizer: {self.model_path} has no {piece} piece")
+    return i
 
-    @property
-    def sp(self) -> spm.SentencePieceProcessor:
-        return self._sp
+  @property
+  def sp(self) -> spm.SentencePieceProcessor:
+    return self._sp
 
-    @property
-    def vocab_size(self) -> int:
-        return self._sp.get_piece_size() + len(self._added_pieces)
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size() + len(self._added_pieces)
 
-    def token_id(self, piece: str) -> int:
-        """The id of a special or added token (ValueError naming the model if it has none)."""
-        return self._special(piece)
+  def token_id(self, piece: str) -> int:
+    """The id of a special or added token (ValueError naming the model if it has none)."""
+    return self._special(piece)
 
-    eod_id = property(lambda self: self._special(EOD), doc="id of <eod> (ends every document)")
-    sep_id = property(lambda self: self._special(SEP))
-    pad_id = property(lambda self: self._special(PAD))
-    fim_prefix_id = property(lambda self: self._special(FIM_PREFIX))
-    fim_middle_id = property(lambda self: self._special(FIM_MIDDLE))
-    fim_suffix_id = property(lambda self: self._special(FIM_SUFFIX))
+  eod_id = property(lambda self: self._special(EOD), doc="id of <eod> (ends every document)")
+  sep_id = property(lambda self: self._special(SEP))
+  pad_id = property(lambda self: self._special(PAD))
+  fim_prefix_id = property(lambda self: self._special(FIM_PREFIX))
+  fim_middle_id = property(lambda self: self._special(FIM_MIDDLE))
+  fim_suffix_id = property(lambda self: self._special(FIM_SUFFIX))
 
-    def has_piece(self, piece: str) -> bool:
-        return self._piece_id(piece) is not None
+  def has_piece(self, piece: str) -> bool:
+    return self._piece_id(piece) is not None
 
-    def _pre(self, text: str) -> str:
-        return text if self.newline_token is None else text.replace("\n", self.newline_token)
+  def _pre(self, text: str) -> str:
+    return text if self.newline_token is None else text.replace("\n", self.newline_token)
 
-    def encode(self, text: str) -> list[int]:
-        text = self._pre(text)
-        if self._split is None:
-            return self._sp.encode(text)
-        ids = []
-        for i, part in enumerate(self._split.split(text)):   # odd parts: the added tokens
-            ids.extend([self._added[part]] if i % 2 else self._sp.encode(part) if part else [])
-        return ids
+  def encode(self, text: str) -> list[int]:
+    text = self._pre(text)
+    if self._split is None:
+      return self._sp.encode(text)
+    ids = []
+    for i, part in enumerate(self._split.split(text)):  # odd parts: the added tokens
+      ids.extend([self._added[part]] if i % 2 else self._sp.encode(part) if part else [])
+    return ids
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
-        """Encodes many texts at once in SentencePiece's own C++ thread pool."""
-        if self._split is not None:
-            return [self.encode(t) for t in texts]
-        return self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
+    """Encodes many texts at once in SentencePiece's own C++ thread pool."""
+    if self._split is not None:
+      return [self.encode(t) for t in texts]
+    return self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
 
-    def decode(self, ids: Iterable[int] | np.ndarray) -> str:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
-        parts, run = [], []
-        for i in ids:    # runs of SentencePiece ids, and the added tokens past the model
-            if i in self._added_pieces:
-                parts += [self._sp.decode(run), self._added_pieces[i]]
-                run = []
-            else:
-                run.append(i)
-        text = "".join(parts) + self._sp.decode(run)
-        return text if self.newline_token is None else text.replace(self.newline_token, "\n")
+  def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+    parts, run = [], []
+    for i in ids:  # runs of SentencePiece ids, and the added tokens past the model
+      if i in self._added_pieces:
+        parts += [self._sp.decode(run), self._added_pieces[i]]
+        run = []
+      else:
+        run.append(i)
+    text = "".join(parts) + self._sp.decode(run)
+    return text if self.newline_token is None else text.replace(self.newline_token, "\n")
 
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, newline_token={self.newline_token!r})"
+  def __repr__(self) -> str:
+    return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, newline_token={self.newline_token!r})"
 
 
 def _sentences(documents: Iterable[corpus.Document], max_bytes: int) -> Iterator[str]:
-    """Cuts documents into training chunks: whole lines (newlines kept), at most ``max_bytes``.
+  """Cuts documents into training chunks: whole lines (newlines kept), at most ``max_bytes``.
 
     A line longer than that is cut into ``max_bytes``-character slices, at most
     ``4 * max_bytes`` bytes of UTF-8 each, so that none exceeds the trainer's
     ``max_sentence_length`` (which would silently drop it). ``"".join`` of the chunks of a
     document is the document.
     """
-    for doc in documents:
+  for doc in documents:
+    chunk, size = [], 0
+    for line in doc.text.splitlines(keepends=True):
+      n = len(line.encode("utf-8"))
+      if chunk and size + n > max_bytes:
+        yield "".join(chunk)
         chunk, size = [], 0
-        for line in doc.text.splitlines(keepends=True):
-            n = len(line.encode("utf-8"))
-            if chunk and size + n > max_bytes:
-                yield "".join(chunk)
-                chunk, size = [], 0
-            if n > max_bytes:
-                yield from (line[i:i + max_bytes] for i in range(0, len(line), max_bytes))
-                continue
-            chunk.append(line)
-            size += n
-        if chunk:
-            yield "".join(chunk)
+      if n > max_bytes:
+        yield from (line[i:i + max_bytes] for i in range(0, len(line), max_bytes))
+        continue
+      chunk.append(line)
+      size += n
+    if chunk:
+      yield "".join(chunk)
 
 
 def train_from_documents(
@@ -214,47 +229,47 @@ def train_from_documents(
     max_sentences: int = 200_000,
     num_threads: int | None = None,
 ) -> str:
-    """Trains a tokenizer on ``documents``; writes ``PREFIX.model`` / ``PREFIX.vocab`` atomically.
+  """Trains a tokenizer on ``documents``; writes ``PREFIX.model`` / ``PREFIX.vocab`` atomically.
 
     ``max_sentences`` caps how many chunks SentencePiece keeps in memory (it samples beyond that).
     Returns the ``.model`` path.
     """
-    output_prefix = os.fspath(output_prefix)
-    if vocab_size < 1:
-        raise ValueError(f"vocab_size must be positive, got {vocab_size}")
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    failure: list[BaseException] = []
+  output_prefix = os.fspath(output_prefix)
+  if vocab_size < 1:
+    raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+  os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
+  failure: list[BaseException] = []
 
-    def sentences():
-        try:
-            yield from _sentences(documents, max_sentence_bytes)
-        except BaseException as e:  # SentencePiece re-raises as RuntimeError; keep the original.
-            failure.append(e)
-            raise
-
-    model = io.BytesIO()
+  def sentences():
     try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=sentences(),
-            model_writer=model,  # (a model_prefix would be recorded in the model's bytes)
-            vocab_size=vocab_size,
-            user_defined_symbols=list(user_defined_symbols),
-            max_sentence_length=4 * max_sentence_bytes,
-            input_sentence_size=max_sentences,
-            shuffle_input_sentence=True,
-            num_threads=num_threads or os.cpu_count() or 1,
-            minloglevel=2,
-            **TRAINER_OPTIONS,
-        )
-    except RuntimeError as e:
-        if failure:
-            raise failure[0] from None
-        raise ValueError(f"tokenizer training failed: {e}") from e
-    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-    publish.file(output_prefix + ".vocab", vocab.encode("utf-8"))
-    publish.file(output_prefix + ".model", model.getvalue())
-    return output_prefix + ".model"
+      yield from _sentences(documents, max_sentence_bytes)
+    except BaseException as e:  # SentencePiece re-raises as RuntimeError; keep the original.
+      failure.append(e)
+      raise
+
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=sentences(),
+        model_writer=model,  # (a model_prefix would be recorded in the model's bytes)
+        vocab_size=vocab_size,
+        user_defined_symbols=list(user_defined_symbols),
+        max_sentence_length=4 * max_sentence_bytes,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=num_threads or os.cpu_count() or 1,
+        minloglevel=2,
+        **TRAINER_OPTIONS,
+    )
+  except RuntimeError as e:
+    if failure:
+      raise failure[0] from None
+    raise ValueError(f"tokenizer training failed: {e}") from e
+  sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
+  publish.file(output_prefix + ".vocab", vocab.encode("utf-8"))
+  publish.file(output_prefix + ".model", model.getvalue())
+  return output_prefix + ".model"
 
 
 def train_tokenizer(
@@ -265,6 +280,7 @@ def train_tokenizer(
     text_key: str = "text",
     **kwargs,
 ) -> str:
-    """Trains a tokenizer on .txt / .jsonl files or globs (see :func:`train_from_documents`)."""
-    files = corpus.expand_inputs(inputs)
-    return train_from_documents(corpus.read_documents(files, text_key), output_prefix, vocab_size, **kwargs)
+  """Trains a tokenizer on .txt / .jsonl files or globs (see :func:`train_from_documents`)."""
+  files = corpus.expand_inputs(inputs)
+  return train_from_documents(corpus.read_documents(files, text_key), output_prefix, vocab_size,
+                              **kwargs)

@@ -91,7 +91,7 @@ from yuanjax.model import Transformer
 
 log = logging.getLogger(__name__)
 
-FORMAT = 'yuanjax-hf/2'   # /1: one stacked leaf per param (refused)
+FORMAT = 'yuanjax-hf/2'  # /1: one stacked leaf per param (refused)
 SUPPORTED_DTYPES = ('float32', 'bfloat16', 'float16')
 AUX_FILE_MAX_BYTES = 64 << 20
 CHUNK_BYTES = 256 << 20
@@ -163,20 +163,23 @@ def _get(tree, path: tuple[str, ...]):
   return tree
 
 
-abstract_params = train_state.abstract_params   # unboxed ShapeDtypeStructs of the model's params
+abstract_params = train_state.abstract_params  # unboxed ShapeDtypeStructs of the model's params
 
 
 def _check_against_model(m) -> None:
   """The mapping must produce exactly the model's param tree (guards against model changes)."""
-  model = {tuple(k.key for k in path): tuple(leaf.shape)
-           for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(m))}
+  model = {
+      tuple(k.key for k in path): tuple(
+          leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(m))
+  }
   ours = hf_mapping.leaf_shapes(m)
   only_model = sorted(set(model.items()) - set(ours.items()))
   only_ours = sorted(set(ours.items()) - set(model.items()))
   if only_model or only_ours:
     fmt = lambda items: ', '.join(f'{"/".join(p)} {list(s)}' for p, s in items) or 'none'
-    raise AssertionError(f'the HF mapping and Transformer(config.model) params disagree: only in the '
-                         f'model: {fmt(only_model)}; only in the mapping: {fmt(only_ours)}')
+    raise AssertionError(
+        f'the HF mapping and Transformer(config.model) params disagree: only in the '
+        f'model: {fmt(only_model)}; only in the mapping: {fmt(only_ours)}')
 
 
 def _nest(flat: Mapping[tuple[str, ...], object]) -> dict:
@@ -202,8 +205,8 @@ def _copy_aux_files(src_dir: str, dst_dir: str, skip=()) -> list[str]:
     return copied
   for name in sorted(os.listdir(src_dir)):
     path = os.path.join(src_dir, name)
-    if (not os.path.isfile(path) or is_weight_file(name) or name == 'config.json' or name in skip
-        or os.path.getsize(path) > AUX_FILE_MAX_BYTES):
+    if (not os.path.isfile(path) or is_weight_file(name) or name == 'config.json' or name in skip or
+        os.path.getsize(path) > AUX_FILE_MAX_BYTES):
       continue
     os.makedirs(dst_dir, exist_ok=True)
     shutil.copy2(path, os.path.join(dst_dir, name))
@@ -235,15 +238,21 @@ def check_hf_weights(weights: HFWeights, m: ml_collections.ConfigDict, src: str 
   expected = hf_mapping.hf_shapes(m)
   expected_lm = (m.vocab_size, m.hidden_size)
   present = weights.shapes
-  ignored = lambda n: n.endswith('rotary_emb.inv_freq')   # a buffer some HF versions saved
+  ignored = lambda n: n.endswith('rotary_emb.inv_freq')  # a buffer some HF versions saved
   missing = [f'{n} [expected {list(s)}]' for n, s in expected.items() if n not in present]
-  unexpected = [f'{n} {list(s)} {d}' for n, (s, d) in present.items()
-                if n not in expected and n != LM_HEAD and not ignored(n)]
-  misshaped = [f'{n}: expected {list(expected.get(n, expected_lm))}, found {list(s)}'
-               for n, (s, _) in present.items()
-               if (n in expected or n == LM_HEAD) and tuple(s) != tuple(expected.get(n, expected_lm))]
-  bad_dtype = [f'{n}: {d}' for n, (_, d) in present.items()
-               if (n in expected or n == LM_HEAD) and d.name not in SUPPORTED_DTYPES]
+  unexpected = [
+      f'{n} {list(s)} {d}' for n, (s, d) in present.items()
+      if n not in expected and n != LM_HEAD and not ignored(n)
+  ]
+  misshaped = [
+      f'{n}: expected {list(expected.get(n, expected_lm))}, found {list(s)}'
+      for n, (s, _) in present.items()
+      if (n in expected or n == LM_HEAD) and tuple(s) != tuple(expected.get(n, expected_lm))
+  ]
+  bad_dtype = [
+      f'{n}: {d}' for n, (_, d) in present.items()
+      if (n in expected or n == LM_HEAD) and d.name not in SUPPORTED_DTYPES
+  ]
   lines = []
   for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped),
                        (f'not one of {SUPPORTED_DTYPES}', bad_dtype)):
@@ -306,7 +315,8 @@ def _stored_leaves(g: hf_mapping.Group, i: int | None) -> list[tuple[str, ...]]:
   return list(g.leaves) if i is None else [leaf + (_layer_key(i),) for leaf in g.leaves]
 
 
-def _storage_dtype(g: hf_mapping.Group, weights: HFWeights, num_layers: int, param_dtype) -> np.dtype:
+def _storage_dtype(g: hf_mapping.Group, weights: HFWeights, num_layers: int,
+                   param_dtype) -> np.dtype:
   """The source dtype of the group when param_dtype holds it exactly (bf16/f16 in f32), else
   param_dtype: orbax casts to the target dtype on restore, and bf16 halves memory and disk."""
   param_dtype = np.dtype(param_dtype)
@@ -346,15 +356,24 @@ def _finish_orbax(partial_path: str, params_dir: str) -> None:
   """Finalizes the partial save and moves its PyTree dir to params_dir (a plain
   StandardCheckpointer layout)."""
   ocp_partial.finalize(partial_path)
-  trees = [d for d in os.listdir(partial_path)
-           if os.path.isfile(os.path.join(partial_path, d, '_METADATA'))]
+  trees = [
+      d for d in os.listdir(partial_path)
+      if os.path.isfile(os.path.join(partial_path, d, '_METADATA'))
+  ]
   if len(trees) != 1:
-    raise AssertionError(f'unexpected orbax partial-save layout in {partial_path}: {os.listdir(partial_path)}')
+    raise AssertionError(
+        f'unexpected orbax partial-save layout in {partial_path}: {os.listdir(partial_path)}')
   os.rename(os.path.join(partial_path, trees[0]), params_dir)
   now = time.time_ns()
-  _write_json(os.path.join(params_dir, '_CHECKPOINT_METADATA'), {
-      'item_handlers': _STANDARD_HANDLER, 'metrics': {}, 'performance_metrics': {},
-      'init_timestamp_nsecs': now, 'commit_timestamp_nsecs': now, 'custom_metadata': {}})
+  _write_json(
+      os.path.join(params_dir, '_CHECKPOINT_METADATA'), {
+          'item_handlers': _STANDARD_HANDLER,
+          'metrics': {},
+          'performance_metrics': {},
+          'init_timestamp_nsecs': now,
+          'commit_timestamp_nsecs': now,
+          'custom_metadata': {}
+      })
   shutil.rmtree(partial_path)
 
 
@@ -364,8 +383,8 @@ def _orbax_save_context(compress: bool) -> ocpv1.Context:
   for w1/w2), so a sharded restore reads only what it needs and to-hf holds one chunk beyond
   the layer's leaf (tensorstore copies a leaf into its chunks once while writing); no zstd
   unless asked (it also buffers the compressed leaf, and is ~5x slower)."""
-  storage = ocpv1.options.ArrayOptions.Saving.StorageOptions(
-      chunk_byte_size=CHUNK_BYTES, shard_axes=(0,))
+  storage = ocpv1.options.ArrayOptions.Saving.StorageOptions(chunk_byte_size=CHUNK_BYTES,
+                                                             shard_axes=(0,))
   return ocpv1.Context(
       memory_options=ocpv1.options.MemoryOptions(deepcopy_host_arrays=False),
       array_options=ocpv1.options.ArrayOptions(saving=ocpv1.options.ArrayOptions.Saving(
@@ -383,7 +402,8 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
   hf_cfg, m, weights = _open_hf(src)
   main_dtype, overrides = _dtype_record(weights)
   pdtype = np.dtype(m.param_dtype)
-  log.info('%s: %d tensors (%s, %s) -> %s', src, len(weights.shapes), weights.format, main_dtype, dst)
+  log.info('%s: %d tensors (%s, %s) -> %s', src, len(weights.shapes), weights.format, main_dtype,
+           dst)
 
   def write(tmp):
     partial_path = os.path.join(tmp, 'params.partial')
@@ -400,14 +420,24 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
       with _orbax_save_context(compress):
         ocp_partial.save(partial_path, _nest(flat))
       log.info('  %s: %d leaves, %.2f GB (%.1fs)', 'global' if i is None else f'layer {i}',
-               len(flat), sum(a.nbytes for a in flat.values()) / 1e9, time.time() - t0)
+               len(flat),
+               sum(a.nbytes for a in flat.values()) / 1e9,
+               time.time() - t0)
       del flat
     _finish_orbax(partial_path, os.path.join(tmp, 'params'))
-    _write_json(os.path.join(tmp, 'config.json'), {
-        'format': FORMAT, 'model': m.to_dict(),
-        'hf': {'config': hf_cfg, 'dtype': main_dtype, 'dtype_overrides': overrides,
-               'has_lm_head': LM_HEAD in weights.shapes, 'weight_format': weights.format,
-               'source': src}})
+    _write_json(
+        os.path.join(tmp, 'config.json'), {
+            'format': FORMAT,
+            'model': m.to_dict(),
+            'hf': {
+                'config': hf_cfg,
+                'dtype': main_dtype,
+                'dtype_overrides': overrides,
+                'has_lm_head': LM_HEAD in weights.shapes,
+                'weight_format': weights.format,
+                'source': src
+            }
+        })
     with open(os.path.join(tmp, 'config.py'), 'w') as f:
       f.write(_CONFIG_PY.format(dir=dst))
     _copy_aux_files(src, os.path.join(tmp, 'hf_files'))
@@ -440,13 +470,13 @@ def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_m
   np_dtype = {n: np.dtype(jnp.dtype(d)) for n, _, d in plan}
 
   def write_group(writer, g):
-    for i in (range(m.num_layers) if g.per_layer else [None]):   # one layer in memory at a time
+    for i in (range(m.num_layers) if g.per_layer else [None]):  # one layer in memory at a time
       raw = [np.asarray(x) for x in get_leaves(g.leaves, i)]
       if len({r.dtype for r in raw}) > 1:
         raw = [r.astype(np.float32) for r in raw]
       leaf_dtype = raw[0].dtype
       for name, a in zip(g.names(i), g.to_hf(*[_bits(r) for r in raw])):
-        a = np.ascontiguousarray(a).view(leaf_dtype)    # moved as bits, then cast
+        a = np.ascontiguousarray(a).view(leaf_dtype)  # moved as bits, then cast
         writer.add(name, a.astype(np_dtype[name], copy=False))
         if name == EMBED and has_lm_head:
           writer.add(LM_HEAD, a.astype(np_dtype[LM_HEAD], copy=False))
@@ -470,9 +500,12 @@ def save_hf(dst: str, model_config: ml_collections.ConfigDict, params, *, dtype:
   params = nn.unbox(params)
 
   def get_leaves(paths, i):
-    return [np.asarray(_get(params, path) if i is None else _get(params, path)[i]) for path in paths]
-  _write_hf(dst, model_config, get_leaves, {'config': hf_config}, dtype, max_shard_size,
-            overwrite, None)
+    return [
+        np.asarray(_get(params, path) if i is None else _get(params, path)[i]) for path in paths
+    ]
+
+  _write_hf(dst, model_config, get_leaves, {'config': hf_config}, dtype, max_shard_size, overwrite,
+            None)
 
 
 def _orbax_leaf_reader(params_dir: str, m: ml_collections.ConfigDict) -> Callable:
@@ -490,6 +523,7 @@ def _orbax_leaf_reader(params_dir: str, m: ml_collections.ConfigDict) -> Callabl
     with ocp.PyTreeCheckpointer() as ckptr:
       tree = _partial_restore(ckptr, params_dir, _nest(flat), sharded=False, cast=False)
     return [_get(tree, p) for p in flat]
+
   return get_leaves
 
 
@@ -505,8 +539,8 @@ def export_hf(src: str, dst: str, *, dtype: str | None = None, max_shard_size='5
   with open(os.path.join(src, 'config.json')) as f:
     saved = json.load(f)
   m = hf_mapping.model_config_from_saved(saved['model'])
-  _write_hf(dst, m, _orbax_leaf_reader(os.path.join(src, 'params'), m), saved.get('hf', {}),
-            dtype, max_shard_size, overwrite, os.path.join(src, 'hf_files'))
+  _write_hf(dst, m, _orbax_leaf_reader(os.path.join(src, 'params'), m), saved.get('hf', {}), dtype,
+            max_shard_size, overwrite, os.path.join(src, 'hf_files'))
   log.info('wrote %s', dst)
 
 
@@ -521,8 +555,9 @@ def _partial_restore(ckptr, params_dir: str, item, *, sharded: bool, cast: bool 
   else:
     restore_args = jax.tree.map(
         lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype if cast else None), item)
-  return ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
-      item=item, restore_args=restore_args, partial_restore=True))
+  return ckptr.restore(
+      params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                              partial_restore=True))
 
 
 def _layer_sharding(sharding, ndim: int):
@@ -532,7 +567,7 @@ def _layer_sharding(sharding, ndim: int):
     return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[1:]))
   if isinstance(sharding, jax.sharding.SingleDeviceSharding):
     return sharding
-  return None      # anything else: the layers are read to host and placed once stacked
+  return None  # anything else: the layers are read to host and placed once stacked
 
 
 @functools.lru_cache(maxsize=None)
@@ -561,18 +596,22 @@ def restore_params(path: str, abstract) -> dict:
     sharding = getattr(leaf, 'sharding', None)
     if not isinstance(node, Mapping):
       with ocp.PyTreeCheckpointer() as ckptr:
-        return _get(_partial_restore(ckptr, params_dir, _nest({keys: leaf}),
-                                     sharded=sharding is not None), keys)
+        return _get(
+            _partial_restore(ckptr, params_dir, _nest({keys: leaf}), sharded=sharding is not None),
+            keys)
     n = leaf.shape[0]
     if set(node) != {_layer_key(i) for i in range(n)}:
       raise ValueError(f'{path}: {"/".join(keys)} has layers {sorted(node)} in the checkpoint, '
                        f'the model has {n}')
     part_sharding = _layer_sharding(sharding, leaf.ndim) if sharding is not None else None
-    item = {_layer_key(i): jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=part_sharding)
-            for i in range(n)}
+    item = {
+        _layer_key(i): jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype, sharding=part_sharding)
+        for i in range(n)
+    }
     with ocp.PyTreeCheckpointer() as ckptr:
-      parts = _get(_partial_restore(ckptr, params_dir, _nest({keys: item}),
-                                    sharded=part_sharding is not None), keys)
+      parts = _get(
+          _partial_restore(ckptr, params_dir, _nest({keys: item}), sharded=part_sharding
+                           is not None), keys)
     parts = [parts.pop(_layer_key(i)) for i in range(n)]
     if part_sharding is not None:
       return _stacker(sharding)(*parts)
@@ -620,7 +659,7 @@ def load_tokenizer(path: str):
   """Yuan's tokenizer of an HF dir or a converted dir, exactly as Yuan's runtime builds it:
   tokenizer.model, newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS:
   one that the model lacks gets the next id past it, in order; each is encoded as one id)."""
-  from yuanjax.data import tokenizer   # lazily: the data package is optional here
+  from yuanjax.data import tokenizer  # lazily: the data package is optional here
   for candidate in (os.path.join(path, 'tokenizer.model'),
                     os.path.join(path, 'hf_files', 'tokenizer.model')):
     if os.path.isfile(candidate):
@@ -629,6 +668,8 @@ def load_tokenizer(path: str):
   raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)')
 
 
-__all__ = ['FORMAT', 'HFCheckpointError', 'HFConfigError', 'abstract_params', 'check_hf_weights',
-           'export_hf', 'import_hf', 'is_converted', 'load', 'load_tokenizer', 'model_config_from_hf',
-           'params_from_hf', 'restore_params', 'save_hf']
+__all__ = [
+    'FORMAT', 'HFCheckpointError', 'HFConfigError', 'abstract_params', 'check_hf_weights',
+    'export_hf', 'import_hf', 'is_converted', 'load', 'load_tokenizer', 'model_config_from_hf',
+    'params_from_hf', 'restore_params', 'save_hf'
+]

@@ -44,23 +44,40 @@ log = logging.getLogger(__name__)
 
 LM_HEAD = 'lm_head.weight'
 EMBED = 'model.embed_tokens.weight'
-HF_ROPE_BASE = 10000.0   # hard-coded in the released yuan_moe_hf_model.py
-HF_LF_NORM_EPS = 1e-6    # LocalizedFiltering's RMSNorm ignores rms_norm_eps
+HF_ROPE_BASE = 10000.0  # hard-coded in the released yuan_moe_hf_model.py
+HF_LF_NORM_EPS = 1e-6  # LocalizedFiltering's RMSNorm ignores rms_norm_eps
 
 # What the released Yuan2-M32-hf config.json sets besides the sizes; used for exports of
 # models that were not imported from HF (an imported model re-uses its source config.json).
 DEFAULT_HF_CONFIG = {
     'architectures': ['YuanForCausalLM'],
-    'auto_map': {'AutoConfig': 'configuration_yuan.YuanConfig',
-                 'AutoModelForCausalLM': 'yuan_hf_model.YuanForCausalLM'},
-    'bos_token_id': 77185, 'eos_token_id': 77185, 'pad_token_id': 77185,
-    'eod_token': 77185, 'eod_token_id': 77185, 'sep_token': 77187, 'sep_token_id': 77185,
+    'auto_map': {
+        'AutoConfig': 'configuration_yuan.YuanConfig',
+        'AutoModelForCausalLM': 'yuan_hf_model.YuanForCausalLM'
+    },
+    'bos_token_id': 77185,
+    'eos_token_id': 77185,
+    'pad_token_id': 77185,
+    'eod_token': 77185,
+    'eod_token_id': 77185,
+    'sep_token': 77187,
+    'sep_token_id': 77185,
     'mask_token_id': 77185,
-    'causal_mask': True, 'dropout': 0, 'hidden_act': 'silu', 'initializer_range': 0.02,
-    'model_max_length': 8192, 'model_type': 'yuan', 'output_router_logits': True,
-    'reset_attention_mask': False, 'reset_position_ids': True, 'tokenizer_class': 'YuanTokenizer',
-    'transformers_version': '4.30.2', 'use_cache': True, 'use_flash_attention': True,
-    'use_loss_mask': False, 'use_moe': True,
+    'causal_mask': True,
+    'dropout': 0,
+    'hidden_act': 'silu',
+    'initializer_range': 0.02,
+    'model_max_length': 8192,
+    'model_type': 'yuan',
+    'output_router_logits': True,
+    'reset_attention_mask': False,
+    'reset_position_ids': True,
+    'tokenizer_class': 'YuanTokenizer',
+    'transformers_version': '4.30.2',
+    'use_cache': True,
+    'use_flash_attention': True,
+    'use_loss_mask': False,
+    'use_moe': True,
 }
 
 
@@ -78,8 +95,10 @@ def _raise(problems, what):
 
 def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   """config.model for an HF Yuan config.json dict (see the module docstring)."""
-  problems = [f'missing field {k!r}' for k in
-              ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'vocab_size') if k not in c]
+  problems = [
+      f'missing field {k!r}' for k in ('hidden_size', 'num_attention_heads', 'num_hidden_layers',
+                                       'vocab_size') if k not in c
+  ]
   _raise(problems, 'config.json cannot be mapped to a yuanjax model')
   D, H = c['hidden_size'], c['num_attention_heads']
   aps = c.get('attention_projection_size') or D
@@ -88,12 +107,14 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   if aps % H:
     problems.append(f'attention_projection_size={aps} is not a multiple of num_attention_heads={H}')
   if 'head_dim' in c and c['head_dim'] != K:
-    problems.append(f'head_dim={c["head_dim"]} != attention_projection_size / num_attention_heads = {K}')
+    problems.append(
+        f'head_dim={c["head_dim"]} != attention_projection_size / num_attention_heads = {K}')
   if R > K:
     problems.append(f'rotary dims hidden_size // num_attention_heads = {R} > head_dim = {K}')
   if c.get('use_moe') is False or not moe.get('moe_num_experts'):
-    problems.append('not a MoE model (use_moe false or no moe_config.moe_num_experts): dense Yuan 2.0 '
-                    'checkpoints are not supported; HF import needs every layer MoE (moe_every=1)')
+    problems.append(
+        'not a MoE model (use_moe false or no moe_config.moe_num_experts): dense Yuan 2.0 '
+        'checkpoints are not supported; HF import needs every layer MoE (moe_every=1)')
   for k in ('moe_top_k', 'ffn_hidden_size'):
     if moe.get('moe_num_experts') and k not in moe:
       problems.append(f'missing field moe_config.{k}')
@@ -101,29 +122,35 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
     problems.append('moe_config.gated_linear_unit is false: yuanjax experts are SwiGLU')
   router_type = str(moe.get('router_type', 'attention')).lower()
   if 'attn' not in router_type and 'attention' not in router_type:
-    problems.append(f'moe_config.router_type={moe["router_type"]!r}: only the attention router exists in HF Yuan')
+    problems.append(
+        f'moe_config.router_type={moe["router_type"]!r}: only the attention router exists in HF Yuan'
+    )
   if c.get('hidden_act', 'silu') != 'silu':
     problems.append(f'hidden_act={c["hidden_act"]!r}: only silu (SwiGLU) is supported')
   if c.get('use_shareqk'):
-    problems.append('use_shareqk is true: only LFA attention (q_proj/k_proj + lf_gate) is supported')
+    problems.append(
+        'use_shareqk is true: only LFA attention (q_proj/k_proj + lf_gate) is supported')
   if c.get('num_key_value_heads', H) != H:
-    problems.append(f'num_key_value_heads={c["num_key_value_heads"]} != num_attention_heads={H}: no GQA')
+    problems.append(
+        f'num_key_value_heads={c["num_key_value_heads"]} != num_attention_heads={H}: no GQA')
   _raise(problems, 'config.json cannot be mapped to a yuanjax model')
 
   eps = float(c.get('rms_norm_eps', 1e-6))
   if eps != HF_LF_NORM_EPS:
-    log.warning('rms_norm_eps=%g: HF uses 1e-6 in the LFA norm regardless, yuanjax uses norm_eps '
-                'everywhere', eps)
+    log.warning(
+        'rms_norm_eps=%g: HF uses 1e-6 in the LFA norm regardless, yuanjax uses norm_eps '
+        'everywhere', eps)
   base = float(c.get('rotary_base', c.get('rope_theta', HF_ROPE_BASE)))
   if base != HF_ROPE_BASE:
-    log.warning('rotary base %g from config.json: the released HF modelling code ignores it and '
-                'uses %g', base, HF_ROPE_BASE)
+    log.warning(
+        'rotary base %g from config.json: the released HF modelling code ignores it and '
+        'uses %g', base, HF_ROPE_BASE)
   m = config_lib.m32_model()
-  m.update(dict(vocab_size=c['vocab_size'], hidden_size=D, num_layers=c['num_hidden_layers'],
-                num_heads=H, head_dim=K, rotary_dims=R, rope_base=base, rope_ntk_factor=1.0,
-                max_seq_len=int(c.get('max_position_embeddings', 4096)), norm_eps=eps,
-                num_experts=moe['moe_num_experts'], moe_every=1,
-                dense_ffn_size=moe['ffn_hidden_size']))
+  m.update(
+      dict(vocab_size=c['vocab_size'], hidden_size=D, num_layers=c['num_hidden_layers'],
+           num_heads=H, head_dim=K, rotary_dims=R, rope_base=base, rope_ntk_factor=1.0,
+           max_seq_len=int(c.get('max_position_embeddings', 4096)), norm_eps=eps,
+           num_experts=moe['moe_num_experts'], moe_every=1, dense_ffn_size=moe['ffn_hidden_size']))
   m.router.type = 'attention'
   m.router.top_k = moe['moe_top_k']
   m.router.norm_topk_prob = bool(moe.get('norm_topk_prob', True))
@@ -138,12 +165,14 @@ def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
 
   Fields added to m32_model() after the checkpoint was written keep their defaults.
   """
+
   def merge(node, d):
     for k, v in d.items():
       if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
         merge(node[k], v)
       else:
         node[k] = v
+
   m = config_lib.m32_model()
   merge(m, saved)
   return m
@@ -161,8 +190,9 @@ def exportable(m: ml_collections.ConfigDict) -> None:
   if m.router.noisy_topk:
     problems.append('router.noisy_topk: HF Yuan has no noise weights')
   if m.hidden_size // m.num_heads != m.rotary_dims:
-    problems.append(f'rotary_dims={m.rotary_dims}: HF Yuan always rotates hidden_size // num_heads = '
-                    f'{m.hidden_size // m.num_heads} dims')
+    problems.append(
+        f'rotary_dims={m.rotary_dims}: HF Yuan always rotates hidden_size // num_heads = '
+        f'{m.hidden_size // m.num_heads} dims')
   _raise(problems, 'this model cannot be exported to the HF Yuan format')
 
 
@@ -187,13 +217,13 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   _keep_or_set(c, 'attention_projection_size', H * K, default=D)
   _keep_or_set(c, 'rms_norm_eps', m.norm_eps)
   if not base:
-    c['intermediate_size'] = F     # the dense FFN size, unused by MoE layers; M32 sets it to F
+    c['intermediate_size'] = F  # the dense FFN size, unused by MoE layers; M32 sets it to F
   base_freq = layers.rope_base(m.rope_base, m.rotary_dims, m.rope_ntk_factor)
   rope_key = next((k for k in ('rotary_base', 'rope_theta') if k in c), 'rotary_base')
   _keep_or_set(c, rope_key, base_freq, default=HF_ROPE_BASE)
   if base_freq != HF_ROPE_BASE:
-    log.warning('rotary base %g written as %s: the released HF modelling code ignores it', base_freq,
-                rope_key)
+    log.warning('rotary base %g written as %s: the released HF modelling code ignores it',
+                base_freq, rope_key)
   moe = dict(c.get('moe_config') or {})
   for key, value in (('moe_num_experts', m.num_experts), ('moe_top_k', m.router.top_k),
                      ('ffn_hidden_size', F), ('norm_topk_prob', bool(m.router.norm_topk_prob)),
@@ -226,8 +256,8 @@ class Group:
 
 
 def _one(leaf, leaf_shape, hf, hf_shape, to_jax, to_hf, per_layer=True) -> Group:
-  return Group((leaf,), (leaf_shape,), (hf,), (hf_shape,), lambda x: (to_jax(x),),
-               lambda y: (to_hf(y),), per_layer)
+  return Group((leaf,), (leaf_shape,), (hf,), (hf_shape,), lambda x: (to_jax(x),), lambda y:
+               (to_hf(y),), per_layer)
 
 
 def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
@@ -237,14 +267,14 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   ident, T = (lambda x: x), (lambda x: x.T)
 
   def qk_to_jax(q, k):
-    s = np.concatenate([q, k], axis=0).reshape(H, 2, K, D)     # quirk 1
+    s = np.concatenate([q, k], axis=0).reshape(H, 2, K, D)  # quirk 1
     return s[:, 0].transpose(2, 0, 1), s[:, 1].transpose(2, 0, 1)
 
   def qk_to_hf(wq, wk):
     s = np.stack([wq.transpose(1, 2, 0), wk.transpose(1, 2, 0)], axis=1).reshape(2 * H * K, D)
     return s[:H * K], s[H * K:]
 
-  conv_to_jax = lambda w: w[..., 0].transpose(2, 1, 0)          # [out, in, 2, 1] -> [2, in, out]
+  conv_to_jax = lambda w: w[..., 0].transpose(2, 1, 0)  # [out, in, 2, 1] -> [2, in, out]
   conv_to_hf = lambda k: k.transpose(2, 1, 0)[..., None]
   L, A, p = ('blocks', 'layer_0'), ('blocks', 'layer_0', 'attention'), 'model.layers.{i}.'
   groups = [
@@ -255,14 +285,15 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
             (p + 'self_attn.q_proj.weight', p + 'self_attn.k_proj.weight'), ((H * K, D),) * 2,
             qk_to_jax, qk_to_hf),
       _one(A + ('wv',), (D, H, K), p + 'self_attn.v_proj.weight', (H * K, D),
-           lambda w: w.reshape(H, K, D).transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0).reshape(H * K, D)),
+           lambda w: w.reshape(H, K, D).transpose(2, 0, 1),
+           lambda w: w.transpose(1, 2, 0).reshape(H * K, D)),
       _one(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
            lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
-      _one(A + ('lf', 'conv1_kernel'), (2, D, M), p + 'self_attn.lf_gate.conv1.weight', (M, D, 2, 1),
-           conv_to_jax, conv_to_hf),
+      _one(A + ('lf', 'conv1_kernel'), (2, D, M), p + 'self_attn.lf_gate.conv1.weight',
+           (M, D, 2, 1), conv_to_jax, conv_to_hf),
       _one(A + ('lf', 'conv1_bias'), (M,), p + 'self_attn.lf_gate.conv1.bias', (M,), ident, ident),
-      _one(A + ('lf', 'conv2_kernel'), (2, M, D), p + 'self_attn.lf_gate.conv2.weight', (D, M, 2, 1),
-           conv_to_jax, conv_to_hf),
+      _one(A + ('lf', 'conv2_kernel'), (2, M, D), p + 'self_attn.lf_gate.conv2.weight',
+           (D, M, 2, 1), conv_to_jax, conv_to_hf),
       _one(A + ('lf', 'conv2_bias'), (D,), p + 'self_attn.lf_gate.conv2.bias', (D,), ident, ident),
       _one(A + ('lf', 'norm', 'scale'), (D,), p + 'self_attn.lf_gate.output_layernorm.weight', (D,),
            ident, ident),
@@ -270,12 +301,13 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
            ident, ident),
   ]
   for ours, theirs in (('wq', 'query'), ('wk', 'key'), ('wv', 'value')):
-    groups.append(_one(L + ('moe', 'router', ours), (D, E), p + f'mlp.gate.{theirs}.weight', (E, D), T, T))
+    groups.append(
+        _one(L + ('moe', 'router', ours), (D, E), p + f'mlp.gate.{theirs}.weight', (E, D), T, T))
   for w, shape, hf_shape in (('w1', (E, D, 2 * F), (2 * F, D)), ('w2', (E, F, D), (D, F))):
-    groups.append(Group((L + ('moe', w),), (shape,),
-                        tuple(p + f'mlp.experts.{e}.{w}.weight' for e in range(E)), (hf_shape,) * E,
-                        lambda *ws: (np.stack([x.T for x in ws]),),
-                        lambda x: tuple(x[e].T for e in range(x.shape[0]))))
+    groups.append(
+        Group((L + ('moe', w),), (shape,), tuple(
+            p + f'mlp.experts.{e}.{w}.weight' for e in range(E)), (hf_shape,) * E, lambda *ws:
+              (np.stack([x.T for x in ws]),), lambda x: tuple(x[e].T for e in range(x.shape[0]))))
   return groups
 
 

@@ -32,8 +32,15 @@ from yuanjax.interop import torch_bin
 SAFETENSORS_INDEX = 'model.safetensors.index.json'
 BIN_INDEX = 'pytorch_model.bin.index.json'
 _ST_DTYPES = {
-    'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
-    'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8,
+    'F64': np.float64,
+    'F32': np.float32,
+    'F16': np.float16,
+    'BF16': ml_dtypes.bfloat16,
+    'I64': np.int64,
+    'I32': np.int32,
+    'I16': np.int16,
+    'I8': np.int8,
+    'U8': np.uint8,
     'BOOL': np.bool_,
 }
 
@@ -115,8 +122,17 @@ def parse_size(size: int | str) -> int:
   if not m:
     raise ValueError(f'cannot parse size {size!r} (examples: 5GB, 500MB, 4GiB, 1000000)')
   unit = (m.group(2) or 'B').upper()
-  powers = {'B': 1, 'KB': 10**3, 'MB': 10**6, 'GB': 10**9, 'TB': 10**12,
-            'KIB': 2**10, 'MIB': 2**20, 'GIB': 2**30, 'TIB': 2**40}
+  powers = {
+      'B': 1,
+      'KB': 10**3,
+      'MB': 10**6,
+      'GB': 10**9,
+      'TB': 10**12,
+      'KIB': 2**10,
+      'MIB': 2**20,
+      'GIB': 2**30,
+      'TIB': 2**40
+  }
   return int(float(m.group(1)) * powers[unit])
 
 
@@ -145,7 +161,9 @@ class SafetensorsShardWriter:
     n = len(shards)
     self.shards = shards
     self.shard_files = [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
-    self.weight_map = {e[0]: self.shard_files[i] for i, entries in enumerate(shards) for e in entries}
+    self.weight_map = {
+        e[0]: self.shard_files[i] for i, entries in enumerate(shards) for e in entries
+    }
     self.total_size = sum(_nbytes(e) for e in self.plan)
     self._shard, self._pos, self._file = 0, 0, None
 
@@ -153,10 +171,14 @@ class SafetensorsShardWriter:
     header, offset = {'__metadata__': {'format': 'pt'}}, 0
     for name, shape, dtype in self.shards[self._shard]:
       end = offset + _nbytes((name, shape, dtype))
-      header[name] = {'dtype': _ST_NAMES[dtype], 'shape': list(shape), 'data_offsets': [offset, end]}
+      header[name] = {
+          'dtype': _ST_NAMES[dtype],
+          'shape': list(shape),
+          'data_offsets': [offset, end]
+      }
       offset = end
     blob = json.dumps(header, separators=(',', ':')).encode()
-    blob += b' ' * (-len(blob) % 8)                # the data starts 8-byte aligned
+    blob += b' ' * (-len(blob) % 8)  # the data starts 8-byte aligned
     self._file = open(os.path.join(self.path, self.shard_files[self._shard]), 'wb')
     self._file.write(len(blob).to_bytes(8, 'little') + blob)
 
@@ -177,8 +199,12 @@ class SafetensorsShardWriter:
   def close(self) -> None:
     if self._shard != len(self.shards):
       raise AssertionError(f'shard {self._shard + 1} of {len(self.shards)} is incomplete')
-    index = {'metadata': {'total_size': self.total_size},
-             'weight_map': dict(sorted(self.weight_map.items()))}
+    index = {
+        'metadata': {
+            'total_size': self.total_size
+        },
+        'weight_map': dict(sorted(self.weight_map.items()))
+    }
     with open(os.path.join(self.path, SAFETENSORS_INDEX), 'w') as f:
       json.dump(index, f, indent=2)
       f.write('\n')

@@ -69,9 +69,9 @@ class _Storage:
 class TensorRef:
   """A tensor of a .bin file, not yet read: a strided view of one storage."""
   storage: _Storage
-  offset: int                 # in elements
+  offset: int  # in elements
   shape: tuple[int, ...]
-  stride: tuple[int, ...]     # in elements
+  stride: tuple[int, ...]  # in elements
 
   @property
   def dtype(self) -> np.dtype:
@@ -113,8 +113,8 @@ class _Unpickler(pickle.Unpickler):
         f'handle. Install torch ({INSTALL_HINT}) and re-save the weights as safetensors.')
 
   def persistent_load(self, pid):
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-            and isinstance(pid[1], _StorageType)):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and
+            isinstance(pid[1], _StorageType)):
       raise TorchBinError(f'{self._path}: unsupported persistent id {pid!r} ({INSTALL_HINT})')
     _, storage_type, key, _location, numel = pid
     return _Storage(str(key), storage_type.dtype, int(numel))
@@ -151,7 +151,7 @@ class TorchBinFile:
     if info.compress_type != zipfile.ZIP_STORED:
       with zipfile.ZipFile(self.path) as zf:
         return np.frombuffer(zf.read(info), np.uint8)
-    with open(self.path, 'rb') as f:   # the local header's lengths can differ from the central one
+    with open(self.path, 'rb') as f:  # the local header's lengths can differ from the central one
       f.seek(info.header_offset)
       header = f.read(30)
     name_len, extra_len = struct.unpack('<HH', header[26:30])
@@ -168,10 +168,11 @@ class TorchBinFile:
     if raw.size < ref.storage.numel * itemsize:
       raise TorchBinError(f'{self.path}: storage of {name} is truncated')
     flat = raw[:ref.storage.numel * itemsize].view(ref.dtype)
-    last = ref.offset + sum((n - 1) * s for n, s in zip(ref.shape, ref.stride)) if all(ref.shape) else -1
+    last = ref.offset + sum(
+        (n - 1) * s for n, s in zip(ref.shape, ref.stride)) if all(ref.shape) else -1
     if ref.offset < 0 or last >= ref.storage.numel:
       raise TorchBinError(f'{self.path}: {name} reaches past its storage')
-    view = np.lib.stride_tricks.as_strided(
-        flat[ref.offset:], shape=ref.shape, strides=tuple(s * itemsize for s in ref.stride),
-        writeable=False)
+    view = np.lib.stride_tricks.as_strided(flat[ref.offset:], shape=ref.shape,
+                                           strides=tuple(s * itemsize for s in ref.stride),
+                                           writeable=False)
     return np.array(view, order='C')

@@ -59,18 +59,18 @@ class LocalizedFiltering(nn.Module):
     # Kernel index 0 multiplies the previous position, index 1 the current one.
     a_2xDxM = layers.param_with_axes(self, 'conv1_kernel', init, (2, D, D // 2),
                                      ('conv', 'embed', 'mlp'), pdtype)
-    a_M = layers.param_with_axes(self, 'conv1_bias', nn.initializers.zeros, (D // 2,),
-                                 ('mlp',), pdtype)
+    a_M = layers.param_with_axes(self, 'conv1_bias', nn.initializers.zeros, (D // 2,), ('mlp',),
+                                 pdtype)
     b_2xMxD = layers.param_with_axes(self, 'conv2_kernel', init, (2, D // 2, D),
                                      ('conv', 'mlp', 'embed'), pdtype)
-    b_D = layers.param_with_axes(self, 'conv2_bias', nn.initializers.zeros, (D,),
-                                 ('embed',), pdtype)
+    b_D = layers.param_with_axes(self, 'conv2_bias', nn.initializers.zeros, (D,), ('embed',),
+                                 pdtype)
 
     def conv(x, x_prev, kernel, bias):
       """kernel[0] x[t-1] + kernel[1] x[t] + bias."""
       kernel = kernel.astype(dtype)
-      return (jnp.einsum('blc,cm->blm', x_prev, kernel[0])
-              + jnp.einsum('blc,cm->blm', x, kernel[1]) + bias.astype(dtype))
+      return (jnp.einsum('blc,cm->blm', x_prev, kernel[0]) +
+              jnp.einsum('blc,cm->blm', x, kernel[1]) + bias.astype(dtype))
 
     if not self.decode:
       same = None
@@ -81,11 +81,12 @@ class LocalizedFiltering(nn.Module):
     else:
       B, L, _ = u_BxLxD.shape
       u_prev = self.variable('cache', 'u_prev', jnp.zeros, (B, 2, D), dtype)
-      u_ext = jnp.concatenate([u_prev.value, u_BxLxD], axis=1)     # u[p-2] .. u[p+L-1]
-      c1_ext = conv(u_ext[:, 1:], u_ext[:, :-1], a_2xDxM, a_M)      # c1[p-1] .. c1[p+L-1]
-      c1_ext = c1_ext.at[:, 0].multiply((positions_BxL[:, 0] > 0)[:, None].astype(dtype))  # c1[-1] = 0
+      u_ext = jnp.concatenate([u_prev.value, u_BxLxD], axis=1)  # u[p-2] .. u[p+L-1]
+      c1_ext = conv(u_ext[:, 1:], u_ext[:, :-1], a_2xDxM, a_M)  # c1[p-1] .. c1[p+L-1]
+      c1_ext = c1_ext.at[:, 0].multiply((positions_BxL[:, 0] > 0)[:,
+                                                                  None].astype(dtype))  # c1[-1] = 0
       c2_BxLxD = conv(c1_ext[:, 1:], c1_ext[:, :-1], b_2xMxD, b_D)
-      last_two_Bx2 = lengths_B[:, None] + jnp.arange(2)            # u[p+n-2], u[p+n-1] in u_ext
+      last_two_Bx2 = lengths_B[:, None] + jnp.arange(2)  # u[p+n-2], u[p+n-1] in u_ext
       u_prev.value = jnp.take_along_axis(u_ext, last_two_Bx2[..., None], axis=1)
     return layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='norm')(c2_BxLxD + u_BxLxD)
 
@@ -123,21 +124,22 @@ class Attention(nn.Module):
     wq_DxHxK = layers.param_with_axes(self, 'wq', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
     wk_DxHxK = layers.param_with_axes(self, 'wk', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
     wv_DxHxK = layers.param_with_axes(self, 'wv', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
-    wo_HxKxD = layers.param_with_axes(self, 'wo', out_init, (H, K, D), ('heads', 'kv', 'embed'), pdtype)
+    wo_HxKxD = layers.param_with_axes(self, 'wo', out_init, (H, K, D), ('heads', 'kv', 'embed'),
+                                      pdtype)
     heads = ('act_batch', 'act_len', 'act_heads', 'act_kv')
 
     v = jnp.einsum('bld,dhk->blhk', u_BxLxD, wv_DxHxK.astype(dtype))
     f_BxLxD = LocalizedFiltering(cfg, self.decode, name='lf')(u_BxLxD, segment_ids_BxL,
-                                                             positions_BxL, lengths_B)
+                                                              positions_BxL, lengths_B)
     q = jnp.einsum('bld,dhk->blhk', f_BxLxD, wq_DxHxK.astype(dtype))
     k = jnp.einsum('bld,dhk->blhk', f_BxLxD, wk_DxHxK.astype(dtype))
     base = layers.rope_base(cfg.rope_base, cfg.rotary_dims, cfg.rope_ntk_factor)
-    hf_bf16 = cfg.get('rope_hf_bf16', False)     # spec quirk 3 (layers.rotary_angles)
+    hf_bf16 = cfg.get('rope_hf_bf16', False)  # spec quirk 3 (layers.rotary_angles)
     q = layers.apply_rotary(q, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     q, k, v = (layers.constrain(t, heads) for t in (q, k, v))
 
-    scale = K ** -0.5
+    scale = K**-0.5
     L = u_BxLxD.shape[1]
     if self.decode:
       # The cache is created by init_cache with the maximum length as L (see the module doc).

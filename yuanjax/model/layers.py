@@ -48,8 +48,8 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD):
-    scale_D = param_with_axes(self, 'scale', nn.initializers.ones,
-                              (x_BxLxD.shape[-1],), ('norm',), self.param_dtype)
+    scale_D = param_with_axes(self, 'scale', nn.initializers.ones, (x_BxLxD.shape[-1],), ('norm',),
+                              self.param_dtype)
     x32 = x_BxLxD.astype(f32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return y.astype(self.dtype) * scale_D.astype(self.dtype)
@@ -76,8 +76,7 @@ class MLP(nn.Module):
                               (self.hidden_size, 2 * self.ffn_size), ('embed', 'mlp'),
                               self.param_dtype)
     w2_FxD = param_with_axes(self, 'w2', nn.initializers.normal(self.out_init_std),
-                             (self.ffn_size, self.hidden_size), ('mlp', 'embed'),
-                             self.param_dtype)
+                             (self.ffn_size, self.hidden_size), ('mlp', 'embed'), self.param_dtype)
     h = jnp.einsum('bld,df->blf', x_BxLxD, w1_Dx2F.astype(self.dtype))
     return jnp.einsum('blf,fd->bld', swiglu(h), w2_FxD.astype(self.dtype))
 
@@ -89,7 +88,7 @@ def rope_base(base: float, rotary_dims: int, ntk_factor: float = 1.0) -> float:
   """NTK-aware base: b' = b * s^(R / (R - 2)) (Yuan's 16K extension: s=4 -> 40890)."""
   if ntk_factor == 1.0:
     return float(base)
-  return float(base) * float(ntk_factor) ** (rotary_dims / (rotary_dims - 2))
+  return float(base) * float(ntk_factor)**(rotary_dims / (rotary_dims - 2))
 
 
 def rope_inv_freq(rotary_dims: int, base: float) -> np.ndarray:
@@ -138,9 +137,9 @@ def positions_from_segments(segment_ids_BxL):
   """Positions that restart at 0 wherever the segment id changes."""
   L = segment_ids_BxL.shape[1]
   idx_BxL = jnp.broadcast_to(jnp.arange(L), segment_ids_BxL.shape)
-  starts = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BxL[:, :1], bool),
-       segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+  starts = jnp.concatenate([
+      jnp.ones_like(segment_ids_BxL[:, :1], bool), segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]
+  ], axis=1)
   start_idx_BxL = jax.lax.cummax(jnp.where(starts, idx_BxL, 0), axis=1)
   return idx_BxL - start_idx_BxL
 

@@ -121,7 +121,7 @@ def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchan
   """
   G, D = w1_GxDx2F.shape[0], x_TxD.shape[1]
   E, A = G * ex.n, r.expert_A.shape[0]
-  key_A = jnp.where(r.valid_A, r.expert_A, E)         # invalid slots sort last
+  key_A = jnp.where(r.valid_A, r.expert_A, E)  # invalid slots sort last
   order_A = jnp.argsort(key_A, stable=True)
   expert_A, token_A = key_A[order_A], r.token_A[order_A]
   xs_AxD = x_TxD[token_A]
@@ -131,11 +131,11 @@ def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchan
   else:
     # Slot a travels in row a of its destination's chunk: rows never collide, and the
     # receiver sorts what it gets by local expert anyway (empty rows carry id G: last).
-    dest_A = expert_A // G                             # == n for invalid slots: dropped below
+    dest_A = expert_A // G  # == n for invalid slots: dropped below
     row_A = jnp.arange(A)
     send_nxAxD = jnp.zeros((ex.n, A, D), x_TxD.dtype).at[dest_A, row_A].set(xs_AxD, mode='drop')
-    send_nxA = jnp.full((ex.n, A), G, jnp.int32).at[dest_A, row_A].set(expert_A - dest_A * G,
-                                                                      mode='drop')
+    send_nxA = jnp.full((ex.n, A), G, jnp.int32).at[dest_A,
+                                                    row_A].set(expert_A - dest_A * G, mode='drop')
     recv_MxD, recv_M = ex.swap(send_nxAxD).reshape(-1, D), ex.swap(send_nxA).reshape(-1)
     order_M = jnp.argsort(recv_M, stable=True)
     group_sizes_G = jnp.zeros((G,), jnp.int32).at[recv_M].add(1, mode='drop')
@@ -164,9 +164,9 @@ def capacity_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, capacity: 
   # Position of each slot in its expert's buffer, in slot order (token-major: causal).
   pos_A = jnp.take_along_axis(jnp.cumsum(onehot_AxE, axis=0), r.expert_A[:, None], axis=1)[:, 0] - 1
   kept_A = r.valid_A & (pos_A < capacity)
-  slot_A = jnp.where(kept_A, pos_A, capacity)          # out of range -> dropped by the scatter
-  x_ExCxD = jnp.zeros((E, capacity, x_TxD.shape[1]), x_TxD.dtype).at[r.expert_A, slot_A].set(
-      x_TxD[r.token_A], mode='drop')
+  slot_A = jnp.where(kept_A, pos_A, capacity)  # out of range -> dropped by the scatter
+  x_ExCxD = jnp.zeros((E, capacity, x_TxD.shape[1]),
+                      x_TxD.dtype).at[r.expert_A, slot_A].set(x_TxD[r.token_A], mode='drop')
   y_GxnCxD = ex.reduce_ffn(_experts(ex.to_experts(x_ExCxD), w1_GxDx2F, w2_GxFxD))
   y_ExCxD = ex.from_experts(y_GxnCxD)
   ys_AxD = y_ExCxD.at[r.expert_A, slot_A].get(mode='fill', fill_value=0)
@@ -204,7 +204,7 @@ def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, 
     r = routers.Routing(token_A=token_A % T_loc, expert_A=expert_A, weight_A=weight_A,
                         valid_A=valid_A, probs_TxE=None, aux={})
     G, F = w1_GxDx2xF.shape[0], w1_GxDx2xF.shape[-1]
-    w1_GxDx2F = w1_GxDx2xF.reshape(G, D, 2 * F)       # [gate | up] of this ffn shard
+    w1_GxDx2F = w1_GxDx2xF.reshape(G, D, 2 * F)  # [gate | up] of this ffn shard
     if dispatch == 'capacity':
       C = routers.expert_capacity(T_loc, E, top_k, capacity_factor)
       y, dropped = capacity_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, C, ex)
@@ -215,17 +215,16 @@ def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, 
   # Split w1's [gate | up] columns into (2, F) so that an ffn shard holds matching halves.
   w1_ExDx2xF = w1_ExDx2F.reshape(E, D, 2, F2 // 2)
   y_TxD, dropped_n = jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(P(batch, None), P(batch), P(batch), P(batch), P(batch),
-                P(ep, None, None, tp), P(ep, tp, None)),
-      out_specs=(P(batch, None), P(batch)))(
-          x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A, w1_ExDx2xF, w2_ExFxD)
-  return y_TxD, jnp.mean(dropped_n)   # every shard routes the same number of slots
+      local, mesh=mesh, in_specs=(P(batch, None), P(batch), P(batch), P(batch), P(batch),
+                                  P(ep, None, None, tp), P(ep, tp, None)),
+      out_specs=(P(batch, None), P(batch)))(x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A,
+                                            w1_ExDx2xF, w2_ExFxD)
+  return y_TxD, jnp.mean(dropped_n)  # every shard routes the same number of slots
 
 
 class MoE(nn.Module):
   """Routed SwiGLU experts (+ optional shared experts), any router, any dispatch."""
-  config: ml_collections.ConfigDict   # config.model
+  config: ml_collections.ConfigDict  # config.model
   deterministic: bool = True
 
   @nn.compact
@@ -236,8 +235,10 @@ class MoE(nn.Module):
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(layers.scaled_init_std(cfg.init_std, cfg.num_layers))
-    w1_ExDx2F = layers.param_with_axes(self, 'w1', init, (E, D, 2 * F), ('expert', 'embed', 'mlp'), pdtype)
-    w2_ExFxD = layers.param_with_axes(self, 'w2', out_init, (E, F, D), ('expert', 'mlp', 'embed'), pdtype)
+    w1_ExDx2F = layers.param_with_axes(self, 'w1', init, (E, D, 2 * F), ('expert', 'embed', 'mlp'),
+                                       pdtype)
+    w2_ExFxD = layers.param_with_axes(self, 'w2', out_init, (E, F, D), ('expert', 'mlp', 'embed'),
+                                      pdtype)
 
     x_TxD = x_BxLxD.reshape(B * L, D)
     r = routers.make_router(cfg)(x_TxD, deterministic=self.deterministic)
@@ -248,11 +249,10 @@ class MoE(nn.Module):
     w1, w2 = w1_ExDx2F.astype(dtype), w2_ExFxD.astype(dtype)
     dispatch = cfg.moe.dispatch
     mesh = jax.sharding.get_abstract_mesh()
-    if (dispatch in ('capacity', 'dropless') and cfg.router.type in routers.CAUSAL_ROUTERS
-        and not mesh.empty and mesh.size > 1):
-      y_TxD, dropped = expert_parallel_dispatch(
-          x_TxD, r, w1, w2, dispatch=dispatch, top_k=k, capacity_factor=cfg.moe.capacity_factor,
-          mesh=mesh)
+    if (dispatch in ('capacity', 'dropless') and cfg.router.type in routers.CAUSAL_ROUTERS and
+        not mesh.empty and mesh.size > 1):
+      y_TxD, dropped = expert_parallel_dispatch(x_TxD, r, w1, w2, dispatch=dispatch, top_k=k,
+                                                capacity_factor=cfg.moe.capacity_factor, mesh=mesh)
     elif dispatch == 'dense':
       y_TxD, dropped = dense_dispatch(x_TxD, r, w1, w2)
     elif dispatch == 'dropless':
@@ -281,6 +281,7 @@ def moe_stats(r: routers.Routing, dropped_fraction):
   counts_E = jnp.zeros((E,), f32).at[r.expert_A].add(r.valid_A.astype(f32))
   load_E = counts_E / jnp.maximum(counts_E.sum(), 1.0)
   p = r.probs_TxE
-  entropy = -jnp.mean(jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1))
+  entropy = -jnp.mean(jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0),
+                              axis=-1))
   return dict(load=load_E, max_load=jnp.max(load_E) * E, entropy=entropy,
               dropped_fraction=dropped_fraction, **r.aux)

@@ -42,12 +42,12 @@ f32 = jnp.float32
 
 @flax.struct.dataclass
 class Routing:
-  token_A: jax.Array      # int32, the token of each slot
-  expert_A: jax.Array     # int32, the expert of each slot
-  weight_A: jax.Array     # float32 combine weight (0 where not valid)
-  valid_A: jax.Array      # bool, the slot is routed at all
-  probs_TxE: jax.Array    # float32 router probabilities (softmax of the logits)
-  aux: dict[str, Any]     # aux losses (unweighted and the weighted sum 'aux_loss')
+  token_A: jax.Array  # int32, the token of each slot
+  expert_A: jax.Array  # int32, the expert of each slot
+  weight_A: jax.Array  # float32 combine weight (0 where not valid)
+  valid_A: jax.Array  # bool, the slot is routed at all
+  probs_TxE: jax.Array  # float32 router probabilities (softmax of the logits)
+  aux: dict[str, Any]  # aux losses (unweighted and the weighted sum 'aux_loss')
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -65,20 +65,20 @@ def load_balance_loss(probs_TxE, expert_A, valid_A):
 
 def z_loss(logits_TxE):
   """ST-MoE router z-loss: mean(logsumexp(logits)^2)."""
-  return jnp.mean(jax.nn.logsumexp(logits_TxE, axis=-1) ** 2)
+  return jnp.mean(jax.nn.logsumexp(logits_TxE, axis=-1)**2)
 
 
 class Router(nn.Module):
   """Token-choice top-k routing on the logits a subclass defines."""
-  config: ml_collections.ConfigDict   # config.model
+  config: ml_collections.ConfigDict  # config.model
 
   @property
   def rcfg(self):
     return self.config.router
 
   def dense_init(self, name, shape, axes):
-    return layers.param_with_axes(self, name, nn.initializers.normal(self.config.init_std),
-                                  shape, axes, layers.dtype_of(self.config.param_dtype))
+    return layers.param_with_axes(self, name, nn.initializers.normal(self.config.init_std), shape,
+                                  axes, layers.dtype_of(self.config.param_dtype))
 
   def logits(self, u_TxD):
     raise NotImplementedError
@@ -89,17 +89,18 @@ class Router(nn.Module):
     u_TxD = u_TxD.astype(f32)
     if rcfg.jitter_eps > 0 and not deterministic:
       eps = rcfg.jitter_eps
-      u_TxD = u_TxD * jax.random.uniform(self.make_rng('router'), u_TxD.shape, f32,
-                                         1.0 - eps, 1.0 + eps)
+      u_TxD = u_TxD * jax.random.uniform(self.make_rng('router'), u_TxD.shape, f32, 1.0 - eps,
+                                         1.0 + eps)
     logits_TxE = self.logits(u_TxD)
     if rcfg.noisy_topk:
       w_noise_DxE = self.dense_init('w_noise', (u_TxD.shape[-1], E), ('embed', 'router'))
       if not deterministic:
         noise_std_TxE = jax.nn.softplus(u_TxD @ w_noise_DxE.astype(f32))
-        logits_TxE = logits_TxE + noise_std_TxE * jax.random.normal(
-            self.make_rng('router'), logits_TxE.shape, f32)
+        logits_TxE = logits_TxE + noise_std_TxE * jax.random.normal(self.make_rng('router'),
+                                                                    logits_TxE.shape, f32)
     routing = self.select(logits_TxE)
-    lb, zl = load_balance_loss(routing.probs_TxE, routing.expert_A, routing.valid_A), z_loss(logits_TxE)
+    lb, zl = load_balance_loss(routing.probs_TxE, routing.expert_A,
+                               routing.valid_A), z_loss(logits_TxE)
     aux = dict(load_balance_loss=lb, z_loss=zl,
                aux_loss=rcfg.load_balance_weight * lb + rcfg.z_loss_weight * zl)
     return routing.replace(aux=aux)
@@ -114,8 +115,8 @@ class Router(nn.Module):
       weight_TxK = weight_TxK / jnp.sum(weight_TxK, axis=-1, keepdims=True)
     token_TxK = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[:, None], (T, k))
     return Routing(token_A=token_TxK.reshape(-1), expert_A=expert_TxK.reshape(-1).astype(jnp.int32),
-                   weight_A=weight_TxK.reshape(-1), valid_A=jnp.ones((T * k,), bool),
-                   probs_TxE=probs_TxE, aux={})
+                   weight_A=weight_TxK.reshape(-1), valid_A=jnp.ones(
+                       (T * k,), bool), probs_TxE=probs_TxE, aux={})
 
 
 class LinearRouter(Router):
@@ -164,8 +165,8 @@ class ExpertChoiceRouter(LinearRouter):
     weight_ExC, token_ExC = jax.lax.top_k(probs_TxE.T, C)
     expert_ExC = jnp.broadcast_to(jnp.arange(E, dtype=jnp.int32)[:, None], (E, C))
     return Routing(token_A=token_ExC.reshape(-1).astype(jnp.int32), expert_A=expert_ExC.reshape(-1),
-                   weight_A=weight_ExC.reshape(-1), valid_A=jnp.ones((E * C,), bool),
-                   probs_TxE=probs_TxE, aux={})
+                   weight_A=weight_ExC.reshape(-1), valid_A=jnp.ones(
+                       (E * C,), bool), probs_TxE=probs_TxE, aux={})
 
 
 ROUTERS: dict[str, type[Router]] = {

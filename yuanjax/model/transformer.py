@@ -91,7 +91,8 @@ class Block(nn.Module):
     stats = {}
     for i, use_moe in enumerate(kinds):
       x_BxLxD, s = DecoderLayer(self.config, use_moe, self.deterministic, self.decode,
-                                name=f'layer_{i}')(x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B)
+                                name=f'layer_{i}')(x_BxLxD, segment_ids_BxL, positions_BxL,
+                                                   lengths_B)
       if s is not None:
         stats = s
     return x_BxLxD, stats
@@ -103,7 +104,7 @@ def num_blocks(cfg) -> int:
 
 class Transformer(nn.Module):
   """Yuan 2.0 / 2.0-M32 decoder-only language model."""
-  config: ml_collections.ConfigDict   # config.model
+  config: ml_collections.ConfigDict  # config.model
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids=None, positions=None, deterministic: bool = True,
@@ -115,24 +116,28 @@ class Transformer(nn.Module):
     elif lengths is not None:
       raise ValueError('lengths is only for decode=True (use segment_ids for padding/packing)')
     if positions is None:
-      positions = (layers.positions_from_segments(segment_ids) if segment_ids is not None
-                   else jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape))
-    embedding_VxD = layers.param_with_axes(
-        self, 'embedding', nn.initializers.normal(cfg.init_std),
-        (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'), pdtype)
+      positions = (layers.positions_from_segments(segment_ids) if segment_ids is not None else
+                   jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape))
+    embedding_VxD = layers.param_with_axes(self, 'embedding', nn.initializers.normal(cfg.init_std),
+                                           (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'),
+                                           pdtype)
     x_BxLxD = layers.constrain(jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype), ACT)
 
     block = Block
     policy = REMAT_POLICIES[cfg.remat]
-    if cfg.remat != 'none' and not decode:     # remat only matters for gradients
+    if cfg.remat != 'none' and not decode:  # remat only matters for gradients
       block = nn.remat(block, policy=policy, prevent_cse=False)
-    blocks = nn.scan(
-        block, variable_axes={'params': 0, 'intermediates': 0, 'cache': 0},
-        split_rngs={'params': True, 'router': True},
-        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_blocks(cfg),
-        metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxD, stats = blocks(cfg, deterministic, decode, name='blocks')(
-        x_BxLxD, segment_ids, positions, lengths)
+    blocks = nn.scan(block, variable_axes={
+        'params': 0,
+        'intermediates': 0,
+        'cache': 0
+    }, split_rngs={
+        'params': True,
+        'router': True
+    }, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_blocks(cfg),
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    x_BxLxD, stats = blocks(cfg, deterministic, decode, name='blocks')(x_BxLxD, segment_ids,
+                                                                       positions, lengths)
 
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='final_norm')(x_BxLxD)
     logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, embedding_VxD.astype(dtype),
@@ -151,8 +156,8 @@ class Transformer(nn.Module):
                        "init_cache(model, batch_size, max_len)}, ..., mutable=['cache'])")
     B, L = tokens_BxL.shape
     index = self.variable('cache', 'index', jnp.zeros, (B,), jnp.int32)
-    lengths = (jnp.full((B,), L, jnp.int32) if lengths is None
-               else jnp.asarray(lengths, jnp.int32).reshape(B))
+    lengths = (jnp.full(
+        (B,), L, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32).reshape(B))
     positions = index.value[:, None] + jnp.arange(L, dtype=jnp.int32)
     index.value = index.value + lengths
     return positions, lengths
