@@ -3,7 +3,6 @@ on N slices at once, or queued on one reused slice; xpk workloads."""
 import json
 import os
 import shlex
-import subprocess
 import sys
 import textwrap
 
@@ -13,9 +12,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
 sys.path.insert(0, REPO)
 
-from launch import common, sweep  # pylint: disable=g-import-not-at-top
+from launch import sweep  # pylint: disable=g-import-not-at-top
 from tests.launch.test_launchers import dry_run  # pylint: disable=g-import-not-at-top
-from tests.launch.test_tpu_pod import Fake, kind  # pylint: disable=g-import-not-at-top
+from tests.launch.conftest import kind, stand_in_repo  # pylint: disable=g-import-not-at-top
 
 CONFIG = textwrap.dedent('''\
     def get_config(arg=None):
@@ -28,22 +27,8 @@ CONFIG = textwrap.dedent('''\
 
 
 @pytest.fixture
-def fake(tmp_path, monkeypatch):
-  d = tmp_path / 'fake'
-  d.mkdir()
-  monkeypatch.setenv('FAKE_DIR', str(d))
-  monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
-  return Fake(d)
-
-
-@pytest.fixture
 def cfg(tmp_path, monkeypatch):
-  root = tmp_path / 'repo'
-  (root / 'configs').mkdir(parents=True)
-  (root / 'configs' / 'sw.py').write_text(CONFIG)
-  subprocess.run(['git', 'init', '-q', str(root)], check=True)
-  monkeypatch.setattr(common, 'REPO', str(root))
-  return str(root / 'configs' / 'sw.py')
+  return str(stand_in_repo(tmp_path, monkeypatch, 'sw.py', CONFIG) / 'configs' / 'sw.py')
 
 
 def tpu_sweep(cfg, tmp_path, *flags):

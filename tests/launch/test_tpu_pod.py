@@ -1,8 +1,6 @@
 """launch.tpu_pod against a fake `gcloud` on PATH (tests/launch/fakes/gcloud) that records its
 calls and fails on cue, and launch/tpu_worker.sh run for real on this machine."""
-import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -16,59 +14,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
 sys.path.insert(0, REPO)
 
-from launch import common, tpu_pod  # pylint: disable=g-import-not-at-top
-
-
-class Fake:
-  """The fake gcloud's folder: what it should do, and what it was asked."""
-
-  def __init__(self, path):
-    self.path = path
-
-  def scenario(self, **kw):
-    """A fresh fake (calls kept): slices, counters and buckets start again."""
-    (self.path / 'scenario.json').write_text(json.dumps(kw))
-    (self.path / 'state.json').unlink(missing_ok=True)
-
-  def calls(self):
-    text = (self.path / 'calls.jsonl').read_text() if (self.path / 'calls.jsonl').exists() else ''
-    return [json.loads(line) for line in text.splitlines()]
-
-  def kinds(self):
-    return [kind(c) for c in self.calls()]
-
-
-def kind(argv):
-  """A short name for one gcloud call: 'create', 'qr delete', 'ssh start', 'storage ls'..."""
-  if argv[0] == 'storage':
-    return f'storage {argv[1]}'
-  what = {'tpu-vm': '', 'queued-resources': 'qr '}[argv[2]] + argv[3]
-  if argv[3] == 'ssh':
-    command = next(a for a in argv if a.startswith('--command='))
-    if m := re.search(r'tpu_worker.sh"? (\w+)', command):
-      return f'ssh {m[1]}'
-    return 'ssh write-check' if 'gcloud storage cp' in command else 'ssh'
-  return what
-
-
-@pytest.fixture
-def fake(tmp_path, monkeypatch):
-  d = tmp_path / 'fake'
-  d.mkdir()
-  monkeypatch.setenv('FAKE_DIR', str(d))
-  monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
-  return Fake(d)
+from launch import tpu_pod  # pylint: disable=g-import-not-at-top
+from tests.launch.conftest import kind, stand_in_repo  # pylint: disable=g-import-not-at-top
 
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
   """A tiny git repo standing in for this one (what gets packed)."""
-  root = tmp_path / 'repo'
-  (root / 'configs').mkdir(parents=True)
-  (root / 'configs' / 'fake.py').write_text('def get_config(arg=None):\n  return {}\n')
-  subprocess.run(['git', 'init', '-q', str(root)], check=True)
-  monkeypatch.setattr(common, 'REPO', str(root))
-  return root
+  return stand_in_repo(tmp_path, monkeypatch, 'fake.py', 'def get_config(arg=None):\n  return {}\n')
 
 
 def argv(repo, tmp_path, *extra):

@@ -1,0 +1,64 @@
+"""Shared by the launcher tests: the fake gcloud's folder (`Fake`, the `fake` fixture that puts
+tests/launch/fakes first on PATH) and a tiny git repo standing in for this one."""
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from launch import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
+
+
+class Fake:
+  """The fake gcloud's folder: what it should do, and what it was asked."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def scenario(self, **kw):
+    """A fresh fake (calls kept): slices, counters and buckets start again."""
+    (self.path / 'scenario.json').write_text(json.dumps(kw))
+    (self.path / 'state.json').unlink(missing_ok=True)
+
+  def calls(self):
+    text = (self.path / 'calls.jsonl').read_text() if (self.path / 'calls.jsonl').exists() else ''
+    return [json.loads(line) for line in text.splitlines()]
+
+  def kinds(self):
+    return [kind(c) for c in self.calls()]
+
+
+def kind(argv):
+  """A short name for one gcloud call: 'create', 'qr delete', 'ssh start', 'storage ls'..."""
+  if argv[0] == 'storage':
+    return f'storage {argv[1]}'
+  what = {'tpu-vm': '', 'queued-resources': 'qr '}[argv[2]] + argv[3]
+  if argv[3] == 'ssh':
+    command = next(a for a in argv if a.startswith('--command='))
+    if m := re.search(r'tpu_worker.sh"? (\w+)', command):
+      return f'ssh {m[1]}'
+    return 'ssh write-check' if 'gcloud storage cp' in command else 'ssh'
+  return what
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+  d = tmp_path / 'fake'
+  d.mkdir()
+  monkeypatch.setenv('FAKE_DIR', str(d))
+  monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
+  return Fake(d)
+
+
+def stand_in_repo(tmp_path, monkeypatch, config_name: str, config_text: str):
+  """A tiny git repo with configs/<config_name> (what gets packed), as launch.common.REPO."""
+  root = tmp_path / 'repo'
+  (root / 'configs').mkdir(parents=True)
+  (root / 'configs' / config_name).write_text(config_text)
+  subprocess.run(['git', 'init', '-q', str(root)], check=True)
+  monkeypatch.setattr(common, 'REPO', str(root))
+  return root
