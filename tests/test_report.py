@@ -2,9 +2,6 @@
 launch.sweep, plus one run that fails; the report's numbers recomputed from metrics.jsonl."""
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -12,37 +9,11 @@ import pytest
 from yuanjax import report
 from yuanjax.analysis import stats
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# The smoke study plus a linear-router run whose seed is not an int: it fails at config
-# parsing (exit status != 0), in the `linear` variant's group.
-CONFIG = textwrap.dedent(f'''\
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location(
-        'router_ablation', {os.path.join(REPO, 'configs', 'router_ablation.py')!r})
-    base = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(base)
-    get_config = base.get_config
-
-
-    def sweep(arg=None):
-      return base.sweep(arg) + [{{'model.router.type': 'linear', 'train.seed': 'bad'}}]
-    ''')
-
 
 @pytest.fixture(scope='module')
-def study(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp('study')
-  cfg = tmp / 'study.py'
-  cfg.write_text(CONFIG)
-  argv = [
-      sys.executable, '-m', 'launch.sweep', '--backend=local', '--parallel=2', '--num_processes=1',
-      f'--config={cfg}:smoke', f'--workdir={tmp / "sw"}'
-  ]
-  r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
-  assert r.returncode == 1, r.stderr[-3000:]  # the bad run failed, the others did not
-  rows = report.report([str(tmp / 'sw')])
-  return tmp / 'sw', rows
+def study(smoke_study):
+  """The smoke study with one failed run (tests/conftest.py), and its report."""
+  return smoke_study, report.report([str(smoke_study)])
 
 
 def final_eval(workdir):

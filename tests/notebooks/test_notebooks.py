@@ -34,15 +34,18 @@ def test_pair_in_sync(source):
 
 
 @pytest.fixture(scope='module')
-def smoke_env(tmp_path_factory):
-  """Smoke mode; one notebook dir for the module, so 02 opens the workdir 01 trained."""
+def smoke_env(tmp_path_factory, smoke_study):
+  """Smoke mode; one notebook dir for the module, so 02 opens the workdir 01 trained; 03 reads
+  the session's smoke study (tests/conftest.py: one failed run among them) instead of running
+  its own."""
   env = {
       'YUANJAX_NOTEBOOK_SMOKE': '1',
-      'YUANJAX_NOTEBOOK_DIR': str(tmp_path_factory.mktemp('notebooks'))
+      'YUANJAX_NOTEBOOK_DIR': str(tmp_path_factory.mktemp('notebooks')),
+      'YUANJAX_SWEEP_DIRS': str(smoke_study)
   }
   saved = {
       k: os.environ.get(k) for k in list(env) +
-      ['YUANJAX_CHECKPOINT', 'YUANJAX_WORKDIR', 'YUANJAX_TEXT_SETS', 'YUANJAX_SWEEP_DIR']
+      ['YUANJAX_CHECKPOINT', 'YUANJAX_WORKDIR', 'YUANJAX_TEXT_SETS', 'YUANJAX_SWEEP_DIRS']
   }
   for k in saved:
     os.environ.pop(k, None)
