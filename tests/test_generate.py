@@ -209,27 +209,26 @@ def test_cli_on_converted_dir(hf_dirs, capsys):
   assert 'neither' in capsys.readouterr().err
 
 
-def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
+def save_workdir(workdir, setup, scales):
   """WORKDIR/checkpoints/<step>/{state,meta} as the trainer writes them (state: the train
-  state's fields; meta: the config json); the tokenizer given with --tokenizer."""
+  state's fields; meta: the config json), step s holding the params × scales[s]."""
   import orbax.checkpoint as ocp
   from yuanjax import config_lib
   config = config_lib.base_config()
   config.model = setup['cfg']
-  with ocp.CheckpointManager(str(tmp_path / 'checkpoints')) as mngr:
-    for step in (1, 2):
-      params = jax.tree_util.tree_map(lambda a: a * step / 2,
-                                      setup['params'])  # step 2: the real ones
-      mngr.save(
-          step, args=ocp.args.Composite(
-              state=ocp.args.StandardSave({
-                  'step': step,
-                  'params': params
-              }), meta=ocp.args.JsonSave({
-                  'step': step,
-                  'config': config.to_json()
-              })))
+  with ocp.CheckpointManager(str(workdir / 'checkpoints')) as mngr:
+    for step, scale in scales.items():
+      params = jax.tree_util.tree_map(lambda a: a * scale, setup['params'])
+      state = ocp.args.StandardSave({'step': step, 'params': params})
+      meta = ocp.args.JsonSave({'step': step, 'config': config.to_json()})
+      mngr.save(step, args=ocp.args.Composite(state=state, meta=meta))
     mngr.wait_until_finished()
+
+
+def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
+  """WORKDIR/checkpoints/<step>/{state,meta} as the trainer writes them (state: the train
+  state's fields; meta: the config json); the tokenizer given with --tokenizer."""
+  save_workdir(tmp_path, setup, {1: 0.5, 2: 1.0})  # step 2: the real params
   texts = ['line 3']  # batch 1, as the trainer's sample below: compiled once for both
   argv = [a for t in texts for a in ('--prompt', t)]
   assert gen.main([
@@ -268,24 +267,8 @@ def test_workdir_relative_path_and_fallback_from_unreadable_newest(setup, hf_dir
   that cannot be read falls back to the previous one (yuanjax.checkpoint owns both)."""
   import glob
   import os
-  import orbax.checkpoint as ocp
-  from yuanjax import config_lib
-  config = config_lib.base_config()
-  config.model = setup['cfg']
   workdir = tmp_path / 'workdir' / 'demo'
-  with ocp.CheckpointManager(str(workdir / 'checkpoints')) as mngr:
-    for step, scale in ((1, 1.0), (2, 0.5)):  # step 1: the real params
-      params = jax.tree_util.tree_map(lambda a: a * scale, setup['params'])
-      mngr.save(
-          step, args=ocp.args.Composite(
-              state=ocp.args.StandardSave({
-                  'step': step,
-                  'params': params
-              }), meta=ocp.args.JsonSave({
-                  'step': step,
-                  'config': config.to_json()
-              })))
-    mngr.wait_until_finished()
+  save_workdir(workdir, setup, {1: 1.0, 2: 0.5})  # step 1: the real params
   files = [
       f for f in glob.glob(str(workdir / 'checkpoints' / '2' / 'state' / '**'), recursive=True)
       if os.path.isfile(f)
