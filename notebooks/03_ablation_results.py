@@ -100,14 +100,8 @@ display(Markdown(report.markdown(rows, report.compare(rows))))
 # %%
 series = {}
 for variant, rs in groups.items():
-  done = [r for r in rs if r.status == 'done']
-  if not done:
-    continue
-  t = done[0].config.train
-  steps = sorted(set.intersection(*[{e['step'] for e in r.evals} for r in done]))
-  losses = np.array([[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps]
-                     for r in done])
-  series[short(variant)] = (np.array(steps) * t.batch_size * t.seq_len, losses)
+  if (curve := report.eval_curve(rs)) is not None:
+    series[short(variant)] = curve
 fig = plots.mean_with_band(series, title='eval loss')
 
 # %%

@@ -46,6 +46,21 @@ def test_report_numbers_match_metrics(study):
   assert rows[1]['router_params'] == rows[0]['router_params'] // 3  # W vs Wq, Wk, Wv
 
 
+def test_eval_curve_is_every_finished_seeds_evals(study):
+  """The plotted curve: eval steps 2 and 4 of the smoke study, in tokens, one row per seed;
+  the failed linear run is not among them."""
+  sw, _ = study
+  for variant, runs in report.group(report.load_runs(str(sw))).items():
+    tokens, losses = report.eval_curve(runs)
+    np.testing.assert_array_equal(tokens, [2 * 4 * 32, 4 * 4 * 32])
+    router = variant.split('=')[1]
+    for seed, row in zip((0, 1), losses):
+      with open(sw / f'model.router.type={router}+train.seed={seed}' / 'metrics.jsonl') as f:
+        want = [json.loads(l)['loss'] for l in f if json.loads(l)['kind'] == 'eval']
+      np.testing.assert_array_equal(row, want)
+    assert losses.shape == (2, 2)
+
+
 def test_failed_run_is_flagged_not_averaged(study):
   sw, rows = study
   assert rows[0]['runs_not_finished'] == []

@@ -290,22 +290,31 @@ def short_label(variant: str) -> str:
       item.split('=', 1)[1] if '=' in item else item for item in variant.split(' '))
 
 
+def eval_curve(runs: list[Run]):
+  """(training tokens [S], eval losses [seeds, S]) over the eval steps every finished run of a
+  variant has, or None when none finished."""
+  done = [r for r in runs if r.status == 'done']
+  if not done:
+    return None
+  t = done[0].config.train
+  steps = sorted(set.intersection(*[{e['step'] for e in r.evals} for r in done]))
+  losses = np.array(
+      [[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps] for r in done])
+  return np.array(steps) * t.batch_size * t.seq_len, losses
+
+
 def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for variant, runs in groups.items():
-    done = [r for r in runs if r.status == 'done']
-    if not done:
+    curve = eval_curve(runs)
+    if curve is None:
       continue
-    t = done[0].config.train
-    steps = sorted(set.intersection(*[{e['step'] for e in r.evals} for r in done]))
-    losses = np.array(
-        [[next(e['loss'] for e in r.evals if e['step'] == s) for s in steps] for r in done])
-    tokens = np.array(steps) * t.batch_size * t.seq_len
+    tokens, losses = curve
     line, = ax.plot(tokens, losses.mean(0), marker='o',
-                    label=f'{short_label(variant)} ({len(done)} seeds)')
+                    label=f'{short_label(variant)} ({len(losses)} seeds)')
     ax.fill_between(tokens, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
   ax.set(xlabel='training tokens', ylabel='eval loss', title='Eval loss (mean, band: min..max)')
   ax.legend(fontsize=7)
