@@ -8,6 +8,11 @@ cosine, 6400 warm-up steps, clip 1.0, bf16 compute, FIM 0.5 / SPM 0.5, no balanc
   python -m yuanjax.train --config=configs/yuan_m32.py:runlocal --workdir=/tmp/m32-local
 
 Variant `runlocal`: the same structure shrunk to run a few steps on a CPU.
+Variant `slice`: the performance slice of issue 12 and the README's performance table: 2 layers
+x 32 experts at the real M32 sizes, seq 4096 x batch 2, bf16 compute, capacity dispatch
+(factor 1.25), no remat -- what `benchmarks/train_step.py` times and analyses:
+
+  python benchmarks/train_step.py --config=configs/yuan_m32.py:slice [--compile_only]
 `sweep()`: the paper's Table 2 (8 / 16 / 32 experts, top-2, per-expert size fixed).
 """
 from yuanjax import config_lib
@@ -30,8 +35,13 @@ def get_config(arg=None):
     config.optimizer.warmup_steps = 2
     config.checkpoint.every = 2
     config.data.update(dict(vocab_size=512, max_bytes=300_000))
+  elif arg == 'slice':
+    config.model.num_layers = 2
+    config.train.update(
+        dict(num_steps=100, batch_size=2, seq_len=4096, log_every=10, eval_every=0, progress=False))
   elif arg is not None:
-    raise ValueError(f'configs/yuan_m32.py: unknown variant {arg!r} (expected none or runlocal)')
+    raise ValueError(f'configs/yuan_m32.py: unknown variant {arg!r} '
+                     '(expected none, runlocal or slice)')
   return config
 
 
