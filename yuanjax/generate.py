@@ -99,6 +99,16 @@ def generation_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
   return m
 
 
+def cached_forward(model: Transformer, params, cache, tokens_BxL, lengths_B=None):
+  """One cached forward (`yuanjax.model.transformer`, decode=True): a chunk of L tokens per row
+  after what `cache` holds. Returns (logits [B, L, V], aux, the new cache)."""
+  (logits_BxLxV, aux), state = model.apply({
+      'params': params,
+      'cache': cache
+  }, tokens_BxL, decode=True, lengths=lengths_B, mutable=['cache'])
+  return logits_BxLxV, aux, state['cache']
+
+
 def _run(params, prompt_BxP, lengths_B, key, temperature, top_k, top_p, eod_id, pad_id, vocab_limit,
          *, model: Transformer, max_new_tokens: int):
   """Prefill + while_loop decode; returns (tokens [B, N], number generated [B])."""
@@ -110,11 +120,8 @@ def _run(params, prompt_BxP, lengths_B, key, temperature, top_k, top_p, eod_id, 
     return sample_logits(logits_BxV, key, temperature, top_k, top_p)
 
   def forward(cache, tokens_BxL, lengths):
-    (logits, _), state = model.apply({
-        'params': params,
-        'cache': cache
-    }, tokens_BxL, decode=True, lengths=lengths, mutable=['cache'])
-    return logits, state['cache']
+    logits, _, cache = cached_forward(model, params, cache, tokens_BxL, lengths)
+    return logits, cache
 
   logits_BxPxV, cache = forward(init_cache(model, B, P + N), prompt_BxP, lengths_B)
   last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
@@ -247,14 +254,11 @@ def strip_eod(ids: Sequence[int], eod_id: int | None) -> list[int]:
 # ---------------------------------------------------------------- loading
 
 
-def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None, step: int | None = None):
-  """(model, params, tokenizer) of the newest checkpoint (or that of `step`) of a yuanjax
+def _load_workdir(workdir: str, overrides: dict, step: int | None = None):
+  """(model, params, config) of the newest checkpoint (or that of `step`) of a yuanjax
   training workdir (yuanjax.checkpoint owns the layout; an unreadable newest checkpoint falls
-  back to the previous one). The tokenizer is the data config's
-  (yuanjax.data.pipeline.resolve_data), or `tokenizer` (a .model path)."""
+  back to the previous one)."""
   from yuanjax import checkpoint, train_state
-  from yuanjax.data import pipeline
-  from yuanjax.data.tokenizer import Tokenizer
 
   def config_of(meta):
     config = ml_collections.ConfigDict(json.loads(meta['config']))
@@ -266,8 +270,32 @@ def _load_workdir(workdir: str, overrides: dict, tokenizer: str | None, step: in
   config = config_of(meta)
   pdtype = jnp.dtype(config.model.param_dtype)
   params = jax.tree.map(lambda a: jnp.asarray(a, pdtype), params)
-  tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
-  return Transformer(config.model), params, tok
+  return Transformer(config.model), params, config
+
+
+def _load(path: str, exact_hf_rope: bool, overrides: dict | None, step: int | None):
+  """(model, params, the workdir's whole config, or None for an HF/converted dir)."""
+  from yuanjax import checkpoint
+  from yuanjax.interop import hf
+  path = os.fspath(path)
+  overrides = dict(overrides or {})
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    if step is not None:
+      raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
+    return (*hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides), None)
+  if checkpoint.has_checkpoints(path):
+    if exact_hf_rope:
+      overrides['rope_hf_bf16'] = True
+    return _load_workdir(path, overrides, step)
+  raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
+                          'training workdir (checkpoints/)')
+
+
+def load_model(path: str, *, exact_hf_rope: bool = False, overrides: dict | None = None,
+               step: int | None = None):
+  """(model, params) of an HF dir, a converted dir or a training workdir, as
+  `load_checkpoint` loads them, without the tokenizer."""
+  return _load(path, exact_hf_rope, overrides, step)[:2]
 
 
 def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict | None = None,
@@ -280,24 +308,15 @@ def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict |
   it is loaded with Yuan's '<n>' newline convention, for workdirs as our trained ones are).
   Workdirs: the newest checkpoint's params and config, and the data config's tokenizer.
   """
-  from yuanjax import checkpoint
+  from yuanjax.data import pipeline
   from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS, Tokenizer
   from yuanjax.interop import hf
-  path = os.fspath(path)
-  overrides = dict(overrides or {})
-  if os.path.isfile(os.path.join(path, 'config.json')):
-    if step is not None:
-      raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
-    model, params = hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides)
+  model, params, config = _load(path, exact_hf_rope, overrides, step)
+  if config is None:  # an HF or converted dir
     tok = (Tokenizer(tokenizer, newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS)
-           if tokenizer else hf.load_tokenizer(path))
-  elif checkpoint.has_checkpoints(path):
-    if exact_hf_rope:
-      overrides['rope_hf_bf16'] = True
-    model, params, tok = _load_workdir(path, overrides, tokenizer, step)
+           if tokenizer else hf.load_tokenizer(os.fspath(path)))
   else:
-    raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
-                            'training workdir (checkpoints/)')
+    tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
   return model, params, tok
 
 
