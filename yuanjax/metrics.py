@@ -1,8 +1,8 @@
 """Training metrics: metrics.jsonl, TensorBoard event files (tensorboardX), console lines.
 
-Also: training FLOPs per token and MFU (peak FLOP/s per device kind), and the router-collapse
-check. metrics.jsonl is strict JSON: a non-finite number (a loss that turned NaN) is written as
-`null`.
+Also: training FLOPs per token and MFU (peak FLOP/s per device kind), memory bandwidth per
+device kind (the decode roofline, benchmarks/decode.py), and the router-collapse check.
+metrics.jsonl is strict JSON: a non-finite number (a loss that turned NaN) is written as `null`.
 """
 from __future__ import annotations
 
@@ -34,6 +34,45 @@ def peak_flops(device_kind: str) -> float | None:
     if name.lower() in device_kind.lower():
       return flops
   return None
+
+
+# Memory (HBM) bandwidth per chip in bytes/s, from vendor spec sheets: NVIDIA's H200, H100 and
+# A100 datasheets (H100 SXM 3.35 TB/s, PCIe 2.0, NVL 3.9; A100 80GB SXM 2,039 GB/s, 80GB PCIe
+# 1,935, 40GB 1,555), L40/L40S 864 GB/s, L4 300 GB/s; Google Cloud's TPU pages
+# (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e: 1200, 819, 2765 and 1638 GB/s). Matched as a
+# case-insensitive substring of jax's device_kind, first match wins, so specific names come
+# first: JAX calls v5e 'TPU v5 lite', v5p 'TPU v5' and v6e 'TPU v6 lite'.
+MEMORY_BANDWIDTH = (
+    ('H200', 4.8e12),
+    ('H100 PCIe', 2.0e12),
+    ('H100 NVL', 3.9e12),
+    ('H100', 3.35e12),
+    ('A100-SXM4-40GB', 1.555e12),
+    ('A100-PCIE-40GB', 1.555e12),
+    ('A100 80GB PCIe', 1.935e12),
+    ('A100', 2.039e12),
+    ('L40', 864e9),
+    ('L4', 300e9),
+    ('TPU v6', 1.638e12),
+    ('TPU v5 lite', 819e9),
+    ('TPU v5e', 819e9),
+    ('TPU v5', 2.765e12),
+    ('TPU v4', 1.2e12),
+)
+
+
+def memory_bandwidth(device_kind: str) -> float | None:
+  """Memory bandwidth (bytes/s) of one device, or None when unknown (CPU)."""
+  for name, bandwidth in MEMORY_BANDWIDTH:
+    if name.lower() in device_kind.lower():
+      return bandwidth
+  return None
+
+
+def roofline_fraction(bytes_per_s: float, device_kind: str) -> float | None:
+  """Achieved bytes/s of one device over its memory bandwidth, or None when unknown (CPU)."""
+  bandwidth = memory_bandwidth(device_kind)
+  return None if bandwidth is None else bytes_per_s / bandwidth
 
 
 def train_flops_per_token(config) -> float:
