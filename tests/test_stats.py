@@ -2,8 +2,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from yuanjax import config_lib
-from yuanjax.stats import model_facts
+from yuanjax.stats import decode_bytes_per_step, model_facts
 
 
 def test_m32_facts_match_paper():
@@ -31,3 +33,46 @@ def test_cli_prints_json_last_line():
   facts = json.loads(out.stdout.strip().splitlines()[-1])
   assert set(facts) >= {'total_params', 'active_params', 'forward_flops_per_token'}
   assert abs(facts['total_params'] / 20.6e9 - 1) < 0.05
+
+
+def _hand_count(m, batch, context, experts):
+  """decode_bytes_per_step's parts counted by hand from the config's sizes."""
+  D, H, K, E, F, V, L = (m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size,
+                         m.vocab_size, m.num_layers)
+  attn = 4 * D * H * K + 2 * D * (D // 2) + D // 2 + 2 * (D // 2) * D + D + D  # + LF norm
+  moe_layers = L // m.moe_every
+  router = {'attention': 3 * D * E, 'linear': D * E, 'shared': D * E}[m.router.type]
+  shared = m.router.num_shared_experts * 3 * D * F
+  dense_mlp = 3 * D * m.dense_ffn_size
+  per_layer = attn + 2 * D  # + the two layer norms
+  params = (V * D + D + L * per_layer + moe_layers * (router + shared) +
+            (L - moe_layers) * dense_mlp) * 4  # float32 params
+  return dict(
+      params=params,
+      experts=moe_layers * experts * 3 * D * F * 4,
+      kv_cache=L * 2 * batch * context * H * K * 2,  # bfloat16 cache
+      lf_state=L * batch * 2 * D * 2)
+
+
+@pytest.mark.parametrize('overrides', [{}, {
+    'router.type': 'shared',
+    'router.num_shared_experts': 1,
+    'moe_every': 2
+}])
+def test_decode_bytes_per_step_equals_a_hand_count(overrides):
+  m = config_lib.tiny_model()
+  m.dtype = 'bfloat16'
+  config_lib.override(m, overrides)
+  got = decode_bytes_per_step(m, batch=3, context=10.5)  # 3 rows x top-2 reach 6 of 8 experts
+  want = _hand_count(m, 3, 10.5, experts=6)
+  assert got == pytest.approx({**want, 'total': sum(want.values())}, rel=1e-12)
+
+
+def test_decode_bytes_per_step_experts_read():
+  """The measured count when given; by default min(E, batch x top_k)."""
+  m = config_lib.tiny_model()
+  m.dtype = 'bfloat16'
+  measured = decode_bytes_per_step(m, batch=3, context=1, experts_per_layer=2.5)
+  assert measured['experts'] == pytest.approx(_hand_count(m, 3, 1, experts=2.5)['experts'])
+  assert decode_bytes_per_step(m, batch=8, context=1)['experts'] == pytest.approx(
+      _hand_count(m, 8, 1, experts=8)['experts'])  # 16 slots, but only 8 experts

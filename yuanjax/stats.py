@@ -10,6 +10,8 @@ Prints a human summary, then (last line) one JSON object:
   forward_flops_per_token  2 x active matmul weights (the paper's convention: excludes the
                            attention score/value products, which depend on sequence length)
   attention_flops_per_token  those products at config.model.max_seq_len (causal, averaged)
+
+`decode_bytes_per_step` counts the bytes a cached decode step reads (the decode roofline).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from absl import app
 from ml_collections import config_flags
 
@@ -46,6 +49,45 @@ def model_facts(model_cfg) -> dict:
   attn = 2 * 2 * m.num_heads * m.head_dim * (m.max_seq_len + 1) / 2 * m.num_layers
   return dict(total_params=int(total), active_params=int(active), router_params=int(router),
               forward_flops_per_token=2.0 * matmul_active, attention_flops_per_token=float(attn))
+
+
+def decode_bytes_per_step(model_cfg, batch: int, context: float,
+                          experts_per_layer: float | None = None) -> dict:
+  """Bytes one cached decode step (one new token in each of `batch` rows) must read from
+  device memory: what a step that reads nothing twice and nothing it does not need reads, the
+  memory-bandwidth roofline's numerator (`benchmarks/decode.py`).
+
+    params      every non-expert parameter once (embedding, used again as the tied LM head;
+                attention, LF convolutions, norms, routers, dense MLPs, shared experts), in
+                config.model.param_dtype (the step reads them so and casts them)
+    experts     per MoE layer, `experts_per_layer` of its E routed experts (w1 and w2); by
+                default min(E, batch x top_k), the most a step's tokens can reach
+    kv_cache    per layer, the keys and values of `context` positions per row (the tokens
+                attended to, the new one included), in config.model.dtype
+    lf_state    per layer, the LFA state (the last two LF inputs per row), config.model.dtype
+    total       their sum
+
+  Not counted: writes (the new keys/values and LF state), activations, the cache index.
+  """
+  config_lib.validate_model(model_cfg)
+  m = model_cfg
+  param_bytes = jnp.dtype(m.param_dtype).itemsize
+  act_bytes = jnp.dtype(m.dtype).itemsize
+  E = m.num_experts
+  reach = min(E, batch * m.router.top_k) if experts_per_layer is None else experts_per_layer
+  dense = expert = 0
+  params = train_state.abstract_params(m, boxed=True)
+  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+    n = math.prod(leaf.value.shape) * param_bytes
+    if 'expert' in leaf.names:
+      expert += n
+    else:
+      dense += n
+  out = dict(params=float(dense), experts=expert * reach / E,
+             kv_cache=2.0 * m.num_layers * batch * context * m.num_heads * m.head_dim * act_bytes,
+             lf_state=2.0 * m.num_layers * batch * m.hidden_size * act_bytes)
+  out['total'] = sum(out.values())
+  return out
 
 
 def main(argv):
