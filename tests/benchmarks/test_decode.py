@@ -1,0 +1,88 @@
+"""benchmarks/decode.py on a tiny training workdir: the JSON record and the bytes it counts,
+the roofline on a known device kind, and bad arguments refused before anything compiles."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import decode
+from tests.model.helpers import tiny
+from tests.test_generate import save_workdir
+from yuanjax import generate as gen
+from yuanjax import stats
+from yuanjax.model import Transformer
+
+B, N, M = 3, 8, 4  # batch, context, timed steps
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  """A training workdir whose step-3 checkpoint holds random params of the tiny M32 (the dense
+  dispatch, which generation keeps: the quickest to compile)."""
+  cfg = tiny(**{'moe.dispatch': 'dense'})
+  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
+                        nn.unbox(abstract)['params'])
+  path = tmp_path_factory.mktemp('decode') / 'workdir'
+  save_workdir(path, {'cfg': cfg, 'params': params}, {3: 1.0})
+  return path, cfg
+
+
+def run(capsys, *argv):
+  rc = decode.main([str(a) for a in argv])
+  out = capsys.readouterr()
+  return rc, out.out, out.err
+
+
+def test_prints_the_record_and_no_roofline_on_cpu(workdir, capsys):
+  path, cfg = workdir
+  rc, out, err = run(capsys, '--checkpoint', path, '--step', 3, '--batch', B, '--context', N,
+                     '--new_tokens', M)
+  assert rc == 0, err
+  rec = json.loads(out.splitlines()[-1])
+  assert rec['device_kind'] == jax.devices()[0].device_kind
+  assert rec['bandwidth'] is None and rec['roofline_fraction'] is None  # CPU: unknown
+  assert rec['tokens_per_s'] == pytest.approx(B * 1e3 / rec['step_ms'])
+  assert rec['prefill_s'] > 0 and rec['compile_s'] > 0
+  k = cfg.router.top_k  # each layer routes B rows to top-k experts each step
+  assert k <= rec['experts_per_layer'] <= min(cfg.num_experts, B * k)
+  want = stats.decode_bytes_per_step(gen.generation_config(cfg), B, N + (M + 1) / 2,
+                                     rec['experts_per_layer'])
+  assert rec['bytes'] == pytest.approx(want)
+  assert rec['bytes_per_step'] == pytest.approx(want['total'])
+
+
+def test_roofline_fraction_on_a_known_device_kind():
+  cfg = gen.generation_config(tiny(**{'moe.dispatch': 'dense'}))
+  timing = dict(decode_s=0.5, prefill_s=0.1, compile_s=1.0, experts_per_layer=2.0)
+  rec = decode.report(cfg, B, N, 10, timing, 'NVIDIA H100 80GB HBM3')
+  bytes_ = stats.decode_bytes_per_step(cfg, B, N + 5.5, 2.0)['total']
+  assert rec['bandwidth'] == 3.35e12
+  assert rec['roofline_fraction'] == pytest.approx(bytes_ / 0.05 / 3.35e12)
+  assert rec['tokens_per_s'] == pytest.approx(B * 10 / 0.5)
+
+
+@pytest.mark.parametrize('args, message', [
+    (('--batch', 0), '--batch=0: must be >= 1'),
+    (('--new_tokens', -1), '--new_tokens=-1: must be >= 1'),
+    (('--context', 250), '--context=250 + --new_tokens=32 is longer than '
+     'config.model.max_seq_len=256'),
+    (('--step', 7), 'no checkpoint of step 7'),
+    (('--dtype', 'float33'), 'float33'),
+])
+def test_bad_arguments_fail_before_compiling(workdir, capsys, monkeypatch, args, message):
+  monkeypatch.setattr(decode, 'measure', lambda *a, **k: pytest.fail('measured'))
+  argv = dict(zip(('--checkpoint', '--batch', '--context'), (workdir[0], B, N)))
+  argv.update(dict(zip(args[::2], args[1::2])))
+  rc, _, err = run(capsys, *[x for kv in argv.items() for x in kv])
+  assert rc == 1 and message in err, err
+
+
+def test_missing_checkpoint_is_named(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(decode, 'measure', lambda *a, **k: pytest.fail('measured'))
+  rc, _, err = run(capsys, '--checkpoint', tmp_path / 'nowhere', '--batch', 1, '--context', 4)
+  assert rc == 1 and f'{tmp_path / "nowhere"}: neither' in err, err
