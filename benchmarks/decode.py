@@ -118,6 +118,8 @@ def _parse(argv):
   p.add_argument('--new_tokens', type=int, default=32, help='timed decode steps (M)')
   p.add_argument('--dtype', default=None, help='compute dtype override (cache dtype too)')
   p.add_argument('--param_dtype', default=None, help='params dtype override, e.g. bfloat16')
+  p.add_argument('--dispatch', default=None, choices=('dropless', 'dense'),
+                 help="MoE dispatch (default: generation's, dropless unless the config says dense)")
   p.add_argument('--seed', type=int, default=0, help='of the random prompt tokens')
   return p.parse_args(argv)
 
@@ -133,7 +135,10 @@ def _check_args(args) -> None:
 
 def _load(args):
   """(model as generation runs it, params); errors name the argument or field at fault."""
-  overrides = {k: v for k, v in (('dtype', args.dtype), ('param_dtype', args.param_dtype)) if v}
+  overrides = {
+      k: v for k, v in (('dtype', args.dtype), ('param_dtype', args.param_dtype),
+                        ('moe.dispatch', args.dispatch)) if v
+  }
   model, params = gen.load_model(args.checkpoint, overrides=overrides, step=args.step)
   m = gen.generation_config(model.config)
   config_lib.validate_model(m)

@@ -54,25 +54,24 @@ def _hand_count(m, batch, context, experts):
       lf_state=L * batch * 2 * D * 2)
 
 
-@pytest.mark.parametrize('overrides', [{}, {
-    'router.type': 'shared',
-    'router.num_shared_experts': 1,
-    'moe_every': 2
-}])
-def test_decode_bytes_per_step_equals_a_hand_count(overrides):
+@pytest.mark.parametrize('batch, reach, overrides', [
+    (3, 6, {}),  # 3 rows x top-2 reach 6 of the 8 experts
+    (8, 8, {  # 16 slots, but only 8 experts
+        'router.type': 'shared',
+        'router.num_shared_experts': 1,
+        'moe_every': 2
+    }),
+])
+def test_decode_bytes_per_step_equals_a_hand_count(batch, reach, overrides):
   m = config_lib.tiny_model()
   m.dtype = 'bfloat16'
   config_lib.override(m, overrides)
-  got = decode_bytes_per_step(m, batch=3, context=10.5)  # 3 rows x top-2 reach 6 of 8 experts
-  want = _hand_count(m, 3, 10.5, experts=6)
+  got = decode_bytes_per_step(m, batch=batch, context=10.5)
+  want = _hand_count(m, batch, 10.5, experts=reach)
   assert got == pytest.approx({**want, 'total': sum(want.values())}, rel=1e-12)
 
 
-def test_decode_bytes_per_step_experts_read():
-  """The measured count when given; by default min(E, batch x top_k)."""
+def test_decode_bytes_per_step_reads_the_experts_measured():
   m = config_lib.tiny_model()
-  m.dtype = 'bfloat16'
-  measured = decode_bytes_per_step(m, batch=3, context=1, experts_per_layer=2.5)
-  assert measured['experts'] == pytest.approx(_hand_count(m, 3, 1, experts=2.5)['experts'])
-  assert decode_bytes_per_step(m, batch=8, context=1)['experts'] == pytest.approx(
-      _hand_count(m, 8, 1, experts=8)['experts'])  # 16 slots, but only 8 experts
+  got = decode_bytes_per_step(m, batch=3, context=1, experts_per_layer=2.5)['experts']
+  assert got == pytest.approx(_hand_count(m, 3, 1, experts=2.5)['experts'])
