@@ -54,14 +54,12 @@ def _hand_count(m, batch, context, experts):
       lf_state=L * batch * 2 * D * 2)
 
 
-@pytest.mark.parametrize('batch, reach, overrides', [
-    (3, 6, {}),  # 3 rows x top-2 reach 6 of the 8 experts
-    (8, 8, {  # 16 slots, but only 8 experts
-        'router.type': 'shared',
-        'router.num_shared_experts': 1,
-        'moe_every': 2
-    }),
-])
+# A shared-expert router, one MoE layer and one dense one.
+SHARED_HALF_DENSE = {'router.type': 'shared', 'router.num_shared_experts': 1, 'moe_every': 2}
+
+
+# 3 rows x top-2 reach 6 of the 8 experts; 8 rows make 16 slots, but there are only 8 experts.
+@pytest.mark.parametrize('batch, reach, overrides', [(3, 6, {}), (8, 8, SHARED_HALF_DENSE)])
 def test_decode_bytes_per_step_equals_a_hand_count(batch, reach, overrides):
   m = config_lib.tiny_model()
   m.dtype = 'bfloat16'
