@@ -25,10 +25,11 @@ Megablox constraints, and what is done about them:
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
-from absl import flags
+from absl import flags, logging
 
 GROUPED_MATMULS = ('ragged_dot', 'megablox', 'tokamax')
 DEFAULT_MEGABLOX_TILING = (128, 128, 128)
@@ -120,6 +121,15 @@ def _megablox(xs_MxK, w_GxKxN, group_sizes_G, tiling):
   M, K = xs_MxK.shape
   tm, tk, tn = megablox_tiles(M, K, w_GxKxN.shape[2], tiling)
   xs_PxK = jnp.pad(xs_MxK, ((0, -M % tm), (0, 0)))  # whole row tiles; pad rows in no group
-  ys_PxN = gmm(xs_PxK, w_GxKxN, group_sizes_G, xs_MxK.dtype, (tm, tk, tn),
-               interpret=jax.default_backend() != 'tpu')
+  interpret = jax.default_backend() != 'tpu'
+  if interpret:
+    _say_interpret(jax.default_backend())
+  ys_PxN = gmm(xs_PxK, w_GxKxN, group_sizes_G, xs_MxK.dtype, (tm, tk, tn), interpret=interpret)
   return ys_PxN[:M]
+
+
+@functools.cache
+def _say_interpret(backend: str) -> None:
+  logging.warning(
+      "moe.grouped_matmul='megablox' on %s: Pallas interpret mode (a TPU kernel; "
+      'correct but slow: use it for tests)', backend)
