@@ -8,7 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from yuanjax import step_guard
-from yuanjax.model import attention, moe, routers, transformer
+from yuanjax.model import attention, grouped_matmul, moe, routers, transformer
 
 
 def m32_model() -> ml_collections.ConfigDict:
@@ -48,6 +48,9 @@ def m32_model() -> ml_collections.ConfigDict:
               dispatch='capacity',  # fastest measured on H100 and on CPU (README, MoE dispatch)
               capacity_factor=1.25,
               ffn_size=8192,  # per-expert FFN size
+              # dropless only: ragged_dot | megablox (TPU) | tokamax (GPU; pip extra)
+              grouped_matmul='ragged_dot',
+              megablox_tiling=(128, 128, 128),  # (tm, tk, tn), yuanjax.model.grouped_matmul
           ),
       ))
 
@@ -127,6 +130,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     raise _err('moe.capacity_factor', m.moe.capacity_factor, 'must be > 0')
   if m.moe.ffn_size < 1:
     raise _err('moe.ffn_size', m.moe.ffn_size, 'must be >= 1')
+  grouped_matmul.check_config(m)
 
 
 def _check(cond, field, value, rule):

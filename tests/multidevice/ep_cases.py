@@ -4,12 +4,15 @@ A training case: the tiny M32 (LFA, Attention Router, 8 experts top-2) with ampl
 (capacity_factor = E / k: no slot is ever dropped, whatever the grouping), the trainer's
 `loss_fn` and `train_step`, state sharded by the logical-axis rules.
 A capacity case: one MoE layer with tight capacity, where dropping depends on the grouping.
+A grouped-matmul case: one MoE layer, dropless with an optional kernel (megablox in Pallas
+interpret mode, tokamax), forward and gradients, compared with the dense dispatch.
 """
 import functools
 import json
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -20,6 +23,9 @@ B, L, STEPS = 8, 16, 3
 MESHES = (dict(data=8), dict(data=2, expert=4), dict(fsdp=2, expert=4),
           dict(data=2, expert=2, tensor=2), dict(expert=8))
 CAPACITY_MESH = dict(data=2, expert=4)
+GROUPED_KERNELS = ('megablox', 'tokamax')
+GROUPED_MESHES = (dict(expert=8), dict(data=2, expert=2, tensor=2))
+GROUPED_X_SHAPE = (B, 4, config_lib.tiny_model().hidden_size)  # 4 tokens per batch shard
 
 
 def config(dispatch):
@@ -118,3 +124,28 @@ def capacity_case(x_BxLxD, axes):
     x = jax.device_put(x_BxLxD, NamedSharding(mesh, P(sharding.BATCH_AXES)))
     y, stats = jax.jit(layer.apply)(variables, x)
   return np.asarray(y), np.asarray(stats['dropped_fraction'])
+
+
+def grouped_case(x_BxLxD, axes, dispatch, kernel='ragged_dot'):
+  """One MoE layer (Attention Router): output and the gradients of sum(sin(y)) with respect to
+  every param and x, flat, as numpy. Megablox tiles of 16 rows (several per device)."""
+  cfg = config('dropless').model
+  cfg.moe.update(dispatch=dispatch, grouped_matmul=kernel, megablox_tiling=(16, 128, 128))
+  config_lib.validate_model(cfg)
+  layer = moe.MoE(cfg)
+  variables = jax.jit(layer.init)(jax.random.key(2), x_BxLxD[:1])
+  variables = jax.tree_util.tree_map(lambda a: a * 4.0, variables)  # spread the router out
+
+  def loss(v, x):
+    y, _ = layer.apply(v, x)
+    return jnp.sum(jnp.sin(y)), y
+
+  mesh, rules = _mesh(axes)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    x = jax.device_put(x_BxLxD, NamedSharding(mesh, P(sharding.BATCH_AXES)))
+    (_, y), (g_v, g_x) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(variables,
+                                                                                         x)
+  out = {'y': np.asarray(y), 'grad:x': np.asarray(g_x)}
+  for k, v in jax.tree_util.tree_leaves_with_path(nn.unbox(g_v)):
+    out[f'grad:{jax.tree_util.keystr(k)}'] = np.asarray(v)
+  return out

@@ -1,6 +1,7 @@
 """Runs the expert-parallel cases on 8 virtual CPU devices and saves the raw results.
 
   python tests/multidevice/ep_worker.py DISPATCH OUT.npz
+  python tests/multidevice/ep_worker.py grouped OUT.npz   # the grouped-matmul kernels
 
 XLA_FLAGS is set here, in a process of its own; `test_expert_parallel.py` runs this and
 compares everything with a 1-device run of the same cases (`ep_cases.py`).
@@ -19,9 +20,21 @@ import numpy as np  # noqa: E402
 from tests.multidevice import ep_cases as cases  # noqa: E402
 
 
+def grouped(out):
+  x = np.random.default_rng(4).normal(size=cases.GROUPED_X_SHAPE).astype(np.float32)
+  results = {}
+  for kernel in cases.GROUPED_KERNELS:
+    for axes in cases.GROUPED_MESHES:
+      for k, v in cases.grouped_case(x, axes, 'dropless', kernel).items():
+        results[f'{kernel}/{cases.mesh_name(axes)}/{k}'] = v
+  np.savez(out, **results)
+
+
 def main(dispatch, out):
   if jax.device_count() != 8:
     raise SystemExit(f'expected 8 CPU devices, got {jax.devices()}')
+  if dispatch == 'grouped':
+    return grouped(out)
   results = {}
   cfg = cases.config(dispatch)
   state0 = cases.initial_state(cfg)

@@ -5,7 +5,9 @@ Experts are stored stacked: w1_ExDx2F (first F columns the gate), w2_ExFxD.
 
   dense     every expert computes every token, masked by the combine weights. The
             readable reference (T * E expert FLOPs); used by tests.
-  dropless  sort slots by expert, grouped matmul (`jax.lax.ragged_dot`), nothing dropped.
+  dropless  sort slots by expert, grouped matmuls, nothing dropped. The kernel is
+            `config.model.moe.grouped_matmul` (`yuanjax.model.grouped_matmul`: ragged_dot,
+            megablox or tokamax); the other dispatches ignore that field.
   capacity  GShard-style: each expert has C = ceil(capacity_factor * T * k / E) slots;
             slots are placed by index scatter into an [E, C, D] buffer, the experts run
             as one batched einsum, results come back by index gather. Slots past an
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
-from yuanjax.model import layers, routers
+from yuanjax.model import grouped_matmul, layers, routers
 
 f32 = jnp.float32
 DISPATCHES = ('dense', 'dropless', 'capacity')
@@ -112,8 +114,9 @@ def dense_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD):
   return y_TxD, jnp.zeros((), f32)
 
 
-def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchange = LOCAL):
-  """Sort slots by expert; grouped matmuls over the sorted rows; nothing dropped.
+def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchange = LOCAL,
+                      gmm: grouped_matmul.GroupedMatmul = grouped_matmul.RAGGED_DOT):
+  """Sort slots by expert; grouped matmuls (`gmm`) over the sorted rows; nothing dropped.
 
   With `ex.n` expert shards (G = E/n experts here), the slots go out in fixed-size chunks,
   one per destination shard (room for all A slots each), are sorted there by local expert,
@@ -127,7 +130,7 @@ def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchan
   xs_AxD = x_TxD[token_A]
   if ex.n == 1:
     group_sizes_G = jnp.zeros((G,), jnp.int32).at[expert_A].add(1, mode='drop')
-    ys_AxD = _ragged_experts(xs_AxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex)
+    ys_AxD = _ragged_experts(xs_AxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex, gmm)
   else:
     # Slot a travels in row a of its destination's chunk: rows never collide, and the
     # receiver sorts what it gets by local expert anyway (empty rows carry id G: last).
@@ -139,7 +142,7 @@ def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchan
     recv_MxD, recv_M = ex.swap(send_nxAxD).reshape(-1, D), ex.swap(send_nxA).reshape(-1)
     order_M = jnp.argsort(recv_M, stable=True)
     group_sizes_G = jnp.zeros((G,), jnp.int32).at[recv_M].add(1, mode='drop')
-    ys_MxD = _ragged_experts(recv_MxD[order_M], w1_GxDx2F, w2_GxFxD, group_sizes_G, ex)
+    ys_MxD = _ragged_experts(recv_MxD[order_M], w1_GxDx2F, w2_GxFxD, group_sizes_G, ex, gmm)
     back_nxAxD = ex.swap(jnp.zeros_like(ys_MxD).at[order_M].set(ys_MxD).reshape(ex.n, A, D))
     ys_AxD = back_nxAxD.at[dest_A, row_A].get(mode='fill', fill_value=0)
   w_A = jnp.where(r.valid_A, r.weight_A, 0.0)[order_A].astype(x_TxD.dtype)
@@ -147,9 +150,10 @@ def dropless_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, ex: Exchan
   return y_TxD, jnp.zeros((), f32)
 
 
-def _ragged_experts(xs_MxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex: Exchange):
-  h_Mx2F = jax.lax.ragged_dot(xs_MxD, w1_GxDx2F, group_sizes_G)
-  return ex.reduce_ffn(jax.lax.ragged_dot(layers.swiglu(h_Mx2F), w2_GxFxD, group_sizes_G))
+def _ragged_experts(xs_MxD, w1_GxDx2F, w2_GxFxD, group_sizes_G, ex: Exchange,
+                    gmm: grouped_matmul.GroupedMatmul):
+  h_Mx2F = gmm(xs_MxD, w1_GxDx2F, group_sizes_G)
+  return ex.reduce_ffn(gmm(layers.swiglu(h_Mx2F), w2_GxFxD, group_sizes_G))
 
 
 def capacity_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, capacity: int,
@@ -188,7 +192,8 @@ def _axes_size(mesh, axes) -> int:
 
 
 def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, dispatch: str,
-                             top_k: int, capacity_factor: float, mesh):
+                             top_k: int, capacity_factor: float, mesh,
+                             gmm: grouped_matmul.GroupedMatmul = grouped_matmul.RAGGED_DOT):
   """`dispatch` ('capacity' or 'dropless') inside `shard_map` over `mesh`, experts exchanged
   by all_to_all. Token-choice routings only (slots token-major, k per token)."""
   batch, ep, tp = mesh_axes_of('act_batch'), mesh_axes_of('expert'), mesh_axes_of('mlp')
@@ -209,16 +214,17 @@ def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, 
       C = routers.expert_capacity(T_loc, E, top_k, capacity_factor)
       y, dropped = capacity_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, C, ex)
     else:
-      y, dropped = dropless_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, ex)
+      y, dropped = dropless_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, ex, gmm)
     return y, dropped[None]
 
   # Split w1's [gate | up] columns into (2, F) so that an ffn shard holds matching halves.
   w1_ExDx2xF = w1_ExDx2F.reshape(E, D, 2, F2 // 2)
+  # Megablox's pallas_call declares outputs without the varying-axes type that check_vma needs.
   y_TxD, dropped_n = jax.shard_map(
       local, mesh=mesh, in_specs=(P(batch, None), P(batch), P(batch), P(batch), P(batch),
                                   P(ep, None, None, tp), P(ep, tp, None)),
-      out_specs=(P(batch, None), P(batch)))(x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A,
-                                            w1_ExDx2xF, w2_ExFxD)
+      out_specs=(P(batch, None), P(batch)), check_vma=gmm.kind
+      != 'megablox')(x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A, w1_ExDx2xF, w2_ExFxD)
   return y_TxD, jnp.mean(dropped_n)  # every shard routes the same number of slots
 
 
@@ -247,16 +253,17 @@ class MoE(nn.Module):
     self.sow('intermediates', 'router_probs', r.probs_TxE.reshape(B, L, E))
     self.sow('intermediates', 'combine_weights', combine_weights(r, B * L, E).reshape(B, L, E))
     w1, w2 = w1_ExDx2F.astype(dtype), w2_ExFxD.astype(dtype)
-    dispatch = cfg.moe.dispatch
+    dispatch, gmm = cfg.moe.dispatch, grouped_matmul.GroupedMatmul.from_config(cfg.moe)
     mesh = jax.sharding.get_abstract_mesh()
     if (dispatch in ('capacity', 'dropless') and cfg.router.type in routers.CAUSAL_ROUTERS and
         not mesh.empty and mesh.size > 1):
       y_TxD, dropped = expert_parallel_dispatch(x_TxD, r, w1, w2, dispatch=dispatch, top_k=k,
-                                                capacity_factor=cfg.moe.capacity_factor, mesh=mesh)
+                                                capacity_factor=cfg.moe.capacity_factor, mesh=mesh,
+                                                gmm=gmm)
     elif dispatch == 'dense':
       y_TxD, dropped = dense_dispatch(x_TxD, r, w1, w2)
     elif dispatch == 'dropless':
-      y_TxD, dropped = dropless_dispatch(x_TxD, r, w1, w2)
+      y_TxD, dropped = dropless_dispatch(x_TxD, r, w1, w2, gmm=gmm)
     elif dispatch == 'capacity':
       C = routers.expert_capacity(B * L, E, k, cfg.moe.capacity_factor)
       y_TxD, dropped = capacity_dispatch(x_TxD, r, w1, w2, C)
