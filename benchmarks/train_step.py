@@ -97,13 +97,14 @@ def summary(out: dict) -> str:
     mfu = 'n/a' if out['mfu'] is None else f"{100 * out['mfu']:.1f}%"
     lines.append(f"step {1e3 * out['step_s']:.1f} ms, {out['tokens_per_s']:.0f} tokens/s, "
                  f"MFU {mfu}")
-  lines.append(f"{'GFLOP/token':<12}{'executed':>10}{'model':>10}{'ratio':>8}")
+  unit, scale = ('GFLOP', 1e9) if out['model_flops_per_token'] > 1e8 else ('MFLOP', 1e6)
+  lines.append(f"{unit + '/token':<12}{'executed':>10}{'model':>10}{'ratio':>8}")
   ex, mo = out['executed_parts'], out['model_parts']
   for part in ex:
     ratio = f'{ex[part] / mo[part]:8.2f}' if mo.get(part) else ''
-    lines.append(f'{part:<12}{ex[part] / 1e9:10.4f}{mo.get(part, 0.0) / 1e9:10.4f}{ratio}')
-  lines.append(f"{'total':<12}{out['executed_flops_per_token'] / 1e9:10.4f}"
-               f"{out['model_flops_per_token'] / 1e9:10.4f}{out['flops_ratio']:8.2f}")
+    lines.append(f'{part:<12}{ex[part] / scale:10.4f}{mo.get(part, 0.0) / scale:10.4f}{ratio}')
+  lines.append(f"{'total':<12}{out['executed_flops_per_token'] / scale:10.4f}"
+               f"{out['model_flops_per_token'] / scale:10.4f}{out['flops_ratio']:8.2f}")
   return '\n'.join(lines)
 
 
