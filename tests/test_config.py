@@ -37,6 +37,8 @@ def test_m32_config_is_the_spec():
     ('data.fim_rate', 1.5, r'config\.data\.fim_rate'),
     ('model.moe.dispatch', 'magic', r'config\.model\.moe\.dispatch'),
     ('model.attention_backend', 'flash', r'config\.model\.attention_backend'),
+    ('model.scan_unroll', 0, r'config\.model\.scan_unroll=0: must be a positive integer'),
+    ('model.attention_query_blocks', 0, r'config\.model\.attention_query_blocks=0'),
 ])
 def test_bad_values_name_the_field(field, value, pattern):
   config = demo.get_config()

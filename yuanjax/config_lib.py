@@ -30,7 +30,9 @@ def m32_model() -> ml_collections.ConfigDict:
           dtype='bfloat16',  # compute dtype; router, softmax and loss stay float32
           param_dtype='float32',
           attention_backend='dot_product_attention',
+          attention_query_blocks=1,  # 'xla' backend: n > 1 skips most of the masked half
           remat='none',
+          scan_unroll=1,  # decoder blocks per scan iteration (>= their number: no loop)
           num_experts=32,
           moe_every=1,  # every layer MoE; n: every n-th layer; 0: all dense
           dense_ffn_size=8192,  # FFN size of the dense layers (unused when moe_every=1)
@@ -97,6 +99,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   if m.attention_backend not in attention.ATTENTION_BACKENDS:
     raise _err('attention_backend', m.attention_backend,
                f'expected one of {attention.ATTENTION_BACKENDS}')
+  for f in ('scan_unroll', 'attention_query_blocks'):
+    if not isinstance(m.get(f, 1), int) or m.get(f, 1) < 1:
+      raise _err(f, m[f], 'must be a positive integer')
   if m.remat not in transformer.REMAT_POLICIES:
     raise _err('remat', m.remat, f'expected one of {sorted(transformer.REMAT_POLICIES)}')
   for f in ('dtype', 'param_dtype'):

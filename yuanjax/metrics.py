@@ -76,11 +76,13 @@ def roofline_fraction(bytes_per_s: float, device_kind: str) -> float | None:
 
 
 def train_flops_per_token(config) -> float:
-  """Forward + backward (3x forward) FLOPs per token, attention at train.seq_len."""
+  """Model FLOPs of training per token: forward + backward (3x forward) of the active
+  matmul params (6 x active params, as `yuanjax.stats` counts them) and of the causal
+  attention products at train.seq_len. What MFU divides by."""
   from yuanjax import stats  # pylint: disable=g-import-not-at-top  (model import, lazily)
   facts = stats.model_facts(config.model)
   return 3 * (facts['forward_flops_per_token'] +
-              facts['attention_flops_per_token'] * config.train.seq_len / config.model.max_seq_len)
+              stats.attention_flops_per_token(config.model, config.train.seq_len))
 
 
 def mfu(tokens_per_sec: float, flops_per_token: float, device_kind: str,

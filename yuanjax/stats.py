@@ -44,11 +44,16 @@ def model_facts(model_cfg) -> dict:
     router += n if any(getattr(k, 'key', None) == 'router' for k in path) else 0.0
     if len([a for a in names if a != 'layers']) >= 2:  # weight matrices, convs, embedding
       matmul_active += n * share
-  m = model_cfg
-  # Per token per layer, causal: QK^T and AV each 2 * H * K * (mean context (L+1)/2).
-  attn = 2 * 2 * m.num_heads * m.head_dim * (m.max_seq_len + 1) / 2 * m.num_layers
   return dict(total_params=int(total), active_params=int(active), router_params=int(router),
-              forward_flops_per_token=2.0 * matmul_active, attention_flops_per_token=float(attn))
+              forward_flops_per_token=2.0 * matmul_active,
+              attention_flops_per_token=attention_flops_per_token(model_cfg))
+
+
+def attention_flops_per_token(model_cfg, seq_len: int | None = None) -> float:
+  """Forward FLOPs of the attention products per token, causal, at seq_len (default
+  max_seq_len): QK^T and AV each 2 * H * K * (mean context (L+1)/2), every layer."""
+  m, L = model_cfg, seq_len or model_cfg.max_seq_len
+  return float(2 * 2 * m.num_heads * m.head_dim * (L + 1) / 2 * m.num_layers)
 
 
 def decode_bytes_per_step(model_cfg, batch: int, context: float,

@@ -101,6 +101,22 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_acc
   return TrainState(state.step + 1, params, opt_state, guard), metrics
 
 
+def jit_train_step(config: ml_collections.ConfigDict, built: train_state.Built, mesh):
+  """The trainer's jitted step: state and batch sharded over `mesh` (`built` with it), the
+  metrics replicated (every process can read them), the state donated. The benchmark
+  (benchmarks/train_step.py) times and analyses exactly this function."""
+  step = functools.partial(train_step, model=built.model, optimizer=built.optimizer,
+                           schedule=built.schedule, grad_accum=config.train.grad_accum,
+                           seed=config.train.seed, guard_cfg=config.train)
+  return jax.jit(step, in_shardings=(built.shardings, batch_sharding(mesh)),
+                 out_shardings=(built.shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+  """Batches are split over the data-parallel mesh axes (sharding.BATCH_AXES)."""
+  return NamedSharding(mesh, P(sharding.BATCH_AXES))
+
+
 def eval_step(params, batch, *, model):
   _, out = loss_fn(params, model, batch, jax.random.key(0), aux_in_loss=False)
   return out['lm_loss'] * out['tokens'], out['tokens']
@@ -176,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config.mesh)
   config_lib.validate_against_mesh(config, mesh)
-  data_sharding = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  data_sharding = batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
 
   # --- Data.
@@ -203,12 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.truncate_after(start)
       logging.info('resumed from step %d', start)
 
-    # Metrics come back replicated: every process can read them (process 0 writes them).
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, optimizer=built.optimizer,
-                          schedule=built.schedule, grad_accum=tcfg.grad_accum, seed=tcfg.seed,
-                          guard_cfg=tcfg), in_shardings=(shardings, data_sharding),
-        out_shardings=(shardings, replicated), donate_argnums=(0,))
+    step_fn = jit_train_step(config, built, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
                       in_shardings=(shardings.params, data_sharding), out_shardings=replicated)
 

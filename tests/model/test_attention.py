@@ -93,3 +93,26 @@ def test_lfa_decode_state_matches_full_pass():
       assert rel_err(out[b, :lengths[b]], full[b, starts[b]:starts[b] + lengths[b]]) < 1e-6
       np.testing.assert_array_equal(cache['u_prev'][b, 1], u[b, starts[b] + lengths[b] - 1])
     starts = starts + np.array(lengths)
+
+
+def test_blocked_causal_attention_equals_the_full_square_for_less():
+  """Query blocks (uneven: 11 queries in 3 blocks; with and without two documents) give the
+  full square's result; with 4 blocks of 8 the compiled dots do (4+1)/(2*4) of its FLOPs."""
+  from yuanjax import step_cost
+  rng = np.random.RandomState(0)
+  q, k, v = (jnp.asarray(rng.randn(2, 11, 2, 8), jnp.float32) for _ in range(3))
+  seg = jnp.array([[1] * 5 + [2] * 6, [1] * 11])
+
+  @jax.jit
+  def both(q, k, v, seg):
+    full = lambda s: attention.xla_attention(q, k, v, attention.attention_mask(s, 11, 11), 0.3)
+    blocked = lambda s: attention.blocked_causal_attention(q, k, v, s, 0.3, blocks=3)
+    return (full(seg), full(None)), (blocked(seg), blocked(None))
+
+  for want, got in zip(*both(q, k, v, seg)):
+    assert rel_err(got, want) < 1e-6
+  x = jax.ShapeDtypeStruct((1, 32, 2, 8), jnp.float32)
+  flops = lambda n: sum(f for _, f in step_cost.dot_flops(
+      jax.jit(lambda q, k, v: attention.blocked_causal_attention(q, k, v, None, 0.3, n)).lower(
+          x, x, x).compile().as_text()))
+  assert flops(4) == flops(1) * 5 / 8

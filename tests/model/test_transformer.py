@@ -145,3 +145,17 @@ def test_config_validation_names_field():
   m.moe_every = 2
   with pytest.raises(ValueError, match=r'config\.model\.moe_every'):
     config_lib.validate_model(m)
+
+
+def test_unrolled_layer_scan_computes_the_scanned_model():
+  """scan_unroll (what the FLOP analysis compiles) changes the compiled loop, not the model:
+  the same params give the same logits (random params, one compile holds both models)."""
+  scanned, unrolled = (Transformer(tiny(num_layers=2, scan_unroll=n)) for n in (1, 2))
+  tokens = jax.random.randint(jax.random.key(0), (1, L), 0, scanned.config.vocab_size)
+  shapes = jax.eval_shape(scanned.init, jax.random.key(1), tokens)
+  rng = np.random.default_rng(0)
+  v = jax.tree_util.tree_map(lambda s: rng.normal(0, 0.3, s.shape).astype(s.dtype),
+                             nn.unbox(shapes))
+  both = jax.jit(lambda v: (scanned.apply(v, tokens)[0], unrolled.apply(v, tokens)[0]))
+  logits_scanned, logits_unrolled = both(v)
+  assert rel_err(logits_unrolled, logits_scanned) < 1e-6

@@ -24,6 +24,13 @@ slots past a row's end are never seen. The convolution needs u[p-1] for c1[p] an
 (how many of the chunk's tokens are real in each row; right padding) picks the new u_prev.
 A full prompt (prefill) and a one-token step are the same call. Decoding always uses the
 reference einsum attention (`xla_attention`) over the cache, whatever `attention_backend` says.
+
+Backends (`config.model.attention_backend`): 'dot_product_attention' is
+`jax.nn.dot_product_attention` (cuDNN flash attention on GPU, which skips the masked half;
+XLA's full square elsewhere). 'xla' is the einsum reference; it computes the full L x L
+square for a causal mask, twice the causal FLOPs, unless `attention_query_blocks` = n > 1
+splits the queries into n blocks that see only the keys up to their end
+(`blocked_causal_attention`: (n+1)/(2n) of the square, the same result).
 """
 from __future__ import annotations
 
@@ -109,6 +116,26 @@ def xla_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, scale: float):
   return jnp.einsum('bhls,bshk->blhk', probs, v_BxSxHxK)
 
 
+def blocked_causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, scale: float,
+                             blocks: int):
+  """`xla_attention` with a causal mask, the queries split into `blocks` blocks, each
+  attending only to the keys up to its own end: the same result for (n+1)/(2n) of the
+  full square's FLOPs (block i sees keys [0, end_i); no online softmax is needed, since
+  each query row still sees all the keys it may attend to at once)."""
+  L = q_BxLxHxK.shape[1]
+  bounds = [L * i // blocks for i in range(blocks + 1)]
+  outs = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    if hi == lo:
+      continue
+    mask = jnp.tril(jnp.ones((hi - lo, hi), bool), k=lo)[None, None]
+    if segment_ids_BxL is not None:
+      mask = mask & (segment_ids_BxL[:, lo:hi, None] == segment_ids_BxL[:, None, :hi])[:, None]
+    outs.append(
+        xla_attention(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi], v_BxLxHxK[:, :hi], mask, scale))
+  return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
   """LFA self-attention over packed rows (or, with `decode`, over the rows' KV cache)."""
   config: ml_collections.ConfigDict
@@ -153,7 +180,8 @@ class Attention(nn.Module):
       mask_Bx1xLxS = (jnp.arange(S) <= positions_BxL[:, :, None])[:, None]
       o_BxLxHxK = xla_attention(q, cached_k.value, cached_v.value, mask_Bx1xLxS, scale)
     elif cfg.attention_backend == 'xla':
-      o_BxLxHxK = xla_attention(q, k, v, attention_mask(segment_ids_BxL, L, L), scale)
+      o_BxLxHxK = blocked_causal_attention(q, k, v, segment_ids_BxL, scale,
+                                           cfg.get('attention_query_blocks', 1))
     elif cfg.attention_backend == 'dot_product_attention':
       # cuDNN flash attention on GPU; its XLA fallback elsewhere. Causality via is_causal,
       # document boundaries via the segment mask.

@@ -6,7 +6,10 @@
 Layers are grouped in blocks of `moe_every` layers (the last of each block is MoE, the
 others dense; `moe_every=1`: every layer MoE as in M32; `moe_every=0`: all dense) and the
 blocks run under `nn.scan`, so compile time does not grow with depth. Params of scanned
-blocks carry a leading 'layers' axis.
+blocks carry a leading 'layers' axis. `config.model.scan_unroll` (default 1) unrolls that
+many blocks per loop iteration (`lax.scan`'s `unroll`; >= the block count: no loop at all,
+what `benchmarks/train_step.py` compiles to count FLOPs, as XLA's cost analysis counts a
+loop body once). It changes how the model is compiled, never what it computes.
 
 Public API:
   model = Transformer(config.model)
@@ -135,7 +138,8 @@ class Transformer(nn.Module):
         'params': True,
         'router': True
     }, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_blocks(cfg),
-                     metadata_params={nn.PARTITION_NAME: 'layers'})
+                     unroll=cfg.get('scan_unroll',
+                                    1), metadata_params={nn.PARTITION_NAME: 'layers'})
     x_BxLxD, stats = blocks(cfg, deterministic, decode, name='blocks')(x_BxLxD, segment_ids,
                                                                        positions, lengths)
 
