@@ -24,3 +24,17 @@ def test_memory_bandwidth_by_device_kind(kind, bandwidth):
   assert metrics.memory_bandwidth(kind) == bandwidth
   want = None if bandwidth is None else 0.25
   assert metrics.roofline_fraction(0.25 * (bandwidth or 1.0), kind) == want
+
+
+@pytest.mark.parametrize('kind, peak', [
+    ('NVIDIA H100 80GB HBM3', 989e12),
+    ('NVIDIA L40S', 362e12),
+    ('NVIDIA L4', 121e12),
+    ('TPU v4', 275e12),
+    ('TPU v5 lite', 197e12),
+    ('TPU v5', 459e12),
+    ('TPU v6 lite', 918e12),
+    ('cpu', None),
+])
+def test_peak_flops_by_device_kind(kind, peak):
+  assert metrics.peak_flops(kind) == peak

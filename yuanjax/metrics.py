@@ -14,26 +14,32 @@ import os
 import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, from vendor spec sheets (H100 SXM: 989 TF dense; we
-# measured 797 TF/s for a bf16 8192^3 matmul through JAX, see ../shared notes).
+# measured 797 TF/s for a bf16 8192^3 matmul through JAX, see ../shared notes). Matched like
+# MEMORY_BANDWIDTH below: specific names first (JAX calls v5p 'TPU v5', v5e 'TPU v5 lite').
 PEAK_FLOPS = (
     ('H200', 989e12),
     ('H100', 989e12),
     ('A100', 312e12),
+    ('L40S', 362e12),
+    ('L40', 181e12),
     ('L4', 121e12),
     ('TPU v6', 918e12),
-    ('TPU v5p', 459e12),
     ('TPU v5 lite', 197e12),
     ('TPU v5e', 197e12),
+    ('TPU v5', 459e12),
     ('TPU v4', 275e12),
 )
 
 
+def _by_kind(table, device_kind: str) -> float | None:
+  """The value of the first name in `table` that is a case-insensitive substring of
+  jax's device_kind, or None."""
+  return next((v for name, v in table if name.lower() in device_kind.lower()), None)
+
+
 def peak_flops(device_kind: str) -> float | None:
   """Peak bf16 FLOP/s of one device, or None when unknown (CPU): MFU is then not reported."""
-  for name, flops in PEAK_FLOPS:
-    if name.lower() in device_kind.lower():
-      return flops
-  return None
+  return _by_kind(PEAK_FLOPS, device_kind)
 
 
 # Memory (HBM) bandwidth per chip in bytes/s, from vendor spec sheets: NVIDIA's H200, H100 and
@@ -63,10 +69,7 @@ MEMORY_BANDWIDTH = (
 
 def memory_bandwidth(device_kind: str) -> float | None:
   """Memory bandwidth (bytes/s) of one device, or None when unknown (CPU)."""
-  for name, bandwidth in MEMORY_BANDWIDTH:
-    if name.lower() in device_kind.lower():
-      return bandwidth
-  return None
+  return _by_kind(MEMORY_BANDWIDTH, device_kind)
 
 
 def roofline_fraction(bytes_per_s: float, device_kind: str) -> float | None:
