@@ -78,8 +78,8 @@ from yuanjax import config_lib, sharding, stats
 
 GiB = 2**30
 HEADROOM = 0.85
-# Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+# Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
 DEVICE_MEMORY = {'H100-80G': 80, 'H200': 141, 'TPU v5e': 16, 'TPU v5p': 95, 'TPU v6e': 32}
 
 
