@@ -83,7 +83,8 @@ def test_remat_and_accumulation_shrink_activations():
   config.train.grad_accum = 48
   r = plan.plan(config, devices=32, device_kind='TPU v5p')
   assert full < base / 4  # the float32 logits (vocab 135040) stay
-  assert r['per_device']['activations'] == pytest.approx(full / 48, rel=1e-6)
+  # Token-proportional terms shrink 48-fold; one block's float32 weight gradients do not.
+  assert r['per_device']['activations'] == pytest.approx(full / 48, rel=0.05)
   assert r['micro_batch_tokens_per_device'] == 4096
   assert r['fits'] == {'TPU v5p': True}
 
@@ -112,3 +113,13 @@ def test_cli_prints_table_then_json():
   assert math.isclose(out['per_device']['params'] / 2**30,
                       float(next(l for l in lines if l.startswith('params')).split()[1]),
                       abs_tol=0.01)
+
+
+def test_estimate_within_25_percent_of_xla_memory_analysis():
+  """The tiny config's real train step (tiled loss) compiled on this CPU: temp vs gradients +
+  activations, argument vs params + optimizer (the slice's comparison is in the README)."""
+  config = tiny.get_config()
+  config.model.loss_chunk_len = 32
+  r = plan.compare(plan.plan(config, devices=1), plan.xla_memory(config))
+  assert 0.75 <= r['temp']['ratio'] <= 1.25, r
+  assert 0.75 <= r['argument']['ratio'] <= 1.25, r

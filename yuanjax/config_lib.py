@@ -33,6 +33,7 @@ def m32_model() -> ml_collections.ConfigDict:
           attention_query_blocks=1,  # 'xla' backend: n > 1 skips most of the masked half
           remat='none',
           scan_unroll=1,  # decoder blocks per scan iteration (>= their number: no loop)
+          loss_chunk_len=1024,  # the loss scores chunks of this many positions; 0: whole
           num_experts=32,
           moe_every=1,  # every layer MoE; n: every n-th layer; 0: all dense
           dense_ffn_size=8192,  # FFN size of the dense layers (unused when moe_every=1)
@@ -107,6 +108,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   for f in ('dtype', 'param_dtype'):
     if m[f] not in ('float32', 'bfloat16', 'float16'):
       raise _err(f, m[f], "expected 'float32', 'bfloat16' or 'float16'")
+  chunk = m.get('loss_chunk_len', 0)
+  if not isinstance(chunk, int) or chunk < 0:
+    raise _err('loss_chunk_len', chunk, 'must be an integer >= 0 (0: the logits in one piece)')
   if m.moe_every < 0 or (m.moe_every and m.num_layers % m.moe_every):
     raise _err('moe_every', m.moe_every,
                f'must be 0 (all dense) or divide num_layers={m.num_layers}')

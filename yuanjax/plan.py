@@ -18,7 +18,7 @@ Per device, in bytes:
   optimizer    AdamW's mu and nu (and counts), sharded like the params
   gradients    float32, sharded like the params; twice that with train.grad_accum > 1 (the
                accumulator and one micro-batch's gradients are both alive)
-  activations  an analytic estimate of what the backward pass keeps (below)
+  activations  an analytic estimate of what the backward pass keeps, and of its peak (below)
   total        their sum; it fits a device when total <= HEADROOM x its memory (the rest is
                for XLA's scratch buffers, collectives and fragmentation; on GPU also set
                XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, as JAX takes only 75% by default)
@@ -30,8 +30,9 @@ size (heads, ffn and vocab are split over it); b bytes of config.model.dtype. El
 per token and layer without remat:
   attention (LFA)  8 D (norms, convolutions and their shifted inputs, residual) + 6 H K / tp
                    (q, k, v, rotated q and k, output); backend 'xla' adds the scores and
-                   probabilities, 2 H L / tp in float32; 'dot_product_attention' keeps only
-                   the log-sum-exp (H / tp floats)
+                   probabilities, 2 H L / tp in float32, and so does 'dot_product_attention'
+                   (XLA's implementation on CPU and TPU) except for a GPU --device_kind, where
+                   it is cuDNN flash attention and keeps only the log-sum-exp (H / tp floats)
   MoE layer        3 D + cf k (2 D + 3 F / tp)   (dispatch and combine buffers, gate, up, act)
   dense layer      3 D + 3 F / tp
 remat policy (config.model.remat, applied to each scanned block):
@@ -41,17 +42,31 @@ remat policy (config.model.remat, applied to each scanned block):
                  q k v 3 H K / tp, output D; dense FFN 2 F / tp + D), + one layer's amount
   dots_saveable  dots + the batched matmuls too (expert FFN cf k (2 F / tp + D); 'xla'
                  attention scores H L / tp in float32), + one layer's amount
-plus, once, the embedding output (T D) and float32 logits with their gradient (2 T V / tp x 4
-bytes). An estimate of what matters at scale (XLA's fusion and scheduling move it by tens of
-percent); the state terms above are exact.
+plus, once, the embedding output (T D); with remat none and b < 4, the params cast to the
+compute dtype that the backward reuses (params x b / 4); and the larger of the backward pass's
+two peaks: the loss (float32 logits and their gradient, 2 T V / tp x 4 bytes in one piece;
+with config.model.loss_chunk_len = c < L, 2 (T / L) c V / tp x 4 + the float32 head gradient
+V D / tp x 4: yuanjax.loss), or one block's backward (its float32 weight gradients + one
+layer's amount for its activations' gradients).
+
+Against XLA (`--xla`: compiles the real train step for one device of this machine and prints
+memory_analysis next to the estimate): XLA's temp bytes compare with gradients + activations,
+its argument bytes with params + optimizer (+ the batch). For configs/yuan_m32.py:slice on
+XLA:CPU the estimate is within 25% (README, Memory); XLA:CPU also makes float32 copies of
+bfloat16 matmul operands, which a GPU or TPU does not. An estimate of what matters at scale
+(XLA's fusion and scheduling move it by tens of percent); the state terms above are exact.
+
+  python -m yuanjax.plan --config configs/yuan_m32.py:slice --devices=1 --xla
 
 Prints a table, then (last line) one JSON object with the same numbers.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,6 +78,7 @@ from yuanjax import config_lib, sharding, stats
 
 GiB = 2**30
 HEADROOM = 0.85
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 # Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
 DEVICE_MEMORY = {'H100-80G': 80, 'H200': 141, 'TPU v5e': 16, 'TPU v5p': 95, 'TPU v6e': 32}
 
@@ -108,16 +124,21 @@ def state_leaves(config, mesh_shape: dict) -> list[dict]:
   return out
 
 
-def activation_bytes(config, mesh_shape: dict) -> tuple[float, float]:
-  """(bytes per device, tokens per device per micro-batch): the module docstring's formula."""
+GPU_KINDS = ('H100-80G', 'H200')  # where 'dot_product_attention' is cuDNN flash attention
+
+
+def activation_bytes(config, mesh_shape: dict, flash: bool = False) -> tuple[float, float, float]:
+  """(bytes per device that the backward pass keeps, bytes of one layer's activations, tokens
+  per device per micro-batch): the module docstring's per-layer formula; `flash`:
+  'dot_product_attention' keeps no scores."""
   m, t = config.model, config.train
   dp = mesh_shape['data'] * mesh_shape['fsdp'] * mesh_shape['expert']
   tp = mesh_shape['tensor']
   T = t.batch_size / t.grad_accum / dp * t.seq_len
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
-  D, H, K, L, V = m.hidden_size, m.num_heads, m.head_dim, t.seq_len, m.vocab_size
+  D, H, K, L = m.hidden_size, m.num_heads, m.head_dim, t.seq_len
   HK = H * K / tp
-  xla = m.attention_backend == 'xla'
+  scores = not (flash and m.attention_backend == 'dot_product_attention')
   ck = m.moe.capacity_factor * m.router.top_k
   F = m.moe.ffn_size / tp
   Fd = m.dense_ffn_size / tp
@@ -125,13 +146,13 @@ def activation_bytes(config, mesh_shape: dict) -> tuple[float, float]:
   n_dense = m.num_layers - n_moe
 
   # Bytes per token of one layer, by what a remat policy keeps.
-  attn_core = (2 * H * L / tp * 4) if xla else (H / tp * 4)
+  attn_core = (2 * H * L / tp * 4) if scores else (H / tp * 4)
   attn_all = (8 * D + 6 * HK) * b + attn_core
   moe_all = (3 * D + ck * (2 * D + 3 * F)) * b
   dense_all = (3 * D + 3 * Fd) * b
   attn_dots = (D + 3 * D + 3 * HK + D) * b  # block input, convolutions, q k v, output
   moe_dots, dense_dots = 0.0, (2 * Fd + D) * b
-  attn_saveable = attn_dots + ((H * L / tp * 4) if xla else 0.0)
+  attn_saveable = attn_dots + ((H * L / tp * 4) if scores else 0.0)
   moe_saveable = ck * (2 * F + D) * b
   one_layer = attn_all + max(moe_all if n_moe else 0.0, dense_all if n_dense else 0.0)
   per_layer = {
@@ -147,8 +168,19 @@ def activation_bytes(config, mesh_shape: dict) -> tuple[float, float]:
   else:
     a, mo, de = per_layer
     layers = n_moe * (a + mo) + n_dense * (a + de) + one_layer
-  top = D * b + 2 * V / tp * 4
-  return T * (layers + top), T
+  return T * (layers + D * b), T * one_layer, T
+
+
+def loss_bytes(config, mesh_shape: dict, tokens: float) -> float:
+  """The loss's float32 logits and their gradient: all [T, V] of them in one piece, or one
+  chunk's [rows, loss_chunk_len, V] twice plus the float32 head-gradient accumulator."""
+  m = config.model
+  V = m.vocab_size / mesh_shape['tensor']
+  chunk = m.get('loss_chunk_len', 0)
+  if not chunk or chunk >= config.train.seq_len:
+    return 2 * tokens * V * 4
+  rows = tokens / config.train.seq_len
+  return 2 * rows * chunk * V * 4 + V * m.hidden_size * 4
 
 
 def plan(config: ml_collections.ConfigDict, devices: int | None = None,
@@ -171,7 +203,8 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   grad_copies = 2 if config.train.grad_accum > 1 else 1
   grads_dev = grad_copies * sum(x['per_device_bytes'] // np.dtype(x['dtype']).itemsize * 4
                                 for x in params)
-  act, tokens = activation_bytes(config, mesh_shape)
+  act, one_layer, tokens = activation_bytes(config, mesh_shape, flash=device_kind in GPU_KINDS)
+  act += _backward_extra(config, mesh_shape, tokens, one_layer, params)
   per_device = dict(
       params=sum(x['per_device_bytes'] for x in params),
       optimizer=sum(x['per_device_bytes'] for x in opt) + 4,  # + the int32 step
@@ -187,6 +220,46 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
               remat=config.model.remat, micro_batch_tokens_per_device=tokens, per_device=per_device,
               totals=totals, headroom=HEADROOM,
               device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds}, fits=fits, leaves=leaves)
+
+
+def _backward_extra(config, mesh_shape: dict, tokens: float, one_layer: float,
+                    params: list[dict]) -> float:
+  """Param casts kept for the backward (remat none) + the larger of the two peaks of the
+  backward pass: the loss's logits, or one block's float32 weight gradients and its activations'
+  gradients."""
+  b = np.dtype(jnp.dtype(config.model.dtype)).itemsize
+  param_bytes = sum(x['per_device_bytes'] for x in params)
+  casts = param_bytes * b / 4 if config.model.remat == 'none' and b < 4 else 0.0
+  block = sum(x['per_device_bytes'] for x in params if x['path'].startswith("['blocks']"))
+  from yuanjax.model import transformer  # pylint: disable=g-import-not-at-top
+  one_block_grads = block / transformer.num_blocks(config.model)
+  return casts + max(loss_bytes(config, mesh_shape, tokens), one_block_grads + one_layer)
+
+
+def xla_memory(config: ml_collections.ConfigDict) -> dict:
+  """XLA's memory_analysis of the real train step (optimizer and step guard included),
+  compiled for one device of this machine's backend without allocating anything: `temp`
+  (what the planner's gradients + activations estimate) and `argument` (params + optimizer,
+  + the batch) bytes."""
+  from yuanjax import train_state, trainer  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config)
+  built = train_state.build(config)
+  t = config.train
+  batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32) for k in BATCH_KEYS}
+  step = jax.jit(
+      functools.partial(trainer.train_step, model=built.model, optimizer=built.optimizer,
+                        schedule=built.schedule, grad_accum=t.grad_accum, seed=0, guard_cfg=t),
+      donate_argnums=(0,))
+  with nn.logical_axis_rules(sharding.rules(config.mesh)):
+    ma = step.lower(built.abstract, batch).compile().memory_analysis()
+  return dict(temp=int(ma.temp_size_in_bytes), argument=int(ma.argument_size_in_bytes))
+
+
+def compare(r: dict, xla: dict) -> dict:
+  """Planner vs XLA: temp vs gradients + activations, argument vs params + optimizer."""
+  d = r['per_device']
+  ours = dict(temp=d['gradients'] + d['activations'], argument=d['params'] + d['optimizer'])
+  return {k: dict(plan=ours[k], xla=xla[k], ratio=ours[k] / xla[k]) for k in ours}
 
 
 def format_table(r: dict) -> str:
@@ -212,7 +285,15 @@ def main(argv):
   del argv
   r = plan(_CONFIG.value, _DEVICES.value, _DEVICE_KIND.value)
   print(format_table(r))
-  print(json.dumps({k: v for k, v in r.items() if k != 'leaves'}))
+  out = {k: v for k, v in r.items() if k != 'leaves'}
+  if _XLA.value:
+    if r['devices'] != 1:
+      raise app.UsageError(f"--xla compiles for one device; the mesh has {r['devices']}")
+    out['xla'] = compare(r, xla_memory(_CONFIG.value))
+    for k, v in out['xla'].items():
+      print(f"{k:12} plan {v['plan'] / GiB:8.2f} GiB   XLA {v['xla'] / GiB:8.2f} GiB   "
+            f"plan/XLA {v['ratio']:.2f}")
+  print(json.dumps(out))
 
 
 if __name__ == '__main__':
@@ -224,5 +305,8 @@ if __name__ == '__main__':
       'the product of the fixed config.mesh axes')
   _DEVICE_KIND = flags.DEFINE_enum('device_kind', None, list(DEVICE_MEMORY),
                                    'device to check against (default: all of them)')
+  _XLA = flags.DEFINE_bool(
+      'xla', False, 'also compile the train step for one device of this machine (no '
+      "allocation) and compare XLA's memory_analysis with the estimate")
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -78,9 +78,11 @@ def update(guard: dict, step, loss, grad_norm, tcfg: ml_collections.ConfigDict):
   return new, apply, metrics
 
 
-def select(apply, new_tree, old_tree):
-  """new_tree where apply, else old_tree (leaf by leaf; a select XLA fuses into the update)."""
-  return jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new_tree, old_tree)
+def apply_if(apply, update, params, opt_state):
+  """update(params, opt_state) where apply, else both unchanged: a lax.cond, not a select of
+  new and old, which made XLA keep a copy of the whole optimizer state alive through the step
+  (13 GB of the M32 slice's temp memory; README, Memory)."""
+  return jax.lax.cond(apply, update, lambda p, o: (p, o), params, opt_state)
 
 
 class HaltError(RuntimeError):

@@ -38,7 +38,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import checkpoint as ckpt_lib
-from yuanjax import config_lib, distributed, metrics as metrics_lib, sample as sample_lib
+from yuanjax import config_lib, distributed, loss as loss_lib, metrics as metrics_lib
+from yuanjax import sample as sample_lib
 from yuanjax import sharding, step_guard, train_state
 from yuanjax.data import streams
 from yuanjax.train_state import TrainState
@@ -47,13 +48,15 @@ f32 = jnp.float32
 
 
 def loss_fn(params, model, batch, rng, aux_in_loss=True):
-  """Mean token cross-entropy (float32) over loss_mask, plus the routers' aux losses."""
-  logits, aux = model.apply({'params': params}, batch['inputs'], segment_ids=batch['segment_ids'],
-                            positions=batch['positions'], deterministic=False, rngs={'router': rng})
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(f32), batch['targets'])
+  """Mean token cross-entropy (float32) over loss_mask, plus the routers' aux losses; scored in
+  chunks of config.model.loss_chunk_len positions (yuanjax.loss; 0: the logits in one piece)."""
+  (hidden, head), aux = model.apply({'params': params}, batch['inputs'],
+                                    segment_ids=batch['segment_ids'], positions=batch['positions'],
+                                    deterministic=False, rngs={'router': rng}, hidden=True)
   mask = batch['loss_mask'].astype(f32)
   n = jnp.maximum(mask.sum(), 1.0)
-  lm_loss = jnp.sum(ce * mask) / n
+  lm_loss = loss_lib.cross_entropy_sum(hidden, head, batch['targets'], mask,
+                                       model.config.get('loss_chunk_len', 0)) / n
   total = lm_loss + aux['aux_loss'] if aux_in_loss else lm_loss
   return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())
 
@@ -87,9 +90,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_acc
   guard, apply, guard_metrics = step_guard.update(
       state.guard, state.step + 1, loss, grad_norm,
       step_guard.defaults() if guard_cfg is None else guard_cfg)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  params, opt_state = step_guard.select(apply, (params, opt_state), (state.params, state.opt_state))
+  params, opt_state = step_guard.apply_if(apply, functools.partial(_update, optimizer, grads),
+                                          state.params, state.opt_state)
   moe = aux['moe']
   metrics = dict(loss=loss, aux_loss=aux['aux_loss'], grad_norm=grad_norm,
                  learning_rate=schedule(state.step), **guard_metrics)
@@ -115,6 +117,11 @@ def jit_train_step(config: ml_collections.ConfigDict, built: train_state.Built, 
 def batch_sharding(mesh) -> NamedSharding:
   """Batches are split over the data-parallel mesh axes (sharding.BATCH_AXES)."""
   return NamedSharding(mesh, P(sharding.BATCH_AXES))
+
+
+def _update(optimizer, grads, params, opt_state):
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state
 
 
 def eval_step(params, batch, *, model):

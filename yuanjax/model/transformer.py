@@ -15,6 +15,11 @@ Public API:
   model = Transformer(config.model)
   variables = model.init(key, tokens_BxL)
   logits_BxLxV, aux = model.apply(variables, tokens_BxL, segment_ids=None, positions=None)
+  (hidden_BxLxD, head_VxD), aux = model.apply(variables, tokens_BxL, hidden=True)
+
+`hidden=True` returns the final-norm hidden states and the LM head matrix (compute dtype)
+instead of the logits: what the training loss scores, in chunks (`yuanjax.loss`), so that the
+[B, L, V] float32 logits need not exist whole.
 
 `aux['aux_loss']` is the weighted router loss summed over layers (add it to the LM loss);
 `aux['moe']` holds per-layer MoE statistics stacked on a leading [num_moe_layers] axis.
@@ -42,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from yuanjax import loss
 from yuanjax.model import layers
 from yuanjax.model.attention import Attention
 from yuanjax.model.moe import MoE
@@ -111,7 +117,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, segment_ids=None, positions=None, deterministic: bool = True,
-               decode: bool = False, lengths=None):
+               decode: bool = False, lengths=None, hidden: bool = False):
     cfg = self.config
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     if decode:
@@ -144,11 +150,12 @@ class Transformer(nn.Module):
                                                                        positions, lengths)
 
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='final_norm')(x_BxLxD)
-    logits_BxLxV = jnp.einsum('bld,vd->blv', x_BxLxD, embedding_VxD.astype(dtype),
-                              preferred_element_type=f32)
-    logits_BxLxV = layers.constrain(logits_BxLxV, ('act_batch', 'act_len', 'act_vocab'))
+    head_VxD = embedding_VxD  # tied embeddings: the one place that names the LM head
     aux_loss = jnp.sum(stats['aux_loss']) if stats else jnp.zeros((), f32)
-    return logits_BxLxV, {'aux_loss': aux_loss, 'moe': stats}
+    aux = {'aux_loss': aux_loss, 'moe': stats}
+    if hidden:
+      return (x_BxLxD, head_VxD.astype(dtype)), aux
+    return loss.logits(x_BxLxD, head_VxD.astype(dtype)), aux
 
   def _decode_positions(self, tokens_BxL, segment_ids, positions, lengths):
     """(positions [B, L], lengths [B]) of a decode chunk; advances the cache index."""
