@@ -37,9 +37,6 @@ def get_config(arg=None):
     config.data.update(dict(vocab_size=512, max_bytes=300_000))
   elif arg == 'slice':
     config.model.num_layers = 2
-    # One device: one layer's backward, not the logits, is the memory peak, so the tiled loss
-    # saves nothing here and costs a third more LM-head FLOPs (README, Memory).
-    config.model.loss_chunk_len = 0
     config.train.update(
         dict(num_steps=100, batch_size=2, seq_len=4096, log_every=10, eval_every=0, progress=False))
   elif arg is not None:

@@ -41,6 +41,18 @@ def test_tiled_loss_and_gradients_equal_the_one_piece_loss(chunk_len):
   assert np.all(np.asarray(dx)[np.asarray(mask) == 0] == 0)  # masked tokens get no gradient
 
 
+def test_tiled_loss_scales_by_the_cotangent_and_evaluates_without_gradients():
+  x, head, targets, mask = _inputs()
+  scaled = lambda x, head: 0.37 * loss.cross_entropy_sum(x, head, targets, mask, 4)
+  dx, dhead = jax.jit(jax.grad(scaled, argnums=(0, 1)))(x, head)
+  rdx, rdhead = jax.grad(lambda x, head: 0.37 * _reference(x, head, targets, mask),
+                         argnums=(0, 1))(x, head)
+  assert rel_err(dx, rdx) < 1e-5 and rel_err(dhead, rdhead) < 1e-5
+  # Not differentiated (eval): the primal path, log-sum-exps only.
+  np.testing.assert_allclose(loss.cross_entropy_sum(x, head, targets, mask, 4),
+                             _reference(x, head, targets, mask), rtol=1e-6)
+
+
 def test_bfloat16_hidden_states_keep_float32_loss_and_their_own_dtype_gradients():
   x, head, targets, mask = _inputs(jnp.bfloat16)
   grad = jax.jit(jax.value_and_grad(loss.cross_entropy_sum, argnums=(0, 1)), static_argnums=4)

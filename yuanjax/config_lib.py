@@ -34,6 +34,7 @@ def m32_model() -> ml_collections.ConfigDict:
           remat='none',
           scan_unroll=1,  # decoder blocks per scan iteration (>= their number: no loop)
           loss_chunk_len=1024,  # the loss scores chunks of this many positions; 0: whole
+          loss_unroll=False,  # the loss's chunks without a loop (the FLOP analysis sets it)
           num_experts=32,
           moe_every=1,  # every layer MoE; n: every n-th layer; 0: all dense
           dense_ffn_size=8192,  # FFN size of the dense layers (unused when moe_every=1)
@@ -111,6 +112,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   chunk = m.get('loss_chunk_len', 0)
   if not isinstance(chunk, int) or chunk < 0:
     raise _err('loss_chunk_len', chunk, 'must be an integer >= 0 (0: the logits in one piece)')
+  if not isinstance(m.get('loss_unroll', False), bool):
+    raise _err('loss_unroll', m.loss_unroll, 'must be True or False')
   if m.moe_every < 0 or (m.moe_every and m.num_layers % m.moe_every):
     raise _err('moe_every', m.moe_every,
                f'must be 0 (all dense) or divide num_layers={m.num_layers}')

@@ -6,12 +6,16 @@ In one piece (`chunk_len` 0, or >= L) it is optax's cross-entropy of the full fl
 [B, L, V]. Tiled (`0 < chunk_len < L`, `config.model.loss_chunk_len`), the sequence is cut into
 chunks of `chunk_len` positions (every row in each chunk, so a batch sharded over devices stays
 balanced; a ragged last chunk is padded with masked positions) and a `lax.scan` scores one
-chunk at a time under a custom VJP: the forward keeps only each token's log-sum-exp, the
-backward recomputes one chunk's logits, turns them into that chunk's hidden-state gradient and
-adds its head gradient to a float32 accumulator. So neither the [B, L, V] float32 logits nor
-their gradient exist in one piece: [B, chunk_len, V] at a time (MaxText's vocab tiling does the
-same over token tiles). The price is the logits matmul once more in the backward pass (+1/3 of
-the LM head's FLOPs).
+chunk at a time under a custom VJP. The loss is a sum, so its gradients do not depend on
+anything downstream but a scalar: when differentiated, the scan computes each chunk's gradients
+right away, while its logits exist (softmax - one-hot, masked, times the head: the chunk's
+hidden-state gradient; times the hidden states: added to a float32 head-gradient accumulator),
+and the backward only scales them by the cotangent. So neither the [B, L, V] float32 logits nor
+their gradient exist in one piece, only [B, chunk_len, V] at a time, and the FLOPs are exactly
+the one-piece loss's (no logits recomputed: MaxText's vocab tiling recomputes them). What it
+keeps for the backward, the hidden-state gradient [B, L, D] and the head gradient [V, D] in
+float32, the one-piece loss holds through the backward too. Without differentiation (eval)
+it computes only the log-sum-exps.
 """
 from __future__ import annotations
 
@@ -32,9 +36,11 @@ def logits(hidden_BxLxD, head_VxD):
   return nn.with_logical_constraint(logits_BxLxV, LOGITS_AXES)
 
 
-def cross_entropy_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len: int = 0):
+def cross_entropy_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len: int = 0,
+                      unroll: bool = False):
   """Sum over tokens of mask x cross-entropy (float32), in one piece or in chunks of
-  `chunk_len` positions (module docstring); the same value and gradients either way."""
+  `chunk_len` positions (module docstring); the same value and gradients either way. `unroll`:
+  the chunks in straight-line code instead of a loop (what the FLOP analysis compiles)."""
   mask_BxL = mask_BxL.astype(f32)
   L = hidden_BxLxD.shape[1]
   if chunk_len < 0:
@@ -48,7 +54,7 @@ def cross_entropy_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len: 
     widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
     hidden_BxLxD, targets_BxL, mask_BxL = (
         jnp.pad(a, widths(a)) for a in (hidden_BxLxD, targets_BxL, mask_BxL))
-  return _chunked_ce_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len)
+  return _chunked_ce_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, (chunk_len, unroll))
 
 
 def _split(a_BxL, c):
@@ -71,39 +77,50 @@ def _lse_and_target(x_BxCxD, head_VxD, t_BxC):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_ce_sum(x_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len):
-  return _chunked_fwd(x_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len)[0]
-
-
-def _chunked_fwd(x_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len):
+def _chunked_ce_sum(x_BxLxD, head_VxD, targets_BxL, mask_BxL, tiling):
+  """Without differentiation (eval): only each chunk's log-sum-exp and target logit."""
 
   def chunk(total, xs):
     x_BxCxD, t_BxC, m_BxC = xs
     _, lse_BxC, target_BxC = _lse_and_target(x_BxCxD, head_VxD, t_BxC)
-    return total + jnp.sum((lse_BxC - target_BxC) * m_BxC), lse_BxC
+    return total + jnp.sum((lse_BxC - target_BxC) * m_BxC), None
 
+  chunk_len, unroll = tiling
   xs = tuple(_split(a, chunk_len) for a in (x_BxLxD, targets_BxL, mask_BxL))
-  total, lse_NxBxC = jax.lax.scan(chunk, jnp.zeros((), f32), xs)
-  return total, (x_BxLxD, head_VxD, targets_BxL, mask_BxL, lse_NxBxC)
+  return jax.lax.scan(chunk, jnp.zeros((), f32), xs, unroll=unroll)[0]
 
 
-def _chunked_bwd(chunk_len, residuals, g):
-  x_BxLxD, head_VxD, targets_BxL, mask_BxL, lse_NxBxC = residuals
+def _chunked_fwd(x_BxLxD, head_VxD, targets_BxL, mask_BxL, tiling):
+  """Under differentiation: each chunk's loss AND its gradients, while its logits exist."""
   dtype = x_BxLxD.dtype
 
-  def chunk(dhead_VxD, xs):
-    x_BxCxD, t_BxC, m_BxC, lse_BxC = xs
-    logits_BxCxV = logits(x_BxCxD, head_VxD)
+  def chunk(carry, xs):
+    total, dhead_VxD = carry
+    x_BxCxD, t_BxC, m_BxC = xs
+    logits_BxCxV, lse_BxC, target_BxC = _lse_and_target(x_BxCxD, head_VxD, t_BxC)
     probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
     onehot_BxCxV = jax.nn.one_hot(t_BxC, head_VxD.shape[0], dtype=f32)
-    dlogits_BxCxV = ((probs_BxCxV - onehot_BxCxV) * (g * m_BxC)[..., None]).astype(dtype)
+    dlogits_BxCxV = ((probs_BxCxV - onehot_BxCxV) * m_BxC[..., None]).astype(dtype)
     dx_BxCxD = jnp.einsum('bcv,vd->bcd', dlogits_BxCxV, head_VxD, preferred_element_type=f32)
     dhead_VxD += jnp.einsum('bcv,bcd->vd', dlogits_BxCxV, x_BxCxD, preferred_element_type=f32)
-    return dhead_VxD, dx_BxCxD.astype(dtype)
+    total += jnp.sum((lse_BxC - target_BxC) * m_BxC)
+    return (total, dhead_VxD), dx_BxCxD.astype(dtype)
 
-  xs = tuple(_split(a, chunk_len) for a in (x_BxLxD, targets_BxL, mask_BxL)) + (lse_NxBxC,)
-  dhead_VxD, dx_NxBxCxD = jax.lax.scan(chunk, jnp.zeros(head_VxD.shape, f32), xs)
-  return _merge(dx_NxBxCxD), dhead_VxD.astype(head_VxD.dtype), None, None
+  chunk_len, unroll = tiling
+  xs = tuple(_split(a, chunk_len) for a in (x_BxLxD, targets_BxL, mask_BxL))
+  init = (jnp.zeros((), f32), jnp.zeros(head_VxD.shape, f32))
+  (total, dhead_VxD), dx_NxBxCxD = jax.lax.scan(chunk, init, xs, unroll=unroll)
+  # The empty array only carries the head's dtype (its gradient's) to the backward.
+  return total, (_merge(dx_NxBxCxD), dhead_VxD, jnp.zeros((0,), head_VxD.dtype))
+
+
+def _chunked_bwd(tiling, residuals, g):
+  """The loss is a sum: its gradients, computed in the forward, times the cotangent g (the
+  head's in float32, rounded once)."""
+  del tiling
+  dx_BxLxD, dhead_VxD, head_dtype = residuals
+  return ((g * dx_BxLxD).astype(dx_BxLxD.dtype), (g * dhead_VxD).astype(head_dtype.dtype), None,
+          None)
 
 
 _chunked_ce_sum.defvjp(_chunked_fwd, _chunked_bwd)

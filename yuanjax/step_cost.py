@@ -6,7 +6,8 @@ XLA's `cost_analysis()` counts the body of a while loop once, whatever its trip 
 decoder's layer scan (and the trainer's micro-batch scan) would be counted once. `analyse`
 therefore compiles an analysis variant of the real step (`trainer.jit_train_step`): the layer
 scan fully unrolled (`config.model.scan_unroll`, which changes how the model compiles, never
-what it computes) and one micro-batch (`train.grad_accum` = 1); the optimizer update is
+what it computes), so are the tiled loss's chunks (`config.model.loss_unroll`), and one
+micro-batch (`train.grad_accum` = 1); the optimizer update is
 compiled on its own, so that its FLOPs are counted once per step, not per micro-batch.
 
 Attribution is measured, not modelled: every `dot` of the optimized HLO is counted (2 x output
@@ -43,7 +44,8 @@ PARTS = (
     ('lf_conv', lambda n: '/attention/lf/' in n),
     ('qkvo_proj', lambda n: '/attention/' in n and ('dhk' in n or 'hkd' in n)),
     ('attention', lambda n: '/attention/' in n),
-    ('lm_head', lambda n: 'vd->blv' in n),
+    # The logits, and the tiled loss's gradient matmuls (yuanjax.loss: done in its forward).
+    ('lm_head', lambda n: any(s in n for s in ('vd->blv', 'bcv,vd->bcd', 'bcv,bcd->vd'))),
 )
 _DEF = re.compile(r'%([\w.\-]+) = \w+\[([\d,]*)\]')
 _DOT = re.compile(r'%[\w.\-]+ = \w+\[([\d,]*)\][^ ]* dot\(%([\w.\-]+), %[\w.\-]+\)(.*)$')
@@ -107,9 +109,10 @@ def model_parts(config: ml_collections.ConfigDict) -> dict[str, float]:
 
 
 def analysis_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config of the analysis compile: layers unrolled, one micro-batch per step."""
+  """The config of the analysis compile: layers and loss chunks unrolled, one micro-batch."""
   c = ml_collections.ConfigDict(config.to_dict())
   c.model.scan_unroll = transformer.num_blocks(c.model)
+  c.model.loss_unroll = True
   c.train.batch_size = config.train.batch_size // config.train.grad_accum
   c.train.grad_accum = 1
   return c
@@ -147,8 +150,10 @@ def optimizer_flops(built: train_state.Built, mesh) -> float:
 
 def is_analysis_config(config: ml_collections.ConfigDict) -> bool:
   """True when the real step is its own analysis variant (no loop to unroll)."""
-  return (config.train.grad_accum == 1 and
-          config.model.get('scan_unroll', 1) >= transformer.num_blocks(config.model))
+  m = config.model
+  loss_loop = 0 < m.get('loss_chunk_len', 0) < config.train.seq_len and not m.get('loss_unroll')
+  return (config.train.grad_accum == 1 and not loss_loop and
+          m.get('scan_unroll', 1) >= transformer.num_blocks(m))
 
 
 def analyse(config: ml_collections.ConfigDict, mesh, compiled=None, built=None) -> dict:

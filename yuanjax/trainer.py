@@ -55,8 +55,9 @@ def loss_fn(params, model, batch, rng, aux_in_loss=True):
                                     deterministic=False, rngs={'router': rng}, hidden=True)
   mask = batch['loss_mask'].astype(f32)
   n = jnp.maximum(mask.sum(), 1.0)
+  m = model.config
   lm_loss = loss_lib.cross_entropy_sum(hidden, head, batch['targets'], mask,
-                                       model.config.get('loss_chunk_len', 0)) / n
+                                       m.get('loss_chunk_len', 0), m.get('loss_unroll', False)) / n
   total = lm_loss + aux['aux_loss'] if aux_in_loss else lm_loss
   return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())
 
