@@ -305,12 +305,17 @@ FAKE_TRAIN = textwrap.dedent('''\
     args, overrides = p.parse_known_args()
     i = args.process_id
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, f'pid_{i}'), 'w') as f:
+    pid_file = os.path.join(args.workdir, f'pid_{i}')
+    with open(pid_file + '.tmp', 'w') as f:
       f.write(str(os.getpid()))
+    os.replace(pid_file + '.tmp', pid_file)
     print(f'process {i} of {args.num_processes} at {args.coordinator_address} '
           f'platforms={os.environ["JAX_PLATFORMS"]} overrides={overrides}')
     if '--config.fail=True' in overrides:
-      if i == 1:
+      if i == 1:  # fails once process 0 runs (has written its pid), so that it must be stopped
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(args.workdir, 'pid_0')) and time.time() < deadline:
+          time.sleep(0.01)
         sys.exit(3)
       time.sleep(120)
     print(f'process {i} done')
