@@ -23,8 +23,9 @@ install: $(STAMP)
 TEST_WORKERS ?= $(shell $(PY) -c 'import os; print(min(4, len(os.sched_getaffinity(0)) \
   if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))')
 # loadfile: each test file runs whole on one worker, so a module-scoped fixture is built once.
+# PYTEST_ARGS: more pytest flags, e.g. PYTEST_ARGS=--durations=15.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 	$(MAKE) check-format
 
 check-format: $(STAMP)
