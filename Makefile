@@ -19,8 +19,14 @@ $(STAMP): setup.py constraints.txt
 
 install: $(STAMP)
 
+# pytest-xdist workers: one per core the tests may use, at most 4 (each holds its own JAX and
+# compiled programs; past 4 the longest test files bound the time). TEST_WORKERS=0: no workers.
+TEST_WORKERS ?= $(shell $(PY) -c 'import os; print(min(4, len(os.sched_getaffinity(0)) \
+  if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))')
+# loadfile: each test file runs whole on one worker, so a module-scoped fixture is built once.
+# PYTEST_ARGS: more pytest flags, e.g. PYTEST_ARGS=--durations=15.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS) tests
 	$(MAKE) check-format
 
 check-format: $(STAMP)

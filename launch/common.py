@@ -8,11 +8,13 @@ exactly what a real run does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -94,6 +96,18 @@ def train_argv(python: str, config: str, workdir: str, overrides: list[str],
                module: str = TRAIN_MODULE) -> list[str]:
   """The training command (the contract with yuanjax.train); -u: logs arrive as they happen."""
   return [python, '-u', '-m', module, f'--config={config}', f'--workdir={workdir}', *overrides]
+
+
+def free_ports(n: int = 1) -> list[int]:
+  """n different TCP ports on 127.0.0.1 that nothing listens on now (the OS's pick: bind to
+  port 0, all n sockets open at once so that they differ). A port is only reserved until
+  it is returned, but the OS hands out ports in a random order, so another caller picking
+  the same one before it is used is unlikely."""
+  with contextlib.ExitStack() as stack:
+    socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+    for s in socks:
+      s.bind(('127.0.0.1', 0))
+    return [s.getsockname()[1] for s in socks]
 
 
 # ------------------------------------------------------------------------------- running

@@ -116,6 +116,7 @@ def parse(argv=None):
 def runs(args) -> list[tuple[str, argparse.Namespace]]:
   """(name, backend args) per variant; the backend checks its own flags (exit 2 if bad)."""
   backend, out, seen = BACKENDS[args.backend], [], set()
+  ports = common.free_ports(len(args.variants)) if args.backend == 'local' else []
   fixed = {common.OVERRIDE_RE.fullmatch(a).group(1): a for a in args.overrides}
   for i, variant in enumerate(args.variants):
     name = variant_name(variant)
@@ -129,10 +130,13 @@ def runs(args) -> list[tuple[str, argparse.Namespace]]:
     ]
     run = backend.parse(argv)
     # Names and local folders of their own, so that variants do not overwrite each other.
-    if args.backend == 'local' and (run.log_dir or '://' not in run.workdir):
-      run.log_dir = os.path.join(run.log_dir or run.workdir, name if run.log_dir else 'logs')
-      if args.parallel > 1:  # variants running at once need coordinator ports of their own
+    if args.backend == 'local':
+      if run.port is None:  # a free port each (variants at once need ports of their own)
+        run.port = ports[i]
+      elif args.parallel > 1:
         run.port += i
+      if run.log_dir or '://' not in run.workdir:
+        run.log_dir = os.path.join(run.log_dir or run.workdir, name if run.log_dir else 'logs')
     elif args.backend == 'tpu' and not run.reuse:  # --reuse: all on the one slice
       run.name = f'{run.name}-{i}'
       given = any(a.startswith('--local_dir') for a in args.rest)

@@ -1,10 +1,13 @@
 """Shared test helpers: a relative-norm comparison, and the smoke ablation study that
-tests/test_report.py and the notebook tests (03) both read (run once per session)."""
+tests/test_report.py and the notebook tests (03) both read (run once per session, also under
+pytest-xdist)."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 
+import filelock
 import numpy as np
 import pytest
 
@@ -41,10 +44,28 @@ CONFIG = textwrap.dedent(f'''\
     ''')
 
 
+def session_dir(tmp_path_factory):
+  """This session's temporary folder, the same one in every pytest-xdist worker."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get('PYTEST_XDIST_WORKER') else base
+
+
 @pytest.fixture(scope='session')
 def smoke_study(tmp_path_factory):
-  """launch.sweep of configs/router_ablation.py:smoke (2 routers x 2 seeds) + one failing run."""
-  tmp = tmp_path_factory.mktemp('study')
+  """launch.sweep of configs/router_ablation.py:smoke (2 routers x 2 seeds) + one failing run.
+
+  Run once per session: under pytest-xdist the first worker that asks runs it, under a file
+  lock, and the others wait for it and read the same folder."""
+  tmp = session_dir(tmp_path_factory) / 'smoke_study'
+  with filelock.FileLock(f'{tmp}.lock'):
+    if not (tmp / 'ok').exists():
+      _run_smoke_study(tmp)
+  return tmp / 'sw'
+
+
+def _run_smoke_study(tmp):
+  shutil.rmtree(tmp, ignore_errors=True)  # a worker that failed at it before left this
+  tmp.mkdir()
   cfg = tmp / 'study.py'
   cfg.write_text(CONFIG)
   argv = [
@@ -53,4 +74,4 @@ def smoke_study(tmp_path_factory):
   ]
   r = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert r.returncode == 1, r.stderr[-3000:]  # the bad run failed, the others did not
-  return tmp / 'sw'
+  (tmp / 'ok').touch()

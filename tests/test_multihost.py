@@ -8,13 +8,14 @@ equal those of one process driving 2 CPU devices with the same two input streams
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+from launch import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 200  # steps are milliseconds here: enough that the preemption lands mid-run
@@ -41,19 +42,13 @@ def _env(tmp, **extra):
               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0', **extra)
 
 
-def _free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _start(argv, env, log):
   return subprocess.Popen([sys.executable, '-m', 'yuanjax.train', *argv], cwd=REPO, env=env,
                           stdout=open(log, 'w'), stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _start_pair(workdir, cache, tmp, tag):
-  port = _free_port()
+  port, = common.free_ports()
   procs, logs = [], []
   for i in range(2):
     logs.append(tmp / f'{tag}_{i}.log')

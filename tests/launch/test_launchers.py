@@ -89,12 +89,21 @@ def test_local_dry_run(capsys, cfg, no_run):
   ] for i in range(3)]
 
 
-def test_local_dry_run_quoting_is_exact(capsys, cfg, no_run):
+def test_local_dry_run_quoting_is_exact(capsys, cfg, no_run, monkeypatch):
+  monkeypatch.setattr(common, 'free_ports', lambda n=1: [43210] * n)  # no --port: the OS's pick
   local.main([f'--config={cfg}', '--workdir=/tmp/w', '--num_processes=1', TRICKY, '--dry-run'])
   assert capsys.readouterr().out == (
       f'env JAX_PLATFORMS=cpu {PY} -u -m yuanjax.train --config={cfg} --workdir=/tmp/w '
       """'--config.name=it'"'"'s a $test & "more"' """
-      '--coordinator_address=127.0.0.1:8476 --num_processes=1 --process_id=0\n')
+      '--coordinator_address=127.0.0.1:43210 --num_processes=1 --process_id=0\n')
+
+
+def test_free_ports_differ_and_are_free():
+  ports = common.free_ports(4)
+  assert len(set(ports)) == 4 and all(1024 <= p < 65536 for p in ports)
+  for port in ports:
+    with socket.socket() as s:
+      s.bind(('127.0.0.1', port))  # raises if something holds it
 
 
 def _tpu_argv(cfg, *extra, local_dir='/tmp/stage'):
@@ -296,12 +305,17 @@ FAKE_TRAIN = textwrap.dedent('''\
     args, overrides = p.parse_known_args()
     i = args.process_id
     os.makedirs(args.workdir, exist_ok=True)
-    with open(os.path.join(args.workdir, f'pid_{i}'), 'w') as f:
+    pid_file = os.path.join(args.workdir, f'pid_{i}')
+    with open(pid_file + '.tmp', 'w') as f:
       f.write(str(os.getpid()))
+    os.replace(pid_file + '.tmp', pid_file)
     print(f'process {i} of {args.num_processes} at {args.coordinator_address} '
           f'platforms={os.environ["JAX_PLATFORMS"]} overrides={overrides}')
     if '--config.fail=True' in overrides:
-      if i == 1:
+      if i == 1:  # fails once process 0 runs (has written its pid), so that it must be stopped
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(args.workdir, 'pid_0')) and time.time() < deadline:
+          time.sleep(0.01)
         sys.exit(3)
       time.sleep(120)
     print(f'process {i} done')
@@ -324,18 +338,12 @@ FAKE_JAX = textwrap.dedent('''\
     ''')
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def run_local(tmp_path, cfg, module, *flags, timeout=60):
   (tmp_path / 'mods').mkdir(exist_ok=True)
   (tmp_path / 'mods' / 'fake_train.py').write_text(FAKE_TRAIN)
   (tmp_path / 'mods' / 'fake_jax.py').write_text(FAKE_JAX)
   env = dict(os.environ, PYTHONPATH=str(tmp_path / 'mods'))
-  port = free_port()
+  port, = common.free_ports()
   argv = [
       PY, '-m', 'launch.local', f'--config={cfg}', f'--workdir={tmp_path / "wd"}',
       f'--module={module}', f'--port={port}', f'--log_dir={tmp_path / "logs"}', *flags

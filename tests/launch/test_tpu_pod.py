@@ -147,8 +147,9 @@ def test_sigterm_to_the_launcher_stops_trainers_before_delete(fake, tmp_path):
       f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7'
   ]
   proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 60
-  while 'storage ls' not in fake.kinds() and time.monotonic() < deadline:
+  deadline = time.monotonic() + 180
+  while 'storage ls' not in fake.kinds():  # the run started and is being followed
+    assert time.monotonic() < deadline and proc.poll() is None, (fake.kinds(), proc.poll())
     time.sleep(0.05)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
