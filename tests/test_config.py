@@ -47,6 +47,15 @@ def test_bad_values_name_the_field(field, value, pattern):
     config_lib.validate(config)
 
 
+def test_query_blocks_need_the_xla_backend():
+  config = demo.get_config()
+  config.model.update(attention_backend='dot_product_attention', attention_query_blocks=4)
+  with pytest.raises(ValueError, match=r"attention_query_blocks=4: only the 'xla'"):
+    config_lib.validate(config)
+  config.model.attention_backend = 'xla'
+  config_lib.validate(config)
+
+
 def test_mesh_rules_name_the_field():
   config = demo.get_config()
   mesh = types.SimpleNamespace(shape={'data': 3, 'fsdp': 1, 'expert': 1, 'tensor': 1})

@@ -28,6 +28,7 @@ def test_memory_bandwidth_by_device_kind(kind, bandwidth):
 
 @pytest.mark.parametrize('kind, peak', [
     ('NVIDIA H100 80GB HBM3', 989e12),
+    ('NVIDIA H100 PCIe', 756e12),
     ('NVIDIA L40S', 362e12),
     ('NVIDIA L4', 121e12),
     ('TPU v4', 275e12),

@@ -104,6 +104,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   for f in ('scan_unroll', 'attention_query_blocks'):
     if not isinstance(m.get(f, 1), int) or m.get(f, 1) < 1:
       raise _err(f, m[f], 'must be a positive integer')
+  if m.get('attention_query_blocks', 1) > 1 and m.attention_backend != 'xla':
+    raise _err('attention_query_blocks', m.attention_query_blocks,
+               f"only the 'xla' attention_backend splits queries (not {m.attention_backend!r})")
   if m.remat not in transformer.REMAT_POLICIES:
     raise _err('remat', m.remat, f'expected one of {sorted(transformer.REMAT_POLICIES)}')
   for f in ('dtype', 'param_dtype'):

@@ -20,6 +20,7 @@ it computes only the log-sum-exps.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -69,11 +70,30 @@ def _merge(a_NxBxC):
   return a.reshape(a.shape[0], a.shape[1] * a.shape[2], *a.shape[3:])
 
 
+def _batch_shards(B: int) -> int:
+  """Devices the batch is split over (the mesh axes of 'act_batch'; 1 without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = None if mesh.empty else nn.logical_to_mesh_axes(('act_batch',))[0]
+  if axes is None:
+    return 1
+  n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  return n if B % n == 0 else 1
+
+
 def _lse_and_target(x_BxCxD, head_VxD, t_BxC):
   logits_BxCxV = logits(x_BxCxD, head_VxD)
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
   target_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
   return logits_BxCxV, lse_BxC, target_BxC
+
+
+def _head_grad(dlogits_BxCxV, x_BxCxD, S: int):
+  """[S, V, D] float32: the head gradient of each of the S batch shards."""
+  if S == 1:  # (the plain einsum: XLA:CPU fuses the reshaped one where op names get lost)
+    return jnp.einsum('bcv,bcd->vd', dlogits_BxCxV, x_BxCxD, preferred_element_type=f32)[None]
+  split = lambda a: a.reshape(S, a.shape[0] // S, *a.shape[1:])
+  return jnp.einsum('sbcv,sbcd->svd', split(dlogits_BxCxV), split(x_BxCxD),
+                    preferred_element_type=f32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -91,27 +111,35 @@ def _chunked_ce_sum(x_BxLxD, head_VxD, targets_BxL, mask_BxL, tiling):
 
 
 def _chunked_fwd(x_BxLxD, head_VxD, targets_BxL, mask_BxL, tiling):
-  """Under differentiation: each chunk's loss AND its gradients, while its logits exist."""
+  """Under differentiation: each chunk's loss AND its gradients, while its logits exist.
+
+  The head gradient and the loss are accumulated per batch shard ([S, V, D] and [S], split
+  over the devices that split the batch) and summed once after the loop: no collective per
+  chunk.
+  """
   dtype = x_BxLxD.dtype
+  S, D, V = _batch_shards(x_BxLxD.shape[0]), x_BxLxD.shape[2], head_VxD.shape[0]
+  per_shard = lambda a: nn.with_logical_constraint(a, ('act_batch', None, None))
 
   def chunk(carry, xs):
-    total, dhead_VxD = carry
+    total_S, dhead_SxVxD = carry
     x_BxCxD, t_BxC, m_BxC = xs
     logits_BxCxV, lse_BxC, target_BxC = _lse_and_target(x_BxCxD, head_VxD, t_BxC)
     probs_BxCxV = jnp.exp(logits_BxCxV - lse_BxC[..., None])
-    onehot_BxCxV = jax.nn.one_hot(t_BxC, head_VxD.shape[0], dtype=f32)
+    onehot_BxCxV = jax.nn.one_hot(t_BxC, V, dtype=f32)
     dlogits_BxCxV = ((probs_BxCxV - onehot_BxCxV) * m_BxC[..., None]).astype(dtype)
     dx_BxCxD = jnp.einsum('bcv,vd->bcd', dlogits_BxCxV, head_VxD, preferred_element_type=f32)
-    dhead_VxD += jnp.einsum('bcv,bcd->vd', dlogits_BxCxV, x_BxCxD, preferred_element_type=f32)
-    total += jnp.sum((lse_BxC - target_BxC) * m_BxC)
-    return (total, dhead_VxD), dx_BxCxD.astype(dtype)
+    dhead_SxVxD += per_shard(_head_grad(dlogits_BxCxV, x_BxCxD, S))
+    ce_SxbC = ((lse_BxC - target_BxC) * m_BxC).reshape(S, -1)
+    total_S += nn.with_logical_constraint(ce_SxbC.sum(1), ('act_batch',))
+    return (total_S, per_shard(dhead_SxVxD)), dx_BxCxD.astype(dtype)
 
   chunk_len, unroll = tiling
   xs = tuple(_split(a, chunk_len) for a in (x_BxLxD, targets_BxL, mask_BxL))
-  init = (jnp.zeros((), f32), jnp.zeros(head_VxD.shape, f32))
-  (total, dhead_VxD), dx_NxBxCxD = jax.lax.scan(chunk, init, xs, unroll=unroll)
+  init = (jnp.zeros((S,), f32), per_shard(jnp.zeros((S, V, D), f32)))
+  (total_S, dhead_SxVxD), dx_NxBxCxD = jax.lax.scan(chunk, init, xs, unroll=unroll)
   # The empty array only carries the head's dtype (its gradient's) to the backward.
-  return total, (_merge(dx_NxBxCxD), dhead_VxD, jnp.zeros((0,), head_VxD.dtype))
+  return total_S.sum(), (_merge(dx_NxBxCxD), dhead_SxVxD.sum(0), jnp.zeros((0,), head_VxD.dtype))
 
 
 def _chunked_bwd(tiling, residuals, g):

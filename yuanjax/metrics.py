@@ -18,6 +18,7 @@ import numpy as np
 # MEMORY_BANDWIDTH below: specific names first (JAX calls v5p 'TPU v5', v5e 'TPU v5 lite').
 PEAK_FLOPS = (
     ('H200', 989e12),
+    ('H100 PCIe', 756e12),
     ('H100', 989e12),
     ('A100', 312e12),
     ('L40S', 362e12),

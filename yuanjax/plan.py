@@ -62,11 +62,9 @@ Prints a table, then (last line) one JSON object with the same numbers.
 """
 from __future__ import annotations
 
-import functools
 import json
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -74,11 +72,10 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from yuanjax import config_lib, sharding, stats
+from yuanjax import config_lib, sharding
 
 GiB = 2**30
 HEADROOM = 0.85
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 # Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
 DEVICE_MEMORY = {'H100-80G': 80, 'H200': 141, 'TPU v5e': 16, 'TPU v5p': 95, 'TPU v6e': 32}
 
@@ -228,30 +225,23 @@ def _backward_extra(config, mesh_shape: dict, tokens: float, one_layer: float,
   backward pass: the loss's logits, or one block's float32 weight gradients and its activations'
   gradients."""
   b = np.dtype(jnp.dtype(config.model.dtype)).itemsize
+  pb = np.dtype(jnp.dtype(config.model.param_dtype)).itemsize
   param_bytes = sum(x['per_device_bytes'] for x in params)
-  casts = param_bytes * b / 4 if config.model.remat == 'none' and b < 4 else 0.0
+  casts = param_bytes * b / pb if config.model.remat == 'none' and b < pb else 0.0
   block = sum(x['per_device_bytes'] for x in params if x['path'].startswith("['blocks']"))
   from yuanjax.model import transformer  # pylint: disable=g-import-not-at-top
-  one_block_grads = block / transformer.num_blocks(config.model)
+  one_block_grads = block * 4 / pb / transformer.num_blocks(config.model)  # float32 gradients
   return casts + max(loss_bytes(config, mesh_shape, tokens), one_block_grads + one_layer)
 
 
 def xla_memory(config: ml_collections.ConfigDict) -> dict:
-  """XLA's memory_analysis of the real train step (optimizer and step guard included),
-  compiled for one device of this machine's backend without allocating anything: `temp`
-  (what the planner's gradients + activations estimate) and `argument` (params + optimizer,
-  + the batch) bytes."""
-  from yuanjax import train_state, trainer  # pylint: disable=g-import-not-at-top
+  """XLA's memory_analysis of the real train step (`trainer.jit_train_step`: optimizer and step
+  guard included), compiled on this machine's devices for `config.mesh` (one device unless the
+  config asks for more) without allocating anything: `temp` (what the planner's gradients +
+  activations estimate) and `argument` (params + optimizer, + the batch) bytes."""
+  from yuanjax import step_cost  # pylint: disable=g-import-not-at-top  (heavy; --xla only)
   config_lib.validate(config)
-  built = train_state.build(config)
-  t = config.train
-  batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), jnp.int32) for k in BATCH_KEYS}
-  step = jax.jit(
-      functools.partial(trainer.train_step, model=built.model, optimizer=built.optimizer,
-                        schedule=built.schedule, grad_accum=t.grad_accum, seed=0, guard_cfg=t),
-      donate_argnums=(0,))
-  with nn.logical_axis_rules(sharding.rules(config.mesh)):
-    ma = step.lower(built.abstract, batch).compile().memory_analysis()
+  ma = step_cost.compile_step(config, sharding.make_mesh(config.mesh)).memory_analysis()
   return dict(temp=int(ma.temp_size_in_bytes), argument=int(ma.argument_size_in_bytes))
 
 

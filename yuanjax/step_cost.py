@@ -33,6 +33,7 @@ import ml_collections
 import optax
 
 from yuanjax import metrics, sharding, stats, train_state, trainer
+from yuanjax.data import pipeline
 from yuanjax.model import transformer
 
 # (part, test on a dot's op_name), first match wins. Backward dots keep the forward's name
@@ -45,7 +46,8 @@ PARTS = (
     ('qkvo_proj', lambda n: '/attention/' in n and ('dhk' in n or 'hkd' in n)),
     ('attention', lambda n: '/attention/' in n),
     # The logits, and the tiled loss's gradient matmuls (yuanjax.loss: done in its forward).
-    ('lm_head', lambda n: any(s in n for s in ('vd->blv', 'bcv,vd->bcd', 'bcv,bcd->vd'))),
+    ('lm_head',
+     lambda n: any(s in n for s in ('vd->blv', 'bcv,vd->bcd', 'bcv,bcd->vd', 'sbcv,sbcd->svd'))),
 )
 _DEF = re.compile(r'%([\w.\-]+) = \w+\[([\d,]*)\]')
 _DOT = re.compile(r'%[\w.\-]+ = \w+\[([\d,]*)\][^ ]* dot\(%([\w.\-]+), %[\w.\-]+\)(.*)$')
@@ -122,8 +124,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh):
   """ShapeDtypeStructs of a [batch, seq] training batch, sharded as the trainer's."""
   shape, s = (config.train.batch_size, config.train.seq_len), trainer.batch_sharding(mesh)
   dtype = lambda k: jnp.float32 if k == 'loss_mask' else jnp.int32
-  keys = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
-  return {k: jax.ShapeDtypeStruct(shape, dtype(k), sharding=s) for k in keys}
+  return {k: jax.ShapeDtypeStruct(shape, dtype(k), sharding=s) for k in pipeline.BATCH_KEYS}
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh, built=None):
