@@ -20,12 +20,13 @@ it computes only the log-sum-exps.
 from __future__ import annotations
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from yuanjax.model import layers
 
 f32 = jnp.float32
 LOGITS_AXES = ('act_batch', 'act_len', 'act_vocab')
@@ -73,10 +74,7 @@ def _merge(a_NxBxC):
 def _batch_shards(B: int) -> int:
   """Devices the batch is split over (the mesh axes of 'act_batch'; 1 without a mesh)."""
   mesh = jax.sharding.get_abstract_mesh()
-  axes = None if mesh.empty else nn.logical_to_mesh_axes(('act_batch',))[0]
-  if axes is None:
-    return 1
-  n = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+  n = 1 if mesh.empty else layers.mesh_axes_size(mesh, layers.mesh_axes_of('act_batch'))
   return n if B % n == 0 else 1
 
 

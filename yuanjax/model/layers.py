@@ -35,6 +35,18 @@ def param_with_axes(module: nn.Module, name: str, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
 
 
+def mesh_axes_of(logical: str):
+  """The mesh axis (or axes, or None) the active rules map a logical axis to."""
+  return nn.logical_to_mesh_axes((logical,))[0]
+
+
+def mesh_axes_size(mesh, axes) -> int:
+  """Devices along `axes` (a mesh axis name, a tuple of them, or None: 1) of `mesh`."""
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def constrain(x, axes):
   """Logical sharding constraint on an activation (a no-op without rules)."""
   return nn.with_logical_constraint(x, axes)

@@ -43,7 +43,6 @@ Axis key: see `yuanjax.model.layers`.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import flax.linen as nn
 import jax
@@ -180,26 +179,15 @@ def capacity_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, capacity: 
   return y_TxD, dropped.astype(f32)
 
 
-def mesh_axes_of(logical: str):
-  """The mesh axis (or axes, or None) the active rules map a logical axis to."""
-  return nn.logical_to_mesh_axes((logical,))[0]
-
-
-def _axes_size(mesh, axes) -> int:
-  if axes is None:
-    return 1
-  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
-
-
 def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, dispatch: str,
                              top_k: int, capacity_factor: float, mesh,
                              gmm: grouped_matmul.GroupedMatmul = grouped_matmul.RAGGED_DOT):
   """`dispatch` ('capacity' or 'dropless') inside `shard_map` over `mesh`, experts exchanged
   by all_to_all. Token-choice routings only (slots token-major, k per token)."""
-  batch, ep, tp = mesh_axes_of('act_batch'), mesh_axes_of('expert'), mesh_axes_of('mlp')
+  batch, ep, tp = (layers.mesh_axes_of(a) for a in ('act_batch', 'expert', 'mlp'))
   E, D, F2 = w1_ExDx2F.shape
-  ex = Exchange(ep, _axes_size(mesh, ep), tp)
-  n_batch = _axes_size(mesh, batch)
+  ex = Exchange(ep, layers.mesh_axes_size(mesh, ep), tp)
+  n_batch = layers.mesh_axes_size(mesh, batch)
   T = x_TxD.shape[0]
   if T % n_batch:
     raise ValueError(f'MoE: {T} tokens do not split over the batch mesh axes {batch} ({n_batch})')
