@@ -84,8 +84,8 @@ import orbax.checkpoint.experimental.v1 as ocpv1
 from orbax.checkpoint.experimental.v1 import partial as ocp_partial
 
 from yuanjax import config_lib, publish, train_state
-from yuanjax.interop import hf_mapping
-from yuanjax.interop.hf_mapping import EMBED, LM_HEAD, HFConfigError, model_config_from_hf
+from yuanjax.interop import hf_mapping, mappings
+from yuanjax.interop.hf_mapping import EMBED, LM_HEAD, HFConfigError
 from yuanjax.interop.hf_weights import HFWeights, SafetensorsShardWriter, is_weight_file, parse_size
 from yuanjax.model import Transformer
 
@@ -172,7 +172,7 @@ def _check_against_model(m) -> None:
       tuple(k.key for k in path): tuple(
           leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(m))
   }
-  ours = hf_mapping.leaf_shapes(m)
+  ours = mappings.for_model(m).leaf_shapes(m)
   only_model = sorted(set(model.items()) - set(ours.items()))
   only_ours = sorted(set(ours.items()) - set(model.items()))
   if only_model or only_ours:
@@ -232,26 +232,32 @@ def _fmt(items, limit=100):
   return lines
 
 
+def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
+  """config.model for an HF config.json dict, by its model_type (yuanjax.interop.mappings)."""
+  return mappings.for_hf_config(c).model_config_from_hf(c)
+
+
 def check_hf_weights(weights: HFWeights, m: ml_collections.ConfigDict, src: str = '') -> None:
   """Raises HFCheckpointError listing every missing, unexpected, mis-shaped or mis-typed tensor,
-  or an lm_head that is not equal to the embedding (yuanjax ties them)."""
-  expected = hf_mapping.hf_shapes(m)
-  expected_lm = (m.vocab_size, m.hidden_size)
+  or (Yuan: tied) an lm_head that is not equal to the embedding."""
+  mapping = mappings.for_model(m)
+  tied = mapping.TIED_LM_HEAD
+  required = mapping.hf_shapes(m)
+  optional = {LM_HEAD: (m.vocab_size, m.hidden_size)} if tied else {}
+  expected = {**required, **optional}
   present = weights.shapes
   ignored = lambda n: n.endswith('rotary_emb.inv_freq')  # a buffer some HF versions saved
-  missing = [f'{n} [expected {list(s)}]' for n, s in expected.items() if n not in present]
+  missing = [f'{n} [expected {list(s)}]' for n, s in required.items() if n not in present]
   unexpected = [
-      f'{n} {list(s)} {d}' for n, (s, d) in present.items()
-      if n not in expected and n != LM_HEAD and not ignored(n)
+      f'{n} {list(s)} {d}' for n, (s, d) in present.items() if n not in expected and not ignored(n)
   ]
   misshaped = [
-      f'{n}: expected {list(expected.get(n, expected_lm))}, found {list(s)}'
-      for n, (s, _) in present.items()
-      if (n in expected or n == LM_HEAD) and tuple(s) != tuple(expected.get(n, expected_lm))
+      f'{n}: expected {list(expected[n])}, found {list(s)}' for n, (s, _) in present.items()
+      if n in expected and tuple(s) != tuple(expected[n])
   ]
   bad_dtype = [
       f'{n}: {d}' for n, (_, d) in present.items()
-      if (n in expected or n == LM_HEAD) and d.name not in SUPPORTED_DTYPES
+      if n in expected and d.name not in SUPPORTED_DTYPES
   ]
   lines = []
   for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped),
@@ -261,9 +267,10 @@ def check_hf_weights(weights: HFWeights, m: ml_collections.ConfigDict, src: str 
   if lines:
     raise HFCheckpointError(
         f'{src or "checkpoint"}: the weights do not match config.json (hidden_size={m.hidden_size}, '
-        f'heads={m.num_heads} x head_dim={m.head_dim}, layers={m.num_layers}, experts={m.num_experts}, '
+        f'heads={m.num_heads} x head_dim={m.head_dim}, kv heads={m.get("num_kv_heads", m.num_heads)}, '
+        f'layers={m.num_layers}, experts={m.num_experts}, '
         f'ffn={m.moe.ffn_size}, vocab={m.vocab_size}); nothing was written:\n' + '\n'.join(lines))
-  if LM_HEAD in present:
+  if tied and LM_HEAD in present:
     embed, head = weights.get(EMBED), weights.get(LM_HEAD)
     if not np.array_equal(embed.astype(np.float32), head.astype(np.float32)):
       diff = float(np.max(np.abs(embed.astype(np.float32) - head.astype(np.float32))))
@@ -332,7 +339,7 @@ def _storage_dtype(g: hf_mapping.Group, weights: HFWeights, num_layers: int,
 def _open_hf(src: str):
   """(hf config dict, config.model, weights) of an HF dir, fully checked."""
   hf_cfg = _read_hf_config(src)
-  m = model_config_from_hf(hf_cfg)
+  m = mappings.for_hf_config(hf_cfg, os.path.join(src, 'config.json')).model_config_from_hf(hf_cfg)
   weights = HFWeights(src)
   check_hf_weights(weights, m, src)
   _check_against_model(m)
@@ -344,7 +351,7 @@ def params_from_hf(src: str) -> tuple[ml_collections.ConfigDict, dict]:
   _, m, weights = _open_hf(src)
   pdtype = np.dtype(m.param_dtype)
   flat = {}
-  for g in hf_mapping.tensor_groups(m):
+  for g in mappings.for_model(m).tensor_groups(m):
     flat.update(zip(g.leaves, _build_group(g, weights.get, m.num_layers, pdtype)))
   return m, _nest(flat)
 
@@ -407,7 +414,7 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
 
   def write(tmp):
     partial_path = os.path.join(tmp, 'params.partial')
-    groups = hf_mapping.tensor_groups(m)
+    groups = mappings.for_model(m).tensor_groups(m)
     dtypes = [_storage_dtype(g, weights, m.num_layers, pdtype) for g in groups]
     # One partial save for the params that are not per layer, then one per layer holding that
     # layer's leaves of every per-layer param (few saves: orbax's finalize merges each one).
@@ -457,10 +464,11 @@ def _write_hf(dst: str, m: ml_collections.ConfigDict, get_leaves: Callable, hf_m
     raise ValueError(f'dtype={dtype!r}: expected one of {SUPPORTED_DTYPES}')
   main = dtype or hf_meta.get('dtype', 'bfloat16')
   overrides = {} if dtype else hf_meta.get('dtype_overrides', {})
-  hf_cfg = hf_mapping.hf_config_from_model(m, hf_meta.get('config'), main)
+  mapping = mappings.for_model(m)
+  hf_cfg = mapping.hf_config_from_model(m, hf_meta.get('config'), main)
   _check_against_model(m)
-  has_lm_head = hf_meta.get('has_lm_head', True)
-  groups = hf_mapping.tensor_groups(m)
+  has_lm_head = mapping.TIED_LM_HEAD and hf_meta.get('has_lm_head', True)  # Yuan: tied copy
+  groups = mapping.tensor_groups(m)
   plan = []
   for g in groups:
     for i in (range(m.num_layers) if g.per_layer else [None]):
@@ -641,8 +649,9 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   else:
     m, params = params_from_hf(path)
     hf_cfg = _read_hf_config(path)
-  if hf_cfg.get('torch_dtype') in SUPPORTED_DTYPES:
-    m.dtype = hf_cfg['torch_dtype']
+  source_dtype = hf_cfg.get('torch_dtype', hf_cfg.get('dtype'))  # 'dtype': transformers >= 5
+  if source_dtype in SUPPORTED_DTYPES:
+    m.dtype = source_dtype
   config_lib.override(m, overrides or {}, 'config.model')
   if exact_hf_rope:
     m.rope_hf_bf16 = True

@@ -42,6 +42,8 @@ from yuanjax.model import layers
 
 log = logging.getLogger(__name__)
 
+MODEL_TYPE = 'yuan'
+TIED_LM_HEAD = True  # lm_head.weight may be absent; if present it must equal the embedding
 LM_HEAD = 'lm_head.weight'
 EMBED = 'model.embed_tokens.weight'
 HF_ROPE_BASE = 10000.0  # hard-coded in the released yuan_moe_hf_model.py
@@ -181,6 +183,12 @@ def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
 def exportable(m: ml_collections.ConfigDict) -> None:
   """Raises HFConfigError listing why config.model has no HF Yuan equivalent, if it has none."""
   problems = []
+  if m.get('attention_type', 'lfa') != 'lfa':
+    problems.append(f'attention_type={m.attention_type!r}: HF Yuan has LFA attention only')
+  if m.get('num_kv_heads', m.num_heads) != m.num_heads:
+    problems.append(f'num_kv_heads={m.num_kv_heads} != num_heads={m.num_heads}: HF Yuan has no GQA')
+  if not m.get('tie_embeddings', True):
+    problems.append('tie_embeddings=False: HF Yuan ties lm_head to the embedding')
   if m.moe_every != 1:
     problems.append(f'moe_every={m.moe_every}: HF Yuan has every layer MoE; only moe_every=1 maps')
   if m.router.type != 'attention':
@@ -311,19 +319,29 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   return groups
 
 
-def hf_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
-  """{HF name: shape} of every tensor the checkpoint must hold (lm_head aside)."""
+def hf_shapes_of(groups: list[Group], num_layers: int) -> dict[str, tuple[int, ...]]:
+  """{HF name: shape} of every tensor of `groups`."""
   out = {}
-  for g in tensor_groups(m):
-    for i in (range(m.num_layers) if g.per_layer else [None]):
+  for g in groups:
+    for i in (range(num_layers) if g.per_layer else [None]):
       out.update(zip(g.names(i), g.hf_shapes))
   return out
 
 
+def leaf_shapes_of(groups: list[Group], num_layers: int) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """{param path: shape} of `groups` (per-layer leaves stacked on [num_layers])."""
+  out = {}
+  for g in groups:
+    for leaf, shape in zip(g.leaves, g.leaf_shapes):
+      out[leaf] = (num_layers, *shape) if g.per_layer else shape
+  return out
+
+
+def hf_shapes(m: ml_collections.ConfigDict) -> dict[str, tuple[int, ...]]:
+  """{HF name: shape} of every tensor the checkpoint must hold (lm_head aside)."""
+  return hf_shapes_of(tensor_groups(m), m.num_layers)
+
+
 def leaf_shapes(m: ml_collections.ConfigDict) -> dict[tuple[str, ...], tuple[int, ...]]:
   """{param path: shape} the groups produce (per-layer leaves stacked on [num_layers])."""
-  out = {}
-  for g in tensor_groups(m):
-    for leaf, shape in zip(g.leaves, g.leaf_shapes):
-      out[leaf] = (m.num_layers, *shape) if g.per_layer else shape
-  return out
+  return leaf_shapes_of(tensor_groups(m), m.num_layers)
