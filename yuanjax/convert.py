@@ -1,8 +1,8 @@
-"""Checkpoint conversion between Hugging Face Yuan2.0-M32 and yuanjax.
+"""Checkpoint conversion between Hugging Face (Yuan2.0-M32, Mixtral) and yuanjax.
 
   python -m yuanjax.convert from-hf SRC DST [--overwrite] [--compress]
-      SRC: an HF dir (config.json + *.safetensors [+ index] or pytorch_model*.bin [+ index];
-           .bin files are read without torch). DST: DST/config.json, DST/config.py,
+      SRC: an HF dir (config.json, model_type yuan or mixtral; *.safetensors [+ index] or
+           pytorch_model*.bin [+ index], read without torch). DST: DST/config.json, DST/config.py,
            DST/params/ (orbax), DST/hf_files/ (tokenizer.model, ...).
   python -m yuanjax.convert to-hf SRC DST [--dtype bfloat16] [--max-shard-size 5GB] [--overwrite]
       SRC: a from-hf DST. DST: model-0000i-of-0000n.safetensors, model.safetensors.index.json,
@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m yuanjax.convert', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = p.add_subparsers(dest='command', required=True)
-  a = sub.add_parser('from-hf', help='HF Yuan checkpoint dir -> yuanjax checkpoint dir')
+  a = sub.add_parser('from-hf', help='HF Yuan or Mixtral checkpoint dir -> yuanjax checkpoint dir')
   b = sub.add_parser('to-hf', help='yuanjax checkpoint dir (from from-hf) -> HF safetensors dir')
   for s in (a, b):
     s.add_argument('src')

@@ -305,16 +305,16 @@ def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict |
   step: for a workdir, that checkpoint instead of the newest (an error for other dirs).
 
   tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
-  it is loaded with Yuan's '<n>' newline convention, for workdirs as our trained ones are).
+  it is loaded with the model type's conventions: Yuan's '<n>' newlines, Mixtral's '<s>' and
+  '</s>'; for workdirs as our trained ones are).
   Workdirs: the newest checkpoint's params and config, and the data config's tokenizer.
   """
   from yuanjax.data import pipeline
-  from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS, Tokenizer
+  from yuanjax.data.tokenizer import Tokenizer
   from yuanjax.interop import hf
   model, params, config = _load(path, exact_hf_rope, overrides, step)
-  if config is None:  # an HF or converted dir
-    tok = (Tokenizer(tokenizer, newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS)
-           if tokenizer else hf.load_tokenizer(os.fspath(path)))
+  if config is None:  # an HF or converted dir: its model's conventions (Yuan's, Mixtral's)
+    tok = hf.load_tokenizer(os.fspath(path), model_file=tokenizer)
   else:
     tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
   return model, params, tok

@@ -37,6 +37,11 @@ from the model's size on. ``Tokenizer(path, added_tokens=YUAN_ADDED_TOKENS)`` (w
 ``yuanjax.interop.hf.load_tokenizer`` does) gives exactly those ids, and encodes a literal
 occurrence of any of them in a text as that one id (the text is split on them and the pieces
 encoded), as HF's added tokens are.
+
+Other released tokenizers (Mixtral's Llama-style ``tokenizer.model``: ``<unk> <s> </s>``, no
+``<eod>``): ``aliases`` names the piece that plays each of yuanjax's special roles
+(``{'<eod>': '</s>', '<pad>': '</s>'}``), and ``bos_token='<s>'`` starts every encoded text
+with that id, as HF's LlamaTokenizer does (``add_bos_token``).
 """
 from __future__ import annotations
 
@@ -95,11 +100,16 @@ class Tokenizer:
       newline_token: ``None`` (newlines are encoded natively; our trained tokenizers) or a piece
         such as ``'<n>'`` that stands for ``'\\n'`` (Yuan's released tokenizer).
       added_tokens: tokens added past the SentencePiece model, in order (module docstring).
+      aliases: {yuanjax special piece: the piece of this model that plays it}, e.g.
+        ``{'<eod>': '</s>'}`` (module docstring).
+      bos_token: a piece every ``encode`` starts with (``None``: none).
     """
 
   def __init__(self, model_path: str | os.PathLike, newline_token: str | None = None,
-               added_tokens: Sequence[str] = ()):
+               added_tokens: Sequence[str] = (), aliases: dict[str, str] | None = None,
+               bos_token: str | None = None):
     self.model_path = os.fspath(model_path)
+    self._aliases = dict(aliases or {})
     if not os.path.isfile(self.model_path):
       raise ValueError(f"tokenizer: {self.model_path}: no such file")
     self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
@@ -113,6 +123,7 @@ class Tokenizer:
           f"tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)")
     if self._piece_id(EOD) is None:
       raise ValueError(f"tokenizer: {self.model_path} has no {EOD} piece")
+    self._bos = [] if bos_token is None else [self._special(bos_token)]
 
   def _add_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
     """{token: id}: its SentencePiece id if it has one, else the next id past the model."""
@@ -126,6 +137,7 @@ class Tokenizer:
     return ids
 
   def _piece_id(self, piece: str) -> int | None:
+    piece = self._aliases.get(piece, piece)
     return self._added[piece] if piece in self._added else self._sp_piece_id(piece)
 
   def _sp_piece_id(self, piece: str) -> int | None:
@@ -167,15 +179,15 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     text = self._pre(text)
     if self._split is None:
-      return self._sp.encode(text)
-    ids = []
+      return self._bos + self._sp.encode(text)
+    ids = list(self._bos)
     for i, part in enumerate(self._split.split(text)):  # odd parts: the added tokens
       ids.extend([self._added[part]] if i % 2 else self._sp.encode(part) if part else [])
     return ids
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
     """Encodes many texts at once in SentencePiece's own C++ thread pool."""
-    if self._split is not None:
+    if self._split is not None or self._bos:
       return [self.encode(t) for t in texts]
     return self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
 

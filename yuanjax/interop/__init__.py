@@ -1,6 +1,8 @@
 """yuanjax.interop: other formats' checkpoints.
 
-  hf   import/export/load of Hugging Face Yuan2.0-M32 checkpoints (`python -m yuanjax.convert`)
+  hf   import/export/load of Hugging Face Yuan2.0-M32 and Mixtral checkpoints
+       (`python -m yuanjax.convert`); mappings.py picks hf_mapping.py (Yuan) or
+       mixtral_mapping.py by config.json's model_type
 
 Import the submodule you need (`from yuanjax.interop import hf`): this package imports nothing
 heavy by itself.

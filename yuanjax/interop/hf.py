@@ -1,4 +1,9 @@
-"""Import, export and load the released Yuan2-M32-hf checkpoint (and any HF Yuan MoE checkpoint).
+"""Import, export and load Hugging Face checkpoints: Yuan2-M32-hf (any HF Yuan MoE) and Mixtral.
+
+config.json's `model_type` picks the mapping (yuanjax.interop.mappings): 'yuan'
+(hf_mapping.py: LFA, attention router, tied lm_head) or 'mixtral' (mixtral_mapping.py:
+MixtralForCausalLM, standard GQA attention, linear router, untied lm_head); any other type is
+an error naming it and the known ones, raised before anything is written.
 
 Commands:
   python -m yuanjax.convert from-hf SRC DST [--overwrite] [--compress]
@@ -9,7 +14,8 @@ Python:
   model, params = hf.load(path)          # path: an HF dir or a converted (from-hf) dir
   model, params = hf.load(path, exact_hf_rope=True)   # HF's bfloat16 rotary rounding (quirk 3)
   logits_BxLxV, aux = model.apply({'params': params}, tokens_BxL)
-  tokenizer = hf.load_tokenizer(path)    # yuanjax.data.tokenizer.Tokenizer, newline_token='<n>'
+  tokenizer = hf.load_tokenizer(path)    # yuanjax.data.tokenizer.Tokenizer: Yuan's '<n>'
+                                         # newlines, or Mixtral's '<s>' / '</s>'
   # text: yuanjax.generate (python -m yuanjax.generate --checkpoint path --prompt ...)
 
 A converted checkpoint (DST of from-hf):
@@ -37,9 +43,10 @@ A converted checkpoint (DST of from-hf):
   DST/hf_files/     the source's other small files (tokenizer.model, modelling code, ...)
 
 from-hf reads config.json and the weights lazily (hf_weights.py; .bin without torch), checks
-every tensor name/shape/dtype and the tied lm_head before writing anything (one error lists
-every missing, unexpected, mis-shaped and mis-typed tensor), then builds one layer at a time
-(that layer's leaves of every per-layer param; first the non-layer params) and adds it to the
+every tensor name/shape/dtype and the lm_head before writing anything (one error lists every
+missing, unexpected, mis-shaped and mis-typed tensor; Yuan: an lm_head.weight must equal the
+embedding; Mixtral: lm_head.weight is required, a param of its own), then builds one layer at a
+time (that layer's leaves of every per-layer param; first the non-layer params) and adds it to the
 orbax checkpoint with orbax's partial saving (one save per layer: finalize merges each save,
 and many small saves made it slow). Peak host memory: about twice one layer's leaves in their
 stored dtype (tensorstore copies a leaf into its chunks while writing), or twice the
@@ -51,9 +58,11 @@ stacked layout needed ~103 GB. Measured on a synthetic 1.95 GB checkpoint (6 lay
 pages mapped while reading, which the OS can reclaim. Everything is written to .DST.tmp-* next
 to DST and renamed at the end (yuanjax.publish); an existing DST is an error unless --overwrite.
 
-to-hf writes safetensors shards (model-0000i-of-0000n.safetensors, at most --max-shard-size
-each), model.safetensors.index.json and config.json (the imported source's config.json with
-the size fields refreshed, else the released M32 values), plus DST/hf_files/ from an import.
+to-hf writes (in the model's format: Yuan for attention_type 'lfa', Mixtral for 'standard')
+safetensors shards (model-0000i-of-0000n.safetensors, at most --max-shard-size each),
+model.safetensors.index.json and config.json (the imported source's config.json with the size
+fields refreshed, else the released M32 / Mixtral-8x7B values), plus DST/hf_files/ from an
+import.
 The dtype is the imported source's (per tensor) unless --dtype says otherwise (default then
 bfloat16). Tensors stream straight into their shard files, read one layer of one param at a
 time: peak host memory is one layer's leaf (M32: w1, 2.1 GB) plus a chunk. HF -> yuanjax ->
@@ -267,7 +276,8 @@ def check_hf_weights(weights: HFWeights, m: ml_collections.ConfigDict, src: str 
   if lines:
     raise HFCheckpointError(
         f'{src or "checkpoint"}: the weights do not match config.json (hidden_size={m.hidden_size}, '
-        f'heads={m.num_heads} x head_dim={m.head_dim}, kv heads={m.get("num_kv_heads", m.num_heads)}, '
+        f'heads={m.num_heads} x head_dim={m.head_dim}, '
+        f'kv heads={m.get("num_kv_heads", m.num_heads)}, '
         f'layers={m.num_layers}, experts={m.num_experts}, '
         f'ffn={m.moe.ffn_size}, vocab={m.vocab_size}); nothing was written:\n' + '\n'.join(lines))
   if tied and LM_HEAD in present:
@@ -664,17 +674,33 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   return Transformer(m), params
 
 
-def load_tokenizer(path: str):
-  """Yuan's tokenizer of an HF dir or a converted dir, exactly as Yuan's runtime builds it:
-  tokenizer.model, newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS:
-  one that the model lacks gets the next id past it, in order; each is encoded as one id)."""
+def _mapping_of_dir(path: str):
+  """The mapping module of an HF dir (its model_type) or a converted dir (its model)."""
+  if is_converted(path):
+    with open(os.path.join(path, 'config.json')) as f:
+      return mappings.for_model(hf_mapping.model_config_from_saved(json.load(f)['model']))
+  return mappings.for_hf_config(_read_hf_config(path), os.path.join(path, 'config.json'))
+
+
+def load_tokenizer(path: str, model_file: str | None = None):
+  """The tokenizer of an HF dir or a converted dir, as the model's own runtime builds it
+  (`tokenizer_options()` of its mapping), from its tokenizer.model or `model_file`.
+
+  Yuan: newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS: one that the
+  model lacks gets the next id past it, in order; each is encoded as one id).
+  Mixtral: Llama's sentencepiece model as is, '<s>' first, '</s>' ends documents (eod_id).
+  """
   from yuanjax.data import tokenizer  # lazily: the data package is optional here
-  for candidate in (os.path.join(path, 'tokenizer.model'),
-                    os.path.join(path, 'hf_files', 'tokenizer.model')):
+  options = _mapping_of_dir(path).tokenizer_options()
+  candidates = [model_file] if model_file else [
+      os.path.join(path, 'tokenizer.model'),
+      os.path.join(path, 'hf_files', 'tokenizer.model')
+  ]
+  for candidate in candidates:
     if os.path.isfile(candidate):
-      return tokenizer.Tokenizer(candidate, newline_token='<n>',
-                                 added_tokens=tokenizer.YUAN_ADDED_TOKENS)
-  raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)')
+      return tokenizer.Tokenizer(candidate, **options)
+  raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)'
+                          if not model_file else f'{model_file}: no such file')
 
 
 __all__ = [

@@ -83,6 +83,12 @@ DEFAULT_HF_CONFIG = {
 }
 
 
+def tokenizer_options() -> dict:
+  """yuanjax.data.tokenizer.Tokenizer's options for Yuan's tokenizer.model (Yuan's runtime)."""
+  from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS  # lazily: the data package is optional
+  return dict(newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS)
+
+
 class HFConfigError(ValueError):
   """A config.json (or a model config to export) that yuanjax cannot map; lists every problem."""
 

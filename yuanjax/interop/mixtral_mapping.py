@@ -60,6 +60,13 @@ DEFAULT_HF_CONFIG = {
     'use_cache': True,
 }
 
+
+def tokenizer_options() -> dict:
+  """yuanjax.data.tokenizer.Tokenizer's options for Mixtral's (Llama's) tokenizer.model: no
+  <eod> piece, '</s>' plays it (and pads), every text starts with '<s>' (HF's add_bos_token)."""
+  return dict(aliases={'<eod>': '</s>', '<pad>': '</s>'}, bos_token='<s>')
+
+
 # ---------------------------------------------------------------- config
 
 

@@ -1,0 +1,268 @@
+"""HF Mixtral (MixtralForCausalLM) import, export and use (yuanjax.interop, yuanjax.convert).
+
+Tiny random checkpoints in the exact HF layout (hidden 32, 4 heads / 2 kv heads x head_dim 8,
+2 layers, 4 experts top-2 of ffn 24, vocab 97, untied lm_head): float32 in one safetensors
+file, and bfloat16 in three shards with an index. Logits are checked against
+mixtral_reference.forward, a NumPy transcription of transformers' Mixtral forward.
+"""
+import functools
+import glob
+import json
+import os
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from tests.interop import hf_reference
+from tests.interop import mixtral_reference as R
+from yuanjax import config_lib, convert, generate
+from yuanjax.analysis import routing as routing_lib
+from yuanjax.analysis import stats
+from yuanjax.interop import hf, mappings, mixtral_mapping
+
+TOKENS = np.random.default_rng(11).integers(0, 97, (2, 13))
+F32 = {'dtype': 'float32'}
+
+
+def rel_err(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(path):
+  return hf.load(str(path), overrides=F32)
+
+
+@functools.lru_cache(maxsize=None)
+def logits_of(path):
+  model, params = loaded(path)
+  return np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
+
+
+def read_all(path):
+  out = {}
+  for file in glob.glob(os.path.join(path, '*.safetensors')):
+    with safe_open(file, framework='numpy') as f:
+      out.update({name: f.get_tensor(name) for name in f.keys()})
+  return out
+
+
+def llama_style_tokenizer(root) -> bytes:
+  """A sentencepiece model laid out as Mixtral's: <unk> 0, <s> 1, </s> 2, no <eod>; 97 pieces."""
+  spm = pytest.importorskip('sentencepiece')
+  (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(300)))
+  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
+                                 vocab_size=97, model_type='bpe', byte_fallback=False,
+                                 num_threads=1, minloglevel=2)
+  return (root / 'tok.model').read_bytes()
+
+
+KINDS = {'f32': (np.float32, 1), 'bf16-sharded': (ml_dtypes.bfloat16, 3)}
+
+
+@pytest.fixture(scope='module')
+def checkpoints(tmp_path_factory):
+  """{kind: (kind, HF src dir, converted dst dir, tensors, config)}, each converted once."""
+  out = {}
+  for kind, (dtype, shards) in KINDS.items():
+    root = tmp_path_factory.mktemp(kind)
+    config = R.tiny_config(torch_dtype=np.dtype(dtype).name)
+    tensors = R.random_tensors(config, seed=4, dtype=dtype)
+    src, dst = str(root / 'hf'), str(root / 'yj')
+    extra = {'tokenizer.model': llama_style_tokenizer(root)} if kind == 'f32' else {}
+    hf_reference.write_hf_dir(src, tensors, config, shards=shards, extra_files=extra)
+    assert convert.main(['from-hf', src, dst, '-q']) == 0
+    out[kind] = (kind, src, dst, tensors, config)
+  return out
+
+
+@pytest.fixture(params=list(KINDS))
+def converted(request, checkpoints):
+  return checkpoints[request.param]
+
+
+@pytest.fixture
+def f32(checkpoints):
+  return checkpoints['f32']
+
+
+def test_logits_match_numpy_reference(converted):
+  kind, src, dst, tensors, config = converted
+  ref = R.forward(tensors, config, TOKENS)
+  assert rel_err(logits_of(dst), ref) < 1e-5, kind
+  np.testing.assert_array_equal(logits_of(src), logits_of(dst))  # hf.load of the HF dir
+  m = loaded(dst)[0].config
+  assert (m.attention_type, m.num_heads, m.num_kv_heads, m.head_dim, m.rotary_dims, m.rope_base,
+          m.tie_embeddings, m.router.type) == ('standard', 4, 2, 8, 8, 1000.0, False, 'linear')
+
+
+def test_roundtrip_is_bit_exact(converted, tmp_path):
+  kind, _, dst, tensors, config = converted
+  out = str(tmp_path / 'hf_out')
+  assert convert.main(['to-hf', dst, out, '--max-shard-size', '20KB', '-q']) == 0
+  back = read_all(out)
+  assert sorted(back) == sorted(tensors)
+  for name, a in tensors.items():
+    assert (back[name].dtype, back[name].shape) == (a.dtype, a.shape), name
+    assert back[name].tobytes() == a.tobytes(), name
+  with open(os.path.join(out, 'config.json')) as f:
+    assert json.load(f) == config
+  with open(os.path.join(out, 'model.safetensors.index.json')) as f:
+    assert set(json.load(f)['weight_map']) == set(tensors)
+  assert len(glob.glob(f'{out}/*.safetensors')) > 1, kind
+
+
+def test_cached_greedy_decoding_equals_full_forward_argmax(f32):
+  """yuanjax.generate (prefill + KV cache of 2 kv heads) on the imported model: every greedy
+  token is the argmax of a full forward over its prefix, ours and the NumPy reference's."""
+  _, _, dst, tensors, config = f32
+  model, params = loaded(dst)
+  prompts = [TOKENS[0, :5].tolist(), TOKENS[1, :9].tolist()]
+  new = 6
+  outs = generate.generate(model, params, prompts, max_new_tokens=new)
+  for p, o in zip(prompts, outs):
+    assert len(o) == new
+    seq = np.array([p + o])
+    ours = np.asarray(jax.jit(model.apply)({'params': params}, seq)[0])[0]
+    ref = R.forward(tensors, config, seq)[0]
+    n = len(p)
+    assert o == np.argmax(ours[n - 1:-1], -1).tolist() == np.argmax(ref[n - 1:-1], -1).tolist()
+  assert len({tuple(o) for o in outs}) == 2  # the rows really differ
+
+
+def test_routing_analysis_on_the_imported_model(f32):
+  """yuanjax.analysis.routing on an imported Mixtral: the reference's top-2 experts, no
+  Attention-Router matrix, and the statistics the notebook draws."""
+  _, _, dst, tensors, config = f32
+  model, params = loaded(dst)
+  r = routing_lib.routing(model, params, TOKENS)
+  _, experts = R.forward(tensors, config, TOKENS, return_experts=True)
+  np.testing.assert_array_equal(r.experts_MxBxLxK, experts)
+  assert r.attention_MxExE is None and r.attention_MxBxLxExE is None
+  np.testing.assert_allclose(r.weights_MxBxLxK.sum(-1), 1.0, rtol=1e-6)  # renormalised top-2
+  load = stats.expert_load(r.experts_MxBxLxK, 4, r.mask_BxL)
+  assert load.shape == (2, 4) and load.sum() == 2 * TOKENS.size
+  assert stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL).shape == (2,)
+
+
+def test_unknown_model_type_is_named_before_anything_is_written(tmp_path, capsys):
+  for model_type in ('llama', None):
+    config = R.tiny_config(model_type=model_type)
+    src = tmp_path / f'src-{model_type}'
+    hf_reference.write_hf_dir(src, R.random_tensors(config), config)
+    with pytest.raises(hf.HFConfigError) as e:
+      hf.import_hf(str(src), str(tmp_path / 'dst'))
+    assert f'model_type={model_type!r}' in str(e.value)
+    assert 'known: mixtral, yuan' in str(e.value)
+    assert convert.main(['from-hf', str(src), str(tmp_path / 'dst'), '-q']) == 1
+    assert 'known: mixtral, yuan' in capsys.readouterr().err
+    with pytest.raises(hf.HFConfigError, match='known: mixtral, yuan'):
+      hf.load(str(src))
+  assert not os.path.exists(tmp_path / 'dst')
+
+
+def test_fields_yuanjax_cannot_compute_are_each_named(tmp_path):
+  bad = R.tiny_config(hidden_act='gelu', sliding_window=16, rope_scaling={'type': 'linear'},
+                      tie_word_embeddings=True, num_key_value_heads=3)
+  hf_reference.write_hf_dir(tmp_path / 'src', R.random_tensors(R.tiny_config()), bad)
+  with pytest.raises(hf.HFConfigError) as e:
+    hf.import_hf(str(tmp_path / 'src'), str(tmp_path / 'dst'))
+  msg = str(e.value)
+  for field in ("hidden_act='gelu'", 'sliding_window=16 < max_position_embeddings=64',
+                'rope_scaling=', 'tie_word_embeddings', 'num_key_value_heads=3'):
+    assert field in msg, field
+  assert not os.path.exists(tmp_path / 'dst')
+  # A window that covers the whole context is exact: accepted.
+  ok = mixtral_mapping.model_config_from_hf(R.tiny_config(sliding_window=64))
+  assert ok.max_seq_len == 64
+
+
+def test_bad_tensors_listed_in_one_error(tmp_path):
+  config = R.tiny_config()
+  tensors = R.random_tensors(config)
+  tensors.pop('lm_head.weight')
+  tensors['model.layers.0.self_attn.k_proj.weight'] = np.zeros((32, 32), np.float32)  # MHA k
+  hf_reference.write_hf_dir(tmp_path / 'src', tensors, config)
+  with pytest.raises(hf.HFCheckpointError) as e:
+    hf.import_hf(str(tmp_path / 'src'), str(tmp_path / 'dst'))
+  assert 'lm_head.weight [expected [97, 32]]' in str(e.value)
+  assert 'k_proj.weight: expected [16, 32], found [32, 32]' in str(e.value)
+  assert not os.path.exists(tmp_path / 'dst')
+
+
+# Mixtral-8x7B-v0.1's config.json (huggingface.co/mistralai/Mixtral-8x7B-v0.1).
+MIXTRAL_8X7B = {
+    'architectures': ['MixtralForCausalLM'],
+    'attention_dropout': 0.0,
+    'bos_token_id': 1,
+    'eos_token_id': 2,
+    'hidden_act': 'silu',
+    'hidden_size': 4096,
+    'initializer_range': 0.02,
+    'intermediate_size': 14336,
+    'max_position_embeddings': 32768,
+    'model_type': 'mixtral',
+    'num_attention_heads': 32,
+    'num_experts_per_tok': 2,
+    'num_hidden_layers': 32,
+    'num_key_value_heads': 8,
+    'num_local_experts': 8,
+    'output_router_logits': False,
+    'rms_norm_eps': 1e-05,
+    'rope_theta': 1e6,
+    'router_aux_loss_coef': 0.02,
+    'sliding_window': None,
+    'tie_word_embeddings': False,
+    'torch_dtype': 'bfloat16',
+    'transformers_version': '4.36.0.dev0',
+    'use_cache': True,
+    'vocab_size': 32000,
+}
+
+
+def test_released_mixtral_config_maps_to_mixtral_model():
+  m, ref = mixtral_mapping.model_config_from_hf(MIXTRAL_8X7B), config_lib.mixtral_model()
+  for f in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+            'rotary_dims', 'rope_base', 'norm_eps', 'num_experts', 'moe_every', 'attention_type',
+            'tie_embeddings'):
+    assert m[f] == ref[f], f
+  assert (m.router.type, m.router.top_k, m.router.norm_topk_prob, m.moe.ffn_size) == ('linear', 2,
+                                                                                      True, 14336)
+  assert mappings.for_model(m) is mixtral_mapping
+  assert mixtral_mapping.hf_config_from_model(m, MIXTRAL_8X7B, 'bfloat16') == MIXTRAL_8X7B
+  fresh = mixtral_mapping.hf_config_from_model(m, None, 'bfloat16')
+  assert fresh == {k: v for k, v in MIXTRAL_8X7B.items() if k != 'transformers_version'}
+  shapes = mixtral_mapping.hf_shapes(m)
+  assert shapes['model.layers.31.self_attn.k_proj.weight'] == (1024, 4096)
+  assert shapes['model.layers.31.block_sparse_moe.experts.7.w3.weight'] == (14336, 4096)
+  assert len(shapes) == 3 + 32 * (7 + 3 * 8)
+  total = sum(int(np.prod(s)) for s in shapes.values())
+  assert abs(total / 46.7e9 - 1) < 0.01  # the published 46.7B parameters
+
+
+def test_yuan_export_refuses_a_mixtral_model_and_back():
+  m = mixtral_mapping.model_config_from_hf(R.tiny_config())
+  with pytest.raises(hf.HFConfigError, match="attention_type='standard'"):
+    hf.hf_mapping.hf_config_from_model(m, None, 'bfloat16')
+  y = hf.hf_mapping.model_config_from_hf(hf_reference.tiny_hf_config())
+  with pytest.raises(hf.HFConfigError, match="attention_type='lfa'"):
+    mixtral_mapping.hf_config_from_model(y, None, 'bfloat16')
+
+
+def test_notebook_path_on_the_imported_model(f32):
+  """What notebooks/02_router_inspection.py does with YUANJAX_CHECKPOINT=<converted Mixtral>:
+  generate.load_checkpoint finds Mixtral's tokenizer conventions (<s> first, </s> as eod),
+  and texts batch and route."""
+  _, src, dst, _, _ = f32
+  model, params, tok = generate.load_checkpoint(dst, overrides=F32)
+  assert (tok.eod_id, tok.pad_id) == (2, 2) and tok.encode('line 7')[0] == 1
+  assert tok.decode(tok.encode('line 7 of some text')) == 'line 7 of some text'
+  assert generate.load_checkpoint(src)[2].encode('line 7') == tok.encode('line 7')
+  tokens, segment_ids = routing_lib.batch_texts(tok, ['line 1 of', 'line 22 of some text'], 12)
+  r = routing_lib.routing(model, params, tokens, segment_ids)
+  assert r.experts_MxBxLxK.shape == (2, 2, 12, 2) and r.mask_BxL.sum() == (segment_ids > 0).sum()
+  assert r.attention_MxExE is None
