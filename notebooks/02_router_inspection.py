@@ -20,8 +20,11 @@
 # training (OLMoE).
 #
 # `YUANJAX_CHECKPOINT=PATH`: a training workdir, a converted (`python -m yuanjax.convert from-hf`)
-# or a raw Yuan2-M32-hf directory (the 40 B model needs ~160 GB of host memory in float32).
-# Without it, notebook 01's workdir is opened (trained first if missing).
+# or a raw Hugging Face directory of Yuan2-M32 or Mixtral (float32 params: ~160 GB of host
+# memory for the 40 B M32, ~190 GB for Mixtral-8x7B). Without it, notebook 01's workdir is
+# opened (trained first if missing). Run the notebook once per checkpoint to put the routing of
+# two released MoEs side by side: every panel but the Attention Router's (Yuan only) is drawn
+# for Mixtral's linear router too, on the same text sets.
 # `YUANJAX_TEXT_SETS=a.txt,b.txt`: compare two text files of your own instead of code vs. prose.
 
 # %%
