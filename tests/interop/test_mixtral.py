@@ -37,10 +37,17 @@ def loaded(path):
   return hf.load(str(path), overrides=F32)
 
 
+_APPLY = {}  # config JSON -> jitted apply: the checkpoints' models share one compilation
+
+
+def forward(model, params, tokens):
+  key = model.config.to_json_best_effort(sort_keys=True)
+  return np.asarray(_APPLY.setdefault(key, jax.jit(model.apply))({'params': params}, tokens)[0])
+
+
 @functools.lru_cache(maxsize=None)
 def logits_of(path):
-  model, params = loaded(path)
-  return np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
+  return forward(*loaded(path), TOKENS)
 
 
 def read_all(path):
@@ -127,7 +134,7 @@ def test_cached_greedy_decoding_equals_full_forward_argmax(f32):
   for p, o in zip(prompts, outs):
     assert len(o) == new
     seq = np.array([p + o])
-    ours = np.asarray(jax.jit(model.apply)({'params': params}, seq)[0])[0]
+    ours = forward(model, params, seq)[0]
     ref = R.forward(tensors, config, seq)[0]
     n = len(p)
     assert o == np.argmax(ours[n - 1:-1], -1).tolist() == np.argmax(ref[n - 1:-1], -1).tolist()
@@ -262,7 +269,7 @@ def test_notebook_path_on_the_imported_model(f32):
   assert (tok.eod_id, tok.pad_id) == (2, 2) and tok.encode('line 7')[0] == 1
   assert tok.decode(tok.encode('line 7 of some text')) == 'line 7 of some text'
   assert generate.load_checkpoint(src)[2].encode('line 7') == tok.encode('line 7')
-  tokens, segment_ids = routing_lib.batch_texts(tok, ['line 1 of', 'line 22 of some text'], 12)
+  tokens, segment_ids = routing_lib.batch_texts(tok, ['line 1 of', 'line 22 of some text'], 13)
   r = routing_lib.routing(model, params, tokens, segment_ids)
-  assert r.experts_MxBxLxK.shape == (2, 2, 12, 2) and r.mask_BxL.sum() == (segment_ids > 0).sum()
+  assert r.experts_MxBxLxK.shape == (2, 2, 13, 2) and r.mask_BxL.sum() == (segment_ids > 0).sum()
   assert r.attention_MxExE is None

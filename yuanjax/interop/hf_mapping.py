@@ -159,6 +159,8 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
            num_heads=H, head_dim=K, rotary_dims=R, rope_base=base, rope_ntk_factor=1.0,
            max_seq_len=int(c.get('max_position_embeddings', 4096)), norm_eps=eps,
            num_experts=moe['moe_num_experts'], moe_every=1, dense_ffn_size=moe['ffn_hidden_size']))
+  if 'num_kv_heads' in m:
+    m.num_kv_heads = H  # HF Yuan has no GQA
   m.router.type = 'attention'
   m.router.top_k = moe['moe_top_k']
   m.router.norm_topk_prob = bool(moe.get('norm_topk_prob', True))
@@ -171,7 +173,8 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
 def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
   """`config_lib.m32_model()` updated (recursively) with a saved config.model dict.
 
-  Fields added to m32_model() after the checkpoint was written keep their defaults.
+  Fields added to m32_model() after the checkpoint was written keep their defaults, except
+  num_kv_heads, which is then num_heads (no GQA before it existed).
   """
 
   def merge(node, d):
@@ -183,6 +186,8 @@ def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
 
   m = config_lib.m32_model()
   merge(m, saved)
+  if 'num_kv_heads' in m and 'num_kv_heads' not in saved:
+    m.num_kv_heads = m.num_heads  # written before GQA: every head its own k/v
   return m
 
 
