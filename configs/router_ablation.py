@@ -16,7 +16,7 @@ parameter init and router noise; the data order and the eval split are the same 
 """
 from yuanjax import config_lib
 
-ROUTERS = ('attention', 'linear', 'shared')
+ROUTERS = config_lib.ABLATION_ROUTERS
 SEEDS = (0, 1, 2)
 VARIANTS = (None, 'smoke', 'gpu')
 
@@ -74,22 +74,10 @@ def get_config(arg=None):
   return study_config(arg, 'configs/router_ablation.py')
 
 
-def router_overrides(router: str, ffn_size: int) -> dict:
-  """`shared`: 2 shared + 14 routed experts of half the FFN (same total and active params)."""
-  if router != 'shared':
-    return {'model.router.type': router}
-  return {
-      'model.router.type': 'shared',
-      'model.router.num_shared_experts': 2,
-      'model.num_experts': 14,
-      'model.moe.ffn_size': ffn_size // 2
-  }
-
-
 def sweep(arg=None):
   """One run per (router, seed); `smoke`: attention and linear, seeds 0 and 1."""
   config = get_config(arg)
   routers, seeds = (ROUTERS[:2], SEEDS[:2]) if arg == 'smoke' else (ROUTERS, SEEDS)
   return [{
-      **router_overrides(r, config.model.moe.ffn_size), 'train.seed': s
+      **config_lib.router_overrides(r, config.model.moe.ffn_size), 'train.seed': s
   } for r in routers for s in seeds]

@@ -35,6 +35,23 @@ def test_shared_matches_params_within_1_percent(arg):
         assert abs(facts['shared'][key] / facts[other][key] - 1) < 0.01, (other, key)
 
 
+@pytest.mark.parametrize('arg', [None, 'runlocal'])
+def test_router_ablation_on_the_mixtral_block(arg):
+  """configs/mixtral_8x7b.py's sweep: linear, attention and shared routers on Mixtral's
+  block; the shared variant keeps total and active params within 1%."""
+  mixtral = load('mixtral_8x7b')
+  facts = {}
+  for overrides in mixtral.sweep(arg):
+    config = mixtral.get_config(arg)
+    config_lib.override(config, overrides)
+    config_lib.validate(config)
+    assert config.model.attention_type == 'standard' and not config.model.tie_embeddings
+    facts[overrides['model.router.type']] = stats.model_facts(config.model)
+  assert set(facts) == {'attention', 'linear', 'shared'}
+  for key in ('total_params', 'active_params'):
+    assert abs(facts['shared'][key] / facts['linear'][key] - 1) < 0.01, key
+
+
 def test_sweeps():
   router, experts = load('router_ablation'), load('expert_count_ablation')
   assert len(router.sweep()) == 9 and len(router.sweep('smoke')) == 4

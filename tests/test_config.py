@@ -6,10 +6,12 @@ import pytest
 from yuanjax import config_lib, sharding
 from tests.conftest import rel_err  # noqa: F401  (conftest puts the repo on sys.path)
 import configs.demo as demo
+import configs.mixtral_8x7b as mixtral_8x7b
 import configs.tiny as tiny
+import configs.xverse_moe_a4b as xverse_moe_a4b
 import configs.yuan_m32 as yuan_m32
 
-CONFIGS = (demo, tiny, yuan_m32)
+CONFIGS = (demo, tiny, yuan_m32, mixtral_8x7b, xverse_moe_a4b)
 
 
 @pytest.mark.parametrize('module', CONFIGS, ids=lambda m: m.__name__)
@@ -69,9 +71,27 @@ def test_mesh_rules_name_the_field():
   with pytest.raises(ValueError, match=r'config\.model\.num_heads=4'):
     config_lib.validate_against_mesh(config, mesh)
   mesh.shape = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 2}
+  config.model.update(num_heads=6, num_kv_heads=3)
+  with pytest.raises(ValueError, match=r'config\.model\.num_kv_heads=3'):
+    config_lib.validate_against_mesh(config, mesh)
+  config.model.update(num_heads=4, num_kv_heads=0)
   config.model.moe.ffn_size = 63
   with pytest.raises(ValueError, match=r'config\.model\.moe\.ffn_size=63'):
     config_lib.validate_against_mesh(config, mesh)
+
+
+def test_baseline_configs_are_the_published_architectures():
+  m = mixtral_8x7b.get_config().model
+  assert (m.num_layers, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim) == (32, 4096, 32, 8,
+                                                                                    128)
+  assert (m.num_experts, m.router.top_k, m.moe.ffn_size, m.vocab_size) == (8, 2, 14336, 32000)
+  assert (m.rotary_dims, m.rope_base, m.norm_eps) == (128, 1e6, 1e-5)
+  assert (m.attention_type, m.tie_embeddings, m.router.type) == ('standard', False, 'linear')
+  assert m.router.norm_topk_prob and m.router.num_shared_experts == 0
+  x = xverse_moe_a4b.get_config().model
+  assert (x.num_layers, x.hidden_size, x.num_heads, x.moe.ffn_size) == (28, 2560, 32, 1728)
+  assert (x.num_experts, x.router.top_k, x.router.num_shared_experts) == (64, 6, 2)
+  assert (x.attention_type, x.tie_embeddings, x.vocab_size) == ('standard', False, 100534)
 
 
 def test_mesh_shape():

@@ -2,7 +2,9 @@
 
 A tiny M32 (LFA, attention router, 4 experts top-2, partial rotary) with bold random weights;
 a batch of three prompts of different lengths. Cached decoding must give the logits of full
-forwards at every step, and greedy generation the argmax of full forwards.
+forwards at every step, and greedy generation the argmax of full forwards; so must a tiny
+Mixtral-style model (standard attention, 4 query heads on 2 key/value heads, full rotary,
+linear router, untied lm_head).
 """
 import json
 
@@ -15,6 +17,7 @@ import pytest
 from tests.model.helpers import rel_err, tiny
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
+from yuanjax.model.attention import num_kv_heads
 from yuanjax.model.transformer import init_cache
 
 LENGTHS = (5, 2, 8)  # prompt lengths
@@ -22,9 +25,7 @@ NEW = 6
 S = max(LENGTHS) + NEW
 
 
-@pytest.fixture(scope='module')
-def setup():
-  cfg = tiny(**{'moe.dispatch': 'capacity'})  # generation must switch it to a dropless one
+def _setup(cfg):
   model = Transformer(cfg)
   rng = np.random.default_rng(0)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
@@ -45,10 +46,37 @@ def setup():
               greedy=greedy)
 
 
-def test_cached_decode_matches_full_forward(setup):
+@pytest.fixture(scope='module')
+def setup():
+  return _setup(tiny(**{'moe.dispatch': 'capacity'}))  # generation must switch to dropless
+
+
+@pytest.fixture(scope='module')
+def mixtral_setup():
+  return _setup(
+      tiny(
+          **{
+              'moe.dispatch': 'capacity',
+              'attention_type': 'standard',
+              'num_heads': 4,
+              'num_kv_heads': 2,
+              'head_dim': 8,
+              'rotary_dims': 8,
+              'rope_base': 1e6,
+              'tie_embeddings': False,
+              'router.type': 'linear'
+          }))
+
+
+both_models = pytest.mark.parametrize('name', ['setup', 'mixtral_setup'])
+
+
+@both_models
+def test_cached_decode_matches_full_forward(name, request):
   """Prefill of right-padded prompts, then one token per step: every step's logits equal a
   full forward's over the whole prefix (the model is causal: one padded [B, S] forward
   gives every prefix's logits)."""
+  setup = request.getfixturevalue(name)
   model, params, seqs = setup['model'], setup['params'], setup['seqs']
   dec = Transformer(gen.generation_config(setup['cfg']))
   ref = np.asarray(setup['forward'](params, seqs))  # [B, S, V]
@@ -68,12 +96,17 @@ def test_cached_decode_matches_full_forward(setup):
     for b, n in enumerate(LENGTHS):
       assert rel_err(logits[b, 0], ref[b, n + t]) < 1e-5, (b, t)
   np.testing.assert_array_equal(state['cache']['index'], np.array(LENGTHS) + NEW)
-  kv = state['cache']['blocks']['layer_0']['attention']
-  assert kv['k'].shape == (setup['cfg'].num_layers, len(LENGTHS), S, 2, 16)
-  assert kv['lf']['u_prev'].shape == (setup['cfg'].num_layers, len(LENGTHS), 2, 32)
+  kv, cfg = state['cache']['blocks']['layer_0']['attention'], setup['cfg']
+  assert kv['k'].shape == (cfg.num_layers, len(LENGTHS), S, num_kv_heads(cfg), cfg.head_dim)
+  if cfg.attention_type == 'lfa':
+    assert kv['lf']['u_prev'].shape == (cfg.num_layers, len(LENGTHS), 2, cfg.hidden_size)
+  else:
+    assert 'lf' not in kv
 
 
-def test_greedy_equals_argmax_of_full_forwards(setup):
+@both_models
+def test_greedy_equals_argmax_of_full_forwards(name, request):
+  setup = request.getfixturevalue(name)
   buf = np.zeros((len(LENGTHS), S), np.int32)
   for b, p in enumerate(setup['prompts']):
     buf[b, :len(p)] = p

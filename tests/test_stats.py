@@ -15,6 +15,16 @@ def test_m32_facts_match_paper():
   assert abs(facts['forward_flops_per_token'] / 7.4e9 - 1) < 0.02
 
 
+@pytest.mark.parametrize('name,total,active,tol', [('mixtral_8x7b', 46.7e9, 12.9e9, 0.01),
+                                                   ('xverse_moe_a4b', 25.8e9, 4.2e9, 0.02)])
+def test_baselines_match_published_sizes(name, total, active, tol):
+  """Mixtral-8x7B: 46.7B / 12.9B (Jiang et al. 2024); XVERSE-MoE-A4.2B: 25.8B / 4.2B (card)."""
+  import importlib
+  facts = model_facts(importlib.import_module(f'configs.{name}').get_config().model)
+  assert abs(facts['total_params'] / total - 1) < tol
+  assert abs(facts['active_params'] / active - 1) < tol
+
+
 def test_active_params_follow_top_k():
   m = config_lib.m32_model()
   m.router.top_k = 4

@@ -46,6 +46,7 @@ def test_parts_by_op_name():
   assert step_cost.part_of(name % 'moe/ecd,edf->ecf') == 'experts'
   assert step_cost.part_of(name % 'attention/lf/blc,cm->blm') == 'lf_conv'
   assert step_cost.part_of(name % 'attention/bld,dhk->blhk') == 'qkvo_proj'
-  assert step_cost.part_of(name % 'attention/blhk,bshk->bhls') == 'attention'
+  assert step_cost.part_of(name % 'attention/bld,dgk->blgk') == 'qkvo_proj'  # GQA's k, v
+  assert step_cost.part_of(name % 'attention/blgrk,bsgk->bgrls') == 'attention'
   assert step_cost.part_of('jit(train_step)/jvp(Transformer)/bld,vd->blv/dot_general') == 'lm_head'
   assert step_cost.part_of('') == 'other_dots'

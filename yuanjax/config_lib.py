@@ -1,7 +1,7 @@
-"""Shared config pieces: the released Yuan2.0-M32 model config, and validation.
+"""Shared config pieces: the released Yuan2.0-M32 and Mixtral-8x7B model configs, validation.
 
-Experiment files in `configs/` build on `m32_model()`; `validate_model` checks a model
-config before anything compiles and names the field and the rule on failure.
+Experiment files in `configs/` build on `m32_model()` (or `mixtral_model()`); `validate_model`
+checks a model config before anything compiles and names the field and the rule on failure.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ def m32_model() -> ml_collections.ConfigDict:
           hidden_size=2048,
           num_layers=24,
           num_heads=16,
+          num_kv_heads=0,  # G key/value heads, dividing num_heads (grouped-query); 0: num_heads
           head_dim=256,
           rotary_dims=128,  # rotary on the first 128 of 256 dims per head
           rope_base=10000.0,
@@ -26,6 +27,8 @@ def m32_model() -> ml_collections.ConfigDict:
           rope_hf_bf16=False,  # True: HF's bfloat16-rounded rotary angles (spec quirk 3)
           max_seq_len=4096,
           norm_eps=1e-6,
+          attention_type='lfa',  # 'lfa' (Yuan) | 'standard' (q, k from the normed input)
+          tie_embeddings=True,  # False: a separate lm_head [V, D]
           init_std=0.02,
           dtype='bfloat16',  # compute dtype; router, softmax and loss stay float32
           param_dtype='float32',
@@ -70,6 +73,36 @@ def tiny_model() -> ml_collections.ConfigDict:
   return m
 
 
+def mixtral_model() -> ml_collections.ConfigDict:
+  """Mixtral-8x7B (Jiang et al. 2024; HF mistralai/Mixtral-8x7B-v0.1 config.json): standard
+  attention with 8 key/value heads, rotary over the whole head (theta 1e6), RMSNorm eps 1e-5,
+  the linear router (softmax, top-2, renormalised over the two), untied lm_head."""
+  m = m32_model()
+  m.update(
+      dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+           head_dim=128, rotary_dims=128, rope_base=1e6, max_seq_len=32768, norm_eps=1e-5,
+           attention_type='standard', tie_embeddings=False, num_experts=8, dense_ffn_size=14336))
+  m.router.update(dict(type='linear', top_k=2, norm_topk_prob=True, load_balance_weight=0.02))
+  m.moe.ffn_size = 14336
+  return m
+
+
+ABLATION_ROUTERS = ('attention', 'linear', 'shared')  # the paper's Table 1 routers
+
+
+def router_overrides(router: str, ffn_size: int) -> dict:
+  """A router-ablation variant of an 8-expert top-2 model. `shared`: 2 shared + top-2 of 14
+  routed experts of half the FFN (the paper's; the same total and active parameters)."""
+  if router != 'shared':
+    return {'model.router.type': router}
+  return {
+      'model.router.type': 'shared',
+      'model.router.num_shared_experts': 2,
+      'model.num_experts': 14,
+      'model.moe.ffn_size': ffn_size // 2
+  }
+
+
 def override(config: ml_collections.ConfigDict, overrides, name: str = 'config') -> None:
   """Sets dotted fields in place, e.g. {'moe.dispatch': 'dense'}; a field that does not
   exist is a KeyError naming it (`name` is how `config` is called in the message)."""
@@ -87,13 +120,25 @@ def _err(field, value, rule):
   return ValueError(f'config.model.{field}={value!r}: {rule}')
 
 
+def _validate_attention(m: ml_collections.ConfigDict) -> None:
+  kind, G = attention.attention_type(m), attention.num_kv_heads(m)
+  if kind not in attention.ATTENTION_TYPES:
+    raise _err('attention_type', kind, f'expected one of {attention.ATTENTION_TYPES}')
+  if kind == 'lfa' and m.hidden_size % 2:
+    raise _err('hidden_size', m.hidden_size, 'must be even (the LFA convolution halves it)')
+  if not isinstance(G, int) or G < 1 or m.num_heads % G:
+    raise _err('num_kv_heads', m.num_kv_heads,
+               f'must be 0 (= num_heads) or a positive integer dividing num_heads={m.num_heads}')
+  if not isinstance(m.get('tie_embeddings', True), bool):
+    raise _err('tie_embeddings', m.tie_embeddings, 'must be True or False')
+
+
 def validate_model(m: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field and the rule for the first bad value."""
   for f in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim', 'max_seq_len'):
     if not isinstance(m[f], int) or m[f] < 1:
       raise _err(f, m[f], 'must be a positive integer')
-  if m.hidden_size % 2:
-    raise _err('hidden_size', m.hidden_size, 'must be even (the LFA convolution halves it)')
+  _validate_attention(m)
   if m.rotary_dims % 2 or not 0 <= m.rotary_dims <= m.head_dim:
     raise _err('rotary_dims', m.rotary_dims, f'must be even and in [0, head_dim={m.head_dim}]')
   if m.rope_ntk_factor < 1.0:
@@ -210,6 +255,9 @@ def validate_against_mesh(config: ml_collections.ConfigDict, mesh) -> None:
     _check(m.moe.ffn_size % mesh.shape['tensor'] == 0, 'model.moe.ffn_size', m.moe.ffn_size,
            f"must be divisible by config.mesh.tensor={mesh.shape['tensor']} (experts' ffn split)")
   _check(m.num_heads % mesh.shape['tensor'] == 0, 'model.num_heads', m.num_heads,
+         f"must be divisible by config.mesh.tensor={mesh.shape['tensor']}")
+  G = attention.num_kv_heads(m)
+  _check(G % mesh.shape['tensor'] == 0, 'model.num_kv_heads', G,
          f"must be divisible by config.mesh.tensor={mesh.shape['tensor']}")
 
 

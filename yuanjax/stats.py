@@ -3,7 +3,7 @@
   python -m yuanjax.stats --config configs/yuan_m32.py [--config.model.num_experts=16]
 
 Prints a human summary, then (last line) one JSON object:
-  total_params             every parameter (tied embedding counted once)
+  total_params             every parameter (a tied embedding counted once, an lm_head too)
   active_params            parameters one token uses: all non-expert params, top_k/E of
                            the routed expert params, all shared-expert params
   router_params            the routers' parameters (all layers)
@@ -25,6 +25,7 @@ from absl import app
 from ml_collections import config_flags
 
 from yuanjax import config_lib, train_state
+from yuanjax.model import attention
 
 
 def model_facts(model_cfg) -> dict:
@@ -62,14 +63,15 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
   device memory: what a step that reads nothing twice and nothing it does not need reads, the
   memory-bandwidth roofline's numerator (`benchmarks/decode.py`).
 
-    params      every non-expert parameter once (embedding, used again as the tied LM head;
+    params      every non-expert parameter once (embedding, used again as a tied LM head;
                 attention, LF convolutions, norms, routers, dense MLPs, shared experts), in
                 config.model.param_dtype (the step reads them so and casts them)
     experts     per MoE layer, `experts_per_layer` of its E routed experts (w1 and w2); by
                 default min(E, batch x top_k), the most a step's tokens can reach
-    kv_cache    per layer, the keys and values of `context` positions per row (the tokens
-                attended to, the new one included), in config.model.dtype
-    lf_state    per layer, the LFA state (the last two LF inputs per row), config.model.dtype
+    kv_cache    per layer, the keys and values (num_kv_heads of them) of `context` positions
+                per row (the tokens attended to, the new one included), in config.model.dtype
+    lf_state    per layer, the LFA state (the last two LF inputs per row), config.model.dtype;
+                0 for standard attention
     total       their sum
 
   Not counted: writes (the new keys/values and LF state), activations, the cache index.
@@ -79,6 +81,7 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
   param_bytes = jnp.dtype(m.param_dtype).itemsize
   act_bytes = jnp.dtype(m.dtype).itemsize
   E = m.num_experts
+  G, lfa = attention.num_kv_heads(m), attention.attention_type(m) == 'lfa'
   reach = min(E, batch * m.router.top_k) if experts_per_layer is None else experts_per_layer
   dense = expert = 0
   params = train_state.abstract_params(m, boxed=True)
@@ -89,8 +92,8 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
     else:
       dense += n
   out = dict(params=float(dense), experts=expert * reach / E,
-             kv_cache=2.0 * m.num_layers * batch * context * m.num_heads * m.head_dim * act_bytes,
-             lf_state=2.0 * m.num_layers * batch * m.hidden_size * act_bytes)
+             kv_cache=2.0 * m.num_layers * batch * context * G * m.head_dim * act_bytes,
+             lf_state=2.0 * m.num_layers * batch * m.hidden_size * act_bytes * lfa)
   out['total'] = sum(out.values())
   return out
 

@@ -34,7 +34,7 @@ import optax
 
 from yuanjax import metrics, sharding, stats, train_state, trainer
 from yuanjax.data import pipeline
-from yuanjax.model import transformer
+from yuanjax.model import attention, transformer
 
 # (part, test on a dot's op_name), first match wins. Backward dots keep the forward's name
 # under transpose(jvp(...)).
@@ -43,7 +43,7 @@ PARTS = (
     ('experts', lambda n: '/moe/' in n),
     ('dense_ffn', lambda n: '/mlp/' in n),
     ('lf_conv', lambda n: '/attention/lf/' in n),
-    ('qkvo_proj', lambda n: '/attention/' in n and ('dhk' in n or 'hkd' in n)),
+    ('qkvo_proj', lambda n: '/attention/' in n and any(s in n for s in ('dhk', 'dgk', 'hkd'))),
     ('attention', lambda n: '/attention/' in n),
     # The logits, and the tiled loss's gradient matmuls (yuanjax.loss: done in its forward).
     ('lm_head',
@@ -94,6 +94,7 @@ def model_parts(config: ml_collections.ConfigDict) -> dict[str, float]:
   sum to `metrics.train_flops_per_token(config)`."""
   m, L = config.model, config.train.seq_len
   D, H, K, E, F = m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size
+  G, lfa = attention.num_kv_heads(m), attention.attention_type(m) == 'lfa'
   n_moe = 0 if m.moe_every == 0 else m.num_layers // m.moe_every
   n_shared = m.router.num_shared_experts
   router = {'attention': 3, 'linear': 1, 'shared': 1, 'expert_choice': 1}[m.router.type] * D * E
@@ -102,8 +103,8 @@ def model_parts(config: ml_collections.ConfigDict) -> dict[str, float]:
       router=2 * router * n_moe,
       experts=2 * 3 * D * F * (m.router.top_k + n_shared) * n_moe,
       dense_ffn=2 * 3 * D * m.dense_ffn_size * (m.num_layers - n_moe),
-      lf_conv=2 * 2 * 2 * D * (D // 2) * m.num_layers,
-      qkvo_proj=2 * 4 * D * H * K * m.num_layers,
+      lf_conv=2 * 2 * 2 * D * (D // 2) * m.num_layers * lfa,
+      qkvo_proj=2 * 2 * D * (H + G) * K * m.num_layers,
       attention=stats.attention_flops_per_token(m, L),
       lm_head=2 * m.vocab_size * D,
   )

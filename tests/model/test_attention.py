@@ -116,3 +116,75 @@ def test_blocked_causal_attention_equals_the_full_square_for_less():
       jax.jit(lambda q, k, v: attention.blocked_causal_attention(q, k, v, None, 0.3, n)).lower(
           x, x, x).compile().as_text()))
   assert flops(4) == flops(1) * 5 / 8
+
+
+def _standard_gqa_reference(p, u, pos, G, theta):
+  """Standard attention with G key/value heads, float64 NumPy: q, k, v = u W, rotate-half
+  rotary over the whole head, query head h reads kv head h // (H / G), causal softmax."""
+  f64 = lambda x: np.asarray(x, np.float64)
+  q, k, v = (np.einsum('bld,dhk->blhk', f64(u), f64(p[w])) for w in ('wq', 'wk', 'wv'))
+  K = q.shape[-1]
+  inv = 1.0 / theta**(np.arange(0, K, 2) / K)
+  ang = pos[..., None].astype(np.float64) * inv  # [B, L, K/2]
+  cos, sin = np.cos(ang)[:, :, None], np.sin(ang)[:, :, None]
+  rot = lambda x: np.concatenate([
+      x[..., :K // 2] * cos - x[..., K // 2:] * sin, x[..., K // 2:] * cos + x[..., :K // 2] * sin
+  ], -1)
+  q, k = rot(q), rot(k)
+  rep = q.shape[2] // G
+  k, v = np.repeat(k, rep, axis=2), np.repeat(v, rep, axis=2)
+  s = np.einsum('blhk,bshk->bhls', q, k) / np.sqrt(K)
+  L = u.shape[1]
+  s = np.where(np.tril(np.ones((L, L), bool)), s, -np.inf)
+  a = np.exp(s - s.max(-1, keepdims=True))
+  a /= a.sum(-1, keepdims=True)
+  return np.einsum('blhk,hkd->bld', np.einsum('bhls,bshk->blhk', a, v), f64(p['wo']))
+
+
+def _gqa(**kw):
+  return tiny(
+      **{
+          'attention_type': 'standard',
+          'num_heads': 4,
+          'num_kv_heads': 2,
+          'head_dim': 8,
+          'rotary_dims': 8,
+          'rope_base': 1e6,
+          **kw
+      })
+
+
+def test_standard_grouped_query_attention_matches_numpy():
+  """Mixtral's attention: no LF, 4 query heads on 2 key/value heads, full rotary (theta 1e6),
+  with both backends; no 'lf' params; wk, wv have G heads."""
+  cfg = _gqa()
+  u = np.random.RandomState(0).randn(2, 9, cfg.hidden_size).astype(np.float32)
+  pos = np.broadcast_to(np.arange(9), (2, 9)) * 50  # large positions: the rotary matters
+  v = nn.unbox(attention.Attention(cfg).init(jax.random.key(0), u, None, pos))
+  p = jax.tree_util.tree_map(lambda x: 4 * x, v['params'])
+  assert set(p) == {'wq', 'wk', 'wv', 'wo'} and p['wk'].shape == (cfg.hidden_size, 2, 8)
+  want = _standard_gqa_reference(p, u, pos, G=2, theta=1e6)
+  for backend in attention.ATTENTION_BACKENDS:
+    got = attention.Attention(_gqa(attention_backend=backend)).apply({'params': p}, u, None, pos)
+    assert rel_err(got, want) < 1e-5, backend
+
+
+def test_grouped_kv_heads_equal_repeated_full_heads():
+  """LFA with G=2 key/value heads equals LFA with 4 heads whose k/v weights repeat each of
+  the 2 heads twice (head h reads kv head h // 2), in the full pass and the cached decode."""
+  gqa, mha = tiny(num_heads=4, num_kv_heads=2), tiny(num_heads=4)
+  u = np.random.RandomState(0).randn(2, 7, gqa.hidden_size).astype(np.float32)
+  pos = np.broadcast_to(np.arange(7), (2, 7))
+  p = nn.unbox(attention.Attention(gqa).init(jax.random.key(0), u, None, pos))['params']
+  p_mha = {**p, 'wk': np.repeat(p['wk'], 2, axis=1), 'wv': np.repeat(p['wv'], 2, axis=1)}
+  want = attention.Attention(mha).apply({'params': p_mha}, u, None, pos)
+  assert rel_err(attention.Attention(gqa).apply({'params': p}, u, None, pos), want) < 1e-6
+  dec = attention.Attention(gqa, decode=True)
+  cache = jax.eval_shape(lambda: dec.init(jax.random.key(0), u, None, pos, jnp.array([7, 7])))
+  cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache['cache'])
+  assert cache['k'].shape == (2, 7, 2, gqa.head_dim)
+  out, _ = dec.apply({
+      'params': p,
+      'cache': cache
+  }, u, None, pos, jnp.array([7, 7]), mutable=['cache'])
+  assert rel_err(out, want) < 1e-6

@@ -4,6 +4,7 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -145,6 +146,35 @@ def test_config_validation_names_field():
   m.moe_every = 2
   with pytest.raises(ValueError, match=r'config\.model\.moe_every'):
     config_lib.validate_model(m)
+
+
+def test_untied_lm_head_scores_the_final_hidden_states():
+  """tie_embeddings=False: a separate lm_head [V, D] gives the logits (the embedding only
+  embeds); the default ties them (no lm_head param, as in M32)."""
+  cfg, model, v, tokens = _model(tie_embeddings=False, attention_type='standard')
+  p = v['params']
+  assert 'lm_head' in p and 'lf' not in p['blocks']['layer_0']['attention']
+  assert 'lm_head' not in _model()[2]['params']
+  logits, _ = model.apply(v, tokens)
+  (hidden, head), _ = model.apply(v, tokens, hidden=True)
+  np.testing.assert_array_equal(head, nn.unbox(p['lm_head']))
+  assert rel_err(logits, np.einsum('bld,vd->blv', hidden, head)) < 1e-6
+  p2 = {**p, 'lm_head': jax.tree_util.tree_map(lambda a: -a, p['lm_head'])}
+  assert rel_err(model.apply({'params': p2}, tokens)[0], -logits) < 1e-6
+
+
+def test_baseline_options_validated_by_name():
+  for field, value, rule in (('attention_type', 'mla', 'expected one of'), ('num_kv_heads', 3,
+                                                                            'dividing num_heads=2'),
+                             ('num_kv_heads', -1, 'dividing'), ('tie_embeddings', 'no', 'True')):
+    m = ml_collections.ConfigDict({**tiny().to_dict(), field: value})  # as from a JSON file
+    with pytest.raises(ValueError, match=rf'config\.model\.{field}=.*{rule}'):
+      config_lib.validate_model(m)
+  m = tiny(attention_type='standard')
+  m.hidden_size = 33  # odd is fine without the LFA convolution (d -> d/2)
+  config_lib.validate_model(m)
+  with pytest.raises(ValueError, match=r'config\.model\.hidden_size=33.*LFA'):
+    config_lib.validate_model(tiny(**{'hidden_size': 33}))
 
 
 def test_unrolled_layer_scan_computes_the_scanned_model():

@@ -1,4 +1,4 @@
-"""Localized Filtering-based Attention (LFA), Yuan 2.0's attention block.
+"""Self-attention: Localized Filtering-based Attention (LFA, Yuan 2.0) or standard attention.
 
   v = u Wv                                     (no filtering on the value path)
   c1[t] = A0 u[t-1] + A1 u[t] + a              (d -> d/2, causal conv, kernel 2)
@@ -6,17 +6,22 @@
   f = RMSNorm_lf(c2 + u);  q = f Wq;  k = f Wk
   partial rotary on q, k; causal softmax(q k^T / sqrt(K)) v; o Wo
 
-Axis key: see `yuanjax.model.layers`. Packed rows: `segment_ids_BxL` make the attention
+`config.model.attention_type`: 'lfa' (above) or 'standard' (q = u Wq, k = u Wk: no
+filtering; Mixtral, XVERSE). `config.model.num_kv_heads` (G <= H, dividing H): grouped-query
+attention, query head h reads key/value head h // (H / G) (HF's `repeat_kv` order); G = H is
+plain multi-head attention. Wk, Wv and the KV cache are [.., G, K].
+
+Axis key: see `yuanjax.model.layers` (G: key/value heads). Packed rows: `segment_ids_BxL` make the attention
 mask block-diagonal causal, and the convolutions never look across a document boundary
 (u[t-1] counts as zero at the first token of a segment), so every packed document gives
 exactly its stand-alone result.
 
 Decoding (`decode=True`; one sequence per row, no segments). State in the 'cache' collection,
 created by `yuanjax.model.transformer.init_cache`:
-  attention/k, attention/v   [B, S, H, K] (compute dtype): keys (after rotary) and values of
+  attention/k, attention/v   [B, S, G, K] (compute dtype): keys (after rotary) and values of
                              cache slots 0..S-1; slot = the token's position in its row
   attention/lf/u_prev        [B, 2, D]: the last two LF inputs u[p-2], u[p-1] of each row
-                             (zeros before the row's start: u[-2] = u[-1] = 0)
+                             (zeros before the row's start: u[-2] = u[-1] = 0); LFA only
 A call feeds a chunk of L tokens per row at positions p..p+L-1 (p differs per row): the chunk's
 keys/values are written into their slots, and query p+t attends to slots <= p+t, so stale
 slots past a row's end are never seen. The convolution needs u[p-1] for c1[p] and c1[p-1]
@@ -43,6 +48,7 @@ from yuanjax.model import layers
 
 f32 = jnp.float32
 ATTENTION_BACKENDS = ('xla', 'dot_product_attention')
+ATTENTION_TYPES = ('lfa', 'standard')
 
 
 def _shift_right(x_BxLxC, same_segment_BxL):
@@ -107,13 +113,16 @@ def attention_mask(segment_ids_BxL, q_len: int, kv_len: int):
   return causal_LxS[None, None] & same_BxLxS[:, None]
 
 
-def xla_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, scale: float):
-  """Reference attention: einsum, float32 logits and softmax."""
-  logits_BxHxLxS = jnp.einsum('blhk,bshk->bhls', q_BxLxHxK, k_BxSxHxK,
-                              preferred_element_type=f32) * scale
-  logits_BxHxLxS = jnp.where(mask_Bx1xLxS, logits_BxHxLxS, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(logits_BxHxLxS, axis=-1).astype(v_BxSxHxK.dtype)
-  return jnp.einsum('bhls,bshk->blhk', probs, v_BxSxHxK)
+def xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale: float):
+  """Reference attention: einsum, float32 logits and softmax. G (key/value heads) divides H;
+  query head h reads key/value head h // (H / G), without repeating the keys/values."""
+  (B, L, H, K), G = q_BxLxHxK.shape, k_BxSxGxK.shape[2]
+  q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
+  logits_BxGxRxLxS = jnp.einsum('blgrk,bsgk->bgrls', q_BxLxGxRxK, k_BxSxGxK,
+                                preferred_element_type=f32) * scale
+  logits_BxGxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxGxRxLxS, jnp.finfo(f32).min)
+  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
+  return jnp.einsum('bgrls,bsgk->blgrk', probs, v_BxSxGxK).reshape(B, L, H, K)
 
 
 def blocked_causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, scale: float,
@@ -136,61 +145,82 @@ def blocked_causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, s
   return jnp.concatenate(outs, axis=1)
 
 
+def num_kv_heads(cfg) -> int:
+  """G, the key/value heads: `num_kv_heads`, or H when it is 0 or absent (older configs)."""
+  return cfg.get('num_kv_heads', 0) or cfg.num_heads
+
+
+def attention_type(cfg) -> str:
+  return cfg.get('attention_type', 'lfa')
+
+
 class Attention(nn.Module):
-  """LFA self-attention over packed rows (or, with `decode`, over the rows' KV cache)."""
+  """Self-attention (LFA or standard) over packed rows (or, with `decode`, the rows' KV cache)."""
   config: ml_collections.ConfigDict
   decode: bool = False
 
   @nn.compact
   def __call__(self, u_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
     cfg = self.config
-    D, H, K = cfg.hidden_size, cfg.num_heads, cfg.head_dim
+    D, H, G, K = cfg.hidden_size, cfg.num_heads, num_kv_heads(cfg), cfg.head_dim
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(layers.scaled_init_std(cfg.init_std, cfg.num_layers))
-    wq_DxHxK = layers.param_with_axes(self, 'wq', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
-    wk_DxHxK = layers.param_with_axes(self, 'wk', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
-    wv_DxHxK = layers.param_with_axes(self, 'wv', init, (D, H, K), ('embed', 'heads', 'kv'), pdtype)
+    w = lambda name, heads: layers.param_with_axes(self, name, init, (D, heads, K),
+                                                   ('embed', 'heads', 'kv'), pdtype)
+    wq_DxHxK, wk_DxGxK, wv_DxGxK = w('wq', H), w('wk', G), w('wv', G)
     wo_HxKxD = layers.param_with_axes(self, 'wo', out_init, (H, K, D), ('heads', 'kv', 'embed'),
                                       pdtype)
     heads = ('act_batch', 'act_len', 'act_heads', 'act_kv')
 
-    v = jnp.einsum('bld,dhk->blhk', u_BxLxD, wv_DxHxK.astype(dtype))
-    f_BxLxD = LocalizedFiltering(cfg, self.decode, name='lf')(u_BxLxD, segment_ids_BxL,
-                                                              positions_BxL, lengths_B)
+    v = jnp.einsum('bld,dgk->blgk', u_BxLxD, wv_DxGxK.astype(dtype))
+    f_BxLxD = u_BxLxD
+    if attention_type(cfg) == 'lfa':
+      f_BxLxD = LocalizedFiltering(cfg, self.decode, name='lf')(u_BxLxD, segment_ids_BxL,
+                                                                positions_BxL, lengths_B)
     q = jnp.einsum('bld,dhk->blhk', f_BxLxD, wq_DxHxK.astype(dtype))
-    k = jnp.einsum('bld,dhk->blhk', f_BxLxD, wk_DxHxK.astype(dtype))
+    k = jnp.einsum('bld,dgk->blgk', f_BxLxD, wk_DxGxK.astype(dtype))
     base = layers.rope_base(cfg.rope_base, cfg.rotary_dims, cfg.rope_ntk_factor)
     hf_bf16 = cfg.get('rope_hf_bf16', False)  # spec quirk 3 (layers.rotary_angles)
     q = layers.apply_rotary(q, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     q, k, v = (layers.constrain(t, heads) for t in (q, k, v))
-
-    scale = K**-0.5
-    L = u_BxLxD.shape[1]
     if self.decode:
-      # The cache is created by init_cache with the maximum length as L (see the module doc).
-      B = u_BxLxD.shape[0]
-      cached_k = self.variable('cache', 'k', jnp.zeros, (B, L, H, K), dtype)
-      cached_v = self.variable('cache', 'v', jnp.zeros, (B, L, H, K), dtype)
-      rows_Bx1 = jnp.arange(B)[:, None]
-      cached_k.value = cached_k.value.at[rows_Bx1, positions_BxL].set(k, mode='drop')
-      cached_v.value = cached_v.value.at[rows_Bx1, positions_BxL].set(v, mode='drop')
-      S = cached_k.value.shape[1]
-      mask_Bx1xLxS = (jnp.arange(S) <= positions_BxL[:, :, None])[:, None]
-      o_BxLxHxK = xla_attention(q, cached_k.value, cached_v.value, mask_Bx1xLxS, scale)
-    elif cfg.attention_backend == 'xla':
-      o_BxLxHxK = blocked_causal_attention(q, k, v, segment_ids_BxL, scale,
-                                           cfg.get('attention_query_blocks', 1))
-    elif cfg.attention_backend == 'dot_product_attention':
+      o_BxLxHxK = self._attend_cache(q, k, v, positions_BxL)
+    else:
+      o_BxLxHxK = self._attend(q, k, v, segment_ids_BxL)
+    o_BxLxHxK = layers.constrain(o_BxLxHxK, heads)
+    return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, wo_HxKxD.astype(dtype))
+
+  def _attend(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
+    """Causal attention within segments, by `attention_backend`."""
+    cfg = self.config
+    scale = cfg.head_dim**-0.5
+    if cfg.attention_backend == 'xla':
+      return blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale,
+                                      cfg.get('attention_query_blocks', 1))
+    if cfg.attention_backend == 'dot_product_attention':
       # cuDNN flash attention on GPU; its XLA fallback elsewhere. Causality via is_causal,
-      # document boundaries via the segment mask.
+      # document boundaries via the segment mask; G < H key/value heads natively.
       mask = None
       if segment_ids_BxL is not None:
         mask = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
-      o_BxLxHxK = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, scale=scale)
-    else:
-      raise ValueError(f'config.model.attention_backend={cfg.attention_backend!r}: '
-                       f'expected one of {ATTENTION_BACKENDS}')
-    o_BxLxHxK = layers.constrain(o_BxLxHxK, heads)
-    return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, wo_HxKxD.astype(dtype))
+      return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
+                                          is_causal=True, scale=scale)
+    raise ValueError(f'config.model.attention_backend={cfg.attention_backend!r}: '
+                     f'expected one of {ATTENTION_BACKENDS}')
+
+  def _attend_cache(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL):
+    """Writes the chunk's keys/values into their cache slots; attends over slots <= position.
+    The cache is created by init_cache with the maximum length as L (see the module doc)."""
+    B, L, G, K = k_BxLxGxK.shape
+    dtype = layers.dtype_of(self.config.dtype)
+    cached_k = self.variable('cache', 'k', jnp.zeros, (B, L, G, K), dtype)
+    cached_v = self.variable('cache', 'v', jnp.zeros, (B, L, G, K), dtype)
+    rows_Bx1 = jnp.arange(B)[:, None]
+    cached_k.value = cached_k.value.at[rows_Bx1, positions_BxL].set(k_BxLxGxK, mode='drop')
+    cached_v.value = cached_v.value.at[rows_Bx1, positions_BxL].set(v_BxLxGxK, mode='drop')
+    S = cached_k.value.shape[1]
+    mask_Bx1xLxS = (jnp.arange(S) <= positions_BxL[:, :, None])[:, None]
+    return xla_attention(q_BxLxHxK, cached_k.value, cached_v.value, mask_Bx1xLxS,
+                         self.config.head_dim**-0.5)

@@ -1,7 +1,11 @@
-"""The Yuan 2.0 decoder: embeddings, scanned decoder layers, final norm, tied logits.
+"""The decoder: embeddings, scanned decoder layers, final norm, logits.
 
-  h = x + Attention(RMSNorm(x))          (LFA attention, `yuanjax.model.attention`)
+  h = x + Attention(RMSNorm(x))          (LFA or standard, `yuanjax.model.attention`)
   y = h + FFN(RMSNorm(h))                (MoE, or a dense SwiGLU MLP)
+
+Yuan 2.0 (LFA, tied embeddings) by default; `attention_type='standard'`, `num_kv_heads` and
+`tie_embeddings=False` (a separate `lm_head` [V, D] param) give the Mixtral / XVERSE-MoE
+baselines (`configs/mixtral_8x7b.py`, `configs/xverse_moe_a4b.py`).
 
 Layers are grouped in blocks of `moe_every` layers (the last of each block is MoE, the
 others dense; `moe_every=1`: every layer MoE as in M32; `moe_every=0`: all dense) and the
@@ -32,8 +36,8 @@ Cached decoding (what `yuanjax.generate` uses; one sequence per row, right-padde
 Each call appends a chunk of L tokens to every row at positions index..index+L-1 (index [B]
 lives in the cache and starts at 0), of which the first lengths_B (default L) are real; the
 row's index then advances by its length. Prefill is one call with the padded prompts, each
-decode step a call with L = 1. The cache holds, per layer, keys/values [B, max_len, H, K] and
-the LFA state (the last two LF inputs; `yuanjax.model.attention`). Logits at padded places
+decode step a call with L = 1. The cache holds, per layer, keys/values [B, max_len, G, K] and,
+for LFA, its state (the last two LF inputs; `yuanjax.model.attention`). Logits at padded places
 are meaningless. Routing must be per token and must not drop (a causal router with the
 `dropless` or `dense` dispatch) for decoding to reproduce the full forward; `capacity`
 dispatch can drop slots of a small decode batch (`yuanjax.generate` switches to `dropless`).
@@ -112,7 +116,7 @@ def num_blocks(cfg) -> int:
 
 
 class Transformer(nn.Module):
-  """Yuan 2.0 / 2.0-M32 decoder-only language model."""
+  """Yuan 2.0 / 2.0-M32 decoder-only language model (and the Mixtral / XVERSE baselines)."""
   config: ml_collections.ConfigDict  # config.model
 
   @nn.compact
@@ -150,7 +154,11 @@ class Transformer(nn.Module):
                                                                        positions, lengths)
 
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='final_norm')(x_BxLxD)
-    head_VxD = embedding_VxD  # tied embeddings: the one place that names the LM head
+    head_VxD = embedding_VxD  # the one place that names the LM head: tied, or its own param
+    if not cfg.get('tie_embeddings', True):
+      head_VxD = layers.param_with_axes(self, 'lm_head', nn.initializers.normal(cfg.init_std),
+                                        (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'),
+                                        pdtype)
     aux_loss = jnp.sum(stats['aux_loss']) if stats else jnp.zeros((), f32)
     aux = {'aux_loss': aux_loss, 'moe': stats}
     if hidden:
