@@ -96,7 +96,7 @@ from yuanjax import config_lib, publish, train_state
 from yuanjax.interop import hf_mapping, mappings
 from yuanjax.interop.hf_mapping import EMBED, LM_HEAD, HFConfigError
 from yuanjax.interop.hf_weights import HFWeights, SafetensorsShardWriter, is_weight_file, parse_size
-from yuanjax.model import Transformer
+from yuanjax.model import Transformer, attention
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +277,7 @@ def check_hf_weights(weights: HFWeights, m: ml_collections.ConfigDict, src: str 
     raise HFCheckpointError(
         f'{src or "checkpoint"}: the weights do not match config.json (hidden_size={m.hidden_size}, '
         f'heads={m.num_heads} x head_dim={m.head_dim}, '
-        f'kv heads={m.get("num_kv_heads", m.num_heads)}, '
+        f'kv heads={attention.num_kv_heads(m)}, '
         f'layers={m.num_layers}, experts={m.num_experts}, '
         f'ffn={m.moe.ffn_size}, vocab={m.vocab_size}); nothing was written:\n' + '\n'.join(lines))
   if tied and LM_HEAD in present:

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from yuanjax import config_lib
-from yuanjax.model import layers
+from yuanjax.model import attention, layers
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +159,6 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
            num_heads=H, head_dim=K, rotary_dims=R, rope_base=base, rope_ntk_factor=1.0,
            max_seq_len=int(c.get('max_position_embeddings', 4096)), norm_eps=eps,
            num_experts=moe['moe_num_experts'], moe_every=1, dense_ffn_size=moe['ffn_hidden_size']))
-  if 'num_kv_heads' in m:
-    m.num_kv_heads = H  # HF Yuan has no GQA
   m.router.type = 'attention'
   m.router.top_k = moe['moe_top_k']
   m.router.norm_topk_prob = bool(moe.get('norm_topk_prob', True))
@@ -173,8 +171,7 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
 def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
   """`config_lib.m32_model()` updated (recursively) with a saved config.model dict.
 
-  Fields added to m32_model() after the checkpoint was written keep their defaults, except
-  num_kv_heads, which is then num_heads (no GQA before it existed).
+  Fields added to m32_model() after the checkpoint was written keep their defaults.
   """
 
   def merge(node, d):
@@ -186,17 +183,15 @@ def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
 
   m = config_lib.m32_model()
   merge(m, saved)
-  if 'num_kv_heads' in m and 'num_kv_heads' not in saved:
-    m.num_kv_heads = m.num_heads  # written before GQA: every head its own k/v
   return m
 
 
 def exportable(m: ml_collections.ConfigDict) -> None:
   """Raises HFConfigError listing why config.model has no HF Yuan equivalent, if it has none."""
   problems = []
-  if m.get('attention_type', 'lfa') != 'lfa':
+  if attention.attention_type(m) != 'lfa':
     problems.append(f'attention_type={m.attention_type!r}: HF Yuan has LFA attention only')
-  if m.get('num_kv_heads', m.num_heads) != m.num_heads:
+  if attention.num_kv_heads(m) != m.num_heads:
     problems.append(f'num_kv_heads={m.num_kv_heads} != num_heads={m.num_heads}: HF Yuan has no GQA')
   if not m.get('tie_embeddings', True):
     problems.append('tie_embeddings=False: HF Yuan ties lm_head to the embedding')

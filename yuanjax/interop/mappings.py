@@ -16,6 +16,7 @@ import ml_collections
 
 from yuanjax.interop import hf_mapping, mixtral_mapping
 from yuanjax.interop.hf_mapping import HFConfigError
+from yuanjax.model import attention
 
 MAPPINGS = {m.MODEL_TYPE: m for m in (hf_mapping, mixtral_mapping)}
 _BY_ATTENTION = {'lfa': hf_mapping, 'standard': mixtral_mapping}
@@ -33,8 +34,8 @@ def for_hf_config(c: dict, src: str = '') -> types.ModuleType:
 
 def for_model(m: ml_collections.ConfigDict) -> types.ModuleType:
   """The mapping of a yuanjax config.model (by its attention_type)."""
-  attention = m.get('attention_type', 'lfa')
-  if attention not in _BY_ATTENTION:
-    raise HFConfigError(f'config.model.attention_type={attention!r} has no HF format; known: '
+  kind = attention.attention_type(m)
+  if kind not in _BY_ATTENTION:
+    raise HFConfigError(f'config.model.attention_type={kind!r} has no HF format; known: '
                         f'{", ".join(sorted(_BY_ATTENTION))}')
-  return _BY_ATTENTION[attention]
+  return _BY_ATTENTION[kind]

@@ -36,6 +36,7 @@ import numpy as np
 from yuanjax import config_lib
 from yuanjax.interop import hf_mapping
 from yuanjax.interop.hf_mapping import Group, _keep_or_set, _one, _raise
+from yuanjax.model import attention
 
 MODEL_TYPE = 'mixtral'
 TIED_LM_HEAD = False  # lm_head.weight is a tensor of its own, mapped like any other
@@ -127,8 +128,8 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
 def exportable(m: ml_collections.ConfigDict) -> None:
   """Raises HFConfigError listing why config.model has no HF Mixtral equivalent, if none."""
   problems = []
-  if m.get('attention_type', 'lfa') != 'standard':
-    problems.append(f'attention_type={m.get("attention_type", "lfa")!r}: Mixtral is standard')
+  if attention.attention_type(m) != 'standard':
+    problems.append(f'attention_type={attention.attention_type(m)!r}: Mixtral is standard')
   if m.get('tie_embeddings', True):
     problems.append('tie_embeddings=True: Mixtral has an untied lm_head')
   if m.moe_every != 1:
@@ -149,7 +150,8 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   exportable(m)
   c = copy.deepcopy(base) if base else copy.deepcopy(DEFAULT_HF_CONFIG)
   for key, value in (('hidden_size', m.hidden_size), ('intermediate_size', m.moe.ffn_size),
-                     ('num_attention_heads', m.num_heads), ('num_key_value_heads', m.num_kv_heads),
+                     ('num_attention_heads', m.num_heads), ('num_key_value_heads',
+                                                            attention.num_kv_heads(m)),
                      ('num_hidden_layers', m.num_layers), ('vocab_size', m.vocab_size),
                      ('max_position_embeddings', m.max_seq_len), ('rms_norm_eps', m.norm_eps),
                      ('num_local_experts', m.num_experts), ('num_experts_per_tok',
@@ -183,7 +185,8 @@ def _experts_w1(E: int, F: int) -> tuple:
 
 def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   """Every HF tensor and every yuanjax param, in conversion order."""
-  V, D, H, Hkv, K = m.vocab_size, m.hidden_size, m.num_heads, m.num_kv_heads, m.head_dim
+  V, D, H, K = m.vocab_size, m.hidden_size, m.num_heads, m.head_dim
+  Hkv = attention.num_kv_heads(m)
   E, F = m.num_experts, m.moe.ffn_size
   ident, T = (lambda x: x), (lambda x: x.T)
   L, A, p = ('blocks', 'layer_0'), ('blocks', 'layer_0', 'attention'), 'model.layers.{i}.'
