@@ -102,6 +102,8 @@ def test_logits_match_numpy_reference(converted):
   ref = R.forward(tensors, config, TOKENS)
   assert rel_err(logits_of(dst), ref) < 1e-5, kind
   np.testing.assert_array_equal(logits_of(src), logits_of(dst))  # hf.load of the HF dir
+  with pytest.raises(ValueError, match='exact_hf_rope reproduces the HF Yuan runtime'):
+    hf.load(dst, exact_hf_rope=True)  # Yuan's bfloat16 rotary quirk is not Mixtral's
   m = loaded(dst)[0].config
   assert (m.attention_type, m.num_heads, m.num_kv_heads, m.head_dim, m.rotary_dims, m.rope_base,
           m.tie_embeddings, m.router.type) == ('standard', 4, 2, 8, 8, 1000.0, False, 'linear')

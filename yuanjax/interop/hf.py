@@ -648,7 +648,7 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   overrides: dotted config.model fields, e.g. {'dtype': 'float32', 'moe.dispatch': 'dense'}.
   exact_hf_rope: reproduce the released HF runtime's bfloat16 rotary rounding (spec, quirk 3:
   inv_freq, positions, angles and cos/sin rounded to bfloat16), for agreement with it; sets
-  config.model.rope_hf_bf16. The default is exact float32 rotary.
+  config.model.rope_hf_bf16 (Yuan only: an error for Mixtral). The default is exact float32.
   """
   path = os.fspath(path)
   if is_converted(path):
@@ -664,6 +664,9 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
     m.dtype = source_dtype
   config_lib.override(m, overrides or {}, 'config.model')
   if exact_hf_rope:
+    if mappings.for_model(m) is not hf_mapping:
+      raise ValueError(f'{path}: exact_hf_rope reproduces the HF Yuan runtime\'s bfloat16 rotary '
+                       'angles (spec quirk 3); HF Mixtral computes its angles in float32')
     m.rope_hf_bf16 = True
   config_lib.validate_model(m)
   _check_against_model(m)
