@@ -22,6 +22,7 @@ from yuanjax import config_lib, convert, generate
 from yuanjax.analysis import routing as routing_lib
 from yuanjax.analysis import stats
 from yuanjax.interop import hf, mappings, mixtral_mapping
+from yuanjax.model import Transformer
 
 TOKENS = np.random.default_rng(11).integers(0, 97, (2, 13))
 F32 = {'dtype': 'float32'}
@@ -275,3 +276,21 @@ def test_notebook_path_on_the_imported_model(f32):
   r = routing_lib.routing(model, params, tokens, segment_ids)
   assert r.experts_MxBxLxK.shape == (2, 2, 13, 2) and r.mask_BxL.sum() == (segment_ids > 0).sum()
   assert r.attention_MxExE is None
+
+
+def test_save_hf_of_a_yuanjax_mixtral(tmp_path):
+  """A yuanjax model with Mixtral's architecture (fresh params, no HF source) -> an HF dir
+  with Mixtral-8x7B's config.json fields -> the NumPy reference gives the model's logits."""
+  m = mixtral_mapping.model_config_from_hf(R.tiny_config())
+  m.dtype = 'float32'
+  model = Transformer(m)
+  params = jax.jit(model.init)(jax.random.key(0), TOKENS)['params']
+  hf.save_hf(str(tmp_path / 'out'), m, params, dtype='float32')
+  with open(tmp_path / 'out' / 'config.json') as f:
+    cfg = json.load(f)
+  want = R.tiny_config()
+  assert cfg == {
+      k: v for k, v in want.items() if k not in ('transformers_version', 'router_jitter_noise')
+  }
+  ref = forward(model, params, TOKENS)
+  assert rel_err(R.forward(read_all(tmp_path / 'out'), cfg, TOKENS), ref) < 1e-5
