@@ -41,12 +41,7 @@ def get_config(arg=None):
              rotary_dims=16, max_seq_len=256, dtype='float32', attention_backend='xla',
              dense_ffn_size=128))
     m.moe.ffn_size = 64
-    config.train.update(
-        dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0, eval_steps=1,
-             sample_tokens=4, progress=False))
-    config.optimizer.warmup_steps = 2
-    config.checkpoint.every = 2
-    config.data.update(dict(vocab_size=512, max_bytes=300_000))
+    config_lib.runlocal(config, m)
   return config
 
 

@@ -51,17 +51,14 @@ def get_config(arg=None):
   config.optimizer.update(dict(lr=3.5e-4, min_lr_ratio=0.1, warmup_steps=2000))
   config.checkpoint.update(dict(every=1000, keep=3))
   if arg == 'runlocal':
-    config.model.update(
+    m = config.model
+    m.update(
         dict(vocab_size=512, hidden_size=64, num_layers=2, num_heads=4, head_dim=16, rotary_dims=16,
              max_seq_len=256, dtype='float32', attention_backend='xla', num_experts=16,
              dense_ffn_size=32))
-    config.model.moe.ffn_size = 32
-    config.train.update(
-        dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0, eval_steps=1,
-             sample_tokens=4, progress=False))
-    config.optimizer.update(dict(lr=1e-3, warmup_steps=2))
-    config.checkpoint.every = 2
-    config.data.update(dict(vocab_size=512, max_bytes=300_000))
+    m.moe.ffn_size = 32
+    config_lib.runlocal(config, m)
+    config.optimizer.lr = 1e-3
   return config
 
 

@@ -28,13 +28,7 @@ def get_config(arg=None):
   config.checkpoint.update(dict(every=1000, keep=3))
   config.data.update(dict(fim_rate=0.5, fim_spm_rate=0.5))
   if arg == 'runlocal':
-    config.model = config_lib.tiny_model()
-    config.train.update(
-        dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0, eval_steps=1,
-             sample_tokens=4, progress=False))
-    config.optimizer.warmup_steps = 2
-    config.checkpoint.every = 2
-    config.data.update(dict(vocab_size=512, max_bytes=300_000))
+    config_lib.runlocal(config, config_lib.tiny_model())
   elif arg == 'slice':
     config.model.num_layers = 2
     config.train.update(

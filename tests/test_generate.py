@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.model.helpers import rel_err, tiny
+from tests.model.helpers import rel_err, tiny, tiny_mixtral
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
 from yuanjax.model.attention import num_kv_heads
@@ -54,18 +54,11 @@ def setup():
 @pytest.fixture(scope='module')
 def mixtral_setup():
   return _setup(
-      tiny(
-          **{
-              'moe.dispatch': 'capacity',
-              'attention_type': 'standard',
-              'num_heads': 4,
-              'num_kv_heads': 2,
-              'head_dim': 8,
-              'rotary_dims': 8,
-              'rope_base': 1e6,
-              'tie_embeddings': False,
-              'router.type': 'linear'
-          }))
+      tiny_mixtral(**{
+          'moe.dispatch': 'capacity',
+          'tie_embeddings': False,
+          'router.type': 'linear'
+      }))
 
 
 both_models = pytest.mark.parametrize('name', ['setup', 'mixtral_setup'])

@@ -89,6 +89,21 @@ def test_remat_and_accumulation_shrink_activations():
   assert r['fits'] == {'TPU v5p': True}
 
 
+def test_standard_attention_and_fewer_kv_heads_keep_what_they_should():
+  """Per token and layer (remat none): standard attention drops LFA's 5 D; G = H / 4
+  key/value heads drop 3 (H - G) K of k, v and rotated k."""
+  config, mesh = yuan_m32.get_config(), {'data': 2, 'fsdp': 1, 'expert': 8, 'tensor': 1}
+  m, act = config.model, lambda: plan.activation_bytes(config, mesh)[1]
+  lfa = act()
+  m.attention_type = 'standard'
+  std = act()
+  m.num_kv_heads = m.num_heads // 4
+  gqa = act()
+  tokens, b = plan.activation_bytes(config, mesh)[2], 2  # bfloat16
+  assert lfa - std == pytest.approx(tokens * 5 * m.hidden_size * b)
+  assert std - gqa == pytest.approx(tokens * 3 * (m.num_heads - m.num_kv_heads) * m.head_dim * b)
+
+
 @pytest.mark.parametrize('axis, value, devices', [('expert', 3, 24), ('expert', 0, 8),
                                                   ('tensor', 3, 3)])
 def test_bad_mesh_names_the_axis(axis, value, devices):

@@ -87,6 +87,18 @@ def mixtral_model() -> ml_collections.ConfigDict:
   return m
 
 
+def runlocal(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  """An experiment's `runlocal` variant, in place: `model` (its structure at CPU size) for 4
+  steps of 4 x 64 tokens on a small byte-level corpus, checkpoints every 2 steps."""
+  config.model = model
+  config.train.update(
+      dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0, eval_steps=1,
+           sample_tokens=4, progress=False))
+  config.optimizer.warmup_steps = 2
+  config.checkpoint.every = 2
+  config.data.update(dict(vocab_size=model.vocab_size, max_bytes=300_000))
+
+
 ABLATION_ROUTERS = ('attention', 'linear', 'shared')  # the paper's Table 1 routers
 
 

@@ -24,12 +24,14 @@ Per device, in bytes:
                XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, as JAX takes only 75% by default)
 
 Activations. T = train.batch_size / train.grad_accum / (data*fsdp*expert) * train.seq_len
-tokens per device per micro-batch; D hidden, H heads, K head_dim, F expert ffn (dense ffn for
+tokens per device per micro-batch; D hidden, H heads, G key/value heads (num_kv_heads), K
+head_dim, F expert ffn (dense ffn for
 dense layers), E experts, k top_k, cf capacity_factor, V vocab, L seq_len, tp = mesh tensor
 size (heads, ffn and vocab are split over it); b bytes of config.model.dtype. Elements kept
 per token and layer without remat:
-  attention (LFA)  8 D (norms, convolutions and their shifted inputs, residual) + 6 H K / tp
-                   (q, k, v, rotated q and k, output); backend 'xla' adds the scores and
+  attention        LFA: 8 D (norms, convolutions and their shifted inputs, residual);
+                   standard: 3 D (residual, norm, output); + 3 (H + G) K / tp (q, rotated q
+                   and the attention output; k, v and rotated k); backend 'xla' adds the scores and
                    probabilities, 2 H L / tp in float32, and so does 'dot_product_attention'
                    (XLA's implementation on CPU and TPU) except for a GPU --device_kind, where
                    it is cuDNN flash attention and keeps only the log-sum-exp (H / tp floats)
@@ -38,8 +40,8 @@ per token and layer without remat:
 remat policy (config.model.remat, applied to each scanned block):
   none           every layer's amount
   full           D per layer (the block inputs) + one layer's amount (recomputed in its backward)
-  dots           per layer D + the outputs of matmuls without batch dims (convolutions 3 D,
-                 q k v 3 H K / tp, output D; dense FFN 2 F / tp + D), + one layer's amount
+  dots           per layer D + the outputs of matmuls without batch dims (LFA convolutions 3 D,
+                 q k v (H + 2 G) K / tp, output D; dense FFN 2 F / tp + D), + one layer's amount
   dots_saveable  dots + the batched matmuls too (expert FFN cf k (2 F / tp + D); 'xla'
                  attention scores H L / tp in float32), + one layer's amount
 plus, once, the embedding output (T D); with remat none and b < 4, the params cast to the
@@ -73,6 +75,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from yuanjax import config_lib, sharding
+from yuanjax.model import attention
 
 GiB = 2**30
 HEADROOM = 0.85
@@ -134,7 +137,8 @@ def activation_bytes(config, mesh_shape: dict, flash: bool = False) -> tuple[flo
   T = t.batch_size / t.grad_accum / dp * t.seq_len
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
   D, H, K, L = m.hidden_size, m.num_heads, m.head_dim, t.seq_len
-  HK = H * K / tp
+  HK, GK = H * K / tp, attention.num_kv_heads(m) * K / tp
+  lfa = attention.attention_type(m) == 'lfa'
   scores = not (flash and m.attention_backend == 'dot_product_attention')
   ck = m.moe.capacity_factor * m.router.top_k
   F = m.moe.ffn_size / tp
@@ -144,10 +148,10 @@ def activation_bytes(config, mesh_shape: dict, flash: bool = False) -> tuple[flo
 
   # Bytes per token of one layer, by what a remat policy keeps.
   attn_core = (2 * H * L / tp * 4) if scores else (H / tp * 4)
-  attn_all = (8 * D + 6 * HK) * b + attn_core
+  attn_all = ((8 if lfa else 3) * D + 3 * HK + 3 * GK) * b + attn_core
   moe_all = (3 * D + ck * (2 * D + 3 * F)) * b
   dense_all = (3 * D + 3 * Fd) * b
-  attn_dots = (D + 3 * D + 3 * HK + D) * b  # block input, convolutions, q k v, output
+  attn_dots = (D + 3 * D * lfa + HK + 2 * GK + D) * b  # block input, convolutions, q k v, output
   moe_dots, dense_dots = 0.0, (2 * Fd + D) * b
   attn_saveable = attn_dots + ((H * L / tp * 4) if scores else 0.0)
   moe_saveable = ck * (2 * F + D) * b

@@ -28,3 +28,18 @@ def tree_rel_err(a, b):
   la, lb = jax.tree_util.tree_leaves(nn.unbox(a)), jax.tree_util.tree_leaves(nn.unbox(b))
   assert len(la) == len(lb)
   return max(rel_err(x, y) for x, y in zip(la, lb))
+
+
+def tiny_mixtral(**overrides):
+  """`tiny` in Mixtral's shape: standard attention, 4 query heads on 2 key/value heads, rotary
+  over the whole head (theta 1e6)."""
+  return tiny(
+      **{
+          'attention_type': 'standard',
+          'num_heads': 4,
+          'num_kv_heads': 2,
+          'head_dim': 8,
+          'rotary_dims': 8,
+          'rope_base': 1e6,
+          **overrides
+      })

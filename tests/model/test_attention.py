@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from yuanjax.model import attention
-from tests.model.helpers import rel_err, tiny
+from tests.model.helpers import rel_err, tiny, tiny_mixtral
 
 
 def _lfa_loop(p, u, eps):
@@ -141,23 +141,10 @@ def _standard_gqa_reference(p, u, pos, G, theta):
   return np.einsum('blhk,hkd->bld', np.einsum('bhls,bshk->blhk', a, v), f64(p['wo']))
 
 
-def _gqa(**kw):
-  return tiny(
-      **{
-          'attention_type': 'standard',
-          'num_heads': 4,
-          'num_kv_heads': 2,
-          'head_dim': 8,
-          'rotary_dims': 8,
-          'rope_base': 1e6,
-          **kw
-      })
-
-
 def test_standard_grouped_query_attention_matches_numpy():
   """Mixtral's attention: no LF, 4 query heads on 2 key/value heads, full rotary (theta 1e6),
   with both backends; no 'lf' params; wk, wv have G heads."""
-  cfg = _gqa()
+  cfg = tiny_mixtral()
   u = np.random.RandomState(0).randn(2, 9, cfg.hidden_size).astype(np.float32)
   pos = np.broadcast_to(np.arange(9), (2, 9)) * 50  # large positions: the rotary matters
   v = nn.unbox(attention.Attention(cfg).init(jax.random.key(0), u, None, pos))
@@ -165,7 +152,8 @@ def test_standard_grouped_query_attention_matches_numpy():
   assert set(p) == {'wq', 'wk', 'wv', 'wo'} and p['wk'].shape == (cfg.hidden_size, 2, 8)
   want = _standard_gqa_reference(p, u, pos, G=2, theta=1e6)
   for backend in attention.ATTENTION_BACKENDS:
-    got = attention.Attention(_gqa(attention_backend=backend)).apply({'params': p}, u, None, pos)
+    got = attention.Attention(tiny_mixtral(attention_backend=backend)).apply({'params': p}, u, None,
+                                                                             pos)
     assert rel_err(got, want) < 1e-5, backend
 
 

@@ -108,8 +108,9 @@ def test_remat_gives_same_loss_and_grads():
   assert tree_rel_err(g, g_ref) < 1e-5
 
 
-def test_every_param_has_logical_axes():
-  cfg = config_lib.m32_model()
+@pytest.mark.parametrize(
+    'cfg', [config_lib.m32_model(), config_lib.mixtral_model()], ids=['m32', 'mixtral'])
+def test_every_param_has_logical_axes(cfg):
   abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   leaves = jax.tree_util.tree_leaves(abstract,
                                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
