@@ -7,8 +7,10 @@ Config (HF config.json -> config.model, on `config_lib.mixtral_model()`):
   rope_theta (1e6; or rope_parameters.rope_theta) -> rope_base     rms_norm_eps -> norm_eps
   max_position_embeddings -> max_seq_len  vocab_size -> vocab_size
   num_local_experts -> num_experts       num_experts_per_tok -> router.top_k
-  intermediate_size -> moe.ffn_size      and router.type 'linear', norm_topk_prob, untied
-  lm_head, standard attention, moe.dispatch 'dropless' (HF drops no token).
+  intermediate_size -> moe.ffn_size      router_jitter_noise -> router.jitter_eps (training
+  only; HF jitters the experts' input too, yuanjax the router's only), and router.type
+  'linear', norm_topk_prob, untied lm_head, standard attention, moe.dispatch 'dropless' (HF
+  drops no token).
 Refused, with one error listing every problem: model_type other than mixtral, hidden_act
 other than silu, a sliding_window shorter than max_position_embeddings (yuanjax attends to
 the whole context), rope_scaling (or a rope_parameters.rope_type other than default),
@@ -118,7 +120,9 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
                c.get('max_position_embeddings', 32768)), norm_eps=float(c.get('rms_norm_eps',
                                                                               1e-5)),
            num_experts=c['num_local_experts'], moe_every=1, dense_ffn_size=c['intermediate_size']))
-  m.router.update(dict(type='linear', top_k=c['num_experts_per_tok'], norm_topk_prob=True))
+  m.router.update(
+      dict(type='linear', top_k=c['num_experts_per_tok'], norm_topk_prob=True,
+           jitter_eps=float(c.get('router_jitter_noise') or 0.0)))
   m.moe.ffn_size = c['intermediate_size']
   m.moe.dispatch = 'dropless'
   config_lib.validate_model(m)
@@ -163,6 +167,7 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
     _keep_or_set(c['rope_parameters'], 'rope_theta', m.rope_base)
   else:
     _keep_or_set(c, 'rope_theta', m.rope_base)
+  _keep_or_set(c, 'router_jitter_noise', m.router.jitter_eps, default=0.0)
   if c.get('head_dim') or m.head_dim != m.hidden_size // m.num_heads:
     _keep_or_set(c, 'head_dim', m.head_dim)
   return c
