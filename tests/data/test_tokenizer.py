@@ -165,6 +165,20 @@ def test_training_chunks_keep_every_byte():
   assert all(n <= 1024 for c, n in zip(chunks, sizes) if not c.startswith("数"))
 
 
+def test_aliases_and_bos_token(tiny):
+  """Mixtral's (Llama's) conventions: '</s>' plays <eod> and <pad>, every text starts with '<s>'."""
+  tok = Tokenizer(tiny, aliases={"<eod>": "</s>", "<pad>": "</s>"}, bos_token="<s>")
+  sp = tok.sp
+  assert tok.eod_id == tok.pad_id == sp.piece_to_id("</s>") != Tokenizer(tiny).eod_id
+  assert tok.encode(CODE) == [sp.piece_to_id("<s>")] + sp.encode(CODE)
+  assert tok.encode_batch([CODE, "x"]) == [tok.encode(CODE), tok.encode("x")]
+  assert tok.decode(tok.encode(CODE)) == CODE
+  with pytest.raises(ValueError, match=r"no piece '</eos>' \(aliases\['<eod>'\]\)"):
+    Tokenizer(tiny, aliases={"<eod>": "</eos>"})
+  with pytest.raises(ValueError, match="no <bos> piece"):
+    Tokenizer(tiny, bos_token="<bos>")
+
+
 # --------------------------------------------------------------------------- Yuan's added tokens
 
 

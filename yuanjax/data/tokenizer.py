@@ -121,6 +121,9 @@ class Tokenizer:
     if newline_token is not None and self._piece_id(newline_token) is None:
       raise ValueError(
           f"tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)")
+    for role, piece in self._aliases.items():
+      if piece not in self._added and self._sp_piece_id(piece) is None:
+        raise ValueError(f"tokenizer: {self.model_path} has no piece {piece!r} (aliases[{role!r}])")
     if self._piece_id(EOD) is None:
       raise ValueError(f"tokenizer: {self.model_path} has no {EOD} piece")
     self._bos = [] if bos_token is None else [self._special(bos_token)]
