@@ -252,6 +252,14 @@ def test_released_mixtral_config_maps_to_mixtral_model():
   assert len(shapes) == 3 + 32 * (7 + 3 * 8)
   total = sum(int(np.prod(s)) for s in shapes.values())
   assert abs(total / 46.7e9 - 1) < 0.01  # the published 46.7B parameters
+  # transformers >= 5 writes rope_parameters and dtype (and head_dim): same model, same file.
+  v5 = {k: v for k, v in MIXTRAL_8X7B.items() if k not in ('rope_theta', 'torch_dtype')}
+  v5.update(rope_parameters={
+      'rope_type': 'default',
+      'rope_theta': 1e6
+  }, dtype='bfloat16', head_dim=128)
+  assert mixtral_mapping.model_config_from_hf(v5).to_dict() == m.to_dict()
+  assert mixtral_mapping.hf_config_from_model(m, v5, 'bfloat16') == v5
 
 
 def test_yuan_export_refuses_a_mixtral_model_and_back():

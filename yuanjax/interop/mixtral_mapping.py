@@ -149,20 +149,31 @@ def exportable(m: ml_collections.ConfigDict) -> None:
   _raise(problems, 'this model cannot be exported to the HF Mixtral format')
 
 
+def _hf_sizes(m: ml_collections.ConfigDict) -> dict:
+  """The config.json size fields of config.model."""
+  return {
+      'hidden_size': m.hidden_size,
+      'intermediate_size': m.moe.ffn_size,
+      'num_attention_heads': m.num_heads,
+      'num_key_value_heads': attention.num_kv_heads(m),
+      'num_hidden_layers': m.num_layers,
+      'vocab_size': m.vocab_size,
+      'max_position_embeddings': m.max_seq_len,
+      'rms_norm_eps': m.norm_eps,
+      'num_local_experts': m.num_experts,
+      'num_experts_per_tok': m.router.top_k,
+  }
+
+
 def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_dtype: str) -> dict:
   """config.json for config.model: `base` (the imported source's config.json) or the defaults."""
   exportable(m)
   c = copy.deepcopy(base) if base else copy.deepcopy(DEFAULT_HF_CONFIG)
-  for key, value in (('hidden_size', m.hidden_size), ('intermediate_size', m.moe.ffn_size),
-                     ('num_attention_heads', m.num_heads), ('num_key_value_heads',
-                                                            attention.num_kv_heads(m)),
-                     ('num_hidden_layers', m.num_layers), ('vocab_size', m.vocab_size),
-                     ('max_position_embeddings', m.max_seq_len), ('rms_norm_eps', m.norm_eps),
-                     ('num_local_experts', m.num_experts), ('num_experts_per_tok',
-                                                            m.router.top_k), ('torch_dtype',
-                                                                              torch_dtype)):
+  for key, value in _hf_sizes(m).items():
     _keep_or_set(c, key, value)
-  if 'rope_parameters' in c:
+  dtype_key = 'dtype' if 'dtype' in c and 'torch_dtype' not in c else 'torch_dtype'  # v5: dtype
+  _keep_or_set(c, dtype_key, torch_dtype)
+  if 'rope_parameters' in c:  # transformers >= 5
     c['rope_parameters'] = dict(c['rope_parameters'])
     _keep_or_set(c['rope_parameters'], 'rope_theta', m.rope_base)
   else:
