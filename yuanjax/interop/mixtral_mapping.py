@@ -7,10 +7,10 @@ Config (HF config.json -> config.model, on `config_lib.mixtral_model()`):
   rope_theta (1e6; or rope_parameters.rope_theta) -> rope_base     rms_norm_eps -> norm_eps
   max_position_embeddings -> max_seq_len  vocab_size -> vocab_size
   num_local_experts -> num_experts       num_experts_per_tok -> router.top_k
-  intermediate_size -> moe.ffn_size      router_jitter_noise -> router.jitter_eps (training
-  only; HF jitters the experts' input too, yuanjax the router's only), and router.type
-  'linear', norm_topk_prob, untied lm_head, standard attention, moe.dispatch 'dropless' (HF
-  drops no token).
+  intermediate_size -> moe.ffn_size      router_aux_loss_coef (0.02) -> router.load_balance_weight
+  router_jitter_noise -> router.jitter_eps (training only; HF jitters the experts' input too,
+  yuanjax the router's only), and router.type 'linear', norm_topk_prob, untied lm_head,
+  standard attention, moe.dispatch 'dropless' (HF drops no token).
 Refused, with one error listing every problem: model_type other than mixtral, hidden_act
 other than silu, a sliding_window shorter than max_position_embeddings (yuanjax attends to
 the whole context), rope_scaling (or a rope_parameters.rope_type other than default),
@@ -110,20 +110,20 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   problems = _problems(c)
   theta = _rope_theta(c, problems)
   _raise(problems, 'config.json (mixtral) cannot be mapped to a yuanjax model')
-  D, H = c['hidden_size'], c['num_attention_heads']
+  D, H, F = c['hidden_size'], c['num_attention_heads'], c['intermediate_size']
   K = c.get('head_dim') or D // H
   m = config_lib.mixtral_model()
   m.update(
       dict(vocab_size=c['vocab_size'], hidden_size=D, num_layers=c['num_hidden_layers'],
            num_heads=H, num_kv_heads=c.get('num_key_value_heads') or H, head_dim=K, rotary_dims=K,
-           rope_base=theta, rope_ntk_factor=1.0, max_seq_len=int(
-               c.get('max_position_embeddings', 32768)), norm_eps=float(c.get('rms_norm_eps',
-                                                                              1e-5)),
-           num_experts=c['num_local_experts'], moe_every=1, dense_ffn_size=c['intermediate_size']))
-  m.router.update(
-      dict(type='linear', top_k=c['num_experts_per_tok'], norm_topk_prob=True,
-           jitter_eps=float(c.get('router_jitter_noise') or 0.0)))
-  m.moe.ffn_size = c['intermediate_size']
+           rope_base=theta, rope_ntk_factor=1.0, num_experts=c['num_local_experts'], moe_every=1,
+           dense_ffn_size=F))
+  m.max_seq_len = int(c.get('max_position_embeddings', 32768))
+  m.norm_eps = float(c.get('rms_norm_eps', 1e-5))
+  m.router.update(dict(type='linear', top_k=c['num_experts_per_tok'], norm_topk_prob=True))
+  m.router.jitter_eps = float(c.get('router_jitter_noise') or 0.0)
+  m.router.load_balance_weight = float(c.get('router_aux_loss_coef', 0.02))
+  m.moe.ffn_size = F
   m.moe.dispatch = 'dropless'
   config_lib.validate_model(m)
   return m
@@ -179,6 +179,7 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   else:
     _keep_or_set(c, 'rope_theta', m.rope_base)
   _keep_or_set(c, 'router_jitter_noise', m.router.jitter_eps, default=0.0)
+  _keep_or_set(c, 'router_aux_loss_coef', m.router.load_balance_weight)
   if c.get('head_dim') or m.head_dim != m.hidden_size // m.num_heads:
     _keep_or_set(c, 'head_dim', m.head_dim)
   return c
