@@ -11,10 +11,13 @@ d_ff 1728: 64 routed (top-6, linear router) + 2 shared always-on, untied lm_head
 Where the sizes come from: layers, d_model, heads, d_ff, experts (64 + 2 shared), top-k and
 lr 3.5e-4 from the model card (huggingface.co/xverse/XVERSE-MoE-A4.2B, README); vocab 100534,
 rope_theta 500000, rms_norm_eps 1e-6, max_position_embeddings 8192, tie_word_embeddings false
-and router_aux_loss_coef 0.01 from its config.json. Not read from either: whether the top-6
-weights are renormalised (the modelling code was not at hand; DeepSeekMoE's convention, no
-renormalisation, is assumed) and the training batch and schedule (yuanjax defaults at seq
-8192, the card's training length).
+and router_aux_loss_coef 0.01 (as `routers.weight_from_pooled_coef`: 0.01 x 6 / 28 in yuanjax's
+per-layer normalisation) from its config.json, which has no num_key_value_heads (so 32 key/value
+heads, no GQA). Inferred, not read: the 2 shared experts have the routed experts' d_ff 1728
+(with it and the untied head the totals come out at the card's 25.8B / 4.2B). Not read from
+either: whether the top-6 weights are renormalised (the modelling code was not at hand;
+DeepSeekMoE's convention, no renormalisation, is assumed) and the training batch and schedule
+(yuanjax defaults at seq 8192, the card's training length).
 
 Variant `runlocal`: the same structure (standard attention, untied head, 16 routed top-6 + 2
 shared fine-grained experts) shrunk to run a few steps on a CPU.
@@ -22,6 +25,7 @@ shared fine-grained experts) shrunk to run a few steps on a CPU.
 experts kept in both).
 """
 from yuanjax import config_lib
+from yuanjax.model import routers
 
 VARIANTS = (None, 'runlocal')
 
@@ -34,7 +38,7 @@ def xverse_model():
            attention_type='standard', tie_embeddings=False, num_experts=64, dense_ffn_size=1728))
   m.router.update(
       dict(type='shared', num_shared_experts=2, top_k=6, norm_topk_prob=False,
-           load_balance_weight=0.01))
+           load_balance_weight=routers.weight_from_pooled_coef(0.01, 6, 28)))  # HF: 0.01
   m.moe.ffn_size = 1728
   return m
 

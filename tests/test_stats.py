@@ -49,27 +49,33 @@ def _hand_count(m, batch, context, experts):
   """decode_bytes_per_step's parts counted by hand from the config's sizes."""
   D, H, K, E, F, V, L = (m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size,
                          m.vocab_size, m.num_layers)
-  attn = 4 * D * H * K + 2 * D * (D // 2) + D // 2 + 2 * (D // 2) * D + D + D  # + LF norm
+  G, lfa = (m.num_kv_heads or H), m.attention_type == 'lfa'
+  lf = 2 * D * (D // 2) + D // 2 + 2 * (D // 2) * D + D + D  # convolutions, biases, LF norm
+  attn = 2 * D * H * K + 2 * D * G * K + lfa * lf
+  embeddings = V * D if m.tie_embeddings else V * D + batch * D  # untied: lm_head + looked-up rows
   moe_layers = L // m.moe_every
   router = {'attention': 3 * D * E, 'linear': D * E, 'shared': D * E}[m.router.type]
   shared = m.router.num_shared_experts * 3 * D * F
   dense_mlp = 3 * D * m.dense_ffn_size
   per_layer = attn + 2 * D  # + the two layer norms
-  params = (V * D + D + L * per_layer + moe_layers * (router + shared) +
+  params = (embeddings + D + L * per_layer + moe_layers * (router + shared) +
             (L - moe_layers) * dense_mlp) * 4  # float32 params
   return dict(
       params=params,
       experts=moe_layers * experts * 3 * D * F * 4,
-      kv_cache=L * 2 * batch * context * H * K * 2,  # bfloat16 cache
-      lf_state=L * batch * 2 * D * 2)
+      kv_cache=L * 2 * batch * context * G * K * 2,  # bfloat16 cache
+      lf_state=L * batch * 2 * D * 2 * lfa)
 
 
 # A shared-expert router, one MoE layer and one dense one.
 SHARED_HALF_DENSE = {'router.type': 'shared', 'router.num_shared_experts': 1, 'moe_every': 2}
 
-
 # 3 rows x top-2 reach 6 of the 8 experts; 8 rows make 16 slots, but there are only 8 experts.
-@pytest.mark.parametrize('batch, reach, overrides', [(3, 6, {}), (8, 8, SHARED_HALF_DENSE)])
+MIXTRAL_SHAPE = {'attention_type': 'standard', 'num_kv_heads': 2, 'tie_embeddings': False}
+
+
+@pytest.mark.parametrize('batch, reach, overrides', [(3, 6, {}), (8, 8, SHARED_HALF_DENSE),
+                                                     (3, 6, MIXTRAL_SHAPE)])
 def test_decode_bytes_per_step_equals_a_hand_count(batch, reach, overrides):
   m = config_lib.tiny_model()
   m.dtype = 'bfloat16'

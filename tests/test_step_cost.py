@@ -33,6 +33,21 @@ def test_model_flops_equal_a_hand_count():
   assert sum(step_cost.model_parts(config).values()) == pytest.approx(want, rel=1e-12)
 
 
+def test_untied_grouped_model_flops_equal_a_hand_count():
+  """Mixtral's shape: standard attention (no LF), 2 of 4 key/value heads, linear router, an
+  untied lm_head (the embedding is a lookup: no FLOPs)."""
+  V, D, N, H, G, K, E, F, L = 512, 64, 2, 4, 2, 32, 8, 64, 32
+  per_layer = (
+      2 * D * H * K + 2 * D * G * K  # q and o; k and v
+      + D * E + 2 * 3 * D * F)  # the linear router; two experts
+  want = 3 * (2 * (V * D + N * per_layer) + N * 2 * 2 * H * K * (L + 1) / 2)
+  config = tiny_config(seq_len=L)
+  config.model.update(attention_type='standard', num_kv_heads=G, tie_embeddings=False)
+  config.model.router.type = 'linear'
+  assert metrics.train_flops_per_token(config) == pytest.approx(want, rel=1e-12)
+  assert sum(step_cost.model_parts(config).values()) == pytest.approx(want, rel=1e-12)
+
+
 def test_dot_flops_of_a_matmul_equal_cost_analysis():
   a, b = jax.ShapeDtypeStruct((3, 5, 7), jnp.float32), jax.ShapeDtypeStruct((3, 7, 11), jnp.float32)
   compiled = jax.jit(lambda x, y: jnp.einsum('bik,bkj->bij', x, y)).lower(a, b).compile()

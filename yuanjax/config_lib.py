@@ -76,13 +76,17 @@ def tiny_model() -> ml_collections.ConfigDict:
 def mixtral_model() -> ml_collections.ConfigDict:
   """Mixtral-8x7B (Jiang et al. 2024; HF mistralai/Mixtral-8x7B-v0.1 config.json): standard
   attention with 8 key/value heads, rotary over the whole head (theta 1e6), RMSNorm eps 1e-5,
-  the linear router (softmax, top-2, renormalised over the two), untied lm_head."""
+  the linear router (softmax, top-2, renormalised over the two), untied lm_head. The dispatch
+  stays M32's training choice (capacity 1.25, which can drop slots); HF import and generation
+  switch to 'dropless', which computes Mixtral's forward exactly."""
   m = m32_model()
   m.update(
       dict(vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
            head_dim=128, rotary_dims=128, rope_base=1e6, max_seq_len=32768, norm_eps=1e-5,
            attention_type='standard', tie_embeddings=False, num_experts=8, dense_ffn_size=14336))
-  m.router.update(dict(type='linear', top_k=2, norm_topk_prob=True, load_balance_weight=0.02))
+  m.router.update(
+      dict(type='linear', top_k=2, norm_topk_prob=True,
+           load_balance_weight=routers.weight_from_pooled_coef(0.02, 2, 32)))  # HF: 0.02
   m.moe.ffn_size = 14336
   return m
 
@@ -133,12 +137,12 @@ def _err(field, value, rule):
 
 
 def _validate_attention(m: ml_collections.ConfigDict) -> None:
-  kind, G = attention.attention_type(m), attention.num_kv_heads(m)
+  kind, G, raw = attention.attention_type(m), attention.num_kv_heads(m), m.get('num_kv_heads', 0)
   if kind not in attention.ATTENTION_TYPES:
     raise _err('attention_type', kind, f'expected one of {attention.ATTENTION_TYPES}')
   if kind == 'lfa' and m.hidden_size % 2:
     raise _err('hidden_size', m.hidden_size, 'must be even (the LFA convolution halves it)')
-  if not isinstance(G, int) or G < 1 or m.num_heads % G:
+  if type(raw) is not int or raw < 0 or m.num_heads % G:  # bool and None are refused
     raise _err('num_kv_heads', m.num_kv_heads,
                f'must be 0 (= num_heads) or a positive integer dividing num_heads={m.num_heads}')
   if not isinstance(m.get('tie_embeddings', True), bool):

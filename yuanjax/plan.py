@@ -25,9 +25,9 @@ Per device, in bytes:
 
 Activations. T = train.batch_size / train.grad_accum / (data*fsdp*expert) * train.seq_len
 tokens per device per micro-batch; D hidden, H heads, G key/value heads (num_kv_heads), K
-head_dim, F expert ffn (dense ffn for
-dense layers), E experts, k top_k, cf capacity_factor, V vocab, L seq_len, tp = mesh tensor
-size (heads, ffn and vocab are split over it); b bytes of config.model.dtype. Elements kept
+head_dim, F expert ffn (dense ffn for dense layers), E experts, k top_k, cf capacity_factor,
+V vocab, L seq_len, tp = mesh tensor size (heads, ffn and vocab are split over it); b bytes
+of config.model.dtype. Elements kept
 per token and layer without remat:
   attention        LFA: 8 D (norms, convolutions and their shifted inputs, residual);
                    standard: 3 D (residual, norm, output); + 3 (H + G) K / tp (q, rotated q

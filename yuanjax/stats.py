@@ -33,6 +33,7 @@ def model_facts(model_cfg) -> dict:
   params = train_state.abstract_params(model_cfg, boxed=True)
   total = active = matmul_active = router = 0.0
   moe_frac = (model_cfg.router.top_k / model_cfg.num_experts) if model_cfg.moe_every else 0.0
+  tied = model_cfg.get('tie_embeddings', True)
   leaves = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
   for path, leaf in leaves:
@@ -43,11 +44,16 @@ def model_facts(model_cfg) -> dict:
     total += n
     active += n * share
     router += n if any(getattr(k, 'key', None) == 'router' for k in path) else 0.0
-    if len([a for a in names if a != 'layers']) >= 2:  # weight matrices, convs, embedding
-      matmul_active += n * share
+    lookup_only = not tied and _is_embedding(path)  # an untied embedding is only looked up
+    if len([a for a in names if a != 'layers']) >= 2 and not lookup_only:
+      matmul_active += n * share  # weight matrices, convs, lm head (the tied embedding)
   return dict(total_params=int(total), active_params=int(active), router_params=int(router),
               forward_flops_per_token=2.0 * matmul_active,
               attention_flops_per_token=attention_flops_per_token(model_cfg))
+
+
+def _is_embedding(path) -> bool:
+  return [getattr(k, 'key', None) for k in path][:1] == ['embedding']
 
 
 def attention_flops_per_token(model_cfg, seq_len: int | None = None) -> float:
@@ -63,8 +69,9 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
   device memory: what a step that reads nothing twice and nothing it does not need reads, the
   memory-bandwidth roofline's numerator (`benchmarks/decode.py`).
 
-    params      every non-expert parameter once (embedding, used again as a tied LM head;
-                attention, LF convolutions, norms, routers, dense MLPs, shared experts), in
+    params      every non-expert parameter once (the tied embedding, as the LM head, or an
+                untied lm_head, whose embedding is only looked up (`batch` rows); attention,
+                LF convolutions, norms, routers, dense MLPs, shared experts), in
                 config.model.param_dtype (the step reads them so and casts them)
     experts     per MoE layer, `experts_per_layer` of its E routed experts (w1 and w2); by
                 default min(E, batch x top_k), the most a step's tokens can reach
@@ -85,9 +92,13 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
   reach = min(E, batch * m.router.top_k) if experts_per_layer is None else experts_per_layer
   dense = expert = 0
   params = train_state.abstract_params(m, boxed=True)
-  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+  leaves = jax.tree_util.tree_flatten_with_path(
+      params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+  for path, leaf in leaves:
     n = math.prod(leaf.value.shape) * param_bytes
-    if 'expert' in leaf.names:
+    if not m.get('tie_embeddings', True) and _is_embedding(path):
+      dense += min(batch, m.vocab_size) * m.hidden_size * param_bytes
+    elif 'expert' in leaf.names:
       expert += n
     else:
       dense += n

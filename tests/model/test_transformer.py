@@ -167,7 +167,8 @@ def test_untied_lm_head_scores_the_final_hidden_states():
 def test_baseline_options_validated_by_name():
   for field, value, rule in (('attention_type', 'mla', 'expected one of'), ('num_kv_heads', 3,
                                                                             'dividing num_heads=2'),
-                             ('num_kv_heads', -1, 'dividing'), ('tie_embeddings', 'no', 'True')):
+                             ('num_kv_heads', -1, 'dividing'), ('num_kv_heads', True, 'must be 0'),
+                             ('num_kv_heads', None, 'must be 0'), ('tie_embeddings', 'no', 'True')):
     m = ml_collections.ConfigDict({**tiny().to_dict(), field: value})  # as from a JSON file
     with pytest.raises(ValueError, match=rf'config\.model\.{field}=.*{rule}'):
       config_lib.validate_model(m)

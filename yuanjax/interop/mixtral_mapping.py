@@ -7,7 +7,9 @@ Config (HF config.json -> config.model, on `config_lib.mixtral_model()`):
   rope_theta (1e6; or rope_parameters.rope_theta) -> rope_base     rms_norm_eps -> norm_eps
   max_position_embeddings -> max_seq_len  vocab_size -> vocab_size
   num_local_experts -> num_experts       num_experts_per_tok -> router.top_k
-  intermediate_size -> moe.ffn_size      router_aux_loss_coef (0.02) -> router.load_balance_weight
+  intermediate_size -> moe.ffn_size
+  router_aux_loss_coef (0.02) -> router.load_balance_weight = coef x top_k / layers (yuanjax's
+  loss is per layer and summed, HF's pooled over layers: routers.weight_from_pooled_coef)
   router_jitter_noise -> router.jitter_eps (training only; HF jitters the experts' input too,
   yuanjax the router's only), and router.type 'linear', norm_topk_prob, untied lm_head,
   standard attention, moe.dispatch 'dropless' (HF drops no token).
@@ -38,7 +40,7 @@ import numpy as np
 from yuanjax import config_lib
 from yuanjax.interop import hf_mapping
 from yuanjax.interop.hf_mapping import Group, _keep_or_set, _one, _raise
-from yuanjax.model import attention
+from yuanjax.model import attention, routers
 
 MODEL_TYPE = 'mixtral'
 TIED_LM_HEAD = False  # lm_head.weight is a tensor of its own, mapped like any other
@@ -122,7 +124,8 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   m.norm_eps = float(c.get('rms_norm_eps', 1e-5))
   m.router.update(dict(type='linear', top_k=c['num_experts_per_tok'], norm_topk_prob=True))
   m.router.jitter_eps = float(c.get('router_jitter_noise') or 0.0)
-  m.router.load_balance_weight = float(c.get('router_aux_loss_coef', 0.02))
+  m.router.load_balance_weight = routers.weight_from_pooled_coef(
+      float(c.get('router_aux_loss_coef', 0.02)), m.router.top_k, m.num_layers)
   m.moe.ffn_size = F
   m.moe.dispatch = 'dropless'
   config_lib.validate_model(m)
@@ -165,6 +168,16 @@ def _hf_sizes(m: ml_collections.ConfigDict) -> dict:
   }
 
 
+def _set_aux_coef(c: dict, m: ml_collections.ConfigDict) -> None:
+  """router_aux_loss_coef for router.load_balance_weight (the source's value when it maps to
+  the same weight: bit-exact round trips)."""
+  to_weight = lambda coef: routers.weight_from_pooled_coef(coef, m.router.top_k, m.num_layers)
+  if 'router_aux_loss_coef' in c and to_weight(
+      c['router_aux_loss_coef']) == (m.router.load_balance_weight):
+    return
+  c['router_aux_loss_coef'] = m.router.load_balance_weight * m.num_layers / m.router.top_k
+
+
 def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_dtype: str) -> dict:
   """config.json for config.model: `base` (the imported source's config.json) or the defaults."""
   exportable(m)
@@ -179,7 +192,7 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   else:
     _keep_or_set(c, 'rope_theta', m.rope_base)
   _keep_or_set(c, 'router_jitter_noise', m.router.jitter_eps, default=0.0)
-  _keep_or_set(c, 'router_aux_loss_coef', m.router.load_balance_weight)
+  _set_aux_coef(c, m)
   if c.get('head_dim') or m.head_dim != m.hidden_size // m.num_heads:
     _keep_or_set(c, 'head_dim', m.head_dim)
   return c

@@ -115,17 +115,22 @@ def attention_mask(segment_ids_BxL, q_len: int, kv_len: int):
 
 def xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale: float):
   """Reference attention: einsum, float32 logits and softmax. G (key/value heads) divides H;
-  query head h reads key/value head h // (H / G), without repeating the keys/values."""
+  query head h reads key/value head h // R (R = H / G) without repeating the keys/values
+  (for G = H, plain multi-head einsums: the same ops as before GQA existed, bit for bit)."""
   (B, L, H, K), G = q_BxLxHxK.shape, k_BxSxGxK.shape[2]
-  q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-  logits_BxGxRxLxS = jnp.einsum('blgrk,bsgk->bgrls', q_BxLxGxRxK, k_BxSxGxK,
-                                preferred_element_type=f32) * scale
-  logits_BxGxRxLxS = jnp.where(mask_Bx1xLxS[:, :, None], logits_BxGxRxLxS, jnp.finfo(f32).min)
-  probs = jax.nn.softmax(logits_BxGxRxLxS, axis=-1).astype(v_BxSxGxK.dtype)
-  return jnp.einsum('bgrls,bsgk->blgrk', probs, v_BxSxGxK).reshape(B, L, H, K)
+  q, mask = q_BxLxHxK, mask_Bx1xLxS
+  q_axes, k_axes, logit_axes = 'blhk', 'bshk', 'bhls'
+  if G < H:
+    q, mask = q.reshape(B, L, G, H // G, K), mask[:, :, None]
+    q_axes, k_axes, logit_axes = 'blgrk', 'bsgk', 'bgrls'
+  logits = jnp.einsum(f'{q_axes},{k_axes}->{logit_axes}', q, k_BxSxGxK,
+                      preferred_element_type=f32) * scale
+  probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(f32).min), axis=-1)
+  o = jnp.einsum(f'{logit_axes},{k_axes}->{q_axes}', probs.astype(v_BxSxGxK.dtype), v_BxSxGxK)
+  return o.reshape(B, L, H, K)
 
 
-def blocked_causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, scale: float,
+def blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: float,
                              blocks: int):
   """`xla_attention` with a causal mask, the queries split into `blocks` blocks, each
   attending only to the keys up to its own end: the same result for (n+1)/(2n) of the
@@ -141,7 +146,7 @@ def blocked_causal_attention(q_BxLxHxK, k_BxLxHxK, v_BxLxHxK, segment_ids_BxL, s
     if segment_ids_BxL is not None:
       mask = mask & (segment_ids_BxL[:, lo:hi, None] == segment_ids_BxL[:, None, :hi])[:, None]
     outs.append(
-        xla_attention(q_BxLxHxK[:, lo:hi], k_BxLxHxK[:, :hi], v_BxLxHxK[:, :hi], mask, scale))
+        xla_attention(q_BxLxHxK[:, lo:hi], k_BxLxGxK[:, :hi], v_BxLxGxK[:, :hi], mask, scale))
   return jnp.concatenate(outs, axis=1)
 
 

@@ -21,7 +21,8 @@ token-choice top-k) plus an entry in `ROUTERS`.
 Options (config.model.router): top_k, norm_topk_prob (renormalise the chosen weights to
 sum to 1), jitter_eps (Switch: multiplicative input jitter in training), noisy_topk
 (Shazeer et al.: learned Gaussian noise on the logits in training), load_balance_weight
-(Switch/GShard loss), z_loss_weight (ST-MoE). Noise needs the 'router' rng and
+(Switch/GShard loss, 1 per layer at balance, summed over layers; `weight_from_pooled_coef`
+converts an HF coefficient), z_loss_weight (ST-MoE). Noise needs the 'router' rng and
 `deterministic=False`.
 """
 from __future__ import annotations
@@ -61,6 +62,15 @@ def load_balance_loss(probs_TxE, expert_A, valid_A):
   counts_E = jnp.zeros((E,), f32).at[expert_A].add(valid_A.astype(f32))
   frac_E = counts_E / jnp.maximum(counts_E.sum(), 1.0)
   return E * jnp.sum(frac_E * probs_TxE.mean(axis=0))
+
+
+def weight_from_pooled_coef(coef: float, top_k: int, num_moe_layers: int) -> float:
+  """`router.load_balance_weight` for a Hugging Face `router_aux_loss_coef` (Mixtral, XVERSE).
+
+  yuanjax's loss is 1.0 per layer at balance, summed over the layers; HF's pools every layer's
+  routing into one loss that is top_k at balance. The same pull on the routers is therefore
+  coef * top_k / layers (up to pooled vs per-layer statistics away from balance)."""
+  return coef * top_k / num_moe_layers
 
 
 def z_loss(logits_TxE):
