@@ -110,8 +110,9 @@ _CONFIG_PY = '''"""yuanjax config of a checkpoint converted from Hugging Face (`
   --config {dir}/config.py   config_lib.base_config() with config.model as stored in the
                              config.json next to this file
   params: {dir}/params       (yuanjax.interop.hf.restore_params)
-  tokenizer: {dir}/hf_files/tokenizer.model if the source had one; Yuan's tokenizer writes
-             newlines as '<n>' (yuanjax.interop.hf.load_tokenizer does that)
+  tokenizer: {dir}/hf_files/tokenizer.model if the source had one, with the model type's
+             conventions (Yuan: newlines as '<n>'; Mixtral: '<s>' first, '</s>' ends a
+             document): yuanjax.interop.hf.load_tokenizer
 """
 import json
 import os
