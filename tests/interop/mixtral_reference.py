@@ -122,7 +122,8 @@ def attention(w, p, h, c):
   K = c.get('head_dim') or c['hidden_size'] // H
   heads = lambda name, n: (h @ w[p + name].T).reshape(B, L, n, K).transpose(0, 2, 1, 3)
   q, k, v = heads('q_proj.weight', H), heads('k_proj.weight', Hkv), heads('v_proj.weight', Hkv)
-  cos, sin = rotary(K, L, c.get('rope_theta', 1e6))
+  theta = (c.get('rope_parameters') or {}).get('rope_theta', c.get('rope_theta', 1e6))  # v5
+  cos, sin = rotary(K, L, theta)
   q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
   k, v = np.repeat(k, H // Hkv, axis=1), np.repeat(v, H // Hkv, axis=1)  # repeat_kv
   scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(K)

@@ -61,7 +61,7 @@ def read_all(path):
 
 def llama_style_tokenizer(root) -> bytes:
   """A sentencepiece model laid out as Mixtral's: <unk> 0, <s> 1, </s> 2, no <eod>; 97 pieces."""
-  spm = pytest.importorskip('sentencepiece')
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(300)))
   spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
                                  vocab_size=97, model_type='bpe', byte_fallback=False,
@@ -108,6 +108,34 @@ def test_logits_match_numpy_reference(converted):
   m = loaded(dst)[0].config
   assert (m.attention_type, m.num_heads, m.num_kv_heads, m.head_dim, m.rotary_dims, m.rope_base,
           m.tie_embeddings, m.router.type) == ('standard', 4, 2, 8, 8, 1000.0, False, 'linear')
+
+
+def test_logits_of_other_shapes_match_the_reference(tmp_path):
+  """head_dim 12 != hidden / heads, eps 1e-6 (not mixtral_model's), 4 kv heads = 4 heads
+  (the plain multi-head einsums), theta 500 from transformers 5's rope_parameters."""
+  config = R.tiny_config(head_dim=12, rms_norm_eps=1e-6, num_key_value_heads=4, rope_parameters={
+      'rope_type': 'default',
+      'rope_theta': 500.0
+  })
+  del config['rope_theta']
+  tensors = R.random_tensors(config, seed=5)
+  hf_reference.write_hf_dir(tmp_path / 'src', tensors, config)
+  model, params = hf.load(str(tmp_path / 'src'), overrides=F32)
+  assert (model.config.head_dim, model.config.norm_eps, model.config.rope_base) == (12, 1e-6, 500)
+  assert rel_err(forward(model, params, TOKENS), R.forward(tensors, config, TOKENS)) < 1e-5
+
+
+def test_aux_coefficient_and_jitter_map_both_ways():
+  """router_aux_loss_coef -> load_balance_weight = coef x top_k / layers (3 layers: a value
+  that does not round trip through the formula), and back to the source's bits on export."""
+  config = R.tiny_config(num_hidden_layers=3, router_aux_loss_coef=0.001, router_jitter_noise=0.1)
+  m = mixtral_mapping.model_config_from_hf(config)
+  assert m.router.load_balance_weight == 0.001 * 2 / 3 and m.router.jitter_eps == 0.1
+  back = mixtral_mapping.hf_config_from_model(m, config, 'float32')
+  assert back['router_aux_loss_coef'] == 0.001 and back['router_jitter_noise'] == 0.1
+  m.router.load_balance_weight = 0.01
+  assert mixtral_mapping.hf_config_from_model(
+      m, config, 'float32')['router_aux_loss_coef'] == (pytest.approx(0.01 * 3 / 2))
 
 
 def test_roundtrip_is_bit_exact(converted, tmp_path):
@@ -177,13 +205,14 @@ def test_unknown_model_type_is_named_before_anything_is_written(tmp_path, capsys
 
 def test_fields_yuanjax_cannot_compute_are_each_named(tmp_path):
   bad = R.tiny_config(hidden_act='gelu', sliding_window=16, rope_scaling={'type': 'linear'},
-                      tie_word_embeddings=True, num_key_value_heads=3)
+                      tie_word_embeddings=True, num_key_value_heads=3, partial_rotary_factor=0.5)
   hf_reference.write_hf_dir(tmp_path / 'src', R.random_tensors(R.tiny_config()), bad)
   with pytest.raises(hf.HFConfigError) as e:
     hf.import_hf(str(tmp_path / 'src'), str(tmp_path / 'dst'))
   msg = str(e.value)
   for field in ("hidden_act='gelu'", 'sliding_window=16 < max_position_embeddings=64',
-                'rope_scaling=', 'tie_word_embeddings', 'num_key_value_heads=3'):
+                'rope_scaling=', 'tie_word_embeddings', 'num_key_value_heads=3',
+                'partial_rotary_factor=0.5'):
     assert field in msg, field
   assert not os.path.exists(tmp_path / 'dst')
   # A window that covers the whole context is exact: accepted.

@@ -652,6 +652,9 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
   config.model.rope_hf_bf16 (Yuan only: an error for Mixtral). The default is exact float32.
   """
   path = os.fspath(path)
+  if exact_hf_rope and _mapping_of_dir(path) is not hf_mapping:  # before reading any weight
+    raise ValueError(f'{path}: exact_hf_rope reproduces the HF Yuan runtime\'s bfloat16 rotary '
+                     'angles (spec quirk 3); HF Mixtral computes its angles in float32')
   if is_converted(path):
     with open(os.path.join(path, 'config.json')) as f:
       saved = json.load(f)
@@ -665,9 +668,6 @@ def load(path: str, exact_hf_rope: bool = False, overrides: Mapping[str, object]
     m.dtype = source_dtype
   config_lib.override(m, overrides or {}, 'config.model')
   if exact_hf_rope:
-    if mappings.for_model(m) is not hf_mapping:
-      raise ValueError(f'{path}: exact_hf_rope reproduces the HF Yuan runtime\'s bfloat16 rotary '
-                       'angles (spec quirk 3); HF Mixtral computes its angles in float32')
     m.rope_hf_bf16 = True
   config_lib.validate_model(m)
   _check_against_model(m)

@@ -93,7 +93,7 @@ class HFConfigError(ValueError):
   """A config.json (or a model config to export) that yuanjax cannot map; lists every problem."""
 
 
-def _raise(problems, what):
+def raise_problems(problems, what):
   if problems:
     raise HFConfigError(f'{what}:\n' + '\n'.join(f'  - {p}' for p in problems))
 
@@ -107,7 +107,7 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
       f'missing field {k!r}' for k in ('hidden_size', 'num_attention_heads', 'num_hidden_layers',
                                        'vocab_size') if k not in c
   ]
-  _raise(problems, 'config.json cannot be mapped to a yuanjax model')
+  raise_problems(problems, 'config.json cannot be mapped to a yuanjax model')
   D, H = c['hidden_size'], c['num_attention_heads']
   aps = c.get('attention_projection_size') or D
   K, R = aps // H, D // H
@@ -141,7 +141,7 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   if c.get('num_key_value_heads', H) != H:
     problems.append(
         f'num_key_value_heads={c["num_key_value_heads"]} != num_attention_heads={H}: no GQA')
-  _raise(problems, 'config.json cannot be mapped to a yuanjax model')
+  raise_problems(problems, 'config.json cannot be mapped to a yuanjax model')
 
   eps = float(c.get('rms_norm_eps', 1e-6))
   if eps != HF_LF_NORM_EPS:
@@ -207,10 +207,10 @@ def exportable(m: ml_collections.ConfigDict) -> None:
     problems.append(
         f'rotary_dims={m.rotary_dims}: HF Yuan always rotates hidden_size // num_heads = '
         f'{m.hidden_size // m.num_heads} dims')
-  _raise(problems, 'this model cannot be exported to the HF Yuan format')
+  raise_problems(problems, 'this model cannot be exported to the HF Yuan format')
 
 
-def _keep_or_set(c: dict, key: str, value, default=None) -> None:
+def keep_or_set(c: dict, key: str, value, default=None) -> None:
   """Sets c[key] = value unless it already holds an equal value (keeps 10000 vs 10000.0)."""
   if key in c:
     if c[key] != value:
@@ -227,14 +227,14 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   for key, value in (('hidden_size', D), ('num_attention_heads', H),
                      ('num_hidden_layers', m.num_layers), ('vocab_size', m.vocab_size),
                      ('max_position_embeddings', m.max_seq_len), ('torch_dtype', torch_dtype)):
-    _keep_or_set(c, key, value)
-  _keep_or_set(c, 'attention_projection_size', H * K, default=D)
-  _keep_or_set(c, 'rms_norm_eps', m.norm_eps)
+    keep_or_set(c, key, value)
+  keep_or_set(c, 'attention_projection_size', H * K, default=D)
+  keep_or_set(c, 'rms_norm_eps', m.norm_eps)
   if not base:
     c['intermediate_size'] = F  # the dense FFN size, unused by MoE layers; M32 sets it to F
   base_freq = layers.rope_base(m.rope_base, m.rotary_dims, m.rope_ntk_factor)
   rope_key = next((k for k in ('rotary_base', 'rope_theta') if k in c), 'rotary_base')
-  _keep_or_set(c, rope_key, base_freq, default=HF_ROPE_BASE)
+  keep_or_set(c, rope_key, base_freq, default=HF_ROPE_BASE)
   if base_freq != HF_ROPE_BASE:
     log.warning('rotary base %g written as %s: the released HF modelling code ignores it',
                 base_freq, rope_key)
@@ -242,7 +242,7 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   for key, value in (('moe_num_experts', m.num_experts), ('moe_top_k', m.router.top_k),
                      ('ffn_hidden_size', F), ('norm_topk_prob', bool(m.router.norm_topk_prob)),
                      ('gated_linear_unit', True)):
-    _keep_or_set(moe, key, value)
+    keep_or_set(moe, key, value)
   c['moe_config'] = dict(sorted(moe.items()))
   return c
 
@@ -269,7 +269,7 @@ class Group:
     return [n.format(i=i) for n in self.hf_names] if self.per_layer else list(self.hf_names)
 
 
-def _one(leaf, leaf_shape, hf, hf_shape, to_jax, to_hf, per_layer=True) -> Group:
+def one_group(leaf, leaf_shape, hf, hf_shape, to_jax, to_hf, per_layer=True) -> Group:
   return Group((leaf,), (leaf_shape,), (hf,), (hf_shape,), lambda x: (to_jax(x),), lambda y:
                (to_hf(y),), per_layer)
 
@@ -292,31 +292,36 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   conv_to_hf = lambda k: k.transpose(2, 1, 0)[..., None]
   L, A, p = ('blocks', 'layer_0'), ('blocks', 'layer_0', 'attention'), 'model.layers.{i}.'
   groups = [
-      _one(('embedding',), (V, D), EMBED, (V, D), ident, ident, per_layer=False),
-      _one(('final_norm', 'scale'), (D,), 'model.norm.weight', (D,), ident, ident, per_layer=False),
-      _one(L + ('input_norm', 'scale'), (D,), p + 'input_layernorm.weight', (D,), ident, ident),
+      one_group(('embedding',), (V, D), EMBED, (V, D), ident, ident, per_layer=False),
+      one_group(('final_norm', 'scale'), (D,), 'model.norm.weight', (D,), ident, ident,
+                per_layer=False),
+      one_group(L + ('input_norm', 'scale'), (D,), p + 'input_layernorm.weight', (D,), ident,
+                ident),
       Group((A + ('wq',), A + ('wk',)), ((D, H, K),) * 2,
             (p + 'self_attn.q_proj.weight', p + 'self_attn.k_proj.weight'), ((H * K, D),) * 2,
             qk_to_jax, qk_to_hf),
-      _one(A + ('wv',), (D, H, K), p + 'self_attn.v_proj.weight', (H * K, D),
-           lambda w: w.reshape(H, K, D).transpose(2, 0, 1),
-           lambda w: w.transpose(1, 2, 0).reshape(H * K, D)),
-      _one(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
-           lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
-      _one(A + ('lf', 'conv1_kernel'), (2, D, M), p + 'self_attn.lf_gate.conv1.weight',
-           (M, D, 2, 1), conv_to_jax, conv_to_hf),
-      _one(A + ('lf', 'conv1_bias'), (M,), p + 'self_attn.lf_gate.conv1.bias', (M,), ident, ident),
-      _one(A + ('lf', 'conv2_kernel'), (2, M, D), p + 'self_attn.lf_gate.conv2.weight',
-           (D, M, 2, 1), conv_to_jax, conv_to_hf),
-      _one(A + ('lf', 'conv2_bias'), (D,), p + 'self_attn.lf_gate.conv2.bias', (D,), ident, ident),
-      _one(A + ('lf', 'norm', 'scale'), (D,), p + 'self_attn.lf_gate.output_layernorm.weight', (D,),
-           ident, ident),
-      _one(L + ('post_attention_norm', 'scale'), (D,), p + 'post_attention_layernorm.weight', (D,),
-           ident, ident),
+      one_group(A + ('wv',), (D, H, K), p + 'self_attn.v_proj.weight', (H * K, D),
+                lambda w: w.reshape(H, K, D).transpose(2, 0, 1),
+                lambda w: w.transpose(1, 2, 0).reshape(H * K, D)),
+      one_group(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
+                lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
+      one_group(A + ('lf', 'conv1_kernel'), (2, D, M), p + 'self_attn.lf_gate.conv1.weight',
+                (M, D, 2, 1), conv_to_jax, conv_to_hf),
+      one_group(A + ('lf', 'conv1_bias'), (M,), p + 'self_attn.lf_gate.conv1.bias', (M,), ident,
+                ident),
+      one_group(A + ('lf', 'conv2_kernel'), (2, M, D), p + 'self_attn.lf_gate.conv2.weight',
+                (D, M, 2, 1), conv_to_jax, conv_to_hf),
+      one_group(A + ('lf', 'conv2_bias'), (D,), p + 'self_attn.lf_gate.conv2.bias', (D,), ident,
+                ident),
+      one_group(A + ('lf', 'norm', 'scale'), (D,), p + 'self_attn.lf_gate.output_layernorm.weight',
+                (D,), ident, ident),
+      one_group(L + ('post_attention_norm', 'scale'), (D,), p + 'post_attention_layernorm.weight',
+                (D,), ident, ident),
   ]
   for ours, theirs in (('wq', 'query'), ('wk', 'key'), ('wv', 'value')):
     groups.append(
-        _one(L + ('moe', 'router', ours), (D, E), p + f'mlp.gate.{theirs}.weight', (E, D), T, T))
+        one_group(L + ('moe', 'router', ours), (D, E), p + f'mlp.gate.{theirs}.weight', (E, D), T,
+                  T))
   for w, shape, hf_shape in (('w1', (E, D, 2 * F), (2 * F, D)), ('w2', (E, F, D), (D, F))):
     groups.append(
         Group((L + ('moe', w),), (shape,), tuple(

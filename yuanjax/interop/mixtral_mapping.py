@@ -39,11 +39,12 @@ import numpy as np
 
 from yuanjax import config_lib
 from yuanjax.interop import hf_mapping
-from yuanjax.interop.hf_mapping import Group, _keep_or_set, _one, _raise
+from yuanjax.interop.hf_mapping import Group, keep_or_set, one_group, raise_problems
 from yuanjax.model import attention, routers
 
 MODEL_TYPE = 'mixtral'
 TIED_LM_HEAD = False  # lm_head.weight is a tensor of its own, mapped like any other
+HF_MAX_POSITIONS = 4096 * 32  # MixtralConfig's default max_position_embeddings
 EMBED, LM_HEAD = 'model.embed_tokens.weight', 'lm_head.weight'
 _SIZES = ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'vocab_size',
           'intermediate_size', 'num_local_experts', 'num_experts_per_tok')
@@ -79,8 +80,13 @@ def _rope_theta(c: dict, problems: list) -> float:
   params = c.get('rope_parameters') or {}
   if params.get('rope_type', 'default') != 'default':
     problems.append(f'rope_parameters.rope_type={params["rope_type"]!r}: only default rotary')
+  for key in sorted(set(params) - {'rope_type', 'rope_theta'}):
+    problems.append(f'rope_parameters.{key}={params[key]!r}: only rope_type and rope_theta map')
   if c.get('rope_scaling'):
     problems.append(f'rope_scaling={c["rope_scaling"]!r}: only unscaled rotary (null)')
+  if c.get('partial_rotary_factor', 1.0) != 1.0:
+    problems.append(f'partial_rotary_factor={c["partial_rotary_factor"]!r}: Mixtral rotates '
+                    'every head dim (1.0)')
   return float(params.get('rope_theta', c.get('rope_theta', 1e6)))
 
 
@@ -92,7 +98,7 @@ def _problems(c: dict) -> list[str]:
     problems.append(f'num_key_value_heads={Hkv} does not divide num_attention_heads={H}')
   if c.get('hidden_act', 'silu') != 'silu':
     problems.append(f'hidden_act={c["hidden_act"]!r}: only silu (SwiGLU experts) is supported')
-  window, ctx = c.get('sliding_window'), c.get('max_position_embeddings', 32768)
+  window, ctx = c.get('sliding_window'), c.get('max_position_embeddings', HF_MAX_POSITIONS)
   if window is not None and window < ctx:
     problems.append(
         f'sliding_window={window} < max_position_embeddings={ctx}: yuanjax attends to the '
@@ -108,10 +114,10 @@ def _problems(c: dict) -> list[str]:
 def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   """config.model for an HF Mixtral config.json dict (see the module docstring)."""
   problems = [f'missing field {k!r}' for k in _SIZES if k not in c]
-  _raise(problems, 'config.json (mixtral) cannot be mapped to a yuanjax model')
+  raise_problems(problems, 'config.json (mixtral) cannot be mapped to a yuanjax model')
   problems = _problems(c)
   theta = _rope_theta(c, problems)
-  _raise(problems, 'config.json (mixtral) cannot be mapped to a yuanjax model')
+  raise_problems(problems, 'config.json (mixtral) cannot be mapped to a yuanjax model')
   D, H, F = c['hidden_size'], c['num_attention_heads'], c['intermediate_size']
   K = c.get('head_dim') or D // H
   m = config_lib.mixtral_model()
@@ -120,7 +126,7 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
            num_heads=H, num_kv_heads=c.get('num_key_value_heads') or H, head_dim=K, rotary_dims=K,
            rope_base=theta, rope_ntk_factor=1.0, num_experts=c['num_local_experts'], moe_every=1,
            dense_ffn_size=F))
-  m.max_seq_len = int(c.get('max_position_embeddings', 32768))
+  m.max_seq_len = int(c.get('max_position_embeddings', HF_MAX_POSITIONS))
   m.norm_eps = float(c.get('rms_norm_eps', 1e-5))
   m.router.update(dict(type='linear', top_k=c['num_experts_per_tok'], norm_topk_prob=True))
   m.router.jitter_eps = float(c.get('router_jitter_noise') or 0.0)
@@ -146,10 +152,12 @@ def exportable(m: ml_collections.ConfigDict) -> None:
                     'Mixtral routes linear, renormalised over the top-k')
   if m.router.num_shared_experts or m.router.noisy_topk:
     problems.append('router.num_shared_experts / noisy_topk: Mixtral has neither')
+  if m.get('rope_hf_bf16', False):
+    problems.append('rope_hf_bf16=True: HF Mixtral computes its rotary angles in float32')
   if m.rotary_dims != m.head_dim or m.rope_ntk_factor != 1.0:
     problems.append(f'rotary_dims={m.rotary_dims}, rope_ntk_factor={m.rope_ntk_factor}: Mixtral '
                     f'rotates all head_dim={m.head_dim} dims at the plain base')
-  _raise(problems, 'this model cannot be exported to the HF Mixtral format')
+  raise_problems(problems, 'this model cannot be exported to the HF Mixtral format')
 
 
 def _hf_sizes(m: ml_collections.ConfigDict) -> dict:
@@ -183,18 +191,20 @@ def hf_config_from_model(m: ml_collections.ConfigDict, base: dict | None, torch_
   exportable(m)
   c = copy.deepcopy(base) if base else copy.deepcopy(DEFAULT_HF_CONFIG)
   for key, value in _hf_sizes(m).items():
-    _keep_or_set(c, key, value)
+    keep_or_set(c, key, value)
   dtype_key = 'dtype' if 'dtype' in c and 'torch_dtype' not in c else 'torch_dtype'  # v5: dtype
-  _keep_or_set(c, dtype_key, torch_dtype)
+  keep_or_set(c, dtype_key, torch_dtype)
   if 'rope_parameters' in c:  # transformers >= 5
     c['rope_parameters'] = dict(c['rope_parameters'])
-    _keep_or_set(c['rope_parameters'], 'rope_theta', m.rope_base)
+    keep_or_set(c['rope_parameters'], 'rope_theta', m.rope_base)
   else:
-    _keep_or_set(c, 'rope_theta', m.rope_base)
-  _keep_or_set(c, 'router_jitter_noise', m.router.jitter_eps, default=0.0)
+    keep_or_set(c, 'rope_theta', m.rope_base)
+  keep_or_set(c, 'router_jitter_noise', m.router.jitter_eps, default=0.0)
   _set_aux_coef(c, m)
   if c.get('head_dim') or m.head_dim != m.hidden_size // m.num_heads:
-    _keep_or_set(c, 'head_dim', m.head_dim)
+    keep_or_set(c, 'head_dim', m.head_dim)
+  raise_problems(_problems(c),
+                 'the exported config.json would not describe this model (fix the base)')
   return c
 
 
@@ -225,18 +235,21 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   w1_to_jax, w1_to_hf = _experts_w1(E, F)
   x = p + 'block_sparse_moe.experts.'
   return [
-      _one(('embedding',), (V, D), EMBED, (V, D), ident, ident, per_layer=False),
-      _one(('final_norm', 'scale'), (D,), 'model.norm.weight', (D,), ident, ident, per_layer=False),
-      _one(('lm_head',), (V, D), LM_HEAD, (V, D), ident, ident, per_layer=False),
-      _one(L + ('input_norm', 'scale'), (D,), p + 'input_layernorm.weight', (D,), ident, ident),
-      _one(A + ('wq',), (D, H, K), p + 'self_attn.q_proj.weight', (H * K, D), *proj(H)),
-      _one(A + ('wk',), (D, Hkv, K), p + 'self_attn.k_proj.weight', (Hkv * K, D), *proj(Hkv)),
-      _one(A + ('wv',), (D, Hkv, K), p + 'self_attn.v_proj.weight', (Hkv * K, D), *proj(Hkv)),
-      _one(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
-           lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
-      _one(L + ('post_attention_norm', 'scale'), (D,), p + 'post_attention_layernorm.weight', (D,),
-           ident, ident),
-      _one(L + ('moe', 'router', 'w'), (D, E), p + 'block_sparse_moe.gate.weight', (E, D), T, T),
+      one_group(('embedding',), (V, D), EMBED, (V, D), ident, ident, per_layer=False),
+      one_group(('final_norm', 'scale'), (D,), 'model.norm.weight', (D,), ident, ident,
+                per_layer=False),
+      one_group(('lm_head',), (V, D), LM_HEAD, (V, D), ident, ident, per_layer=False),
+      one_group(L + ('input_norm', 'scale'), (D,), p + 'input_layernorm.weight', (D,), ident,
+                ident),
+      one_group(A + ('wq',), (D, H, K), p + 'self_attn.q_proj.weight', (H * K, D), *proj(H)),
+      one_group(A + ('wk',), (D, Hkv, K), p + 'self_attn.k_proj.weight', (Hkv * K, D), *proj(Hkv)),
+      one_group(A + ('wv',), (D, Hkv, K), p + 'self_attn.v_proj.weight', (Hkv * K, D), *proj(Hkv)),
+      one_group(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
+                lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
+      one_group(L + ('post_attention_norm', 'scale'), (D,), p + 'post_attention_layernorm.weight',
+                (D,), ident, ident),
+      one_group(L + ('moe', 'router', 'w'), (D, E), p + 'block_sparse_moe.gate.weight', (E, D), T,
+                T),
       Group((L + ('moe', 'w1'),), ((E, D, 2 * F),),
             tuple(x + f'{e}.{w}.weight' for e in range(E) for w in ('w1', 'w3')),
             ((F, D),) * (2 * E), w1_to_jax, w1_to_hf),
