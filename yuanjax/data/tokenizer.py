@@ -190,9 +190,10 @@ class Tokenizer:
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
     """Encodes many texts at once in SentencePiece's own C++ thread pool."""
-    if self._split is not None or self._bos:
+    if self._split is not None:
       return [self.encode(t) for t in texts]
-    return self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
+    ids = self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
+    return [self._bos + row for row in ids] if self._bos else ids
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
