@@ -22,6 +22,7 @@ import zipfile
 
 import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import save_file
 
 f64 = np.float64
@@ -220,6 +221,24 @@ def forward(w: dict[str, np.ndarray], c: dict, tokens_BxL, hf_bf16_rope=False) -
 
 
 # ---------------------------------------------------------------- writing checkpoints
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+  """Every tensor of the *.safetensors files in `path`."""
+  out = {}
+  for file in sorted(os.listdir(path)):
+    if file.endswith('.safetensors'):
+      with safe_open(os.path.join(path, file), framework='numpy') as f:
+        out.update({name: f.get_tensor(name) for name in f.keys()})
+  return out
+
+
+def assert_same_tensors(got: dict, want: dict) -> None:
+  """The same names, dtypes, shapes and bytes."""
+  assert sorted(got) == sorted(want)
+  for name, a in want.items():
+    assert (got[name].dtype, got[name].shape) == (a.dtype, a.shape), name
+    assert got[name].tobytes() == a.tobytes(), name
 
 
 def write_hf_dir(path, tensors: dict, config: dict, shards: int = 1, extra_files=None) -> None:

@@ -21,7 +21,9 @@ import orbax.checkpoint as ocp
 import pytest
 from safetensors import safe_open
 
+from tests.conftest import rel_err
 from tests.interop import hf_reference as R
+from tests.interop.hf_reference import read_all
 from yuanjax import config_lib, convert
 from yuanjax.interop import hf, hf_mapping, torch_bin
 from yuanjax.model import Transformer
@@ -30,24 +32,10 @@ TOKENS = np.random.default_rng(7).integers(0, 97, (2, 13))
 F32 = {'dtype': 'float32'}
 
 
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 @functools.lru_cache(maxsize=None)
 def logits_of(path, exact_hf_rope=False):
   model, params = hf.load(str(path), overrides=F32, exact_hf_rope=exact_hf_rope)
   return np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
-
-
-def read_all(path):
-  out = {}
-  for file in glob.glob(os.path.join(path, '*.safetensors')):
-    with safe_open(file, framework='numpy') as f:
-      for name in f.keys():
-        out[name] = f.get_tensor(name)
-  return out
 
 
 def write_bin_dir(path, tensors, config):
@@ -111,12 +99,7 @@ def test_roundtrip_is_bit_exact(converted, tmp_path):
   kind, src, dst, tensors, config = converted
   out = str(tmp_path / 'hf_out')
   assert convert.main(['to-hf', dst, out, '--max-shard-size', '30KB', '-q']) == 0
-  back = read_all(out)
-  assert sorted(back) == sorted(tensors)
-  for name, a in tensors.items():
-    b = back[name]
-    assert (b.dtype, b.shape) == (a.dtype, a.shape), name
-    assert b.tobytes() == a.tobytes(), name
+  R.assert_same_tensors(read_all(out), tensors)
   with open(os.path.join(out, 'config.json')) as f:
     assert json.load(f) == config
   with open(os.path.join(out, 'model.safetensors.index.json')) as f:

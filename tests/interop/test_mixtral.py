@@ -14,9 +14,10 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors import safe_open
 
+from tests.conftest import rel_err
 from tests.interop import hf_reference
+from tests.interop.hf_reference import read_all
 from tests.interop import mixtral_reference as R
 from yuanjax import config_lib, convert, generate
 from yuanjax.analysis import routing as routing_lib
@@ -26,11 +27,6 @@ from yuanjax.model import Transformer
 
 TOKENS = np.random.default_rng(11).integers(0, 97, (2, 13))
 F32 = {'dtype': 'float32'}
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,14 +45,6 @@ def forward(model, params, tokens):
 @functools.lru_cache(maxsize=None)
 def logits_of(path):
   return forward(*loaded(path), TOKENS)
-
-
-def read_all(path):
-  out = {}
-  for file in glob.glob(os.path.join(path, '*.safetensors')):
-    with safe_open(file, framework='numpy') as f:
-      out.update({name: f.get_tensor(name) for name in f.keys()})
-  return out
 
 
 def llama_style_tokenizer(root) -> bytes:
@@ -142,11 +130,7 @@ def test_roundtrip_is_bit_exact(converted, tmp_path):
   kind, _, dst, tensors, config = converted
   out = str(tmp_path / 'hf_out')
   assert convert.main(['to-hf', dst, out, '--max-shard-size', '20KB', '-q']) == 0
-  back = read_all(out)
-  assert sorted(back) == sorted(tensors)
-  for name, a in tensors.items():
-    assert (back[name].dtype, back[name].shape) == (a.dtype, a.shape), name
-    assert back[name].tobytes() == a.tobytes(), name
+  hf_reference.assert_same_tensors(read_all(out), tensors)
   with open(os.path.join(out, 'config.json')) as f:
     assert json.load(f) == config
   with open(os.path.join(out, 'model.safetensors.index.json')) as f:
