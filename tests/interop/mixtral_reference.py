@@ -2,7 +2,8 @@
 
 Written from transformers' modeling_mixtral.py, operation by operation and in HF's layout
 (HF tensor names, [out, in] linears), sharing no code with yuanjax: float64 throughout,
-batch-first, no KV cache, positions 0..L-1, plain causal mask.
+batch-first, no KV cache, positions 0..L-1, plain causal mask; the primitives (RMSNorm,
+softmax, silu, rotate_half) are the Yuan reference's (tests/interop/hf_reference.py).
   MixtralRMSNorm            w * x / sqrt(mean(x^2) + eps)
   MixtralRotaryEmbedding    inv_freq = 1 / theta^(2i / head_dim), emb = cat(freqs, freqs);
   apply_rotary_pos_emb      q * cos + rotate_half(q) * sin (rotate_half: cat(-x2, x1))
@@ -16,6 +17,8 @@ Also a tiny config and random tensors in the exact HF layout.
 from __future__ import annotations
 
 import numpy as np
+
+from tests.interop.hf_reference import rms_norm, rotate_half, silu, softmax  # HF primitives
 
 f64 = np.float64
 
@@ -95,20 +98,6 @@ def random_tensors(c: dict, seed: int = 0, dtype=np.float32) -> dict[str, np.nda
   return out
 
 
-def rms_norm(x, w, eps):
-  return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
-
-
-def softmax(x, axis=-1):
-  e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-  return e / np.sum(e, axis=axis, keepdims=True)
-
-
-def rotate_half(x):
-  h = x.shape[-1] // 2
-  return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-
-
 def rotary(K: int, L: int, theta: float):
   inv_freq = 1.0 / theta**(np.arange(0, K, 2, dtype=f64) / K)
   emb = np.tile(np.multiply.outer(np.arange(L, dtype=f64), inv_freq), 2)
@@ -143,7 +132,7 @@ def sparse_moe(w, p, h, c):
     for slot, e in enumerate(chosen[t]):
       x = p + f'experts.{e}.'
       gate, up = w[x + 'w1.weight'] @ h[t], w[x + 'w3.weight'] @ h[t]
-      y[t] += weights[t, slot] * (w[x + 'w2.weight'] @ (gate / (1 + np.exp(-gate)) * up))
+      y[t] += weights[t, slot] * (w[x + 'w2.weight'] @ (silu(gate) * up))
   return y, chosen
 
 
