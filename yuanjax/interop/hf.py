@@ -242,9 +242,10 @@ def _fmt(items, limit=100):
   return lines
 
 
-def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
-  """config.model for an HF config.json dict, by its model_type (yuanjax.interop.mappings)."""
-  return mappings.for_hf_config(c).model_config_from_hf(c)
+def model_config_from_hf(c: dict, src: str = '') -> ml_collections.ConfigDict:
+  """config.model for an HF config.json dict (read from `src`, named in errors), by its
+  model_type (yuanjax.interop.mappings)."""
+  return mappings.for_hf_config(c, src).model_config_from_hf(c)
 
 
 def check_hf_weights(weights: HFWeights, m: ml_collections.ConfigDict, src: str = '') -> None:
@@ -350,7 +351,7 @@ def _storage_dtype(g: hf_mapping.Group, weights: HFWeights, num_layers: int,
 def _open_hf(src: str):
   """(hf config dict, config.model, weights) of an HF dir, fully checked."""
   hf_cfg = _read_hf_config(src)
-  m = mappings.for_hf_config(hf_cfg, os.path.join(src, 'config.json')).model_config_from_hf(hf_cfg)
+  m = model_config_from_hf(hf_cfg, os.path.join(src, 'config.json'))
   weights = HFWeights(src)
   check_hf_weights(weights, m, src)
   _check_against_model(m)

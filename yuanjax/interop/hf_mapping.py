@@ -274,11 +274,41 @@ def one_group(leaf, leaf_shape, hf, hf_shape, to_jax, to_hf, per_layer=True) -> 
                (to_hf(y),), per_layer)
 
 
+LAYER, ATTN = ('blocks', 'layer_0'), ('blocks', 'layer_0', 'attention')  # per-layer param paths
+HF_LAYER = 'model.layers.{i}.'
+_ident = lambda x: x
+
+
+def head_group(leaf: str, D: int, n: int, K: int, hf: str) -> Group:
+  """The attention param `leaf` [D, n, K] <-> HF's [n * K, D] linear `hf` (q, k or v)."""
+  return one_group(ATTN + (leaf,), (D, n, K), HF_LAYER + hf, (n * K, D),
+                   lambda w: w.reshape(n, K, D).transpose(2, 0, 1),
+                   lambda w: w.transpose(1, 2, 0).reshape(n * K, D))
+
+
+def common_groups(m: ml_collections.ConfigDict) -> dict[str, Group]:
+  """The groups HF Yuan and Mixtral lay out alike (Llama's names): the embedding, the final
+  and per-layer norms, the value and output projections."""
+  V, D, H, K = m.vocab_size, m.hidden_size, m.num_heads, m.head_dim
+  norm = lambda leaf, hf, per_layer=True: one_group(leaf, (D,), hf, (D,), _ident, _ident, per_layer)
+  groups = {}
+  groups['embedding'] = one_group(('embedding',), (V, D), EMBED, (V, D), _ident, _ident, False)
+  groups['final_norm'] = norm(('final_norm', 'scale'), 'model.norm.weight', per_layer=False)
+  groups['input_norm'] = norm(LAYER + ('input_norm', 'scale'), HF_LAYER + 'input_layernorm.weight')
+  groups['wv'] = head_group('wv', D, attention.num_kv_heads(m), K, 'self_attn.v_proj.weight')
+  groups['wo'] = one_group(ATTN + ('wo',), (H, K, D), HF_LAYER + 'self_attn.o_proj.weight',
+                           (D, H * K), lambda w: w.T.reshape(H, K, D),
+                           lambda w: w.reshape(H * K, D).T)
+  groups['post_attention_norm'] = norm(LAYER + ('post_attention_norm', 'scale'),
+                                       HF_LAYER + 'post_attention_layernorm.weight')
+  return groups
+
+
 def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   """Every HF tensor (lm_head aside) and every yuanjax param, in conversion order."""
-  V, D, H, K, E, F = m.vocab_size, m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size
+  D, H, K, E, F = m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size
   M = D // 2
-  ident, T = (lambda x: x), (lambda x: x.T)
+  ident, T = _ident, (lambda x: x.T)
 
   def qk_to_jax(q, k):
     s = np.concatenate([q, k], axis=0).reshape(H, 2, K, D)  # quirk 1
@@ -290,21 +320,17 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
 
   conv_to_jax = lambda w: w[..., 0].transpose(2, 1, 0)  # [out, in, 2, 1] -> [2, in, out]
   conv_to_hf = lambda k: k.transpose(2, 1, 0)[..., None]
-  L, A, p = ('blocks', 'layer_0'), ('blocks', 'layer_0', 'attention'), 'model.layers.{i}.'
+  L, A, p = LAYER, ATTN, HF_LAYER
+  c = common_groups(m)
   groups = [
-      one_group(('embedding',), (V, D), EMBED, (V, D), ident, ident, per_layer=False),
-      one_group(('final_norm', 'scale'), (D,), 'model.norm.weight', (D,), ident, ident,
-                per_layer=False),
-      one_group(L + ('input_norm', 'scale'), (D,), p + 'input_layernorm.weight', (D,), ident,
-                ident),
+      c['embedding'],
+      c['final_norm'],
+      c['input_norm'],
       Group((A + ('wq',), A + ('wk',)), ((D, H, K),) * 2,
             (p + 'self_attn.q_proj.weight', p + 'self_attn.k_proj.weight'), ((H * K, D),) * 2,
             qk_to_jax, qk_to_hf),
-      one_group(A + ('wv',), (D, H, K), p + 'self_attn.v_proj.weight', (H * K, D),
-                lambda w: w.reshape(H, K, D).transpose(2, 0, 1),
-                lambda w: w.transpose(1, 2, 0).reshape(H * K, D)),
-      one_group(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
-                lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
+      c['wv'],
+      c['wo'],
       one_group(A + ('lf', 'conv1_kernel'), (2, D, M), p + 'self_attn.lf_gate.conv1.weight',
                 (M, D, 2, 1), conv_to_jax, conv_to_hf),
       one_group(A + ('lf', 'conv1_bias'), (M,), p + 'self_attn.lf_gate.conv1.bias', (M,), ident,
@@ -315,8 +341,7 @@ def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
                 ident),
       one_group(A + ('lf', 'norm', 'scale'), (D,), p + 'self_attn.lf_gate.output_layernorm.weight',
                 (D,), ident, ident),
-      one_group(L + ('post_attention_norm', 'scale'), (D,), p + 'post_attention_layernorm.weight',
-                (D,), ident, ident),
+      c['post_attention_norm'],
   ]
   for ours, theirs in (('wq', 'query'), ('wk', 'key'), ('wv', 'value')):
     groups.append(

@@ -39,13 +39,12 @@ import numpy as np
 
 from yuanjax import config_lib
 from yuanjax.interop import hf_mapping
-from yuanjax.interop.hf_mapping import Group, keep_or_set, one_group, raise_problems
+from yuanjax.interop.hf_mapping import (LM_HEAD, Group, keep_or_set, one_group, raise_problems)
 from yuanjax.model import attention, routers
 
 MODEL_TYPE = 'mixtral'
 TIED_LM_HEAD = False  # lm_head.weight is a tensor of its own, mapped like any other
 HF_MAX_POSITIONS = 4096 * 32  # MixtralConfig's default max_position_embeddings
-EMBED, LM_HEAD = 'model.embed_tokens.weight', 'lm_head.weight'
 _SIZES = ('hidden_size', 'num_attention_heads', 'num_hidden_layers', 'vocab_size',
           'intermediate_size', 'num_local_experts', 'num_experts_per_tok')
 
@@ -226,28 +225,22 @@ def _experts_w1(E: int, F: int) -> tuple:
 def tensor_groups(m: ml_collections.ConfigDict) -> list[Group]:
   """Every HF tensor and every yuanjax param, in conversion order."""
   V, D, H, K = m.vocab_size, m.hidden_size, m.num_heads, m.head_dim
-  Hkv = attention.num_kv_heads(m)
   E, F = m.num_experts, m.moe.ffn_size
   ident, T = (lambda x: x), (lambda x: x.T)
-  L, A, p = ('blocks', 'layer_0'), ('blocks', 'layer_0', 'attention'), 'model.layers.{i}.'
-  proj = lambda n: (lambda w: w.reshape(n, K, D).transpose(2, 0, 1), lambda w: w.transpose(1, 2, 0).
-                    reshape(n * K, D))
+  L, p = hf_mapping.LAYER, hf_mapping.HF_LAYER
   w1_to_jax, w1_to_hf = _experts_w1(E, F)
   x = p + 'block_sparse_moe.experts.'
+  c = hf_mapping.common_groups(m)
   return [
-      one_group(('embedding',), (V, D), EMBED, (V, D), ident, ident, per_layer=False),
-      one_group(('final_norm', 'scale'), (D,), 'model.norm.weight', (D,), ident, ident,
-                per_layer=False),
+      c['embedding'],
+      c['final_norm'],
       one_group(('lm_head',), (V, D), LM_HEAD, (V, D), ident, ident, per_layer=False),
-      one_group(L + ('input_norm', 'scale'), (D,), p + 'input_layernorm.weight', (D,), ident,
-                ident),
-      one_group(A + ('wq',), (D, H, K), p + 'self_attn.q_proj.weight', (H * K, D), *proj(H)),
-      one_group(A + ('wk',), (D, Hkv, K), p + 'self_attn.k_proj.weight', (Hkv * K, D), *proj(Hkv)),
-      one_group(A + ('wv',), (D, Hkv, K), p + 'self_attn.v_proj.weight', (Hkv * K, D), *proj(Hkv)),
-      one_group(A + ('wo',), (H, K, D), p + 'self_attn.o_proj.weight', (D, H * K),
-                lambda w: w.T.reshape(H, K, D), lambda w: w.reshape(H * K, D).T),
-      one_group(L + ('post_attention_norm', 'scale'), (D,), p + 'post_attention_layernorm.weight',
-                (D,), ident, ident),
+      c['input_norm'],
+      hf_mapping.head_group('wq', D, H, K, 'self_attn.q_proj.weight'),
+      hf_mapping.head_group('wk', D, attention.num_kv_heads(m), K, 'self_attn.k_proj.weight'),
+      c['wv'],
+      c['wo'],
+      c['post_attention_norm'],
       one_group(L + ('moe', 'router', 'w'), (D, E), p + 'block_sparse_moe.gate.weight', (E, D), T,
                 T),
       Group((L + ('moe', 'w1'),), ((E, D, 2 * F),),
