@@ -6,10 +6,15 @@ router vs shared-expert isolation, 3 seeds each, same tokens, same held-out eval
   python -m yuanjax.report /tmp/router                           # table + plots
   python -m launch.sweep --backend=local --config=configs/router_ablation.py:smoke --workdir=/tmp/s
   python -m launch.sweep --backend=local --config=configs/router_ablation.py:gpu --workdir=/tmp/g
+  python -m launch.sweep --backend=local --num_processes=1 \
+      --config=configs/router_ablation.py:long --workdir=workdir/router_1m  # hours; rerun resumes
 
 Variants (the `:arg`, passed to both get_config and sweep): none (the CPU study, 2 cores),
 `smoke` (a few steps, seconds; for tests: 2 routers x 2 seeds), `gpu` (one H100/H200, about an
-hour for the whole sweep). `shared` is 2 always-on experts + top-2 of 14 routed experts of half
+hour for the whole sweep), `long` (the 1M-token study, docs/ablations.md: dropless dispatch,
+480 steps = 983,040 tokens per run, the same 65,536 eval tokens every 80 steps; attention and
+linear with LONG_SEEDS, the n a power analysis of a pilot's paired differences gives for a
+0.01 gap, shared with 3 seeds; runs ordered seed by seed, so a partial study is paired). `shared` is 2 always-on experts + top-2 of 14 routed experts of half
 the FFN size (the paper's 2 + top-2 of 14): total and active parameters match the 8-expert
 variants (within 1%, tests/test_ablation_configs.py). Seeds set `train.seed` only:
 parameter init and router noise; the data order and the eval split are the same for every run.
@@ -18,12 +23,13 @@ from yuanjax import config_lib
 
 ROUTERS = config_lib.ABLATION_ROUTERS
 SEEDS = (0, 1, 2)
-VARIANTS = (None, 'smoke', 'gpu')
+LONG_SEEDS = tuple(range(10))  # attention and linear in the `long` study (the pilot's power)
+VARIANTS = (None, 'smoke', 'gpu', 'long')
 
 
 def _check(arg, name):
   if arg not in VARIANTS:
-    raise ValueError(f'{name}: unknown variant {arg!r} (expected none, smoke or gpu)')
+    raise ValueError(f'{name}: unknown variant {arg!r} (expected none, smoke, gpu or long)')
 
 
 def study_config(arg, name):
@@ -67,6 +73,11 @@ def study_config(arg, name):
         dict(num_steps=1000, batch_size=64, seq_len=512, log_every=50, eval_every=250,
              eval_steps=16))  # 524k eval tokens
     config.checkpoint.every = 250
+  elif arg == 'long':
+    m.moe.dispatch = 'dropless'  # nothing dropped: drops do not confound the routers
+    config.train.update(dict(num_steps=480, eval_every=80))  # 983,040 tokens, 6 evaluations
+    config.optimizer.warmup_steps = 48
+    config.checkpoint.every = 80
   return config
 
 
@@ -74,10 +85,17 @@ def get_config(arg=None):
   return study_config(arg, 'configs/router_ablation.py')
 
 
+def _runs(arg):
+  """(router, seed) pairs; `long` goes seed by seed (attention, linear, then shared while
+  its seeds last), so the runs finished at any moment are paired."""
+  if arg == 'smoke':
+    return [(r, s) for r in ROUTERS[:2] for s in SEEDS[:2]]
+  if arg == 'long':
+    return [(r, s) for s in LONG_SEEDS for r in ROUTERS if r != 'shared' or s in SEEDS]
+  return [(r, s) for r in ROUTERS for s in SEEDS]
+
+
 def sweep(arg=None):
   """One run per (router, seed); `smoke`: attention and linear, seeds 0 and 1."""
-  config = get_config(arg)
-  routers, seeds = (ROUTERS[:2], SEEDS[:2]) if arg == 'smoke' else (ROUTERS, SEEDS)
-  return [{
-      **config_lib.router_overrides(r, config.model.moe.ffn_size), 'train.seed': s
-  } for r in routers for s in seeds]
+  ffn_size = get_config(arg).model.moe.ffn_size
+  return [{**config_lib.router_overrides(r, ffn_size), 'train.seed': s} for r, s in _runs(arg)]

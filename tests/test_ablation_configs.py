@@ -17,7 +17,7 @@ def load(name):
   return module
 
 
-@pytest.mark.parametrize('arg', [None, 'smoke', 'gpu'])
+@pytest.mark.parametrize('arg', [None, 'smoke', 'gpu', 'long'])
 def test_shared_matches_params_within_1_percent(arg):
   ablation = load('router_ablation')
   facts = {}
@@ -61,6 +61,23 @@ def test_sweeps():
   # Both studies train and evaluate the same way.
   assert experts.get_config().to_dict() == router.get_config().to_dict()
   assert experts.get_config('smoke').train.num_steps == 4
+
+
+def test_long_study_is_paired_seed_by_seed():
+  """`long`: dropless, ~1M tokens, the same eval tokens at 6 points; attention and linear
+  with LONG_SEEDS (>= 8), shared with 3; every prefix of the run order is paired."""
+  router = load('router_ablation')
+  config = router.get_config('long')
+  t = config.train
+  assert config.model.moe.dispatch == 'dropless'
+  assert t.num_steps * t.batch_size * t.seq_len == 983_040
+  assert t.eval_steps * t.batch_size * t.seq_len == 65_536 and t.num_steps // t.eval_every == 6
+  runs = [(v['model.router.type'], v['train.seed']) for v in router.sweep('long')]
+  seeds = {r: [s for rr, s in runs if rr == r] for r in ('attention', 'linear', 'shared')}
+  assert seeds['attention'] == seeds['linear'] == list(router.LONG_SEEDS)
+  assert len(router.LONG_SEEDS) >= 8 and seeds['shared'] == [0, 1, 2]
+  assert runs[:6] == [('attention', 0), ('linear', 0), ('shared', 0), ('attention', 1),
+                      ('linear', 1), ('shared', 1)]
 
 
 @pytest.mark.parametrize('name', ['router_ablation', 'expert_count_ablation'])
