@@ -17,6 +17,7 @@ setuptools.setup(
         "ml-collections>=1.1",
         "chex>=0.1.92",
         "numpy",
+        "scipy",  # analysis.significance (t and noncentral t); jax depends on it too
         "tensorboardX>=2.6",
         "safetensors>=0.4",
         "absl-py",
