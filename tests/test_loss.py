@@ -10,6 +10,7 @@ from tests.conftest import rel_err
 from jax.flatten_util import ravel_pytree
 
 from yuanjax import config_lib, loss, train_state, trainer
+from yuanjax.model import layers
 
 B, L, D, V = 2, 13, 16, 50
 
@@ -99,7 +100,7 @@ def test_model_hidden_output_and_trainer_loss_tiled_or_not_agree():
         trainer.loss_fn(params, model_with(c), batch, jax.random.key(1))[1]['lm_loss']
         for c in (0, 7)
     ]
-    return logits, loss.logits(hidden, head), losses
+    return logits, layers.logits(hidden, head), losses
 
   logits, scored, (one_piece, tiled) = run(params)
   chex.assert_trees_all_equal(scored, logits)

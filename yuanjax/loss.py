@@ -29,13 +29,6 @@ import optax
 from yuanjax.model import layers
 
 f32 = jnp.float32
-LOGITS_AXES = ('act_batch', 'act_len', 'act_vocab')
-
-
-def logits(hidden_BxLxD, head_VxD):
-  """Float32 logits of hidden states against the head matrix (the model's output layer)."""
-  logits_BxLxV = jnp.einsum('bld,vd->blv', hidden_BxLxD, head_VxD, preferred_element_type=f32)
-  return nn.with_logical_constraint(logits_BxLxV, LOGITS_AXES)
 
 
 def cross_entropy_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len: int = 0,
@@ -48,7 +41,7 @@ def cross_entropy_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len: 
   if chunk_len < 0:
     raise ValueError(f'loss chunk_len={chunk_len}: must be >= 0 (0: one piece)')
   if not chunk_len or chunk_len >= L:
-    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(logits(hidden_BxLxD, head_VxD),
+    ce_BxL = optax.softmax_cross_entropy_with_integer_labels(layers.logits(hidden_BxLxD, head_VxD),
                                                              targets_BxL)
     return jnp.sum(ce_BxL * mask_BxL)
   pad = -L % chunk_len
@@ -79,7 +72,7 @@ def _batch_shards(B: int) -> int:
 
 
 def _lse_and_target(x_BxCxD, head_VxD, t_BxC):
-  logits_BxCxV = logits(x_BxCxD, head_VxD)
+  logits_BxCxV = layers.logits(x_BxCxD, head_VxD)
   lse_BxC = jax.nn.logsumexp(logits_BxCxV, axis=-1)
   target_BxC = jnp.take_along_axis(logits_BxCxV, t_BxC[..., None], axis=-1)[..., 0]
   return logits_BxCxV, lse_BxC, target_BxC

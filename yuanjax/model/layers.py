@@ -1,4 +1,4 @@
-"""Basic layers: RMSNorm, the SwiGLU feed-forward, rotary embeddings, helpers.
+"""Basic layers: RMSNorm, the SwiGLU feed-forward, rotary embeddings, the output logits, helpers.
 
 Axis key (shape suffixes used throughout `yuanjax.model`):
   B batch, L sequence (query) length, S key length, D hidden size (embed),
@@ -50,6 +50,12 @@ def mesh_axes_size(mesh, axes) -> int:
 def constrain(x, axes):
   """Logical sharding constraint on an activation (a no-op without rules)."""
   return nn.with_logical_constraint(x, axes)
+
+
+def logits(hidden_BxLxD, head_VxD):
+  """Float32 logits of hidden states against the head matrix (the model's output layer)."""
+  logits_BxLxV = jnp.einsum('bld,vd->blv', hidden_BxLxD, head_VxD, preferred_element_type=f32)
+  return constrain(logits_BxLxV, ('act_batch', 'act_len', 'act_vocab'))
 
 
 class RMSNorm(nn.Module):

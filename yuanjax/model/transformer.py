@@ -51,7 +51,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from yuanjax import loss
 from yuanjax.model import layers
 from yuanjax.model.attention import Attention
 from yuanjax.model.moe import MoE
@@ -163,7 +162,7 @@ class Transformer(nn.Module):
     aux = {'aux_loss': aux_loss, 'moe': stats}
     if hidden:
       return (x_BxLxD, head_VxD.astype(dtype)), aux
-    return loss.logits(x_BxLxD, head_VxD.astype(dtype)), aux
+    return layers.logits(x_BxLxD, head_VxD.astype(dtype)), aux
 
   def _decode_positions(self, tokens_BxL, segment_ids, positions, lengths):
     """(positions [B, L], lengths [B]) of a decode chunk; advances the cache index."""
