@@ -11,15 +11,13 @@ embedded corpus (this Python's standard library sources) with a tokenizer traine
 """
 from yuanjax import config_lib
 
+VARIANTS = (None, 'runlocal')
+
 
 def get_config(arg=None):
+  config_lib.check_variant(arg, VARIANTS, 'configs/demo.py')
   config = config_lib.base_config()
-  m = config_lib.tiny_model()
-  m.update(
-      dict(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, head_dim=32, rotary_dims=16,
-           max_seq_len=256, num_experts=8))
-  m.moe.ffn_size = 192
-  config.model = m
+  config.model = config_lib.small_model()
   config.data.vocab_size = 4096
   config.train.update(
       dict(num_steps=400, batch_size=16, seq_len=128, log_every=20, eval_every=200, eval_steps=8,
@@ -27,25 +25,10 @@ def get_config(arg=None):
   config.optimizer.update(dict(lr=1e-3, warmup_steps=40, min_lr_ratio=0.1))
   config.checkpoint.every = 100
   if arg == 'runlocal':
-    config.train.update(
-        dict(num_steps=6, log_every=2, eval_every=0, eval_steps=2, sample_tokens=4, progress=False))
-    config.checkpoint.every = 3
-  elif arg is not None:
-    raise ValueError(f'configs/demo.py: unknown variant {arg!r} (expected none or runlocal)')
+    config_lib.short_run(config, num_steps=6, log_every=2, eval_steps=2, checkpoint_every=3)
   return config
 
 
 def sweep():
   """One run per router (paper Table 1): attention vs classical vs shared-expert."""
-  return [
-      {
-          'model.router.type': 'attention'
-      },
-      {
-          'model.router.type': 'linear'
-      },
-      {
-          'model.router.type': 'shared',
-          'model.router.num_shared_experts': 2
-      },
-  ]
+  return config_lib.router_sweep(config_lib.ABLATION_ROUTERS)

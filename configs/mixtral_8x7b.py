@@ -24,9 +24,7 @@ VARIANTS = (None, 'runlocal')
 
 
 def get_config(arg=None):
-  if arg not in VARIANTS:
-    raise ValueError(f'configs/mixtral_8x7b.py: unknown variant {arg!r} '
-                     '(expected none or runlocal)')
+  config_lib.check_variant(arg, VARIANTS, 'configs/mixtral_8x7b.py')
   config = config_lib.base_config()
   config.model = config_lib.mixtral_model()
   config.train.update(

@@ -27,21 +27,11 @@ LONG_SEEDS = tuple(range(10))  # attention and linear in the `long` study (the p
 VARIANTS = (None, 'smoke', 'gpu', 'long')
 
 
-def _check(arg, name):
-  if arg not in VARIANTS:
-    raise ValueError(f'{name}: unknown variant {arg!r} (expected none, smoke, gpu or long)')
-
-
 def study_config(arg, name):
   """The shared base of both ablation studies (this file and expert_count_ablation.py)."""
-  _check(arg, name)
+  config_lib.check_variant(arg, VARIANTS, name)
   config = config_lib.base_config()
-  m = config_lib.tiny_model()
-  m.update(
-      dict(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, head_dim=32, rotary_dims=16,
-           max_seq_len=256, num_experts=8))
-  m.moe.ffn_size = 192
-  config.model = m
+  m = config.model = config_lib.small_model()
   config.data.vocab_size = 4096
   config.data.eval_fraction = 0.05  # 28 of the 557 documents held out: 95 batches
   config.train.update(

@@ -9,8 +9,11 @@ rotary, tied embeddings) at tiny dims; a forward pass well under a second on a l
 """
 from yuanjax import config_lib
 
+VARIANTS = (None, 'runlocal')
+
 
 def get_config(arg=None):
+  config_lib.check_variant(arg, VARIANTS, 'configs/tiny.py')
   config = config_lib.base_config()
   config.model = config_lib.tiny_model()
   config.data.update(dict(vocab_size=512, max_bytes=1_000_000))
@@ -20,28 +23,10 @@ def get_config(arg=None):
   config.optimizer.update(dict(lr=1e-3, warmup_steps=20))
   config.checkpoint.every = 100
   if arg == 'runlocal':
-    config.train.update(
-        dict(num_steps=4, log_every=1, eval_every=0, eval_steps=1, sample_tokens=4, progress=False))
-    config.checkpoint.every = 2
-  elif arg is not None:
-    raise ValueError(f'configs/tiny.py: unknown variant {arg!r} (expected none or runlocal)')
+    config_lib.short_run(config)
   return config
 
 
 def sweep():
   """Every router on the tiny model (expert_choice is not causal: an ablation only)."""
-  return [
-      {
-          'model.router.type': 'attention'
-      },
-      {
-          'model.router.type': 'linear'
-      },
-      {
-          'model.router.type': 'shared',
-          'model.router.num_shared_experts': 2
-      },
-      {
-          'model.router.type': 'expert_choice'
-      },
-  ]
+  return config_lib.router_sweep(config_lib.ABLATION_ROUTERS + ('expert_choice',))

@@ -44,9 +44,7 @@ def xverse_model():
 
 
 def get_config(arg=None):
-  if arg not in VARIANTS:
-    raise ValueError(f'configs/xverse_moe_a4b.py: unknown variant {arg!r} '
-                     '(expected none or runlocal)')
+  config_lib.check_variant(arg, VARIANTS, 'configs/xverse_moe_a4b.py')
   config = config_lib.base_config()
   config.model = xverse_model()
   config.train.update(

@@ -17,8 +17,11 @@ x 32 experts at the real M32 sizes, seq 4096 x batch 2, bf16 compute, capacity d
 """
 from yuanjax import config_lib
 
+VARIANTS = (None, 'runlocal', 'slice')
+
 
 def get_config(arg=None):
+  config_lib.check_variant(arg, VARIANTS, 'configs/yuan_m32.py')
   config = config_lib.base_config()
   config.model = config_lib.m32_model()
   config.train.update(
@@ -33,9 +36,6 @@ def get_config(arg=None):
     config.model.num_layers = 2
     config.train.update(
         dict(num_steps=100, batch_size=2, seq_len=4096, log_every=10, eval_every=0, progress=False))
-  elif arg is not None:
-    raise ValueError(f'configs/yuan_m32.py: unknown variant {arg!r} '
-                     '(expected none, runlocal or slice)')
   return config
 
 

@@ -18,8 +18,24 @@ CONFIGS = (demo, tiny, yuan_m32, mixtral_8x7b, xverse_moe_a4b)
 def test_configs_and_variants_validate(module):
   config_lib.validate(module.get_config())
   config_lib.validate(module.get_config('runlocal'))
-  with pytest.raises(ValueError, match='unknown variant'):
+  name = module.__name__.split('.')[-1]
+  with pytest.raises(ValueError, match=f"^configs/{name}.py: unknown variant 'nope' "):
     module.get_config('nope')
+
+
+@pytest.mark.parametrize('module', CONFIGS, ids=lambda m: m.__name__)
+def test_runlocal_is_a_short_run(module):
+  config = module.get_config('runlocal')
+  assert config.train.num_steps <= 6 and config.train.eval_every == 0
+  assert not config.train.progress and 0 < config.checkpoint.every < config.train.num_steps
+
+
+def test_unknown_variant_lists_the_variants():
+  for arg in (None, 'a', 'b'):
+    config_lib.check_variant(arg, (None, 'a', 'b'), 'configs/x.py')
+  with pytest.raises(ValueError,
+                     match=r"^configs/x\.py: unknown variant 'c' \(expected none, a or b\)$"):
+    config_lib.check_variant('c', (None, 'a', 'b'), 'configs/x.py')
 
 
 def test_m32_config_is_the_spec():

@@ -91,16 +91,41 @@ def mixtral_model() -> ml_collections.ConfigDict:
   return m
 
 
-def runlocal(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
-  """An experiment's `runlocal` variant, in place: `model` (its structure at CPU size) for 4
-  steps of 4 x 64 tokens on a small byte-level corpus, checkpoints every 2 steps."""
-  config.model = model
+def small_model() -> ml_collections.ConfigDict:
+  """The demo's and the CPU ablation studies' model: tiny_model's structure at d 128 x 4 layers
+  with a 4096-token vocabulary."""
+  m = tiny_model()
+  m.update(dict(vocab_size=4096, hidden_size=128, num_layers=4))
+  m.moe.ffn_size = 192
+  return m
+
+
+def check_variant(arg, variants, name: str) -> None:
+  """A config file's `:arg` check: a ValueError naming the file (`name`) and its variants."""
+  if arg not in variants:
+    names = ['none' if v is None else v for v in variants]
+    expected = ', '.join(names[:-1]) + f' or {names[-1]}'
+    raise ValueError(f'{name}: unknown variant {arg!r} (expected {expected})')
+
+
+def short_run(config: ml_collections.ConfigDict, num_steps: int = 4, log_every: int = 1,
+              eval_steps: int = 1, checkpoint_every: int = 2) -> None:
+  """A `runlocal` variant's training settings, in place: a few steps, no periodic eval, no
+  progress bar, 4 sampled tokens, frequent checkpoints (for tests and a quick look)."""
   config.train.update(
-      dict(num_steps=4, batch_size=4, seq_len=64, log_every=1, eval_every=0, eval_steps=1,
+      dict(num_steps=num_steps, log_every=log_every, eval_every=0, eval_steps=eval_steps,
            sample_tokens=4, progress=False))
+  config.checkpoint.every = checkpoint_every
+
+
+def runlocal(config: ml_collections.ConfigDict, model: ml_collections.ConfigDict) -> None:
+  """An experiment's `runlocal` variant, in place: `model` (its structure at CPU size) for
+  `short_run`'s 4 steps of 4 x 64 tokens on a small byte-level corpus."""
+  config.model = model
+  config.train.update(dict(batch_size=4, seq_len=64))
   config.optimizer.warmup_steps = 2
-  config.checkpoint.every = 2
   config.data.update(dict(vocab_size=model.vocab_size, max_bytes=300_000))
+  short_run(config)
 
 
 ABLATION_ROUTERS = ('attention', 'linear', 'shared')  # the paper's Table 1 routers
@@ -117,6 +142,13 @@ def router_overrides(router: str, ffn_size: int) -> dict:
       'model.num_experts': 14,
       'model.moe.ffn_size': ffn_size // 2
   }
+
+
+def router_sweep(types) -> list[dict]:
+  """One variant per router type on the same model; 'shared' adds 2 always-on experts to the
+  routed ones (more active parameters: `router_overrides` keeps them equal)."""
+  shared = {'model.router.num_shared_experts': 2}
+  return [{'model.router.type': t, **(shared if t == 'shared' else {})} for t in types]
 
 
 def override(config: ml_collections.ConfigDict, overrides, name: str = 'config') -> None:
