@@ -1,9 +1,10 @@
-"""Command line for the data side. Examples::
+"""Command line for the data side. Examples:
 
-    python -m yuanjax.data tokenizer --input 'corpus/*.jsonl' --vocab_size 32000 --output out/tok
-    python -m yuanjax.data prepare --tokenizer out/tok.model --input 'corpus/*.jsonl' --output out/shards
-    python -m yuanjax.data default [--vocab_size 4096 --max_bytes 8000000]   # embedded stdlib data
-    python -m yuanjax.data inspect [--path out/shards] --seq_len 128 --batch 4 --steps 100
+  python -m yuanjax.data tokenizer --input 'corpus/*.jsonl' --vocab_size 32000 --output out/tok
+  python -m yuanjax.data prepare --tokenizer out/tok.model --input 'corpus/*.jsonl' \
+      --output out/shards
+  python -m yuanjax.data default [--vocab_size 4096 --max_bytes 8000000]   # embedded stdlib data
+  python -m yuanjax.data inspect [--path out/shards] --seq_len 128 --batch 4 --steps 100
 
 Errors in the input name the file and line and exit with status 2 before anything is written.
 """
@@ -20,7 +21,7 @@ def _tokenizer(args):
   path = tokenizer.train_tokenizer(args.input, args.output, args.vocab_size, text_key=args.text_key,
                                    max_sentences=args.max_sentences)
   tok = tokenizer.Tokenizer(path)
-  print(f"wrote {path} (vocab {tok.vocab_size}, eod {tok.eod_id})")
+  print(f'wrote {path} (vocab {tok.vocab_size}, eod {tok.eod_id})')
 
 
 def _prepare(args):
@@ -44,8 +45,8 @@ def _default(args):
 
 def _inspect(args):
   cfg = pipeline.data_config()
-  for k in ("path", "tokenizer", "cache_dir", "seed", "fim_rate", "fim_spm_rate", "prefetch",
-            "read_threads"):
+  for k in ('path', 'tokenizer', 'cache_dir', 'seed', 'fim_rate', 'fim_spm_rate', 'prefetch',
+            'read_threads'):
     if getattr(args, k) is not None:
       cfg[k] = getattr(args, k)
   train, make_eval, tok = pipeline.make_datasets(cfg, global_batch_size=args.batch,
@@ -53,71 +54,71 @@ def _inspect(args):
                                                  process_count=1)
   batch = next(train)
   for k, v in batch.items():
-    print(f"{k:12s} {v.dtype} {v.shape}")
-  print("row 0:", repr(tok.decode(batch["inputs"][0][:200]))[:400])
+    print(f'{k:12s} {v.dtype} {v.shape}')
+  print('row 0:', repr(tok.decode(batch['inputs'][0][:200]))[:400])
   t0 = time.perf_counter()
   for _ in range(args.steps):
     next(train)
   dt = time.perf_counter() - t0
-  print(f"train: {args.steps * args.batch / dt:.0f} rows/s, "
-        f"{args.steps * args.batch * args.seq_len / dt / 1e6:.2f} M tokens/s")
+  print(f'train: {args.steps * args.batch / dt:.0f} rows/s, '
+        f'{args.steps * args.batch * args.seq_len / dt / 1e6:.2f} M tokens/s')
   n_eval = sum(1 for _ in make_eval())
-  print(f"eval: {n_eval} batches")
+  print(f'eval: {n_eval} batches')
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m yuanjax.data", description=__doc__,
+  p = argparse.ArgumentParser(prog='python -m yuanjax.data', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = p.add_subparsers(dest="cmd", required=True)
+  sub = p.add_subparsers(dest='cmd', required=True)
 
-  t = sub.add_parser("tokenizer", help="train a SentencePiece BPE tokenizer")
-  t.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or globs")
-  t.add_argument("--vocab_size", type=int, required=True)
-  t.add_argument("--output", required=True, help="prefix: writes PREFIX.model and PREFIX.vocab")
-  t.add_argument("--text_key", default="text")
-  t.add_argument("--max_sentences", type=int, default=200_000,
-                 help="chunks kept for training (sampled)")
+  t = sub.add_parser('tokenizer', help='train a SentencePiece BPE tokenizer')
+  t.add_argument('--input', nargs='+', required=True, help='.txt/.jsonl files or globs')
+  t.add_argument('--vocab_size', type=int, required=True)
+  t.add_argument('--output', required=True, help='prefix: writes PREFIX.model and PREFIX.vocab')
+  t.add_argument('--text_key', default='text')
+  t.add_argument('--max_sentences', type=int, default=200_000,
+                 help='chunks kept for training (sampled)')
   t.set_defaults(fn=_tokenizer)
 
-  r = sub.add_parser("prepare", help="tokenize documents into shards")
-  r.add_argument("--tokenizer", required=True)
-  r.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or globs")
-  r.add_argument("--output", required=True,
-                 help="shards directory (must not exist unless --overwrite)")
-  r.add_argument("--text_key", default="text")
-  r.add_argument("--shard_tokens", type=int, default=prepare.DEFAULT_SHARD_TOKENS)
-  r.add_argument("--newline_token", default=None, help="e.g. '<n>' for Yuan's released tokenizer")
-  r.add_argument("--overwrite", action="store_true")
+  r = sub.add_parser('prepare', help='tokenize documents into shards')
+  r.add_argument('--tokenizer', required=True)
+  r.add_argument('--input', nargs='+', required=True, help='.txt/.jsonl files or globs')
+  r.add_argument('--output', required=True,
+                 help='shards directory (must not exist unless --overwrite)')
+  r.add_argument('--text_key', default='text')
+  r.add_argument('--shard_tokens', type=int, default=prepare.DEFAULT_SHARD_TOKENS)
+  r.add_argument('--newline_token', default=None, help="e.g. '<n>' for Yuan's released tokenizer")
+  r.add_argument('--overwrite', action='store_true')
   r.set_defaults(fn=_prepare)
 
-  d = sub.add_parser("default", help="build (once) the embedded stdlib tokenizer and shards")
-  d.add_argument("--cache_dir", default=None)
-  d.add_argument("--vocab_size", type=int, default=4096)
-  d.add_argument("--max_bytes", type=int, default=8_000_000)
+  d = sub.add_parser('default', help='build (once) the embedded stdlib tokenizer and shards')
+  d.add_argument('--cache_dir', default=None)
+  d.add_argument('--vocab_size', type=int, default=4096)
+  d.add_argument('--max_bytes', type=int, default=8_000_000)
   d.set_defaults(fn=_default)
 
-  i = sub.add_parser("inspect", help="build the pipeline, print a batch and the throughput")
-  i.add_argument("--path", default=None)
-  i.add_argument("--tokenizer", default=None)
-  i.add_argument("--cache_dir", default=None)
-  i.add_argument("--seq_len", type=int, default=128)
-  i.add_argument("--batch", type=int, default=4)
-  i.add_argument("--steps", type=int, default=100)
-  i.add_argument("--seed", type=int, default=None)
-  i.add_argument("--fim_rate", type=float, default=None)
-  i.add_argument("--fim_spm_rate", type=float, default=None)
-  i.add_argument("--prefetch", type=int, default=None)
-  i.add_argument("--read_threads", type=int, default=None)
+  i = sub.add_parser('inspect', help='build the pipeline, print a batch and the throughput')
+  i.add_argument('--path', default=None)
+  i.add_argument('--tokenizer', default=None)
+  i.add_argument('--cache_dir', default=None)
+  i.add_argument('--seq_len', type=int, default=128)
+  i.add_argument('--batch', type=int, default=4)
+  i.add_argument('--steps', type=int, default=100)
+  i.add_argument('--seed', type=int, default=None)
+  i.add_argument('--fim_rate', type=float, default=None)
+  i.add_argument('--fim_spm_rate', type=float, default=None)
+  i.add_argument('--prefetch', type=int, default=None)
+  i.add_argument('--read_threads', type=int, default=None)
   i.set_defaults(fn=_inspect)
 
   args = p.parse_args(argv)
   try:
     args.fn(args)
   except (corpus.InputError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f'error: {e}', file=sys.stderr)
     return 2
   return 0
 
 
-if __name__ == "__main__":
+if __name__ == '__main__':
   sys.exit(main())

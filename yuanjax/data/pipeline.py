@@ -1,58 +1,59 @@
 """grain input pipeline: token shards -> FIM -> packed rows -> batches, checkpointable.
 
-Entry point for the trainer::
+Entry point for the trainer:
 
-    from yuanjax.data import data_config, make_datasets
-    cfg = data_config()                      # cfg.path=None: the embedded stdlib corpus
-    train_iter, make_eval_iter, tok = make_datasets(cfg, global_batch_size=8, seq_len=1024)
-    batch = next(train_iter)                 # dict of numpy arrays, see below
-    for batch in make_eval_iter(): ...       # fresh, finite, same length on every process
+  from yuanjax.data import data_config, make_datasets
+  cfg = data_config()                      # cfg.path=None: the embedded stdlib corpus
+  train_iter, make_eval_iter, tok = make_datasets(cfg, global_batch_size=8, seq_len=1024)
+  batch = next(train_iter)                 # dict of numpy arrays, see below
+  for batch in make_eval_iter(): ...       # fresh, finite, same length on every process
 
-Try it: ``python -m yuanjax.data inspect --seq_len 64 --batch 2``.
+Try it: `python -m yuanjax.data inspect --seq_len 64 --batch 2`.
 
-Batch format (``local_batch = global_batch_size // process_count``), all ``[local_batch, seq_len]``:
+Batch format (`local_batch = global_batch_size // process_count`), all `[local_batch, seq_len]`:
 
-* ``inputs``  int32   ``row[:-1]`` of a packed row of ``seq_len + 1`` tokens
-* ``targets`` int32   ``row[1:]``
-* ``segment_ids`` int32  1-based document number within the row; a new segment starts after
-  each ``<eod>`` (the ``<eod>`` belongs to the document it ends); 0 on padding
-* ``positions`` int32  position within the segment, restarting at 0 at each new segment and at
-  the start of each row (Yuan/Megatron ``reset_position_ids`` / ``reset_attention_mask``)
-* ``loss_mask`` float32  1, except 0 where the target is padding (only in the last eval batches)
+* `inputs`  int32   `row[:-1]` of a packed row of `seq_len + 1` tokens
+* `targets` int32   `row[1:]`
+* `segment_ids` int32  1-based document number within the row; a new segment starts after
+  each `<eod>` (the `<eod>` belongs to the document it ends); 0 on padding
+* `positions` int32  position within the segment, restarting at 0 at each new segment and at
+  the start of each row (Yuan/Megatron `reset_position_ids` / `reset_attention_mask`)
+* `loss_mask` float32  1, except 0 where the target is padding (only in the last eval batches)
 
-Pipeline (:func:`make_pipeline`), per JAX process:
+Pipeline (`make_pipeline`), per JAX process:
 
-1. Documents are addressed by their global index in the shards (``prepare.ShardedDocuments``).
-2. Eval split (:func:`split_documents`): a fixed, seed-independent grain shuffle of
-   ``range(num_docs)``; its first ``ceil(eval_fraction * num_docs)`` entries are the eval
+1. Documents are addressed by their global index in the shards (`prepare.ShardedDocuments`).
+2. Eval split (`split_documents`): a fixed, seed-independent grain shuffle of
+   `range(num_docs)`; its first `ceil(eval_fraction * num_docs)` entries are the eval
    documents, the rest train. Disjoint by construction; stable for a given shards directory.
-3. Process sharding: process ``p`` of ``P`` takes ``ids[p::P]`` of each split (disjoint, covering).
-4. Train: ``MapDataset.shuffle(seed).repeat(None)`` (grain reshuffles every epoch). Eval: one
+3. Process sharding: process `p` of `P` takes `ids[p::P]` of each split (disjoint, covering).
+4. Train: `MapDataset.shuffle(seed).repeat(None)` (grain reshuffles every epoch). Eval: one
    pass in document order.
-5. Fill-in-the-middle (:func:`apply_fim`) through ``MapDataset.random_map``, whose RNG is seeded
+5. Fill-in-the-middle (`apply_fim`) through `MapDataset.random_map`, whose RNG is seeded
    from the seed and the element's index in the stream, so output depends only on (seed,
    process, position): a resumed iterator makes the same FIM choices.
-6. Packing: ``grain.experimental.RebatchIterDataset(batch_size=seq_len + 1)`` concatenates the
+6. Packing: `grain.experimental.RebatchIterDataset(batch_size=seq_len + 1)` concatenates the
    1-D token arrays and cuts fixed-length rows (documents span rows, as in Megatron/Yuan; unlike
    Megatron, consecutive rows do not share their boundary token, so one next-token transition in
-   ``seq_len + 1`` is not trained). We use it rather than ``ConcatThenSplitIterDataset`` because the latter's
-   checkpoint state does not survive the JSON round trip that ``grain.checkpoint`` performs (its
-   tuple slices come back as lists and a restored iterator silently drops a document; seen with
-   grain 0.2.18), while Rebatch's state is plain ints. Segment ids and positions are computed
-   per row from the ``<eod>`` positions (:func:`row_to_example`): that is exactly Yuan's rule.
-7. Train only: ``grain.experimental.WindowShuffleIterDataset`` shuffles rows within windows of
-   ``shuffle_rows`` (rows of one long document are consecutive after packing; without this a
+   `seq_len + 1` is not trained). We use it rather than `ConcatThenSplitIterDataset` because
+   the latter's checkpoint state does not survive the JSON round trip that `grain.checkpoint`
+   performs (its tuple slices come back as lists and a restored iterator silently drops a
+   document; seen with grain 0.2.18), while Rebatch's state is plain ints. Segment ids and
+   positions are computed per row from the `<eod>` positions (`row_to_example`): that is
+   exactly Yuan's rule.
+7. Train only: `grain.experimental.WindowShuffleIterDataset` shuffles rows within windows of
+   `shuffle_rows` (rows of one long document are consecutive after packing; without this a
    batch is a few documents). Its state re-reads the current window on restore: exact resume.
-8. ``.batch(local_batch)`` and ``grain.experimental.ThreadPrefetchIterDataset`` (``prefetch``
-   batches ahead in a thread; ``read_threads`` > 0 adds grain read threads via ReadOptions).
+8. `.batch(local_batch)` and `grain.experimental.ThreadPrefetchIterDataset` (`prefetch`
+   batches ahead in a thread; `read_threads` > 0 adds grain read threads via ReadOptions).
 
 Eval batches are equal in number on every process (needed for SPMD eval): each process computes
 every process's packed length (cheaply, from the index and the FIM RNG) and pads its own stream
 with masked tokens up to the largest count. Eval applies FIM at the same rates as training
 (as Megatron/Yuan do), so eval and train loss are comparable.
 
-Checkpointing: the train iterator is a ``grain.DatasetIterator``; ``get_state()/set_state()`` and
-``grain.checkpoint.CheckpointSave/CheckpointRestore`` (Orbax) resume it exactly.
+Checkpointing: the train iterator is a `grain.DatasetIterator`; `get_state()/set_state()` and
+`grain.checkpoint.CheckpointSave/CheckpointRestore` (Orbax) resume it exactly.
 """
 from __future__ import annotations
 
@@ -79,12 +80,12 @@ _SPLIT_SEED = 0x5EED  # the eval split does not move when the training seed chan
 _TRAIN_STREAM, _EVAL_STREAM, _ROW_STREAM = 0, 1, 2
 _READ_BUFFER = 32  # documents read ahead (grain polls every pending one per element: keep small)
 _PAD = -1  # marks padding inside the token stream before rows are turned into examples
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-  """Token ids the pipeline needs. FIM ids may be None when ``fim_rate == 0``."""
+  """Token ids the pipeline needs. FIM ids may be None when `fim_rate == 0`."""
 
   eod: int
   pad: int = 0
@@ -96,7 +97,7 @@ class SpecialIds:
   def from_tokenizer(cls, tok: Tokenizer, fim: bool = True) -> SpecialIds:
     return cls(
         eod=tok.eod_id,
-        pad=tok.pad_id if tok.has_piece("<pad>") else 0,
+        pad=tok.pad_id if tok.has_piece('<pad>') else 0,
         fim_prefix=tok.fim_prefix_id if fim else None,
         fim_middle=tok.fim_middle_id if fim else None,
         fim_suffix=tok.fim_suffix_id if fim else None,
@@ -107,17 +108,16 @@ class SpecialIds:
 
 
 def split_documents(num_docs: int, eval_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-  """Returns sorted ``(train_ids, eval_ids)``: disjoint, together ``range(num_docs)``.
+  """Returns sorted `(train_ids, eval_ids)`: disjoint, together `range(num_docs)`.
 
-    Eval is the first ``ceil(eval_fraction * num_docs)`` entries of a grain shuffle of
-    ``range(num_docs)`` with a fixed seed (independent of the training seed).
-    """
+  Eval is the first `ceil(eval_fraction * num_docs)` entries of a grain shuffle of
+  `range(num_docs)` with a fixed seed (independent of the training seed)."""
   if not 0.0 <= eval_fraction < 1.0:
-    raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    raise ValueError(f'eval_fraction must be in [0, 1), got {eval_fraction}')
   num_eval = math.ceil(eval_fraction * num_docs)
   if num_eval >= num_docs:
     raise ValueError(
-        f"eval_fraction={eval_fraction} leaves no training documents out of {num_docs}")
+        f'eval_fraction={eval_fraction} leaves no training documents out of {num_docs}')
   order = grain.MapDataset.range(num_docs).shuffle(seed=_SPLIT_SEED)
   is_eval = np.zeros(num_docs, bool)
   is_eval[[order[i] for i in range(num_eval)]] = True
@@ -125,7 +125,7 @@ def split_documents(num_docs: int, eval_fraction: float) -> tuple[np.ndarray, np
 
 
 def process_shard(ids: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
-  """Process ``p``'s share of ``ids``: ``ids[p::P]``."""
+  """Process `p`'s share of `ids`: `ids[p::P]`."""
   return np.asarray(ids)[process_index::process_count]
 
 
@@ -138,11 +138,10 @@ def _stream_seed(seed: int, process_index: int, stream: int) -> int:
 
 
 def fim_plan(num_tokens: int, rng: np.random.Generator, fim_rate: float, spm_rate: float):
-  """Draws the FIM decision for a document of ``num_tokens`` content tokens.
+  """Draws the FIM decision for a document of `num_tokens` content tokens.
 
-    Returns None (leave it alone) or ``(start, stop, spm)``: the middle is ``[start, stop)``.
-    All randomness of :func:`apply_fim` is drawn here, in a fixed order.
-    """
+  Returns None (leave it alone) or `(start, stop, spm)`: the middle is `[start, stop)`.
+  All randomness of `apply_fim` is drawn here, in a fixed order."""
   if fim_rate <= 0.0 or rng.random() >= fim_rate:
     return None
   start, stop = np.sort(rng.integers(0, num_tokens + 1, size=2))
@@ -153,11 +152,10 @@ def apply_fim(doc: np.ndarray, rng: np.random.Generator, *, special: SpecialIds,
               spm_rate: float) -> np.ndarray:
   """Fill-in-the-middle on one document (StarCoder/Megatron convention, token level).
 
-    ``doc`` ends with ``<eod>``, which stays last. With probability ``fim_rate`` the content is
-    cut at two uniform points into prefix / middle / suffix and rearranged as
-    PSM ``<FIM_PREFIX> prefix <FIM_SUFFIX> suffix <FIM_MIDDLE> middle <eod>`` or, with probability
-    ``spm_rate``, SPM ``<FIM_PREFIX> <FIM_SUFFIX> suffix <FIM_MIDDLE> prefix middle <eod>``.
-    """
+  `doc` ends with `<eod>`, which stays last. With probability `fim_rate` the content is
+  cut at two uniform points into prefix / middle / suffix and rearranged as
+  PSM `<FIM_PREFIX> prefix <FIM_SUFFIX> suffix <FIM_MIDDLE> middle <eod>` or, with probability
+  `spm_rate`, SPM `<FIM_PREFIX> <FIM_SUFFIX> suffix <FIM_MIDDLE> prefix middle <eod>`."""
   plan = fim_plan(len(doc) - 1, rng, fim_rate, spm_rate)
   if plan is None:
     return doc
@@ -170,7 +168,7 @@ def apply_fim(doc: np.ndarray, rng: np.random.Generator, *, special: SpecialIds,
 
 def _fim_length(num_tokens: int, rng: np.random.Generator, *, fim_rate: float,
                 spm_rate: float) -> int:
-  """Length after :func:`apply_fim`, drawing the same random numbers (3 sentinels if FIM)."""
+  """Length after `apply_fim`, drawing the same random numbers (3 sentinels if FIM)."""
   return num_tokens + (0 if fim_plan(num_tokens - 1, rng, fim_rate, spm_rate) is None else 3)
 
 
@@ -178,10 +176,9 @@ def _fim_length(num_tokens: int, rng: np.random.Generator, *, fim_rate: float,
 
 
 def row_to_example(row: np.ndarray, *, eod_id: int, pad_id: int) -> dict[str, np.ndarray]:
-  """One packed row of ``seq_len + 1`` tokens -> a training example (see module docstring).
+  """One packed row of `seq_len + 1` tokens -> a training example (see module docstring).
 
-    Negative entries are padding (they only trail the last eval rows).
-    """
+  Negative entries are padding (they only trail the last eval rows)."""
   row = np.asarray(row)
   valid = row >= 0
   tokens = np.where(valid, row, pad_id).astype(np.int32)
@@ -204,8 +201,8 @@ def row_to_example(row: np.ndarray, *, eod_id: int, pad_id: int) -> dict[str, np
 
 
 class _ReadAndFim:
-  """Global document id -> int32 tokens after FIM: one ``random_map`` stage (grain's per-stage
-    overhead dominates for short documents, so reading and FIM share one)."""
+  """Global document id -> int32 tokens after FIM: one `random_map` stage (grain's per-stage
+  overhead dominates for short documents, so reading and FIM share one)."""
 
   def __init__(self, source, special: SpecialIds, fim_rate: float, spm_rate: float):
     self.source, self.special, self.fim_rate, self.spm_rate = source, special, fim_rate, spm_rate
@@ -216,7 +213,7 @@ class _ReadAndFim:
 
 
 def _doc_lengths(source, ids: np.ndarray) -> np.ndarray:
-  if hasattr(source, "doc_lengths"):
+  if hasattr(source, 'doc_lengths'):
     return np.asarray(source.doc_lengths())[ids]
   return np.asarray([len(source[int(i)]) for i in ids], dtype=np.int64)
 
@@ -259,27 +256,26 @@ def make_pipeline(
     prefetch: int = 2,
     shuffle_rows: int = 0,
 ) -> grain.IterDataset:
-  """Builds one process's dataset; ``iter()`` of it is a checkpointable ``grain.DatasetIterator``.
+  """Builds one process's dataset; `iter()` of it is a checkpointable `grain.DatasetIterator`.
 
-    Args:
-      source: random-access documents (int arrays, each ending with ``special.eod``), e.g.
-        ``prepare.ShardedDocuments``.
-      doc_ids: the global document ids of this split (all processes); None = all documents.
-      batch_size: rows per batch on this process (the local batch).
-      train: True = shuffled, repeated forever; False = one pass in order, padded so that every
-        process yields the same number of full batches.
-    Other arguments as in :func:`data_config`.
-    """
-  _check_range("seq_len", seq_len, 1)
-  _check_range("batch_size", batch_size, 1)
-  _check_range("seed", seed, 0, 2**32 - 1)
-  _check_range("prefetch", prefetch, 0)
-  _check_range("read_threads", read_threads, 0)
-  _check_range("process_count", process_count, 1)
-  _check_range("process_index", process_index, 0, process_count - 1)
-  for name, rate in (("fim_rate", fim_rate), ("fim_spm_rate", fim_spm_rate)):
+  Args:
+    source: random-access documents (int arrays, each ending with `special.eod`), e.g.
+      `prepare.ShardedDocuments`.
+    doc_ids: the global document ids of this split (all processes); None = all documents.
+    batch_size: rows per batch on this process (the local batch).
+    train: True = shuffled, repeated forever; False = one pass in order, padded so that every
+      process yields the same number of full batches.
+  Other arguments as in `data_config`."""
+  _check_range('seq_len', seq_len, 1)
+  _check_range('batch_size', batch_size, 1)
+  _check_range('seed', seed, 0, 2**32 - 1)
+  _check_range('prefetch', prefetch, 0)
+  _check_range('read_threads', read_threads, 0)
+  _check_range('process_count', process_count, 1)
+  _check_range('process_index', process_index, 0, process_count - 1)
+  for name, rate in (('fim_rate', fim_rate), ('fim_spm_rate', fim_spm_rate)):
     if not 0.0 <= rate <= 1.0:
-      raise ValueError(f"{name} must be in [0, 1], got {rate}")
+      raise ValueError(f'{name} must be in [0, 1], got {rate}')
   if fim_rate > 0 and None in (special.fim_prefix, special.fim_middle, special.fim_suffix):
     raise ValueError(
         "fim_rate > 0 needs the tokenizer's <FIM_PREFIX>/<FIM_MIDDLE>/<FIM_SUFFIX> ids")
@@ -291,8 +287,8 @@ def make_pipeline(
 
   if train:
     if len(ids) == 0:
-      raise ValueError(f"process {process_index} of {process_count} gets no training documents "
-                       f"({len(all_ids)} in all)")
+      raise ValueError(f'process {process_index} of {process_count} gets no training documents '
+                       f'({len(all_ids)} in all)')
     docs = grain.MapDataset.source(ids).shuffle(seed=seed).repeat(None)
     docs = docs.random_map(read, seed=_stream_seed(seed, process_index, _TRAIN_STREAM))
   else:
@@ -328,21 +324,20 @@ def make_pipeline(
 
 def _check_range(name: str, value, low: int, high: int | None = None):
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-    raise ValueError(f"{name} must be an integer, got {value!r}")
+    raise ValueError(f'{name} must be an integer, got {value!r}')
   if value < low or (high is not None and value > high):
-    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-    raise ValueError(f"{name} must be {bound}, got {value}")
+    bound = f'>= {low}' if high is None else f'in [{low}, {high}]'
+    raise ValueError(f'{name} must be {bound}, got {value}')
 
 
 # --------------------------------------------------------------------------- trainer entry point
 
 
 def data_config() -> ml_collections.ConfigDict:
-  """The ``data`` section of a training config: every field :func:`make_datasets` reads.
+  """The `data` section of a training config: every field `make_datasets` reads.
 
-    ``seq_len`` and the batch size are not here: the trainer passes them (model and batch
-    settings own them).
-    """
+  `seq_len` and the batch size are not here: the trainer passes them (model and batch
+  settings own them)."""
   c = ml_collections.ConfigDict()
   c.path = config_dict.placeholder(str)  # shards dir written by `prepare`; None: embedded default
   c.tokenizer = config_dict.placeholder(str)  # .model; None: the manifest's (or embedded) tokenizer
@@ -354,7 +349,7 @@ def data_config() -> ml_collections.ConfigDict:
   c.eval_fraction = 0.02  # documents held out for eval (at least one if > 0)
   c.fim_rate = 0.5  # share of documents turned fill-in-the-middle (Yuan: 0.5)
   c.fim_spm_rate = 0.5  # share of FIM documents in SPM order, the rest PSM (Yuan: 0.5)
-  c.read_threads = 0  # grain read threads; 0 = read in the prefetch thread (fastest measured on CPU)
+  c.read_threads = 0  # grain read threads; 0: read in the prefetch thread (fastest on CPU)
   c.prefetch = 4  # batches prepared ahead in a background thread (0: off)
   c.shuffle_rows = 2048  # train rows shuffled within windows of this many rows (0/1: off)
   return c
@@ -371,18 +366,17 @@ def _noop():
 def _close_open_iterators():
   """Closes the iterators make_datasets handed out, before interpreter teardown.
 
-    Workaround (grain 0.2.18): ``DatasetIterator.__del__`` calls ``close()``, and
-    ``ThreadPrefetchDatasetIterator.close`` uses module globals (``queue``, ``dataset``) that
-    are already None when an iterator is collected during teardown, printing "Exception ignored
-    in ... __del__" on every exit. We close them here and make any later ``close()`` a no-op.
-    """
+  Workaround (grain 0.2.18): `DatasetIterator.__del__` calls `close()`, and
+  `ThreadPrefetchDatasetIterator.close` uses module globals (`queue`, `dataset`) that
+  are already None when an iterator is collected during teardown, printing "Exception ignored
+  in ... __del__" on every exit. We close them here and make any later `close()` a no-op."""
   for it in list(_open_iterators):
     it.close()
     nodes = [it]
     while nodes:
       node = nodes.pop()
       node.close = _noop
-      nodes.extend(getattr(node, "_parents", ()))
+      nodes.extend(getattr(node, '_parents', ()))
 
 
 def _tracked_iter(ds: grain.IterDataset) -> grain.DatasetIterator:
@@ -394,8 +388,8 @@ def _tracked_iter(ds: grain.IterDataset) -> grain.DatasetIterator:
 def resolve_data(data_cfg) -> tuple[prepare_lib.ShardedDocuments, Tokenizer]:
   """Opens the shards and tokenizer a config names (building the embedded default if needed)."""
   if data_cfg.path is None:
-    _check_range("data.vocab_size", data_cfg.vocab_size, 1)
-    _check_range("data.max_bytes", data_cfg.max_bytes, 1)
+    _check_range('data.vocab_size', data_cfg.vocab_size, 1)
+    _check_range('data.max_bytes', data_cfg.max_bytes, 1)
     default_tok, path = prepare_lib.ensure_default_data(data_cfg.cache_dir,
                                                         vocab_size=data_cfg.vocab_size,
                                                         max_bytes=data_cfg.max_bytes)
@@ -405,17 +399,17 @@ def resolve_data(data_cfg) -> tuple[prepare_lib.ShardedDocuments, Tokenizer]:
   manifest = source.manifest
   tok_path = data_cfg.tokenizer or default_tok or prepare_lib.manifest_tokenizer_path(
       source.path, manifest)
-  field = "data.tokenizer" if data_cfg.tokenizer else f"tokenizer of {source.path}/manifest.json"
+  field = 'data.tokenizer' if data_cfg.tokenizer else f'tokenizer of {source.path}/manifest.json'
   if not os.path.isfile(tok_path):
-    raise ValueError(f"{field}: {tok_path}: no such file")
-  tok = Tokenizer(tok_path, newline_token=manifest.get("newline_token"))
-  for key, have in (("vocab_size", tok.vocab_size), ("eod_id", tok.eod_id)):
+    raise ValueError(f'{field}: {tok_path}: no such file')
+  tok = Tokenizer(tok_path, newline_token=manifest.get('newline_token'))
+  for key, have in (('vocab_size', tok.vocab_size), ('eod_id', tok.eod_id)):
     if manifest[key] != have:
-      raise ValueError(f"{source.path}/manifest.json: {key}={manifest[key]} but tokenizer "
-                       f"{tok_path} has {key}={have}; the shards were made with another tokenizer")
-  if manifest.get("tokenizer_sha256") and manifest["tokenizer_sha256"] != prepare_lib._file_sha256(
+      raise ValueError(f'{source.path}/manifest.json: {key}={manifest[key]} but tokenizer '
+                       f'{tok_path} has {key}={have}; the shards were made with another tokenizer')
+  if manifest.get('tokenizer_sha256') and manifest['tokenizer_sha256'] != prepare_lib._file_sha256(
       tok_path):
-    log.warning("%s differs from the tokenizer the shards in %s were made with", tok_path,
+    log.warning('%s differs from the tokenizer the shards in %s were made with', tok_path,
                 source.path)
   return source, tok
 
@@ -428,32 +422,31 @@ def make_datasets(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> tuple[grain.DatasetIterator, Callable[[], grain.DatasetIterator], Tokenizer]:
-  """Returns ``(train_iter, make_eval_iter, tokenizer)`` for this JAX process.
+  """Returns `(train_iter, make_eval_iter, tokenizer)` for this JAX process.
 
-    ``train_iter`` is an endless, checkpointable ``grain.DatasetIterator`` of
-    ``[global_batch_size // process_count, seq_len]`` batches (see the module docstring);
-    ``make_eval_iter()`` returns a fresh, finite iterator over the held-out documents with the
-    same number of batches on every process. Raises ValueError naming the bad field or file.
-    """
+  `train_iter` is an endless, checkpointable `grain.DatasetIterator` of
+  `[global_batch_size // process_count, seq_len]` batches (see the module docstring);
+  `make_eval_iter()` returns a fresh, finite iterator over the held-out documents with the
+  same number of batches on every process. Raises ValueError naming the bad field or file."""
   if process_index is None or process_count is None:
     import jax
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-  _check_range("process_count", process_count, 1)
-  _check_range("process_index", process_index, 0, process_count - 1)
-  _check_range("global_batch_size", global_batch_size, 1)
-  _check_range("seq_len", seq_len, 1)
+  _check_range('process_count', process_count, 1)
+  _check_range('process_index', process_index, 0, process_count - 1)
+  _check_range('global_batch_size', global_batch_size, 1)
+  _check_range('seq_len', seq_len, 1)
   if global_batch_size % process_count:
     raise ValueError(
-        f"global_batch_size={global_batch_size} is not divisible by process_count={process_count}")
-  for name in ("fim_rate", "fim_spm_rate"):
+        f'global_batch_size={global_batch_size} is not divisible by process_count={process_count}')
+  for name in ('fim_rate', 'fim_spm_rate'):
     if not 0.0 <= data_cfg[name] <= 1.0:
-      raise ValueError(f"data.{name} must be in [0, 1], got {data_cfg[name]}")
+      raise ValueError(f'data.{name} must be in [0, 1], got {data_cfg[name]}')
   if not 0.0 <= data_cfg.eval_fraction < 1.0:
-    raise ValueError(f"data.eval_fraction must be in [0, 1), got {data_cfg.eval_fraction}")
-  for name, low, high in (("seed", 0, 2**32 - 1), ("prefetch", 0, None), ("read_threads", 0, None)):
-    _check_range(f"data.{name}", data_cfg[name], low, high)
+    raise ValueError(f'data.eval_fraction must be in [0, 1), got {data_cfg.eval_fraction}')
+  for name, low, high in (('seed', 0, 2**32 - 1), ('prefetch', 0, None), ('read_threads', 0, None)):
+    _check_range(f'data.{name}', data_cfg[name], low, high)
 
   source, tok = resolve_data(data_cfg)
   train_ids, eval_ids = split_documents(len(source), data_cfg.eval_fraction)
@@ -469,7 +462,7 @@ def make_datasets(
       read_threads=data_cfg.read_threads,
       prefetch=data_cfg.prefetch,
   )
-  _check_range("data.shuffle_rows", data_cfg.shuffle_rows, 0)
+  _check_range('data.shuffle_rows', data_cfg.shuffle_rows, 0)
   train_ds = make_pipeline(source, doc_ids=train_ids, train=True,
                            shuffle_rows=data_cfg.shuffle_rows, **common)
   eval_ds = make_pipeline(source, doc_ids=eval_ids, train=False, **common)

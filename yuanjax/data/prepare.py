@@ -1,31 +1,32 @@
-"""Token shards on disk: writing them (``prepare``), reading them, and the embedded default.
+"""Token shards on disk: writing them (`prepare`), reading them, and the embedded default.
 
-Write shards from .txt files (one document each) and .jsonl files (one document per line)::
+Write shards from .txt files (one document each) and .jsonl files (one document per line):
 
-    python -m yuanjax.data prepare --tokenizer out/tok.model --input 'corpus/*.jsonl' --output out/shards
-    python -m yuanjax.data default            # build (once) and print the embedded default
+  python -m yuanjax.data prepare --tokenizer out/tok.model --input 'corpus/*.jsonl' \
+      --output out/shards
+  python -m yuanjax.data default            # build (once) and print the embedded default
 
-Layout of a shards directory::
+Layout of a shards directory:
 
-    manifest.json           format, tokenizer, vocab_size, eod_id, newline_token, counts, shards
-    shard_00000.bin         flat uint32 tokens; every document is followed by <eod>
-    shard_00000.idx.npy     int64 document start offsets into the .bin, plus the end (n_docs + 1)
-    ...
+  manifest.json           format, tokenizer, vocab_size, eod_id, newline_token, counts, shards
+  shard_00000.bin         flat uint32 tokens; every document is followed by <eod>
+  shard_00000.idx.npy     int64 document start offsets into the .bin, plus the end (n_docs + 1)
+  ...
 
-Documents never span shards; a shard is closed once it holds ``shard_tokens`` tokens or more.
-Empty documents (``""`` in a jsonl line) are skipped and counted (``num_skipped_empty``), and
+Documents never span shards; a shard is closed once it holds `shard_tokens` tokens or more.
+Empty documents (`""` in a jsonl line) are skipped and counted (`num_skipped_empty`), and
 so are documents that are not valid UTF-8 (a .txt file or a jsonl line;
-``num_skipped_invalid``): the CLI prints both counts at the end.
+`num_skipped_invalid`): the CLI prints both counts at the end.
 
-Guarantees: every input is validated (missing file, bad JSON, missing ``text`` field, empty file)
+Guarantees: every input is validated (missing file, bad JSON, missing `text` field, empty file)
 before anything is written, and the error names the file and line. Shards are written into a
 temporary sibling directory that is renamed into place only when complete, so an output
 directory that exists is always whole. Memory is bounded: documents are streamed and shards are
 flushed as they fill.
 
-Embedded default: :func:`ensure_default_data` trains a tokenizer on the running Python's
-standard library (``corpus.stdlib_sources``) and prepares shards, once, cached under
-``$YUANJAX_CACHE`` (default ``~/.cache/yuanjax``) in a directory keyed by Python version,
+Embedded default: `ensure_default_data` trains a tokenizer on the running Python's
+standard library (`corpus.stdlib_sources`) and prepares shards, once, cached under
+`$YUANJAX_CACHE` (default `~/.cache/yuanjax`) in a directory keyed by Python version,
 vocab size and byte cap. Concurrent callers are safe: a lock file serialises builders, and the
 result is published by one atomic rename.
 """
@@ -48,8 +49,8 @@ from yuanjax.data import corpus
 from yuanjax.data.tokenizer import Tokenizer, train_from_documents
 
 log = logging.getLogger(__name__)
-FORMAT = "yuanjax-shards-v1"
-MANIFEST = "manifest.json"
+FORMAT = 'yuanjax-shards-v1'
+MANIFEST = 'manifest.json'
 TOKEN_DTYPE = np.uint32
 INDEX_DTYPE = np.int64
 DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
@@ -58,14 +59,14 @@ _ENCODE_BATCH_BYTES = 4 << 20  # encode this much text per SentencePiece call (C
 
 def _file_sha256(path: str) -> str:
   h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
       h.update(block)
   return h.hexdigest()
 
 
 class _ShardWriter:
-  """Appends documents to ``shard_NNNNN.bin`` files, rolling over at ``shard_tokens``."""
+  """Appends documents to `shard_NNNNN.bin` files, rolling over at `shard_tokens`."""
 
   def __init__(self, out_dir: str, shard_tokens: int):
     self.out_dir, self.shard_tokens = out_dir, shard_tokens
@@ -73,9 +74,9 @@ class _ShardWriter:
     self._file = None
 
   def _open(self):
-    name = f"shard_{len(self.shards):05d}"
+    name = f'shard_{len(self.shards):05d}'
     self._name = name
-    self._file = open(os.path.join(self.out_dir, name + ".bin"), "wb")
+    self._file = open(os.path.join(self.out_dir, name + '.bin'), 'wb')
     self._offsets = [0]
 
   def add(self, ids: np.ndarray):
@@ -91,10 +92,10 @@ class _ShardWriter:
       return
     self._file.close()
     self._file = None
-    np.save(os.path.join(self.out_dir, self._name + ".idx.npy"),
+    np.save(os.path.join(self.out_dir, self._name + '.idx.npy'),
             np.asarray(self._offsets, INDEX_DTYPE))
     self.shards.append(
-        dict(tokens=self._name + ".bin", index=self._name + ".idx.npy",
+        dict(tokens=self._name + '.bin', index=self._name + '.idx.npy',
              num_docs=len(self._offsets) - 1, num_tokens=int(self._offsets[-1])))
 
 
@@ -110,19 +111,18 @@ def prepare_documents(
     manifest_tokenizer: str | None = None,
     extra: dict | None = None,
 ) -> dict:
-  """Tokenizes ``documents()`` into shards in ``output_dir``; returns the manifest.
+  """Tokenizes `documents()` into shards in `output_dir`; returns the manifest.
 
-    ``documents`` is called twice: a validation pass (nothing written yet) and the writing pass.
-    ``manifest_tokenizer`` overrides the tokenizer path recorded in the manifest (relative paths
-    are resolved against the shards directory when read).
-    """
+  `documents` is called twice: a validation pass (nothing written yet) and the writing pass.
+  `manifest_tokenizer` overrides the tokenizer path recorded in the manifest (relative paths
+  are resolved against the shards directory when read)."""
   output_dir = os.path.abspath(os.fspath(output_dir))
   if shard_tokens < 1:
-    raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
+    raise ValueError(f'shard_tokens must be positive, got {shard_tokens}')
   tok = Tokenizer(tokenizer_path, newline_token=newline_token)
   if os.path.exists(output_dir) and not overwrite:
     raise ValueError(
-        f"{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+        f'{output_dir}: already exists (pass overwrite=True / --overwrite to replace it)')
 
   # Pass 1: validate everything before writing anything.
   total_bytes = num_docs = 0
@@ -130,14 +130,14 @@ def prepare_documents(
     total_bytes += doc.nbytes
     num_docs += bool(doc.text)
   if num_docs == 0:
-    raise corpus.InputError("no non-empty documents in the input")
+    raise corpus.InputError('no non-empty documents in the input')
 
   def write(tmp):
     writer = _ShardWriter(tmp, shard_tokens)
     eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
     skipped = invalid = 0
     batch, batch_bytes = [], 0
-    bar = tqdm.tqdm(total=total_bytes, unit="B", unit_scale=True, desc="prepare",
+    bar = tqdm.tqdm(total=total_bytes, unit='B', unit_scale=True, desc='prepare',
                     disable=not progress)
 
     def flush():
@@ -149,7 +149,7 @@ def prepare_documents(
       if doc.error:
         invalid += 1
         if invalid <= 5:
-          log.warning("%s: %s; skipped", doc.where, doc.error)
+          log.warning('%s: %s; skipped', doc.where, doc.error)
       elif not doc.text:
         skipped += 1
       else:
@@ -171,14 +171,14 @@ def prepare_documents(
         eod_id=tok.eod_id,
         newline_token=newline_token,
         dtype=np.dtype(TOKEN_DTYPE).name,
-        num_docs=sum(s["num_docs"] for s in writer.shards),
-        num_tokens=sum(s["num_tokens"] for s in writer.shards),
+        num_docs=sum(s['num_docs'] for s in writer.shards),
+        num_tokens=sum(s['num_tokens'] for s in writer.shards),
         num_skipped_empty=skipped,
         num_skipped_invalid=invalid,
         shards=writer.shards,
         **(extra or {}),
     )
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
+    with open(os.path.join(tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=1)
     return manifest
 
@@ -190,10 +190,10 @@ def prepare(
     inputs: str | Sequence[str],
     output_dir: str | os.PathLike,
     *,
-    text_key: str = "text",
+    text_key: str = 'text',
     **kwargs,
 ) -> dict:
-  """Tokenizes .txt / .jsonl files or globs into shards (see :func:`prepare_documents`)."""
+  """Tokenizes .txt / .jsonl files or globs into shards (see `prepare_documents`)."""
   files = corpus.expand_inputs(inputs)
   return prepare_documents(
       tokenizer_path,
@@ -205,59 +205,58 @@ def prepare(
 
 
 def load_manifest(shards_dir: str | os.PathLike) -> dict:
-  """Reads and checks ``manifest.json``; raises ValueError naming the directory or file."""
+  """Reads and checks `manifest.json`; raises ValueError naming the directory or file."""
   shards_dir = os.fspath(shards_dir)
   path = os.path.join(shards_dir, MANIFEST)
   if not os.path.isdir(shards_dir):
-    raise ValueError(f"data.path: {shards_dir}: no such directory")
+    raise ValueError(f'data.path: {shards_dir}: no such directory')
   if not os.path.isfile(path):
-    raise ValueError(f"data.path: {path}: no such file (not a prepared shards directory?)")
+    raise ValueError(f'data.path: {path}: no such file (not a prepared shards directory?)')
   try:
     with open(path) as f:
       manifest = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: unreadable manifest ({e})") from e
-  if manifest.get("format") != FORMAT:
+    raise ValueError(f'{path}: unreadable manifest ({e})') from e
+  if manifest.get('format') != FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
   return manifest
 
 
 def manifest_tokenizer_path(shards_dir: str, manifest: dict) -> str:
   """The manifest's tokenizer path, relative paths resolved against the shards directory."""
-  return os.path.normpath(os.path.join(shards_dir, manifest["tokenizer"]))
+  return os.path.normpath(os.path.join(shards_dir, manifest['tokenizer']))
 
 
 class ShardedDocuments:
   """Random access to the documents of a shards directory (a grain data source).
 
-    ``docs[i]`` is document ``i`` (global order: shard by shard) as an int32 array that ends
-    with ``<eod>``. Token files are memory-mapped; nothing is read until asked for. A token
-    file whose size is not a whole number of tokens, or that disagrees with its index, is an
-    error at open; a document holding a token id >= the manifest's ``vocab_size`` is an error
-    when read (both name the file).
-    """
+  `docs[i]` is document `i` (global order: shard by shard) as an int32 array that ends
+  with `<eod>`. Token files are memory-mapped; nothing is read until asked for. A token
+  file whose size is not a whole number of tokens, or that disagrees with its index, is an
+  error at open; a document holding a token id >= the manifest's `vocab_size` is an error
+  when read (both name the file)."""
 
   def __init__(self, shards_dir: str | os.PathLike):
     self.path = os.path.abspath(os.fspath(shards_dir))
     self.manifest = load_manifest(self.path)
     self._tokens, self._offsets = [], []
-    for shard in self.manifest["shards"]:
-      tokens_path = os.path.join(self.path, shard["tokens"])
-      index_path = os.path.join(self.path, shard["index"])
+    for shard in self.manifest['shards']:
+      tokens_path = os.path.join(self.path, shard['tokens'])
+      index_path = os.path.join(self.path, shard['index'])
       for p in (tokens_path, index_path):
         if not os.path.isfile(p):
-          raise ValueError(f"{p}: missing shard file (listed in {MANIFEST})")
-      itemsize = np.dtype(self.manifest["dtype"]).itemsize
+          raise ValueError(f'{p}: missing shard file (listed in {MANIFEST})')
+      itemsize = np.dtype(self.manifest['dtype']).itemsize
       if os.path.getsize(tokens_path) % itemsize:
-        raise ValueError(f"{tokens_path}: {os.path.getsize(tokens_path)} bytes is not a whole "
+        raise ValueError(f'{tokens_path}: {os.path.getsize(tokens_path)} bytes is not a whole '
                          f"number of {self.manifest['dtype']} tokens (truncated or corrupt)")
-      tokens = np.memmap(tokens_path, dtype=self.manifest["dtype"], mode="r")
-      offsets = np.load(index_path, mmap_mode="r")
-      if len(offsets) != shard["num_docs"] + 1 or offsets[-1] != len(tokens):
-        raise ValueError(f"{tokens_path}: size does not match its index / {MANIFEST}")
+      tokens = np.memmap(tokens_path, dtype=self.manifest['dtype'], mode='r')
+      offsets = np.load(index_path, mmap_mode='r')
+      if len(offsets) != shard['num_docs'] + 1 or offsets[-1] != len(tokens):
+        raise ValueError(f'{tokens_path}: size does not match its index / {MANIFEST}')
       self._tokens.append(tokens)
       self._offsets.append(offsets)
-    self._first_doc = np.cumsum([0] + [s["num_docs"] for s in self.manifest["shards"]])
+    self._first_doc = np.cumsum([0] + [s['num_docs'] for s in self.manifest['shards']])
 
   def __len__(self) -> int:
     return int(self._first_doc[-1])
@@ -265,35 +264,36 @@ class ShardedDocuments:
   def __getitem__(self, index: int) -> np.ndarray:
     index = int(index)
     if not 0 <= index < len(self):
-      raise IndexError(f"document {index} out of range [0, {len(self)})")
-    shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+      raise IndexError(f'document {index} out of range [0, {len(self)})')
+    shard = int(np.searchsorted(self._first_doc, index, side='right')) - 1
     local = index - self._first_doc[shard]
     start, stop = self._offsets[shard][local], self._offsets[shard][local + 1]
     doc = self._tokens[shard][start:stop]
-    if doc.size and int(doc.max()) >= self.manifest["vocab_size"]:
+    if doc.size and int(doc.max()) >= self.manifest['vocab_size']:
       raise ValueError(f"{os.path.join(self.path, self.manifest['shards'][shard]['tokens'])}: "
-                       f"document {local} holds token id {int(doc.max())} >= vocab_size="
+                       f'document {local} holds token id {int(doc.max())} >= vocab_size='
                        f"{self.manifest['vocab_size']} ({MANIFEST}); the shard is corrupt "
-                       "or was written with another tokenizer")
+                       'or was written with another tokenizer')
     return doc.astype(np.int32)
 
   def doc_lengths(self) -> np.ndarray:
-    """Token count (``<eod>`` included) of every document, int64 [num_docs]."""
+    """Token count (`<eod>` included) of every document, int64 [num_docs]."""
     return np.concatenate([np.diff(np.asarray(o)) for o in self._offsets])
 
   def __repr__(self) -> str:
-    return f"ShardedDocuments({self.path!r}, docs={len(self)}, tokens={self.manifest['num_tokens']})"
+    return (f'ShardedDocuments({self.path!r}, docs={len(self)}, '
+            f"tokens={self.manifest['num_tokens']})")
 
 
 # --------------------------------------------------------------------------- embedded default
 
 
 def default_cache_root(cache_dir: str | None = None) -> str:
-  return os.path.expanduser(cache_dir or os.environ.get("YUANJAX_CACHE") or "~/.cache/yuanjax")
+  return os.path.expanduser(cache_dir or os.environ.get('YUANJAX_CACHE') or '~/.cache/yuanjax')
 
 
 def default_data_key(vocab_size: int, max_bytes: int) -> str:
-  return f"stdlib-py{platform.python_version()}-v{vocab_size}-b{max_bytes}-{FORMAT}"
+  return f'stdlib-py{platform.python_version()}-v{vocab_size}-b{max_bytes}-{FORMAT}'
 
 
 @contextlib.contextmanager
@@ -304,7 +304,7 @@ def _file_lock(path: str):
   except ImportError:  # pragma: no cover - non-POSIX
     yield
     return
-  with open(path, "a+") as f:
+  with open(path, 'a+') as f:
     fcntl.flock(f, fcntl.LOCK_EX)
     try:
       yield
@@ -321,40 +321,39 @@ def ensure_default_data(
 ) -> tuple[str, str]:
   """Builds (once) the embedded default: a tokenizer and shards from the Python stdlib.
 
-    Returns ``(tokenizer_path, shards_dir)`` under ``<cache>/<key>/`` where the cache is
-    ``cache_dir`` or ``$YUANJAX_CACHE`` or ``~/.cache/yuanjax`` and the key includes the Python
-    version, ``vocab_size`` and ``max_bytes``. Safe to call from many processes at once.
-    """
+  Returns `(tokenizer_path, shards_dir)` under `<cache>/<key>/` where the cache is
+  `cache_dir` or `$YUANJAX_CACHE` or `~/.cache/yuanjax` and the key includes the Python
+  version, `vocab_size` and `max_bytes`. Safe to call from many processes at once."""
   root = default_cache_root(cache_dir)
   key = default_data_key(vocab_size, max_bytes)
   final = os.path.join(root, key)
-  result = (os.path.join(final, "tokenizer.model"), os.path.join(final, "shards"))
+  result = (os.path.join(final, 'tokenizer.model'), os.path.join(final, 'shards'))
   if os.path.isfile(os.path.join(result[1], MANIFEST)):
     return result
   os.makedirs(root, exist_ok=True)
-  with _file_lock(os.path.join(root, f".{key}.lock")):
+  with _file_lock(os.path.join(root, f'.{key}.lock')):
     if os.path.isfile(os.path.join(result[1], MANIFEST)):  # another process built it meanwhile
       return result
     t0 = time.perf_counter()
     files = corpus.stdlib_sources(max_bytes)
 
     def write(tmp):
-      model = train_from_documents(corpus.stdlib_documents(files), os.path.join(tmp, "tokenizer"),
+      model = train_from_documents(corpus.stdlib_documents(files), os.path.join(tmp, 'tokenizer'),
                                    vocab_size)
       prepare_documents(
           model,
           lambda: corpus.stdlib_documents(files),
-          os.path.join(tmp, "shards"),
+          os.path.join(tmp, 'shards'),
           progress=progress,
-          manifest_tokenizer="../tokenizer.model",
-          extra=dict(source="python-stdlib", stdlib=corpus.stdlib_root(), num_inputs=len(files),
+          manifest_tokenizer='../tokenizer.model',
+          extra=dict(source='python-stdlib', stdlib=corpus.stdlib_root(), num_inputs=len(files),
                      max_bytes=max_bytes, build_seconds=None),
       )
-      mpath = os.path.join(tmp, "shards", MANIFEST)
+      mpath = os.path.join(tmp, 'shards', MANIFEST)
       with open(mpath) as f:
         manifest = json.load(f)
-      manifest["build_seconds"] = round(time.perf_counter() - t0, 2)
-      with open(mpath, "w") as f:
+      manifest['build_seconds'] = round(time.perf_counter() - t0, 2)
+      with open(mpath, 'w') as f:
         json.dump(manifest, f, indent=1)
 
     publish.directory(final, write, keep_existing=True)  # lost a race: the other copy is kept

@@ -40,8 +40,7 @@ def make_data(config: ml_collections.ConfigDict):
   """(train_iter, make_eval_iter, tokenizer) of this process's input streams.
 
   Stream s of S (S = train.data_shards, or the process count) is `make_datasets` with
-  process_index=s, process_count=S; process p of n reads streams [p S/n, (p+1) S/n).
-  """
+  process_index=s, process_count=S; process p of n reads streams [p S/n, (p+1) S/n)."""
   tcfg, n, p = config.train, jax.process_count(), jax.process_index()
   S = tcfg.data_shards or n
   make = lambda s: pipeline.make_datasets(config.data, global_batch_size=tcfg.batch_size, seq_len=

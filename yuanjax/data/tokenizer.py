@@ -1,47 +1,47 @@
 """SentencePiece tokenizer: training (BPE, byte fallback, exact round trip) and a thin wrapper.
 
-Train on .txt files (one document each) and/or .jsonl files (one document per line)::
+Train on .txt files (one document each) and/or .jsonl files (one document per line):
 
-    python -m yuanjax.data tokenizer --input 'corpus/**/*.jsonl' --vocab_size 32000 --output out/tok
-    # writes out/tok.model and out/tok.vocab
+  python -m yuanjax.data tokenizer --input 'corpus/**/*.jsonl' --vocab_size 32000 --output out/tok
+  # writes out/tok.model and out/tok.vocab
 
-Use it::
+Use it:
 
-    tok = Tokenizer("out/tok.model")
-    ids = tok.encode("def f(x):\\n    return x\\n")
-    assert tok.decode(ids) == "def f(x):\\n    return x\\n"
+  tok = Tokenizer('out/tok.model')
+  ids = tok.encode('def f(x):\\n    return x\\n')
+  assert tok.decode(ids) == 'def f(x):\\n    return x\\n'
 
-Training settings (:data:`TRAINER_OPTIONS`): BPE, ``byte_fallback`` (no ``<unk>`` ever),
-``normalization_rule_name='identity'``, ``remove_extra_whitespaces=False``,
-``add_dummy_prefix=False`` (a document's encoding does not depend on a phantom leading space),
-``split_digits=True``, ``allow_whitespace_only_pieces=True`` (indentation runs become single
+Training settings (`TRAINER_OPTIONS`): BPE, `byte_fallback` (no `<unk>` ever),
+`normalization_rule_name='identity'`, `remove_extra_whitespaces=False`,
+`add_dummy_prefix=False` (a document's encoding does not depend on a phantom leading space),
+`split_digits=True`, `allow_whitespace_only_pieces=True` (indentation runs become single
 pieces: ~1.5x fewer tokens on Python source) and Yuan's user-defined symbols
-:data:`SPECIAL_SYMBOLS`. Decoding is the exact inverse of encoding for any text, including
+`SPECIAL_SYMBOLS`. Decoding is the exact inverse of encoding for any text, including
 newlines, tabs, runs of spaces and CJK.
 
 Newlines. SentencePiece's trainer reads *lines*, so a plain file input would never teach it a
 newline piece. We feed documents as chunks of whole lines (newlines included, each chunk at most
-``max_sentence_bytes``), so newlines become ordinary pieces (``newline_token=None``).
-Yuan's released tokenizer instead has no newline piece: Yuan's runtime writes every ``\\n`` as
-the literal piece ``<n>`` before encoding and turns ``<n>`` back into ``\\n`` after decoding. Load
-it with ``Tokenizer(path, newline_token='<n>')`` to do the same. (A literal ``<n>`` in the text
+`max_sentence_bytes`), so newlines become ordinary pieces (`newline_token=None`).
+Yuan's released tokenizer instead has no newline piece: Yuan's runtime writes every `\\n` as
+the literal piece `<n>` before encoding and turns `<n>` back into `\\n` after decoding. Load
+it with `Tokenizer(path, newline_token='<n>')` to do the same. (A literal `<n>` in the text
 therefore decodes as a newline in that mode; the same holds for Yuan's own runtime.)
 
-Like every SentencePiece model with user-defined symbols, a literal ``<eod>`` (or any other
+Like every SentencePiece model with user-defined symbols, a literal `<eod>` (or any other
 special symbol) inside a text is encoded as that symbol's id.
 
-Added tokens (Yuan's released tokenizer). Yuan's runtime loads ``tokenizer.model`` with HF's
-SentencePiece-based LlamaTokenizer and then adds :data:`YUAN_ADDED_TOKENS`, in that order: a
+Added tokens (Yuan's released tokenizer). Yuan's runtime loads `tokenizer.model` with HF's
+SentencePiece-based LlamaTokenizer and then adds `YUAN_ADDED_TOKENS`, in that order: a
 token already in the SentencePiece model keeps its id, each one that is not gets the next id
-from the model's size on. ``Tokenizer(path, added_tokens=YUAN_ADDED_TOKENS)`` (what
-``yuanjax.interop.hf.load_tokenizer`` does) gives exactly those ids, and encodes a literal
+from the model's size on. `Tokenizer(path, added_tokens=YUAN_ADDED_TOKENS)` (what
+`yuanjax.interop.hf.load_tokenizer` does) gives exactly those ids, and encodes a literal
 occurrence of any of them in a text as that one id (the text is split on them and the pieces
 encoded), as HF's added tokens are.
 
-Other released tokenizers (Mixtral's Llama-style ``tokenizer.model``: ``<unk> <s> </s>``, no
-``<eod>``): ``aliases`` names the piece that plays each of yuanjax's special roles
-(``{'<eod>': '</s>', '<pad>': '</s>'}``), and ``bos_token='<s>'`` starts every encoded text
-with that id, as HF's LlamaTokenizer does (``add_bos_token``).
+Other released tokenizers (Mixtral's Llama-style `tokenizer.model`: `<unk> <s> </s>`, no
+`<eod>`): `aliases` names the piece that plays each of yuanjax's special roles
+(`{'<eod>': '</s>', '<pad>': '</s>'}`), and `bos_token='<s>'` starts every encoded text
+with that id, as HF's LlamaTokenizer does (`add_bos_token`).
 """
 from __future__ import annotations
 
@@ -56,34 +56,34 @@ import sentencepiece as spm
 from yuanjax import publish
 from yuanjax.data import corpus
 
-EOD, SEP, PAD = "<eod>", "<sep>", "<pad>"
-FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = "<FIM_PREFIX>", "<FIM_MIDDLE>", "<FIM_SUFFIX>"
+EOD, SEP, PAD = '<eod>', '<sep>', '<pad>'
+FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = '<FIM_PREFIX>', '<FIM_MIDDLE>', '<FIM_SUFFIX>'
 SPECIAL_SYMBOLS = (EOD, SEP, PAD, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX)
 # Added by Yuan's runtime after loading tokenizer.model, in this order (Yuan2.0-M32 README).
 YUAN_ADDED_TOKENS = (
     SEP,
     PAD,
-    "<mask>",
-    "<predict>",
+    '<mask>',
+    '<predict>',
     FIM_SUFFIX,
     FIM_PREFIX,
     FIM_MIDDLE,
-    "<commit_before>",
-    "<commit_msg>",
-    "<commit_after>",
-    "<jupyter_start>",
-    "<jupyter_text>",
-    "<jupyter_code>",
-    "<jupyter_output>",
-    "<empty_output>",
-    "<repo_name>",
-    "<file_sep>",
+    '<commit_before>',
+    '<commit_msg>',
+    '<commit_after>',
+    '<jupyter_start>',
+    '<jupyter_text>',
+    '<jupyter_code>',
+    '<jupyter_output>',
+    '<empty_output>',
+    '<repo_name>',
+    '<file_sep>',
 )
 
 TRAINER_OPTIONS = dict(
-    model_type="bpe",
+    model_type='bpe',
     byte_fallback=True,
-    normalization_rule_name="identity",
+    normalization_rule_name='identity',
     remove_extra_whitespaces=False,
     add_dummy_prefix=False,
     split_digits=True,
@@ -93,17 +93,16 @@ TRAINER_OPTIONS = dict(
 
 
 class Tokenizer:
-  """A ``sentencepiece.SentencePieceProcessor`` with Yuan's special ids and newline handling.
+  """A `sentencepiece.SentencePieceProcessor` with Yuan's special ids and newline handling.
 
-    Args:
-      model_path: a SentencePiece ``.model`` file.
-      newline_token: ``None`` (newlines are encoded natively; our trained tokenizers) or a piece
-        such as ``'<n>'`` that stands for ``'\\n'`` (Yuan's released tokenizer).
-      added_tokens: tokens added past the SentencePiece model, in order (module docstring).
-      aliases: {yuanjax special piece: the piece of this model that plays it}, e.g.
-        ``{'<eod>': '</s>'}`` (module docstring).
-      bos_token: a piece every ``encode`` starts with (``None``: none).
-    """
+  Args:
+    model_path: a SentencePiece `.model` file.
+    newline_token: `None` (newlines are encoded natively; our trained tokenizers) or a piece
+      such as `'<n>'` that stands for `'\\n'` (Yuan's released tokenizer).
+    added_tokens: tokens added past the SentencePiece model, in order (module docstring).
+    aliases: {yuanjax special piece: the piece of this model that plays it}, e.g.
+      `{'<eod>': '</s>'}` (module docstring).
+    bos_token: a piece every `encode` starts with (`None`: none)."""
 
   def __init__(self, model_path: str | os.PathLike, newline_token: str | None = None,
                added_tokens: Sequence[str] = (), aliases: dict[str, str] | None = None,
@@ -111,21 +110,21 @@ class Tokenizer:
     self.model_path = os.fspath(model_path)
     self._aliases = dict(aliases or {})
     if not os.path.isfile(self.model_path):
-      raise ValueError(f"tokenizer: {self.model_path}: no such file")
+      raise ValueError(f'tokenizer: {self.model_path}: no such file')
     self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
     self.newline_token = newline_token
     self._added = self._add_tokens(added_tokens)
     self._added_pieces = {i: t for t, i in self._added.items() if i >= self._sp.get_piece_size()}
     by_length = sorted(self._added, key=len, reverse=True)
-    self._split = re.compile("(" + "|".join(map(re.escape, by_length)) + ")") if by_length else None
+    self._split = re.compile('(' + '|'.join(map(re.escape, by_length)) + ')') if by_length else None
     if newline_token is not None and self._piece_id(newline_token) is None:
       raise ValueError(
-          f"tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)")
+          f'tokenizer: {self.model_path} has no piece {newline_token!r} (newline_token)')
     for role, piece in self._aliases.items():
       if piece not in self._added and self._sp_piece_id(piece) is None:
-        raise ValueError(f"tokenizer: {self.model_path} has no piece {piece!r} (aliases[{role!r}])")
+        raise ValueError(f'tokenizer: {self.model_path} has no piece {piece!r} (aliases[{role!r}])')
     if self._piece_id(EOD) is None:
-      raise ValueError(f"tokenizer: {self.model_path} has no {EOD} piece")
+      raise ValueError(f'tokenizer: {self.model_path} has no {EOD} piece')
     self._bos = [] if bos_token is None else [self._special(bos_token)]
 
   def _add_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
@@ -151,7 +150,7 @@ class Tokenizer:
   def _special(self, piece: str) -> int:
     i = self._piece_id(piece)
     if i is None:
-      raise ValueError(f"tokenizer: {self.model_path} has no {piece} piece")
+      raise ValueError(f'tokenizer: {self.model_path} has no {piece} piece')
     return i
 
   @property
@@ -166,7 +165,7 @@ class Tokenizer:
     """The id of a special or added token (ValueError naming the model if it has none)."""
     return self._special(piece)
 
-  eod_id = property(lambda self: self._special(EOD), doc="id of <eod> (ends every document)")
+  eod_id = property(lambda self: self._special(EOD), doc='id of <eod> (ends every document)')
   sep_id = property(lambda self: self._special(SEP))
   pad_id = property(lambda self: self._special(PAD))
   fim_prefix_id = property(lambda self: self._special(FIM_PREFIX))
@@ -177,7 +176,7 @@ class Tokenizer:
     return self._piece_id(piece) is not None
 
   def _pre(self, text: str) -> str:
-    return text if self.newline_token is None else text.replace("\n", self.newline_token)
+    return text if self.newline_token is None else text.replace('\n', self.newline_token)
 
   def encode(self, text: str) -> list[int]:
     text = self._pre(text)
@@ -204,27 +203,27 @@ class Tokenizer:
         run = []
       else:
         run.append(i)
-    text = "".join(parts) + self._sp.decode(run)
-    return text if self.newline_token is None else text.replace(self.newline_token, "\n")
+    text = ''.join(parts) + self._sp.decode(run)
+    return text if self.newline_token is None else text.replace(self.newline_token, '\n')
 
   def __repr__(self) -> str:
-    return f"Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, newline_token={self.newline_token!r})"
+    return (f'Tokenizer({self.model_path!r}, vocab_size={self.vocab_size}, '
+            f'newline_token={self.newline_token!r})')
 
 
 def _sentences(documents: Iterable[corpus.Document], max_bytes: int) -> Iterator[str]:
-  """Cuts documents into training chunks: whole lines (newlines kept), at most ``max_bytes``.
+  """Cuts documents into training chunks: whole lines (newlines kept), at most `max_bytes`.
 
-    A line longer than that is cut into ``max_bytes``-character slices, at most
-    ``4 * max_bytes`` bytes of UTF-8 each, so that none exceeds the trainer's
-    ``max_sentence_length`` (which would silently drop it). ``"".join`` of the chunks of a
-    document is the document.
-    """
+  A line longer than that is cut into `max_bytes`-character slices, at most
+  `4 * max_bytes` bytes of UTF-8 each, so that none exceeds the trainer's
+  `max_sentence_length` (which would silently drop it). `"".join` of the chunks of a
+  document is the document."""
   for doc in documents:
     chunk, size = [], 0
     for line in doc.text.splitlines(keepends=True):
-      n = len(line.encode("utf-8"))
+      n = len(line.encode('utf-8'))
       if chunk and size + n > max_bytes:
-        yield "".join(chunk)
+        yield ''.join(chunk)
         chunk, size = [], 0
       if n > max_bytes:
         yield from (line[i:i + max_bytes] for i in range(0, len(line), max_bytes))
@@ -232,7 +231,7 @@ def _sentences(documents: Iterable[corpus.Document], max_bytes: int) -> Iterator
       chunk.append(line)
       size += n
     if chunk:
-      yield "".join(chunk)
+      yield ''.join(chunk)
 
 
 def train_from_documents(
@@ -245,14 +244,13 @@ def train_from_documents(
     max_sentences: int = 200_000,
     num_threads: int | None = None,
 ) -> str:
-  """Trains a tokenizer on ``documents``; writes ``PREFIX.model`` / ``PREFIX.vocab`` atomically.
+  """Trains a tokenizer on `documents`; writes `PREFIX.model` / `PREFIX.vocab` atomically.
 
-    ``max_sentences`` caps how many chunks SentencePiece keeps in memory (it samples beyond that).
-    Returns the ``.model`` path.
-    """
+  `max_sentences` caps how many chunks SentencePiece keeps in memory (it samples beyond that).
+  Returns the `.model` path."""
   output_prefix = os.fspath(output_prefix)
   if vocab_size < 1:
-    raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+    raise ValueError(f'vocab_size must be positive, got {vocab_size}')
   os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
   failure: list[BaseException] = []
 
@@ -280,12 +278,12 @@ def train_from_documents(
   except RuntimeError as e:
     if failure:
       raise failure[0] from None
-    raise ValueError(f"tokenizer training failed: {e}") from e
+    raise ValueError(f'tokenizer training failed: {e}') from e
   sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-  vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.get_piece_size()))
-  publish.file(output_prefix + ".vocab", vocab.encode("utf-8"))
-  publish.file(output_prefix + ".model", model.getvalue())
-  return output_prefix + ".model"
+  vocab = ''.join(f'{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n' for i in range(sp.get_piece_size()))
+  publish.file(output_prefix + '.vocab', vocab.encode('utf-8'))
+  publish.file(output_prefix + '.model', model.getvalue())
+  return output_prefix + '.model'
 
 
 def train_tokenizer(
@@ -293,10 +291,10 @@ def train_tokenizer(
     output_prefix: str | os.PathLike,
     vocab_size: int,
     *,
-    text_key: str = "text",
+    text_key: str = 'text',
     **kwargs,
 ) -> str:
-  """Trains a tokenizer on .txt / .jsonl files or globs (see :func:`train_from_documents`)."""
+  """Trains a tokenizer on .txt / .jsonl files or globs (see `train_from_documents`)."""
   files = corpus.expand_inputs(inputs)
   return train_from_documents(corpus.read_documents(files, text_key), output_prefix, vocab_size,
                               **kwargs)
