@@ -9,20 +9,13 @@ Variants as in configs/router_ablation.py (none: CPU study, `smoke`, `gpu`); the
 data, budget and eval are that file's. More experts of the same size means more total
 parameters at the same active parameters per token (the paper's Table 2 design).
 """
-import importlib.util
 import os
 
+from yuanjax import workdir
 
-def _load_sibling(name):
-  """configs/ is not a package (config files load by path): import a sibling file by path."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f'{name}.py')
-  spec = importlib.util.spec_from_file_location(f'_yuanjax_configs_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-router_ablation = _load_sibling('router_ablation')
+# configs/ is not a package (config files load by path): the sibling file, by path.
+router_ablation = workdir.load_config_module(
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), 'router_ablation.py'))
 
 EXPERTS = (8, 16, 32)
 

@@ -6,13 +6,16 @@ job is requeued until the newest checkpoint in WORKDIR/checkpoints/ is at num_st
 
   python launch/progress.py --config=configs/x.py[:arg] --workdir=DIR \\
       [--config.train.num_steps=N ...]
+
+It reads the workdir through yuanjax.workdir (standard library only: no JAX is imported), so
+the job's python must import yuanjax, as its pre-flight checks.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
+
+from yuanjax import workdir as workdir_lib
 
 KEY = '--config.train.num_steps='
 
@@ -22,25 +25,13 @@ def num_steps(config: str, overrides: list[str]) -> int:
   given = [o[len(KEY):] for o in overrides if o.startswith(KEY)]
   if given:
     return int(given[-1])
-  path, _, arg = config.partition(':')
-  spec = importlib.util.spec_from_file_location('_progress_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(arg) if arg else module.get_config()
-  return int(cfg.train.num_steps)
+  return int(workdir_lib.load_config(*workdir_lib.split_config_spec(config)).train.num_steps)
 
 
 def newest_step(workdir: str) -> int | None:
-  """The highest step among WORKDIR/checkpoints/<step> (gs:// through etils.epath)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if '://' in directory:
-    from etils import epath  # pylint: disable=g-import-not-at-top  # Orbax's own path library
-    path = epath.Path(directory)
-    names = [p.name for p in path.iterdir()] if path.exists() else []
-  else:
-    names = os.listdir(directory) if os.path.isdir(directory) else []
-  steps = [int(n) for n in names if n.isdigit()]
-  return max(steps) if steps else None
+  """The highest step among WORKDIR/checkpoints/<step> (local or gs://)."""
+  steps = workdir_lib.checkpoint_steps(workdir)
+  return steps[-1] if steps else None
 
 
 def main(argv=None) -> int:

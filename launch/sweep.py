@@ -36,26 +36,27 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
 import hashlib
-import importlib.util
 import inspect
 import json
 import os
 import re
 import sys
 import threading
+import types
+from collections.abc import Callable
 
 from launch import common, gpu_slurm, local, tpu_pod, xpk
+from yuanjax import publish, workdir as workdir_lib
 
-BACKENDS = {'local': local, 'tpu': tpu_pod, 'slurm': gpu_slurm, 'xpk': xpk}
+Named = list[tuple[str, argparse.Namespace]]  # (variant name, its backend args) per variant
 
 
 def load_sweep(path: str, arg: str | None = None) -> list[dict]:
   """Imports the config file by path (as ml_collections' config_flags does), calls sweep(arg)."""
-  spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
+    module = workdir_lib.load_config_module(path)
   except Exception as e:
     raise ValueError(f'importing it failed: {type(e).__name__}: {e}') from e
   if not callable(getattr(module, 'sweep', None)):
@@ -85,13 +86,6 @@ def variant_name(overrides: dict) -> str:
   return name
 
 
-def config_arg(spec: str) -> str | None:
-  """'configs/x.py:smoke' -> 'smoke'; 'configs/x.py' -> None."""
-  path, colon, arg = spec.partition(':')
-  del path
-  return arg if colon else None
-
-
 def parse(argv=None):
   p = common.parser(__doc__)
   p.add_argument('--backend', choices=sorted(BACKENDS), default='local',
@@ -101,22 +95,20 @@ def parse(argv=None):
   args = common.parse(p, argv, pass_through=True)
   if args.parallel < 1:
     p.error(f'--parallel={args.parallel}: must be at least 1')
-  args.config_arg = config_arg(args.config)
+  args.config_arg = workdir_lib.split_config_spec(args.config)[1]
   try:
     args.variants = load_sweep(args.config_path, args.config_arg)
   except ValueError as e:
     p.error(f'--config={args.config}: {e}')
-  if args.backend == 'tpu' and '--reuse' in args.rest and args.parallel > 1:
-    p.error(f'--parallel={args.parallel}: with --reuse the variants queue on the one slice')
-  if args.backend == 'slurm' and any(a.startswith('--script') for a in args.rest):
-    p.error('--script: not in a sweep (each variant writes LOG_DIR/JOB_NAME-<variant>.sbatch)')
+  refusal = BACKENDS[args.backend].refuse(args)
+  if refusal:
+    p.error(refusal)
   return args
 
 
-def runs(args) -> list[tuple[str, argparse.Namespace]]:
+def runs(args) -> Named:
   """(name, backend args) per variant; the backend checks its own flags (exit 2 if bad)."""
-  backend, out, seen = BACKENDS[args.backend], [], set()
-  ports = common.free_ports(len(args.variants)) if args.backend == 'local' else []
+  backend, named, seen = BACKENDS[args.backend], [], set()
   fixed = {common.OVERRIDE_RE.fullmatch(a).group(1): a for a in args.overrides}
   for i, variant in enumerate(args.variants):
     name = variant_name(variant)
@@ -128,28 +120,81 @@ def runs(args) -> list[tuple[str, argparse.Namespace]]:
         *args.rest, f'--config={args.config}', f'--workdir={args.workdir.rstrip("/")}/{name}',
         *overrides.values()
     ]
-    run = backend.parse(argv)
-    # Names and local folders of their own, so that variants do not overwrite each other.
-    if args.backend == 'local':
-      if run.port is None:  # a free port each (variants at once need ports of their own)
-        run.port = ports[i]
-      elif args.parallel > 1:
-        run.port += i
-      if run.log_dir or '://' not in run.workdir:
-        run.log_dir = os.path.join(run.log_dir or run.workdir, name if run.log_dir else 'logs')
-    elif args.backend == 'tpu' and not run.reuse:  # --reuse: all on the one slice
+    named.append((name, backend.module.parse(argv)))
+  backend.distinct(args, named)  # so that variants do not overwrite each other
+  return named
+
+
+# ------------------------------------------------------------------------------- backends
+
+
+def _distinct_local(args, named: Named) -> None:
+  """A free port each (variants at once need their own; a given --port counts up with
+  --parallel), and logs in the variant's workdir (or --log_dir/<name>)."""
+  ports = common.free_ports(len(named))
+  for i, (name, run) in enumerate(named):
+    if run.port is None:
+      run.port = ports[i]
+    elif args.parallel > 1:
+      run.port += i
+    if run.log_dir:
+      run.log_dir = os.path.join(run.log_dir, name)
+    elif '://' not in run.workdir:
+      run.log_dir = workdir_lib.logs_dir(run.workdir)
+
+
+def _distinct_tpu(args, named: Named) -> None:
+  """A slice each, NAME-<i>, with a local folder of its own; --reuse: all on the one slice."""
+  given = any(a.startswith('--local_dir') for a in args.rest)
+  for i, (_, run) in enumerate(named):
+    if not run.reuse:
       run.name = f'{run.name}-{i}'
-      given = any(a.startswith('--local_dir') for a in args.rest)
       run.local_dir = os.path.join(run.local_dir if given else os.path.dirname(run.local_dir),
                                    run.name)
-    elif args.backend == 'xpk':
-      run.workload = f'{run.workload}-{i}'
-      if len(run.workload) > 40:
-        raise SystemExit(f'--workload: {run.workload!r} is over 40 characters; shorten it')
-    elif args.backend == 'slurm':
-      run.job_name = f'{run.job_name}-{name}'
-    out.append((name, run))
-  return out
+
+
+def _refuse_tpu(args) -> str | None:
+  if '--reuse' in args.rest and args.parallel > 1:
+    return f'--parallel={args.parallel}: with --reuse the variants queue on the one slice'
+  return None
+
+
+def _distinct_slurm(args, named: Named) -> None:
+  del args  # the job names alone
+  for name, run in named:
+    run.job_name = f'{run.job_name}-{name}'
+
+
+def _refuse_slurm(args) -> str | None:
+  if any(a.startswith('--script') for a in args.rest):
+    return '--script: not in a sweep (each variant writes LOG_DIR/JOB_NAME-<variant>.sbatch)'
+  return None
+
+
+def _distinct_xpk(args, named: Named) -> None:
+  del args  # the workload names alone
+  for i, (_, run) in enumerate(named):
+    run.workload = f'{run.workload}-{i}'
+    if len(run.workload) > 40:
+      raise SystemExit(f'--workload: {run.workload!r} is over 40 characters; shorten it')
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  """Where variants run: the launcher module (parse(argv) -> run args, plan(run) -> Plan), how
+  the variants' runs get names and folders of their own, and the sweep flags it refuses (an
+  error message, or None). A new backend is one entry of BACKENDS."""
+  module: types.ModuleType
+  distinct: Callable[[argparse.Namespace, Named], None]
+  refuse: Callable[[argparse.Namespace], str | None] = lambda args: None
+
+
+BACKENDS = {
+    'local': Backend(local, _distinct_local),
+    'tpu': Backend(tpu_pod, _distinct_tpu, _refuse_tpu),
+    'slurm': Backend(gpu_slurm, _distinct_slurm, _refuse_slurm),
+    'xpk': Backend(xpk, _distinct_xpk),
+}
 
 
 class Manifest:
@@ -157,11 +202,10 @@ class Manifest:
 
   def __init__(self, args, names_overrides):
     local = '://' not in args.workdir
-    self.path = os.path.join(args.workdir, 'sweep.json') if local and not args.dry_run else None
-    before = {}
-    if self.path and os.path.exists(self.path):
-      with open(self.path) as f:
-        before = {r['name']: r for r in json.load(f)['runs']}
+    self.path = workdir_lib.sweep_manifest_path(args.workdir) if local and not args.dry_run \
+        else None
+    old_manifest = workdir_lib.read_sweep_manifest(args.workdir) if self.path else None
+    before = {r['name']: r for r in old_manifest['runs']} if old_manifest else {}
     self.lock = threading.Lock()
     self.data = dict(config=args.config, arg=args.config_arg, backend=args.backend,
                      overrides=args.overrides, runs=[])
@@ -169,7 +213,7 @@ class Manifest:
       old = before.get(name, {})
       done = old.get('status') == 'done' and old.get('overrides') == overrides
       self.data['runs'].append(
-          dict(name=name, overrides=overrides, workdir=os.path.join(args.workdir, name),
+          dict(name=name, overrides=overrides, workdir=workdir_lib.variant_dir(args.workdir, name),
                status='done' if done else 'pending',
                returncode=old.get('returncode') if done else None))
     self.write()
@@ -189,9 +233,7 @@ class Manifest:
     if not self.path:
       return
     os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    with open(self.path + '.tmp', 'w') as f:
-      json.dump(self.data, f, indent=1)
-    os.replace(self.path + '.tmp', self.path)
+    publish.file(self.path, json.dumps(self.data, indent=1).encode())
 
 
 def _run_one(name, plan, manifest, dry_run) -> int:
@@ -214,9 +256,9 @@ def _run_one(name, plan, manifest, dry_run) -> int:
 
 def main(argv=None) -> int:
   args = parse(argv)
-  backend = BACKENDS[args.backend]
   named = runs(args)
-  plans = [(name, backend.plan(run)) for name, run in named]  # all checked before any runs
+  launcher = BACKENDS[args.backend].module
+  plans = [(name, launcher.plan(run)) for name, run in named]  # all checked before any runs
   manifest = Manifest(args, [(name, v) for (name, _), v in zip(named, args.variants)])
   if args.parallel == 1:  # in this thread: signals reach execute (a TPU slice's cleanup)
     codes = {name: _run_one(name, plan, manifest, args.dry_run) for name, plan in plans}

@@ -41,7 +41,7 @@ import os
 import numpy as np
 from IPython.display import Markdown, display
 
-from yuanjax import config_lib, generate, stats
+from yuanjax import config_lib, generate, stats, workdir
 from yuanjax.analysis import notebook, plots
 from yuanjax.analysis import stats as astats
 
@@ -78,16 +78,16 @@ display(Markdown(notebook.markdown_table(
 
 # %%
 if GIVEN:
-  print('opening', GIVEN, 'checkpoints:', notebook.checkpoint_steps(GIVEN))
+  print('opening', GIVEN, 'checkpoints:', workdir.checkpoint_steps(GIVEN))
 else:
   trained = notebook.train_or_open(config, WORKDIR)
-  print('trained' if trained else 'already trained:', notebook.checkpoint_steps(WORKDIR))
+  print('trained' if trained else 'already trained:', workdir.checkpoint_steps(WORKDIR))
 
 # %% [markdown]
 # ## Loss
 
 # %%
-metrics = notebook.read_metrics(WORKDIR)
+metrics = workdir.read_metrics(WORKDIR)
 train, evals = metrics['train'], metrics.get('eval', [])
 runs = {'train': ([r['step'] for r in train], [r['loss'] for r in train])}
 if evals:

@@ -43,7 +43,7 @@ import os
 import numpy as np
 from IPython.display import Markdown, display
 
-from yuanjax import generate
+from yuanjax import generate, workdir
 from yuanjax.analysis import notebook, plots, texts
 from yuanjax.analysis import routing as routing_lib
 from yuanjax.analysis import stats
@@ -184,7 +184,7 @@ for m in sorted({0, len(r.layers_M) - 1}):
 # where it stays low the routing is still moving.
 
 # %%
-steps = notebook.checkpoint_steps(CHECKPOINT)
+steps = workdir.checkpoint_steps(CHECKPOINT)
 if len(steps) >= 2:
   sat = []
   for step in steps:

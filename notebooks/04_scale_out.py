@@ -33,7 +33,7 @@ import collections
 
 from IPython.display import Markdown, display
 
-from yuanjax import config_lib, plan
+from yuanjax import config_lib, plan, workdir
 from yuanjax.analysis import notebook, plots
 
 SMOKE = notebook.smoke()
@@ -60,14 +60,10 @@ if SMOKE:
 
 
 def m32_config(mesh: dict, remat: str, grad_accum: int):
-  import importlib.util
   import os
   path = os.path.join(os.path.dirname(yuanjax.__file__), '..', 'configs', 'yuan_m32.py')
   if os.path.exists(path):            # a checkout: the experiment's own config file
-    spec = importlib.util.spec_from_file_location('yuan_m32', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = workdir.load_config(path)
   else:                               # pip-installed (Colab): the same model on the base config
     config = config_lib.base_config()
     config.model = config_lib.m32_model()

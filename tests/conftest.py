@@ -31,11 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The smoke study plus a linear-router run whose seed is not an int: it fails at config
 # parsing (exit status != 0), in the `linear` variant's group.
 CONFIG = textwrap.dedent(f'''\
-    import importlib.util
-    _spec = importlib.util.spec_from_file_location(
-        'router_ablation', {os.path.join(REPO, 'configs', 'router_ablation.py')!r})
-    base = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(base)
+    from yuanjax import workdir
+    base = workdir.load_config_module({os.path.join(REPO, 'configs', 'router_ablation.py')!r})
     get_config = base.get_config
 
 

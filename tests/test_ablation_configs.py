@@ -1,20 +1,16 @@
 """configs/router_ablation.py and configs/expert_count_ablation.py: variants, sweeps, and the
 `shared` router's parameter matching."""
-import importlib.util
 import os
 
 import pytest
 
-from yuanjax import config_lib, stats
+from yuanjax import config_lib, stats, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, 'configs', f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return workdir.load_config_module(os.path.join(REPO, 'configs', f'{name}.py'))
 
 
 @pytest.mark.parametrize('arg', [None, 'smoke', 'gpu', 'long'])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from yuanjax import checkpoint, step_guard
+from yuanjax import checkpoint, step_guard, workdir
 from yuanjax.train_state import TrainState
 
 
@@ -25,7 +25,7 @@ def test_checkpoint_without_guard_restores_with_a_fresh_guard(tmp_path, monkeypa
         7, args=ocp.args.Composite(state=ocp.args.StandardSave(old),
                                    data=grain.checkpoint.CheckpointSave(it),
                                    meta=ocp.args.JsonSave({'step': 7})))
-  assert checkpoint.steps('run') == [7] and checkpoint.directory('run').startswith('/')
+  assert workdir.checkpoint_steps('run') == [7] and checkpoint.directory('run').startswith('/')
   guard = step_guard.init(4)
   abstract = jax.eval_shape(lambda: TrainState(old['step'], old['params'], old['opt_state'], guard))
   ckpt = checkpoint.for_workdir('run', keep=2)  # a relative workdir

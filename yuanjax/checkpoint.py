@@ -1,8 +1,9 @@
 """Orbax checkpoints: train state and grain iterator state saved together, async.
 
-This module owns the workdir's checkpoint layout: WORKDIR/checkpoints/<step>/{state,data,meta}
+This module owns what is inside a checkpoint: WORKDIR/checkpoints/<step>/{state,data,meta}
 (`for_workdir(workdir)` for the trainer, `restore_params(workdir, ...)` for generate; relative
-workdirs are made absolute here, as Orbax requires). Orbax writes each save into a
+workdirs are made absolute here, as Orbax requires); yuanjax.workdir owns where the
+checkpoints directory is and which steps it holds. Orbax writes each save into a
 temporary directory and renames it when complete, so a save cut short (SIGKILL mid-save)
 never looks like a checkpoint. A checkpoint that looks complete but cannot be read (a file
 truncated or removed) is reported, moved aside to `<step>.unreadable-<n>` (never deleted),
@@ -34,7 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-CHECKPOINTS = 'checkpoints'
+from yuanjax import workdir as workdir_lib
 
 
 class _Everything(set):
@@ -52,18 +53,12 @@ class SaveError(RuntimeError):
 
 def directory(workdir: str) -> str:
   """WORKDIR/checkpoints, absolute (Orbax refuses relative paths)."""
-  path = os.path.join(workdir, CHECKPOINTS)
+  path = workdir_lib.checkpoints_dir(workdir)
   return path if '://' in path else os.path.abspath(path)
 
 
 def has_checkpoints(workdir: str) -> bool:
   return os.path.isdir(directory(workdir))
-
-
-def steps(workdir: str) -> list[int]:
-  """The finished checkpoints' steps, oldest first (temporary and moved-aside dirs excluded)."""
-  names = os.listdir(directory(workdir)) if has_checkpoints(workdir) else []
-  return sorted(int(n) for n in names if n.isdigit())
 
 
 def for_workdir(workdir: str, *, keep: int, async_save: bool = True) -> 'Checkpointer':
@@ -79,7 +74,7 @@ def restore_params(workdir: str, make_abstract, step: int | None = None):
   """(step, params, meta) of the newest readable checkpoint of a training workdir, read-only:
   an unreadable one is reported and the previous one tried (nothing is moved). With `step`,
   that checkpoint alone. `make_abstract(meta)` gives the abstract params (ShapeDtypeStructs)."""
-  found = steps(workdir)
+  found = workdir_lib.checkpoint_steps(workdir)
   if not found:
     raise FileNotFoundError(f'{workdir}: no checkpoints under {directory(workdir)}')
   if step is not None:
@@ -231,8 +226,7 @@ class _SaveErrors:
   def __exit__(self, kind, error, tb):
     if error is None or not isinstance(error, Exception) or isinstance(error, SaveError):
       return False
-    kept = sorted(int(n) for n in os.listdir(self.ckpt.directory) if n.isdigit()) \
-        if os.path.isdir(self.ckpt.directory) else []
+    kept = workdir_lib.steps_in(self.ckpt.directory)
     what = 'a checkpoint save' if self.step is None else f'saving step {self.step}'
     raise SaveError(f'{what} to {self.ckpt.directory} failed ({type(error).__name__}: '
                     f'{str(error).splitlines()[0][:300] if str(error) else ""}); the checkpoints '

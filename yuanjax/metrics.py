@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from yuanjax import publish, workdir as workdir_lib
+
 # Dense bf16 peak FLOP/s per chip, from vendor spec sheets (H100 SXM: 989 TF dense; we
 # measured 797 TF/s for a bf16 8192^3 matmul through JAX, see ../shared notes). Matched like
 # MEMORY_BANDWIDTH below: specific names first (JAX calls v5p 'TPU v5', v5e 'TPU v5 lite').
@@ -144,12 +146,12 @@ class MetricsWriter:
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = workdir_lib.metrics_path(workdir)
     self.tb = None
     if enabled:
       from tensorboardX import SummaryWriter
       os.makedirs(workdir, exist_ok=True)
-      self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+      self.tb = SummaryWriter(workdir_lib.tensorboard_dir(workdir))
 
   def truncate_after(self, step: int) -> None:
     """On resume: drop records of steps after `step` (they are recomputed identically)."""
@@ -157,10 +159,7 @@ class MetricsWriter:
       return
     with open(self.path) as f:
       keep = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
-    tmp = self.path + '.tmp'
-    with open(tmp, 'w') as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    publish.file(self.path, ''.join(keep).encode())
 
   def write(self, step: int, scalars: dict[str, float], kind: str = 'train') -> None:
     if not self.enabled:

@@ -14,7 +14,7 @@ the first D):
   comparisons.json those differences
   eval_loss.png    eval loss vs training tokens, per variant: mean over seeds, band min..max
   expert_load.png  relative expert load (load / balanced load) per layer x expert, one panel
-                   per variant (DeepSeek-V3 style)
+                   per MoE variant (DeepSeek-V3 style; not written when no variant has MoE)
 
 and prints the table. Only finished runs (status `done` in the manifest and an eval line
 at the last step) are averaged; the others are listed by name with their status, never
@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import importlib.util
+import io
 import json
 import math
 import os
@@ -41,7 +41,7 @@ import sys
 
 import numpy as np
 
-from yuanjax import config_lib, stats as model_stats
+from yuanjax import config_lib, publish, stats as model_stats, workdir
 from yuanjax.analysis import stats
 
 SEED_KEY = 'train.seed'
@@ -63,13 +63,6 @@ class Run:
 # ---------------------------------------------------------------------------- reading runs
 
 
-def _load_module(path: str):
-  spec = importlib.util.spec_from_file_location('_report_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _literal(text: str):
   """A --config.KEY=VALUE value as the command line gives it: a Python literal, else a str."""
   try:
@@ -80,10 +73,10 @@ def _literal(text: str):
 
 def run_config(manifest: dict, overrides: dict, base_dir: str):
   """The config a run trained with: get_config(arg), the common overrides, the run's."""
-  path = manifest['config'].partition(':')[0]
+  path = workdir.split_config_spec(manifest['config'])[0]
   if not os.path.isabs(path) and not os.path.exists(path):
     path = os.path.join(base_dir, path)
-  config = _load_module(path).get_config(manifest.get('arg'))
+  config = workdir.load_config(path, manifest.get('arg'))
   common = {}
   for flag in manifest.get('overrides', []):
     key, _, value = flag[len('--config.'):].partition('=')
@@ -92,28 +85,15 @@ def run_config(manifest: dict, overrides: dict, base_dir: str):
   return config
 
 
-def read_metrics(workdir: str) -> tuple[list[dict], list[dict]]:
-  """(train records, eval records) of workdir/metrics.jsonl; ([], []) if there is none."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if not os.path.exists(path):
-    return [], []
-  with open(path) as f:
-    records = [json.loads(line) for line in f if line.strip()]
-  return ([r for r in records if r.get('kind') == 'train'],
-          [r for r in records if r.get('kind') == 'eval'])
-
-
 def variant_of(overrides: dict) -> str:
   rest = {k: v for k, v in overrides.items() if k != SEED_KEY}
   return ' '.join(f'{k}={v}' for k, v in rest.items()) or 'base'
 
 
 def load_runs(sweep_dir: str) -> list[Run]:
-  path = os.path.join(sweep_dir, 'sweep.json')
-  if not os.path.exists(path):
+  path, manifest = workdir.sweep_manifest_path(sweep_dir), workdir.read_sweep_manifest(sweep_dir)
+  if manifest is None:
     raise FileNotFoundError(f'{path}: no sweep manifest (is {sweep_dir} a launch.sweep --workdir?)')
-  with open(path) as f:
-    manifest = json.load(f)
   out = []
   for r in manifest['runs']:
     status = r['status']
@@ -123,9 +103,10 @@ def load_runs(sweep_dir: str) -> list[Run]:
       if status == 'done':
         raise ValueError(f'{path}: run {r["name"]}: its config cannot be rebuilt: {e}') from e
       config = None  # a run that failed on its own overrides
-    workdir = r['workdir'] if os.path.isabs(r['workdir']) else os.path.join(
+    run_dir = r['workdir'] if os.path.isabs(r['workdir']) else workdir.variant_dir(
         sweep_dir, os.path.basename(r['workdir']))
-    train, evals = read_metrics(workdir)
+    records = workdir.read_metrics(run_dir, missing_ok=True)
+    train, evals = records.get('train', []), records.get('eval', [])
     if status == 'done' and not any(e['step'] == config.train.num_steps for e in evals):
       status = 'unfinished'  # exited 0 without an eval at the last step (preempted)
     out.append(
@@ -303,43 +284,32 @@ def eval_curve(runs: list[Run]):
   return np.array(steps) * t.batch_size * t.seq_len, losses
 
 
-def plot_eval_loss(groups: dict[str, list[Run]], path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for variant, runs in groups.items():
-    curve = eval_curve(runs)
-    if curve is None:
-      continue
-    tokens, losses = curve
-    line, = ax.plot(tokens, losses.mean(0), marker='o',
-                    label=f'{short_label(variant)} ({len(losses)} seeds)')
-    ax.fill_between(tokens, losses.min(0), losses.max(0), color=line.get_color(), alpha=0.2)
-  ax.set(xlabel='training tokens', ylabel='eval loss', title='Eval loss (mean, band: min..max)')
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+def _labels(variants) -> dict[str, str]:
+  """{variant: its short_label}, or the variants themselves if short labels would collide."""
+  short = {v: short_label(v) for v in variants}
+  return short if len(set(short.values())) == len(short) else {v: v for v in variants}
 
 
-def plot_expert_load(rows: list[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.colors as mcolors
-  import matplotlib.pyplot as plt
-  rows = [r for r in rows if 'relative_load' in r]
-  fig, axes = plt.subplots(
-      len(rows) or 1, 1, figsize=(8, 1.2 + 1.3 * max(len(rows), 1)), squeeze=False)
-  vmax = max([np.max(r['relative_load']) for r in rows] + [2.0])
-  norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax)
-  for ax, row in zip(axes[:, 0], rows):
-    im = ax.imshow(np.array(row['relative_load']), cmap='RdBu_r', norm=norm, aspect='auto')
-    ax.set(title=short_label(row['variant']), ylabel='layer', xlabel='expert')
-    fig.colorbar(im, ax=ax, label='load / balanced')
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+def _save(fig, path: str) -> None:
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (plots only)
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=120)
   plt.close(fig)
+  publish.file(path, png.getvalue())
+
+
+def write_plots(groups: dict[str, list[Run]], rows: list[dict], out_dir: str) -> None:
+  """eval_loss.png and, when some variant has MoE layers, expert_load.png (analysis.plots)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top  (plots only)
+  matplotlib.use('Agg')
+  from yuanjax.analysis import plots  # pylint: disable=g-import-not-at-top
+  label = _labels(groups)
+  curves = {label[v]: c for v, runs in groups.items() if (c := eval_curve(runs)) is not None}
+  _save(plots.mean_with_band(curves, title='Eval loss (mean, band: min..max)'),
+        os.path.join(out_dir, 'eval_loss.png'))
+  loads = {label[r['variant']]: r['relative_load'] for r in rows if 'relative_load' in r}
+  if loads:
+    _save(plots.relative_load_panels(loads), os.path.join(out_dir, 'expert_load.png'))
 
 
 def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
@@ -350,15 +320,11 @@ def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
   rows = [variant_row(v, rs) for v, rs in groups.items()]
   comparisons = compare(rows)
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'report.json'), 'w') as f:
-    json.dump(rows, f, indent=1)
-  with open(os.path.join(out_dir, 'comparisons.json'), 'w') as f:
-    json.dump(comparisons, f, indent=1)
   text = markdown(rows, comparisons)
-  with open(os.path.join(out_dir, 'report.md'), 'w') as f:
-    f.write(text)
-  plot_eval_loss(groups, os.path.join(out_dir, 'eval_loss.png'))
-  plot_expert_load(rows, os.path.join(out_dir, 'expert_load.png'))
+  for name, data in (('report.json', json.dumps(rows, indent=1)),
+                     ('comparisons.json', json.dumps(comparisons, indent=1)), ('report.md', text)):
+    publish.file(os.path.join(out_dir, name), data.encode())
+  write_plots(groups, rows, out_dir)
   print(text)
   return rows
 

@@ -1,6 +1,4 @@
 """yuanjax.analysis.notebook: the helpers the notebooks share."""
-import json
-
 import numpy as np
 
 from yuanjax.analysis import notebook
@@ -14,29 +12,6 @@ def test_smoke_switch_and_workdir(monkeypatch, tmp_path):
   assert not notebook.smoke() and notebook.workdir('q') == str(tmp_path / 'q')
   small, full = notebook.quickstart_config(True), notebook.quickstart_config(False)
   assert small.train.num_steps < full.train.num_steps and small.model.num_layers == 2
-
-
-def test_read_metrics_and_checkpoint_steps(tmp_path):
-  records = [{
-      'step': 2,
-      'kind': 'train',
-      'loss': 2.0
-  }, {
-      'step': 1,
-      'kind': 'train',
-      'loss': 3.0
-  }, {
-      'step': 2,
-      'kind': 'eval',
-      'loss': 2.5
-  }]
-  (tmp_path / 'metrics.jsonl').write_text('\n'.join(map(json.dumps, records)) + '\n')
-  m = notebook.read_metrics(str(tmp_path))
-  assert [r['loss'] for r in m['train']] == [3.0, 2.0] and m['eval'][0]['loss'] == 2.5
-  for d in ('10', '2', 'tmp-3'):
-    (tmp_path / 'checkpoints' / d).mkdir(parents=True)
-  assert notebook.checkpoint_steps(str(tmp_path)) == [2, 10]
-  assert notebook.checkpoint_steps(str(tmp_path / 'nothing')) == []
 
 
 class _Pieces:

@@ -12,6 +12,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, REPO)
 
 from launch import sweep  # pylint: disable=g-import-not-at-top
+from yuanjax import workdir  # pylint: disable=g-import-not-at-top
 
 CONFIG = textwrap.dedent('''\
     def get_config(arg=None):
@@ -43,7 +44,8 @@ def cfg(tmp_path):
 
 
 def test_config_arg_reaches_sweep(cfg):
-  assert sweep.config_arg(f'{cfg}:three') == 'three' and sweep.config_arg(cfg) is None
+  assert workdir.split_config_spec(f'{cfg}:three') == (cfg, 'three')
+  assert workdir.split_config_spec(cfg) == (cfg, None)
   assert len(sweep.parse([f'--config={cfg}:three', '--workdir=/w']).variants) == 3
   assert len(sweep.parse([f'--config={cfg}', '--workdir=/w']).variants) == 2
   # A sweep() without a parameter (configs/demo.py) is still called without one.

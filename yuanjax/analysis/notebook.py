@@ -1,5 +1,5 @@
 """What the notebooks (notebooks/*.py) share: the smoke switch, where they write, the small
-model they train, and reading a workdir back.
+model they train (a workdir is read back with yuanjax.workdir).
 
   YUANJAX_NOTEBOOK_SMOKE=1   shrink everything to seconds (CI runs the notebooks this way)
   YUANJAX_NOTEBOOK_DIR       where the notebooks train (default: $TMPDIR/yuanjax-notebooks)
@@ -7,13 +7,12 @@ model they train, and reading a workdir back.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import tempfile
 
 import ml_collections
 
-from yuanjax import config_lib
+from yuanjax import config_lib, workdir as workdir_lib
 
 
 def smoke() -> bool:
@@ -47,34 +46,15 @@ def quickstart_config(is_smoke: bool) -> ml_collections.ConfigDict:
   return config
 
 
-def checkpoint_steps(path: str) -> list[int]:
-  """The steps of the checkpoints a training workdir holds, oldest first ([] if none)."""
-  return sorted(
-      int(os.path.basename(d))
-      for d in glob.glob(os.path.join(path, 'checkpoints', '*'))
-      if os.path.basename(d).isdigit())
-
-
 def train_or_open(config: ml_collections.ConfigDict, path: str) -> bool:
   """Trains `config` into workdir `path` unless it already holds the last step (resuming a run
   that stopped early). Returns whether it trained."""
-  steps = checkpoint_steps(path)
+  steps = workdir_lib.checkpoint_steps(path)
   if steps and steps[-1] >= config.train.num_steps:
     return False
   from yuanjax import trainer  # pylint: disable=g-import-not-at-top  (heavy)
   trainer.train_and_evaluate(config, path)
   return True
-
-
-def read_metrics(path: str) -> dict[str, list[dict]]:
-  """WORKDIR/metrics.jsonl grouped by kind: {'train': [...], 'eval': [...]}, step order."""
-  out: dict[str, list[dict]] = {}
-  with open(os.path.join(path, 'metrics.jsonl')) as f:
-    for line in f:
-      if line.strip():
-        record = json.loads(line)
-        out.setdefault(record.get('kind', 'train'), []).append(record)
-  return {k: sorted(v, key=lambda r: r['step']) for k, v in out.items()}
 
 
 def markdown_table(header, rows) -> str:

@@ -17,15 +17,24 @@ def _layer_labels(layers_M, m: int) -> list[str]:
 
 def relative_load_heatmap(rel_load_MxE, layers_M=None, title='relative expert load'):
   """Layers × experts, 1 (white) = the balanced share k/E (DeepSeek-V3's heatmaps)."""
-  rel = np.asarray(rel_load_MxE)
-  M, E = rel.shape
-  fig, ax = plt.subplots(figsize=(min(2 + 0.35 * E, 14), 1.2 + 0.3 * M))
-  vmax = max(2.0, float(rel.max()))
-  im = ax.imshow(rel, cmap='RdBu_r', aspect='auto',
-                 norm=mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=vmax))
-  ax.set(xlabel='expert', ylabel='layer', title=title, xticks=range(E), yticks=range(M),
-         yticklabels=_layer_labels(layers_M, M))
-  fig.colorbar(im, ax=ax, label='load ÷ balanced load')
+  return relative_load_panels({title: rel_load_MxE}, layers_M)
+
+
+def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None):
+  """relative_load_heatmap for each {title: [M, E]} (e.g. one per variant of a sweep; their
+  shapes may differ), stacked, on one colour scale."""
+  rels = [np.asarray(r) for r in rel_loads.values()]
+  width = min(2 + 0.35 * max(r.shape[1] for r in rels), 14)
+  heights = [1.2 + 0.3 * r.shape[0] for r in rels]
+  fig, axes = plt.subplots(len(rels), 1, figsize=(width, sum(heights)), squeeze=False,
+                           gridspec_kw=dict(height_ratios=heights))
+  norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max([2.0] + [r.max() for r in rels]))
+  for ax, title, rel in zip(axes[:, 0], rel_loads, rels):
+    M, E = rel.shape
+    im = ax.imshow(rel, cmap='RdBu_r', aspect='auto', norm=norm)
+    ax.set(xlabel='expert', ylabel='layer', title=title, xticks=range(E), yticks=range(M),
+           yticklabels=_layer_labels(layers_M, M))
+    fig.colorbar(im, ax=ax, label='load ÷ balanced load')
   fig.tight_layout()
   return fig
 
