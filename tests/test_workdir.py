@@ -88,3 +88,25 @@ def test_config_file_loads_as_the_trainer_loads_it(tmp_path):
   assert first is not second  # a fresh module each time: edits to the file are seen
   with pytest.raises(FileNotFoundError, match=f'{tmp_path}/none.py: no such config file'):
     workdir.load_config(str(tmp_path / 'none.py'))
+
+
+def test_metrics_writer_round_trip_and_atomic_truncate(tmp_path):
+  """MetricsWriter writes where the layout says; on resume truncate_after rewrites the file
+  through yuanjax.publish (whole, umask modes, no temporary left)."""
+  from yuanjax import metrics  # pylint: disable=g-import-not-at-top  (numpy, tensorboardX)
+  old = os.umask(0o022)
+  try:
+    w = metrics.MetricsWriter(str(tmp_path))
+    for step in (1, 2, 3):
+      w.write(step, {'loss': float(step)})
+    w.write(2, {'loss': 0.5}, kind='eval')
+    w.truncate_after(2)
+    w.close()
+  finally:
+    os.umask(old)
+  m = workdir.read_metrics(str(tmp_path))
+  assert [(r['step'], r['loss']) for r in m['train']] == [(1, 1.0), (2, 2.0)]
+  assert [(r['step'], r['loss']) for r in m['eval']] == [(2, 0.5)]
+  assert sorted(os.listdir(tmp_path)) == ['metrics.jsonl', 'tb']
+  assert os.path.isdir(workdir.tensorboard_dir(str(tmp_path)))
+  assert os.stat(workdir.metrics_path(str(tmp_path))).st_mode & 0o777 == 0o644

@@ -1,17 +1,20 @@
 """launch.sweep: the `:arg` reaches sweep(arg), the manifest, resumable re-runs, --parallel
 (with a failed variant that does not stop the others). Runs a fake training module."""
+import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, REPO)
 
-from launch import sweep  # pylint: disable=g-import-not-at-top
+from launch import common, sweep  # pylint: disable=g-import-not-at-top
 from yuanjax import workdir  # pylint: disable=g-import-not-at-top
 
 CONFIG = textwrap.dedent('''\
@@ -109,3 +112,39 @@ def test_bad_parallel(capsys, cfg):
   with pytest.raises(SystemExit):
     sweep.parse([f'--config={cfg}', '--workdir=/w', '--parallel=0'])
   assert '--parallel=0: must be at least 1' in capsys.readouterr().err
+
+
+def test_a_backend_is_one_registry_entry(monkeypatch, cfg, capsys):
+  """A launcher module, how variants get names of their own and what it refuses: no other
+  edit of launch.sweep."""
+  fake = types.SimpleNamespace(parse=lambda argv: argparse.Namespace(argv=argv, tag=None),
+                               plan=lambda run: common.Plan(steps=[['run', run.tag, *run.argv]]))
+
+  def distinct(args, named):
+    for i, (name, run) in enumerate(named):
+      run.tag = f'{args.backend}-{i}-{name}'
+
+  refuse = lambda args: f'--parallel={args.parallel}: not here' if args.parallel > 1 else None
+  monkeypatch.setitem(sweep.BACKENDS, 'fake', sweep.Backend(fake, distinct, refuse))
+  assert sweep.main([f'--config={cfg}:three', '--workdir=/w', '--backend=fake', '--dry-run']) == 0
+  names = [f'train.seed={s}+fail={s == 1}' for s in range(3)]
+  assert capsys.readouterr().out.splitlines() == [
+      shlex.join([
+          'run', f'fake-{s}-{n}', f'--config={cfg}:three', f'--workdir=/w/{n}',
+          f'--config.train.seed={s}', f'--config.fail={s == 1}'
+      ]) for s, n in enumerate(names)
+  ]
+  with pytest.raises(SystemExit):
+    sweep.parse([f'--config={cfg}', '--workdir=/w', '--backend=fake', '--parallel=2'])
+  assert '--parallel=2: not here' in capsys.readouterr().err
+
+
+def test_manifest_is_published_whole(tmp_path, cfg):
+  """sweep.json is replaced atomically (yuanjax.publish): no temporary left, umask modes."""
+  old = os.umask(0o022)
+  try:
+    assert run_sweep(tmp_path, cfg).returncode == 1
+  finally:
+    os.umask(old)
+  assert sorted(n for n in os.listdir(tmp_path / 'sw') if 'sweep' in n) == ['sweep.json']
+  assert os.stat(tmp_path / 'sw' / 'sweep.json').st_mode & 0o777 == 0o644
