@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from yuanjax import workdir as workdir_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 
@@ -67,13 +69,6 @@ def _wait(cond, proc, timeout=300):
     time.sleep(0.01)
 
 
-def _checkpoint_steps(workdir):
-  return sorted(
-      int(os.path.basename(p))
-      for p in glob.glob(os.path.join(workdir, 'checkpoints', '*'))
-      if os.path.basename(p).isdigit())
-
-
 @pytest.fixture(scope='module')
 def cache(tmp_path_factory):
   return str(tmp_path_factory.mktemp('cache'))
@@ -98,7 +93,7 @@ def test_sigterm_then_sigkill_then_resume_is_exact(tmp_path, cache, reference):
   p.send_signal(signal.SIGTERM)
   out, _ = p.communicate(timeout=300)
   assert p.returncode == 0, out[-3000:]
-  saved = _checkpoint_steps(workdir)
+  saved = workdir_lib.checkpoint_steps(workdir)
   assert 'saving step' in out
   assert saved and saved[-1] >= max(3, _max_logged_step(workdir)), saved  # the step reached
   # 2. SIGKILL while a checkpoint is being written (Orbax's temporary directory exists).
@@ -122,7 +117,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, cache, reference):
   ref_dir, want = reference
   workdir = str(tmp_path / 'run')
   subprocess.run(['cp', '-r', ref_dir, workdir], check=True)
-  latest = _checkpoint_steps(workdir)[-1]
+  latest = workdir_lib.checkpoint_steps(workdir)[-1]
   assert latest == STEPS
   files = [
       f for f in glob.glob(os.path.join(workdir, 'checkpoints', str(latest), 'state', '**'),
@@ -151,7 +146,7 @@ def test_one_step_on_real_demo_config(tmp_path):
   assert summary['step'] == 1 and summary['train_loss'] > 0 and summary['eval_loss'] > 0
   rec = json.loads(open(tmp_path / 'metrics.jsonl').readline())
   assert rec['step'] == 1 and 'moe/load/layer_0/expert_0' in rec and 'grad_norm' in rec
-  assert _checkpoint_steps(str(tmp_path)) == [1]
+  assert workdir_lib.checkpoint_steps(str(tmp_path)) == [1]
 
 
 def _records(workdir):
@@ -178,14 +173,14 @@ def test_nonfinite_halts_without_saving_then_resumes(tmp_path, cache):
   workdir = str(tmp_path)
   out = _run(workdir, cache, steps=8, extra=DIVERGE, returncode=1)
   assert 'step 2: loss and grad_norm not finite' in out and 'newest checkpoint is step 1' in out
-  assert _checkpoint_steps(workdir) == [1]
+  assert workdir_lib.checkpoint_steps(workdir) == [1]
   recs = _records(workdir)
   assert [r['step'] for r in recs] == [1, 2]
   assert recs[1]['nonfinite'] is True and recs[1]['halted'] is True and recs[1]['loss'] is None
   assert recs[0]['nonfinite'] is False and recs[0]['loss'] > 0
   out = _run(workdir, cache, steps=8, extra=DIVERGE + ['--config.optimizer.lr=1e-3'], returncode=1)
   assert 'resumed from step 1' in out and 'step 2: loss and grad_norm not finite' in out
-  assert _checkpoint_steps(workdir) == [1]
+  assert workdir_lib.checkpoint_steps(workdir) == [1]
   assert [(r['step'], r['nonfinite']) for r in _records(workdir)] == [(1, False), (2, True)]
 
 
@@ -202,7 +197,7 @@ def test_nonfinite_skip_counts_then_halts(tmp_path, cache):
                                                                                  (2, 1, True),
                                                                                  (3, 2, True)]
   assert recs[3]['step'] == 4 and recs[3]['halted'] is True
-  assert _checkpoint_steps(workdir) == [1, 2, 3]
+  assert workdir_lib.checkpoint_steps(workdir) == [1, 2, 3]
 
 
 def test_failed_checkpoint_write_keeps_old_ones_and_resumes_exactly(tmp_path, cache, reference):
@@ -216,7 +211,7 @@ def test_failed_checkpoint_write_keeps_old_ones_and_resumes_exactly(tmp_path, ca
   out = _run(workdir, cache, steps=STEPS + 2, returncode=1, preexec_fn=limit)
   assert f'saving step {STEPS + 2}' in out or 'a checkpoint save' in out, out[-3000:]
   assert 'failed' in out and 'intact' in out
-  assert _checkpoint_steps(workdir)[-1] == STEPS
+  assert workdir_lib.checkpoint_steps(workdir)[-1] == STEPS
   partial = _losses(workdir)
   out = _run(workdir, cache, steps=STEPS + 2)
   assert f'resumed from step {STEPS}' in out

@@ -3,8 +3,10 @@
   publish.directory(dst, write, overwrite=False)   # write(tmp_dir); tmp renamed to dst
   publish.file(path, data)                         # bytes to path, atomically
 
-Used by yuanjax.interop.hf (from-hf, to-hf), yuanjax.data.prepare (shards and the
-default-data cache) and yuanjax.data.tokenizer. An output that exists is always whole: a
+The one rule for every file the project writes whole or rewrites in place: yuanjax.interop.hf
+(from-hf, to-hf), yuanjax.data.prepare (shards and the default-data cache),
+yuanjax.data.tokenizer, yuanjax.metrics (metrics.jsonl cut back on resume), yuanjax.report
+(its tables and plots) and launch.sweep (sweep.json). An output that exists is always whole: a
 failure (or SIGKILL) leaves at most a hidden `.NAME.tmp-*` sibling, never a half-written
 NAME; with overwrite the old NAME is moved aside before the rename and deleted after it.
 

@@ -23,6 +23,17 @@ def test_relative_load_heatmap_shows_the_matrix_centred_at_one():
   assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ['1', '3']
 
 
+def test_relative_load_panels_share_one_colour_scale():
+  """One panel per variant (shapes may differ: 8 vs 16 experts), one norm over all of them."""
+  small, big = np.full((2, 8), 1.0), np.full((3, 16), 0.5)
+  big[1, 3] = 3.0
+  fig = plots.relative_load_panels({'8 experts': small, '16 experts': big})
+  panels = [ax for ax in fig.axes if ax.images]
+  assert [ax.get_title() for ax in panels] == ['8 experts', '16 experts']
+  np.testing.assert_array_equal(panels[1].images[0].get_array(), big)
+  assert all(ax.images[0].norm.vmax == 3.0 and ax.images[0].norm.vcenter == 1.0 for ax in panels)
+
+
 def test_matrix_grid_spreads_panels_over_the_depth():
   mats = np.arange(10 * 3 * 3, dtype=float).reshape(10, 3, 3)
   fig = plots.matrix_grid(mats, max_panels=3)

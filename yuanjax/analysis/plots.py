@@ -28,7 +28,8 @@ def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None):
   heights = [1.2 + 0.3 * r.shape[0] for r in rels]
   fig, axes = plt.subplots(len(rels), 1, figsize=(width, sum(heights)), squeeze=False,
                            gridspec_kw=dict(height_ratios=heights))
-  norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=max([2.0] + [r.max() for r in rels]))
+  norm = mcolors.TwoSlopeNorm(vmin=0.0, vcenter=1.0,
+                              vmax=float(max([2.0] + [r.max() for r in rels])))
   for ax, title, rel in zip(axes[:, 0], rel_loads, rels):
     M, E = rel.shape
     im = ax.imshow(rel, cmap='RdBu_r', aspect='auto', norm=norm)
