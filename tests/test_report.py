@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from yuanjax import report
 from yuanjax.analysis import stats
@@ -77,6 +78,34 @@ def test_failed_run_is_flagged_not_averaged(study):
   assert [r['eval_loss_mean'] for r in saved] == [r['eval_loss_mean'] for r in rows]
   for png in ('eval_loss.png', 'expert_load.png'):
     assert (sw / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_paired_gap_recomputed_from_metrics(study):
+  """comparisons.json's paired mean, 95% t interval and gap at every eval token count,
+  recomputed here from each run's metrics.jsonl with SciPy's t quantile."""
+  sw, _ = study
+  (c,) = json.loads((sw / 'comparisons.json').read_text())
+
+  def evals(router, seed):
+    with open(sw / f'model.router.type={router}+train.seed={seed}' / 'metrics.jsonl') as f:
+      return [json.loads(l)['loss'] for l in f if json.loads(l)['kind'] == 'eval']
+
+  d = np.array([np.subtract(evals('linear', s), evals('attention', s)) for s in (0, 1)])
+  half = scipy.stats.t.ppf(0.975, 1) * d.std(0, ddof=1) / np.sqrt(2)
+  assert [g['tokens'] for g in c['gap_by_tokens']] == [2 * 4 * 32, 4 * 4 * 32]
+  for i, g in enumerate(c['gap_by_tokens']):
+    assert g['n'] == 2
+    np.testing.assert_allclose([g['mean'], g['low'], g['high']],
+                               [d[:, i].mean(), d[:, i].mean() - half[i], d[:, i].mean() + half[i]],
+                               rtol=1e-12)
+  np.testing.assert_allclose([c['paired_mean'], c['paired_low'], c['paired_high']],
+                             [c['gap_by_tokens'][-1][k] for k in ('mean', 'low', 'high')])
+  assert c['detectable_diff'] > half[-1] / 2  # 80% power needs more than the half interval
+  text = (sw / 'report.md').read_text()
+  assert f'paired mean (95% t interval, 2 seeds): {c["paired_mean"]:+.4f}' in text
+  for g in c['gap_by_tokens']:
+    assert f'| {g["tokens"]:,} | {g["mean"]:+.4f} [{g["low"]:+.4f}, {g["high"]:+.4f}] |' in text
+  assert (sw / 'paired_gap.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_unfinished_run_is_flagged(study, tmp_path):

@@ -11,10 +11,13 @@ the first D):
   report.md        the same as a table; each variant's difference from the first one, and
                    whether it exceeds twice the pooled seed std, with the same-seed
                    differences (seeds share the data order); failed/unfinished runs
-  comparisons.json those differences
+  comparisons.json those differences; per variant against the first, the paired (same-seed)
+                   mean difference with its 95% t interval, the difference the study's
+                   seeds detect with 80% power, and both at every evaluated token count
   eval_loss.png    eval loss vs training tokens, per variant: mean over seeds, band min..max
   expert_load.png  relative expert load (load / balanced load) per layer x expert, one panel
                    per MoE variant (DeepSeek-V3 style; not written when no variant has MoE)
+  paired_gap.png   the paired gap to the first variant vs training tokens, 95% t band
 
 and prints the table. Only finished runs (status `done` in the manifest and an eval line
 at the last step) are averaged; the others are listed by name with their status, never
@@ -42,7 +45,7 @@ import sys
 import numpy as np
 
 from yuanjax import config_lib, publish, stats as model_stats, workdir
-from yuanjax.analysis import stats
+from yuanjax.analysis import significance, stats
 
 SEED_KEY = 'train.seed'
 LATE_FRACTION = 0.25  # load statistics over the last quarter of training
@@ -185,6 +188,10 @@ def variant_row(variant: str, runs: list[Run]) -> dict:
       row[key] = float(np.mean([s[key] for s in per_run]))
   if 'relative_load' in per_run[0]:
     row['relative_load'] = np.mean([s['relative_load'] for s in per_run], axis=0).tolist()
+  tokens, curves = eval_curve(runs)
+  row['eval_curve'] = dict(tokens=tokens.tolist(), losses={
+      str(r.seed): c.tolist() for r, c in zip(done, curves)
+  })
   return row
 
 
@@ -207,13 +214,32 @@ def compare(rows: list[dict]) -> list[dict]:
 
 
 def paired(base: dict, row: dict) -> dict:
-  """Same-seed differences (the seed sets init and router noise; the data order is shared):
-  their mean and std over the seeds both variants finished."""
+  """Same-seed differences (the seed sets init and router noise; the data order is shared)
+  over the seeds both variants finished: the differences, their mean with its 95% t
+  interval, the difference these seeds detect with 80% power (analysis.significance), and
+  the same interval at every training-token count both evaluated (`gap_by_tokens`)."""
   losses = [dict(zip(r['seeds'], r['eval_losses'])) for r in (base, row)]
   common = [s for s in base['seeds'] if s in losses[1]]
   d = [losses[1][s] - losses[0][s] for s in common]
-  return dict(paired_seeds=common, paired_diffs=d,
-              paired_std=float(np.std(d, ddof=1)) if len(d) > 1 else float('nan'))
+  stat = significance.paired_interval(d)
+  return dict(paired_seeds=common, paired_diffs=d, paired_std=stat['std'], paired_mean=stat['mean'],
+              paired_low=stat['low'],
+              paired_high=stat['high'], detectable_diff=significance.detectable_difference(
+                  stat['std'], len(d)), gap_by_tokens=gap_by_tokens(base, row, common))
+
+
+def gap_by_tokens(base: dict, row: dict, seeds: list) -> list[dict]:
+  """The paired difference's mean and 95% interval at each token count both curves have."""
+  curves = [r.get('eval_curve') for r in (base, row)]
+  if None in curves:
+    return []
+  out = []
+  for i, tokens in enumerate(curves[0]['tokens']):
+    if tokens in curves[1]['tokens']:
+      j = curves[1]['tokens'].index(tokens)
+      d = [curves[1]['losses'][str(s)][j] - curves[0]['losses'][str(s)][i] for s in seeds]
+      out.append(dict(tokens=tokens, **significance.paired_interval(d)))
+  return out
 
 
 def group(runs: list[Run]) -> dict[str, list[Run]]:
@@ -259,9 +285,30 @@ def markdown(rows: list[dict], comparisons: list[dict]) -> str:
       lines.append(f'  same-seed differences: '
                    f'{", ".join(_fmt(d, "+.4f") for d in c["paired_diffs"])} '
                    f'(std {_fmt(c["paired_std"], ".4f")})')
+      lines += paired_lines(c)
   missing = [m for row in rows for m in row['runs_not_finished']]
   lines += ['', 'Runs not finished (not averaged): ' + (', '.join(missing) if missing else 'none')]
   return '\n'.join(lines) + '\n'
+
+
+def _interval(stat: dict) -> str:
+  return (f'{_fmt(stat["mean"], "+.4f")} [{_fmt(stat["low"], "+.4f")}, '
+          f'{_fmt(stat["high"], "+.4f")}]')
+
+
+def paired_lines(c: dict) -> list[str]:
+  """The paired mean with its 95% interval, the detectable difference, the gap by tokens."""
+  n = len(c['paired_diffs'])
+  stat = dict(mean=c['paired_mean'], low=c['paired_low'], high=c['paired_high'])
+  lines = [
+      f'  paired mean (95% t interval, {n} seeds): {_interval(stat)}; detectable with 80% '
+      f'power at n={n}: {_fmt(c["detectable_diff"], ".4f")}'
+  ]
+  if len(c['gap_by_tokens']) > 1:
+    lines += ['', '  | training tokens | paired gap [95% interval] |', '  |---|---|']
+    lines += [f'  | {g["tokens"]:,} | {_interval(g)} |' for g in c['gap_by_tokens']]
+    lines.append('')
+  return lines
 
 
 def short_label(variant: str) -> str:
@@ -298,8 +345,15 @@ def _save(fig, path: str) -> None:
   publish.file(path, png.getvalue())
 
 
-def write_plots(groups: dict[str, list[Run]], rows: list[dict], out_dir: str) -> None:
-  """eval_loss.png and, when some variant has MoE layers, expert_load.png (analysis.plots)."""
+def _columns(gaps: list[dict]) -> tuple:
+  """gap_by_tokens -> (tokens, mean, low, high) columns."""
+  return tuple([g[k] for g in gaps] for k in ('tokens', 'mean', 'low', 'high'))
+
+
+def write_plots(groups: dict[str, list[Run]], rows: list[dict], comparisons: list[dict],
+                out_dir: str) -> None:
+  """eval_loss.png, paired_gap.png (with more than one variant) and, when some variant has
+  MoE layers, expert_load.png (analysis.plots)."""
   import matplotlib  # pylint: disable=g-import-not-at-top  (plots only)
   matplotlib.use('Agg')
   from yuanjax.analysis import plots  # pylint: disable=g-import-not-at-top
@@ -310,6 +364,16 @@ def write_plots(groups: dict[str, list[Run]], rows: list[dict], out_dir: str) ->
   loads = {label[r['variant']]: r['relative_load'] for r in rows if 'relative_load' in r}
   if loads:
     _save(plots.relative_load_panels(loads), os.path.join(out_dir, 'expert_load.png'))
+  gaps = {
+      f'{label[c["variant"]]} ({g[-1]["n"]} seeds)': _columns(g)
+      for c in comparisons
+      if (g := c.get('gap_by_tokens'))
+  }
+  if gaps:
+    fig = plots.lines_with_bands(gaps, ylabel=f'eval loss - {label[rows[0]["variant"]]}',
+                                 title='Paired gap (same seeds; band: 95% t interval)',
+                                 zero_line=True)
+    _save(fig, os.path.join(out_dir, 'paired_gap.png'))
 
 
 def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
@@ -324,7 +388,7 @@ def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
   for name, data in (('report.json', json.dumps(rows, indent=1)),
                      ('comparisons.json', json.dumps(comparisons, indent=1)), ('report.md', text)):
     publish.file(os.path.join(out_dir, name), data.encode())
-  write_plots(groups, rows, out_dir)
+  write_plots(groups, rows, comparisons, out_dir)
   print(text)
   return rows
 

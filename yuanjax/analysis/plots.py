@@ -180,11 +180,22 @@ def memory_bars(per_device_gib: Mapping[str, Mapping[str, float]], limits_gib: M
 def mean_with_band(series: Mapping[str, tuple[Sequence[float], np.ndarray]], *,
                    xlabel='training tokens', ylabel='eval loss', title=''):
   """{name: (x [N], y [S, N])}: the mean over S seeds with a min..max band."""
-  fig, ax = plt.subplots(figsize=(8, 3.8), layout='constrained')
+  bands = {}
   for name, (x, y_SxN) in series.items():
     y = np.asarray(y_SxN, np.float64).reshape(-1, len(x))
-    line, = ax.plot(x, y.mean(0), marker='o', label=f'{name} ({y.shape[0]} seeds)')
-    ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
+    bands[f'{name} ({y.shape[0]} seeds)'] = (x, y.mean(0), y.min(0), y.max(0))
+  return lines_with_bands(bands, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def lines_with_bands(series: Mapping[str, tuple[Sequence[float], ...]], *, xlabel='training tokens',
+                     ylabel='', title='', zero_line=False):
+  """{name: (x [N], middle [N], low [N], high [N])}: a marked line per name and its band."""
+  fig, ax = plt.subplots(figsize=(8, 3.8), layout='constrained')
+  if zero_line:
+    ax.axhline(0.0, color='black', lw=0.8)
+  for name, (x, middle, low, high) in series.items():
+    line, = ax.plot(x, middle, marker='o', label=name)
+    ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   fig.legend(loc='outside right upper', fontsize='small')
   return fig
