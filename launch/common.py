@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import re
 import shlex
@@ -77,6 +78,7 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None,
   if args.rest and not pass_through:
     p.error(f'unrecognized argument {args.rest[0]!r} '
             '(config overrides are written --config.KEY=VALUE)')
+  args.config_spec = args.config  # as given (a launcher may rewrite args.config)
   args.config_path = config_path(args.config)
   if not os.path.isfile(args.config_path):
     p.error(f'--config={args.config}: no such file {args.config_path!r}')
@@ -90,6 +92,138 @@ def parse(p: argparse.ArgumentParser, argv: list[str] | None,
 def config_path(spec: str) -> str:
   """'configs/x.py:variant' -> 'configs/x.py'."""
   return spec.partition(':')[0]
+
+
+# --------------------------------------------------------------- pre-flight: does it fit?
+
+# TPU generation -> (the planner's device kind, TensorCores per chip in the type's number:
+# v5p-64 and v4-16 count TensorCores, two per chip; v5litepod-N and v6e-N count chips).
+# None: the planner has no memory figure for it (the mesh is still checked).
+TPU_KINDS = {'v5p': ('TPU v5p', 2), 'v4': (None, 2), 'v5litepod': ('TPU v5e', 1), 'v6e': ('TPU v6e', 1)}
+GIB = 2**30
+
+
+@dataclasses.dataclass
+class Target:
+  """What a launch runs on, as the planner counts it."""
+  devices: int  # JAX devices: GPUs, TPU chips, CPU devices
+  device_kind: str | None  # the planner's name ('TPU v5p', 'H100-80G'); None: no memory check
+  slices: int = 1  # must equal prod(config.mesh.dcn)
+
+
+def tpu_target(accelerator_type: str, slices: int = 1) -> Target:
+  """'v5p-64' -> 32 chips of 'TPU v5p' per slice; ValueError for a type the table lacks."""
+  generation, _, n = accelerator_type.rpartition('-')
+  if generation not in TPU_KINDS or not n.isdigit():
+    raise ValueError(f'{accelerator_type!r}: no chip count known for the pre-flight '
+                     f'(known: {", ".join(f"{g}-N" for g in TPU_KINDS)})')
+  kind, cores_per_chip = TPU_KINDS[generation]
+  return Target(slices * int(n) // cores_per_chip, kind, slices)
+
+
+def fit_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument(
+      '--force', action='store_true',
+      help='launch even when the pre-flight (yuanjax.plan on the config, mesh and '
+      'accelerator) says the run does not fit; its finding is printed as a warning')
+
+
+def load_config(spec: str, overrides: list[str]):
+  """The config the trainer will get: FILE[:arg] and its --config.KEY=VALUE overrides, parsed
+  by ml_collections' config_flags as yuanjax.train parses them."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  argv = ['launch', f'--config={spec}', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def preflight(p: argparse.ArgumentParser, args: argparse.Namespace, target: Target) -> None:
+  """Runs the planner before anything is created or submitted: exit 2 with the fix it finds
+  (remat, grad_accum, mesh) when the run does not fit, unless --force."""
+  try:
+    problem = fit_problem(load_config(args.config_spec, args.overrides), target)
+  except Exception as e:  # pylint: disable=broad-except  # reported: refused unless --force
+    problem = f'cannot plan --config={args.config_spec}: {type(e).__name__}: {e}'
+  if problem and args.force:
+    say(f'pre-flight: {problem}; launching anyway (--force)')
+  elif problem:
+    p.error(f'pre-flight: {problem} (--force launches anyway)')
+
+
+def fit_problem(config, target: Target) -> str | None:
+  """None when the config fits target (and its mesh.dcn matches the slices); else why not."""
+  from yuanjax import plan, sharding  # pylint: disable=g-import-not-at-top  (jax: only here)
+  if not hasattr(config, 'mesh'):
+    raise ValueError(f'get_config() returned a {type(config).__name__}, not a ConfigDict')
+  dcn = dict(zip(sharding.MESH_AXES, sharding.dcn_shape(config.mesh)))
+  if math.prod(dcn.values()) != target.slices:
+    return (f'config.mesh.dcn={dcn}: its product is {math.prod(dcn.values())}, but the launch '
+            f'has {target.slices} slice(s); e.g. --config.mesh.dcn.data={target.slices}')
+  r = plan.plan(config, target.devices, target.device_kind)
+  where = f'{target.devices} x {target.device_kind or "devices"}'
+  if target.device_kind is None or r['fits'][target.device_kind]:
+    say(f'pre-flight: {where}, mesh {r["mesh"]}: {r["per_device"]["total"] / GIB:.1f} GiB per '
+        'device' + ('' if target.device_kind else ' (no memory figure for this device)'))
+    return None
+  fix = find_fix(config, target, r)
+  usable = r['headroom'] * r['device_memory_gib'][target.device_kind]
+  return (f'{r["per_device"]["total"] / GIB:.1f} GiB per device, {usable:.1f} GiB usable on '
+          f'{where} (mesh {r["mesh"]}, remat={r["remat"]}, grad_accum='
+          f'{config.train.grad_accum}): does not fit; ' +
+          (f'it fits with {" ".join(fix)}' if fix else
+           'no remat, grad_accum or mesh change tried fits: use more devices'))
+
+
+REMATS = ('none', 'dots_saveable', 'dots', 'full')  # most memory first
+
+
+def find_fix(config, target: Target, r: dict) -> list[str] | None:
+  """The first --config overrides that fit: the current mesh before data moved to fsdp, less
+  remat before more, and the smallest grad_accum (a binary search: memory falls with it)."""
+  dcn = dict(zip(r['mesh'], (config.mesh.dcn[a] for a in r['mesh'])))
+  ici = {a: r['mesh'][a] // dcn[a] for a in r['mesh']}
+  meshes = [{}]
+  if ici['data'] > 1:
+    meshes.append({'mesh.data': 1, 'mesh.fsdp': ici['data'] * ici['fsdp']})
+  start = REMATS.index(config.model.remat) if config.model.remat in REMATS else 0
+  per_dp = config.train.batch_size // (r['mesh']['data'] * r['mesh']['fsdp'] * r['mesh']['expert'])
+  for mesh in meshes:
+    for remat in REMATS[start:]:
+      if fix := _smallest_accum(config, target, {**mesh, 'model.remat': remat}, per_dp):
+        return [f'--config.{k}={v}' for k, v in fix.items() if _get(config, k) != v]
+  return None
+
+
+def _smallest_accum(config, target: Target, changes: dict, per_dp: int) -> dict | None:
+  accums = [g for g in range(1, per_dp + 1) if per_dp % g == 0 and g >= config.train.grad_accum]
+  lo, hi, best = 0, len(accums) - 1, None
+  while lo <= hi:
+    mid = (lo + hi) // 2
+    trial = {**changes, 'train.grad_accum': accums[mid]}
+    if _fits(config, target, trial):
+      best, hi = trial, mid - 1
+    else:
+      lo = mid + 1
+  return best
+
+
+def _fits(config, target: Target, changes: dict) -> bool:
+  from yuanjax import config_lib, plan  # pylint: disable=g-import-not-at-top
+  trial = config.copy_and_resolve_references()
+  config_lib.override(trial, changes)
+  try:
+    return plan.plan(trial, target.devices, target.device_kind)['fits'][target.device_kind]
+  except ValueError:  # not a valid config on this mesh (e.g. the batch does not divide)
+    return False
+
+
+def _get(config, key: str):
+  for k in key.split('.'):
+    config = config[k]
+  return config
 
 
 def train_argv(python: str, config: str, workdir: str, overrides: list[str],
@@ -160,6 +294,31 @@ def restore_signals(handlers: dict) -> None:
     signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def deferred_signals(why: str, act: bool = True):
+  """SIGINT, SIGTERM and SIGHUP wait until the block is done: a child started in it is tracked
+  and a create or a cleanup is not cut short. Then, with `act`, the first one acts as it
+  would have (raised again); without, it is dropped (the caller is ending anyway)."""
+  caught = []
+
+  def defer(signum, frame):
+    del frame
+    caught.append(signum)
+    say(f'signal {signum}: {why}')
+
+  try:
+    before = {s: signal.signal(s, defer) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+  except ValueError:  # not the main thread: signals reach only the main thread anyway
+    yield
+    return
+  try:
+    yield
+  finally:
+    restore_signals(before)
+    if caught and act:
+      signal.raise_signal(caught[0])
+
+
 def exit_on_signals() -> dict:
   """SIGTERM/SIGHUP raise SystemExit like Ctrl-C raises KeyboardInterrupt, so that the
   cleanup (a TPU slice's deletion) and the stopping of child processes still happen."""
@@ -221,10 +380,13 @@ def run_together(cmds: list[list[str]], log_dir: str | None = None) -> int:
   try:
     for i, argv in enumerate(cmds):
       say(f'+ {shlex.join(argv)}')
-      # Own process group, so that stopping a process stops whatever it started too.
-      p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           stdin=subprocess.DEVNULL, start_new_session=True)
-      procs.append(p)
+      # Own process group, so that stopping a process stops whatever it started too; a signal
+      # waits until it is in procs (Popen may return after the child exists, or not at all).
+      with deferred_signals('after this process is tracked'):
+        procs.append(
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=True))
+      p = procs[-1]
       log = os.path.join(log_dir, f'process_{i}.log') if log_dir else None
       pumps.append(threading.Thread(target=_pump, args=(i, p, log, lock), daemon=True))
       pumps[-1].start()

@@ -1,28 +1,37 @@
 """Runs yuanjax.train on a Cloud TPU slice, detached on the workers; follow, stop, clean up.
 
   1. check that WORKDIR (gs://) is writable, before anything is created;
-  2. pack this working tree (tracked and untracked files git does not ignore, so uncommitted
-     edits go too; .venv does not) into LOCAL_DIR/yuanjax.tgz;
+     and that the config fits the slice(s) (the pre-flight: yuanjax.plan, and prod(mesh.dcn)
+     == --num_slices; refused with the fix it finds unless --force);
+  2. pack this working tree (tracked files as they are on disk, so uncommitted edits go too;
+     untracked ones only with --include_untracked) into LOCAL_DIR/yuanjax.tgz;
   3. create the slice (`tpu-vm create`), or with --queued ask for it as a queued resource and
-     wait until it is ACTIVE (at most --queue_timeout_s); with --reuse use an existing slice
-     (one kept with --keep, or made elsewhere) instead, and never delete it;
+     wait until it is ACTIVE (at most --queue_timeout_s); --num_slices=N asks for N slices in
+     one queued resource (--node-count, --node-prefix: nodes NAME-0 ... NAME-<N-1>); with
+     --reuse use an existing slice (one kept with --keep, or made elsewhere) instead, and
+     never delete it. The create runs in its own session and Ctrl-C waits for it to return,
+     so that what it made is recorded and deleted, not left billing;
   4. check from every worker that its service account can write WORKDIR, copy the tarball,
      unpack it to ~/yuanjax and build ~/yuanjax/.venv (launch/tpu_worker.sh install: waits
      for the dpkg lock that first-boot apt holds);
   5. start the SAME command on every worker, detached (launch/tpu_worker.sh start: a
      supervisor in its own session; the ssh call returns at once):
      [env LIBTPU_INIT_ARGS=...] .venv/bin/python -u -m yuanjax.train --config=... --workdir=gs://...
-     Each worker copies its log to WORKDIR/worker_logs/worker-I-of-N.log as it goes and writes
-     worker-I-of-N.exit-RC there at the end;
-  6. follow: poll those exit files (and the slice's state) every --poll_s seconds, without
-     ssh. A preempted Spot slice (queued resource SUSPENDED, TPU PREEMPTED) is deleted and
-     asked for again, then installed and started again: the trainer resumes from the newest
-     checkpoint in WORKDIR; at most --max_restarts times;
+     Each worker copies its log to WORKDIR/worker_logs/worker-I-of-N.log (with several slices
+     slice-S-of-M-worker-I-of-N.log; those get MEGASCALE_* set) as it goes and writes
+     ...exit-RC there at the end;
+  6. follow: poll those exit files (and the slice's state) every --poll_s seconds. A
+     preempted Spot slice (queued resource SUSPENDED, TPU PREEMPTED), or one that cannot be
+     read three polls in a row (gone), is deleted and asked for again, then installed and
+     started again: the trainer resumes from the newest checkpoint in WORKDIR; a READY slice
+     whose trainers are gone without an exit file (a maintenance reboot; checked over ssh
+     every CHECK_EVERY polls) is started again; at most --max_restarts times in all;
   7. at the end, or on a failure, Ctrl-C or SIGTERM: SIGTERM to every trainer (they save a
      checkpoint; SIGKILL after --stop_grace_s), then delete the slice, but only if this launch
-     created it (its create succeeded) and not --keep.
+     created it (its create succeeded) and not --keep. Further signals wait for that cleanup.
 
-A dropped ssh connection (exit 255) is retried (--ssh_retries), never taken for a failure.
+A dropped ssh or scp connection (exit 255) is retried (--ssh_retries), never taken for a
+failure; every gcloud call has a timeout.
 With --detach the launcher returns once the run has started; a created slice is then deleted
 by worker 0 when every trainer has exited. Follow and end a run from any machine:
 
@@ -36,11 +45,13 @@ by worker 0 when every trainer has exited. Follow and end a run from any machine
 
 Flags follow `gcloud compute tpus tpu-vm create` and `gcloud compute tpus queued-resources
 create` (cloud.google.com/sdk/gcloud/reference/compute/tpus/...): --spot, --reserved,
---valid-until-duration, --service-account, --scopes are passed through as they are.
+--valid-until-duration, --service-account are passed through as they are; --scopes short
+names (cloud-platform) become full https://www.googleapis.com/auth/... URIs.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,9 +74,19 @@ RUNTIMES = {
 REMOTE_DIR = '"$HOME/yuanjax"'  # quoted for the remote shell; ~ would not expand inside quotes
 TARBALL = 'yuanjax.tgz'  # in the remote home directory
 WORKER = 'bash "$HOME/yuanjax/launch/tpu_worker.sh"'
-EXIT_RE = re.compile(r'worker-(\d+)-of-(\d+)\.exit-(\d+)$')
+# worker-I-of-N.exit-RC, or with several slices slice-S-of-M-worker-I-of-N.exit-RC
+EXIT_RE = re.compile(r'(?:slice-(\d+)-of-(\d+)-)?worker-(\d+)-of-(\d+)\.exit-(\d+)$')
 PREEMPTED = {'SUSPENDING', 'SUSPENDED', 'PREEMPTED', 'TERMINATED'}  # QR / TPU node states
+GONE = {'DELETING', ''}  # being deleted, or cannot be read (NOT_FOUND)
+GONE_AFTER = 3  # polls in a row that cannot read the slice before it counts as gone
+CHECK_EVERY = 10  # polls between ssh checks that the trainers still run (a reboot kills them)
 SSH_DROPPED = 255  # ssh's own status for a lost connection
+MEGASCALE_PORT = 8080  # MaxText's multihost_runner and Ray's TPU support use 8080
+EXIT_MARGIN_S = 120  # worker 0 waits stop_grace_s + this for the other workers' exit files
+TIMEOUT_S = 600  # any gcloud call but these:
+LONG_TIMEOUT_S = {'create': 3600, 'install': 3 * 3600}
+SCOPES_URI = 'https://www.googleapis.com/auth/'
+
 COMMANDS = ('status', 'logs', 'stop')
 
 
@@ -97,6 +118,11 @@ def parse(argv=None):
       ', '.join(f'{k}: {v}' for k, v in RUNTIMES.items()))
   p.add_argument('--queued', action='store_true',
                  help='ask for the slice with `queued-resources create` and wait for it')
+  p.add_argument('--num_slices', type=int, default=1,
+                 help='slices joined over DCN (multi-slice; needs --queued and '
+                 'prod(config.mesh.dcn) == N)')
+  p.add_argument('--include_untracked', action='store_true',
+                 help='also pack untracked files git does not ignore (they may hold secrets)')
   p.add_argument('--reuse', action='store_true',
                  help='run on the existing slice NAME (kept, or made elsewhere); never delete it')
   p.add_argument('--keep', action='store_true', help='do not delete the slice at the end')
@@ -124,8 +150,17 @@ def parse(argv=None):
       '--remote_python', default='python3.11',
       help='python on the workers that builds the venv (jax needs >= 3.11); '
       'installed with apt when it cannot make a venv')
+  common.fit_flag(p)
   args = common.parse(p, argv)
   _check(p, args)
+  if args.accelerator_type:  # with --reuse: give it for the pre-flight
+    try:
+      target = common.tpu_target(args.accelerator_type, args.num_slices)
+    except ValueError as e:
+      p.error(f'--accelerator_type={e}')
+    common.preflight(p, args, target)
+  else:
+    common.say('pre-flight skipped: --reuse without --accelerator_type')
   return args
 
 
@@ -146,6 +181,13 @@ def _check(p, args) -> None:
     p.error('--spot and --reserved: choose one')
   if args.valid_until_duration and not args.queued:
     p.error('--valid_until_duration: only with --queued')
+  if args.num_slices < 1:
+    p.error(f'--num_slices={args.num_slices}: must be at least 1')
+  if args.num_slices > 1 and (args.reuse or not args.queued):
+    p.error(f'--num_slices={args.num_slices}: needs --queued (one queued resource holds the '
+            'slices), not --reuse')
+  if args.scopes:
+    args.scopes = ','.join(s if '://' in s else SCOPES_URI + s for s in args.scopes.split(','))
   for flag in ('max_restarts', 'ssh_retries', 'stop_grace_s'):
     if getattr(args, flag) < 0:
       p.error(f'--{flag}={getattr(args, flag)}: must be >= 0')
@@ -189,54 +231,85 @@ class Gcloud:
   dry_run: bool = False
   poll_s: float = 60
   ssh_retries: int = 5
+  slices: int = 1  # > 1: one queued resource NAME holding nodes NAME-0 ... NAME-<slices-1>
 
   @property
   def where(self) -> list[str]:
     return [f'--zone={self.zone}'] + ([f'--project={self.project}'] if self.project else [])
 
+  @property
+  def nodes(self) -> list[str]:
+    return [f'{self.name}-{i}' for i in range(self.slices)] if self.slices > 1 else [self.name]
+
   def tpus(self, *words: str) -> list[str]:
     return ['gcloud', 'compute', 'tpus', *words]
 
-  def run(self, argv: list[str], capture: bool = False) -> tuple[int, str]:
+  def run(self, argv: list[str], capture: bool = False, timeout: float = TIMEOUT_S,
+          own_session: bool = False) -> tuple[int, str]:
+    """(exit status, stdout if captured); 124 after `timeout` seconds (the call is killed).
+    own_session: Ctrl-C at the terminal does not reach it (a create or delete carries on
+    server-side whatever happens to gcloud, so gcloud must live to report it)."""
     if self.dry_run:
       print(shlex.join(argv), flush=True)
       return 0, ''
     common.say(f'+ {shlex.join(argv)}')
-    if not capture:
-      return subprocess.call(argv), ''
-    r = subprocess.run(argv, stdout=subprocess.PIPE, text=True)
-    return r.returncode, r.stdout
+    try:
+      r = subprocess.run(argv, stdout=subprocess.PIPE if capture else None, text=True,
+                         timeout=timeout, start_new_session=own_session)
+    except subprocess.TimeoutExpired:
+      common.say(f'timed out after {timeout:g} s: {shlex.join(argv)}')
+      return 124, ''
+    return r.returncode, r.stdout or ''
 
-  def must(self, argv: list[str], what: str) -> str:
-    rc, out = self.run(argv, capture=True)
+  def must(self, argv: list[str], what: str, **kw) -> str:
+    rc, out = self.run(argv, capture=True, **kw)
     if rc:
       raise Failed(rc, f'{what} failed with exit status {rc}: {shlex.join(argv)}')
     return out
 
-  def ssh(self, command: str, what: str, worker: str = 'all') -> None:
-    """ssh on the workers; a dropped connection (255) is retried, other failures raise."""
-    argv = [
-        *self.tpus('tpu-vm', 'ssh', self.name), f'--worker={worker}', f'--command={command}',
-        *self.where
-    ]
+  def retried(self, argv: list[str], what: str, **kw) -> str:
+    """Runs argv; a dropped connection (255) is retried, other failures raise."""
     for attempt in range(self.ssh_retries + 1):
-      rc, _ = self.run(argv)
+      rc, out = self.run(argv, **kw)
       if rc != SSH_DROPPED:
         break
-      common.say(f'{what}: ssh connection dropped (exit 255); retry {attempt + 1} of '
+      common.say(f'{what}: connection dropped (exit 255); retry {attempt + 1} of '
                  f'{self.ssh_retries}')
       time.sleep(self.poll_s)
     if rc:
       raise Failed(rc, f'{what} failed with exit status {rc}')
+    return out
 
-  def state(self, queued: bool) -> str:
-    """The queued resource's state (queued) or the TPU node's; '' when it cannot be read."""
-    if queued:
-      argv = self.tpus('queued-resources', 'describe', self.name, '--format=value(state.state)')
-    else:
-      argv = self.tpus('tpu-vm', 'describe', self.name, '--format=value(state)')
+  def ssh_argv(self, command: str, node: str | None = None) -> list[str]:
+    """On every worker: of the slice (one slice, or `node`), or of every node (several)."""
+    if self.slices > 1 and node is None:
+      return [
+          *self.tpus('queued-resources', 'ssh', self.name), '--node=all', '--worker=all',
+          f'--command={command}', *self.where
+      ]
+    return [
+        *self.tpus('tpu-vm', 'ssh', node or self.name), '--worker=all', f'--command={command}',
+        *self.where
+    ]
+
+  def ssh(self, command: str, what: str, node: str | None = None, **kw) -> str:
+    return self.retried(self.ssh_argv(command, node), what, **kw)
+
+  def scp(self, src: str, dst: str, what: str) -> None:
+    kind, nodes = ('queued-resources', ['--node=all']) if self.slices > 1 else ('tpu-vm', [])
+    self.retried([
+        *self.tpus(kind, 'scp', src, f'{self.name}:{dst}'), *nodes, '--worker=all', *self.where
+    ], what)
+
+  def describe(self, queued: bool, field: str, name: str | None = None) -> str:
+    """One field of the queued resource (queued) or TPU node; '' when it cannot be read."""
+    kind = 'queued-resources' if queued else 'tpu-vm'
+    argv = self.tpus(kind, 'describe', name or self.name, f'--format=value({field})')
     rc, out = self.run(argv + self.where, capture=True)
     return out.strip() if rc == 0 else ''
+
+  def state(self, queued: bool) -> str:
+    return self.describe(queued, 'state.state' if queued else 'state')
 
   def delete_argv(self, queued: bool) -> list[str]:
     if queued:
@@ -248,7 +321,8 @@ class Gcloud:
 
 def gcloud_for(args) -> Gcloud:
   return Gcloud(args.name, args.zone, args.project, getattr(args, 'dry_run', False),
-                getattr(args, 'poll_s', 60), getattr(args, 'ssh_retries', 5))
+                getattr(args, 'poll_s', 60), getattr(args, 'ssh_retries', 5),
+                getattr(args, 'num_slices', 1))
 
 
 # -------------------------------------------------------------------- what this machine owns
@@ -258,11 +332,15 @@ def _owned_path(args) -> str:
   return os.path.join(args.local_dir, 'created.json')
 
 
-def record_created(args, queued: bool) -> None:
-  """Written the moment a create succeeded: only then may a cleanup or `stop` delete."""
+def record_created(args, g: Gcloud) -> None:
+  """Written the moment a create succeeded: only then may a cleanup or `stop` delete. It names
+  the resource fully (project, zone, name) and by its createTime, so that a later slice of
+  the same name is never taken for it."""
   os.makedirs(args.local_dir, exist_ok=True)
+  record = dict(name=args.name, zone=args.zone, project=args.project, queued=args.queued,
+                slices=args.num_slices, create_time=g.describe(args.queued, 'createTime'))
   with open(_owned_path(args), 'w') as f:
-    json.dump({'name': args.name, 'zone': args.zone, 'queued': queued}, f)
+    json.dump(record, f)
 
 
 def created_here(args) -> dict | None:
@@ -271,16 +349,26 @@ def created_here(args) -> dict | None:
       record = json.load(f)
   except FileNotFoundError:
     return None
-  return record if (record['name'], record['zone']) == (args.name, args.zone) else None
+  same = (record['name'], record['zone'], record.get('project')) == (args.name, args.zone,
+                                                                     args.project)
+  return record if same else None
+
+
+def forget(args) -> None:
+  with contextlib.suppress(FileNotFoundError):
+    os.remove(_owned_path(args))
 
 
 def delete(args, g: Gcloud, queued: bool) -> None:
-  rc, _ = g.run(g.delete_argv(queued))
-  if rc:
+  rc, _ = g.run(g.delete_argv(queued), own_session=True)
+  if rc and g.state(queued) in GONE:  # worker 0's delete got there first
+    common.say(f'{args.name} is already gone or being deleted')
+  elif rc:
     common.say(f'deleting {args.name} failed with exit status {rc}; delete it by hand: ' +
                shlex.join(g.delete_argv(queued)))
-  elif not g.dry_run:
-    os.remove(_owned_path(args))
+    return
+  if not g.dry_run:
+    forget(args)
 
 
 # ------------------------------------------------------------------------------- the steps
@@ -300,9 +388,10 @@ def check_bucket(args, g: Gcloud) -> None:
 
 def pack(args, g: Gcloud) -> None:
   q, tarball = shlex.quote, os.path.join(args.local_dir, TARBALL)
+  others = ' --others --exclude-standard' if args.include_untracked else ''
   g.must([
       'bash', '-c', f'set -euo pipefail; mkdir -p {q(args.local_dir)}; cd {q(common.REPO)}; '
-      'git ls-files -z --cached --others --exclude-standard '
+      f'git ls-files -z --cached{others} '
       f'| tar -czf {q(tarball)} --null --ignore-failed-read -T -'
   ], 'packing the repo')
 
@@ -314,8 +403,10 @@ def create_argv(args, g: Gcloud) -> list[str]:
       if (v := getattr(args, k))
   ]
   if args.queued:
+    nodes = ([f'--node-count={args.num_slices}', f'--node-prefix={args.name}']
+             if args.num_slices > 1 else [f'--node-id={args.name}'])
     return [
-        *g.tpus('queued-resources', 'create', args.name), f'--node-id={args.name}',
+        *g.tpus('queued-resources', 'create', args.name), *nodes,
         f'--accelerator-type={args.accelerator_type}', f'--runtime-version={args.version}',
         *capacity, *g.where
     ]
@@ -326,10 +417,15 @@ def create_argv(args, g: Gcloud) -> list[str]:
 
 
 def create(args, g: Gcloud) -> None:
-  """Creates the slice; ALREADY_EXISTS (or any failure) raises, and nothing is ours to delete."""
-  g.must(create_argv(args, g), f'creating {args.name}')
-  if not g.dry_run:
-    record_created(args, args.queued)
+  """Creates the slice; ALREADY_EXISTS (or any failure) raises, and nothing is ours to delete.
+  Signals wait until gcloud has returned and a success is recorded (then act: the cleanup
+  deletes what was made)."""
+  with common.deferred_signals(f'waiting for the create of {args.name} to return, so that '
+                               'what it made is deleted'):
+    g.must(create_argv(args, g), f'creating {args.name}', own_session=True,
+           timeout=LONG_TIMEOUT_S['create'])
+    if not g.dry_run:
+      record_created(args, g)
 
 
 def wait_active(args, g: Gcloud) -> None:
@@ -340,7 +436,8 @@ def wait_active(args, g: Gcloud) -> None:
     if state == 'ACTIVE' or g.dry_run:
       return
     if state in ('FAILED', 'SUSPENDED'):
-      raise Failed(1, f'queued resource {args.name} is {state}')
+      why = g.describe(True, 'state.failedData.error') if state == 'FAILED' else ''
+      raise Failed(1, f'queued resource {args.name} is {state}' + (f': {why}' if why else ''))
     if time.monotonic() > deadline:
       raise Failed(
           1, f'queued resource {args.name} not ACTIVE after {args.queue_timeout_s:g} s '
@@ -355,22 +452,24 @@ def check_reusable(args, g: Gcloud) -> None:
     raise Failed(1, f'--reuse: no READY slice {args.name} in {args.zone} (state {state or "none"})')
 
 
+# A run is going when the pid file's boot id is this boot's and its process lives (after a
+# reboot the pid may belong to another process). tpu_worker.sh's alive() checks the same.
+BUSY = ('if read -r pid boot <"$HOME/yuanjax-run/pid" 2>/dev/null && '
+        '[[ $boot == "$(cat /proc/sys/kernel/random/boot_id)" ]] && kill -0 "$pid" 2>/dev/null; '
+        'then echo "$(hostname): a run is going (pid $pid); stop it first" >&2; exit 3; fi')
+
+
 def install(args, g: Gcloud) -> None:
   """Checks the workers can write WORKDIR, copies the repo, builds the venv (keeps a venv)."""
   url = shlex.quote(f'{args.workdir.rstrip("/")}/.write_check/')
   g.ssh(remote(f'echo ok | gcloud storage cp - {url}"$(hostname)"'),
         'the workers\' write check of --workdir (their service account and scopes)')
-  g.must([
-      *g.tpus('tpu-vm', 'scp', os.path.join(args.local_dir, TARBALL), f'{args.name}:{TARBALL}'),
-      '--worker=all', *g.where
-  ], 'copying the repo')
-  busy = ('if pid=$(cat "$HOME/yuanjax-run/pid" 2>/dev/null) && kill -0 "$pid" 2>/dev/null; '
-          'then echo "$(hostname): a run is going (pid $pid); stop it first" >&2; exit 3; fi')
-  g.ssh(
-      remote(busy, f'mkdir -p {REMOTE_DIR}',
-             f'find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +',
-             f'tar -xzf "$HOME/{TARBALL}" -C {REMOTE_DIR}', f'cd {REMOTE_DIR}',
-             f'bash launch/tpu_worker.sh install {shlex.quote(args.remote_python)}'), 'installing')
+  g.scp(os.path.join(args.local_dir, TARBALL), TARBALL, 'copying the repo')
+  g.ssh(remote(BUSY, f'mkdir -p {REMOTE_DIR}',
+               f'find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +',
+               f'tar -xzf "$HOME/{TARBALL}" -C {REMOTE_DIR}', f'cd {REMOTE_DIR}',
+               f'bash launch/tpu_worker.sh install {shlex.quote(args.remote_python)}'),
+        'installing', timeout=LONG_TIMEOUT_S['install'])
 
 
 def train_argv(args) -> list[str]:
@@ -378,43 +477,89 @@ def train_argv(args) -> list[str]:
   return env + common.train_argv('.venv/bin/python', args.config, args.workdir, args.overrides)
 
 
+def megascale_env(args, g: Gcloud, slice_id: int, coordinator: str) -> list[str]:
+  """MaxText's multihost_runner settings for slice `slice_id` of several; none for one."""
+  if args.num_slices == 1:
+    return []
+  return [
+      f'MEGASCALE_COORDINATOR_ADDRESS={coordinator}:{MEGASCALE_PORT}',
+      f'MEGASCALE_NUM_SLICES={args.num_slices}', f'MEGASCALE_PORT={MEGASCALE_PORT}',
+      f'MEGASCALE_SLICE_ID={slice_id}'
+  ]
+
+
+def coordinator_ip(args, g: Gcloud) -> str:
+  """Worker 0 of slice 0: the MEGASCALE coordinator."""
+  if args.num_slices == 1:
+    return ''
+  ip = g.describe(False, 'networkEndpoints[0].ipAddress', name=g.nodes[0])
+  if not ip and not g.dry_run:
+    raise Failed(1, f'cannot read the address of {g.nodes[0]} worker 0 (the coordinator)')
+  return ip or 'IP_OF_SLICE_0_WORKER_0'
+
+
 def start(args, g: Gcloud, created: bool) -> None:
   g.run(['gcloud', 'storage', 'rm', f'{log_url(args)}/*.exit-*'])  # a previous attempt's
   on_exit = ''
   if created and not args.keep:  # worker 0 deletes the slice when every trainer has exited
     on_exit = shlex.join(g.delete_argv(args.queued) + ['--async'])
-  g.ssh(
-      remote(f'{WORKER} start {shlex.quote(log_url(args))} {shlex.quote(on_exit)} -- ' +
-             shlex.join(train_argv(args))), 'starting the run')
+  coordinator = coordinator_ip(args, g)
+  for i, node in enumerate(g.nodes):
+    env = [f'YUANJAX_EXIT_WAIT_S={args.stop_grace_s + EXIT_MARGIN_S}',
+           *megascale_env(args, g, i, coordinator)]
+    g.ssh(remote(f'env {" ".join(env)} {WORKER} start {shlex.quote(log_url(args))} '
+                 f'{shlex.quote(on_exit)} -- ' + shlex.join(train_argv(args))),
+          f'starting the run on {node}', node=node)
 
 
-def exits(args, g: Gcloud) -> tuple[dict[int, int], int]:
-  """{worker: exit status} of the workers that have finished, and the number of workers."""
+def exits(args, g: Gcloud) -> tuple[dict[tuple[int, int], int], int]:
+  """{(slice, worker): exit status} of the workers that have finished, and the number of
+  workers in all."""
   _, out = g.run(['gcloud', 'storage', 'ls', f'{log_url(args)}/'], capture=True)
   found, count = {}, 0
   for line in out.splitlines():
     if m := EXIT_RE.search(line.strip()):
-      found[int(m[1])], count = int(m[3]), int(m[2])
+      found[int(m[1] or 0), int(m[3])] = int(m[5])
+      count = int(m[2] or 1) * int(m[4])
   return found, count
 
 
 def follow(args, g: Gcloud) -> str:
-  """Until the run ends: 'done', 'failed' or 'preempted'."""
+  """Until the run ends: 'done', 'failed', 'preempted' (or gone), or 'lost' (the slice is up
+  but its trainers are gone with no exit file: a maintenance reboot)."""
+  unreadable = polls = 0
   while True:
     found, count = exits(args, g)
     if failed := {w: rc for w, rc in found.items() if rc}:
-      common.say(f'worker(s) failed: {failed}; logs in {log_url(args)}/')
+      common.say(f'(slice, worker)s failed: {failed}; logs in {log_url(args)}/')
       return 'failed'
     if count and len(found) == count:
       return 'done'
     state = g.state(queued=args.queued)
-    if state in PREEMPTED:
-      common.say(f'{args.name} is {state}: preempted')
+    unreadable = unreadable + 1 if state in GONE else 0
+    if state in PREEMPTED or unreadable >= GONE_AFTER:
+      common.say(f'{args.name} is {state or "gone"}: preempted')
       return 'preempted'
     if g.dry_run:
       return 'done'
+    polls += 1
+    if polls % CHECK_EVERY == 0 and state in ('READY', 'ACTIVE') and not trainers_there(args, g):
+      return 'lost'
     stopping()
     time.sleep(args.poll_s)
+
+
+def trainers_there(args, g: Gcloud) -> bool:
+  """False when some worker has neither a running trainer nor an exit status."""
+  try:
+    out = g.ssh(f'{WORKER} status', 'checking the trainers', capture=True)
+  except Failed as e:
+    common.say(f'{e}; taken for running')
+    return True
+  if ': no run' in out:
+    common.say(f'{args.name} is up, but a trainer is gone without an exit status (a reboot?)')
+    return False
+  return True
 
 
 def stopping() -> None:
@@ -423,10 +568,12 @@ def stopping() -> None:
     raise KeyboardInterrupt
 
 
-def stop_trainers(args, g: Gcloud) -> None:
-  """SIGTERM to every trainer; each gets stop_grace_s to save its checkpoint."""
+def stop_trainers(args, g: Gcloud, keep: bool = False) -> None:
+  """SIGTERM to every trainer; each gets stop_grace_s to save its checkpoint. keep: worker 0
+  does not delete the slice afterwards."""
   try:
-    g.ssh(f'{WORKER} stop {args.stop_grace_s}', 'stopping the trainers')
+    g.ssh(f'{WORKER} stop {args.stop_grace_s}' + (' keep' if keep else ''), 'stopping the trainers',
+          timeout=args.stop_grace_s + TIMEOUT_S)
   except Failed as e:
     common.say(f'{e}; going on')
 
@@ -436,7 +583,7 @@ def stop_trainers(args, g: Gcloud) -> None:
 
 def launch(args) -> int:
   g = gcloud_for(args)
-  ours, running, outcome, restarts = False, False, None, 0
+  ours, running, outcome, restarts, fresh = False, False, None, 0, True
   handlers = common.exit_on_signals()
   try:
     check_bucket(args, g)
@@ -444,14 +591,15 @@ def launch(args) -> int:
     if args.reuse:
       check_reusable(args, g)
     while True:
-      if not args.reuse:
+      if fresh and not args.reuse:
         create(args, g)
         ours = True
         if args.queued:
           wait_active(args, g)
       stopping()
-      install(args, g)
-      stopping()
+      if fresh:
+        install(args, g)
+        stopping()
       running = True
       start(args, g, created=ours)
       if args.detach:
@@ -459,31 +607,37 @@ def launch(args) -> int:
         ours = running = False  # worker 0 deletes it at the end
         return 0
       outcome = follow(args, g)
-      if outcome != 'preempted':
+      if outcome in ('done', 'failed'):
         return 0 if outcome == 'done' else 1
       running = False
-      if args.reuse or restarts >= args.max_restarts:
+      if (args.reuse and outcome == 'preempted') or restarts >= args.max_restarts:
         raise Failed(
-            1, f'preempted, and {restarts} of --max_restarts={args.max_restarts} '
+            1, f'{outcome}, and {restarts} of --max_restarts={args.max_restarts} '
             'restarts used' + (' (--reuse: not resubmitted)' if args.reuse else ''))
       restarts += 1
-      common.say(f'resubmitting {args.name} (restart {restarts} of {args.max_restarts})')
-      delete(args, g, args.queued)
-      ours = False
+      fresh = outcome == 'preempted'  # 'lost': the slice is up; start the trainers again
+      common.say(f'{"resubmitting" if fresh else "restarting on"} {args.name} (restart '
+                 f'{restarts} of {args.max_restarts})')
+      if fresh:
+        delete(args, g, args.queued)
+        ours = False
   except Failed as e:
     common.say(str(e))
     return e.rc
   except KeyboardInterrupt:
     common.say('interrupted')
+    common.STOP.set()  # a sweep running variants one after another starts no more
     return 130
   except SystemExit as e:
     common.say(f'signal: exit status {e.code}')
+    common.STOP.set()
     return e.code if isinstance(e.code, int) else 1
   finally:
-    if running and outcome != 'done':
-      stop_trainers(args, g)
-    if ours and not args.keep:
-      delete(args, g, args.queued)
+    with common.deferred_signals('cleaning up first (trainers, then the slice)', act=False):
+      if running and outcome != 'done':
+        stop_trainers(args, g)
+      if ours and not args.keep:
+        delete(args, g, args.queued)
     common.restore_signals(handlers)
 
 
@@ -503,7 +657,7 @@ def control(command: str, argv: list[str]) -> int:
   args = p.parse_args(argv)
   if command == 'logs':
     return subprocess.call([
-        'gcloud', 'storage', 'cat', f'{log_url(args)}/worker-{args.worker}-of-*.log'
+        'gcloud', 'storage', 'cat', f'{log_url(args)}/*worker-{args.worker}-of-*.log'
     ])
   args.local_dir = local_dir(args)
   g = gcloud_for(args)
@@ -512,12 +666,21 @@ def control(command: str, argv: list[str]) -> int:
     return subprocess.call([
         *g.tpus('tpu-vm', 'ssh', args.name), '--worker=all', f'--command={WORKER} status', *g.where
     ])
-  stop_trainers(args, g)
   record = created_here(args)
-  if record and not args.keep:
-    delete(args, g, record['queued'])
-  elif not args.keep:
+  g.slices = record.get('slices', 1) if record else 1
+  stop_trainers(args, g, keep=args.keep)
+  if args.keep:
+    return 0
+  if not record:
     common.say(f'{args.name} was not created from this machine ({_owned_path(args)}): not deleted')
+    return 0
+  now = g.describe(record['queued'], 'createTime')
+  if now != record['create_time']:  # gone, or another slice of the same name since
+    common.say(f'{args.name} now (createTime {now or "none: gone"}) is not the one this machine '
+               f'created ({record["create_time"]}): not deleted; record dropped')
+    forget(args)
+    return 0
+  delete(args, g, record['queued'])
   return 0
 
 

@@ -28,13 +28,13 @@ def argv(repo, tmp_path, *extra):
   return [
       f'--config={repo}/configs/fake.py', '--workdir=gs://bucket/m32 run', '--name=m32-a',
       '--zone=us-east5-a', '--accelerator_type=v5p-64', f'--local_dir={tmp_path}/stage',
-      '--poll_s=0', '--config.mesh.expert=8', *extra
+      '--poll_s=0', '--force', '--config.mesh.expert=8', *extra
   ]
 
 
 SETUP = [
-    'storage cp', 'storage rm', 'create', 'ssh write-check', 'scp', 'ssh install', 'storage rm',
-    'ssh start'
+    'storage cp', 'storage rm', 'create', 'describe', 'ssh write-check', 'scp', 'ssh install',
+    'storage rm', 'ssh start'
 ]
 
 
@@ -64,12 +64,12 @@ def test_dropped_ssh_does_not_end_the_run(fake, repo, tmp_path):
   ]
   start = next(c for c in fake.calls() if kind(c) == 'ssh start')
   command = shlex.split(start[6][len('--command='):].split('; ', 1)[1])
-  assert command[:6] == [
-      'bash', '$HOME/yuanjax/launch/tpu_worker.sh', 'start', 'gs://bucket/m32 run/worker_logs',
-      'gcloud compute tpus tpu-vm delete m32-a --quiet --zone=us-east5-a '
-      '--async', '--'
+  assert command[:8] == [
+      'env', 'YUANJAX_EXIT_WAIT_S=420', 'bash', '$HOME/yuanjax/launch/tpu_worker.sh', 'start',
+      'gs://bucket/m32 run/worker_logs', 'gcloud compute tpus tpu-vm delete m32-a --quiet '
+      '--zone=us-east5-a --async', '--'
   ]
-  assert command[6:] == [
+  assert command[8:] == [
       'env', 'LIBTPU_INIT_ARGS=--xla_tpu_x=1', '.venv/bin/python', '-u', '-m', 'yuanjax.train',
       '--config=configs/fake.py', '--workdir=gs://bucket/m32 run', '--config.mesh.expert=8'
   ]
@@ -92,8 +92,8 @@ def test_spot_preemption_resubmits_and_resumes(fake, repo, tmp_path):
   assert create[4:] == [
       'm32-a', '--node-id=m32-a', '--accelerator-type=v5p-64', '--runtime-version=v2-alpha-tpuv5',
       '--spot', '--valid-until-duration=6h', '--service-account=sa@p.iam',
-      '--scopes=cloud-platform', '--zone=us-east5-a'
-  ]
+      '--scopes=https://www.googleapis.com/auth/cloud-platform', '--zone=us-east5-a'
+  ]  # a short scope name becomes its full URI
 
 
 def test_preemptions_beyond_max_restarts_fail(fake, repo, tmp_path):
@@ -169,7 +169,7 @@ def test_stop_deletes_only_what_this_machine_created(fake, repo, tmp_path):
   assert tpu_pod.main(argv(repo, tmp_path, '--detach')) == 0
   assert fake.kinds()[-1] == 'ssh start'  # detached: no poll, no delete
   assert tpu_pod.main(['stop', *where]) == 0
-  assert fake.kinds()[-2:] == ['ssh stop', 'delete']
+  assert fake.kinds()[-3:] == ['ssh stop', 'describe', 'delete']  # still the slice it created
   assert not os.path.exists(tmp_path / 'stage' / 'created.json')
 
 
