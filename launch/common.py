@@ -155,9 +155,9 @@ def preflight(p: argparse.ArgumentParser, args: argparse.Namespace, target: Targ
 
 def fit_problem(config, target: Target) -> str | None:
   """None when the config fits target (and its mesh.dcn matches the slices); else why not."""
+  if 'mesh' not in getattr(config, 'keys', lambda: ())():
+    raise ValueError(f'get_config() returned a {type(config).__name__} without a mesh')
   from yuanjax import plan, sharding  # pylint: disable=g-import-not-at-top  (jax: only here)
-  if not hasattr(config, 'mesh'):
-    raise ValueError(f'get_config() returned a {type(config).__name__}, not a ConfigDict')
   dcn = dict(zip(sharding.MESH_AXES, sharding.dcn_shape(config.mesh)))
   if math.prod(dcn.values()) != target.slices:
     return (f'config.mesh.dcn={dcn}: its product is {math.prod(dcn.values())}, but the launch '

@@ -237,6 +237,9 @@ class Manifest:
 
 
 def _run_one(name, plan, manifest, dry_run) -> int:
+  if common.STOP.is_set():  # an interrupted launch (tpu_pod handles its own signals)
+    print(f'[sweep] variant {name}: not started (interrupted)', file=sys.stderr, flush=True)
+    return 130
   if manifest.done(name):
     print(f'[sweep] variant {name}: done before, skipped', file=sys.stderr, flush=True)
     return 0

@@ -418,14 +418,12 @@ def create_argv(args, g: Gcloud) -> list[str]:
 
 def create(args, g: Gcloud) -> None:
   """Creates the slice; ALREADY_EXISTS (or any failure) raises, and nothing is ours to delete.
-  Signals wait until gcloud has returned and a success is recorded (then act: the cleanup
-  deletes what was made)."""
-  with common.deferred_signals(f'waiting for the create of {args.name} to return, so that '
-                               'what it made is deleted'):
-    g.must(create_argv(args, g), f'creating {args.name}', own_session=True,
-           timeout=LONG_TIMEOUT_S['create'])
-    if not g.dry_run:
-      record_created(args, g)
+  gcloud runs in a session of its own, so that a Ctrl-C at the terminal leaves it to return
+  (the launch defers signals meanwhile and then deletes what it made)."""
+  g.must(create_argv(args, g), f'creating {args.name}', own_session=True,
+         timeout=LONG_TIMEOUT_S['create'])
+  if not g.dry_run:
+    record_created(args, g)
 
 
 def wait_active(args, g: Gcloud) -> None:
@@ -592,8 +590,10 @@ def launch(args) -> int:
       check_reusable(args, g)
     while True:
       if fresh and not args.reuse:
-        create(args, g)
-        ours = True
+        with common.deferred_signals(f'waiting for the create of {args.name} to return, so '
+                                     'that what it made is deleted'):
+          create(args, g)
+          ours = True
         if args.queued:
           wait_active(args, g)
       stopping()

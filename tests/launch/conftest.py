@@ -46,6 +46,18 @@ def kind(argv):
   return what
 
 
+@pytest.fixture(autouse=True)
+def no_stop_left():
+  """common.STOP is process-wide: an interrupted launch sets it; no test leaves it set."""
+  yield
+  common.STOP.clear()
+
+
+def fake_state(fake):
+  """The fake gcloud's state: slices that exist (server-side), runs, counters."""
+  return json.loads((fake.path / 'state.json').read_text())
+
+
 @pytest.fixture(scope='session')
 def python3_dir(tmp_path_factory):
   """A folder whose `python3` is this interpreter, for the fakes' `#!/usr/bin/env python3`: a
@@ -70,5 +82,6 @@ def stand_in_repo(tmp_path, monkeypatch, config_name: str, config_text: str):
   (root / 'configs').mkdir(parents=True)
   (root / 'configs' / config_name).write_text(config_text)
   subprocess.run(['git', 'init', '-q', str(root)], check=True)
+  subprocess.run(['git', '-C', str(root), 'add', 'configs'], check=True)  # tracked: packed
   monkeypatch.setattr(common, 'REPO', str(root))
   return root

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import types
 
 import pytest
 
@@ -15,7 +16,8 @@ FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
 sys.path.insert(0, REPO)
 
 from launch import tpu_pod  # pylint: disable=g-import-not-at-top
-from tests.launch.conftest import kind, stand_in_repo  # pylint: disable=g-import-not-at-top
+from tests.launch.conftest import (  # pylint: disable=g-import-not-at-top
+    fake_state, kind, stand_in_repo)
 
 
 @pytest.fixture
@@ -138,19 +140,33 @@ def test_reuse_of_a_missing_slice_fails_before_install(fake, repo, tmp_path, cap
   assert '--reuse: no READY slice m32-a' in capsys.readouterr().err
 
 
+# In this repo (the config must be), without a mesh: the pre-flight warns (--force), fast.
+FAKE_CONFIG = os.path.relpath(os.path.join(FAKES, 'config.py'), REPO)
+
+
+def launcher(tmp_path, *extra):
+  """launch.tpu_pod as its own process, in a process group of its own as a terminal gives it."""
+  cmd = [
+      sys.executable, '-m', 'launch.tpu_pod', f'--config={FAKE_CONFIG}', '--force',
+      '--workdir=gs://bucket/run', '--name=m32-a', '--zone=z', '--accelerator_type=v4-8',
+      f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7', *extra
+  ]
+  return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+
+
+def wait_for_call(fake, proc, what):
+  deadline = time.monotonic() + 180
+  while what not in fake.kinds():
+    assert time.monotonic() < deadline and proc.poll() is None, (fake.kinds(), proc.poll())
+    time.sleep(0.05)
+
+
 def test_sigterm_to_the_launcher_stops_trainers_before_delete(fake, tmp_path):
   """The launcher as its own process, SIGTERM mid-run: trainers first, then the slice."""
   fake.scenario(runs=[{}])  # runs until stopped
-  cmd = [
-      sys.executable, '-m', 'launch.tpu_pod', '--config=configs/tiny.py',
-      '--workdir=gs://bucket/run', '--name=m32-a', '--zone=z', '--accelerator_type=v4-8',
-      f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7'
-  ]
-  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
-  deadline = time.monotonic() + 180
-  while 'storage ls' not in fake.kinds():  # the run started and is being followed
-    assert time.monotonic() < deadline and proc.poll() is None, (fake.kinds(), proc.poll())
-    time.sleep(0.05)
+  proc = launcher(tmp_path)
+  wait_for_call(fake, proc, 'storage ls')  # the run started and is being followed
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 128 + signal.SIGTERM, err
@@ -203,6 +219,223 @@ def test_dry_run_prints_the_happy_path(repo, tmp_path, capsys, monkeypatch):
       ['gcloud', 'compute', 'tpus', 'queued-resources', 'delete']
   ]
   assert cmds[2][:2] == ['bash', '-c'] and cmds[-1][-2:] == ['--zone=us-east5-a', '--project=p']
+
+
+def test_ctrl_c_during_create_still_deletes_what_it_made(fake, tmp_path):
+  """Ctrl-C reaches the whole foreground process group while `create` runs (the slice exists
+  server-side already): gcloud lives to return, the create is recorded, the slice deleted."""
+  fake.scenario(create_sleep=2, runs=[{}])
+  proc = launcher(tmp_path)
+  wait_for_call(fake, proc, 'create')
+  os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert fake_state(fake)['slices'] == [], fake.kinds()  # nothing left billing
+  assert 'ssh install' not in fake.kinds()
+
+
+def test_second_signal_during_cleanup_still_deletes(fake, tmp_path):
+  fake.scenario(runs=[{}], stop_sleep=2)
+  proc = launcher(tmp_path)
+  wait_for_call(fake, proc, 'storage ls')
+  proc.send_signal(signal.SIGTERM)
+  wait_for_call(fake, proc, 'ssh stop')
+  proc.send_signal(signal.SIGTERM)  # impatient: again, while the trainers save
+  _, err = proc.communicate(timeout=60)
+  assert fake.kinds()[-2:] == ['ssh stop', 'delete'], err
+  assert fake_state(fake)['slices'] == []
+
+
+@pytest.fixture
+def few_polls(monkeypatch):
+  """follow() must end by itself: fail the test after 60 sleeps instead of hanging."""
+  sleeps = []
+
+  def sleep(s):
+    sleeps.append(s)
+    assert len(sleeps) < 60, 'still polling'
+
+  monkeypatch.setattr(tpu_pod, 'time', types.SimpleNamespace(sleep=sleep,
+                                                             monotonic=time.monotonic))
+  return sleeps
+
+
+def test_a_vanished_slice_ends_the_follow(fake, repo, tmp_path, capsys, few_polls):
+  fake.scenario(runs=[{'vanish_at_poll': 2}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--max_restarts=0')) == 1
+  assert 'm32-a is gone: preempted' in capsys.readouterr().err
+  fake.scenario(runs=[{'vanish_at_poll': 2}, {'exit_at_poll': 1}])
+  assert tpu_pod.main(argv(repo, tmp_path)) == 0  # asked for again, and done
+  assert [k for k in fake.kinds() if k in ('create', 'ssh start')] == ['create', 'ssh start'] * 3
+
+
+def test_a_slice_up_without_trainers_starts_them_again(fake, repo, tmp_path, few_polls):
+  """READY after a maintenance reboot: no trainer, no exit file. Checked over ssh every
+  CHECK_EVERY polls; the trainers start again on the same slice (no new create)."""
+  fake.scenario(runs=[{'lost_at_poll': 1}, {'exit_at_poll': 1}])
+  assert tpu_pod.main(argv(repo, tmp_path)) == 0
+  kinds = fake.kinds()
+  assert kinds.count('ssh status') == 1 and kinds.count('ssh start') == 2
+  assert kinds.count('create') == 1 and kinds.count('ssh install') == 1
+
+
+def test_sequential_tpu_sweep_stops_on_sigterm(fake, tmp_path):
+  """Variants one after another: SIGTERM during the first starts no second slice."""
+  fake.scenario(runs=[{}])
+  cmd = [
+      sys.executable, '-m', 'launch.sweep', '--backend=tpu', f'--config={FAKE_CONFIG}', '--force',
+      '--workdir=gs://bucket/sw', '--name=sw', '--zone=z', '--accelerator_type=v4-8',
+      f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=1'
+  ]
+  proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+  wait_for_call(fake, proc, 'storage ls')
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode != 0, err
+  creates = [c[4] for c in fake.calls() if kind(c) == 'create']
+  assert creates == ['sw-0'], err
+  assert fake_state(fake)['slices'] == []
+
+
+def test_stop_keep_and_the_race_with_worker_0(fake, repo, tmp_path, capsys):
+  where = ['--name=m32-a', '--zone=us-east5-a', f'--local_dir={tmp_path}/stage']
+  fake.scenario(runs=[{}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--detach')) == 0
+  assert tpu_pod.main(['stop', '--keep', *where]) == 0
+  stop = next(c for c in fake.calls() if kind(c) == 'ssh stop')
+  assert stop[6].endswith('tpu_worker.sh" stop 300 keep')  # worker 0 then deletes nothing
+  assert fake.kinds()[-1] == 'ssh stop'
+  # Worker 0 deletes the slice as the launcher does: gone already is not a failure.
+  fake.scenario(runs=[{'exit_at_poll': 1}], worker0_deletes=True)
+  assert tpu_pod.main(argv(repo, tmp_path)) == 0
+  assert fake.kinds()[-2:] == ['delete', 'describe']
+  assert 'delete it by hand' not in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / 'stage' / 'created.json')
+
+
+def test_stop_never_deletes_another_slice_of_the_same_name(fake, repo, tmp_path, capsys):
+  where = ['--name=m32-a', '--zone=us-east5-a', f'--local_dir={tmp_path}/stage']
+  fake.scenario(runs=[{}])
+  assert tpu_pod.main(argv(repo, tmp_path, '--detach')) == 0
+  for verb in ('delete', 'create'):  # worker 0 deleted ours; someone made another m32-a
+    subprocess.run(['gcloud', 'compute', 'tpus', 'tpu-vm', verb, 'm32-a', '--zone=us-east5-a'],
+                   check=True)
+  assert tpu_pod.main(['stop', *where]) == 0
+  assert fake.kinds()[-2:] == ['ssh stop', 'describe']
+  assert 'is not the one this machine created' in capsys.readouterr().err
+  assert fake_state(fake)['slices'] == ['m32-a']
+  assert not os.path.exists(tmp_path / 'stage' / 'created.json')
+  assert tpu_pod.main(['stop', '--project=p', *where]) == 0  # another project: not ours
+  assert 'delete' not in fake.kinds()[-1:]
+
+
+def test_failed_queued_resource_says_why(fake, repo, tmp_path, capsys):
+  fake.scenario(qr_states=['FAILED'], failed_error='no v5p capacity in us-east5-a')
+  assert tpu_pod.main(argv(repo, tmp_path, '--queued')) == 1
+  assert 'is FAILED: no v5p capacity in us-east5-a' in capsys.readouterr().err
+  assert fake.kinds()[-1] == 'qr delete'
+
+
+def test_dropped_scp_is_retried(fake, repo, tmp_path):
+  fake.scenario(scp_drop=True)
+  assert tpu_pod.main(argv(repo, tmp_path)) == 0
+  assert fake.kinds().count('scp') == 2
+
+
+def test_untracked_files_are_not_packed(fake, repo, tmp_path):
+  (repo / 'secret.env').write_text('TOKEN=x\n')
+  fake.scenario()
+  assert tpu_pod.main(argv(repo, tmp_path)) == 0
+  names = subprocess.run(['tar', '-tzf', str(tmp_path / 'stage' / 'yuanjax.tgz')],
+                         capture_output=True, text=True, check=True).stdout.split()
+  assert names == ['configs/fake.py']
+  assert tpu_pod.main(argv(repo, tmp_path, '--include_untracked')) == 0
+  names = subprocess.run(['tar', '-tzf', str(tmp_path / 'stage' / 'yuanjax.tgz')],
+                         capture_output=True, text=True, check=True).stdout.split()
+  assert sorted(names) == ['configs/fake.py', 'secret.env']
+
+
+def test_gcloud_calls_time_out():
+  g = tpu_pod.Gcloud('n', 'z')
+  start = time.monotonic()
+  assert g.run(['sleep', '30'], timeout=0.2) == (124, '')
+  assert time.monotonic() - start < 10
+
+
+# ------------------------------------------------------- pre-flight fit and multi-slice
+
+
+@pytest.fixture
+def tiny_repo(tmp_path, monkeypatch):
+  """The stand-in repo with the real configs/tiny.py: the planner can run on it."""
+  text = open(os.path.join(REPO, 'configs', 'tiny.py')).read()
+  return stand_in_repo(tmp_path, monkeypatch, 'tiny.py', text)
+
+
+def tiny_argv(repo, tmp_path, *extra):
+  return [
+      f'--config={repo}/configs/tiny.py', '--workdir=gs://b/run', '--name=ms', '--zone=z',
+      '--accelerator_type=v5litepod-4', f'--local_dir={tmp_path}/stage', '--poll_s=0', *extra
+  ]
+
+
+def test_a_config_that_does_not_fit_creates_nothing(fake, tiny_repo, tmp_path, capsys):
+  fake.scenario()
+  with pytest.raises(SystemExit) as e:
+    tpu_pod.main(tiny_argv(tiny_repo, tmp_path, '--config.train.batch_size=16384'))
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert 'pre-flight: ' in err and 'usable on 4 x TPU v5e' in err and 'does not fit' in err
+  assert 'it fits with --config.train.grad_accum=' in err and '--force launches anyway' in err
+  assert fake.calls() == []  # nothing created, nothing written
+  fake.scenario(runs=[{'exit_at_poll': 1}])
+  assert tpu_pod.main(
+      tiny_argv(tiny_repo, tmp_path, '--config.train.batch_size=16384', '--force')) == 0
+  assert 'launching anyway (--force)' in capsys.readouterr().err
+
+
+def test_dcn_must_match_num_slices(fake, tiny_repo, tmp_path, capsys):
+  fake.scenario()
+  with pytest.raises(SystemExit) as e:
+    tpu_pod.main(tiny_argv(tiny_repo, tmp_path, '--queued', '--num_slices=2'))
+  assert e.value.code == 2
+  assert "its product is 1, but the launch has 2 slice(s); e.g. --config.mesh.dcn.data=2" in (
+      capsys.readouterr().err)
+  assert fake.calls() == []
+
+
+def test_multi_slice(fake, tiny_repo, tmp_path):
+  fake.scenario(runs=[{'exit_at_poll': 2}])
+  assert tpu_pod.main(
+      tiny_argv(tiny_repo, tmp_path, '--queued', '--num_slices=2', '--spot',
+                '--config.mesh.dcn.data=2')) == 0
+  calls = fake.calls()
+  create = next(c for c in calls if kind(c) == 'qr create')
+  assert create[4:8] == ['ms', '--node-count=2', '--node-prefix=ms',
+                         '--accelerator-type=v5litepod-4']
+  scp = next(c for c in calls if kind(c) == 'qr scp')
+  assert scp[4:] == [f'{tmp_path}/stage/yuanjax.tgz', 'ms:yuanjax.tgz', '--node=all',
+                     '--worker=all', '--zone=z']
+  install = next(c for c in calls if kind(c) == 'ssh install')
+  assert install[2:7] == ['queued-resources', 'ssh', 'ms', '--node=all', '--worker=all']
+  starts = [c for c in calls if kind(c) == 'ssh start']
+  assert [c[2:6] for c in starts] == [['tpu-vm', 'ssh', f'ms-{i}', '--worker=all'] for i in (0, 1)]
+  for i, c in enumerate(starts):
+    words = shlex.split(c[6][len('--command='):].split('; ', 1)[1])
+    assert words[:7] == [
+        'env', 'YUANJAX_EXIT_WAIT_S=420', 'MEGASCALE_COORDINATOR_ADDRESS=10.0.0.2:8080',
+        'MEGASCALE_NUM_SLICES=2', 'MEGASCALE_PORT=8080', f'MEGASCALE_SLICE_ID={i}', 'bash'
+    ]
+  ls = os.listdir(fake.path / 'gcs' / 'b' / 'run' / 'worker_logs')
+  assert sorted(ls) == sorted(f'slice-{s}-of-2-worker-{w}-of-2.exit-0' for s in (0, 1)
+                              for w in (0, 1))
+  assert fake.kinds()[-1] == 'qr delete' and fake_state(fake)['slices'] == []
+
+
+def test_num_slices_needs_queued(capsys, tiny_repo, tmp_path):
+  with pytest.raises(SystemExit):
+    tpu_pod.main(tiny_argv(tiny_repo, tmp_path, '--num_slices=2'))
+  assert '--num_slices=2: needs --queued' in capsys.readouterr().err
 
 
 # ------------------------------------------------------------- the worker script, for real
