@@ -8,11 +8,20 @@ hosts by itself, as on a TPU VM.
 
 The image: --docker_image is used as it is (it must hold this repo, installed, with
 jax[tpu], and start in the repo's folder); or --base_docker_image, on which xpk builds an
-image holding --script_dir (default: this repo; xpk copies it in), and the command first
-runs `pip install -c constraints.txt . 'jax[tpu]'` there.
+image holding --script_dir (default: this repo; xpk copies it in, so it must have a
+.dockerignore that leaves out .venv and .git), and the command first runs
+`pip install -c constraints.txt . 'jax[tpu]'` there: on every pod start, restarts included.
 
-Preemption or a host failure: xpk restarts the JobSet up to --max_restarts times, and the
-trainer resumes from the newest checkpoint in --workdir (gs://). Follow and end it with xpk:
+Before anything is submitted the pre-flight runs yuanjax.plan on the config for
+--num_slices x --tpu_type (and checks prod(config.mesh.dcn) == --num_slices); a run that does
+not fit is refused with the fix the planner finds, unless --force.
+
+Preemption or a host failure: the pods get SIGTERM and --stop_grace_s (passed as
+--termination-grace-period-seconds; xpk's default is 30 s) to save a checkpoint; the trainer
+then exits 0, and the command turns that into exit status 42 when launch/progress.py finds the
+newest checkpoint short of train.num_steps: xpk restarts a JobSet only on exit statuses 42 and
+127-255, up to --max_restarts times, and the trainer resumes from the newest checkpoint in
+--workdir (gs://). A trainer failure keeps its own status. Follow and end it with xpk:
 `xpk workload list --cluster=C`, `xpk workload delete --cluster=C --workload=NAME`.
 
   python -m launch.xpk --cluster=my-v5p --workload=m32-a --tpu_type=v5p-64 \\
@@ -21,7 +30,7 @@ trainer resumes from the newest checkpoint in --workdir (gs://). Follow and end 
 
 Flags as in `xpk workload create --help` (--cluster, --workload, --tpu-type, --num-slices,
 --docker-image / --base-docker-image with --script-dir, --command, --env, --max-restarts,
---zone, --project).
+--termination-grace-period-seconds, --zone, --project).
 """
 from __future__ import annotations
 
@@ -31,6 +40,8 @@ import shlex
 import sys
 
 from launch import common
+
+RESTART_STATUS = 42  # one of the exit statuses xpk restarts a JobSet on (42, 127-255)
 
 
 def parse(argv=None):
@@ -48,11 +59,20 @@ def parse(argv=None):
   p.add_argument('--project', default=None)
   p.add_argument('--max_restarts', type=int, default=3,
                  help='JobSet restarts after a preemption or failure (default 3)')
+  p.add_argument('--stop_grace_s', type=int, default=300,
+                 help='seconds a preempted or deleted pod gets to save its checkpoint (default '
+                 '300; xpk --termination-grace-period-seconds)')
   p.add_argument('--env', action='append', default=[], metavar='KEY=VALUE',
                  help='environment for the trainers; repeatable')
   p.add_argument('--libtpu_init_args', default=None, help='LIBTPU_INIT_ARGS for the trainers')
+  common.fit_flag(p)
   args = common.parse(p, argv)
   _check(p, args)
+  try:
+    target = common.tpu_target(args.tpu_type, args.num_slices)
+  except ValueError as e:
+    p.error(f'--tpu_type={e}')
+  common.preflight(p, args, target)
   return args
 
 
@@ -64,9 +84,13 @@ def _check(p, args) -> None:
             'with a letter')
   if (args.docker_image is None) == (args.base_docker_image is None):
     p.error('give one of --docker_image and --base_docker_image')
-  for flag in ('num_slices', 'max_restarts'):
+  for flag in ('num_slices', 'max_restarts', 'stop_grace_s'):
     if getattr(args, flag) < (1 if flag == 'num_slices' else 0):
       p.error(f'--{flag}={getattr(args, flag)}: too small')
+  ignore = os.path.join(args.script_dir, '.dockerignore')
+  if args.base_docker_image and not _ignores(ignore, ('.venv', '.git')):
+    p.error(f'--base_docker_image: {ignore} must leave out .venv and .git (else they are baked '
+            'into the image xpk builds from --script_dir)')
   for item in args.env:
     if not re.fullmatch(r'[A-Za-z_]\w*=.*', item, re.DOTALL):
       p.error(f'--env={item!r}: must be KEY=VALUE')
@@ -76,12 +100,26 @@ def _check(p, args) -> None:
   args.config = rel + args.config[len(args.config_path):]  # relative, as inside the image
 
 
+def _ignores(path: str, names: tuple[str, ...]) -> bool:
+  try:
+    with open(path) as f:
+      lines = {line.strip().strip('/') for line in f}
+  except FileNotFoundError:
+    return False
+  return all(n in lines for n in names)
+
+
 def command(args) -> str:
-  """The shell command xpk runs in the container on every host."""
+  """The shell command xpk runs in the container on every host: the trainer; its exit 0 short
+  of train.num_steps (a SIGTERM saved a checkpoint) becomes RESTART_STATUS."""
   train = shlex.join(common.train_argv('python3', args.config, args.workdir, args.overrides))
+  progress = shlex.join(['python3', 'launch/progress.py', f'--config={args.config}',
+                         f'--workdir={args.workdir}', *args.overrides])
+  run = (f'{train}; rc=$?; if [ "$rc" -eq 0 ] && ! {progress}; then exit {RESTART_STATUS}; fi; '
+         'exit "$rc"')
   if args.base_docker_image:
-    return "pip install -q -c constraints.txt . 'jax[tpu]' && " + train
-  return train
+    return "pip install -q -c constraints.txt . 'jax[tpu]' && " + run
+  return run
 
 
 def create_argv(args) -> list[str]:
@@ -94,6 +132,7 @@ def create_argv(args) -> list[str]:
       'xpk', 'workload', 'create', f'--cluster={args.cluster}', f'--workload={args.workload}',
       f'--tpu-type={args.tpu_type}', f'--num-slices={args.num_slices}', *image,
       f'--max-restarts={args.max_restarts}',
+      f'--termination-grace-period-seconds={args.stop_grace_s}',
       *[f'--{k}={v}' for k in ('zone', 'project') if (v := getattr(args, k))],
       *[f'--env={e}' for e in env], f'--command={command(args)}'
   ]

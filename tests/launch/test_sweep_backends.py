@@ -3,6 +3,7 @@ on N slices at once, or queued on one reused slice; xpk workloads."""
 import json
 import os
 import shlex
+import subprocess
 import sys
 import textwrap
 
@@ -34,7 +35,8 @@ def cfg(tmp_path, monkeypatch):
 def tpu_sweep(cfg, tmp_path, *flags):
   return sweep.main([
       f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw', '--zone=z',
-      '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage', '--poll_s=0.02', *flags
+      '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage', '--poll_s=0.02', '--force',
+      *flags
   ])
 
 
@@ -84,26 +86,30 @@ def xpk_argv(cfg, *flags):
   return [
       f'--config={cfg}', '--workdir=gs://b/sw', '--backend=xpk', '--cluster=c1', '--workload=wl',
       '--tpu_type=v5p-64', '--docker_image=gcr.io/p/yuanjax:1', '--zone=us-east5-a', '--project=p',
-      '--env=A=b c', '--config.train.num_steps=9', *flags
+      '--env=A=b c', '--config.train.num_steps=9', '--force', *flags
   ]
 
 
 def test_xpk_dry_run(capsys, cfg):
   cmds = dry_run(capsys, sweep, xpk_argv(cfg, '--libtpu_init_args=--xla_x=1'))
+  flags = lambda i: [
+      '--config=configs/sw.py', f'--workdir=gs://b/sw/train.seed={i}',
+      '--config.train.num_steps=9', f'--config.train.seed={i}'
+  ]
   assert cmds == [[
       'xpk', 'workload', 'create', '--cluster=c1', f'--workload=wl-{i}', '--tpu-type=v5p-64',
       '--num-slices=1', '--docker-image=gcr.io/p/yuanjax:1', '--max-restarts=3',
-      '--zone=us-east5-a', '--project=p', '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
-      '--command=' + shlex.join([
-          'python3', '-u', '-m', 'yuanjax.train', '--config=configs/sw.py',
-          f'--workdir=gs://b/sw/train.seed={i}', '--config.train.num_steps=9',
-          f'--config.train.seed={i}'
-      ])
+      '--termination-grace-period-seconds=300', '--zone=us-east5-a', '--project=p',
+      '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c', '--command=' +
+      shlex.join(['python3', '-u', '-m', 'yuanjax.train', *flags(i)]) +
+      '; rc=$?; if [ "$rc" -eq 0 ] && ! ' +
+      shlex.join(['python3', 'launch/progress.py', *flags(i)]) + '; then exit 42; fi; exit "$rc"'
   ] for i in (0, 1)]
 
 
 def test_xpk_submits_each_variant(fake, cfg, tmp_path):
   base = [a for a in xpk_argv(cfg) if not a.startswith('--docker_image')]
+  (tmp_path / 'repo' / '.dockerignore').write_text('.venv\n.git/\n')
   assert sweep.main(
       base +
       ['--base_docker_image=python:3.11', f'--script_dir={tmp_path}/repo', '--parallel=2']) == 0
@@ -125,3 +131,52 @@ def test_xpk_bad_input(capsys, cfg, flags, message):
   with pytest.raises(SystemExit) as e:
     sweep.main(argv + flags + ['--dry-run'])
   assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_xpk_base_image_needs_a_dockerignore(capsys, cfg, tmp_path):
+  """Without one, xpk's build would copy .venv and .git (and whatever else) into the image."""
+  argv = [a for a in xpk_argv(cfg) if not a.startswith('--docker_image')]
+  argv += ['--base_docker_image=python:3.11', f'--script_dir={tmp_path}/repo', '--dry-run']
+  with pytest.raises(SystemExit) as e:
+    sweep.main(argv)
+  assert e.value.code == 2 and '.dockerignore must leave out .venv and .git' in (
+      capsys.readouterr().err)
+  (tmp_path / 'repo' / '.dockerignore').write_text('.git\n')
+  with pytest.raises(SystemExit):
+    sweep.main(argv)
+  (tmp_path / 'repo' / '.dockerignore').write_text('.git\n.venv/\n')
+  assert sweep.main(argv) == 0
+  assert os.path.exists(os.path.join(REPO, '.dockerignore'))  # this repo's, for the default
+
+
+# The container's python3: the trainer (exit FAKE_RC after writing checkpoint FAKE_STEP), or
+# the real interpreter for launch/progress.py.
+FAKE_PY = textwrap.dedent('''\
+    #!/bin/bash
+    if [[ $1 == -u ]]; then
+      mkdir -p "$FAKE_WORKDIR/checkpoints/$FAKE_STEP"
+      exit "$FAKE_RC"
+    fi
+    exec %s "$@"
+    ''') % shlex.quote(sys.executable)
+
+
+@pytest.mark.parametrize('step, rc, status', [
+    (9, 0, 0),  # done: the JobSet completes
+    (4, 0, 42),  # SIGTERM (preemption) saved step 4 of 9 and exited 0: xpk restarts on 42
+    (4, 3, 3),  # a failure keeps its status
+])
+def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status):
+  from launch import xpk  # pylint: disable=g-import-not-at-top
+  args = xpk.parse([
+      f'--config={cfg}', '--workdir=gs://b/x', '--cluster=c1', '--workload=wl',
+      '--tpu_type=v5p-64', '--docker_image=i', '--config.train.num_steps=9', '--force'
+  ])
+  args.workdir = str(tmp_path / 'wd')  # a local stand-in for gs://
+  (tmp_path / 'bin').mkdir()
+  (tmp_path / 'bin' / 'python3').write_text(FAKE_PY)
+  (tmp_path / 'bin' / 'python3').chmod(0o755)
+  env = dict(os.environ, PATH=f'{tmp_path}/bin:{os.environ["PATH"]}', FAKE_RC=str(rc),
+             FAKE_STEP=str(step), FAKE_WORKDIR=args.workdir)
+  r = subprocess.run(['bash', '-c', xpk.command(args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  assert r.returncode == status, r.stdout + r.stderr

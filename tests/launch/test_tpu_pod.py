@@ -454,7 +454,8 @@ FAKE_TRAINER = textwrap.dedent('''\
 
 def worker(tmp_path, *args, **env):
   e = dict(os.environ, YUANJAX_RUN_DIR=str(tmp_path / 'run'), YUANJAX_WORKER_ID='0',
-           YUANJAX_WORKER_COUNT='1', YUANJAX_UPLOAD_S='1', YUANJAX_EXIT_WAIT_S='5', **env)
+           YUANJAX_WORKER_COUNT='1', YUANJAX_UPLOAD_S='1', YUANJAX_EXIT_WAIT_S='5')
+  e.update(env)
   return subprocess.run(['bash', os.path.join(REPO, 'launch', 'tpu_worker.sh'), *args], env=e,
                         capture_output=True, text=True, timeout=60)
 
@@ -493,3 +494,64 @@ def test_worker_reports_a_failure(fake, tmp_path):
              '0', '7')
   assert r.returncode == 0, r.stderr
   assert wait_for(fake.path / 'gcs' / 'b' / 'w' / 'worker-0-of-1.exit-7')
+
+
+def test_worker_start_fails_when_the_metadata_server_does_not_answer(fake, tmp_path):
+  """`curl -sf` failing used to kill the detached supervisor while `start` said "started"."""
+  fake.scenario()
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'curl').write_text('#!/bin/bash\nexit 7\n')  # connection refused
+  (bin_dir / 'curl').chmod(0o755)
+  r = worker(tmp_path, 'start', 'gs://b/w', '', '--', 'sleep', '60', YUANJAX_WORKER_ID='',
+             PATH=f'{bin_dir}:{os.environ["PATH"]}')
+  assert r.returncode == 1 and 'started' not in r.stdout, r.stdout
+  assert "cannot read this worker's number from the metadata server" in r.stderr
+  assert 'no run' in worker(tmp_path, 'status').stdout
+
+
+def test_worker_stop_keep_runs_no_exit_command(fake, tmp_path):
+  fake.scenario()
+  (tmp_path / 'trainer.py').write_text(FAKE_TRAINER)
+  marker = tmp_path / 'deleted'
+  r = worker(tmp_path, 'start', 'gs://b/k', f'touch {marker}', '--', sys.executable,
+             str(tmp_path / 'trainer.py'), '600', '0')
+  assert r.returncode == 0, r.stderr
+  assert worker(tmp_path, 'stop', '20', 'keep').returncode == 0
+  assert wait_for(fake.path / 'gcs' / 'b' / 'k' / 'worker-0-of-1.exit-0')
+  assert wait_for_text(tmp_path / 'run' / 'supervisor.log', 'stopped with keep')
+  assert not marker.exists()
+
+
+def test_worker_reports_a_failed_exit_command(fake, tmp_path):
+  """Worker 0's delete fails (its service account may not delete TPUs): the output is
+  uploaded as LOG_URL/on_exit-failed, where `logs` and a person find it."""
+  fake.scenario()
+  r = worker(tmp_path, 'start', 'gs://b/f', 'echo PERMISSION_DENIED >&2; false', '--', 'true')
+  assert r.returncode == 0, r.stderr
+  failed = fake.path / 'gcs' / 'b' / 'f' / 'on_exit-failed'
+  assert wait_for(failed) and 'PERMISSION_DENIED' in failed.read_text()
+
+
+def test_worker_pid_file_from_before_a_reboot_is_no_run(fake, tmp_path):
+  """A live pid (this test's) in a pid file of another boot is not a run: start starts."""
+  fake.scenario()
+  (tmp_path / 'run').mkdir()
+  for stale in (f'{os.getpid()} 00000000-another-boot', f'{os.getpid()}'):
+    (tmp_path / 'run' / 'pid').write_text(stale + '\n')
+    assert 'no run' in worker(tmp_path, 'status').stdout
+  lock = tmp_path / 'libtpu_lockfile'
+  lock.write_text('')
+  r = worker(tmp_path, 'start', 'gs://b/p', '', '--', 'true', YUANJAX_LIBTPU_LOCKFILE=str(lock))
+  assert r.returncode == 0 and 'started worker-0-of-1' in r.stdout, r.stdout + r.stderr
+  assert not lock.exists()  # libtpu's lock file of a dead process would block the trainer
+  assert wait_for(fake.path / 'gcs' / 'b' / 'p' / 'worker-0-of-1.exit-0')
+
+
+def wait_for_text(path, text, seconds=30):
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if os.path.exists(path) and text in open(path).read():
+      return True
+    time.sleep(0.05)
+  return False
