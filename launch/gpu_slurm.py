@@ -7,6 +7,10 @@ fewest processes for the coordinator. The coordinator is the job's first node
 below Linux's ephemeral range (32768-60999, net.ipv4.ip_local_port_range), where another
 program's outgoing connection could hold it. Each task passes --process_id=$SLURM_PROCID.
 
+Before the script is written, the pre-flight runs yuanjax.plan on the config for --nodes x
+--gpus_per_node GPUs of --gpu and refuses a run that does not fit, with the fix it finds
+(remat, grad_accum, mesh), unless --force.
+
 The job script, in order: the --setup lines (module load, conda activate, source a venv);
 the environment (GPU_ENV below, then each --env KEY=VALUE); a pre-flight `srun` on every node
 that checks --python imports yuanjax and that jax sees --gpus_per_node GPUs (a compute node
@@ -23,8 +27,8 @@ from SLURM_CPUS_ON_NODE, which is all of the node's CPUs with --exclusive (the d
 
   python -m launch.gpu_slurm --nodes=4 --gpus_per_node=8 --time=24:00:00 --partition=gpu \\
       --account=my-proj --setup='source /shared/yuanjax/.venv/bin/activate' \\
-      --config=configs/yuan_m32.py --workdir=/shared/runs/m32 --config.mesh.data=4 \\
-      --config.mesh.expert=8
+      --config=configs/yuan_m32.py --workdir=/shared/runs/m32 --config.mesh.fsdp=4 \\
+      --config.mesh.expert=8 --config.model.remat=full --config.train.grad_accum=16
 """
 from __future__ import annotations
 
@@ -39,20 +43,18 @@ from launch import common
 # XLA flags for H100/H200, each from where it is recommended; every one is checked to exist in
 # the installed jaxlib by tests/launch/test_gpu_slurm.py (an unknown XLA flag is fatal).
 GPU_XLA_FLAGS = [
-    # Overlaps collectives with compute. Set by default in NVIDIA's JAX-Toolbox images
-    # (docs.nvidia.com/jax-toolbox/environment-variables) and in MaxText's GPU scripts.
+    # Overlaps collectives with compute: the one XLA flag NVIDIA's JAX-Toolbox images set
+    # (docs.nvidia.com/jax-toolbox/environment-variables); MaxText's GPU scripts set it too.
     '--xla_gpu_enable_latency_hiding_scheduler=true',
-    # JAX-Toolbox GPU_performance.md, "Enable asynchronous collective communication".
-    '--xla_gpu_enable_highest_priority_async_stream=true',
-    # cuBLAS rather than Triton GEMMs: JAX-Toolbox GPU_performance.md "Other flags", and
-    # MaxText's GPU scripts.
+    # cuBLAS rather than Triton GEMMs: MaxText's GPU scripts.
     '--xla_gpu_enable_triton_gemm=false',
-    # Combine small collectives (128 MiB / 64 MiB, MaxText's H100 scripts' values; the flags
-    # are in JAX-Toolbox GPU_performance.md, "Optimizations for FSDP communication").
-    '--xla_gpu_all_reduce_combine_threshold_bytes=134217728',
+    # Combine small collectives: MaxText's A3 (H100) scripts' thresholds, all-reduce 1 GiB,
+    # all-gather and reduce-scatter 128 MiB.
+    '--xla_gpu_all_reduce_combine_threshold_bytes=1073741824',
     '--xla_gpu_all_gather_combine_threshold_bytes=134217728',
-    '--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864',
-    # JAX-Toolbox GPU_performance.md, "Pipelined comm/compute for FSDP flags".
+    '--xla_gpu_reduce_scatter_combine_threshold_bytes=134217728',
+    # FSDP communication pipelined with compute: an earlier revision of JAX-Toolbox's
+    # GPU_performance.md (not checked against its current text here).
     '--xla_gpu_enable_pipelined_all_gather=true',
     '--xla_gpu_enable_pipelined_reduce_scatter=true',
     '--xla_gpu_enable_pipelined_all_reduce=true',
@@ -60,16 +62,17 @@ GPU_XLA_FLAGS = [
 ]
 GPU_ENV = {
     'XLA_FLAGS': ' '.join(GPU_XLA_FLAGS),
-    # JAX-Toolbox GPU_performance.md: "We typically set it to 0.9" (JAX's default is 0.75).
+    # JAX-Toolbox's GPU performance guide: "We typically set it to 0.9" (JAX's default: 0.75).
     'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.9',
-    # One hardware queue: XLA already orders its launches (JAX-Toolbox image README, env table;
-    # not for Blackwell, per the same docs).
+    # One hardware queue: XLA already orders its launches (JAX-Toolbox; not for Blackwell).
     'CUDA_DEVICE_MAX_CONNECTIONS': '1',
-    # JAX-Toolbox GPU_performance.md, "Environment variables for best performance with NCCL".
-    'NCCL_PROTO': 'SIMPLE,LL,LL128',
-    'NCCL_LL128_BUFFSIZE': '-2',
-    'NCCL_LL_BUFFSIZE': '-2',
+    # One process drives all of a node's GPUs: JAX-Toolbox's GPU performance guide recommends
+    # NCCL_LAUNCH_MODE=GROUP (or one process per GPU) against multi-device single-process hangs.
+    # NCCL's own protocol and buffer choices are left alone (forcing LL128 is unsafe on some
+    # H100 topologies, per NCCL's notes; -2 buffer sizes were NCCL's default anyway).
+    'NCCL_LAUNCH_MODE': 'GROUP',
 }
+GPU_KINDS = ('H100-80G', 'H200')  # yuanjax.plan's names of the GPUs it has a memory figure for
 PREFLIGHT = ('import socket, sys, jax, yuanjax; n = len(jax.local_devices(backend="gpu")); '
              'print(socket.gethostname(), sys.executable, "jax", jax.__version__, n, "GPUs"); '
              'sys.exit(0 if n == int(sys.argv[1]) else 1)')
@@ -117,6 +120,8 @@ def parse(argv=None):
   p = common.parser(__doc__)
   p.add_argument('--nodes', type=int, default=1)
   p.add_argument('--gpus_per_node', type=int, default=8)
+  p.add_argument('--gpu', choices=GPU_KINDS, default='H100-80G',
+                 help='the nodes\' GPUs, for the pre-flight (default H100-80G)')
   p.add_argument('--time', default=None,
                  help='time limit, e.g. 24:00:00 (default: the partition\'s)')
   p.add_argument('--partition', default=None)
@@ -151,8 +156,10 @@ def parse(argv=None):
       '(default LOG_DIR/JOB_NAME.sbatch; written by --dry-run too, to read)')
   p.add_argument('--python', default='python3',
                  help='interpreter on the nodes, after --setup (default python3 from their PATH)')
+  common.fit_flag(p)
   args = common.parse(p, argv)
   _check(p, args)
+  common.preflight(p, args, common.Target(args.nodes * args.gpus_per_node, args.gpu))
   return args
 
 

@@ -3,7 +3,8 @@
 Each process gets --coordinator_address=127.0.0.1:PORT --num_processes=N --process_id=i
 (PORT: --port, or a free one the OS picks, so that jobs side by side never collide)
 and JAX_PLATFORMS=cpu (set through `env`, so the dry run shows it); JAX's distributed
-runtime connects them. Output is prefixed [i]; if one process fails the others are
+runtime connects them. First the pre-flight runs yuanjax.plan on the config for
+N x --host_device_count CPU devices (the mesh must match them; no memory check on CPU). Output is prefixed [i]; if one process fails the others are
 stopped and the launcher exits with its status.
 
   python -m launch.local --config=configs/tiny.py --workdir=/tmp/run \\
@@ -28,6 +29,7 @@ def parse(argv=None):
   p.add_argument('--python', default=sys.executable, help='interpreter (default: this one)')
   p.add_argument('--module', default=common.TRAIN_MODULE,
                  help='module to run with python -m (default yuanjax.train; tests use a fake)')
+  common.fit_flag(p)
   args = common.parse(p, argv)
   if args.num_processes < 1:
     p.error(f'--num_processes={args.num_processes}: must be at least 1')
@@ -35,6 +37,9 @@ def parse(argv=None):
     p.error(f'--port={args.port}: must be in 1..65535')
   if args.host_device_count is not None and args.host_device_count < 1:
     p.error(f'--host_device_count={args.host_device_count}: must be at least 1')
+  # CPU devices: the planner checks the config and its mesh (no memory figure for a CPU).
+  common.preflight(p, args,
+                   common.Target(args.num_processes * (args.host_device_count or 1), None))
   return args
 
 

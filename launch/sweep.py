@@ -28,7 +28,7 @@ checkpoints).
 Flags this launcher does not know go to the backend (e.g. --zone, --nodes).
 
   python -m launch.sweep --backend=local --config=configs/demo.py --workdir=/tmp/sweep \\
-      --num_processes=2 --config.train.steps=20
+      --num_processes=2 --config.train.num_steps=20
   python -m launch.sweep --backend=local --parallel=2 --num_processes=1 \\
       --config=configs/router_ablation.py:smoke --workdir=/tmp/smoke
 """

@@ -32,7 +32,7 @@ def test_script(capsys, cfg, tmp_path, monkeypatch):
       '--account=proj', '--job_name=m32', '--mem=0', '--setup=module load cuda/12.4',
       '--setup=source /shared/venv/bin/activate', '--env=NCCL_DEBUG=WARN',
       '--env=XLA_PYTHON_CLIENT_MEM_FRACTION=0.8', '--config.mesh.data=4', '--config.mesh.shape=1,2',
-      TRICKY
+      TRICKY, '--force'
   ])
   path = str(tmp_path / 'slurm_logs' / 'm32.sbatch')
   assert cmds == [['mkdir', '-p', str(tmp_path / 'slurm_logs')], ['sbatch', path]]
@@ -56,6 +56,35 @@ def test_script(capsys, cfg, tmp_path, monkeypatch):
   assert not any(l.startswith('#SBATCH --cpus-per-task') for l in lines)  # from the node, below
   assert lines.index('  source /shared/venv/bin/activate') < lines.index('python=(python3)')
   shellcheck(tmp_path, text, 'job.sbatch')
+
+
+def test_gpu_env_leaves_nccl_its_choices():
+  """NCCL_PROTO forced LL128 (unsafe on some H100 topologies) and the -2 buffer sizes (NCCL's
+  "default" anyway) are gone; one process drives 8 GPUs: NCCL_LAUNCH_MODE=GROUP; MaxText's A3
+  combine thresholds."""
+  env = gpu_slurm.GPU_ENV
+  assert not {'NCCL_PROTO', 'NCCL_LL_BUFFSIZE', 'NCCL_LL128_BUFFSIZE'} & set(env)
+  assert env['NCCL_LAUNCH_MODE'] == 'GROUP'
+  flags = dict(f[2:].split('=') for f in env['XLA_FLAGS'].split())
+  assert [flags[f'xla_gpu_{c}_combine_threshold_bytes'] for c in
+          ('all_reduce', 'all_gather', 'reduce_scatter')] == [str(2**30), str(2**27), str(2**27)]
+
+
+def test_a_config_that_does_not_fit_submits_nothing(capsys, tmp_path, monkeypatch):
+  """The M32 config at remat none, grad_accum 1 on 4 x 8 H100 (the old README example)."""
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
+  monkeypatch.setenv('FAKE_DIR', str(tmp_path))
+  argv = [
+      f'--config={REPO}/configs/yuan_m32.py', '--workdir=/w', '--nodes=4', '--job_name=j',
+      '--config.mesh.fsdp=4', '--config.mesh.expert=8', '--config.train.grad_accum=8'
+  ]
+  with pytest.raises(SystemExit) as e:
+    gpu_slurm.main(argv)
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and 'usable on 32 x H100-80G' in err
+  assert 'it fits with --config.' in err and '--config.train.grad_accum=' in err
+  assert not (tmp_path / 'slurm_logs').exists() and not (tmp_path / 'sbatch.log').exists()
 
 
 def test_port_is_below_the_ephemeral_range():
@@ -87,7 +116,7 @@ def run_job(tmp_path, cfg, step, *flags, **env):
   fake.mkdir(exist_ok=True)
   args = gpu_slurm.parse([
       f'--config={cfg}', f'--workdir={tmp_path}/wd', '--nodes=2', '--port=1234', f'--python={py}',
-      '--config.train.num_steps=10', TRICKY, *flags
+      '--config.train.num_steps=10', TRICKY, '--force', *flags
   ])
   script = tmp_path / 'job.sbatch'
   script.write_text(gpu_slurm.script(args))
@@ -152,7 +181,7 @@ def test_submit_calls_sbatch(cfg, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('PATH', f'{FAKES}:{os.environ["PATH"]}')
   monkeypatch.setenv('FAKE_DIR', str(tmp_path))
-  assert gpu_slurm.main([f'--config={cfg}', '--workdir=/w', '--job_name=j']) == 0
+  assert gpu_slurm.main([f'--config={cfg}', '--workdir=/w', '--job_name=j', '--force']) == 0
   assert (tmp_path / 'sbatch.log').read_text() == f'{tmp_path}/slurm_logs/j.sbatch\n'
 
 

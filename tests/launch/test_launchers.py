@@ -1,8 +1,10 @@
 """Launchers: exact dry-run commands, sweep expansion, bad-input errors, shellcheck of every
 generated shell script, and the local launcher running real processes end to end."""
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -79,7 +81,7 @@ def shellcheck(tmp_path, script, name='script.sh', exclude=()):
 def test_local_dry_run(capsys, cfg, no_run):
   cmds = dry_run(capsys, local, [
       f'--config={cfg}:small', '--workdir=gs://bucket/runs/a b', '--num_processes=3', '--port=9999',
-      '--host_device_count=4', '--config.mesh.data=2', TRICKY
+      '--host_device_count=4', '--config.mesh.data=2', TRICKY, '--force'
   ])
   assert cmds == [[
       'env', 'JAX_PLATFORMS=cpu', 'XLA_FLAGS=--xla_force_host_platform_device_count=4', PY, '-u',
@@ -91,7 +93,8 @@ def test_local_dry_run(capsys, cfg, no_run):
 
 def test_local_dry_run_quoting_is_exact(capsys, cfg, no_run, monkeypatch):
   monkeypatch.setattr(common, 'free_ports', lambda n=1: [43210] * n)  # no --port: the OS's pick
-  local.main([f'--config={cfg}', '--workdir=/tmp/w', '--num_processes=1', TRICKY, '--dry-run'])
+  local.main(
+      [f'--config={cfg}', '--workdir=/tmp/w', '--num_processes=1', TRICKY, '--force', '--dry-run'])
   assert capsys.readouterr().out == (
       f'env JAX_PLATFORMS=cpu {PY} -u -m yuanjax.train --config={cfg} --workdir=/tmp/w '
       """'--config.name=it'"'"'s a $test & "more"' """
@@ -110,7 +113,7 @@ def _tpu_argv(cfg, *extra, local_dir='/tmp/stage'):
   return [
       f'--config={cfg}', '--workdir=gs://bucket/m32 run', '--name=m32-a', '--zone=us-east5-a',
       '--accelerator_type=v5p-64', f'--local_dir={local_dir}', '--config.mesh.expert=8', TRICKY,
-      *extra
+      '--force', *extra
   ]
 
 
@@ -159,18 +162,18 @@ def test_execute_cleanup_runs_once_reached(tmp_path):
 def test_sweep_expands_variants(cfg):
   args = sweep.parse([
       f'--config={cfg}', '--workdir=gs://b/sw/', '--num_processes=1', '--config.train.lr=0.1',
-      '--config.train.steps=5'
+      '--config.train.num_steps=5', '--force'
   ])
   runs = sweep.runs(args)
   assert [name for name, _ in runs
          ] == ['model.router.type=attention', 'model.router.type=linear+train.lr=0.001+name=a_b_c']
   assert [r.workdir for _, r in runs] == [f'gs://b/sw/{name}' for name, _ in runs]
   assert runs[0][1].overrides == [
-      '--config.train.lr=0.1', '--config.train.steps=5', '--config.model.router.type=attention'
+      '--config.train.lr=0.1', '--config.train.num_steps=5', '--config.model.router.type=attention'
   ]
   # The variant's value wins over the same key given for all variants.
   assert runs[1][1].overrides == [
-      '--config.train.lr=0.001', '--config.train.steps=5', '--config.model.router.type=linear',
+      '--config.train.lr=0.001', '--config.train.num_steps=5', '--config.model.router.type=linear',
       '--config.name=a b/c'
   ]
   assert all(r.num_processes == 1 and r.config == cfg for _, r in runs)
@@ -178,7 +181,8 @@ def test_sweep_expands_variants(cfg):
 
 def test_sweep_local_dry_run(capsys, cfg, no_run):
   cmds = dry_run(capsys, sweep, [
-      f'--config={cfg}', '--workdir=/tmp/sw', '--backend=local', '--num_processes=2', '--port=5555'
+      f'--config={cfg}', '--workdir=/tmp/sw', '--backend=local', '--num_processes=2', '--port=5555',
+      '--force'
   ])
   train = [PY, '-u', '-m', 'yuanjax.train', f'--config={cfg}']
   dist = ['--coordinator_address=127.0.0.1:5555', '--num_processes=2']
@@ -196,7 +200,7 @@ def test_sweep_tpu_and_slurm_names(capsys, cfg, tmp_path, monkeypatch, no_run):
   monkeypatch.setattr(common, 'REPO', os.path.dirname(os.path.dirname(cfg)))
   cmds = dry_run(capsys, sweep, [
       f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw', '--zone=z',
-      '--accelerator_type=v4-8'
+      '--accelerator_type=v4-8', '--force'
   ])
   creates = [c for c in cmds if c[3:5] == ['tpu-vm', 'create']]
   assert [c[5] for c in creates] == ['sw-0', 'sw-1']
@@ -211,7 +215,8 @@ def test_sweep_tpu_and_slurm_names(capsys, cfg, tmp_path, monkeypatch, no_run):
   monkeypatch.chdir(tmp_path)
   cmds = dry_run(
       capsys, sweep,
-      [f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm', '--nodes=2', '--job_name=sw'])
+      [f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm', '--nodes=2', '--job_name=sw',
+       '--force'])
   scripts = [c[1] for c in cmds if c[0] == 'sbatch']
   assert [os.path.basename(s) for s in scripts] == [
       'sw-model.router.type=attention.sbatch',
@@ -346,7 +351,7 @@ def run_local(tmp_path, cfg, module, *flags, timeout=60):
   port, = common.free_ports()
   argv = [
       PY, '-m', 'launch.local', f'--config={cfg}', f'--workdir={tmp_path / "wd"}',
-      f'--module={module}', f'--port={port}', f'--log_dir={tmp_path / "logs"}', *flags
+      f'--module={module}', f'--port={port}', f'--log_dir={tmp_path / "logs"}', '--force', *flags
   ]
   start = time.monotonic()
   r = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -383,3 +388,39 @@ def test_local_jax_distributed_end_to_end(tmp_path, cfg):
   assert sorted(l for l in r.stdout.splitlines() if l.startswith('[')) == [
       '[0] index=0 count=2 devices=4 local=2', '[1] index=1 count=2 devices=4 local=2'
   ]
+
+
+def test_ctrl_c_inside_popen_leaves_no_child(monkeypatch, tmp_path):
+  """Ctrl-C lands after the child exists but before Popen returns: the child is still
+  tracked, so it is stopped with the others, not left running in its own session."""
+  pids = []
+
+  class Interrupted(subprocess.Popen):
+
+    def __init__(self, *a, **k):
+      super().__init__(*a, **k)
+      pids.append(self.pid)
+      signal.raise_signal(signal.SIGINT)  # the handler runs before __init__ returns
+      time.sleep(0.1)
+
+  monkeypatch.setattr(common.subprocess, 'Popen', Interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    common.run_together([[PY, '-c', 'import time; time.sleep(60)']] * 2)
+  assert len(pids) == 1
+  try:
+    with pytest.raises(ProcessLookupError):  # stopped and reaped with the others
+      os.kill(pids[0], 0)
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.kill(pids[0], signal.SIGKILL)
+
+
+def test_local_mesh_must_match_the_processes(capsys, no_run):
+  with pytest.raises(SystemExit) as e:
+    local.main([
+        f'--config={REPO}/configs/tiny.py', '--workdir=/tmp/w', '--num_processes=2',
+        '--host_device_count=2', '--config.mesh.data=8'
+    ])
+  assert e.value.code == 2
+  err = capsys.readouterr().err
+  assert 'pre-flight: cannot plan --config=' in err and 'config.mesh' in err

@@ -65,7 +65,7 @@ def run_sweep(tmp_path, cfg, *flags):
   env = dict(os.environ, PYTHONPATH=str(mods))
   argv = [
       sys.executable, '-m', 'launch.sweep', '--backend=local', f'--config={cfg}:three',
-      f'--workdir={tmp_path / "sw"}', '--num_processes=1', '--module=fake_train', *flags
+      f'--workdir={tmp_path / "sw"}', '--num_processes=1', '--module=fake_train', '--force', *flags
   ]
   return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
