@@ -99,7 +99,12 @@ def config_path(spec: str) -> str:
 # TPU generation -> (the planner's device kind, TensorCores per chip in the type's number:
 # v5p-64 and v4-16 count TensorCores, two per chip; v5litepod-N and v6e-N count chips).
 # None: the planner has no memory figure for it (the mesh is still checked).
-TPU_KINDS = {'v5p': ('TPU v5p', 2), 'v4': (None, 2), 'v5litepod': ('TPU v5e', 1), 'v6e': ('TPU v6e', 1)}
+TPU_KINDS = {
+    'v5p': ('TPU v5p', 2),
+    'v4': (None, 2),
+    'v5litepod': ('TPU v5e', 1),
+    'v6e': ('TPU v6e', 1)
+}
 GIB = 2**30
 
 
@@ -173,8 +178,8 @@ def fit_problem(config, target: Target) -> str | None:
   return (f'{r["per_device"]["total"] / GIB:.1f} GiB per device, {usable:.1f} GiB usable on '
           f'{where} (mesh {r["mesh"]}, remat={r["remat"]}, grad_accum='
           f'{config.train.grad_accum}): does not fit; ' +
-          (f'it fits with {" ".join(fix)}' if fix else
-           'no remat, grad_accum or mesh change tried fits: use more devices'))
+          (f'it fits with {" ".join(fix)}'
+           if fix else 'no remat, grad_accum or mesh change tried fits: use more devices'))
 
 
 REMATS = ('none', 'dots_saveable', 'dots', 'full')  # most memory first

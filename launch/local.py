@@ -38,8 +38,7 @@ def parse(argv=None):
   if args.host_device_count is not None and args.host_device_count < 1:
     p.error(f'--host_device_count={args.host_device_count}: must be at least 1')
   # CPU devices: the planner checks the config and its mesh (no memory figure for a CPU).
-  common.preflight(p, args,
-                   common.Target(args.num_processes * (args.host_device_count or 1), None))
+  common.preflight(p, args, common.Target(args.num_processes * (args.host_device_count or 1), None))
   return args
 
 

@@ -41,7 +41,8 @@ by worker 0 when every trainer has exited. Follow and end a run from any machine
 
   python -m launch.tpu_pod --name=m32-a --zone=us-east5-a --accelerator_type=v5p-64 \\
       --queued --spot --config=configs/yuan_m32.py --workdir=gs://my-bucket/m32-a \\
-      --config.mesh.expert=8
+      --config.mesh.fsdp=4 --config.mesh.expert=8 --config.model.remat=full \\
+      --config.train.grad_accum=16
 
 Flags follow `gcloud compute tpus tpu-vm create` and `gcloud compute tpus queued-resources
 create` (cloud.google.com/sdk/gcloud/reference/compute/tpus/...): --spot, --reserved,
@@ -118,9 +119,10 @@ def parse(argv=None):
       ', '.join(f'{k}: {v}' for k, v in RUNTIMES.items()))
   p.add_argument('--queued', action='store_true',
                  help='ask for the slice with `queued-resources create` and wait for it')
-  p.add_argument('--num_slices', type=int, default=1,
-                 help='slices joined over DCN (multi-slice; needs --queued and '
-                 'prod(config.mesh.dcn) == N)')
+  p.add_argument(
+      '--num_slices', type=int, default=1,
+      help='slices joined over DCN (multi-slice; needs --queued and '
+      'prod(config.mesh.dcn) == N)')
   p.add_argument('--include_untracked', action='store_true',
                  help='also pack untracked files git does not ignore (they may hold secrets)')
   p.add_argument('--reuse', action='store_true',
@@ -297,9 +299,9 @@ class Gcloud:
 
   def scp(self, src: str, dst: str, what: str) -> None:
     kind, nodes = ('queued-resources', ['--node=all']) if self.slices > 1 else ('tpu-vm', [])
-    self.retried([
-        *self.tpus(kind, 'scp', src, f'{self.name}:{dst}'), *nodes, '--worker=all', *self.where
-    ], what)
+    self.retried(
+        [*self.tpus(kind, 'scp', src, f'{self.name}:{dst}'), *nodes, '--worker=all', *self.where],
+        what)
 
   def describe(self, queued: bool, field: str, name: str | None = None) -> str:
     """One field of the queued resource (queued) or TPU node; '' when it cannot be read."""
@@ -463,11 +465,12 @@ def install(args, g: Gcloud) -> None:
   g.ssh(remote(f'echo ok | gcloud storage cp - {url}"$(hostname)"'),
         'the workers\' write check of --workdir (their service account and scopes)')
   g.scp(os.path.join(args.local_dir, TARBALL), TARBALL, 'copying the repo')
-  g.ssh(remote(BUSY, f'mkdir -p {REMOTE_DIR}',
-               f'find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +',
-               f'tar -xzf "$HOME/{TARBALL}" -C {REMOTE_DIR}', f'cd {REMOTE_DIR}',
-               f'bash launch/tpu_worker.sh install {shlex.quote(args.remote_python)}'),
-        'installing', timeout=LONG_TIMEOUT_S['install'])
+  g.ssh(
+      remote(BUSY, f'mkdir -p {REMOTE_DIR}',
+             f'find {REMOTE_DIR} -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {{}} +',
+             f'tar -xzf "$HOME/{TARBALL}" -C {REMOTE_DIR}', f'cd {REMOTE_DIR}',
+             f'bash launch/tpu_worker.sh install {shlex.quote(args.remote_python)}'), 'installing',
+      timeout=LONG_TIMEOUT_S['install'])
 
 
 def train_argv(args) -> list[str]:
@@ -503,11 +506,14 @@ def start(args, g: Gcloud, created: bool) -> None:
     on_exit = shlex.join(g.delete_argv(args.queued) + ['--async'])
   coordinator = coordinator_ip(args, g)
   for i, node in enumerate(g.nodes):
-    env = [f'YUANJAX_EXIT_WAIT_S={args.stop_grace_s + EXIT_MARGIN_S}',
-           *megascale_env(args, g, i, coordinator)]
-    g.ssh(remote(f'env {" ".join(env)} {WORKER} start {shlex.quote(log_url(args))} '
-                 f'{shlex.quote(on_exit)} -- ' + shlex.join(train_argv(args))),
-          f'starting the run on {node}', node=node)
+    env = [
+        f'YUANJAX_EXIT_WAIT_S={args.stop_grace_s + EXIT_MARGIN_S}',
+        *megascale_env(args, g, i, coordinator)
+    ]
+    g.ssh(
+        remote(f'env {" ".join(env)} {WORKER} start {shlex.quote(log_url(args))} '
+               f'{shlex.quote(on_exit)} -- ' + shlex.join(train_argv(args))),
+        f'starting the run on {node}', node=node)
 
 
 def exits(args, g: Gcloud) -> tuple[dict[tuple[int, int], int], int]:

@@ -26,7 +26,8 @@ newest checkpoint short of train.num_steps: xpk restarts a JobSet only on exit s
 
   python -m launch.xpk --cluster=my-v5p --workload=m32-a --tpu_type=v5p-64 \\
       --docker_image=gcr.io/my-project/yuanjax:latest --zone=us-east5-a --project=my-project \\
-      --config=configs/yuan_m32.py --workdir=gs://my-bucket/m32-a --config.mesh.expert=8
+      --config=configs/yuan_m32.py --workdir=gs://my-bucket/m32-a --config.mesh.fsdp=4 \\
+      --config.mesh.expert=8 --config.model.remat=full --config.train.grad_accum=16
 
 Flags as in `xpk workload create --help` (--cluster, --workload, --tpu-type, --num-slices,
 --docker-image / --base-docker-image with --script-dir, --command, --env, --max-restarts,
@@ -59,9 +60,10 @@ def parse(argv=None):
   p.add_argument('--project', default=None)
   p.add_argument('--max_restarts', type=int, default=3,
                  help='JobSet restarts after a preemption or failure (default 3)')
-  p.add_argument('--stop_grace_s', type=int, default=300,
-                 help='seconds a preempted or deleted pod gets to save its checkpoint (default '
-                 '300; xpk --termination-grace-period-seconds)')
+  p.add_argument(
+      '--stop_grace_s', type=int, default=300,
+      help='seconds a preempted or deleted pod gets to save its checkpoint (default '
+      '300; xpk --termination-grace-period-seconds)')
   p.add_argument('--env', action='append', default=[], metavar='KEY=VALUE',
                  help='environment for the trainers; repeatable')
   p.add_argument('--libtpu_init_args', default=None, help='LIBTPU_INIT_ARGS for the trainers')
@@ -113,8 +115,10 @@ def command(args) -> str:
   """The shell command xpk runs in the container on every host: the trainer; its exit 0 short
   of train.num_steps (a SIGTERM saved a checkpoint) becomes RESTART_STATUS."""
   train = shlex.join(common.train_argv('python3', args.config, args.workdir, args.overrides))
-  progress = shlex.join(['python3', 'launch/progress.py', f'--config={args.config}',
-                         f'--workdir={args.workdir}', *args.overrides])
+  progress = shlex.join([
+      'python3', 'launch/progress.py', f'--config={args.config}', f'--workdir={args.workdir}',
+      *args.overrides
+  ])
   run = (f'{train}; rc=$?; if [ "$rc" -eq 0 ] && ! {progress}; then exit {RESTART_STATUS}; fi; '
          'exit "$rc"')
   if args.base_docker_image:

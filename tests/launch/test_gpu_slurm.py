@@ -66,8 +66,10 @@ def test_gpu_env_leaves_nccl_its_choices():
   assert not {'NCCL_PROTO', 'NCCL_LL_BUFFSIZE', 'NCCL_LL128_BUFFSIZE'} & set(env)
   assert env['NCCL_LAUNCH_MODE'] == 'GROUP'
   flags = dict(f[2:].split('=') for f in env['XLA_FLAGS'].split())
-  assert [flags[f'xla_gpu_{c}_combine_threshold_bytes'] for c in
-          ('all_reduce', 'all_gather', 'reduce_scatter')] == [str(2**30), str(2**27), str(2**27)]
+  assert [
+      flags[f'xla_gpu_{c}_combine_threshold_bytes']
+      for c in ('all_reduce', 'all_gather', 'reduce_scatter')
+  ] == [str(2**30), str(2**27), str(2**27)]
 
 
 def test_a_config_that_does_not_fit_submits_nothing(capsys, tmp_path, monkeypatch):

@@ -93,8 +93,9 @@ def test_local_dry_run(capsys, cfg, no_run):
 
 def test_local_dry_run_quoting_is_exact(capsys, cfg, no_run, monkeypatch):
   monkeypatch.setattr(common, 'free_ports', lambda n=1: [43210] * n)  # no --port: the OS's pick
-  local.main(
-      [f'--config={cfg}', '--workdir=/tmp/w', '--num_processes=1', TRICKY, '--force', '--dry-run'])
+  local.main([
+      f'--config={cfg}', '--workdir=/tmp/w', '--num_processes=1', TRICKY, '--force', '--dry-run'
+  ])
   assert capsys.readouterr().out == (
       f'env JAX_PLATFORMS=cpu {PY} -u -m yuanjax.train --config={cfg} --workdir=/tmp/w '
       """'--config.name=it'"'"'s a $test & "more"' """
@@ -213,10 +214,10 @@ def test_sweep_tpu_and_slurm_names(capsys, cfg, tmp_path, monkeypatch, no_run):
       for i, p in enumerate(packs)
   ] == [True, True]
   monkeypatch.chdir(tmp_path)
-  cmds = dry_run(
-      capsys, sweep,
-      [f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm', '--nodes=2', '--job_name=sw',
-       '--force'])
+  cmds = dry_run(capsys, sweep, [
+      f'--config={cfg}', '--workdir=/shared/sw', '--backend=slurm', '--nodes=2', '--job_name=sw',
+      '--force'
+  ])
   scripts = [c[1] for c in cmds if c[0] == 'sbatch']
   assert [os.path.basename(s) for s in scripts] == [
       'sw-model.router.type=attention.sbatch',

@@ -35,8 +35,7 @@ def cfg(tmp_path, monkeypatch):
 def tpu_sweep(cfg, tmp_path, *flags):
   return sweep.main([
       f'--config={cfg}', '--workdir=gs://b/sw', '--backend=tpu', '--name=sw', '--zone=z',
-      '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage', '--poll_s=0.02', '--force',
-      *flags
+      '--accelerator_type=v4-8', f'--local_dir={tmp_path}/stage', '--poll_s=0.02', '--force', *flags
   ])
 
 
@@ -93,15 +92,15 @@ def xpk_argv(cfg, *flags):
 def test_xpk_dry_run(capsys, cfg):
   cmds = dry_run(capsys, sweep, xpk_argv(cfg, '--libtpu_init_args=--xla_x=1'))
   flags = lambda i: [
-      '--config=configs/sw.py', f'--workdir=gs://b/sw/train.seed={i}',
-      '--config.train.num_steps=9', f'--config.train.seed={i}'
+      '--config=configs/sw.py', f'--workdir=gs://b/sw/train.seed={i}', '--config.train.num_steps=9',
+      f'--config.train.seed={i}'
   ]
   assert cmds == [[
       'xpk', 'workload', 'create', '--cluster=c1', f'--workload=wl-{i}', '--tpu-type=v5p-64',
       '--num-slices=1', '--docker-image=gcr.io/p/yuanjax:1', '--max-restarts=3',
       '--termination-grace-period-seconds=300', '--zone=us-east5-a', '--project=p',
-      '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c', '--command=' +
-      shlex.join(['python3', '-u', '-m', 'yuanjax.train', *flags(i)]) +
+      '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
+      '--command=' + shlex.join(['python3', '-u', '-m', 'yuanjax.train', *flags(i)]) +
       '; rc=$?; if [ "$rc" -eq 0 ] && ! ' +
       shlex.join(['python3', 'launch/progress.py', *flags(i)]) + '; then exit 42; fi; exit "$rc"'
   ] for i in (0, 1)]
@@ -161,16 +160,18 @@ FAKE_PY = textwrap.dedent('''\
     ''') % shlex.quote(sys.executable)
 
 
-@pytest.mark.parametrize('step, rc, status', [
-    (9, 0, 0),  # done: the JobSet completes
-    (4, 0, 42),  # SIGTERM (preemption) saved step 4 of 9 and exited 0: xpk restarts on 42
-    (4, 3, 3),  # a failure keeps its status
-])
+@pytest.mark.parametrize(
+    'step, rc, status',
+    [
+        (9, 0, 0),  # done: the JobSet completes
+        (4, 0, 42),  # SIGTERM (preemption) saved step 4 of 9 and exited 0: xpk restarts on 42
+        (4, 3, 3),  # a failure keeps its status
+    ])
 def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status):
   from launch import xpk  # pylint: disable=g-import-not-at-top
   args = xpk.parse([
-      f'--config={cfg}', '--workdir=gs://b/x', '--cluster=c1', '--workload=wl',
-      '--tpu_type=v5p-64', '--docker_image=i', '--config.train.num_steps=9', '--force'
+      f'--config={cfg}', '--workdir=gs://b/x', '--cluster=c1', '--workload=wl', '--tpu_type=v5p-64',
+      '--docker_image=i', '--config.train.num_steps=9', '--force'
   ])
   args.workdir = str(tmp_path / 'wd')  # a local stand-in for gs://
   (tmp_path / 'bin').mkdir()
@@ -178,5 +179,6 @@ def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status):
   (tmp_path / 'bin' / 'python3').chmod(0o755)
   env = dict(os.environ, PATH=f'{tmp_path}/bin:{os.environ["PATH"]}', FAKE_RC=str(rc),
              FAKE_STEP=str(step), FAKE_WORKDIR=args.workdir)
-  r = subprocess.run(['bash', '-c', xpk.command(args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+  r = subprocess.run(['bash', '-c', xpk.command(args)], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=60)
   assert r.returncode == status, r.stdout + r.stderr

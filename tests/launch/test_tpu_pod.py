@@ -151,8 +151,7 @@ def launcher(tmp_path, *extra):
       '--workdir=gs://bucket/run', '--name=m32-a', '--zone=z', '--accelerator_type=v4-8',
       f'--local_dir={tmp_path}/stage', '--poll_s=0.05', '--stop_grace_s=7', *extra
   ]
-  return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True)
+  return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for_call(fake, proc, what):
@@ -255,8 +254,7 @@ def few_polls(monkeypatch):
     sleeps.append(s)
     assert len(sleeps) < 60, 'still polling'
 
-  monkeypatch.setattr(tpu_pod, 'time', types.SimpleNamespace(sleep=sleep,
-                                                             monotonic=time.monotonic))
+  monkeypatch.setattr(tpu_pod, 'time', types.SimpleNamespace(sleep=sleep, monotonic=time.monotonic))
   return sleeps
 
 
@@ -389,8 +387,8 @@ def test_a_config_that_does_not_fit_creates_nothing(fake, tiny_repo, tmp_path, c
   assert 'it fits with --config.train.grad_accum=' in err and '--force launches anyway' in err
   assert fake.calls() == []  # nothing created, nothing written
   fake.scenario(runs=[{'exit_at_poll': 1}])
-  assert tpu_pod.main(
-      tiny_argv(tiny_repo, tmp_path, '--config.train.batch_size=16384', '--force')) == 0
+  assert tpu_pod.main(tiny_argv(tiny_repo, tmp_path, '--config.train.batch_size=16384',
+                                '--force')) == 0
   assert 'launching anyway (--force)' in capsys.readouterr().err
 
 
@@ -411,11 +409,13 @@ def test_multi_slice(fake, tiny_repo, tmp_path):
                 '--config.mesh.dcn.data=2')) == 0
   calls = fake.calls()
   create = next(c for c in calls if kind(c) == 'qr create')
-  assert create[4:8] == ['ms', '--node-count=2', '--node-prefix=ms',
-                         '--accelerator-type=v5litepod-4']
+  assert create[4:8] == [
+      'ms', '--node-count=2', '--node-prefix=ms', '--accelerator-type=v5litepod-4'
+  ]
   scp = next(c for c in calls if kind(c) == 'qr scp')
-  assert scp[4:] == [f'{tmp_path}/stage/yuanjax.tgz', 'ms:yuanjax.tgz', '--node=all',
-                     '--worker=all', '--zone=z']
+  assert scp[4:] == [
+      f'{tmp_path}/stage/yuanjax.tgz', 'ms:yuanjax.tgz', '--node=all', '--worker=all', '--zone=z'
+  ]
   install = next(c for c in calls if kind(c) == 'ssh install')
   assert install[2:7] == ['queued-resources', 'ssh', 'ms', '--node=all', '--worker=all']
   starts = [c for c in calls if kind(c) == 'ssh start']
@@ -427,8 +427,8 @@ def test_multi_slice(fake, tiny_repo, tmp_path):
         'MEGASCALE_NUM_SLICES=2', 'MEGASCALE_PORT=8080', f'MEGASCALE_SLICE_ID={i}', 'bash'
     ]
   ls = os.listdir(fake.path / 'gcs' / 'b' / 'run' / 'worker_logs')
-  assert sorted(ls) == sorted(f'slice-{s}-of-2-worker-{w}-of-2.exit-0' for s in (0, 1)
-                              for w in (0, 1))
+  assert sorted(ls) == sorted(
+      f'slice-{s}-of-2-worker-{w}-of-2.exit-0' for s in (0, 1) for w in (0, 1))
   assert fake.kinds()[-1] == 'qr delete' and fake_state(fake)['slices'] == []
 
 
