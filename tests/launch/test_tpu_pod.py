@@ -517,6 +517,7 @@ def test_worker_stop_keep_runs_no_exit_command(fake, tmp_path):
   r = worker(tmp_path, 'start', 'gs://b/k', f'touch {marker}', '--', sys.executable,
              str(tmp_path / 'trainer.py'), '600', '0')
   assert r.returncode == 0, r.stderr
+  assert wait_for_text(tmp_path / 'run' / 'worker-0-of-1.log', 'training')  # handler set
   assert worker(tmp_path, 'stop', '20', 'keep').returncode == 0
   assert wait_for(fake.path / 'gcs' / 'b' / 'k' / 'worker-0-of-1.exit-0')
   assert wait_for_text(tmp_path / 'run' / 'supervisor.log', 'stopped with keep')
