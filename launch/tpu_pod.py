@@ -667,13 +667,11 @@ def control(command: str, argv: list[str]) -> int:
     ])
   args.local_dir = local_dir(args)
   g = gcloud_for(args)
-  if command == 'status':
-    g.run([*g.tpus('tpu-vm', 'describe', args.name, '--format=value(state)'), *g.where])
-    return subprocess.call([
-        *g.tpus('tpu-vm', 'ssh', args.name), '--worker=all', f'--command={WORKER} status', *g.where
-    ])
   record = created_here(args)
-  g.slices = record.get('slices', 1) if record else 1
+  g.slices = record.get('slices', 1) if record else 1  # several: every node of the request
+  if command == 'status':
+    print(g.state(queued=g.slices > 1) or 'no such slice', flush=True)
+    return g.run(g.ssh_argv(f'{WORKER} status'))[0]
   stop_trainers(args, g, keep=args.keep)
   if args.keep:
     return 0

@@ -430,6 +430,17 @@ def test_multi_slice(fake, tiny_repo, tmp_path):
   assert sorted(ls) == sorted(
       f'slice-{s}-of-2-worker-{w}-of-2.exit-0' for s in (0, 1) for w in (0, 1))
   assert fake.kinds()[-1] == 'qr delete' and fake_state(fake)['slices'] == []
+  fake.scenario(runs=[{}])
+  assert tpu_pod.main(
+      tiny_argv(tiny_repo, tmp_path, '--queued', '--num_slices=2', '--detach',
+                '--config.mesh.dcn.data=2')) == 0
+  where = ['--name=ms', '--zone=z', f'--local_dir={tmp_path}/stage']
+  assert tpu_pod.main(['status', *where]) == 0  # every node's workers, from the record
+  assert fake.calls()[-2][2:4] == ['queued-resources', 'describe']
+  assert fake.calls()[-1][2:6] == ['queued-resources', 'ssh', 'ms', '--node=all']
+  assert tpu_pod.main(['stop', *where]) == 0
+  assert fake.kinds()[-3:] == ['ssh stop', 'qr describe', 'qr delete']
+  assert fake.calls()[-3][2:6] == ['queued-resources', 'ssh', 'ms', '--node=all']
 
 
 def test_num_slices_needs_queued(capsys, tiny_repo, tmp_path):
