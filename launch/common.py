@@ -168,7 +168,8 @@ def fit_problem(config, target: Target) -> str | None:
     return (f'config.mesh.dcn={dcn}: its product is {math.prod(dcn.values())}, but the launch '
             f'has {target.slices} slice(s); e.g. --config.mesh.dcn.data={target.slices}')
   r = plan.plan(config, target.devices, target.device_kind)
-  where = f'{target.devices} x {target.device_kind or "devices"}'
+  where = (f'{target.devices} x {target.device_kind}'
+           if target.device_kind else f'{target.devices} devices')
   if target.device_kind is None or r['fits'][target.device_kind]:
     say(f'pre-flight: {where}, mesh {r["mesh"]}: {r["per_device"]["total"] / GIB:.1f} GiB per '
         'device' + ('' if target.device_kind else ' (no memory figure for this device)'))
