@@ -22,6 +22,8 @@ import threading
 import time
 from typing import Callable
 
+from yuanjax import publish
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_MODULE = 'yuanjax.train'
 _FIELD = r'[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*'
@@ -261,8 +263,7 @@ def execute(plan: Plan, dry_run: bool) -> int:
   """Prints the plan's commands (dry run) or runs them; returns the exit status."""
   for path, text in plan.files.items():
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-      f.write(text)
+    publish.file(path, text.encode())
     say(f'wrote {path}')
   if plan.call:
     return plan.call(dry_run)

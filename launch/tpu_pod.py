@@ -64,6 +64,7 @@ import tempfile
 import time
 
 from launch import common
+from yuanjax import publish
 
 # Default runtime (TPU software version) per generation, from the Cloud TPU docs.
 RUNTIMES = {
@@ -341,8 +342,7 @@ def record_created(args, g: Gcloud) -> None:
   os.makedirs(args.local_dir, exist_ok=True)
   record = dict(name=args.name, zone=args.zone, project=args.project, queued=args.queued,
                 slices=args.num_slices, create_time=g.describe(args.queued, 'createTime'))
-  with open(_owned_path(args), 'w') as f:
-    json.dump(record, f)
+  publish.file(_owned_path(args), json.dumps(record).encode())
 
 
 def created_here(args) -> dict | None:
@@ -381,8 +381,7 @@ def check_bucket(args, g: Gcloud) -> None:
   probe = os.path.join(args.local_dir, 'write_check')
   if not g.dry_run:
     os.makedirs(args.local_dir, exist_ok=True)
-    with open(probe, 'w') as f:
-      f.write('yuanjax launch write check\n')
+    publish.file(probe, b'yuanjax launch write check\n')
   url = f'{args.workdir.rstrip("/")}/.write_check/launcher'
   g.must(['gcloud', 'storage', 'cp', probe, url], f'writing to --workdir={args.workdir}')
   g.run(['gcloud', 'storage', 'rm', url])
