@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from yuanjax import config_lib, metrics, stats
+from yuanjax import config_lib, loader, metrics, stats
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
 from yuanjax.model.transformer import init_cache, num_blocks
@@ -139,7 +139,7 @@ def _load(args):
       k: v for k, v in (('dtype', args.dtype), ('param_dtype', args.param_dtype),
                         ('moe.dispatch', args.dispatch)) if v
   }
-  model, params = gen.load_model(args.checkpoint, overrides=overrides, step=args.step)
+  model, params = loader.load_model(args.checkpoint, overrides=overrides, step=args.step)
   m = gen.generation_config(model.config)
   config_lib.validate_model(m)
   if args.context + args.new_tokens > m.max_seq_len:

@@ -41,7 +41,7 @@ import os
 import numpy as np
 from IPython.display import Markdown, display
 
-from yuanjax import config_lib, generate, stats, workdir
+from yuanjax import config_lib, generate, loader, stats, workdir
 from yuanjax.analysis import notebook, plots
 from yuanjax.analysis import stats as astats
 
@@ -123,7 +123,7 @@ print('MaxVio per layer:', np.round(astats.max_vio(load), 3))
 # step in a jitted `while_loop`: greedy at temperature 0, else top-k / top-p sampling.
 
 # %%
-model, params, tok = generate.load_checkpoint(WORKDIR)
+model, params, tok = loader.load_checkpoint(WORKDIR)
 prompts = ['def __init__(self', 'import os\n', '    """Return the']
 n_new = 8 if SMOKE else 48
 greedy = generate.generate(model, params, [tok.encode(p) for p in prompts],

@@ -43,7 +43,7 @@ import os
 import numpy as np
 from IPython.display import Markdown, display
 
-from yuanjax import generate, workdir
+from yuanjax import loader, workdir
 from yuanjax.analysis import notebook, plots, texts
 from yuanjax.analysis import routing as routing_lib
 from yuanjax.analysis import stats
@@ -57,7 +57,7 @@ ROWS, SEQ_LEN = (2, 32) if SMOKE else (16, 256)       # texts per domain, tokens
 if CHECKPOINT is None:
   CHECKPOINT = notebook.workdir('quickstart')
   notebook.train_or_open(notebook.quickstart_config(SMOKE), CHECKPOINT)
-model, params, tok = generate.load_checkpoint(CHECKPOINT)
+model, params, tok = loader.load_checkpoint(CHECKPOINT)
 cfg = model.config
 E, K = cfg.num_experts, cfg.router.top_k
 print(f'{CHECKPOINT}: {cfg.num_layers} layers, {E} experts, top-{K}, {cfg.router.type} router')
@@ -188,7 +188,7 @@ steps = workdir.checkpoint_steps(CHECKPOINT)
 if len(steps) >= 2:
   sat = []
   for step in steps:
-    m_s, p_s, _ = generate.load_checkpoint(CHECKPOINT, step=step)
+    m_s, p_s, _ = loader.load_checkpoint(CHECKPOINT, step=step)
     r_s = routing_lib.routing(m_s, p_s, tokens, segment_ids)
     sat.append(stats.saturation(r_s.experts_MxBxLxK, r.experts_MxBxLxK, r.mask_BxL))
   fig = plots.over_steps(steps, np.array(sat), r.layers_M, ylabel='saturation',

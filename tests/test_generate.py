@@ -16,6 +16,7 @@ import pytest
 
 from tests.model.helpers import rel_err, tiny, tiny_mixtral
 from yuanjax import generate as gen
+from yuanjax import loader
 from yuanjax.model import Transformer
 from yuanjax.model.attention import num_kv_heads
 from yuanjax.model.transformer import init_cache
@@ -204,8 +205,7 @@ def hf_dirs(tmp_path_factory):
 
 
 def test_tokenizer_newlines_and_special_ids(hf_dirs):
-  from yuanjax.interop import hf
-  tok = hf.load_tokenizer(str(hf_dirs / 'yj'))
+  tok = loader.load_tokenizer(str(hf_dirs / 'yj'))
   ids = tok.encode('line 1\nsome text')
   assert tok.sp.piece_to_id('<n>') in ids and tok.decode(ids) == 'line 1\nsome text'
   assert tok.decode([tok.sp.piece_to_id('<n>')]) == '\n'
@@ -213,13 +213,12 @@ def test_tokenizer_newlines_and_special_ids(hf_dirs):
 
 
 def test_cli_on_converted_dir(hf_dirs, capsys):
-  from yuanjax.interop import hf
   argv = ['--prompt', 'line 1 of', '--prompt', 'line 22\nline', '--max_new_tokens', '5', '--json']
   assert gen.main(['--checkpoint', str(hf_dirs / 'yj'), *argv]) == 0
   outs = {'yj': [json.loads(line) for line in capsys.readouterr().out.splitlines()]}
   assert [r['prompt'] for r in outs['yj']] == ['line 1 of', 'line 22\nline']
-  model, params = hf.load(str(hf_dirs / 'hf'))  # the HF dir itself: the same model
-  tok = hf.load_tokenizer(str(hf_dirs / 'yj'))
+  model, params = loader.load_model(str(hf_dirs / 'hf'))  # the HF dir itself: the same model
+  tok = loader.load_tokenizer(str(hf_dirs / 'yj'))
   want = gen.generate(model, params, [tok.encode('line 1 of'),
                                       tok.encode('line 22\nline')], max_new_tokens=5,
                       eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
@@ -271,11 +270,11 @@ def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
   assert [r['tokens'] for r in recs] == want
   # An earlier checkpoint by step (router saturation reads them); a missing one is named.
   tok_path = str(hf_dirs / 'tok.model')
-  _, p1, _ = gen.load_checkpoint(str(tmp_path), step=1, tokenizer=tok_path)
+  _, p1, _ = loader.load_checkpoint(str(tmp_path), step=1, tokenizer=tok_path)
   half = jax.tree_util.tree_map(lambda a: a / 2, setup['params'])
   jax.tree_util.tree_map(np.testing.assert_array_equal, p1, half)
   with pytest.raises(FileNotFoundError, match='no checkpoint of step 3'):
-    gen.load_checkpoint(str(tmp_path), step=3, tokenizer=tok_path)
+    loader.load_checkpoint(str(tmp_path), step=3, tokenizer=tok_path)
 
 
 def test_trainer_sample_uses_cached_generation(setup):

@@ -19,6 +19,11 @@ alone moves the step aside, all wait at a barrier, and all try the previous step
 that fails on some processes only can leave the others waiting in Orbax's own end-of-restore
 barrier, which the vote cannot reach; the run then stops with an error, or, failing that, the
 launcher's or the coordination service's timeout ends it. Move the step aside by hand.)
+
+It also owns every other Orbax read and write: a params tree in a plain PyTree directory
+(`restore_tree`, `stored_tree`; a workdir checkpoint's state/ and a converted dir's params/,
+yuanjax.interop.converted) and such a directory written in parts (`save_part`,
+`finish_parts`: orbax's partial saving, one part at a time to bound host memory).
 """
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ import json
 import logging
 import os
 import re
+import shutil
+import time
 
 import grain
 import jax
@@ -73,7 +80,9 @@ def read_meta(workdir: str, step: int) -> dict:
 def restore_params(workdir: str, make_abstract, step: int | None = None):
   """(step, params, meta) of the newest readable checkpoint of a training workdir, read-only:
   an unreadable one is reported and the previous one tried (nothing is moved). With `step`,
-  that checkpoint alone. `make_abstract(meta)` gives the abstract params (ShapeDtypeStructs)."""
+  that checkpoint alone. `make_abstract(meta)` gives the abstract params (ShapeDtypeStructs;
+  with shardings, the params come back as jax.Arrays sharded so, in their dtypes; without, as
+  NumPy arrays in their stored dtypes: `restore_tree`)."""
   found = workdir_lib.checkpoint_steps(workdir)
   if not found:
     raise FileNotFoundError(f'{workdir}: no checkpoints under {directory(workdir)}')
@@ -84,13 +93,8 @@ def restore_params(workdir: str, make_abstract, step: int | None = None):
   for step in reversed(found):
     try:
       meta = read_meta(workdir, step)
-      abstract = make_abstract(meta)
-      args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
-      with ocp.PyTreeCheckpointer() as ckptr:
-        state = ckptr.restore(
-            os.path.join(directory(workdir), str(step), 'state'),
-            args=ocp.args.PyTreeRestore(item={'params': abstract}, restore_args={'params': args},
-                                        partial_restore=True))
+      state_dir = os.path.join(directory(workdir), str(step), 'state')
+      state = restore_tree(state_dir, {'params': make_abstract(meta)}, cast=False)
       return step, state['params'], meta
     except Exception as e:  # noqa: BLE001 - any read failure means: use an older one
       logging.error('checkpoint %s/%d is unreadable (%s: %s); trying the previous one',
@@ -98,6 +102,87 @@ def restore_params(workdir: str, make_abstract, step: int | None = None):
                     type(e).__name__,
                     str(e).splitlines()[0][:300] if str(e) else '')
   raise FileNotFoundError(f'{workdir}: no readable checkpoint among steps {found}')
+
+
+# ---------------------------------------------------------------- PyTree directories
+
+_STANDARD_HANDLER = 'orbax.checkpoint._src.handlers.standard_checkpoint_handler.StandardCheckpointHandler'
+
+
+def _sharded(item) -> bool:
+  leaves = jax.tree.leaves(item)
+  return bool(leaves) and all(getattr(a, 'sharding', None) is not None for a in leaves)
+
+
+def restore_tree(tree_dir: str, item, *, cast: bool = True):
+  """The sub-tree `item` (ShapeDtypeStructs) of the PyTree directory tree_dir: jax.Arrays
+  sharded as item's leaves are (in item's dtypes) when they all carry a sharding, else NumPy
+  arrays in item's dtypes (cast) or in their stored dtypes (not cast)."""
+  if _sharded(item):
+    restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  else:
+    restore_args = jax.tree.map(
+        lambda a: ocp.RestoreArgs(restore_type=np.ndarray, dtype=a.dtype if cast else None), item)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(
+        tree_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                              partial_restore=True))
+
+
+def stored_tree(tree_dir: str):
+  """The tree of the leaves' metadata (shape, dtype) a PyTree directory holds."""
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.metadata(tree_dir).item_metadata.tree
+
+
+def _save_context(chunk_bytes: int, compress: bool):
+  """How each part is written: no defensive copy of the leaves (the caller does not mutate
+  them while they are written); chunks of at most `chunk_bytes` split along the first axis
+  (experts for w1/w2), so a sharded restore reads only what it needs and the writer holds one
+  chunk beyond the part's leaf (tensorstore copies a leaf into its chunks once while
+  writing); no zstd unless asked (it also buffers the compressed leaf, and is ~5x slower)."""
+  import orbax.checkpoint.experimental.v1 as ocpv1  # pylint: disable=g-import-not-at-top
+  storage = ocpv1.options.ArrayOptions.Saving.StorageOptions(chunk_byte_size=chunk_bytes,
+                                                             shard_axes=(0,))
+  return ocpv1.Context(
+      memory_options=ocpv1.options.MemoryOptions(deepcopy_host_arrays=False),
+      array_options=ocpv1.options.ArrayOptions(saving=ocpv1.options.ArrayOptions.Saving(
+          storage_options=storage, use_compression=compress)))
+
+
+def save_part(partial_dir: str, tree, *, chunk_bytes: int, compress: bool = False) -> None:
+  """Adds `tree`'s leaves (NumPy arrays) to the partial save in partial_dir (few large parts:
+  orbax's finalize merges each one)."""
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  with _save_context(chunk_bytes, compress):
+    partial.save(partial_dir, tree)
+
+
+def finish_parts(partial_dir: str, tree_dir: str) -> None:
+  """Finalizes the partial save and moves its PyTree directory to tree_dir (a plain
+  StandardCheckpointer layout); partial_dir is removed."""
+  from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
+  partial.finalize(partial_dir)
+  trees = [
+      d for d in os.listdir(partial_dir) if os.path.isfile(os.path.join(partial_dir, d, '_METADATA'))
+  ]
+  if len(trees) != 1:
+    raise AssertionError(
+        f'unexpected orbax partial-save layout in {partial_dir}: {os.listdir(partial_dir)}')
+  os.rename(os.path.join(partial_dir, trees[0]), tree_dir)
+  now = time.time_ns()
+  with open(os.path.join(tree_dir, '_CHECKPOINT_METADATA'), 'w') as f:
+    json.dump(
+        {
+            'item_handlers': _STANDARD_HANDLER,
+            'metrics': {},
+            'performance_metrics': {},
+            'init_timestamp_nsecs': now,
+            'commit_timestamp_nsecs': now,
+            'custom_metadata': {}
+        }, f, indent=2, sort_keys=True)
+    f.write('\n')
+  shutil.rmtree(partial_dir)
 
 
 class Checkpointer:

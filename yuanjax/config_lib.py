@@ -164,12 +164,45 @@ def override(config: ml_collections.ConfigDict, overrides, name: str = 'config')
     node[last] = value
 
 
+# config.model fields added after configs were first saved (training workdirs' checkpoint meta,
+# converted dirs' config.json), each with the value that gives a config saved before it existed
+# the behaviour it had then. Mostly m32_model()'s default; not always: loss_chunk_len is 1024
+# in m32_model() but 0 here, since before the field the loss took the logits in one piece.
+SAVED_CONFIG_DEFAULTS = {
+    'rope_hf_bf16': False,
+    'attention_query_blocks': 1,
+    'scan_unroll': 1,
+    'loss_chunk_len': 0,
+    'loss_unroll': False,
+    'num_kv_heads': 0,
+    'attention_type': 'lfa',
+    'tie_embeddings': True,
+    'moe.grouped_matmul': 'ragged_dot',
+    'moe.megablox_tiling': grouped_matmul.DEFAULT_MEGABLOX_TILING,
+}
+
+
+def upgrade(saved) -> ml_collections.ConfigDict:
+  """config.model as restored from a saved config (a dict or ConfigDict, left untouched), with
+  each field added since it was saved (SAVED_CONFIG_DEFAULTS) set to its old behaviour: the one
+  door every restore goes through, so code reads `m.field` directly."""
+  m = ml_collections.ConfigDict(saved.to_dict() if hasattr(saved, 'to_dict') else saved)
+  for key, value in SAVED_CONFIG_DEFAULTS.items():
+    *path, last = key.split('.')
+    node = m
+    for k in path:
+      node = node[k]
+    if last not in node:
+      node[last] = value
+  return m
+
+
 def _err(field, value, rule):
   return ValueError(f'config.model.{field}={value!r}: {rule}')
 
 
 def _validate_attention(m: ml_collections.ConfigDict) -> None:
-  kind, G, raw = attention.attention_type(m), attention.num_kv_heads(m), m.get('num_kv_heads', 0)
+  kind, G, raw = m.attention_type, attention.num_kv_heads(m), m.num_kv_heads
   if kind not in attention.ATTENTION_TYPES:
     raise _err('attention_type', kind, f'expected one of {attention.ATTENTION_TYPES}')
   if kind == 'lfa' and m.hidden_size % 2:
@@ -177,7 +210,7 @@ def _validate_attention(m: ml_collections.ConfigDict) -> None:
   if type(raw) is not int or raw < 0 or m.num_heads % G:  # bool and None are refused
     raise _err('num_kv_heads', m.num_kv_heads,
                f'must be 0 (= num_heads) or a positive integer dividing num_heads={m.num_heads}')
-  if not isinstance(m.get('tie_embeddings', True), bool):
+  if not isinstance(m.tie_embeddings, bool):
     raise _err('tie_embeddings', m.tie_embeddings, 'must be True or False')
 
 
@@ -195,9 +228,9 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     raise _err('attention_backend', m.attention_backend,
                f'expected one of {attention.ATTENTION_BACKENDS}')
   for f in ('scan_unroll', 'attention_query_blocks'):
-    if not isinstance(m.get(f, 1), int) or m.get(f, 1) < 1:
+    if not isinstance(m[f], int) or m[f] < 1:
       raise _err(f, m[f], 'must be a positive integer')
-  if m.get('attention_query_blocks', 1) > 1 and m.attention_backend != 'xla':
+  if m.attention_query_blocks > 1 and m.attention_backend != 'xla':
     raise _err('attention_query_blocks', m.attention_query_blocks,
                f"only the 'xla' attention_backend splits queries (not {m.attention_backend!r})")
   if m.remat not in transformer.REMAT_POLICIES:
@@ -205,10 +238,10 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   for f in ('dtype', 'param_dtype'):
     if m[f] not in ('float32', 'bfloat16', 'float16'):
       raise _err(f, m[f], "expected 'float32', 'bfloat16' or 'float16'")
-  chunk = m.get('loss_chunk_len', 0)
+  chunk = m.loss_chunk_len
   if not isinstance(chunk, int) or chunk < 0:
     raise _err('loss_chunk_len', chunk, 'must be an integer >= 0 (0: the logits in one piece)')
-  if not isinstance(m.get('loss_unroll', False), bool):
+  if not isinstance(m.loss_unroll, bool):
     raise _err('loss_unroll', m.loss_unroll, 'must be True or False')
   if m.moe_every < 0 or (m.moe_every and m.num_layers % m.moe_every):
     raise _err('moe_every', m.moe_every,

@@ -1,17 +1,16 @@
 """Text generation with a KV cache: prefill, then one jitted fixed-shape decode loop.
 
 Command line (PATH: an HF dir, a converted `python -m yuanjax.convert from-hf` dir, or a
-yuanjax training workdir; Yuan's tokenizer writes newlines as `<n>`, which is handled)::
+yuanjax training workdir, loaded by yuanjax.loader; Yuan's tokenizer writes newlines as `<n>`,
+which is handled)::
 
     python -m yuanjax.generate --checkpoint PATH --prompt "def fib(n):" [--prompt ...] \\
         [--max_new_tokens 64] [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] [--json]
 
 Python::
 
-    from yuanjax import generate
-    from yuanjax.interop import hf
-    model, params = hf.load(path)
-    tok = hf.load_tokenizer(path)
+    from yuanjax import generate, loader
+    model, params, tok = loader.load_checkpoint(path)   # HF, converted or workdir (yuanjax.loader)
     outs = generate.generate(model, params, [tok.encode('Hello'), tok.encode('def f(')],
                              max_new_tokens=32, temperature=0.7, top_p=0.9, eod_id=tok.eod_id)
     texts = [tok.decode(generate.strip_eod(o, tok.eod_id)) for o in outs]
@@ -41,7 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import sys
 from collections.abc import Sequence
 
@@ -50,7 +48,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from yuanjax import config_lib
+from yuanjax import loader
 from yuanjax.model import Transformer, routers
 from yuanjax.model.transformer import init_cache
 
@@ -251,75 +249,6 @@ def strip_eod(ids: Sequence[int], eod_id: int | None) -> list[int]:
   return ids[:ids.index(eod_id)] if eod_id is not None and eod_id in ids else ids
 
 
-# ---------------------------------------------------------------- loading
-
-
-def _load_workdir(workdir: str, overrides: dict, step: int | None = None):
-  """(model, params, config) of the newest checkpoint (or that of `step`) of a yuanjax
-  training workdir (yuanjax.checkpoint owns the layout; an unreadable newest checkpoint falls
-  back to the previous one)."""
-  from yuanjax import checkpoint, train_state
-
-  def config_of(meta):
-    config = ml_collections.ConfigDict(json.loads(meta['config']))
-    config_lib.override(config.model, overrides, 'config.model')
-    return config
-
-  abstract = lambda meta: train_state.abstract_params(config_of(meta).model)
-  _, params, meta = checkpoint.restore_params(workdir, abstract, step)
-  config = config_of(meta)
-  pdtype = jnp.dtype(config.model.param_dtype)
-  params = jax.tree.map(lambda a: jnp.asarray(a, pdtype), params)
-  return Transformer(config.model), params, config
-
-
-def _load(path: str, exact_hf_rope: bool, overrides: dict | None, step: int | None):
-  """(model, params, the workdir's whole config, or None for an HF/converted dir)."""
-  from yuanjax import checkpoint
-  from yuanjax.interop import hf
-  path = os.fspath(path)
-  overrides = dict(overrides or {})
-  if os.path.isfile(os.path.join(path, 'config.json')):
-    if step is not None:
-      raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
-    return (*hf.load(path, exact_hf_rope=exact_hf_rope, overrides=overrides), None)
-  if checkpoint.has_checkpoints(path):
-    if exact_hf_rope:
-      overrides['rope_hf_bf16'] = True
-    return _load_workdir(path, overrides, step)
-  raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
-                          'training workdir (checkpoints/)')
-
-
-def load_model(path: str, *, exact_hf_rope: bool = False, overrides: dict | None = None,
-               step: int | None = None):
-  """(model, params) of an HF dir, a converted dir or a training workdir, as
-  `load_checkpoint` loads them, without the tokenizer."""
-  return _load(path, exact_hf_rope, overrides, step)[:2]
-
-
-def load_checkpoint(path: str, *, exact_hf_rope: bool = False, overrides: dict | None = None,
-                    tokenizer: str | None = None, step: int | None = None):
-  """(model, params, tokenizer) of an HF dir, a converted dir or a training workdir.
-
-  step: for a workdir, that checkpoint instead of the newest (an error for other dirs).
-
-  tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
-  it is loaded with the model type's conventions: Yuan's '<n>' newlines, Mixtral's '<s>' and
-  '</s>'; for workdirs as our trained ones are).
-  Workdirs: the newest checkpoint's params and config, and the data config's tokenizer.
-  """
-  from yuanjax.data import pipeline
-  from yuanjax.data.tokenizer import Tokenizer
-  from yuanjax.interop import hf
-  model, params, config = _load(path, exact_hf_rope, overrides, step)
-  if config is None:  # an HF or converted dir: its model's conventions (Yuan's, Mixtral's)
-    tok = hf.load_tokenizer(os.fspath(path), model_file=tokenizer)
-  else:
-    tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
-  return model, params, tok
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -349,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = _parse(argv)
   overrides = {'dtype': args.dtype} if args.dtype else {}
   try:
-    model, params, tok = load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
+    model, params, tok = loader.load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
                                          overrides=overrides, tokenizer=args.tokenizer)
     eod_id = tok.eod_id
     prompts = [tok.encode(p) for p in args.prompt]

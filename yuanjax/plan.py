@@ -138,7 +138,7 @@ def activation_bytes(config, mesh_shape: dict, flash: bool = False) -> tuple[flo
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
   D, H, K, L = m.hidden_size, m.num_heads, m.head_dim, t.seq_len
   HK, GK = H * K / tp, attention.num_kv_heads(m) * K / tp
-  lfa = attention.attention_type(m) == 'lfa'
+  lfa = m.attention_type == 'lfa'
   scores = not (flash and m.attention_backend == 'dot_product_attention')
   ck = m.moe.capacity_factor * m.router.top_k
   F = m.moe.ffn_size / tp
@@ -177,7 +177,7 @@ def loss_bytes(config, mesh_shape: dict, tokens: float) -> float:
   chunk's [rows, loss_chunk_len, V] twice plus the float32 head-gradient accumulator."""
   m = config.model
   V = m.vocab_size / mesh_shape['tensor']
-  chunk = m.get('loss_chunk_len', 0)
+  chunk = m.loss_chunk_len
   if not chunk or chunk >= config.train.seq_len:
     return 2 * tokens * V * 4
   rows = tokens / config.train.seq_len

@@ -33,7 +33,7 @@ def model_facts(model_cfg) -> dict:
   params = train_state.abstract_params(model_cfg, boxed=True)
   total = active = matmul_active = router = 0.0
   moe_frac = (model_cfg.router.top_k / model_cfg.num_experts) if model_cfg.moe_every else 0.0
-  tied = model_cfg.get('tie_embeddings', True)
+  tied = model_cfg.tie_embeddings
   leaves = jax.tree_util.tree_flatten_with_path(
       params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
   for path, leaf in leaves:
@@ -88,7 +88,7 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
   param_bytes = jnp.dtype(m.param_dtype).itemsize
   act_bytes = jnp.dtype(m.dtype).itemsize
   E = m.num_experts
-  G, lfa = attention.num_kv_heads(m), attention.attention_type(m) == 'lfa'
+  G, lfa = attention.num_kv_heads(m), m.attention_type == 'lfa'
   reach = min(E, batch * m.router.top_k) if experts_per_layer is None else experts_per_layer
   dense = expert = 0
   params = train_state.abstract_params(m, boxed=True)
@@ -96,7 +96,7 @@ def decode_bytes_per_step(model_cfg, batch: int, context: float,
       params, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
   for path, leaf in leaves:
     n = math.prod(leaf.value.shape) * param_bytes
-    if not m.get('tie_embeddings', True) and _is_embedding(path):
+    if not m.tie_embeddings and _is_embedding(path):
       dense += min(batch, m.vocab_size) * m.hidden_size * param_bytes
     elif 'expert' in leaf.names:
       expert += n

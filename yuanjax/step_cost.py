@@ -94,7 +94,7 @@ def model_parts(config: ml_collections.ConfigDict) -> dict[str, float]:
   sum to `metrics.train_flops_per_token(config)`."""
   m, L = config.model, config.train.seq_len
   D, H, K, E, F = m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size
-  G, lfa = attention.num_kv_heads(m), attention.attention_type(m) == 'lfa'
+  G, lfa = attention.num_kv_heads(m), m.attention_type == 'lfa'
   n_moe = 0 if m.moe_every == 0 else m.num_layers // m.moe_every
   n_shared = m.router.num_shared_experts
   router = {'attention': 3, 'linear': 1, 'shared': 1, 'expert_choice': 1}[m.router.type] * D * E
@@ -153,9 +153,9 @@ def optimizer_flops(built: train_state.Built, mesh) -> float:
 def is_analysis_config(config: ml_collections.ConfigDict) -> bool:
   """True when the real step is its own analysis variant (no loop to unroll)."""
   m = config.model
-  loss_loop = 0 < m.get('loss_chunk_len', 0) < config.train.seq_len and not m.get('loss_unroll')
+  loss_loop = 0 < m.loss_chunk_len < config.train.seq_len and not m.loss_unroll
   return (config.train.grad_accum == 1 and not loss_loop and
-          m.get('scan_unroll', 1) >= transformer.num_blocks(m))
+          m.scan_unroll >= transformer.num_blocks(m))
 
 
 def analyse(config: ml_collections.ConfigDict, mesh, compiled=None, built=None) -> dict:

@@ -57,7 +57,7 @@ def loss_fn(params, model, batch, rng, aux_in_loss=True):
   n = jnp.maximum(mask.sum(), 1.0)
   m = model.config
   lm_loss = loss_lib.cross_entropy_sum(hidden, head, batch['targets'], mask,
-                                       m.get('loss_chunk_len', 0), m.get('loss_unroll', False)) / n
+                                       m.loss_chunk_len, m.loss_unroll) / n
   total = lm_loss + aux['aux_loss'] if aux_in_loss else lm_loss
   return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())
 

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from tests.conftest import rel_err
 from tests.interop import hf_reference as R
 from tests.interop.hf_reference import read_all
-from yuanjax import config_lib, convert
+from yuanjax import config_lib, convert, loader, train_state
+from yuanjax.interop import converted as converted_lib
 from yuanjax.interop import hf, hf_mapping, torch_bin
 from yuanjax.model import Transformer
 
@@ -34,7 +35,7 @@ F32 = {'dtype': 'float32'}
 
 @functools.lru_cache(maxsize=None)
 def logits_of(path, exact_hf_rope=False):
-  model, params = hf.load(str(path), overrides=F32, exact_hf_rope=exact_hf_rope)
+  model, params = loader.load_model(str(path), overrides=F32, exact_hf_rope=exact_hf_rope)
   return np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
 
 
@@ -92,7 +93,7 @@ def test_logits_match_numpy_reference(converted):
   ref = R.forward(tensors, config, TOKENS)
   got = logits_of(dst)
   assert rel_err(got, ref) < 1e-5, kind
-  np.testing.assert_array_equal(logits_of(src), got)  # hf.load straight from the HF dir
+  np.testing.assert_array_equal(logits_of(src), got)  # loader.load_model straight from the HF dir
 
 
 def test_roundtrip_is_bit_exact(converted, tmp_path):
@@ -131,7 +132,7 @@ def _per_layer_abstract(m):
           flat[leaf + (str(i),)] = jax.ShapeDtypeStruct(shape, dtype)
       else:
         flat[leaf] = jax.ShapeDtypeStruct(shape, dtype)
-  return hf._nest(flat)
+  return converted_lib.nest(flat)
 
 
 def test_params_restore_with_plain_orbax(converted):
@@ -140,8 +141,8 @@ def test_params_restore_with_plain_orbax(converted):
   kind, src, dst, tensors, _ = converted
   with open(os.path.join(dst, 'config.json')) as f:
     saved = json.load(f)
-  assert saved['format'] == hf.FORMAT == 'yuanjax-hf/2' and saved['hf']['has_lm_head']
-  m = hf_mapping.model_config_from_saved(saved['model'])
+  assert saved['format'] == converted_lib.FORMAT == 'yuanjax-hf/2' and saved['hf']['has_lm_head']
+  m = config_lib.upgrade(saved['model'])
   per_layer = ocp.StandardCheckpointer().restore(os.path.join(dst, 'params'),
                                                  _per_layer_abstract(m))
   assert {a.dtype for a in jax.tree.leaves(per_layer)} == {np.dtype(np.float32)}
@@ -151,12 +152,12 @@ def test_params_restore_with_plain_orbax(converted):
   flat = {}
   for g in hf_mapping.tensor_groups(m):
     for leaf in g.leaves:
-      flat[leaf] = stack(hf._get(per_layer, leaf)) if g.per_layer else hf._get(per_layer, leaf)
-  params = hf._nest(flat)
-  abstract = hf.abstract_params(m)
+      flat[leaf] = stack(converted_lib.get(per_layer, leaf)) if g.per_layer else converted_lib.get(per_layer, leaf)
+  params = converted_lib.nest(flat)
+  abstract = train_state.abstract_params(m)
   assert jax.tree.structure(params) == jax.tree.structure(abstract)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params,
-               hf.restore_params(dst, abstract))
+               converted_lib.restore_params(dst, abstract))
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), params, hf.params_from_hf(src)[1])
   stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
   assert stored['embedding'].dtype == tensors[
@@ -176,7 +177,7 @@ def test_import_writes_one_leaf_per_layer(converted):
   (none has the layers axis), so from-hf holds at most one layer of a param at a time."""
   _, _, dst, _, _ = converted
   with open(os.path.join(dst, 'config.json')) as f:
-    m = hf_mapping.model_config_from_saved(json.load(f)['model'])
+    m = config_lib.upgrade(json.load(f)['model'])
   assert m.num_layers > 1
   stored = ocp.StandardCheckpointer().metadata(os.path.join(dst, 'params')).item_metadata.tree
   shapes = {
@@ -198,15 +199,15 @@ def test_sharded_restore_stacks_on_device(converted):
   layers axis, stacked on device into the stacked leaf's sharding."""
   _, _, dst, _, _ = converted
   with open(os.path.join(dst, 'config.json')) as f:
-    m = hf_mapping.model_config_from_saved(json.load(f)['model'])
+    m = config_lib.upgrade(json.load(f)['model'])
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
   P = jax.sharding.PartitionSpec
   spec = lambda a: P('x') if a.ndim >= 2 and a.shape[0] == m.num_layers else P()
   abstract = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(
-          mesh, spec(a))), hf.abstract_params(m))
-  got = hf.restore_params(dst, abstract)
-  ref = hf.restore_params(dst, hf.abstract_params(m))
+          mesh, spec(a))), train_state.abstract_params(m))
+  got = converted_lib.restore_params(dst, abstract)
+  ref = converted_lib.restore_params(dst, train_state.abstract_params(m))
   for a, b, s in zip(jax.tree.leaves(got), jax.tree.leaves(ref), jax.tree.leaves(abstract)):
     assert isinstance(a, jax.Array) and a.sharding == s.sharding and a.dtype == s.dtype
     np.testing.assert_array_equal(np.asarray(a), b)
@@ -221,8 +222,8 @@ def test_old_format_refused_with_a_clear_error(converted, tmp_path, capsys):
   saved['format'] = 'yuanjax-hf/1'
   with open(old / 'config.json', 'w') as f:
     json.dump(saved, f)
-  assert hf.is_converted(str(old))
-  for call in (lambda: hf.load(str(old)), lambda: hf.restore_params(str(old), {}),
+  assert converted_lib.is_converted(str(old))
+  for call in (lambda: loader.load_model(str(old)), lambda: converted_lib.restore_params(str(old), {}),
                lambda: hf.export_hf(str(old), str(tmp_path / 'out'))):
     with pytest.raises(
         ValueError, match=r"'yuanjax-hf/1'.*Re-run the conversion: python -m "
@@ -412,8 +413,8 @@ def test_exact_hf_rope(tiny_src):
   assert rel_err(got_f32, ref_f32) < 1e-5
   # The two rotaries differ by far more than the tolerance, so the comparison above can fail.
   assert rel_err(ref_bf16, ref_f32) > 1e-4 and rel_err(got_bf16, got_f32) > 1e-4  # ~1.3e-3
-  model, _ = hf.load(str(root / 'src'), exact_hf_rope=True)
-  assert model.config.rope_hf_bf16 and not hf.load(str(root / 'src'))[0].config.rope_hf_bf16
+  model, _ = loader.load_model(str(root / 'src'), exact_hf_rope=True)
+  assert model.config.rope_hf_bf16 and not loader.load_model(str(root / 'src'))[0].config.rope_hf_bf16
 
 
 def test_load_tokenizer(tiny_src):
@@ -429,7 +430,7 @@ def test_load_tokenizer(tiny_src):
                  extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
   hf.import_hf(str(root / 'src'), str(root / 'dst'))
   for path in (root / 'src', root / 'dst'):
-    tok = hf.load_tokenizer(str(path))
+    tok = loader.load_tokenizer(str(path))
     assert isinstance(tok, tokenizer.Tokenizer)
     assert tok.decode(tok.encode('line 1\nline 2')) == 'line 1\nline 2'
 
@@ -445,7 +446,7 @@ def test_load_tokenizer_adds_yuan_tokens_past_the_model(tiny_src):
                                  model_type='bpe', num_threads=1, minloglevel=2)
   R.write_hf_dir(root / 'src', tensors, config,
                  extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
-  tok = hf.load_tokenizer(str(root / 'src'))
+  tok = loader.load_tokenizer(str(root / 'src'))
   added = [t for t in YUAN_ADDED_TOKENS if t != '<sep>']
   assert [tok.token_id(t) for t in added] == list(range(60, 60 + len(added)))
   assert tok.sep_id == tok.sp.piece_to_id('<sep>') < 60 and tok.fim_prefix_id == 60 + 4
@@ -457,10 +458,10 @@ def test_load_computes_in_the_checkpoint_dtype(tiny_src):
   R.write_hf_dir(root / 'src', tensors, R.tiny_hf_config(torch_dtype='bfloat16'))
   hf.import_hf(str(root / 'src'), str(root / 'dst'))
   for path in (root / 'src', root / 'dst'):
-    assert hf.load(str(path))[0].config.dtype == 'bfloat16'
-    assert hf.load(str(path), overrides=F32)[0].config.dtype == 'float32'
+    assert loader.load_model(str(path))[0].config.dtype == 'bfloat16'
+    assert loader.load_model(str(path), overrides=F32)[0].config.dtype == 'float32'
   R.write_hf_dir(root / 'f32', tensors, R.tiny_hf_config(torch_dtype='float32'))
-  assert hf.load(str(root / 'f32'))[0].config.dtype == 'float32'
+  assert loader.load_model(str(root / 'f32'))[0].config.dtype == 'float32'
 
 
 def test_torch_bin_reader_refuses_what_it_cannot_read(tmp_path):

@@ -19,7 +19,7 @@ from tests.conftest import rel_err
 from tests.interop import hf_reference
 from tests.interop.hf_reference import read_all
 from tests.interop import mixtral_reference as R
-from yuanjax import config_lib, convert, generate
+from yuanjax import config_lib, convert, generate, loader
 from yuanjax.analysis import routing as routing_lib
 from yuanjax.analysis import stats
 from yuanjax.interop import hf, mappings, mixtral_mapping
@@ -31,7 +31,7 @@ F32 = {'dtype': 'float32'}
 
 @functools.lru_cache(maxsize=None)
 def loaded(path):
-  return hf.load(str(path), overrides=F32)
+  return loader.load_model(str(path), overrides=F32)
 
 
 _APPLY = {}  # config JSON -> jitted apply: the checkpoints' models share one compilation
@@ -90,9 +90,9 @@ def test_logits_match_numpy_reference(converted):
   kind, src, dst, tensors, config = converted
   ref = R.forward(tensors, config, TOKENS)
   assert rel_err(logits_of(dst), ref) < 1e-5, kind
-  np.testing.assert_array_equal(logits_of(src), logits_of(dst))  # hf.load of the HF dir
+  np.testing.assert_array_equal(logits_of(src), logits_of(dst))  # loader.load_model of the HF dir
   with pytest.raises(ValueError, match='exact_hf_rope reproduces the HF Yuan runtime'):
-    hf.load(dst, exact_hf_rope=True)  # Yuan's bfloat16 rotary quirk is not Mixtral's
+    loader.load_model(dst, exact_hf_rope=True)  # Yuan's bfloat16 rotary quirk is not Mixtral's
   m = loaded(dst)[0].config
   assert (m.attention_type, m.num_heads, m.num_kv_heads, m.head_dim, m.rotary_dims, m.rope_base,
           m.tie_embeddings, m.router.type) == ('standard', 4, 2, 8, 8, 1000.0, False, 'linear')
@@ -108,7 +108,7 @@ def test_logits_of_other_shapes_match_the_reference(tmp_path):
   del config['rope_theta']
   tensors = R.random_tensors(config, seed=5)
   hf_reference.write_hf_dir(tmp_path / 'src', tensors, config)
-  model, params = hf.load(str(tmp_path / 'src'), overrides=F32)
+  model, params = loader.load_model(str(tmp_path / 'src'), overrides=F32)
   assert (model.config.head_dim, model.config.norm_eps, model.config.rope_base) == (12, 1e-6, 500)
   assert rel_err(forward(model, params, TOKENS), R.forward(tensors, config, TOKENS)) < 1e-5
 
@@ -183,7 +183,7 @@ def test_unknown_model_type_is_named_before_anything_is_written(tmp_path, capsys
     assert convert.main(['from-hf', str(src), str(tmp_path / 'dst'), '-q']) == 1
     assert 'known: mixtral, yuan' in capsys.readouterr().err
     with pytest.raises(hf.HFConfigError, match='known: mixtral, yuan'):
-      hf.load(str(src))
+      loader.load_model(str(src))
   assert not os.path.exists(tmp_path / 'dst')
 
 
@@ -286,13 +286,13 @@ def test_yuan_export_refuses_a_mixtral_model_and_back():
 
 def test_notebook_path_on_the_imported_model(f32):
   """What notebooks/02_router_inspection.py does with YUANJAX_CHECKPOINT=<converted Mixtral>:
-  generate.load_checkpoint finds Mixtral's tokenizer conventions (<s> first, </s> as eod),
+  loader.load_checkpoint finds Mixtral's tokenizer conventions (<s> first, </s> as eod),
   and texts batch and route."""
   _, src, dst, _, _ = f32
-  model, params, tok = generate.load_checkpoint(dst, overrides=F32)
+  model, params, tok = loader.load_checkpoint(dst, overrides=F32)
   assert (tok.eod_id, tok.pad_id) == (2, 2) and tok.encode('line 7')[0] == 1
   assert tok.decode(tok.encode('line 7 of some text')) == 'line 7 of some text'
-  assert generate.load_checkpoint(src)[2].encode('line 7') == tok.encode('line 7')
+  assert loader.load_checkpoint(src)[2].encode('line 7') == tok.encode('line 7')
   tokens, segment_ids = routing_lib.batch_texts(tok, ['line 1 of', 'line 22 of some text'], 13)
   r = routing_lib.routing(model, params, tokens, segment_ids)
   assert r.experts_MxBxLxK.shape == (2, 2, 13, 2) and r.mask_BxL.sum() == (segment_ids > 0).sum()

@@ -168,32 +168,18 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   return m
 
 
-def model_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
-  """`config_lib.m32_model()` updated (recursively) with a saved config.model dict.
-
-  Fields added to m32_model() after the checkpoint was written keep their defaults.
-  """
-
-  def merge(node, d):
-    for k, v in d.items():
-      if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
-        merge(node[k], v)
-      else:
-        node[k] = v
-
-  m = config_lib.m32_model()
-  merge(m, saved)
-  return m
+# The name the config.py of converted dirs written before config_lib.upgrade calls.
+model_config_from_saved = config_lib.upgrade
 
 
 def exportable(m: ml_collections.ConfigDict) -> None:
   """Raises HFConfigError listing why config.model has no HF Yuan equivalent, if it has none."""
   problems = []
-  if attention.attention_type(m) != 'lfa':
+  if m.attention_type != 'lfa':
     problems.append(f'attention_type={m.attention_type!r}: HF Yuan has LFA attention only')
   if attention.num_kv_heads(m) != m.num_heads:
     problems.append(f'num_kv_heads={m.num_kv_heads} != num_heads={m.num_heads}: HF Yuan has no GQA')
-  if not m.get('tie_embeddings', True):
+  if not m.tie_embeddings:
     problems.append('tie_embeddings=False: HF Yuan ties lm_head to the embedding')
   if m.moe_every != 1:
     problems.append(f'moe_every={m.moe_every}: HF Yuan has every layer MoE; only moe_every=1 maps')

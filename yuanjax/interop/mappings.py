@@ -6,17 +6,19 @@
 Each mapping module has MODEL_TYPE, TIED_LM_HEAD (lm_head.weight optional and equal to the
 embedding), model_config_from_hf, hf_config_from_model, exportable, tensor_groups, hf_shapes
 and leaf_shapes. An import picks it by config.json's `model_type`, an export by the model
-(`attention_type`: 'lfa' is Yuan, 'standard' Mixtral).
+(`attention_type`: 'lfa' is Yuan, 'standard' Mixtral). `check_against_model`: the mapping's
+params are exactly the model's.
 """
 from __future__ import annotations
 
 import types
 
+import jax
 import ml_collections
 
+from yuanjax import train_state
 from yuanjax.interop import hf_mapping, mixtral_mapping
 from yuanjax.interop.hf_mapping import HFConfigError
-from yuanjax.model import attention
 
 MAPPINGS = {m.MODEL_TYPE: m for m in (hf_mapping, mixtral_mapping)}
 _BY_ATTENTION = {'lfa': hf_mapping, 'standard': mixtral_mapping}
@@ -34,8 +36,24 @@ def for_hf_config(c: dict, src: str = '') -> types.ModuleType:
 
 def for_model(m: ml_collections.ConfigDict) -> types.ModuleType:
   """The mapping of a yuanjax config.model (by its attention_type)."""
-  kind = attention.attention_type(m)
+  kind = m.attention_type
   if kind not in _BY_ATTENTION:
     raise HFConfigError(f'config.model.attention_type={kind!r} has no HF format; known: '
                         f'{", ".join(sorted(_BY_ATTENTION))}')
   return _BY_ATTENTION[kind]
+
+
+def check_against_model(m: ml_collections.ConfigDict) -> None:
+  """The mapping must produce exactly the model's param tree (guards against model changes)."""
+  model = {
+      tuple(k.key for k in path): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(train_state.abstract_params(m))
+  }
+  ours = for_model(m).leaf_shapes(m)
+  only_model = sorted(set(model.items()) - set(ours.items()))
+  only_ours = sorted(set(ours.items()) - set(model.items()))
+  if only_model or only_ours:
+    fmt = lambda items: ', '.join(f'{"/".join(p)} {list(s)}' for p, s in items) or 'none'
+    raise AssertionError(
+        f'the HF mapping and Transformer(config.model) params disagree: only in the '
+        f'model: {fmt(only_model)}; only in the mapping: {fmt(only_ours)}')

@@ -140,9 +140,9 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
 def exportable(m: ml_collections.ConfigDict) -> None:
   """Raises HFConfigError listing why config.model has no HF Mixtral equivalent, if none."""
   problems = []
-  if attention.attention_type(m) != 'standard':
-    problems.append(f'attention_type={attention.attention_type(m)!r}: Mixtral is standard')
-  if m.get('tie_embeddings', True):
+  if m.attention_type != 'standard':
+    problems.append(f'attention_type={m.attention_type!r}: Mixtral is standard')
+  if m.tie_embeddings:
     problems.append('tie_embeddings=True: Mixtral has an untied lm_head')
   if m.moe_every != 1:
     problems.append(f'moe_every={m.moe_every}: Mixtral has every layer MoE')
@@ -151,7 +151,7 @@ def exportable(m: ml_collections.ConfigDict) -> None:
                     'Mixtral routes linear, renormalised over the top-k')
   if m.router.num_shared_experts or m.router.noisy_topk:
     problems.append('router.num_shared_experts / noisy_topk: Mixtral has neither')
-  if m.get('rope_hf_bf16', False):
+  if m.rope_hf_bf16:
     problems.append('rope_hf_bf16=True: HF Mixtral computes its rotary angles in float32')
   if m.rotary_dims != m.head_dim or m.rope_ntk_factor != 1.0:
     problems.append(f'rotary_dims={m.rotary_dims}, rope_ntk_factor={m.rope_ntk_factor}: Mixtral '

@@ -151,12 +151,8 @@ def blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, s
 
 
 def num_kv_heads(cfg) -> int:
-  """G, the key/value heads: `num_kv_heads`, or H when it is 0 or absent (older configs)."""
-  return cfg.get('num_kv_heads', 0) or cfg.num_heads
-
-
-def attention_type(cfg) -> str:
-  return cfg.get('attention_type', 'lfa')
+  """G, the key/value heads: `num_kv_heads`, or H when it is 0."""
+  return cfg.num_kv_heads or cfg.num_heads
 
 
 class Attention(nn.Module):
@@ -180,13 +176,13 @@ class Attention(nn.Module):
 
     v = jnp.einsum('bld,dgk->blgk', u_BxLxD, wv_DxGxK.astype(dtype))
     f_BxLxD = u_BxLxD
-    if attention_type(cfg) == 'lfa':
+    if cfg.attention_type == 'lfa':
       f_BxLxD = LocalizedFiltering(cfg, self.decode, name='lf')(u_BxLxD, segment_ids_BxL,
                                                                 positions_BxL, lengths_B)
     q = jnp.einsum('bld,dhk->blhk', f_BxLxD, wq_DxHxK.astype(dtype))
     k = jnp.einsum('bld,dgk->blgk', f_BxLxD, wk_DxGxK.astype(dtype))
     base = layers.rope_base(cfg.rope_base, cfg.rotary_dims, cfg.rope_ntk_factor)
-    hf_bf16 = cfg.get('rope_hf_bf16', False)  # spec quirk 3 (layers.rotary_angles)
+    hf_bf16 = cfg.rope_hf_bf16  # spec quirk 3 (layers.rotary_angles)
     q = layers.apply_rotary(q, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     q, k, v = (layers.constrain(t, heads) for t in (q, k, v))
@@ -203,7 +199,7 @@ class Attention(nn.Module):
     scale = cfg.head_dim**-0.5
     if cfg.attention_backend == 'xla':
       return blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale,
-                                      cfg.get('attention_query_blocks', 1))
+                                      cfg.attention_query_blocks)
     if cfg.attention_backend == 'dot_product_attention':
       # cuDNN flash attention on GPU; its XLA fallback elsewhere. Causality via is_causal,
       # document boundaries via the segment mask; G < H key/value heads natively.

@@ -57,7 +57,7 @@ def import_tokamax():
 
 def check_config(m) -> None:
   """Raises ValueError (ImportError for a missing extra) naming the field; `m` is config.model."""
-  kind = m.moe.get('grouped_matmul', 'ragged_dot')
+  kind = m.moe.grouped_matmul
   if kind not in GROUPED_MATMULS:
     raise ValueError(f'config.model.moe.grouped_matmul={kind!r}: expected one of {GROUPED_MATMULS}')
   if kind == 'tokamax':
@@ -67,7 +67,7 @@ def check_config(m) -> None:
   if m.dtype not in MEGABLOX_DTYPES:
     raise ValueError(f'config.model.dtype={m.dtype!r}: '
                      f"moe.grouped_matmul='megablox' takes only {MEGABLOX_DTYPES}")
-  tiling = tuple(m.moe.get('megablox_tiling', DEFAULT_MEGABLOX_TILING))
+  tiling = tuple(m.moe.megablox_tiling)
   if (len(tiling) != 3 or not all(isinstance(t, int) and t > 0 for t in tiling) or
       tiling[0] % _ROW_ALIGN or tiling[1] % _LANE or tiling[2] % _LANE):
     raise ValueError(f'config.model.moe.megablox_tiling={tiling!r}: expected (tm, tk, tn), '
@@ -82,9 +82,8 @@ class GroupedMatmul:
 
   @classmethod
   def from_config(cls, moe_config) -> GroupedMatmul:
-    """From config.model.moe (configs saved before the field existed: ragged_dot)."""
-    return cls(moe_config.get('grouped_matmul', 'ragged_dot'),
-               tuple(moe_config.get('megablox_tiling', DEFAULT_MEGABLOX_TILING)))
+    """From config.model.moe."""
+    return cls(moe_config.grouped_matmul, tuple(moe_config.megablox_tiling))
 
   def __call__(self, xs_MxK, w_GxKxN, group_sizes_G):
     """[M, N] in xs's dtype; rows past sum(group_sizes_G) are zero."""

@@ -147,14 +147,13 @@ class Transformer(nn.Module):
         'params': True,
         'router': True
     }, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_blocks(cfg),
-                     unroll=cfg.get('scan_unroll',
-                                    1), metadata_params={nn.PARTITION_NAME: 'layers'})
+                     unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
     x_BxLxD, stats = blocks(cfg, deterministic, decode, name='blocks')(x_BxLxD, segment_ids,
                                                                        positions, lengths)
 
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='final_norm')(x_BxLxD)
     head_VxD = embedding_VxD  # the one place that names the LM head: tied, or its own param
-    if not cfg.get('tie_embeddings', True):
+    if not cfg.tie_embeddings:
       head_VxD = layers.param_with_axes(self, 'lm_head', nn.initializers.normal(cfg.init_std),
                                         (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'),
                                         pdtype)

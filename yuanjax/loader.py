@@ -1,0 +1,187 @@
+"""A checkpoint loaded for use: (config.model, params) of whatever PATH holds.
+
+PATH is one of
+  an HF dir          config.json with a model_type (Yuan, Mixtral): converted in memory
+                     (yuanjax.interop.hf; the whole model in param_dtype on the host first)
+  a converted dir    what `python -m yuanjax.convert from-hf` writes (yuanjax.interop.converted):
+                     restored one param at a time, straight into shardings when given
+  a training workdir checkpoints/ (yuanjax.checkpoint): the newest readable checkpoint (an
+                     unreadable newest one falls back to the previous), or that of `step`
+
+Python::
+
+    from yuanjax import loader
+    m, params = loader.load(path)                       # config.model, params (jax.Arrays)
+    m, params = loader.load(path, shardings=fn)         # fn(config.model): the params' target
+                                                        # shardings; restored into them
+    model, params = loader.load_model(path)             # a Transformer
+    model, params, tok = loader.load_checkpoint(path)   # and its tokenizer
+    tok = loader.load_tokenizer(path)                   # of an HF or converted dir
+
+Every saved config.model comes back through `config_lib.upgrade` (fields added since it was
+saved get the behaviour they had). `overrides` (dotted config.model fields, e.g.
+{'dtype': 'float32', 'moe.dispatch': 'dense'}) apply after it. HF and converted dirs compute in
+the checkpoint's own dtype (`torch_dtype` of its config.json; the source's for a converted
+dir) unless overrides set 'dtype'. exact_hf_rope: the released HF Yuan runtime's bfloat16
+rotary rounding (spec quirk 3: config.model.rope_hf_bf16), for agreement with it; an error
+for an HF or converted Mixtral (its angles are float32). The default is exact float32.
+
+Generation (yuanjax.generate), the notebooks and what comes next (fine-tuning's init_from with
+its train state's shardings, evaluation) load through `load`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from yuanjax import checkpoint, config_lib, train_state
+from yuanjax.interop import converted, hf, hf_mapping, mappings
+from yuanjax.model import Transformer
+
+Shardings = Callable[[ml_collections.ConfigDict], object]  # config.model -> a tree of Sharding
+
+
+def _abstract(m: ml_collections.ConfigDict, shardings: Shardings | None):
+  """The unboxed abstract params of config.model, carrying the target shardings if given."""
+  abstract = train_state.abstract_params(m)
+  if shardings is None:
+    return abstract
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                      shardings(m))
+
+
+def _placed(params, m: ml_collections.ConfigDict, shardings: Shardings | None):
+  """Params as jax.Arrays in param_dtype, on the default device or in the target shardings."""
+  pdtype = jnp.dtype(m.param_dtype)
+  if shardings is None:
+    return jax.tree.map(lambda a: jnp.asarray(a, pdtype), params)
+  place = lambda a, s: jax.device_put(a if isinstance(a, jax.Array) else np.asarray(a, pdtype), s)
+  return jax.tree.map(place, params, shardings(m))
+
+
+def _workdir(path: str, overrides: Mapping, step: int | None, shardings: Shardings | None):
+  """(the whole config, params) of a training workdir's checkpoint."""
+
+  def config_of(meta):
+    config = ml_collections.ConfigDict(json.loads(meta['config']))
+    config.model = config_lib.upgrade(config.model)
+    config_lib.override(config.model, overrides, 'config.model')
+    return config
+
+  abstract = lambda meta: _abstract(config_of(meta).model, shardings)
+  _, params, meta = checkpoint.restore_params(path, abstract, step)
+  return config_of(meta), params
+
+
+def _mapping_of_dir(path: str):
+  """The mapping module of an HF dir (its model_type) or a converted dir (its model)."""
+  if converted.is_converted(path):
+    return mappings.for_model(converted.read(path)[0])
+  return mappings.for_hf_config(hf.read_hf_config(path), os.path.join(path, 'config.json'))
+
+
+def _hf_dir(path: str, overrides: Mapping, exact_hf_rope: bool, shardings: Shardings | None):
+  """(config.model, params) of an HF or a converted dir."""
+  if exact_hf_rope and _mapping_of_dir(path) is not hf_mapping:  # before reading any weight
+    raise ValueError(f'{path}: exact_hf_rope reproduces the HF Yuan runtime\'s bfloat16 rotary '
+                     'angles (spec quirk 3); HF Mixtral computes its angles in float32')
+  if converted.is_converted(path):
+    converted.require_current_format(path)
+    m, record = converted.read(path)
+    params, hf_cfg = None, record.get('config', {})
+  else:
+    m, params = hf.params_from_hf(path)
+    hf_cfg = hf.read_hf_config(path)
+  source_dtype = hf_cfg.get('torch_dtype', hf_cfg.get('dtype'))  # 'dtype': transformers >= 5
+  if source_dtype in hf.SUPPORTED_DTYPES:
+    m.dtype = source_dtype
+  config_lib.override(m, overrides, 'config.model')
+  if exact_hf_rope:
+    m.rope_hf_bf16 = True
+  config_lib.validate_model(m)
+  mappings.check_against_model(m)
+  if params is None:
+    params = converted.restore_params(path, _abstract(m, shardings))
+  return m, params
+
+
+def _resolve(path, overrides, exact_hf_rope: bool, step: int | None, shardings):
+  """(config.model, params, the workdir's whole config or None for an HF/converted dir)."""
+  path = os.fspath(path)
+  overrides = dict(overrides or {})
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    if step is not None:
+      raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
+    m, params = _hf_dir(path, overrides, exact_hf_rope, shardings)
+    return m, _placed(params, m, shardings), None
+  if checkpoint.has_checkpoints(path):
+    if exact_hf_rope:
+      overrides['rope_hf_bf16'] = True
+    config, params = _workdir(path, overrides, step, shardings)
+    return config.model, _placed(params, config.model, shardings), config
+  raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
+                          'training workdir (checkpoints/)')
+
+
+def load(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: bool = False,
+         step: int | None = None, shardings: Shardings | None = None):
+  """(config.model, params) of an HF dir, a converted dir or a training workdir.
+
+  step: for a workdir, that checkpoint instead of the newest (an error for other dirs).
+  shardings: config.model -> a tree of jax.sharding.Sharding matching the unboxed params; the
+  params are then restored straight into them (converted dirs and workdirs) or placed so.
+  """
+  return _resolve(path, overrides, exact_hf_rope, step, shardings)[:2]
+
+
+def load_model(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: bool = False,
+               step: int | None = None):
+  """(Transformer, params) of an HF dir, a converted dir or a training workdir (`load`)."""
+  m, params = load(path, overrides=overrides, exact_hf_rope=exact_hf_rope, step=step)
+  return Transformer(m), params
+
+
+def load_tokenizer(path: str, model_file: str | None = None):
+  """The tokenizer of an HF dir or a converted dir, as the model's own runtime builds it
+  (`tokenizer_options()` of its mapping), from its tokenizer.model or `model_file`.
+
+  Yuan: newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS: one that the
+  model lacks gets the next id past it, in order; each is encoded as one id).
+  Mixtral: Llama's sentencepiece model as is, '<s>' first, '</s>' ends documents (eod_id).
+  """
+  from yuanjax.data import tokenizer  # pylint: disable=g-import-not-at-top  (optional here)
+  options = _mapping_of_dir(path).tokenizer_options()
+  candidates = [model_file] if model_file else [
+      os.path.join(path, 'tokenizer.model'),
+      os.path.join(path, 'hf_files', 'tokenizer.model')
+  ]
+  for candidate in candidates:
+    if os.path.isfile(candidate):
+      return tokenizer.Tokenizer(candidate, **options)
+  raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)'
+                          if not model_file else f'{model_file}: no such file')
+
+
+def load_checkpoint(path, *, exact_hf_rope: bool = False,
+                    overrides: Mapping[str, object] | None = None, tokenizer: str | None = None,
+                    step: int | None = None):
+  """(Transformer, params, tokenizer) of an HF dir, a converted dir or a training workdir.
+
+  tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
+  it is loaded with the model type's conventions: Yuan's '<n>' newlines, Mixtral's '<s>' and
+  '</s>'; for workdirs as our trained ones are). Workdirs: the data config's tokenizer.
+  """
+  from yuanjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from yuanjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  m, params, config = _resolve(path, overrides, exact_hf_rope, step, None)
+  if config is None:  # an HF or converted dir: its model's conventions (Yuan's, Mixtral's)
+    tok = load_tokenizer(os.fspath(path), model_file=tokenizer)
+  else:
+    tok = Tokenizer(tokenizer) if tokenizer else pipeline.resolve_data(config.data)[1]
+  return Transformer(m), params, tok
