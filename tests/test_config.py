@@ -1,3 +1,4 @@
+import copy
 import types
 
 import numpy as np
@@ -63,6 +64,59 @@ def test_bad_values_name_the_field(field, value, pattern):
   config_lib.override(config, {field: value})
   with pytest.raises(ValueError, match=pattern):
     config_lib.validate(config)
+
+
+# Each field added to config.model after configs were first saved, and the value that gives a
+# config saved before it its behaviour then (written out here, not read from config_lib).
+OLD_BEHAVIOUR = {
+    'rope_hf_bf16': False,
+    'attention_query_blocks': 1,
+    'scan_unroll': 1,
+    'loss_chunk_len': 0,  # the loss took the logits whole; m32_model() now says 1024
+    'loss_unroll': False,
+    'num_kv_heads': 0,
+    'attention_type': 'lfa',
+    'tie_embeddings': True,
+    'moe.grouped_matmul': 'ragged_dot',
+    'moe.megablox_tiling': (128, 128, 128),
+}
+
+
+def without_added_fields(m) -> dict:
+  """config.model as a dict saved before every field of OLD_BEHAVIOUR existed."""
+  saved = m.to_dict()
+  for key in OLD_BEHAVIOUR:
+    *path, last = key.split('.')
+    node = saved
+    for k in path:
+      node = node[k]
+    del node[last]
+  return saved
+
+
+def test_upgrade_gives_a_config_saved_before_each_field_its_old_behaviour():
+  current = config_lib.m32_model()
+  saved = without_added_fields(current)
+  before = copy.deepcopy(saved)
+  m = config_lib.upgrade(saved)
+  assert saved == before  # the saved dict is left as it was
+  assert sorted(config_lib.SAVED_CONFIG_DEFAULTS) == sorted(OLD_BEHAVIOUR)
+  for key, value in OLD_BEHAVIOUR.items():
+    node = m
+    for k in key.split('.'):
+      node = node[k]
+    assert node == value, key
+  assert current.loss_chunk_len == 1024 and m.loss_chunk_len == 0
+  config_lib.validate_model(m)
+  assert {
+      k: v for k, v in m.to_dict().items() if k not in OLD_BEHAVIOUR and k != 'moe'
+  } == {
+      k: v for k, v in current.to_dict().items() if k not in OLD_BEHAVIOUR and k != 'moe'
+  }
+  # What a config saved says is kept, whatever the default; a current config comes back equal.
+  kept = config_lib.upgrade({**saved, 'loss_chunk_len': 512, 'attention_type': 'standard'})
+  assert (kept.loss_chunk_len, kept.attention_type) == (512, 'standard')
+  assert config_lib.upgrade(current).to_dict() == current.to_dict()
 
 
 def test_query_blocks_need_the_xla_backend():

@@ -234,18 +234,19 @@ def test_cli_on_converted_dir(hf_dirs, capsys):
   assert 'neither' in capsys.readouterr().err
 
 
-def save_workdir(workdir, setup, scales):
+def save_workdir(workdir, setup, scales, saved_model=None):
   """WORKDIR/checkpoints/<step>/{state,meta} as the trainer writes them (state: the train
-  state's fields; meta: the config json), step s holding the params × scales[s]."""
+  state's fields; meta: the config json, with `saved_model` as config.model if given), step s
+  holding the params × scales[s]."""
   import orbax.checkpoint as ocp
   from yuanjax import config_lib
-  config = config_lib.base_config()
-  config.model = setup['cfg']
+  config = config_lib.base_config().to_dict()
+  config['model'] = setup['cfg'].to_dict() if saved_model is None else saved_model
   with ocp.CheckpointManager(str(workdir / 'checkpoints')) as mngr:
     for step, scale in scales.items():
       params = jax.tree_util.tree_map(lambda a: a * scale, setup['params'])
       state = ocp.args.StandardSave({'step': step, 'params': params})
-      meta = ocp.args.JsonSave({'step': step, 'config': config.to_json()})
+      meta = ocp.args.JsonSave({'step': step, 'config': json.dumps(config)})
       mngr.save(step, args=ocp.args.Composite(state=state, meta=meta))
     mngr.wait_until_finished()
 
@@ -313,3 +314,41 @@ def test_workdir_relative_path_and_fallback_from_unreadable_newest(setup, hf_dir
   want = gen.generate(setup['model'], setup['params'], [tok.encode('line 3')], max_new_tokens=NEW,
                       eod_id=tok.eod_id, vocab_limit=tok.vocab_size)
   assert [r['tokens'] for r in recs] == want
+
+
+def test_workdir_saved_before_the_added_fields(setup, tmp_path):
+  """A checkpoint whose config.model was saved before the fields added since (a dict without
+  any of them) loads through config_lib.upgrade: each gets its old behaviour, and the model
+  computes the logits it computed then."""
+  from tests.test_config import OLD_BEHAVIOUR, without_added_fields
+  save_workdir(tmp_path, setup, {1: 1.0}, saved_model=without_added_fields(setup['cfg']))
+  m, params = loader.load(str(tmp_path))
+  assert {
+      k: m[k] for k in OLD_BEHAVIOUR if '.' not in k
+  } == {
+      k: v for k, v in OLD_BEHAVIOUR.items() if '.' not in k
+  }
+  assert (m.moe.grouped_matmul, tuple(m.moe.megablox_tiling)) == ('ragged_dot', (128, 128, 128))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, setup['params'])
+  tokens = setup['seqs']
+  np.testing.assert_array_equal(
+      Transformer(m).apply({'params': params}, tokens)[0],
+      setup['model'].apply({'params': setup['params']}, tokens)[0])
+
+
+def test_load_restores_into_target_shardings(setup, hf_dirs, tmp_path):
+  """loader.load(path, shardings=fn): the params come back as jax.Arrays in fn(config.model)'s
+  shardings and param_dtype, with the values of a plain load (workdir, converted and HF dir)."""
+  from yuanjax import train_state
+  save_workdir(tmp_path, setup, {1: 1.0})
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
+  spec = lambda a: jax.sharding.PartitionSpec('x') if a.ndim >= 2 else jax.sharding.PartitionSpec()
+  target = lambda m: jax.tree_util.tree_map(lambda a: jax.sharding.NamedSharding(mesh, spec(a)),
+                                            train_state.abstract_params(m))
+  for path in (tmp_path, hf_dirs / 'yj', hf_dirs / 'hf'):
+    m, got = loader.load(str(path), shardings=target)
+    _, want = loader.load(str(path))
+    for a, b, s in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want),
+                       jax.tree_util.tree_leaves(target(m))):
+      assert isinstance(a, jax.Array) and a.sharding == s and a.dtype == jnp.dtype(m.param_dtype)
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -1,8 +1,8 @@
 """Orbax checkpoints: train state and grain iterator state saved together, async.
 
 This module owns what is inside a checkpoint: WORKDIR/checkpoints/<step>/{state,data,meta}
-(`for_workdir(workdir)` for the trainer, `restore_params(workdir, ...)` for generate; relative
-workdirs are made absolute here, as Orbax requires); yuanjax.workdir owns where the
+(`for_workdir(workdir)` for the trainer, `restore_params(workdir, ...)` for yuanjax.loader;
+relative workdirs are made absolute here, as Orbax requires); yuanjax.workdir owns where the
 checkpoints directory is and which steps it holds. Orbax writes each save into a
 temporary directory and renames it when complete, so a save cut short (SIGKILL mid-save)
 never looks like a checkpoint. A checkpoint that looks complete but cannot be read (a file
@@ -164,7 +164,8 @@ def finish_parts(partial_dir: str, tree_dir: str) -> None:
   from orbax.checkpoint.experimental.v1 import partial  # pylint: disable=g-import-not-at-top
   partial.finalize(partial_dir)
   trees = [
-      d for d in os.listdir(partial_dir) if os.path.isfile(os.path.join(partial_dir, d, '_METADATA'))
+      d for d in os.listdir(partial_dir)
+      if os.path.isfile(os.path.join(partial_dir, d, '_METADATA'))
   ]
   if len(trees) != 1:
     raise AssertionError(

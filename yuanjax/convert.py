@@ -9,7 +9,8 @@
            config.json (+ the copied hf_files). --dtype defaults to the imported source's dtypes.
 
 Nothing is written when the checks fail; an existing DST is refused unless --overwrite (the
-new checkpoint is written next to it and swapped in at the end). Details: yuanjax.interop.hf.
+new checkpoint is written next to it and swapped in at the end). Details: yuanjax.interop.hf (the
+conversions) and yuanjax.interop.converted (DST's format).
 """
 from __future__ import annotations
 

@@ -279,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = {'dtype': args.dtype} if args.dtype else {}
   try:
     model, params, tok = loader.load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
-                                         overrides=overrides, tokenizer=args.tokenizer)
+                                                overrides=overrides, tokenizer=args.tokenizer)
     eod_id = tok.eod_id
     prompts = [tok.encode(p) for p in args.prompt]
     outs = generate(model, params, prompts, max_new_tokens=args.max_new_tokens,

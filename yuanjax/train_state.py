@@ -7,8 +7,8 @@
 `build` evaluates the model's and optimizer's init with jax.eval_shape (nothing allocated),
 maps each leaf's logical axis names to mesh axes with `config.mesh`'s rules, and, given a
 mesh, gives every leaf a NamedSharding. The trainer, `yuanjax.plan` (without a mesh: specs
-only), the multi-device tests, `yuanjax.stats` and `yuanjax.interop.hf` (`abstract_params`)
-all build their abstract trees here.
+only), the multi-device tests, `yuanjax.stats`, `yuanjax.loader` and the converted format
+(`abstract_params`) all build their abstract trees here.
 """
 from __future__ import annotations
 

@@ -56,8 +56,8 @@ def loss_fn(params, model, batch, rng, aux_in_loss=True):
   mask = batch['loss_mask'].astype(f32)
   n = jnp.maximum(mask.sum(), 1.0)
   m = model.config
-  lm_loss = loss_lib.cross_entropy_sum(hidden, head, batch['targets'], mask,
-                                       m.loss_chunk_len, m.loss_unroll) / n
+  lm_loss = loss_lib.cross_entropy_sum(hidden, head, batch['targets'], mask, m.loss_chunk_len,
+                                       m.loss_unroll) / n
   total = lm_loss + aux['aux_loss'] if aux_in_loss else lm_loss
   return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())
 

@@ -1,27 +1,25 @@
-"""HF Yuan2-M32 checkpoint import/export (yuanjax.interop.hf, python -m yuanjax.convert).
+"""HF Yuan2-M32 checkpoint import/export (yuanjax.interop.hf, python -m yuanjax.convert), the
+converted format (yuanjax.interop.converted) and loading (yuanjax.loader).
 
 Tiny random checkpoints in the exact HF layout (hidden 32, 2 heads x head_dim 32: rotary on
-hidden // heads = 16 of 32 dims; 2 layers, 4 experts top-2, vocab 97) as one safetensors file
-(float32), three shards with an index (bfloat16) and two torch .bin files with an index
-(bfloat16, tied lm_head sharing the embedding's storage, one tensor stored transposed).
-Logits are checked against hf_reference.forward, a NumPy transcription of the HF code.
+hidden // heads = 16 of 32 dims; 2 layers, 4 experts top-2, vocab 97; tests/interop/
+checkpoints.py). Logits are checked against hf_reference.forward, a NumPy transcription of the
+HF code (for every layout, and the round trip: test_roundtrip.py).
 """
-import functools
-import glob
 import importlib.util
 import json
 import os
 import pickle
+import shutil
 import zipfile
 
 import jax
-import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from safetensors import safe_open
 
 from tests.conftest import rel_err
+from tests.interop import checkpoints
 from tests.interop import hf_reference as R
 from tests.interop.hf_reference import read_all
 from yuanjax import config_lib, convert, loader, train_state
@@ -29,95 +27,21 @@ from yuanjax.interop import converted as converted_lib
 from yuanjax.interop import hf, hf_mapping, torch_bin
 from yuanjax.model import Transformer
 
-TOKENS = np.random.default_rng(7).integers(0, 97, (2, 13))
-F32 = {'dtype': 'float32'}
+TOKENS = checkpoints.TOKENS['yuan']
+F32 = checkpoints.F32
+YUAN_KINDS = [kind for family, kind in checkpoints.KINDS if family == 'yuan']
 
 
-@functools.lru_cache(maxsize=None)
 def logits_of(path, exact_hf_rope=False):
-  model, params = loader.load_model(str(path), overrides=F32, exact_hf_rope=exact_hf_rope)
-  return np.asarray(jax.jit(model.apply)({'params': params}, TOKENS)[0])
+  return checkpoints.logits_of(str(path), 'yuan', exact_hf_rope)
 
 
-def write_bin_dir(path, tensors, config):
-  """Two pytorch_model-*.bin files + index; lm_head shares the embedding's storage, o_proj of
-  layer 1 is stored transposed (a strided view)."""
-  os.makedirs(path)
-  with open(os.path.join(path, 'config.json'), 'w') as f:
-    json.dump(config, f, indent=2, sort_keys=True)
-    f.write('\n')
-  tensors = dict(tensors)
-  tensors['lm_head.weight'] = tensors['model.embed_tokens.weight']  # same object: shared storage
-  first = [n for n in tensors if 'layers.1.' not in n and n != 'model.norm.weight']
-  files = {
-      'pytorch_model-00001-of-00002.bin': first,
-      'pytorch_model-00002-of-00002.bin': [n for n in tensors if n not in first]
-  }
-  weight_map = {}
-  for file, names in files.items():
-    part = {
-        n: ('T', tensors[n]) if n == 'model.layers.1.self_attn.o_proj.weight' else tensors[n]
-        for n in names
-    }
-    R.write_torch_bin(os.path.join(path, file), part, archive=file[:-4])
-    weight_map.update({n: file for n in names})
-  with open(os.path.join(path, 'pytorch_model.bin.index.json'), 'w') as f:
-    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
-
-
-KINDS = {
-    'safetensors-f32': (np.float32, 1),
-    'sharded-bf16': (ml_dtypes.bfloat16, 3),
-    'bin-bf16': (ml_dtypes.bfloat16, 'bin'),
-}
-
-
-@pytest.fixture(scope='module', params=list(KINDS))
-def converted(request, tmp_path_factory):
-  """(kind, HF src dir, converted dst dir, tensors, config)."""
-  dtype, layout = KINDS[request.param]
-  root = tmp_path_factory.mktemp(request.param)
-  config = R.tiny_hf_config(torch_dtype=np.dtype(dtype).name)
-  tensors = R.random_hf_tensors(config, seed=3, dtype=dtype)
-  src, dst = str(root / 'hf'), str(root / 'yj')
-  if layout == 'bin':
-    write_bin_dir(src, tensors, config)
-  else:
-    R.write_hf_dir(src, tensors, config, shards=layout, extra_files={'README.md': 'tiny\n'})
-  assert convert.main(['from-hf', src, dst, '-q']) == 0
-  return request.param, src, dst, tensors, config
-
-
-def test_logits_match_numpy_reference(converted):
-  kind, src, dst, tensors, config = converted
-  ref = R.forward(tensors, config, TOKENS)
-  got = logits_of(dst)
-  assert rel_err(got, ref) < 1e-5, kind
-  np.testing.assert_array_equal(logits_of(src), got)  # loader.load_model straight from the HF dir
-
-
-def test_roundtrip_is_bit_exact(converted, tmp_path):
-  kind, src, dst, tensors, config = converted
-  out = str(tmp_path / 'hf_out')
-  assert convert.main(['to-hf', dst, out, '--max-shard-size', '30KB', '-q']) == 0
-  R.assert_same_tensors(read_all(out), tensors)
-  with open(os.path.join(out, 'config.json')) as f:
-    assert json.load(f) == config
-  with open(os.path.join(out, 'model.safetensors.index.json')) as f:
-    index = json.load(f)
-  shards = sorted(set(index['weight_map'].values()))
-  assert len(shards) > 1 and sorted(
-      os.path.basename(p) for p in glob.glob(f'{out}/*.safetensors')) == shards
-  assert set(index['weight_map']) == set(tensors)
-  assert index['metadata']['total_size'] == sum(a.nbytes for a in tensors.values())
-  for shard in shards:
-    with safe_open(os.path.join(out, shard), framework='numpy') as f:
-      assert f.metadata() == {'format': 'pt'}
-      sizes = [f.get_tensor(n).nbytes for n in f.keys()]
-    assert sum(sizes) <= 30_000 or len(sizes) == 1
-  if kind == 'safetensors-f32':
-    assert os.path.isfile(os.path.join(out, 'README.md'))  # hf_files travel back
-  np.testing.assert_array_equal(logits_of(out), logits_of(dst))
+@pytest.fixture(params=YUAN_KINDS)
+def converted(request, hf_checkpoint):
+  """(kind, HF src dir, converted dst dir, tensors, config); logits and the round trip of
+  each: tests/interop/test_roundtrip.py."""
+  c = hf_checkpoint('yuan', request.param)
+  return c.kind, c.src, c.dst, c.tensors, c.config
 
 
 def _per_layer_abstract(m):
@@ -152,7 +76,8 @@ def test_params_restore_with_plain_orbax(converted):
   flat = {}
   for g in hf_mapping.tensor_groups(m):
     for leaf in g.leaves:
-      flat[leaf] = stack(converted_lib.get(per_layer, leaf)) if g.per_layer else converted_lib.get(per_layer, leaf)
+      flat[leaf] = stack(converted_lib.get(per_layer, leaf)) if g.per_layer else converted_lib.get(
+          per_layer, leaf)
   params = converted_lib.nest(flat)
   abstract = train_state.abstract_params(m)
   assert jax.tree.structure(params) == jax.tree.structure(abstract)
@@ -170,6 +95,34 @@ def test_params_restore_with_plain_orbax(converted):
       cfg.model)
   assert cfg.model.to_dict() == m.to_dict()
   assert (cfg.model.head_dim, cfg.model.rotary_dims, cfg.model.moe.dispatch) == (32, 16, 'dropless')
+
+
+def test_converted_dir_saved_before_the_added_fields(converted, tmp_path):
+  """A converted dir whose config.json holds a config.model saved before the fields added
+  since (none of them in it) loads through config_lib.upgrade, in the loader and in its
+  config.py: each field gets its old behaviour, and the logits are those of the current dir."""
+  from tests.test_config import OLD_BEHAVIOUR, without_added_fields
+  _, _, dst, _, _ = converted
+  old = tmp_path / 'old'
+  shutil.copytree(dst, old)
+  with open(os.path.join(dst, 'config.json')) as f:
+    saved = json.load(f)
+  saved['model'] = without_added_fields(config_lib.upgrade(saved['model']))
+  with open(old / 'config.json', 'w') as f:
+    json.dump(saved, f)
+  model, _ = checkpoints.loaded(str(old))
+  spec = importlib.util.spec_from_file_location('old_config', os.path.join(old, 'config.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for m in (model.config, module.get_config().model):
+    assert (m.loss_chunk_len, m.num_kv_heads, m.attention_type, m.tie_embeddings,
+            m.rope_hf_bf16) == (0, 0, 'lfa', True, False)
+    assert {
+        k: m[k] for k in OLD_BEHAVIOUR if '.' not in k
+    } == {
+        k: v for k, v in OLD_BEHAVIOUR.items() if '.' not in k
+    }
+  np.testing.assert_array_equal(logits_of(old), logits_of(dst))
 
 
 def test_import_writes_one_leaf_per_layer(converted):
@@ -223,7 +176,8 @@ def test_old_format_refused_with_a_clear_error(converted, tmp_path, capsys):
   with open(old / 'config.json', 'w') as f:
     json.dump(saved, f)
   assert converted_lib.is_converted(str(old))
-  for call in (lambda: loader.load_model(str(old)), lambda: converted_lib.restore_params(str(old), {}),
+  for call in (lambda: loader.load_model(str(old)),
+               lambda: converted_lib.restore_params(str(old), {}),
                lambda: hf.export_hf(str(old), str(tmp_path / 'out'))):
     with pytest.raises(
         ValueError, match=r"'yuanjax-hf/1'.*Re-run the conversion: python -m "
@@ -414,7 +368,8 @@ def test_exact_hf_rope(tiny_src):
   # The two rotaries differ by far more than the tolerance, so the comparison above can fail.
   assert rel_err(ref_bf16, ref_f32) > 1e-4 and rel_err(got_bf16, got_f32) > 1e-4  # ~1.3e-3
   model, _ = loader.load_model(str(root / 'src'), exact_hf_rope=True)
-  assert model.config.rope_hf_bf16 and not loader.load_model(str(root / 'src'))[0].config.rope_hf_bf16
+  assert model.config.rope_hf_bf16 and not loader.load_model(str(
+      root / 'src'))[0].config.rope_hf_bf16
 
 
 def test_load_tokenizer(tiny_src):

@@ -1,22 +1,19 @@
 """HF Mixtral (MixtralForCausalLM) import, export and use (yuanjax.interop, yuanjax.convert).
 
 Tiny random checkpoints in the exact HF layout (hidden 32, 4 heads / 2 kv heads x head_dim 8,
-2 layers, 4 experts top-2 of ffn 24, vocab 97, untied lm_head): float32 in one safetensors
-file, and bfloat16 in three shards with an index. Logits are checked against
-mixtral_reference.forward, a NumPy transcription of transformers' Mixtral forward.
+2 layers, 4 experts top-2 of ffn 24, vocab 97, untied lm_head; tests/interop/checkpoints.py).
+Logits are checked against mixtral_reference.forward, a NumPy transcription of transformers'
+Mixtral forward (for every layout, and the round trip: test_roundtrip.py).
 """
-import functools
-import glob
 import json
 import os
 
 import jax
-import ml_dtypes
 import numpy as np
 import pytest
 
 from tests.conftest import rel_err
-from tests.interop import hf_reference
+from tests.interop import checkpoints, hf_reference
 from tests.interop.hf_reference import read_all
 from tests.interop import mixtral_reference as R
 from yuanjax import config_lib, convert, generate, loader
@@ -25,72 +22,28 @@ from yuanjax.analysis import stats
 from yuanjax.interop import hf, mappings, mixtral_mapping
 from yuanjax.model import Transformer
 
-TOKENS = np.random.default_rng(11).integers(0, 97, (2, 13))
-F32 = {'dtype': 'float32'}
+TOKENS = checkpoints.TOKENS['mixtral']
+F32 = checkpoints.F32
+loaded, forward = checkpoints.loaded, checkpoints.forward
+MIXTRAL_KINDS = [kind for family, kind in checkpoints.KINDS if family == 'mixtral']
 
 
-@functools.lru_cache(maxsize=None)
-def loaded(path):
-  return loader.load_model(str(path), overrides=F32)
-
-
-_APPLY = {}  # config JSON -> jitted apply: the checkpoints' models share one compilation
-
-
-def forward(model, params, tokens):
-  key = model.config.to_json_best_effort(sort_keys=True)
-  return np.asarray(_APPLY.setdefault(key, jax.jit(model.apply))({'params': params}, tokens)[0])
-
-
-@functools.lru_cache(maxsize=None)
-def logits_of(path):
-  return forward(*loaded(path), TOKENS)
-
-
-def llama_style_tokenizer(root) -> bytes:
-  """A sentencepiece model laid out as Mixtral's: <unk> 0, <s> 1, </s> 2, no <eod>; 97 pieces."""
-  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
-  (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(300)))
-  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
-                                 vocab_size=97, model_type='bpe', byte_fallback=False,
-                                 num_threads=1, minloglevel=2)
-  return (root / 'tok.model').read_bytes()
-
-
-KINDS = {'f32': (np.float32, 1), 'bf16-sharded': (ml_dtypes.bfloat16, 3)}
-
-
-@pytest.fixture(scope='module')
-def checkpoints(tmp_path_factory):
-  """{kind: (kind, HF src dir, converted dst dir, tensors, config)}, each converted once."""
-  out = {}
-  for kind, (dtype, shards) in KINDS.items():
-    root = tmp_path_factory.mktemp(kind)
-    config = R.tiny_config(torch_dtype=np.dtype(dtype).name)
-    tensors = R.random_tensors(config, seed=4, dtype=dtype)
-    src, dst = str(root / 'hf'), str(root / 'yj')
-    extra = {'tokenizer.model': llama_style_tokenizer(root)} if kind == 'f32' else {}
-    hf_reference.write_hf_dir(src, tensors, config, shards=shards, extra_files=extra)
-    assert convert.main(['from-hf', src, dst, '-q']) == 0
-    out[kind] = (kind, src, dst, tensors, config)
-  return out
-
-
-@pytest.fixture(params=list(KINDS))
-def converted(request, checkpoints):
-  return checkpoints[request.param]
+@pytest.fixture(params=MIXTRAL_KINDS)
+def converted(request, hf_checkpoint):
+  """(kind, HF src dir, converted dst dir, tensors, config); logits and the round trip of
+  each: tests/interop/test_roundtrip.py."""
+  c = hf_checkpoint('mixtral', request.param)
+  return c.kind, c.src, c.dst, c.tensors, c.config
 
 
 @pytest.fixture
-def f32(checkpoints):
-  return checkpoints['f32']
+def f32(hf_checkpoint):
+  c = hf_checkpoint('mixtral', 'f32')
+  return c.kind, c.src, c.dst, c.tensors, c.config
 
 
-def test_logits_match_numpy_reference(converted):
-  kind, src, dst, tensors, config = converted
-  ref = R.forward(tensors, config, TOKENS)
-  assert rel_err(logits_of(dst), ref) < 1e-5, kind
-  np.testing.assert_array_equal(logits_of(src), logits_of(dst))  # loader.load_model of the HF dir
+def test_imported_config_and_no_exact_hf_rope(converted):
+  _, _, dst, _, _ = converted
   with pytest.raises(ValueError, match='exact_hf_rope reproduces the HF Yuan runtime'):
     loader.load_model(dst, exact_hf_rope=True)  # Yuan's bfloat16 rotary quirk is not Mixtral's
   m = loaded(dst)[0].config
@@ -124,18 +77,6 @@ def test_aux_coefficient_and_jitter_map_both_ways():
   m.router.load_balance_weight = 0.01
   assert mixtral_mapping.hf_config_from_model(
       m, config, 'float32')['router_aux_loss_coef'] == (pytest.approx(0.01 * 3 / 2))
-
-
-def test_roundtrip_is_bit_exact(converted, tmp_path):
-  kind, _, dst, tensors, config = converted
-  out = str(tmp_path / 'hf_out')
-  assert convert.main(['to-hf', dst, out, '--max-shard-size', '20KB', '-q']) == 0
-  hf_reference.assert_same_tensors(read_all(out), tensors)
-  with open(os.path.join(out, 'config.json')) as f:
-    assert json.load(f) == config
-  with open(os.path.join(out, 'model.safetensors.index.json')) as f:
-    assert set(json.load(f)['weight_map']) == set(tensors)
-  assert len(glob.glob(f'{out}/*.safetensors')) > 1, kind
 
 
 def test_cached_greedy_decoding_equals_full_forward_argmax(f32):

@@ -116,8 +116,11 @@ def write_json(path: str, obj) -> None:
 
 def write_config(tmp: str, m: ml_collections.ConfigDict, hf_record: dict, dst: str) -> None:
   """config.json and config.py into `tmp` (published as `dst`)."""
-  write_json(os.path.join(tmp, 'config.json'), {'format': FORMAT, 'model': m.to_dict(),
-                                                'hf': hf_record})
+  write_json(os.path.join(tmp, 'config.json'), {
+      'format': FORMAT,
+      'model': m.to_dict(),
+      'hf': hf_record
+  })
   with open(os.path.join(tmp, 'config.py'), 'w') as f:
     f.write(_CONFIG_PY.format(dir=dst))
 

@@ -75,6 +75,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_DTYPES = ('float32', 'bfloat16', 'float16')
 AUX_FILE_MAX_BYTES = 64 << 20
+
+
 class HFCheckpointError(ValueError):
   """The weights do not match the config (every missing/unexpected/mis-shaped tensor listed)."""
 
@@ -260,8 +262,8 @@ def import_hf(src: str, dst: str, overwrite: bool = False, compress: bool = Fals
       flat = {}
       for g, dtype in zip(groups, dtypes):
         if g.per_layer == (i is not None):
-          flat.update(zip(converted.stored_paths(g.leaves, i),
-                          _build_layer(g, weights.get, i, dtype)))
+          flat.update(
+              zip(converted.stored_paths(g.leaves, i), _build_layer(g, weights.get, i, dtype)))
       converted.save_part(partial_path, flat, compress)
       log.info('  %s: %d leaves, %.2f GB (%.1fs)', 'global' if i is None else f'layer {i}',
                len(flat),
@@ -340,7 +342,8 @@ def save_hf(dst: str, model_config: ml_collections.ConfigDict, params, *, dtype:
 
   def get_leaves(paths, i):
     return [
-        np.asarray(converted.get(params, path) if i is None else converted.get(params, path)[i]) for path in paths
+        np.asarray(converted.get(params, path) if i is None else converted.get(params, path)[i])
+        for path in paths
     ]
 
   _write_hf(dst, model_config, get_leaves, {'config': hf_config}, dtype, max_shard_size, overwrite,

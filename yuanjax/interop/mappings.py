@@ -46,8 +46,9 @@ def for_model(m: ml_collections.ConfigDict) -> types.ModuleType:
 def check_against_model(m: ml_collections.ConfigDict) -> None:
   """The mapping must produce exactly the model's param tree (guards against model changes)."""
   model = {
-      tuple(k.key for k in path): tuple(leaf.shape)
-      for path, leaf in jax.tree_util.tree_leaves_with_path(train_state.abstract_params(m))
+      tuple(k.key for k in path): tuple(
+          leaf.shape
+      ) for path, leaf in jax.tree_util.tree_leaves_with_path(train_state.abstract_params(m))
   }
   ours = for_model(m).leaf_shapes(m)
   only_model = sorted(set(model.items()) - set(ours.items()))
