@@ -4,8 +4,8 @@
   python benchmarks/convert_memory.py --layers 4 --ffn 4096 --keep DIR
   python benchmarks/convert_memory.py --repo OTHER_CHECKOUT   # measure another yuanjax
 
-Writes a random bf16 HF Yuan checkpoint in the exact layout (tests/interop/hf_reference.py:
-names, [out, in] linears, sharded safetensors with an index), converts it with from-hf and
+Writes a random bf16 HF Yuan checkpoint in the exact layout (the names and shapes of
+yuanjax.interop.hf_mapping, sharded safetensors with an index), converts it with from-hf and
 back with to-hf, each in a fresh child process, and prints each child's peak RSS (its
 rusage.ru_maxrss, from os.wait4) next to the sizes that bound it: the largest single HF
 tensor, one layer of the largest yuanjax leaf, the whole stacked largest leaf and the total
@@ -23,13 +23,48 @@ import sys
 import tempfile
 import time
 
+import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tests.interop import hf_reference as R  # noqa: E402
+from yuanjax import config_lib  # noqa: E402
+from yuanjax.interop import hf_mapping  # noqa: E402
 
 GB = 1e9
+HEADS = 8
+
+
+def model_config(args):
+  """An M32-structured config.model of the sizes asked (8 heads of hidden / 8 dims, top-2)."""
+  m = config_lib.m32_model()
+  K = args.hidden // HEADS
+  m.update(
+      dict(vocab_size=args.vocab, hidden_size=args.hidden, num_layers=args.layers, num_heads=HEADS,
+           head_dim=K, rotary_dims=K, num_experts=args.experts, dense_ffn_size=args.ffn))
+  m.moe.ffn_size = args.ffn
+  return m
+
+
+def write_random_checkpoint(path, config: dict, shapes: dict, shards: int, seed: int = 0) -> None:
+  """A random bf16 HF checkpoint written shard by shard (lm_head left out: tied, saved once)."""
+  os.makedirs(path)
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(config, f, indent=2, sort_keys=True)
+  rng = np.random.default_rng(seed)
+  names, weight_map = list(shapes), {}
+  for i, chunk in enumerate(np.array_split(np.arange(len(names)), shards)):
+    fname = f'model-{i + 1:05d}-of-{shards:05d}.safetensors'
+    part = {
+        names[j]:
+            (0.02 * rng.standard_normal(shapes[names[j]], np.float32)).astype(ml_dtypes.bfloat16)
+        for j in chunk
+    }
+    save_file(part, os.path.join(path, fname), metadata={'format': 'pt'})
+    weight_map.update({n: fname for n in part})
+  with open(os.path.join(path, 'model.safetensors.index.json'), 'w') as f:
+    json.dump({'metadata': {}, 'weight_map': weight_map}, f)
 
 
 def run_child(args: list[str], repo: str, cwd: str) -> tuple[float, float]:
@@ -57,17 +92,9 @@ def main() -> None:
   p.add_argument('--json', action='store_true')
   args = p.parse_args()
 
-  config = R.tiny_hf_config(
-      hidden_size=args.hidden, num_attention_heads=8, attention_projection_size=args.hidden,
-      num_hidden_layers=args.layers, vocab_size=args.vocab, max_position_embeddings=4096,
-      torch_dtype='bfloat16', moe_config={
-          'moe_num_experts': args.experts,
-          'moe_top_k': 2,
-          'ffn_hidden_size': args.ffn,
-          'norm_topk_prob': True,
-          'gated_linear_unit': True
-      })
-  shapes = {n: s for n, s in R.hf_shapes(config).items() if n != 'lm_head.weight'}
+  m = model_config(args)
+  config = hf_mapping.hf_config_from_model(m, None, 'bfloat16')
+  shapes = hf_mapping.hf_shapes(m)  # lm_head.weight not among them (tied)
   nbytes = lambda s: 2 * int(np.prod(s))  # bf16
   D, E, F, L = args.hidden, args.experts, args.ffn, args.layers
   sizes = {
@@ -82,7 +109,7 @@ def main() -> None:
   try:
     if not os.path.isdir(src):
       t = time.time()
-      R.write_random_checkpoint(src, config, shards=max(2, L // 2))
+      write_random_checkpoint(src, config, shapes, shards=max(2, L // 2))
       print(f'wrote {src} ({sizes["total checkpoint"] / GB:.2f} GB) in {time.time() - t:.0f}s',
             file=sys.stderr)
     floor, _ = run_child(['-c', 'import yuanjax.interop.hf'], args.repo, work)
