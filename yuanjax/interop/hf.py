@@ -1,4 +1,4 @@
-"""Import, export and load Hugging Face checkpoints: Yuan2-M32-hf (any HF Yuan MoE) and Mixtral.
+"""Import and export Hugging Face checkpoints: Yuan2-M32-hf (any HF Yuan MoE) and Mixtral.
 
 config.json's `model_type` picks the mapping (yuanjax.interop.mappings): 'yuan'
 (hf_mapping.py: LFA, attention router, tied lm_head) or 'mixtral' (mixtral_mapping.py:
@@ -18,7 +18,7 @@ Python:
   # loading any checkpoint (HF, converted, workdir) for use: yuanjax.loader
 
 The converted format (DST of from-hf: config.json, config.py, params/ with one orbax leaf
-per layer, hf_files/) is yuanjax.interop.converted's.
+per layer, hf_files/) is yuanjax.interop.converted's; its Orbax I/O is yuanjax.checkpoint's.
 
 from-hf reads config.json and the weights lazily (hf_weights.py; .bin without torch), checks
 every tensor name/shape/dtype and the lm_head before writing anything (one error lists every
