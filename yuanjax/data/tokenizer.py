@@ -34,7 +34,7 @@ Added tokens (Yuan's released tokenizer). Yuan's runtime loads `tokenizer.model`
 SentencePiece-based LlamaTokenizer and then adds `YUAN_ADDED_TOKENS`, in that order: a
 token already in the SentencePiece model keeps its id, each one that is not gets the next id
 from the model's size on. `Tokenizer(path, added_tokens=YUAN_ADDED_TOKENS)` (what
-`yuanjax.interop.hf.load_tokenizer` does) gives exactly those ids, and encodes a literal
+`yuanjax.loader.load_tokenizer` does) gives exactly those ids, and encodes a literal
 occurrence of any of them in a text as that one id (the text is split on them and the pieces
 encoded), as HF's added tokens are.
 
