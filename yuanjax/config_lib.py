@@ -32,7 +32,8 @@ def m32_model() -> ml_collections.ConfigDict:
           init_std=0.02,
           dtype='bfloat16',  # compute dtype; router, softmax and loss stay float32
           param_dtype='float32',
-          attention_backend='dot_product_attention',
+          attention_backend='auto',  # splash on TPU, cudnn on GPU, XLA elsewhere (README)
+          splash={b: 512 for b in attention.SPLASH_BLOCKS},  # 'splash' tiles (MaxText's 512)
           attention_query_blocks=1,  # 'xla' backend: n > 1 skips most of the masked half
           remat='none',
           scan_unroll=1,  # decoder blocks per scan iteration (>= their number: no loop)
@@ -214,6 +215,18 @@ def _validate_attention(m: ml_collections.ConfigDict) -> None:
     raise _err('tie_embeddings', m.tie_embeddings, 'must be True or False')
 
 
+def _validate_attention_backend(m: ml_collections.ConfigDict) -> None:
+  backend = m.attention_backend
+  if backend not in attention.ATTENTION_BACKENDS:
+    raise _err('attention_backend', backend, f'expected one of {attention.ATTENTION_BACKENDS}')
+  if backend == 'cudnn' and m.dtype not in attention.CUDNN_DTYPES:
+    raise _err('dtype', m.dtype, f"attention_backend='cudnn' needs one of {attention.CUDNN_DTYPES}")
+  if backend == 'cudnn' and m.head_dim > 256:
+    raise _err('head_dim', m.head_dim, "attention_backend='cudnn' takes at most 256")
+  if backend in ('splash', 'auto'):
+    attention.splash_block_sizes(m.splash)  # errors name config.model.splash.<block>
+
+
 def validate_model(m: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field and the rule for the first bad value."""
   for f in ('vocab_size', 'hidden_size', 'num_layers', 'num_heads', 'head_dim', 'max_seq_len'):
@@ -224,9 +237,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
     raise _err('rotary_dims', m.rotary_dims, f'must be even and in [0, head_dim={m.head_dim}]')
   if m.rope_ntk_factor < 1.0:
     raise _err('rope_ntk_factor', m.rope_ntk_factor, 'must be >= 1 (1 = plain rotary)')
-  if m.attention_backend not in attention.ATTENTION_BACKENDS:
-    raise _err('attention_backend', m.attention_backend,
-               f'expected one of {attention.ATTENTION_BACKENDS}')
+  _validate_attention_backend(m)
   for f in ('scan_unroll', 'attention_query_blocks'):
     if not isinstance(m[f], int) or m[f] < 1:
       raise _err(f, m[f], 'must be a positive integer')
@@ -292,6 +303,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(t[f], int) and t[f] >= 0, f'train.{f}', t[f], 'must be an integer >= 0')
   _check(t.seq_len <= config.model.max_seq_len, 'train.seq_len', t.seq_len,
          f'longer than the rotary range config.model.max_seq_len={config.model.max_seq_len}')
+  if config.model.attention_backend == 'splash':
+    attention.splash_block_sizes(config.model.splash, t.seq_len)  # the length the blocks tile
   _check(t.batch_size % t.grad_accum == 0, 'train.grad_accum', t.grad_accum,
          f'must divide train.batch_size={t.batch_size}')
   _check(

@@ -30,24 +30,48 @@ slots past a row's end are never seen. The convolution needs u[p-1] for c1[p] an
 A full prompt (prefill) and a one-token step are the same call. Decoding always uses the
 reference einsum attention (`xla_attention`) over the cache, whatever `attention_backend` says.
 
-Backends (`config.model.attention_backend`): 'dot_product_attention' is
-`jax.nn.dot_product_attention` (cuDNN flash attention on GPU, which skips the masked half;
-XLA's full square elsewhere). 'xla' is the einsum reference; it computes the full L x L
-square for a causal mask, twice the causal FLOPs, unless `attention_query_blocks` = n > 1
-splits the queries into n blocks that see only the keys up to their end
-(`blocked_causal_attention`: (n+1)/(2n) of the square, the same result).
+Backends (`config.model.attention_backend`; the training path only):
+  'auto'        (the default) 'splash' on TPU, 'cudnn' on GPU, 'dot_product_attention' (XLA)
+                elsewhere; the choice is logged once per platform (`resolve_backend`).
+  'splash'      Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
+                a causal mask with segment ids, tiled by `config.model.splash` (the kernel's
+                BlockSizes; each block clamped to the sequence length, as MaxText does); keeps
+                no scores. Off TPU it runs in Pallas interpret mode (slow; for tests). Under a
+                mesh it runs in `jax.shard_map`, batch over the 'act_batch' mesh axes, heads
+                over the 'act_heads' (and key/value heads over the same) axes.
+  'cudnn'       `jax.nn.dot_product_attention(implementation='cudnn')`: cuDNN flash attention
+                (GPU only, bfloat16/float16), causal; packed rows pass the segments as a boolean
+                [B, 1, L, L] mask (cuDNN adds it as a bias: one L x L per row, not per head).
+  'dot_product_attention'  `jax.nn.dot_product_attention` with its default implementation,
+                which in this JAX is XLA's (the full square of scores) on every platform.
+  'xla'         the einsum reference; it computes the full L x L square for a causal mask,
+                twice the causal FLOPs, unless `attention_query_blocks` = n > 1 splits the
+                queries into n blocks that see only the keys up to their end
+                (`blocked_causal_attention`: (n+1)/(2n) of the square, the same result).
 """
 from __future__ import annotations
+
+import functools
+import logging
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 from yuanjax.model import layers
 
 f32 = jnp.float32
-ATTENTION_BACKENDS = ('xla', 'dot_product_attention')
+ATTENTION_BACKENDS = ('auto', 'splash', 'cudnn', 'dot_product_attention', 'xla')
+AUTO_BACKENDS = {'tpu': 'splash', 'gpu': 'cudnn'}  # other platforms: 'dot_product_attention'
+CUDNN_DTYPES = ('bfloat16', 'float16')  # what cuDNN flash attention takes
+# config.model.splash: splash_attention_kernel.BlockSizes' fields (the kernel's tiles).
+SPLASH_BLOCKS = ('block_q', 'block_kv', 'block_kv_compute', 'block_q_dkv', 'block_kv_dkv',
+                 'block_kv_dkv_compute', 'block_q_dq', 'block_kv_dq')
+SPLASH_LANES = 128  # every splash block is a multiple of this (the TPU's lane width)
 ATTENTION_TYPES = ('lfa', 'standard')
 
 
@@ -150,6 +174,98 @@ def blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, s
   return jnp.concatenate(outs, axis=1)
 
 
+def resolve_backend(backend: str, dtype: str, platform: str | None = None) -> str:
+  """The backend that runs: `backend`, or for 'auto' the platform's (`AUTO_BACKENDS`; on GPU
+  'dot_product_attention' when `dtype` is not one cuDNN takes), logged once per choice."""
+  if backend != 'auto':
+    return backend
+  platform = platform or jax.default_backend()
+  chosen = AUTO_BACKENDS.get(platform, 'dot_product_attention')
+  if chosen == 'cudnn' and str(dtype) not in CUDNN_DTYPES:
+    chosen = 'dot_product_attention'
+  _log_choice(platform, str(dtype), chosen)
+  return chosen
+
+
+@functools.cache
+def _log_choice(platform: str, dtype: str, chosen: str) -> None:
+  logging.info("attention_backend='auto' on %s with %s compute: %r", platform, dtype, chosen)
+
+
+def splash_block_sizes(blocks, seq_len: int | None = None) -> dict:
+  """`blocks` (config.model.splash) checked, each clamped to `seq_len` when given (MaxText's
+  min(block, length)); ValueError naming the field for a block that is not a positive
+  multiple of 128, a compute block not dividing its block, or a length it does not tile."""
+  out = {}
+  for name in SPLASH_BLOCKS:
+    b = blocks[name]
+    if type(b) is not int or b < 1 or b % SPLASH_LANES:
+      raise ValueError(f'config.model.splash.{name}={b!r}: must be a positive multiple of '
+                       f'{SPLASH_LANES}')
+    out[name] = b if seq_len is None else min(b, seq_len)
+    if seq_len is not None and (seq_len % out[name] or out[name] % SPLASH_LANES):
+      raise ValueError(f'config.model.splash.{name}={b!r}: splash needs a sequence length '
+                       f'({seq_len}) that is a multiple of {SPLASH_LANES} and of the block')
+  for block, compute in (('block_kv', 'block_kv_compute'), ('block_kv_dkv',
+                                                            'block_kv_dkv_compute')):
+    if out[block] % out[compute]:
+      raise ValueError(f'config.model.splash.{compute}={blocks[compute]!r}: must divide '
+                       f'{block}={blocks[block]!r}')
+  return out
+
+
+def _splash_kernel(seq_len: int, heads: int, blocks: dict, interpret: bool):
+  """A causal multi-head splash kernel for [H, L, K] queries and [G, L, K] keys/values."""
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * heads)
+  return splash.make_splash_mha(mask=mask, block_sizes=splash.BlockSizes(**blocks),
+                                head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: float, blocks):
+  """Splash attention on one device's shard (interpret mode off TPU); the kernel does not
+  scale, so q is scaled first (as MaxText does)."""
+  (_, L, H, _) = q_BxLxHxK.shape
+  kernel = _splash_kernel(L, H, splash_block_sizes(blocks, L), jax.default_backend() != 'tpu')
+  heads_first = lambda x: jnp.swapaxes(x, 1, 2)
+  q = heads_first(q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype))
+  segments = None
+  if segment_ids_BxL is not None:
+    ids = segment_ids_BxL.astype(jnp.int32)
+    segments = splash.SegmentIds(q=ids, kv=ids)
+  o_BxHxLxK = jax.vmap(kernel)(q, heads_first(k_BxLxGxK), heads_first(v_BxLxGxK), segments)
+  return heads_first(o_BxHxLxK)
+
+
+def splash_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: float, blocks):
+  """Causal splash attention within segments. Under a mesh of more than one device it runs
+  in `jax.shard_map` (as MaxText's): rows split over the 'act_batch' mesh axes, query and
+  key/value heads over the 'act_heads' axes, the sequence whole on each device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  local = functools.partial(_splash_local, scale=scale, blocks=blocks)
+  if mesh.empty or mesh.size == 1:
+    return local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+  batch, heads = layers.mesh_axes_of('act_batch'), layers.mesh_axes_of('act_heads')
+  qkv, rows = P(batch, None, heads, None), P(batch, None)
+  if segment_ids_BxL is None:
+    fn = lambda q, k, v: local(q, k, v, None)
+    args, specs = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK), (qkv,) * 3
+  else:
+    fn, args = local, (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+    specs = (qkv,) * 3 + (rows,)
+  return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=qkv, check_vma=False)(*args)
+
+
+def fused_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: float,
+                    implementation: str | None):
+  """`jax.nn.dot_product_attention`, causal, document boundaries as a boolean [B, 1, L, L]
+  segment mask; G < H key/value heads natively. `implementation`: 'cudnn' or None (XLA)."""
+  mask = None
+  if segment_ids_BxL is not None:
+    mask = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
+  return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask, is_causal=True,
+                                      scale=scale, implementation=implementation)
+
+
 def num_kv_heads(cfg) -> int:
   """G, the key/value heads: `num_kv_heads`, or H when it is 0."""
   return cfg.num_kv_heads or cfg.num_heads
@@ -194,20 +310,17 @@ class Attention(nn.Module):
     return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, wo_HxKxD.astype(dtype))
 
   def _attend(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
-    """Causal attention within segments, by `attention_backend`."""
+    """Causal attention within segments, by `attention_backend` (module doc)."""
     cfg = self.config
     scale = cfg.head_dim**-0.5
-    if cfg.attention_backend == 'xla':
-      return blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale,
-                                      cfg.attention_query_blocks)
-    if cfg.attention_backend == 'dot_product_attention':
-      # cuDNN flash attention on GPU; its XLA fallback elsewhere. Causality via is_causal,
-      # document boundaries via the segment mask; G < H key/value heads natively.
-      mask = None
-      if segment_ids_BxL is not None:
-        mask = (segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :])[:, None]
-      return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
-                                          is_causal=True, scale=scale)
+    backend = resolve_backend(cfg.attention_backend, cfg.dtype)
+    qkv = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale)
+    if backend == 'xla':
+      return blocked_causal_attention(*qkv, cfg.attention_query_blocks)
+    if backend == 'splash':
+      return splash_attention(*qkv, cfg.splash)
+    if backend in ('dot_product_attention', 'cudnn'):
+      return fused_attention(*qkv, 'cudnn' if backend == 'cudnn' else None)
     raise ValueError(f'config.model.attention_backend={cfg.attention_backend!r}: '
                      f'expected one of {ATTENTION_BACKENDS}')
 
