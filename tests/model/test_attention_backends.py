@@ -8,6 +8,7 @@ without segment ids. Blocks of 128 (the smallest splash takes) over 256 position
 kernel skips and masks across blocks. 'cudnn' cannot run here: its arguments are checked and
 it is run through XLA's implementation. Splash inside meshes: tests/multidevice.
 """
+import functools
 import logging
 
 import jax
@@ -29,11 +30,13 @@ def _cfg(backend, dtype='float32'):
               **blocks)
 
 
+@functools.cache
 def _loss_and_grads(backend, dtype, segments):
-  """(output, d loss / d (params, input)) of one attention layer, jitted once per call."""
-  x = np.random.RandomState(0).randn(len(SEGMENTS), L, 32).astype(np.float32)
-  seg = None if segments is None else jnp.asarray(segments)
-  pos = layers.positions_from_segments(jnp.asarray(SEGMENTS if seg is None else seg))
+  """(output, d loss / d (params, input)) of one attention layer; `segments`: 'segments'
+  (the three rows of SEGMENTS) or 'none' (no segment ids). Cached: one compile each."""
+  x = jnp.asarray(np.random.RandomState(0).randn(len(SEGMENTS), L, 32), dtype)  # as blocks get
+  seg = jnp.asarray(SEGMENTS) if segments == 'segments' else None
+  pos = layers.positions_from_segments(jnp.ones_like(SEGMENTS) if seg is None else seg)
   mod = attention.Attention(_cfg(backend, dtype))
   v = attention.Attention(_cfg('xla')).init(jax.random.key(0), x, seg, pos)
 
@@ -45,8 +48,8 @@ def _loss_and_grads(backend, dtype, segments):
   return out, grads
 
 
-@pytest.mark.parametrize('dtype,segments', [('float32', SEGMENTS), ('bfloat16', SEGMENTS),
-                                            ('float32', None)])
+@pytest.mark.parametrize('dtype,segments', [('float32', 'segments'), ('bfloat16', 'segments'),
+                                            ('float32', 'none')])
 def test_splash_equals_xla_forward_and_gradients(dtype, segments):
   want_out, want_grads = _loss_and_grads('xla', dtype, segments)
   got_out, got_grads = _loss_and_grads('splash', dtype, segments)
@@ -58,8 +61,8 @@ def test_splash_equals_xla_forward_and_gradients(dtype, segments):
 
 def test_splash_is_not_the_unmasked_attention():
   """The segment ids reach the kernel: packed rows differ from the same rows unsegmented."""
-  out_seg, _ = _loss_and_grads('splash', 'float32', SEGMENTS)
-  out_none, _ = _loss_and_grads('splash', 'float32', None)
+  out_seg, _ = _loss_and_grads('splash', 'float32', 'segments')
+  out_none, _ = _loss_and_grads('splash', 'float32', 'none')
   assert rel_err(out_seg[0], out_none[0]) < 1e-6  # one document: the same
   assert rel_err(out_seg[1, 100:], out_none[1, 100:]) > 1e-2  # later documents: not
 
@@ -67,7 +70,7 @@ def test_splash_is_not_the_unmasked_attention():
 def test_cudnn_arguments_and_result(monkeypatch):
   """'cudnn' asks jax.nn.dot_product_attention for implementation='cudnn', causal, with the
   [B, 1, L, L] same-segment mask (none without segments); run through XLA's implementation it
-  equals the reference forward and backward."""
+  equals the reference forward and backward in bfloat16."""
   calls, original = [], jax.nn.dot_product_attention
 
   def xla_instead(q, k, v, mask=None, **kw):
@@ -75,16 +78,18 @@ def test_cudnn_arguments_and_result(monkeypatch):
     return original(q, k, v, mask=mask, **{**kw, 'implementation': 'xla'})
 
   monkeypatch.setattr(jax.nn, 'dot_product_attention', xla_instead)
-  for segments in (SEGMENTS, None):
-    want_out, want_grads = _loss_and_grads('xla', 'bfloat16', segments)
-    got_out, got_grads = _loss_and_grads('cudnn', 'bfloat16', segments)
-    assert rel_err(got_out, want_out) < TOL['bfloat16']
-    assert tree_rel_err(got_grads, want_grads) < TOL['bfloat16']
-  seg_call, none_call = calls
-  assert seg_call['implementation'] == 'cudnn' and seg_call['is_causal']
-  assert seg_call['scale'] == 256**-0.5 and none_call['mask'] is None
-  np.testing.assert_array_equal(seg_call['mask'], (SEGMENTS[:, :,
-                                                            None] == SEGMENTS[:, None, :])[:, None])
+  want_out, want_grads = _loss_and_grads('xla', 'bfloat16', 'segments')
+  got_out, got_grads = _loss_and_grads('cudnn', 'bfloat16', 'segments')
+  assert rel_err(got_out, want_out) < TOL['bfloat16']
+  assert tree_rel_err(got_grads, want_grads) < TOL['bfloat16']
+  assert calls[0]['implementation'] == 'cudnn' and calls[0]['is_causal']
+  assert calls[0]['scale'] == 256**-0.5 and calls[0]['mask'].shape == (len(SEGMENTS), 1, L, L)
+  q = jnp.ones((len(SEGMENTS), L, 2, 8), jnp.bfloat16)  # outside jit: the mask's values
+  for segments in (jnp.asarray(SEGMENTS), None):
+    attention.fused_attention(q, q[:, :, :1], q[:, :, :1], segments, 0.5, 'cudnn')
+  want_mask = (SEGMENTS[:, :, None] == SEGMENTS[:, None, :])[:, None]
+  np.testing.assert_array_equal(np.asarray(calls[-2]['mask']), want_mask)
+  assert calls[-1]['mask'] is None and calls[-1]['implementation'] == 'cudnn'
 
 
 def test_auto_picks_by_platform_and_logs_once(caplog):
