@@ -13,11 +13,19 @@ x 32 experts at the real M32 sizes, seq 4096 x batch 2, bf16 compute, capacity d
 (factor 1.25), no remat -- what `benchmarks/train_step.py` times and analyses:
 
   python benchmarks/train_step.py --config=configs/yuan_m32.py:slice [--compile_only]
+Variant `long`: Yuan's 16K context (seq 16384, the NTK-aware rotary base 40890 from
+rope_ntk_factor 4, remat full) with the same tokens per step (384 x 16384); 48 micro-batches of
+8 rows: one row per device on 8 devices (README, Attention backends):
+
+  python -m yuanjax.plan --config=configs/yuan_m32.py:long --config.mesh.expert=8 \
+      --config.mesh.fsdp=2 --devices=16 --device_kind=H100-80G
+  python -m yuanjax.plan --config=configs/yuan_m32.py:long --config.mesh.expert=8 \
+      --config.mesh.fsdp=4 --config.train.grad_accum=12 --devices=32 --device_kind='TPU v5p'
 `sweep()`: the paper's Table 2 (8 / 16 / 32 experts, top-2, per-expert size fixed).
 """
 from yuanjax import config_lib
 
-VARIANTS = (None, 'runlocal', 'slice')
+VARIANTS = (None, 'runlocal', 'slice', 'long')
 
 
 def get_config(arg=None):
@@ -36,6 +44,9 @@ def get_config(arg=None):
     config.model.num_layers = 2
     config.train.update(
         dict(num_steps=100, batch_size=2, seq_len=4096, log_every=10, eval_every=0, progress=False))
+  elif arg == 'long':
+    config.model.update(dict(max_seq_len=16384, rope_ntk_factor=4.0, remat='full'))
+    config.train.update(dict(batch_size=384, seq_len=16384, grad_accum=48))
   return config
 
 

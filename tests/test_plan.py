@@ -9,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from yuanjax import plan, stats
+from yuanjax.model import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -77,6 +78,7 @@ def test_m32_on_8_h100_with_expert_parallelism():
 def test_remat_and_accumulation_shrink_activations():
   config = yuan_m32.get_config()
   config.mesh.expert, config.mesh.fsdp = 8, 4
+  config.model.attention_backend = 'dot_product_attention'  # XLA's scores on every device kind
   base = plan.plan(config, devices=32)['per_device']['activations']
   config.model.remat = 'full'
   full = plan.plan(config, devices=32)['per_device']['activations']
@@ -138,3 +140,39 @@ def test_estimate_within_25_percent_of_xla_memory_analysis():
   r = plan.compare(plan.plan(config, devices=1), plan.xla_memory(config))
   assert 0.75 <= r['temp']['ratio'] <= 1.25, r
   assert 0.75 <= r['argument']['ratio'] <= 1.25, r
+
+
+def test_attention_backends_keep_what_they_should():
+  """configs/yuan_m32.py:long (seq 16384), per token of one layer: XLA keeps the scores and
+  probabilities (2 H L float32), splash only the log-sum-exp (H floats), cuDNN that and the
+  packed rows' L x L mask bias (L b); 'auto' is splash on a TPU, cuDNN on a GPU, XLA without a
+  device kind."""
+  config, mesh = yuan_m32.get_config('long'), {'data': 1, 'fsdp': 1, 'expert': 8, 'tensor': 1}
+  m, L = config.model, 16384
+  assert (config.train.seq_len, m.remat) == (L, 'full')
+  assert round(layers.rope_base(m.rope_base, m.rotary_dims, m.rope_ntk_factor)) == 40890
+  one = {b: plan.activation_bytes(config, mesh, b)[1] for b in ('xla', 'splash', 'cudnn')}
+  tokens, H, b = plan.activation_bytes(config, mesh)[2], m.num_heads, 2  # bfloat16
+  assert one['xla'] - one['splash'] == pytest.approx(tokens * (2 * H * L * 4 - H * 4))
+  assert one['cudnn'] - one['splash'] == pytest.approx(tokens * L * b)
+  assert plan.activation_bytes(config, mesh, 'dot_product_attention')[1] == one['xla']
+  kinds = {None: 'dot_product_attention', 'TPU v5p': 'splash', 'H100-80G': 'cudnn'}
+  assert {k: plan.attention_backend(config, k) for k in kinds} == kinds
+
+
+@pytest.mark.parametrize('devices, kind, fsdp', [(16, 'H100-80G', 2), (32, 'TPU v5p', 4)])
+def test_long_context_fits_only_without_the_scores(devices, kind, fsdp):
+  """M32 at seq 16384 (remat full, one row per device per micro-batch) fits 16 H100s with
+  cuDNN and a v5p-64 slice with splash; with XLA's attention neither (one layer's float32
+  scores and probabilities: 32 GiB)."""
+  config = yuan_m32.get_config('long')
+  config.mesh.expert, config.mesh.fsdp = 8, fsdp
+  config.train.grad_accum = config.train.batch_size // devices
+  fused = plan.plan(config, devices, kind)
+  config.model.attention_backend = 'dot_product_attention'
+  xla = plan.plan(config, devices, kind)
+  assert fused['micro_batch_tokens_per_device'] == 16384
+  assert fused['fits'] == {kind: True} and xla['fits'] == {kind: False}
+  saved = xla['per_device']['activations'] - fused['per_device']['activations']
+  # Kept twice: by the recomputed layer and by the block's backward (less cuDNN's mask).
+  assert saved == pytest.approx(2 * 32 * 2**30, rel=0.02)

@@ -31,10 +31,13 @@ of config.model.dtype. Elements kept
 per token and layer without remat:
   attention        LFA: 8 D (norms, convolutions and their shifted inputs, residual);
                    standard: 3 D (residual, norm, output); + 3 (H + G) K / tp (q, rotated q
-                   and the attention output; k, v and rotated k); backend 'xla' adds the scores and
-                   probabilities, 2 H L / tp in float32, and so does 'dot_product_attention'
-                   (XLA's implementation on CPU and TPU) except for a GPU --device_kind, where
-                   it is cuDNN flash attention and keeps only the log-sum-exp (H / tp floats)
+                   and the attention output; k, v and rotated k); + what the backend that
+                   runs keeps (config.model.attention_backend; 'auto' as on --device_kind:
+                   splash on TPU, cuDNN on GPU, XLA without a device kind): 'xla' and
+                   'dot_product_attention' (XLA's implementation) the scores and
+                   probabilities, 2 H L / tp in float32; 'splash' only the log-sum-exp
+                   (H / tp floats); 'cudnn' the log-sum-exp and the packed rows' segment mask
+                   as cuDNN's bias, one L x L per row in the compute dtype (L b, not per head)
   MoE layer        3 D + cf k (2 D + 3 F / tp)   (dispatch and combine buffers, gate, up, act)
   dense layer      3 D + 3 F / tp
 remat policy (config.model.remat, applied to each scanned block):
@@ -42,7 +45,7 @@ remat policy (config.model.remat, applied to each scanned block):
   full           D per layer (the block inputs) + one layer's amount (recomputed in its backward)
   dots           per layer D + the outputs of matmuls without batch dims (LFA convolutions 3 D,
                  q k v (H + 2 G) K / tp, output D; dense FFN 2 F / tp + D), + one layer's amount
-  dots_saveable  dots + the batched matmuls too (expert FFN cf k (2 F / tp + D); 'xla'
+  dots_saveable  dots + the batched matmuls too (expert FFN cf k (2 F / tp + D); XLA's
                  attention scores H L / tp in float32), + one layer's amount
 plus, once, the embedding output (T D); with remat none and b < 4, the params cast to the
 compute dtype that the backward reuses (params x b / 4); and the larger of the backward pass's
@@ -124,22 +127,36 @@ def state_leaves(config, mesh_shape: dict) -> list[dict]:
   return out
 
 
-GPU_KINDS = ('H100-80G', 'H200')  # where 'dot_product_attention' is cuDNN flash attention
+def attention_backend(config, device_kind: str | None = None) -> str:
+  """The attention backend that runs on `device_kind` (none: the CPU's)."""
+  platform = 'cpu' if device_kind is None else ('tpu' if device_kind.startswith('TPU') else 'gpu')
+  return attention.resolve_backend(config.model.attention_backend, config.model.dtype, platform)
 
 
-def activation_bytes(config, mesh_shape: dict, flash: bool = False) -> tuple[float, float, float]:
+def attention_core_bytes(config, backend: str, tp: int) -> tuple[float, float]:
+  """Bytes per token of one layer that the attention kernel keeps for the backward pass, and
+  of those the scores that `dots_saveable` keeps too (module docstring)."""
+  m, b = config.model, np.dtype(jnp.dtype(config.model.dtype)).itemsize
+  H, L = m.num_heads / tp, config.train.seq_len
+  if backend in ('xla', 'dot_product_attention'):
+    return 2 * H * L * 4, H * L * 4
+  return H * 4 + (L * b if backend == 'cudnn' else 0.0), 0.0
+
+
+def activation_bytes(config, mesh_shape: dict,
+                     backend: str | None = None) -> tuple[float, float, float]:
   """(bytes per device that the backward pass keeps, bytes of one layer's activations, tokens
-  per device per micro-batch): the module docstring's per-layer formula; `flash`:
-  'dot_product_attention' keeps no scores."""
+  per device per micro-batch): the module docstring's per-layer formula, with the attention
+  `backend` that runs (default: `attention_backend(config)`)."""
   m, t = config.model, config.train
   dp = mesh_shape['data'] * mesh_shape['fsdp'] * mesh_shape['expert']
   tp = mesh_shape['tensor']
   T = t.batch_size / t.grad_accum / dp * t.seq_len
   b = np.dtype(jnp.dtype(m.dtype)).itemsize
-  D, H, K, L = m.hidden_size, m.num_heads, m.head_dim, t.seq_len
+  D, H, K = m.hidden_size, m.num_heads, m.head_dim
   HK, GK = H * K / tp, attention.num_kv_heads(m) * K / tp
   lfa = m.attention_type == 'lfa'
-  scores = not (flash and m.attention_backend == 'dot_product_attention')
+  attn_core, attn_scores = attention_core_bytes(config, backend or attention_backend(config), tp)
   ck = m.moe.capacity_factor * m.router.top_k
   F = m.moe.ffn_size / tp
   Fd = m.dense_ffn_size / tp
@@ -147,13 +164,12 @@ def activation_bytes(config, mesh_shape: dict, flash: bool = False) -> tuple[flo
   n_dense = m.num_layers - n_moe
 
   # Bytes per token of one layer, by what a remat policy keeps.
-  attn_core = (2 * H * L / tp * 4) if scores else (H / tp * 4)
   attn_all = ((8 if lfa else 3) * D + 3 * HK + 3 * GK) * b + attn_core
   moe_all = (3 * D + ck * (2 * D + 3 * F)) * b
   dense_all = (3 * D + 3 * Fd) * b
   attn_dots = (D + 3 * D * lfa + HK + 2 * GK + D) * b  # block input, convolutions, q k v, output
   moe_dots, dense_dots = 0.0, (2 * Fd + D) * b
-  attn_saveable = attn_dots + ((H * L / tp * 4) if scores else 0.0)
+  attn_saveable = attn_dots + attn_scores
   moe_saveable = ck * (2 * F + D) * b
   one_layer = attn_all + max(moe_all if n_moe else 0.0, dense_all if n_dense else 0.0)
   per_layer = {
@@ -204,7 +220,8 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   grad_copies = 2 if config.train.grad_accum > 1 else 1
   grads_dev = grad_copies * sum(x['per_device_bytes'] // np.dtype(x['dtype']).itemsize * 4
                                 for x in params)
-  act, one_layer, tokens = activation_bytes(config, mesh_shape, flash=device_kind in GPU_KINDS)
+  backend = attention_backend(config, device_kind)
+  act, one_layer, tokens = activation_bytes(config, mesh_shape, backend)
   act += _backward_extra(config, mesh_shape, tokens, one_layer, params)
   per_device = dict(
       params=sum(x['per_device_bytes'] for x in params),
@@ -218,9 +235,10 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   kinds = [device_kind] if device_kind else list(DEVICE_MEMORY)
   fits = {k: per_device['total'] <= HEADROOM * DEVICE_MEMORY[k] * GiB for k in kinds}
   return dict(mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
-              remat=config.model.remat, micro_batch_tokens_per_device=tokens, per_device=per_device,
-              totals=totals, headroom=HEADROOM,
-              device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds}, fits=fits, leaves=leaves)
+              remat=config.model.remat, attention_backend=backend,
+              micro_batch_tokens_per_device=tokens, per_device=per_device, totals=totals,
+              headroom=HEADROOM, device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds
+                                                   }, fits=fits, leaves=leaves)
 
 
 def _backward_extra(config, mesh_shape: dict, tokens: float, one_layer: float,
@@ -261,7 +279,8 @@ def format_table(r: dict) -> str:
   mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
   lines = [
       f"mesh {mesh} ({r['devices']} devices); {r['param_count'] / 1e9:.3f} B params; "
-      f"remat={r['remat']}; {r['micro_batch_tokens_per_device']:g} tokens per device per "
+      f"remat={r['remat']}; attention={r['attention_backend']}; "
+      f"{r['micro_batch_tokens_per_device']:g} tokens per device per "
       'micro-batch', f"{'':12} {'GiB/device':>10} {'GiB total':>10}"
   ]
   for k, v in r['per_device'].items():
