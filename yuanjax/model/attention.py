@@ -217,8 +217,8 @@ def splash_block_sizes(blocks, seq_len: int | None = None) -> dict:
 def _splash_kernel(seq_len: int, heads: int, blocks: dict, interpret: bool):
   """A causal multi-head splash kernel for [H, L, K] queries and [G, L, K] keys/values."""
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * heads)
-  return splash.make_splash_mha(mask=mask, block_sizes=splash.BlockSizes(**blocks),
-                                head_shards=1, q_seq_shards=1, interpret=interpret)
+  return splash.make_splash_mha(mask=mask, block_sizes=splash.BlockSizes(**blocks), head_shards=1,
+                                q_seq_shards=1, interpret=interpret)
 
 
 def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: float, blocks):
@@ -266,6 +266,22 @@ def fused_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: flo
                                       scale=scale, implementation=implementation)
 
 
+def causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, cfg):
+  """Causal attention within segments, scaled by 1/sqrt(head_dim), by `cfg.attention_backend`
+  (module doc); q, k, v after rotary."""
+  scale = cfg.head_dim**-0.5
+  backend = resolve_backend(cfg.attention_backend, cfg.dtype)
+  qkv = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale)
+  if backend == 'xla':
+    return blocked_causal_attention(*qkv, cfg.attention_query_blocks)
+  if backend == 'splash':
+    return splash_attention(*qkv, cfg.splash)
+  if backend in ('dot_product_attention', 'cudnn'):
+    return fused_attention(*qkv, 'cudnn' if backend == 'cudnn' else None)
+  raise ValueError(f'config.model.attention_backend={cfg.attention_backend!r}: '
+                   f'expected one of {ATTENTION_BACKENDS}')
+
+
 def num_kv_heads(cfg) -> int:
   """G, the key/value heads: `num_kv_heads`, or H when it is 0."""
   return cfg.num_kv_heads or cfg.num_heads
@@ -305,24 +321,9 @@ class Attention(nn.Module):
     if self.decode:
       o_BxLxHxK = self._attend_cache(q, k, v, positions_BxL)
     else:
-      o_BxLxHxK = self._attend(q, k, v, segment_ids_BxL)
+      o_BxLxHxK = causal_attention(q, k, v, segment_ids_BxL, cfg)
     o_BxLxHxK = layers.constrain(o_BxLxHxK, heads)
     return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, wo_HxKxD.astype(dtype))
-
-  def _attend(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL):
-    """Causal attention within segments, by `attention_backend` (module doc)."""
-    cfg = self.config
-    scale = cfg.head_dim**-0.5
-    backend = resolve_backend(cfg.attention_backend, cfg.dtype)
-    qkv = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale)
-    if backend == 'xla':
-      return blocked_causal_attention(*qkv, cfg.attention_query_blocks)
-    if backend == 'splash':
-      return splash_attention(*qkv, cfg.splash)
-    if backend in ('dot_product_attention', 'cudnn'):
-      return fused_attention(*qkv, 'cudnn' if backend == 'cudnn' else None)
-    raise ValueError(f'config.model.attention_backend={cfg.attention_backend!r}: '
-                     f'expected one of {ATTENTION_BACKENDS}')
 
   def _attend_cache(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL):
     """Writes the chunk's keys/values into their cache slots; attends over slots <= position.
