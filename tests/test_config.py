@@ -119,6 +119,38 @@ def test_upgrade_gives_a_config_saved_before_each_field_its_old_behaviour():
   assert config_lib.upgrade(current).to_dict() == current.to_dict()
 
 
+@pytest.mark.parametrize('overrides,pattern', [
+    ({
+        'model.attention_backend': 'splash',
+        'train.seq_len': 200
+    }, r'config\.model\.splash\.block_q=512: splash needs a sequence length \(200\)'),
+    ({
+        'model.attention_backend': 'auto',
+        'model.splash.block_kv': 100
+    }, r'config\.model\.splash\.block_kv=100: must be a positive multiple of 128'),
+    ({
+        'model.attention_backend': 'cudnn',
+        'model.dtype': 'float32'
+    }, r"config\.model\.dtype='float32': attention_backend='cudnn' needs"),
+])
+def test_attention_backend_settings_name_the_field(overrides, pattern):
+  config = demo.get_config()
+  config_lib.override(config, overrides)
+  with pytest.raises(ValueError, match=pattern):
+    config_lib.validate(config)
+
+
+def test_m32_long_is_16k_with_the_ntk_base_and_full_remat():
+  config = yuan_m32.get_config('long')
+  config_lib.validate(config)
+  m = config.model
+  assert (config.train.seq_len, m.max_seq_len, m.rope_ntk_factor, m.remat) == (16384, 16384, 4.0,
+                                                                               'full')
+  assert m.attention_backend == 'auto' and m.splash.block_q == 512
+  config.model.attention_backend = 'splash'
+  config_lib.validate(config)  # 512-blocks tile 16384
+
+
 def test_query_blocks_need_the_xla_backend():
   config = demo.get_config()
   config.model.update(attention_backend='dot_product_attention', attention_query_blocks=4)
