@@ -32,7 +32,7 @@ reference einsum attention (`xla_attention`) over the cache, whatever `attention
 
 Backends (`config.model.attention_backend`; the training path only):
   'auto'        (the default) 'splash' on TPU, 'cudnn' on GPU, 'dot_product_attention' (XLA)
-                elsewhere; the choice is logged once per platform (`resolve_backend`).
+                elsewhere; logged once per platform and dtype (`resolve_backend`).
   'splash'      Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
                 a causal mask with segment ids, tiled by `config.model.splash` (the kernel's
                 BlockSizes; each block clamped to the sequence length, as MaxText does); keeps
