@@ -180,6 +180,9 @@ SAVED_CONFIG_DEFAULTS = {
     'tie_embeddings': True,
     'moe.grouped_matmul': 'ragged_dot',
     'moe.megablox_tiling': grouped_matmul.DEFAULT_MEGABLOX_TILING,
+    'splash': {
+        b: 512 for b in attention.SPLASH_BLOCKS
+    },  # read only if a run now asks for it
 }
 
 
