@@ -72,6 +72,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from yuanjax.data import prepare as prepare_lib
+from yuanjax.data import storage
 from yuanjax.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ log = logging.getLogger(__name__)
 _SPLIT_SEED = 0x5EED  # the eval split does not move when the training seed changes
 _TRAIN_STREAM, _EVAL_STREAM, _ROW_STREAM = 0, 1, 2
 _READ_BUFFER = 32  # documents read ahead (grain polls every pending one per element: keep small)
+# Shards in a bucket: a document is a ranged read (a round trip), so with data.read_threads=0
+# this many grain threads read ahead (grain's own ReadOptions default, as in MaxText).
+_REMOTE_READ_THREADS = 16
 _PAD = -1  # marks padding inside the token stream before rows are turned into examples
 BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
@@ -339,7 +343,8 @@ def data_config() -> ml_collections.ConfigDict:
   `seq_len` and the batch size are not here: the trainer passes them (model and batch
   settings own them)."""
   c = ml_collections.ConfigDict()
-  c.path = config_dict.placeholder(str)  # shards dir written by `prepare`; None: embedded default
+  c.path = config_dict.placeholder(
+      str)  # shards dir written by `prepare`, local or gs://BUCKET/PATH; None: embedded default
   c.tokenizer = config_dict.placeholder(str)  # .model; None: the manifest's (or embedded) tokenizer
   c.cache_dir = config_dict.placeholder(
       str)  # embedded default cache; None: $YUANJAX_CACHE or ~/.cache/yuanjax
@@ -349,7 +354,8 @@ def data_config() -> ml_collections.ConfigDict:
   c.eval_fraction = 0.02  # documents held out for eval (at least one if > 0)
   c.fim_rate = 0.5  # share of documents turned fill-in-the-middle (Yuan: 0.5)
   c.fim_spm_rate = 0.5  # share of FIM documents in SPM order, the rest PSM (Yuan: 0.5)
-  c.read_threads = 0  # grain read threads; 0: read in the prefetch thread (fastest on CPU)
+  c.read_threads = 0  # grain read threads; 0: read in the prefetch thread (fastest on CPU), or 16
+  # when the shards are in a bucket (`path` a gs:// URL)
   c.prefetch = 4  # batches prepared ahead in a background thread (0: off)
   c.shuffle_rows = 2048  # train rows shuffled within windows of this many rows (0/1: off)
   return c
@@ -395,11 +401,13 @@ def resolve_data(data_cfg) -> tuple[prepare_lib.ShardedDocuments, Tokenizer]:
                                                         max_bytes=data_cfg.max_bytes)
   else:
     path, default_tok = data_cfg.path, None
-  source = prepare_lib.ShardedDocuments(path)
+  source = prepare_lib.ShardedDocuments(path, cache_dir=data_cfg.cache_dir)
   manifest = source.manifest
   tok_path = data_cfg.tokenizer or default_tok or prepare_lib.manifest_tokenizer_path(
       source.path, manifest)
   field = 'data.tokenizer' if data_cfg.tokenizer else f'tokenizer of {source.path}/manifest.json'
+  if storage.is_url(tok_path):
+    tok_path = storage.cached_copy(tok_path, cache_dir=data_cfg.cache_dir)
   if not os.path.isfile(tok_path):
     raise ValueError(f'{field}: {tok_path}: no such file')
   tok = Tokenizer(tok_path, newline_token=manifest.get('newline_token'))
@@ -459,7 +467,7 @@ def make_datasets(
       fim_spm_rate=data_cfg.fim_spm_rate,
       process_index=process_index,
       process_count=process_count,
-      read_threads=data_cfg.read_threads,
+      read_threads=data_cfg.read_threads or (_REMOTE_READ_THREADS if source.remote else 0),
       prefetch=data_cfg.prefetch,
   )
   _check_range('data.shuffle_rows', data_cfg.shuffle_rows, 0)

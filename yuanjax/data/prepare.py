@@ -45,7 +45,7 @@ import numpy as np
 import tqdm
 
 from yuanjax import publish
-from yuanjax.data import corpus
+from yuanjax.data import corpus, storage
 from yuanjax.data.tokenizer import Tokenizer, train_from_documents
 
 log = logging.getLogger(__name__)
@@ -205,17 +205,28 @@ def prepare(
 
 
 def load_manifest(shards_dir: str | os.PathLike) -> dict:
-  """Reads and checks `manifest.json`; raises ValueError naming the directory or file."""
+  """Reads and checks `manifest.json` (a local directory or a URL); raises ValueError naming
+  the directory or file."""
   shards_dir = os.fspath(shards_dir)
-  path = os.path.join(shards_dir, MANIFEST)
-  if not os.path.isdir(shards_dir):
-    raise ValueError(f'data.path: {shards_dir}: no such directory')
-  if not os.path.isfile(path):
-    raise ValueError(f'data.path: {path}: no such file (not a prepared shards directory?)')
+  path = storage.join(shards_dir, MANIFEST)
+  if storage.is_url(shards_dir):
+    names = storage.listing(shards_dir)
+    if MANIFEST not in names:
+      raise ValueError(f'data.path: {path}: no such object (not a prepared shards directory?)')
+    text = storage.read_bytes(path)
+  else:
+    if not os.path.isdir(shards_dir):
+      raise ValueError(f'data.path: {shards_dir}: no such directory')
+    if not os.path.isfile(path):
+      raise ValueError(f'data.path: {path}: no such file (not a prepared shards directory?)')
+    try:
+      with open(path, 'rb') as f:
+        text = f.read()
+    except OSError as e:
+      raise ValueError(f'{path}: unreadable manifest ({e})') from e
   try:
-    with open(path) as f:
-      manifest = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+    manifest = json.loads(text)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: unreadable manifest ({e})') from e
   if manifest.get('format') != FORMAT:
     raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
@@ -224,39 +235,74 @@ def load_manifest(shards_dir: str | os.PathLike) -> dict:
 
 def manifest_tokenizer_path(shards_dir: str, manifest: dict) -> str:
   """The manifest's tokenizer path, relative paths resolved against the shards directory."""
-  return os.path.normpath(os.path.join(shards_dir, manifest['tokenizer']))
+  if storage.is_url(shards_dir) and os.path.isabs(manifest['tokenizer']):
+    return manifest['tokenizer']  # a path on the machine that prepared the shards
+  return storage.join(shards_dir, manifest['tokenizer'])
+
+
+class _RemoteTokens:
+  """A token file in a bucket, read by ranged requests (`tokens[a:b]`); never opened whole."""
+
+  def __init__(self, url: str, dtype: str, nbytes: int):
+    self.url, self.dtype, self.itemsize = url, np.dtype(dtype), np.dtype(dtype).itemsize
+    self._len = nbytes // self.itemsize
+    self._fs = None
+
+  def __len__(self) -> int:
+    return self._len
+
+  def __getitem__(self, s: slice) -> np.ndarray:
+    if self._fs is None:  # opened by the first read: a process touches only what it reads
+      self._fs, self._path = storage.filesystem(self.url)
+    with storage.errors(self.url):
+      raw = storage.read_range(self._fs, self._path,
+                               int(s.start) * self.itemsize,
+                               int(s.stop) * self.itemsize)
+    return np.frombuffer(raw, self.dtype)
 
 
 class ShardedDocuments:
   """Random access to the documents of a shards directory (a grain data source).
 
   `docs[i]` is document `i` (global order: shard by shard) as an int32 array that ends
-  with `<eod>`. Token files are memory-mapped; nothing is read until asked for. A token
-  file whose size is not a whole number of tokens, or that disagrees with its index, is an
-  error at open; a document holding a token id >= the manifest's `vocab_size` is an error
-  when read (both name the file)."""
+  with `<eod>`. Local token files are memory-mapped; in a bucket (`gs://...`) a document is
+  one ranged read and the index files are copied once into the local cache (`cache_dir`,
+  default `$YUANJAX_CACHE`). Nothing is read until asked for. A token file whose size is not a
+  whole number of tokens, or that disagrees with its index, is an error at open; a document
+  holding a token id >= the manifest's `vocab_size` is an error when read (both name the
+  file)."""
 
-  def __init__(self, shards_dir: str | os.PathLike):
-    self.path = os.path.abspath(os.fspath(shards_dir))
+  def __init__(self, shards_dir: str | os.PathLike, cache_dir: str | None = None):
+    shards_dir = os.fspath(shards_dir)
+    self.remote = storage.is_url(shards_dir)
+    self.path = shards_dir.rstrip('/') if self.remote else os.path.abspath(shards_dir)
     self.manifest = load_manifest(self.path)
+    sizes = storage.listing(self.path) if self.remote else None
     self._tokens, self._offsets = [], []
     for shard in self.manifest['shards']:
-      tokens_path = os.path.join(self.path, shard['tokens'])
-      index_path = os.path.join(self.path, shard['index'])
-      for p in (tokens_path, index_path):
-        if not os.path.isfile(p):
-          raise ValueError(f'{p}: missing shard file (listed in {MANIFEST})')
-      itemsize = np.dtype(self.manifest['dtype']).itemsize
-      if os.path.getsize(tokens_path) % itemsize:
-        raise ValueError(f'{tokens_path}: {os.path.getsize(tokens_path)} bytes is not a whole '
-                         f"number of {self.manifest['dtype']} tokens (truncated or corrupt)")
-      tokens = np.memmap(tokens_path, dtype=self.manifest['dtype'], mode='r')
-      offsets = np.load(index_path, mmap_mode='r')
+      tokens, offsets = self._open_shard(shard, sizes, cache_dir)
       if len(offsets) != shard['num_docs'] + 1 or offsets[-1] != len(tokens):
-        raise ValueError(f'{tokens_path}: size does not match its index / {MANIFEST}')
+        raise ValueError(f"{storage.join(self.path, shard['tokens'])}: size does not match its "
+                         f'index / {MANIFEST}')
       self._tokens.append(tokens)
       self._offsets.append(offsets)
     self._first_doc = np.cumsum([0] + [s['num_docs'] for s in self.manifest['shards']])
+
+  def _open_shard(self, shard: dict, sizes: dict | None, cache_dir: str | None):
+    """(tokens, offsets) of one shard, after checking its files exist and hold whole tokens."""
+    tokens_path, index_path = (storage.join(self.path, shard[k]) for k in ('tokens', 'index'))
+    for name, p in ((shard['tokens'], tokens_path), (shard['index'], index_path)):
+      if not (name in sizes if self.remote else os.path.isfile(p)):
+        raise ValueError(f'{p}: missing shard file (listed in {MANIFEST})')
+    nbytes = sizes[shard['tokens']] if self.remote else os.path.getsize(tokens_path)
+    dtype = self.manifest['dtype']
+    if nbytes % np.dtype(dtype).itemsize:
+      raise ValueError(f'{tokens_path}: {nbytes} bytes is not a whole '
+                       f'number of {dtype} tokens (truncated or corrupt)')
+    if not self.remote:
+      return np.memmap(tokens_path, dtype=dtype, mode='r'), np.load(index_path, mmap_mode='r')
+    local_index = storage.cached_copy(index_path, sizes[shard['index']], cache_dir)
+    return _RemoteTokens(tokens_path, dtype, nbytes), np.load(local_index)
 
   def __len__(self) -> int:
     return int(self._first_doc[-1])
@@ -270,7 +316,7 @@ class ShardedDocuments:
     start, stop = self._offsets[shard][local], self._offsets[shard][local + 1]
     doc = self._tokens[shard][start:stop]
     if doc.size and int(doc.max()) >= self.manifest['vocab_size']:
-      raise ValueError(f"{os.path.join(self.path, self.manifest['shards'][shard]['tokens'])}: "
+      raise ValueError(f"{storage.join(self.path, self.manifest['shards'][shard]['tokens'])}: "
                        f'document {local} holds token id {int(doc.max())} >= vocab_size='
                        f"{self.manifest['vocab_size']} ({MANIFEST}); the shard is corrupt "
                        'or was written with another tokenizer')
@@ -286,10 +332,6 @@ class ShardedDocuments:
 
 
 # --------------------------------------------------------------------------- embedded default
-
-
-def default_cache_root(cache_dir: str | None = None) -> str:
-  return os.path.expanduser(cache_dir or os.environ.get('YUANJAX_CACHE') or '~/.cache/yuanjax')
 
 
 def default_data_key(vocab_size: int, max_bytes: int) -> str:
@@ -324,7 +366,7 @@ def ensure_default_data(
   Returns `(tokenizer_path, shards_dir)` under `<cache>/<key>/` where the cache is
   `cache_dir` or `$YUANJAX_CACHE` or `~/.cache/yuanjax` and the key includes the Python
   version, `vocab_size` and `max_bytes`. Safe to call from many processes at once."""
-  root = default_cache_root(cache_dir)
+  root = storage.cache_root(cache_dir)
   key = default_data_key(vocab_size, max_bytes)
   final = os.path.join(root, key)
   result = (os.path.join(final, 'tokenizer.model'), os.path.join(final, 'shards'))
