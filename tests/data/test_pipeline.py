@@ -454,3 +454,16 @@ def test_newline_token_recorded_by_prepare_and_used(tmp_path):
   first = prepare_lib.ShardedDocuments(tmp_path / "s")[0]
   assert tok.decode(first[:-1]) == "0\n" + text
   train.close()
+
+
+def test_multi_process_accelerator_run_needs_data_path():
+  from yuanjax.data import streams
+  cfg = data_config()
+  streams.check_source(cfg, 1, 'tpu')  # one process: a local try-out
+  streams.check_source(cfg, 4, 'cpu')  # CPU runs (tests, studies) may use the embedded corpus
+  with pytest.raises(
+      ValueError, match='data.path is not set: a 4-process tpu run would train on '
+      'the embedded'):
+    streams.check_source(cfg, 4, 'tpu')
+  cfg.path = 'gs://bucket/shards'
+  streams.check_source(cfg, 4, 'tpu')

@@ -36,12 +36,23 @@ class ShardedIterator(grain.DatasetIterator):
       it.set_state(s)
 
 
+def check_source(data_cfg, process_count: int, platform: str) -> None:
+  """A multi-process run on accelerators must name its data: without `data.path` it would
+  train a large model on the embedded stdlib corpus (a few MB, a 4096-token tokenizer)."""
+  if data_cfg.path is None and process_count > 1 and platform != 'cpu':
+    raise ValueError(
+        f'data.path is not set: a {process_count}-process {platform} run would train on the '
+        'embedded Python-stdlib corpus; prepare shards (python -m yuanjax.data prepare), copy them '
+        'to a bucket and pass --config.data.path=gs://BUCKET/shards')
+
+
 def make_data(config: ml_collections.ConfigDict):
   """(train_iter, make_eval_iter, tokenizer) of this process's input streams.
 
   Stream s of S (S = train.data_shards, or the process count) is `make_datasets` with
   process_index=s, process_count=S; process p of n reads streams [p S/n, (p+1) S/n)."""
   tcfg, n, p = config.train, jax.process_count(), jax.process_index()
+  check_source(config.data, n, jax.devices()[0].platform)
   S = tcfg.data_shards or n
   make = lambda s: pipeline.make_datasets(config.data, global_batch_size=tcfg.batch_size, seq_len=
                                           tcfg.seq_len, process_index=s, process_count=S)
