@@ -310,3 +310,87 @@ def test_prepare_skips_and_counts_invalid_utf8(tok_path, tmp_path, capsys):
   assert (m["num_docs"], m["num_skipped_empty"], m["num_skipped_invalid"]) == (3, 1, 3)
   docs, tok = ShardedDocuments(tmp_path / "s"), Tokenizer(tok_path)
   assert [tok.decode(docs[i][:-1]) for i in range(len(docs))] == texts
+
+
+# --------------------------------------------------------------------------- formats, workers
+
+FORMAT_TEXTS = ["first doc", "你好\n\tthird line\n", "x = 1\n\ny = 2  # two  spaces"]
+
+
+def write_formats(d):
+  """FORMAT_TEXTS in every input format: {suffix: path}."""
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+  lines = "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in FORMAT_TEXTS)
+  (d / "p.jsonl").write_text(lines, encoding="utf-8")
+  (d / "g.jsonl.gz").write_bytes(gzip.compress(lines.encode()))
+  (d / "z.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+  pq.write_table(pa.table({
+      "text": FORMAT_TEXTS,
+      "id": [1, 2, 3]
+  }), d / "q.parquet", row_group_size=2)
+  (d / "y.txt").write_text("".join(t.replace("\n", "<n>") + "\n" for t in FORMAT_TEXTS),
+                           encoding="utf-8")
+  return {p.name.split(".", 1)[1]: str(p) for p in d.iterdir()}
+
+
+def test_every_format_reads_the_same_documents(tmp_path):
+  files = write_formats(tmp_path)
+  for suffix, path in files.items():
+    fmt = "yuan" if suffix == "txt" else "document"
+    docs = list(corpus.read_documents([path], txt_format=fmt))
+    assert [d.text for d in docs] == FORMAT_TEXTS, suffix
+    assert [d.line for d in docs] == [1, 2, 3], suffix
+  [whole] = corpus.read_documents([files["txt"]])  # the default: a .txt file is one document
+  assert whole.text.count("\n") == 3 and "<n>" in whole.text
+
+
+def test_format_errors_name_file_and_line(tmp_path):
+  import gzip
+
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n{"text": \n'))
+  with pytest.raises(InputError, match=r"bad.jsonl.gz:2: invalid JSON"):
+    list(corpus.read_documents([str(tmp_path / "bad.jsonl.gz")]))
+  (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a"}\n' * 100)[:-12])
+  with pytest.raises(InputError, match=r"cut.jsonl.gz: cannot read"):
+    list(corpus.read_documents([str(tmp_path / "cut.jsonl.gz")]))
+  pq.write_table(pa.table({"content": ["a"]}), tmp_path / "k.parquet")
+  with pytest.raises(InputError, match=r"k.parquet: no 'text' column \(columns: content\)"):
+    list(corpus.read_documents([str(tmp_path / "k.parquet")]))
+  pq.write_table(pa.table({"text": ["a", None, "c"]}), tmp_path / "n.parquet")
+  with pytest.raises(InputError, match=r"n.parquet:2: 'text' is null"):
+    list(corpus.read_documents([str(tmp_path / "n.parquet")]))
+  docs = list(corpus.read_documents([str(tmp_path / "n.parquet")], skip_invalid=True))
+  assert [(d.text, d.where, d.error) for d in docs][1] == ("", f"{tmp_path / 'n.parquet'}:2",
+                                                           "'text' is null")
+  (tmp_path / "y.txt").write_bytes(b"ok<n>line\n\xff bad\n")
+  docs = list(corpus.read_documents([str(tmp_path / "y.txt")], skip_invalid=True,
+                                    txt_format="yuan"))
+  assert [(d.text, d.line, bool(d.error)) for d in docs] == [("ok\nline", 1, False), ("", 2, True)]
+
+
+def test_prepare_is_byte_identical_for_any_number_of_workers(tok_path, tmp_path, capsys):
+  (tmp_path / "in").mkdir()
+  files = write_formats(tmp_path / "in")
+  inputs = [p for s, p in sorted(files.items()) if s != "txt"]
+  outputs = []
+  for workers in (1, 2):
+    out = tmp_path / f"w{workers}"
+    assert cli([
+        "prepare", "--tokenizer", tok_path, "--input", *inputs, "--output",
+        str(out), "--shard_tokens", "40", "--workers",
+        str(workers)
+    ]) == 0
+    outputs.append({p.name: p.read_bytes() for p in out.iterdir()})
+  printed = capsys.readouterr().out
+  assert "with 2 worker(s):" in printed and "per core" in printed and "tokens/s" in printed
+  assert len(outputs[0]) > 3 and outputs[0] == outputs[1]
+  m = json.loads(outputs[0]["manifest.json"])
+  assert m["num_docs"] == 4 * len(FORMAT_TEXTS) and m["txt_format"] == "document"
+  with pytest.raises(ValueError, match="workers must be a positive integer, got 0"):
+    prepare_lib.prepare(tok_path, inputs, tmp_path / "w0", workers=0)

@@ -3,6 +3,8 @@
   python -m yuanjax.data tokenizer --input 'corpus/*.jsonl' --vocab_size 32000 --output out/tok
   python -m yuanjax.data prepare --tokenizer out/tok.model --input 'corpus/*.jsonl' \
       --output out/shards
+  python -m yuanjax.data prepare --tokenizer out/tok.model --text_key content \
+      --input 'gs://BUCKET/hf/*.parquet' --output out/shards --workers 8
   python -m yuanjax.data default [--vocab_size 4096 --max_bytes 8000000]   # embedded stdlib data
   python -m yuanjax.data inspect [--path out/shards] --seq_len 128 --batch 4 --steps 100
 
@@ -25,12 +27,18 @@ def _tokenizer(args):
 
 
 def _prepare(args):
+  workers = args.workers or prepare.default_workers()
+  t0 = time.perf_counter()
   m = prepare.prepare(args.tokenizer, args.input, args.output, text_key=args.text_key,
-                      shard_tokens=args.shard_tokens, newline_token=args.newline_token,
-                      overwrite=args.overwrite)
+                      txt_format=args.txt_format, shard_tokens=args.shard_tokens,
+                      newline_token=args.newline_token, overwrite=args.overwrite, workers=workers)
+  dt = time.perf_counter() - t0
   print(f"wrote {args.output}: {m['num_docs']} documents, {m['num_tokens']} tokens, "
         f"{len(m['shards'])} shard(s), {m['num_skipped_empty']} empty skipped, "
         f"{m['num_skipped_invalid']} not UTF-8 skipped")
+  print(f"{dt:.2f} s with {workers} worker(s): {m['num_docs'] / dt:.0f} documents/s, "
+        f"{m['num_tokens'] / dt:.0f} tokens/s; per core {m['num_docs'] / dt / workers:.0f} "
+        f"documents/s, {m['num_tokens'] / dt / workers:.0f} tokens/s")
 
 
 def _default(args):
@@ -82,10 +90,15 @@ def main(argv=None) -> int:
 
   r = sub.add_parser('prepare', help='tokenize documents into shards')
   r.add_argument('--tokenizer', required=True)
-  r.add_argument('--input', nargs='+', required=True, help='.txt/.jsonl files or globs')
+  r.add_argument('--input', nargs='+', required=True,
+                 help='.txt, .jsonl(.gz|.zst) or .parquet files or globs, local or gs://')
   r.add_argument('--output', required=True,
                  help='shards directory (must not exist unless --overwrite)')
-  r.add_argument('--text_key', default='text')
+  r.add_argument('--text_key', default='text', help='jsonl field / parquet column of the text')
+  r.add_argument('--txt_format', default='document', choices=corpus.TXT_FORMATS,
+                 help="'document': a .txt file is one document; 'yuan': one per line, <n> newlines")
+  r.add_argument('--workers', type=int, default=0,
+                 help='processes that tokenize (default 0: one per core); output is identical')
   r.add_argument('--shard_tokens', type=int, default=prepare.DEFAULT_SHARD_TOKENS)
   r.add_argument('--newline_token', default=None, help="e.g. '<n>' for Yuan's released tokenizer")
   r.add_argument('--overwrite', action='store_true')

@@ -32,14 +32,16 @@ result is published by one atomic rename.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import platform
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import tqdm
@@ -54,7 +56,7 @@ MANIFEST = 'manifest.json'
 TOKEN_DTYPE = np.uint32
 INDEX_DTYPE = np.int64
 DEFAULT_SHARD_TOKENS = 1 << 27  # 512 MiB of uint32 per shard
-_ENCODE_BATCH_BYTES = 4 << 20  # encode this much text per SentencePiece call (C++ threads)
+_ENCODE_BATCH_BYTES = 1 << 20  # text per encoding task (one SentencePiece call)
 
 
 def _file_sha256(path: str) -> str:
@@ -99,6 +101,70 @@ class _ShardWriter:
              num_docs=len(self._offsets) - 1, num_tokens=int(self._offsets[-1])))
 
 
+def _encode_batch(tok: Tokenizer, texts: list[str], num_threads: int):
+  """(flat uint32 tokens with `<eod>` after each text, per-text lengths) of one batch."""
+  ids = [np.asarray(x + [tok.eod_id], TOKEN_DTYPE) for x in tok.encode_batch(texts, num_threads)]
+  return np.concatenate(ids), np.asarray([len(x) for x in ids], np.int64)
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str, newline_token: str | None):
+  global _worker_tokenizer
+  _worker_tokenizer = Tokenizer(tokenizer_path, newline_token=newline_token)
+
+
+def _encode_in_worker(texts: list[str]):
+  return _encode_batch(_worker_tokenizer, texts, 1)
+
+
+def _encoded(batches: Iterable[list[str]], tok: Tokenizer, newline_token: str | None,
+             workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """`_encode_batch` of every batch, in order. workers > 1: that many processes encode ahead
+  (at most 2 batches each in flight, so memory stays bounded); 1: here, in SentencePiece's
+  own thread pool."""
+  if workers == 1:
+    yield from (_encode_batch(tok, texts, -1) for texts in batches)
+    return
+  ctx = multiprocessing.get_context('spawn')  # no fork of a process that may hold JAX threads
+  with ctx.Pool(workers, _init_worker, (tok.model_path, newline_token)) as pool:
+    pending = collections.deque()
+    for texts in batches:
+      pending.append(pool.apply_async(_encode_in_worker, (texts,)))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().get()
+    while pending:
+      yield pending.popleft().get()
+
+
+def _text_batches(docs: Iterable[corpus.Document], counts: dict, bar) -> Iterator[list[str]]:
+  """The non-empty, valid texts of `docs` in batches of about `_ENCODE_BATCH_BYTES`; empty and
+  invalid documents are counted in `counts` (the first few invalid ones logged)."""
+  batch, batch_bytes = [], 0
+  for doc in docs:
+    if doc.error:
+      counts['invalid'] += 1
+      if counts['invalid'] <= 5:
+        log.warning('%s: %s; skipped', doc.where, doc.error)
+    elif not doc.text:
+      counts['empty'] += 1
+    else:
+      batch.append(doc.text)
+      batch_bytes += len(doc.text)
+      if batch_bytes >= _ENCODE_BATCH_BYTES:
+        yield batch
+        batch, batch_bytes = [], 0
+    bar.update(doc.nbytes)
+  if batch:
+    yield batch
+
+
+def default_workers() -> int:
+  """The cores this process may use."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
 def prepare_documents(
     tokenizer_path: str,
     documents: Callable[[], Iterable[corpus.Document]],
@@ -110,15 +176,19 @@ def prepare_documents(
     progress: bool = True,
     manifest_tokenizer: str | None = None,
     extra: dict | None = None,
+    workers: int = 1,
 ) -> dict:
   """Tokenizes `documents()` into shards in `output_dir`; returns the manifest.
 
   `documents` is called twice: a validation pass (nothing written yet) and the writing pass.
+  `workers` processes encode (the output is byte-identical for any number).
   `manifest_tokenizer` overrides the tokenizer path recorded in the manifest (relative paths
   are resolved against the shards directory when read)."""
   output_dir = os.path.abspath(os.fspath(output_dir))
   if shard_tokens < 1:
     raise ValueError(f'shard_tokens must be positive, got {shard_tokens}')
+  if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+    raise ValueError(f'workers must be a positive integer, got {workers!r}')
   tok = Tokenizer(tokenizer_path, newline_token=newline_token)
   if os.path.exists(output_dir) and not overwrite:
     raise ValueError(
@@ -134,32 +204,13 @@ def prepare_documents(
 
   def write(tmp):
     writer = _ShardWriter(tmp, shard_tokens)
-    eod = np.asarray([tok.eod_id], TOKEN_DTYPE)
-    skipped = invalid = 0
-    batch, batch_bytes = [], 0
+    counts = dict(empty=0, invalid=0)
     bar = tqdm.tqdm(total=total_bytes, unit='B', unit_scale=True, desc='prepare',
                     disable=not progress)
-
-    def flush():
-      for ids in tok.encode_batch(batch):
-        writer.add(np.concatenate([np.asarray(ids, TOKEN_DTYPE), eod]))
-      batch.clear()
-
-    for doc in documents():
-      if doc.error:
-        invalid += 1
-        if invalid <= 5:
-          log.warning('%s: %s; skipped', doc.where, doc.error)
-      elif not doc.text:
-        skipped += 1
-      else:
-        batch.append(doc.text)
-        batch_bytes += len(doc.text)
-        if batch_bytes >= _ENCODE_BATCH_BYTES:
-          flush()
-          batch_bytes = 0
-      bar.update(doc.nbytes)
-    flush()
+    batches = _text_batches(documents(), counts, bar)
+    for flat, lengths in _encoded(batches, tok, newline_token, workers):
+      for start, stop in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths)):
+        writer.add(flat[start:stop])
     writer.close()
     bar.close()
 
@@ -173,8 +224,8 @@ def prepare_documents(
         dtype=np.dtype(TOKEN_DTYPE).name,
         num_docs=sum(s['num_docs'] for s in writer.shards),
         num_tokens=sum(s['num_tokens'] for s in writer.shards),
-        num_skipped_empty=skipped,
-        num_skipped_invalid=invalid,
+        num_skipped_empty=counts['empty'],
+        num_skipped_invalid=counts['invalid'],
         shards=writer.shards,
         **(extra or {}),
     )
@@ -191,15 +242,19 @@ def prepare(
     output_dir: str | os.PathLike,
     *,
     text_key: str = 'text',
+    txt_format: str = 'document',
     **kwargs,
 ) -> dict:
-  """Tokenizes .txt / .jsonl files or globs into shards (see `prepare_documents`)."""
+  """Tokenizes files or globs (local or URLs; formats in `corpus`) into shards (see
+  `prepare_documents`)."""
+  if txt_format not in corpus.TXT_FORMATS:
+    raise corpus.InputError(f'txt_format={txt_format!r}: expected one of {corpus.TXT_FORMATS}')
   files = corpus.expand_inputs(inputs)
   return prepare_documents(
       tokenizer_path,
-      lambda: corpus.read_documents(files, text_key, skip_invalid=True),
+      lambda: corpus.read_documents(files, text_key, skip_invalid=True, txt_format=txt_format),
       output_dir,
-      extra=dict(text_key=text_key, num_inputs=len(files)),
+      extra=dict(text_key=text_key, txt_format=txt_format, num_inputs=len(files)),
       **kwargs,
   )
 
