@@ -120,3 +120,19 @@ def test_demo_trains_from_the_bucket_with_the_local_losses(local, bucket, tmp_pa
     losses.append(_train(config, str(tmp_path / path.replace('/', '_'))))
   assert len(losses[0]) == 3 and np.all(np.isfinite(losses[0]))
   assert losses[1] == losses[0]
+
+
+def test_prepare_reads_inputs_from_the_bucket(local, bucket, tmp_path):
+  lines = ''.join(json.dumps({'text': f'doc {i}\n' * (i + 1)}) + '\n' for i in range(5))
+  (tmp_path / 'in').mkdir()
+  (tmp_path / 'in' / 'a.jsonl').write_text(lines)
+  (tmp_path / 'in' / 'b.jsonl').write_text(lines)
+  storage.upload_tree(str(tmp_path / 'in'), f'{bucket}/raw')
+  tok = os.path.join(local, 'tokenizer.model')
+  here = prepare_lib.prepare(tok, str(tmp_path / 'in' / '*.jsonl'), tmp_path / 'l', progress=False)
+  there = prepare_lib.prepare(tok, f'{bucket}/raw/*.jsonl', tmp_path / 'r', progress=False)
+  assert here['num_docs'] == there['num_docs'] == 10
+  assert (tmp_path / 'l' / 'shard_00000.bin').read_bytes() == (tmp_path / 'r' /
+                                                               'shard_00000.bin').read_bytes()
+  with pytest.raises(ValueError, match=f'{bucket}/raw/none.jsonl: no such file'):
+    prepare_lib.prepare(tok, f'{bucket}/raw/none.jsonl', tmp_path / 'x', progress=False)

@@ -1,0 +1,132 @@
+"""Input-pipeline throughput: shard reads from a bucket and from disk, and the M32 pipeline
+against what one v5p host consumes.
+
+  python benchmarks/data_pipeline.py [--seconds 10] [--threads 16] [--skip_storage]
+
+Data: the embedded stdlib shards (`yuanjax.data.ensure_default_data`).
+
+1. Storage (needs the `gcs` and `test` extras): the shards are uploaded to a local
+   gcp-storage-emulator (127.0.0.1) and `ShardedDocuments` reads random documents for
+   `--seconds` with `--threads` threads, from the emulator and from local disk: reads/s and MB/s
+   for this one process. The emulator is a single-threaded Python server on this machine, so its
+   figure is a floor for the request overhead, not GCS's bandwidth.
+2. Pipeline: `make_datasets` with configs/yuan_m32.py's data settings (seq 4096, FIM 0.5, SPM
+   0.5, 2048-row shuffle window), one process, 8-row batches, timed for `--seconds` after the
+   first batch (which fills the shuffle window): tokens/s per host. Against it: what one v5p host
+   (4 chips) consumes training M32 at 50% MFU = 4 x peak (yuanjax.metrics.peak_flops('TPU v5'))
+   x 0.5 / model FLOPs per token (yuanjax.metrics.train_flops_per_token, at seq 4096). The ratio
+   should be >= 3 (the pipeline runs in the host's spare cores while the chips compute).
+
+The last line printed is JSON with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+V5P_CHIPS_PER_HOST = 4
+MFU = 0.5
+
+
+def time_reads(docs, seconds: float, threads: int) -> dict:
+  """Random documents read for `seconds` by `threads` threads: reads/s and MB/s."""
+  rng = np.random.default_rng(0)
+  order = rng.integers(0, len(docs), size=1_000_000)
+  deadline = time.perf_counter() + seconds
+
+  def worker(k):
+    n = nbytes = 0
+    for i in order[k::threads]:
+      if time.perf_counter() > deadline:
+        break
+      nbytes += docs[int(i)].nbytes
+      n += 1
+    return n, nbytes
+
+  t0 = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    results = list(pool.map(worker, range(threads)))
+  dt = time.perf_counter() - t0
+  n, nbytes = map(sum, zip(*results))
+  return dict(reads_per_s=n / dt, mb_per_s=nbytes / dt / 1e6)  # int32: 4 bytes/token, as on disk
+
+
+def storage_figures(shards_root: str, seconds: float, threads: int) -> dict:
+  """Random reads from disk and from the emulator, and the M32 pipeline from the emulator."""
+  from yuanjax.data import ShardedDocuments, storage
+  local = ShardedDocuments(os.path.join(shards_root, 'shards'))
+  out = {'local': time_reads(local, seconds, threads)}
+  with storage.emulator('bench') as host, tempfile.TemporaryDirectory() as cache:
+    storage.upload_tree(shards_root, 'gs://bench/data')
+    docs = ShardedDocuments('gs://bench/data/shards', cache_dir=cache)
+    out['emulator'] = dict(time_reads(docs, seconds, threads), endpoint=host)
+    out['emulator_pipeline'] = pipeline_figures(seconds, 'gs://bench/data/shards', cache)
+  return out
+
+
+def pipeline_figures(seconds: float, path: str | None = None, cache: str | None = None) -> dict:
+  """The M32 input pipeline's tokens/s on one host (shards at `path`; None: the embedded
+  default on disk) and its ratio to a v5p host's consumption at 50% MFU."""
+  import configs.yuan_m32 as m32
+  from yuanjax import metrics
+  from yuanjax.data import make_datasets
+  config = m32.get_config()
+  config.data.update(dict(path=path, cache_dir=cache))
+  rows = 8
+  train, _, _ = make_datasets(config.data, global_batch_size=rows, seq_len=config.train.seq_len,
+                              process_index=0, process_count=1)
+  t0 = time.perf_counter()
+  next(train)
+  first = time.perf_counter() - t0
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < seconds:
+    next(train)
+    n += 1
+  tokens_per_s = n * rows * config.train.seq_len / (time.perf_counter() - t0)
+  flops_per_token = metrics.train_flops_per_token(config)
+  consumed = V5P_CHIPS_PER_HOST * metrics.peak_flops('TPU v5') * MFU / flops_per_token
+  return dict(seq_len=config.train.seq_len, fim_rate=config.data.fim_rate, first_batch_s=first,
+              pipeline_tokens_per_s=tokens_per_s, train_flops_per_token=flops_per_token,
+              v5p_host_tokens_per_s_at_50pct_mfu=consumed, ratio=tokens_per_s / consumed)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--seconds', type=float, default=10.0)
+  p.add_argument('--threads', type=int, default=16)
+  p.add_argument('--skip_storage', action='store_true')
+  args = p.parse_args(argv)
+  from yuanjax.data import ensure_default_data
+  _, shards = ensure_default_data()
+  result = {}
+  if not args.skip_storage:
+    result['storage'] = storage_figures(os.path.dirname(shards), args.seconds, args.threads)
+    for where in ('local', 'emulator'):
+      f = result['storage'][where]
+      print(f"{where:9s} {f['reads_per_s']:9.0f} reads/s {f['mb_per_s']:8.2f} MB/s "
+            f'({args.threads} threads, one process)')
+    f = result['storage']['emulator_pipeline']
+    print(f"M32 pipeline from the emulator: {f['pipeline_tokens_per_s']:,.0f} tokens/s "
+          f"(first batch {f['first_batch_s']:.1f} s), ratio {f['ratio']:.1f}")
+  result['pipeline'] = f = pipeline_figures(args.seconds)
+  print(
+      f"M32 pipeline (seq {f['seq_len']}, FIM {f['fim_rate']}): "
+      f"{f['pipeline_tokens_per_s']:,.0f} tokens/s per host (first batch {f['first_batch_s']:.1f} s)"
+      f"\nv5p host at 50% MFU consumes {f['v5p_host_tokens_per_s_at_50pct_mfu']:,.0f} tokens/s "
+      f"({f['train_flops_per_token'] / 1e9:.2f} GFLOP/token): ratio {f['ratio']:.1f} (target >= 3)")
+  print(json.dumps(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
