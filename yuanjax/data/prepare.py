@@ -67,6 +67,16 @@ def _file_sha256(path: str) -> str:
   return h.hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer_path: str, vocab_size: int) -> dict:
+  """What identifies a tokenizer in a manifest: its vocabulary size and the sha256 of its model
+  file. Shards whose manifest records another fingerprint were made with another tokenizer."""
+  return dict(vocab_size=vocab_size, tokenizer_sha256=_file_sha256(tokenizer_path))
+
+
+def manifest_fingerprint(manifest: dict) -> dict:
+  return {k: manifest.get(k) for k in ('vocab_size', 'tokenizer_sha256')}
+
+
 class _ShardWriter:
   """Appends documents to `shard_NNNNN.bin` files, rolling over at `shard_tokens`."""
 
@@ -101,7 +111,7 @@ class _ShardWriter:
              num_docs=len(self._offsets) - 1, num_tokens=int(self._offsets[-1])))
 
 
-def _encode_batch(tok: Tokenizer, texts: list[str], num_threads: int):
+def encode_texts(tok: Tokenizer, texts: list[str], num_threads: int):
   """(flat uint32 tokens with `<eod>` after each text, per-text lengths) of one batch."""
   ids = [np.asarray(x + [tok.eod_id], TOKEN_DTYPE) for x in tok.encode_batch(texts, num_threads)]
   return np.concatenate(ids), np.asarray([len(x) for x in ids], np.int64)
@@ -116,16 +126,16 @@ def _init_worker(tokenizer_path: str, newline_token: str | None):
 
 
 def _encode_in_worker(texts: list[str]):
-  return _encode_batch(_worker_tokenizer, texts, 1)
+  return encode_texts(_worker_tokenizer, texts, 1)
 
 
 def _encoded(batches: Iterable[list[str]], tok: Tokenizer, newline_token: str | None,
              workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """`_encode_batch` of every batch, in order. workers > 1: that many processes encode ahead
-  (at most 2 batches each in flight, so memory stays bounded); 1: here, in SentencePiece's
-  own thread pool."""
+  """`_encode_batch` of every batch, in order, on `workers` cores: 1 here, on one thread; more
+  in that many processes, each encoding ahead (at most 2 batches each in flight, so memory
+  stays bounded)."""
   if workers == 1:
-    yield from (_encode_batch(tok, texts, -1) for texts in batches)
+    yield from (encode_texts(tok, texts, 1) for texts in batches)
     return
   ctx = multiprocessing.get_context('spawn')  # no fork of a process that may hold JAX threads
   with ctx.Pool(workers, _init_worker, (tok.model_path, newline_token)) as pool:
@@ -138,7 +148,7 @@ def _encoded(batches: Iterable[list[str]], tok: Tokenizer, newline_token: str | 
       yield pending.popleft().get()
 
 
-def _text_batches(docs: Iterable[corpus.Document], counts: dict, bar) -> Iterator[list[str]]:
+def text_batches(docs: Iterable[corpus.Document], counts: dict, bar) -> Iterator[list[str]]:
   """The non-empty, valid texts of `docs` in batches of about `_ENCODE_BATCH_BYTES`; empty and
   invalid documents are counted in `counts` (the first few invalid ones logged)."""
   batch, batch_bytes = [], 0
@@ -207,7 +217,7 @@ def prepare_documents(
     counts = dict(empty=0, invalid=0)
     bar = tqdm.tqdm(total=total_bytes, unit='B', unit_scale=True, desc='prepare',
                     disable=not progress)
-    batches = _text_batches(documents(), counts, bar)
+    batches = text_batches(documents(), counts, bar)
     for flat, lengths in _encoded(batches, tok, newline_token, workers):
       for start, stop in zip(np.cumsum(lengths) - lengths, np.cumsum(lengths)):
         writer.add(flat[start:stop])
@@ -217,8 +227,7 @@ def prepare_documents(
     manifest = dict(
         format=FORMAT,
         tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
-        tokenizer_sha256=_file_sha256(tokenizer_path),
-        vocab_size=tok.vocab_size,
+        **tokenizer_fingerprint(tokenizer_path, tok.vocab_size),
         eod_id=tok.eod_id,
         newline_token=newline_token,
         dtype=np.dtype(TOKEN_DTYPE).name,
@@ -227,6 +236,8 @@ def prepare_documents(
         num_skipped_empty=counts['empty'],
         num_skipped_invalid=counts['invalid'],
         shards=writer.shards,
+        cut='tokens',  # a shard closes at shard_tokens tokens or more (beam_prepare: by files)
+        shard_tokens=shard_tokens,
         **(extra or {}),
     )
     with open(os.path.join(tmp, MANIFEST), 'w') as f:

@@ -39,7 +39,8 @@ class ShardedIterator(grain.DatasetIterator):
 def check_source(data_cfg, process_count: int, platform: str) -> None:
   """A multi-process run on accelerators must name its data: without `data.path` it would
   train a large model on the embedded stdlib corpus (a few MB, a 4096-token tokenizer)."""
-  if data_cfg.path is None and process_count > 1 and platform != 'cpu':
+  if data_cfg.path is None and not data_cfg.get(
+      'mixture') and process_count > 1 and platform != 'cpu':
     raise ValueError(
         f'data.path is not set: a {process_count}-process {platform} run would train on the '
         'embedded Python-stdlib corpus; prepare shards (python -m yuanjax.data prepare), copy them '
