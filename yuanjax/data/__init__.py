@@ -2,9 +2,11 @@
 
   python -m yuanjax.data --help            # tokenizer | prepare | default | inspect
 
-Modules: `corpus` (reading .txt/.jsonl inputs, the stdlib default corpus), `tokenizer`
-(`Tokenizer`, training), `prepare` (writing/reading shards, `ensure_default_data`),
-`pipeline` (`data_config`, `make_datasets`, `make_pipeline`). The shard writer is
+Modules: `corpus` (reading .txt/.jsonl(.gz/.zst)/.parquet inputs, the stdlib default corpus),
+`storage` (local paths and gs:// URLs, the GCS emulator), `tokenizer` (`Tokenizer`, training),
+`prepare` (writing/reading shards, `ensure_default_data`), `pipeline` (`data_config`,
+`make_datasets`, `make_pipeline`, mixtures), `streams` (a process's input streams),
+`beam_prepare` (prepare as an Apache Beam pipeline; its own environment). The shard writer is
 `yuanjax.data.prepare.prepare` (not re-exported: it would shadow its module).
 """
 from yuanjax.data.corpus import InputError
