@@ -43,7 +43,7 @@ import os
 import numpy as np
 from IPython.display import Markdown, display
 
-from yuanjax import loader, workdir
+from yuanjax import config_lib, loader, workdir
 from yuanjax.analysis import notebook, plots, texts
 from yuanjax.analysis import routing as routing_lib
 from yuanjax.analysis import stats
@@ -53,6 +53,7 @@ SMOKE = notebook.smoke()
 CHECKPOINT = os.environ.get('YUANJAX_CHECKPOINT')
 TEXT_SETS = os.environ.get('YUANJAX_TEXT_SETS')
 ROWS, SEQ_LEN = (2, 32) if SMOKE else (16, 256)       # texts per domain, tokens per text
+COLLAPSE_SHARE = config_lib.base_config().train.collapse_top_k_share   # the trainer's flag
 
 if CHECKPOINT is None:
   CHECKPOINT = notebook.workdir('quickstart')
@@ -92,19 +93,27 @@ print({n: len(rows[n]) for n in names}, 'rows of', SEQ_LEN, 'tokens;',
 # ## Relative expert load per layer
 #
 # Each expert's share of the routed slots divided by the balanced share k/E (DeepSeek-V3):
-# 1 (white) is balanced, red overloaded, blue starved. MaxVio = max ÷ mean − 1.
+# 1 (white) is balanced, red overloaded, blue starved. MaxVio = max ÷ mean − 1. The top-k share
+# is what the k most loaded experts take: k/E when balanced, 1 when every token goes to the same
+# k experts; above `config.train.collapse_top_k_share` (0.9) the layer is flagged collapsed, as
+# the trainer's log flags it.
 
 # %%
 load = stats.expert_load(r.experts_MxBxLxK, E, r.mask_BxL)
 fig = plots.relative_load_heatmap(stats.relative_load(load), r.layers_M)
 entropy = stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL)
+margin = stats.top1_margin(r.probs_MxBxLxE, r.mask_BxL)
 same = stats.same_expert_as_previous(r.experts_MxBxLxK, r.mask_BxL)
+collapsed = dict(stats.collapsed_layers(load, K, COLLAPSE_SHARE))
+table = zip(r.layers_M, stats.max_vio(load), stats.dead_experts(load),
+            stats.top_k_load_share(load, K), entropy, stats.expert_diversity(entropy, E), margin,
+            same)
 display(Markdown(notebook.markdown_table(
-    ['layer', 'MaxVio', 'dead experts', 'router entropy (nats)', 'diversity exp(H)/E',
-     'same 1st expert as previous token'],
-    [[int(layer), float(v), int(d), float(h), float(dv), float(s)] for layer, v, d, h, dv, s in
-     zip(r.layers_M, stats.max_vio(load), stats.dead_experts(load), entropy,
-         stats.expert_diversity(entropy, E), same)])))
+    ['layer', 'MaxVio', 'dead experts', f'top-{K} share', 'collapsed', 'router entropy (nats)',
+     'diversity exp(H)/E', 'top-1 margin p1−p2', 'same 1st expert as previous token'],
+    [[int(layer), float(v), int(d), float(sh), 'yes' if m in collapsed else 'no', float(h),
+      float(dv), float(mg), float(s)]
+     for m, (layer, v, d, sh, h, dv, mg, s) in enumerate(table)])))
 
 # %% [markdown]
 # ## Tokens coloured by their first-choice expert (Mixtral §5)
@@ -150,17 +159,27 @@ else:
   print(f'{cfg.router.type} router: no expert x expert matrix (Attention Router only)')
 
 # %% [markdown]
-# ## Router entropy and expert diversity per layer
+# ## Router entropy, expert diversity and the top-1 margin per layer
 #
 # Entropy of the router's probabilities (log E = uniform) and exp(H)/E: the share of experts the
 # router effectively spreads its probability over. Low values mean confident routing.
+#
+# Entropy and diversity describe each token's probabilities, not where the tokens go. A layer
+# can show an entropy near log E (diversity near 1) beside a load where every token goes to the
+# same k experts: the probabilities are nearly uniform, but a small preference shared by all
+# tokens still puts the same experts on top. The top-1 margin p1 − p2 (the largest probability
+# minus the second, mean over tokens) shows it: near 0 the choice hangs on a sliver (and the
+# combine weights are nearly equal); near 1 the router is sure. A collapsed load with a small
+# margin is that case; a collapsed load with a large margin is a router that learned to prefer
+# those experts.
 
 # %%
 fig = plots.per_layer({'entropy (nats)': entropy}, r.layers_M, ylabel='nats',
                       title='router entropy', hlines={f'log E = {np.log(E):.2f}': np.log(E)})
 fig = plots.per_layer({'diversity exp(H)/E': stats.expert_diversity(entropy, E),
+                       'top-1 margin p1 − p2': margin,
                        'same first expert as previous token': same}, r.layers_M,
-                      ylabel='fraction', title='diversity and consecutive-token agreement',
+                      ylabel='fraction', title='diversity, top-1 margin, consecutive agreement',
                       hlines={'1/E (chance agreement)': 1 / E})
 
 # %% [markdown]

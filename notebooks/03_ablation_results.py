@@ -94,8 +94,8 @@ display(Markdown(report.markdown(rows, report.compare(rows))))
 # %% [markdown]
 # ## Curves
 #
-# Eval loss against training tokens (mean over seeds, band: min..max), then every run's training
-# loss.
+# Eval loss against training tokens (mean over seeds, band: min..max; a marker per eval), then
+# every run's training loss, one colour per variant (its seeds share it).
 
 # %%
 series = {}
@@ -107,16 +107,18 @@ fig = plots.mean_with_band(series, title='eval loss')
 # %%
 fig = plots.curves({f'{short(r.variant)} seed {r.seed}':
                     ([x['step'] for x in r.train], [x['loss'] for x in r.train])
-                    for r in runs if r.train}, title='training loss per run')
+                    for r in runs if r.train}, title='training loss per run',
+                   groups={f'{short(r.variant)} seed {r.seed}': short(r.variant) for r in runs})
 
 # %% [markdown]
 # ## Where the tokens went
 #
 # Relative expert load (load ÷ balanced load) per layer over the last quarter of training, one
-# heatmap per variant (the `shared` variant's always-on experts are not in it).
+# panel per variant on one colour scale (the `shared` variant's always-on experts are not in
+# it). Each layer's experts are sorted by load before the mean over seeds: expert numbers are
+# arbitrary per initialisation, and a mean by number would average the imbalance away.
 
 # %%
-for row in rows:
-  if 'relative_load' in row:
-    fig = plots.relative_load_heatmap(np.array(row['relative_load']),
-                                      title=f"{short(row['variant'])}: relative load")
+fig = plots.relative_load_panels({short(row['variant']): np.array(row['relative_load_sorted'])
+                                  for row in rows if 'relative_load_sorted' in row},
+                                 sorted_experts=True)

@@ -1,4 +1,7 @@
 """yuanjax.metrics' device tables: which entry each JAX device_kind string finds."""
+import logging
+
+import numpy as np
 import pytest
 
 from yuanjax import metrics
@@ -39,3 +42,16 @@ def test_memory_bandwidth_by_device_kind(kind, bandwidth):
 ])
 def test_peak_flops_by_device_kind(kind, peak):
   assert metrics.peak_flops(kind) == peak
+
+
+def test_log_collapse_warns_for_a_top_2_collapse(caplog):
+  """The trainer's flag: layer 1 (every token on experts 2 and 7 of 8) warns, layer 0
+  (balanced) does not."""
+  load = np.full((2, 8), 1 / 8)
+  load[1] = 0.0
+  load[1, [2, 7]] = 0.5
+  with caplog.at_level(logging.WARNING):
+    assert metrics.log_collapse(5, load, top_k=2, threshold=0.9) == [(1, 1.0)]
+  assert 'step 5: router of MoE layer 1 collapsed: its 2 most loaded experts of 8 take 100.0%' \
+      in caplog.text
+  assert 'layer 0' not in caplog.text

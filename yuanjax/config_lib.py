@@ -316,8 +316,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(t.data_shards == 0 or t.batch_size % t.data_shards == 0, 'train.data_shards',
          t.data_shards, f'must divide train.batch_size={t.batch_size}')
   step_guard.check_config(t)
-  _check(0.0 <= t.collapse_threshold <= 1.0, 'train.collapse_threshold', t.collapse_threshold,
-         'must be in [0, 1]')
+  _check(0.0 <= t.collapse_top_k_share <= 1.0, 'train.collapse_top_k_share',
+         t.collapse_top_k_share, 'must be in [0, 1]')
   _check(o.lr > 0, 'optimizer.lr', o.lr, 'must be > 0')
   _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio', o.min_lr_ratio,
          'must be in [0, 1]')
@@ -377,7 +377,7 @@ def base_config() -> ml_collections.ConfigDict:
               sample_tokens=32,
               sample_prompt='def ',
               progress=True,
-              collapse_threshold=0.25,  # flag a layer whose load spreads over < 25% of experts
+              collapse_top_k_share=0.9,  # flag a layer whose k busiest experts take > 90%
               **step_guard.defaults().to_dict()),  # on_nonfinite='halt', skip_spikes=False, ...
           optimizer=dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
                          weight_decay=0.1, clip_norm=1.0),

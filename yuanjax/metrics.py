@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from yuanjax import publish, workdir as workdir_lib
+from yuanjax.analysis import stats
 
 # Dense bf16 peak FLOP/s per chip, from vendor spec sheets (H100 SXM: 989 TF dense; we
 # measured 797 TF/s for a bf16 8192^3 matmul through JAX, see ../shared notes). Matched like
@@ -103,24 +104,6 @@ def _strict(v):
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
-def effective_experts(load_E) -> float:
-  """exp(entropy) of the load distribution: E when balanced, 1 when all on one expert."""
-  p = np.asarray(load_E, np.float64)
-  p = p[p > 0]
-  return float(math.exp(-(p * np.log(p)).sum()))
-
-
-def collapsed_layers(load_LxE, threshold: float) -> list[tuple[int, float]]:
-  """(layer, effective experts) for MoE layers whose load spreads over fewer than
-  threshold * E effective experts."""
-  out = []
-  for i, load in enumerate(np.asarray(load_LxE)):
-    eff = effective_experts(load)
-    if eff < threshold * load.shape[-1]:
-      out.append((i, eff))
-  return out
-
-
 def flatten(metrics: dict, prefix: str = '') -> dict[str, float]:
   """{'moe': {'load': [L, E]}} -> {'moe/load/layer_0/expert_0': ...}; scalars as float."""
   out = {}
@@ -192,11 +175,14 @@ def summary_line(step: int, num_steps: int, s: dict[str, float]) -> str:
   return ' | '.join(parts)
 
 
-def log_collapse(step: int, load_LxE, threshold: float) -> list[tuple[int, float]]:
-  bad = collapsed_layers(load_LxE, threshold)
-  for layer, eff in bad:
+def log_collapse(step: int, load_LxE, top_k: int, threshold: float) -> list[tuple[int, float]]:
+  """Warns about each MoE layer whose `top_k` most loaded experts take more than `threshold`
+  of the routed slots (analysis.stats.collapsed_layers); returns those layers."""
+  bad = stats.collapsed_layers(load_LxE, top_k, threshold)
+  E = np.shape(load_LxE)[-1]
+  for layer, share in bad:
     logging.warning(
-        'step %d: router of MoE layer %d collapsed: load spread over %.1f of %d '
-        'experts (threshold %.0f%%)', step, layer, eff,
-        np.asarray(load_LxE).shape[-1], 100 * threshold)
+        'step %d: router of MoE layer %d collapsed: its %d most loaded experts of %d take %.1f%% '
+        'of the routed slots (balanced: %.1f%%; threshold %.0f%%)', step, layer, top_k, E,
+        100 * share, 100 * top_k / E, 100 * threshold)
   return bad

@@ -15,8 +15,9 @@ the first D):
                    mean difference with its 95% t interval, the difference the study's
                    seeds detect with 80% power, and both at every evaluated token count
   eval_loss.png    eval loss vs training tokens, per variant: mean over seeds, band min..max
-  expert_load.png  relative expert load (load / balanced load) per layer x expert, one panel
-                   per MoE variant (DeepSeek-V3 style; not written when no variant has MoE)
+  expert_load.png  relative expert load (load / balanced load) per layer, each layer's experts
+                   sorted by load (most loaded first) before the mean over seeds, one panel per
+                   MoE variant on one colour scale (not written when no variant has MoE)
   paired_gap.png   the paired gap to the first variant vs training tokens, 95% t band
 
 and prints the table. Only finished runs (status `done` in the manifest and an eval line
@@ -29,7 +30,13 @@ eval_tokens, eval_loss_mean, eval_loss_std (over seeds, ddof 1), eval_losses, to
 active_params, router_params (yuanjax.stats), tokens_per_s (train, mean over seeds; the
 first logged interval, which includes compilation, left out), max_load (max relative load
 over layers x experts), max_vio (mean over layers), expert_diversity (exp(router entropy)/E),
-dropped_fraction, dead_experts (summed over layers).
+dropped_fraction, dead_experts and collapsed_layers (summed over layers; collapsed: the top-k
+experts take more than train.collapse_top_k_share of the slots), each per seed, then the mean
+over seeds; relative_load_by_seed ({seed: [L, E]}) and relative_load_sorted (each seed's
+[L, E] with every layer sorted largest first, then the mean over seeds). Expert indices are
+not aligned across seeds (each initialisation numbers its experts arbitrarily), so an [L, E]
+map averaged over seeds would average the imbalance away; the sorted one keeps it: its first
+column is each layer's max load, averaged over seeds.
 """
 from __future__ import annotations
 
@@ -150,9 +157,11 @@ def run_stats(run: Run) -> dict:
   if num_moe_layers(run):
     load = np.mean([load_matrix(r, num_moe_layers(run), m.num_experts) for r in late], axis=0)
     rel = stats.relative_load(load)
+    collapsed = stats.collapsed_layers(load, m.router.top_k, t.collapse_top_k_share)
     out.update(
         relative_load=rel, max_load=float(rel.max()), max_vio=float(stats.max_vio(load).mean()),
-        dead_experts=int(stats.dead_experts(load).sum()), expert_diversity=float(
+        dead_experts=int(stats.dead_experts(load).sum()), collapsed_layers=len(collapsed),
+        expert_diversity=float(
             np.mean(stats.expert_diversity([r['moe/entropy'] for r in late], m.num_experts))),
         dropped_fraction=float(np.mean([r['moe/dropped_fraction'] for r in late])))
   return out
@@ -183,11 +192,15 @@ def variant_row(variant: str, runs: list[Run]) -> dict:
              eval_loss_mean=float(np.mean(losses)),
              eval_loss_std=float(np.std(losses, ddof=1)) if len(losses) > 1 else float('nan'),
              tokens_per_s=float(np.mean([s['tokens_per_s'] for s in per_run])))
-  for key in ('max_load', 'max_vio', 'expert_diversity', 'dropped_fraction', 'dead_experts'):
+  for key in ('max_load', 'max_vio', 'expert_diversity', 'dropped_fraction', 'dead_experts',
+              'collapsed_layers'):
     if key in per_run[0]:
       row[key] = float(np.mean([s[key] for s in per_run]))
   if 'relative_load' in per_run[0]:
-    row['relative_load'] = np.mean([s['relative_load'] for s in per_run], axis=0).tolist()
+    row['relative_load_by_seed'] = {str(r.seed): s['relative_load'].tolist()
+                                    for r, s in zip(done, per_run)}
+    row['relative_load_sorted'] = np.mean(
+        [stats.sorted_by_load(s['relative_load']) for s in per_run], axis=0).tolist()
   tokens, curves = eval_curve(runs)
   row['eval_curve'] = dict(tokens=tokens.tolist(), losses={
       str(r.seed): c.tolist() for r, c in zip(done, curves)
@@ -262,7 +275,7 @@ COLUMNS = [('variant', 'variant', 's'), ('seeds', 'seeds', 's'), ('tokens', 'tok
            ('active_params', 'active', ',d'), ('router_params', 'router', ',d'),
            ('tokens_per_s', 'tok/s', ',.0f'), ('max_load', 'max load', '.2f'),
            ('expert_diversity', 'diversity', '.3f'), ('dropped_fraction', 'dropped', '.3f'),
-           ('dead_experts', 'dead', '.1f')]
+           ('dead_experts', 'dead', '.1f'), ('collapsed_layers', 'collapsed', '.1f')]
 
 
 def markdown(rows: list[dict], comparisons: list[dict]) -> str:
@@ -361,9 +374,14 @@ def write_plots(groups: dict[str, list[Run]], rows: list[dict], comparisons: lis
   curves = {label[v]: c for v, runs in groups.items() if (c := eval_curve(runs)) is not None}
   _save(plots.mean_with_band(curves, title='Eval loss (mean, band: min..max)'),
         os.path.join(out_dir, 'eval_loss.png'))
-  loads = {label[r['variant']]: r['relative_load'] for r in rows if 'relative_load' in r}
+  loads = {
+      f'{label[r["variant"]]} (mean of {len(r["seeds"])} seeds)': r['relative_load_sorted']
+      for r in rows
+      if 'relative_load_sorted' in r
+  }
   if loads:
-    _save(plots.relative_load_panels(loads), os.path.join(out_dir, 'expert_load.png'))
+    _save(plots.relative_load_panels(loads, sorted_experts=True),
+          os.path.join(out_dir, 'expert_load.png'))
   gaps = {
       f'{label[c["variant"]]} ({g[-1]["n"]} seeds)': _columns(g)
       for c in comparisons

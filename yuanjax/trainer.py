@@ -149,6 +149,7 @@ class _Logger:
 
   def __init__(self, config, writer, start: int, is_main: bool):
     self.tcfg, self.writer, self.is_main = config.train, writer, is_main
+    self.top_k = config.model.router.top_k
     self.tokens_per_step = config.train.batch_size * config.train.seq_len
     self.flops_per_token = metrics_lib.train_flops_per_token(config)
     self.device_kind, self.num_devices = jax.devices()[0].device_kind, jax.device_count()
@@ -181,7 +182,8 @@ class _Logger:
     for name, rows in zip(self.sources, self.source_rows):
       s[f'data/share/{name}'] = float(rows / max(self.source_rows.sum(), 1))
     if 'moe' in m:
-      bad = metrics_lib.log_collapse(step, m['moe']['load'], self.tcfg.collapse_threshold)
+      bad = metrics_lib.log_collapse(step, m['moe']['load'], self.top_k,
+                                     self.tcfg.collapse_top_k_share)
       s['moe/collapsed_layers'] = float(len(bad))
     return s
 

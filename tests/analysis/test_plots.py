@@ -62,3 +62,25 @@ def test_domain_bars_and_bands():
   fig = plots.mean_with_band({'a': ([10, 20], y)})
   np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), [4.0, 3.0])
   assert fig.legends[0].get_texts()[0].get_text() == 'a (2 seeds)'
+
+
+def test_sorted_panels_label_experts_by_load_rank():
+  fig = plots.relative_load_panels({'a': np.array([[3.0, 1.0, 0.0]])}, sorted_experts=True)
+  ax = fig.axes[0]
+  assert ax.get_xlabel() == 'experts by load, most loaded first'
+  assert [t.get_text() for t in ax.get_xticklabels()] == ['1', '2', '3']
+
+
+def test_curves_mark_eval_points_and_colour_by_variant():
+  """Seeds of a variant share one colour and one legend entry; a 3-point curve is marked, a
+  100-point one is not."""
+  steps = list(range(100))
+  runs = {'a s0': (steps, steps), 'a s1': (steps, steps), 'b s0': (steps, steps),
+          'eval': ([0, 50, 99], [3.0, 2.0, 1.0])}
+  groups = {'a s0': 'a', 'a s1': 'a', 'b s0': 'b', 'eval': 'eval'}
+  fig = plots.curves(runs, groups=groups)
+  lines = fig.axes[0].lines
+  colours = [mcolors.to_hex(l.get_color()) for l in lines]
+  assert colours[0] == colours[1] and len(set(colours)) == 3
+  assert [l.get_marker() for l in lines] == ['None', 'None', 'None', 'o']
+  assert [t.get_text() for t in fig.legends[0].get_texts()] == ['a', 'b', 'eval']

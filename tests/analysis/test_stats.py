@@ -73,3 +73,34 @@ def test_same_expert_as_previous():
   np.testing.assert_allclose(stats.same_expert_as_previous(first), [4 / 6])
   mask = np.array([[True, True, True, True], [True, True, False, False]])
   np.testing.assert_allclose(stats.same_expert_as_previous(first, mask), [3 / 4])
+
+
+def _routed_load(experts_NxK, num_experts=8):
+  """[1, E] load of one layer whose tokens go to `experts_NxK`."""
+  return stats.expert_load(np.asarray(experts_NxK)[None], num_experts)
+
+
+def test_collapse_onto_top_k_is_flagged_balanced_is_not():
+  """Top-2 of 8: every token on experts 2 and 7 is a collapse (share 1); the effective expert
+  count exp(H) of that load is 2, which the old rule `exp(H) < 0.25 * 8` never flagged."""
+  collapsed = _routed_load([[2, 7]] * 64)
+  balanced = _routed_load([[(2 * i) % 8, (2 * i + 1) % 8] for i in range(64)])
+  np.testing.assert_allclose(stats.top_k_load_share(collapsed, 2), [1.0])
+  np.testing.assert_allclose(stats.top_k_load_share(balanced, 2), [2 / 8])
+  p = collapsed[0][collapsed[0] > 0]
+  assert np.isclose(np.exp(-(p * np.log(p)).sum()), 2.0)  # not < 0.25 * 8
+  both = np.concatenate([balanced, collapsed])
+  assert stats.collapsed_layers(both, top_k=2, threshold=0.9) == [(1, 1.0)]
+  assert stats.collapsed_layers(balanced, top_k=2, threshold=0.9) == []
+  # Top-1 of 4 with 95% of tokens on one expert; and k >= E (always share 1) is never flagged.
+  assert stats.collapsed_layers([[0.95, 0.05, 0, 0]], top_k=1, threshold=0.9) == [(0, 0.95)]
+  assert stats.collapsed_layers([[0.5, 0.5]], top_k=2, threshold=0.9) == []
+
+
+def test_top1_margin_by_hand():
+  probs = np.array([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]],
+                    [[0.34, 0.33, 0.33], [0.34, 0.33, 0.33]]])  # [M=2, N=2, E=3]
+  np.testing.assert_allclose(stats.top1_margin(probs), [(0.2 + 0.7) / 2, 0.01])
+  np.testing.assert_allclose(stats.top1_margin(probs, np.array([False, True])), [0.7, 0.01])
+  # Near-uniform probabilities with a fixed argmax: entropy near log E, margin near 0.
+  assert stats.router_entropy(probs)[1] > 0.999 * np.log(3)

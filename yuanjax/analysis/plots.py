@@ -20,9 +20,11 @@ def relative_load_heatmap(rel_load_MxE, layers_M=None, title='relative expert lo
   return relative_load_panels({title: rel_load_MxE}, layers_M)
 
 
-def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None):
+def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None,
+                         sorted_experts: bool = False):
   """relative_load_heatmap for each {title: [M, E]} (e.g. one per variant of a sweep; their
-  shapes may differ), stacked, on one colour scale."""
+  shapes may differ), stacked, on one colour scale. sorted_experts: each row holds a layer's
+  loads largest first (`stats.sorted_by_load`, what a mean over seeds needs), not by index."""
   rels = [np.asarray(r) for r in rel_loads.values()]
   width = min(2 + 0.35 * max(r.shape[1] for r in rels), 14)
   heights = [1.2 + 0.3 * r.shape[0] for r in rels]
@@ -33,7 +35,9 @@ def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None):
   for ax, title, rel in zip(axes[:, 0], rel_loads, rels):
     M, E = rel.shape
     im = ax.imshow(rel, cmap='RdBu_r', aspect='auto', norm=norm)
-    ax.set(xlabel='expert', ylabel='layer', title=title, xticks=range(E), yticks=range(M),
+    ax.set(xlabel='experts by load, most loaded first' if sorted_experts else 'expert',
+           ylabel='layer', title=title, xticks=range(E), yticks=range(M),
+           xticklabels=range(1, E + 1) if sorted_experts else range(E),
            yticklabels=_layer_labels(layers_M, M))
     fig.colorbar(im, ax=ax, label='load ÷ balanced load')
   fig.tight_layout()
@@ -143,12 +147,23 @@ def colored_tokens(pieces: Sequence[str], experts: Sequence[int], num_experts: i
   return fig
 
 
+MARKED_POINTS = 30  # curves of at most this many points (eval curves) mark every point
+
+
 def curves(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel='step',
-           ylabel='loss', title='', logy=False):
-  """One line per run: {name: (x, y)}."""
+           ylabel='loss', title='', logy=False, groups: Mapping[str, str] | None = None):
+  """One line per run: {name: (x, y)}; a run of at most MARKED_POINTS points marks each one (a
+  2-point eval curve is two measurements, not a measured line). groups: {name: variant}: the
+  runs of a variant share one colour and one legend entry (its seeds are not told apart)."""
   fig, ax = plt.subplots(figsize=(8, 3.5), layout='constrained')
+  groups = groups or {name: name for name in runs}
+  colors = {g: f'C{i}' for i, g in enumerate(dict.fromkeys(groups.values()))}
+  labelled = set()
   for name, (x, y) in runs.items():
-    ax.plot(x, y, label=name)
+    group = groups[name]
+    ax.plot(x, y, color=colors[group], marker='o' if len(x) <= MARKED_POINTS else None, ms=4,
+            label=None if group in labelled else group)
+    labelled.add(group)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   if logy:
     ax.set_yscale('log')

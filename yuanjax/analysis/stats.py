@@ -21,6 +21,12 @@ def relative_load(load_LxE) -> np.ndarray:
   return load * load.shape[-1] / np.where(total > 0, total, 1.0)
 
 
+def sorted_by_load(rel_load_LxE) -> np.ndarray:
+  """Each layer's loads, largest first. Expert indices mean nothing across seeds (or runs, or
+  layers): average these, never the [L, E] maps, or the imbalance averages away."""
+  return -np.sort(-np.asarray(rel_load_LxE, np.float64), axis=-1)
+
+
 def max_vio(load_LxE) -> np.ndarray:
   """MaxVio per layer (Loss-Free Balancing): max load ÷ mean load − 1; 0 when balanced."""
   return relative_load(load_LxE).max(axis=-1) - 1.0
@@ -29,6 +35,25 @@ def max_vio(load_LxE) -> np.ndarray:
 def dead_experts(load_LxE, threshold: float = DEAD_THRESHOLD) -> np.ndarray:
   """Per layer, how many experts get less than `threshold` of their balanced share."""
   return (relative_load(load_LxE) < threshold).sum(axis=-1)
+
+
+def top_k_load_share(load_LxE, top_k: int) -> np.ndarray:
+  """Per layer, the share of the routed slots the `top_k` most loaded experts take: k/E when
+  balanced, 1 when every token goes to the same k experts (a top-k collapse)."""
+  load = np.asarray(load_LxE, np.float64)
+  top_Lxk = np.sort(load, axis=-1)[..., ::-1][..., :top_k]
+  return top_Lxk.sum(axis=-1) / np.maximum(load.sum(axis=-1), 1e-30)
+
+
+def collapsed_layers(load_LxE, top_k: int, threshold: float) -> list[tuple[int, float]]:
+  """(layer, top-k load share) of the layers whose `top_k` most loaded experts take more than
+  `threshold` of the routed slots. Not the effective expert count exp(H) < c·E: a collapse
+  onto k experts has exp(H) ≈ k, which that rule misses whenever k ≥ c·E. With k ≥ E every
+  layer has share 1 and none is flagged."""
+  if top_k >= np.shape(load_LxE)[-1]:
+    return []
+  share_L = top_k_load_share(load_LxE, top_k)
+  return [(i, float(s)) for i, s in enumerate(share_L) if s > threshold]
 
 
 def expert_diversity(entropy_nats, num_experts: int):
@@ -90,6 +115,14 @@ def router_entropy(probs_Mx___xE, mask=None) -> np.ndarray:
   p = _tokens(probs_Mx___xE, mask, 1).astype(np.float64)
   plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
   return -plogp.sum(axis=-1).mean(axis=-1)
+
+
+def top1_margin(probs_Mx___xE, mask=None) -> np.ndarray:
+  """[M]: mean over tokens of p1 - p2, the router's largest probability minus its second.
+  Entropy near log E says the probabilities are near uniform; a small margin beside a
+  collapsed load says a slight, token-independent preference still picks the same experts."""
+  p = np.sort(_tokens(probs_Mx___xE, mask, 1).astype(np.float64), axis=-1)
+  return (p[..., -1] - p[..., -2]).mean(axis=-1)
 
 
 def saturation(experts_Mx___xK, final_experts_Mx___xK, mask=None) -> np.ndarray:
