@@ -45,12 +45,12 @@ def test_report_numbers_match_metrics(study):
       np.testing.assert_allclose(row['relative_load_by_seed'][str(seed)], rel, rtol=1e-12)
     expected = np.mean([-np.sort(-rel, axis=-1) for rel in rels], axis=0)
     np.testing.assert_allclose(row['relative_load_sorted'], expected, rtol=1e-12)
-    np.testing.assert_allclose(np.array(row['relative_load_sorted'])[:, 0],
-                               np.mean([rel.max(-1) for rel in rels], axis=0), rtol=1e-12)
-    np.testing.assert_allclose(row['max_load'], np.mean([rel.max() for rel in rels]))
     np.testing.assert_allclose(
-        row['collapsed_layers'],
-        np.mean([len(stats.collapsed_layers(l, 2, 0.9)) for l in loads]))
+        np.array(row['relative_load_sorted'])[:, 0], np.mean([rel.max(-1) for rel in rels], axis=0),
+        rtol=1e-12)
+    np.testing.assert_allclose(row['max_load'], np.mean([rel.max() for rel in rels]))
+    np.testing.assert_allclose(row['collapsed_layers'],
+                               np.mean([len(stats.collapsed_layers(l, 2, 0.9)) for l in loads]))
     entropy = [train[-1]['moe/entropy'] for _, train in evals]
     np.testing.assert_allclose(row['expert_diversity'], np.mean(np.exp(entropy) / 8))
   assert rows[1]['router_params'] == rows[0]['router_params'] // 3  # W vs Wq, Wk, Wv
@@ -62,12 +62,10 @@ def test_expert_load_heatmap_keeps_each_seeds_imbalance(tmp_path, monkeypatch):
   drawn = {}
   monkeypatch.setattr(report, '_save', lambda fig, path: drawn.setdefault(path, fig))
   rel = {0: np.array([[4.0, 0, 0, 0]]), 1: np.array([[0, 0, 0, 4.0]])}
-  runs = [
-      report.Run(f'r{s}', 'base', s, 'done', None, [], [dict(step=1, loss=1.0)]) for s in rel
-  ]
-  monkeypatch.setattr(report, 'run_stats',
-                      lambda run: dict(eval_loss=1.0, eval_tokens=1, tokens=1, tokens_per_s=1.0,
-                                       relative_load=rel[run.seed], max_load=4.0))
+  runs = [report.Run(f'r{s}', 'base', s, 'done', None, [], [dict(step=1, loss=1.0)]) for s in rel]
+  monkeypatch.setattr(
+      report, 'run_stats', lambda run: dict(eval_loss=1.0, eval_tokens=1, tokens=1, tokens_per_s=
+                                            1.0, relative_load=rel[run.seed], max_load=4.0))
   monkeypatch.setattr(report, 'eval_curve', lambda runs: (np.array([1]), np.ones((2, 1))))
   row = report.variant_row('base', runs)
   np.testing.assert_array_equal(row['relative_load_sorted'], [[4.0, 0, 0, 0]])  # not [2, 0, 0, 2]

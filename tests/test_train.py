@@ -252,6 +252,6 @@ def test_bad_data_is_an_error_naming_it_before_any_compile(tmp_path, cache):
   config.model.vocab_size = 256
   with pytest.raises(
       ValueError, match=r'model.vocab_size=256 is smaller than the tokenizer .*512, '
-      r'.*tokenizer.model'):
+      r'.*tokenizer.model\): add --config.model.vocab_size=512 '):
     trainer.train_and_evaluate(config, str(tmp_path / 'w3'))
   assert not os.path.exists(tmp_path / 'w3' / 'checkpoints')

@@ -316,8 +316,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check(t.data_shards == 0 or t.batch_size % t.data_shards == 0, 'train.data_shards',
          t.data_shards, f'must divide train.batch_size={t.batch_size}')
   step_guard.check_config(t)
-  _check(0.0 <= t.collapse_top_k_share <= 1.0, 'train.collapse_top_k_share',
-         t.collapse_top_k_share, 'must be in [0, 1]')
+  _check(0.0 <= t.collapse_top_k_share <= 1.0, 'train.collapse_top_k_share', t.collapse_top_k_share,
+         'must be in [0, 1]')
   _check(o.lr > 0, 'optimizer.lr', o.lr, 'must be > 0')
   _check(0.0 <= o.min_lr_ratio <= 1.0, 'optimizer.min_lr_ratio', o.min_lr_ratio,
          'must be in [0, 1]')

@@ -197,8 +197,9 @@ def variant_row(variant: str, runs: list[Run]) -> dict:
     if key in per_run[0]:
       row[key] = float(np.mean([s[key] for s in per_run]))
   if 'relative_load' in per_run[0]:
-    row['relative_load_by_seed'] = {str(r.seed): s['relative_load'].tolist()
-                                    for r, s in zip(done, per_run)}
+    row['relative_load_by_seed'] = {
+        str(r.seed): s['relative_load'].tolist() for r, s in zip(done, per_run)
+    }
     row['relative_load_sorted'] = np.mean(
         [stats.sorted_by_load(s['relative_load']) for s in per_run], axis=0).tolist()
   tokens, curves = eval_curve(runs)

@@ -194,6 +194,25 @@ class _Logger:
     self.last = s
 
 
+VOCAB_MULTIPLE = 128  # the vocab_size the error suggests is rounded up to this (MXU/tensor-core
+# friendly rows)
+
+
+def check_vocab(vocab_size: int, tokenizer) -> None:
+  """The model's embedding must have a row for every token id the tokenizer gives. The config
+  sets model.vocab_size (the trainer never changes it: the model that trained is the one its
+  config file and overrides rebuild, for generate, report, plan and stats alike)."""
+  n = tokenizer.vocab_size
+  if n > vocab_size:
+    fit = -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    raise ValueError(f'config.model.vocab_size={vocab_size} is smaller than the tokenizer '
+                     f'vocabulary ({n}, {tokenizer.model_path}): add '
+                     f'--config.model.vocab_size={fit} (a multiple of {VOCAB_MULTIPLE} that '
+                     f'holds it)')
+  logging.info('config.model.vocab_size=%d for a tokenizer of %d pieces (%s): %d rows unused',
+               vocab_size, n, tokenizer.model_path, vocab_size - n)
+
+
 def _halted(m) -> tuple[int, float, float] | None:
   """(step, loss, grad norm) of the step that halted the run, from fetched metrics/guard."""
   step = int(m['halted_at'])
@@ -217,9 +236,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Data.
   train_iter, make_eval_iter, tokenizer = streams.make_data(config)
-  if tokenizer.vocab_size > config.model.vocab_size:
-    raise ValueError(f'config.model.vocab_size={config.model.vocab_size} is smaller than the '
-                     f'tokenizer vocabulary ({tokenizer.vocab_size}, {tokenizer.model_path})')
+  check_vocab(config.model.vocab_size, tokenizer)
 
   # --- Model, optimizer and state: built abstractly, then initialised sharded.
   built = train_state.build(config, mesh)

@@ -75,8 +75,12 @@ def test_curves_mark_eval_points_and_colour_by_variant():
   """Seeds of a variant share one colour and one legend entry; a 3-point curve is marked, a
   100-point one is not."""
   steps = list(range(100))
-  runs = {'a s0': (steps, steps), 'a s1': (steps, steps), 'b s0': (steps, steps),
-          'eval': ([0, 50, 99], [3.0, 2.0, 1.0])}
+  runs = {
+      'a s0': (steps, steps),
+      'a s1': (steps, steps),
+      'b s0': (steps, steps),
+      'eval': ([0, 50, 99], [3.0, 2.0, 1.0])
+  }
   groups = {'a s0': 'a', 'a s1': 'a', 'b s0': 'b', 'eval': 'eval'}
   fig = plots.curves(runs, groups=groups)
   lines = fig.axes[0].lines

@@ -98,8 +98,8 @@ def test_collapse_onto_top_k_is_flagged_balanced_is_not():
 
 
 def test_top1_margin_by_hand():
-  probs = np.array([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]],
-                    [[0.34, 0.33, 0.33], [0.34, 0.33, 0.33]]])  # [M=2, N=2, E=3]
+  probs = np.array([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], [[0.34, 0.33, 0.33],
+                                                         [0.34, 0.33, 0.33]]])  # [M=2, N=2, E=3]
   np.testing.assert_allclose(stats.top1_margin(probs), [(0.2 + 0.7) / 2, 0.01])
   np.testing.assert_allclose(stats.top1_margin(probs, np.array([False, True])), [0.7, 0.01])
   # Near-uniform probabilities with a fixed argmax: entropy near log E, margin near 0.

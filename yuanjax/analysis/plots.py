@@ -37,8 +37,8 @@ def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None,
     im = ax.imshow(rel, cmap='RdBu_r', aspect='auto', norm=norm)
     ax.set(xlabel='experts by load, most loaded first' if sorted_experts else 'expert',
            ylabel='layer', title=title, xticks=range(E), yticks=range(M),
-           xticklabels=range(1, E + 1) if sorted_experts else range(E),
-           yticklabels=_layer_labels(layers_M, M))
+           xticklabels=range(1, E + 1) if sorted_experts else range(E), yticklabels=_layer_labels(
+               layers_M, M))
     fig.colorbar(im, ax=ax, label='load ÷ balanced load')
   fig.tight_layout()
   return fig
