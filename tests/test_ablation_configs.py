@@ -57,6 +57,9 @@ def test_sweeps():
   # Both studies train and evaluate the same way.
   assert experts.get_config().to_dict() == router.get_config().to_dict()
   assert experts.get_config('smoke').train.num_steps == 4
+  for arg in (None, 'gpu', 'long'):  # an eval curve of a few points, each marked, not 2
+    t = router.get_config(arg).train
+    assert t.num_steps % t.eval_every == 0 and t.num_steps // t.eval_every >= 4
 
 
 def test_long_study_is_paired_seed_by_seed():

@@ -40,6 +40,7 @@ def test_matrix_grid_spreads_panels_over_the_depth():
   panels = [ax for ax in fig.axes if ax.images]
   assert [ax.get_title() for ax in panels] == ['layer 0', 'layer 4', 'layer 9']  # 0, 4.5, 9
   np.testing.assert_array_equal(panels[2].images[0].get_array(), mats[9])
+  assert {ax.images[0].get_clim() for ax in panels} == {(0.0, 89.0)}  # one scale, all layers
 
 
 def test_colored_tokens_wraps_and_colours_by_expert():

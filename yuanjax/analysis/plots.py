@@ -147,7 +147,7 @@ def colored_tokens(pieces: Sequence[str], experts: Sequence[int], num_experts: i
   return fig
 
 
-MARKED_POINTS = 30  # curves of at most this many points (eval curves) mark every point
+MARKED_POINTS = 20  # curves of at most this many points (eval curves) mark every point
 
 
 def curves(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel='step',
