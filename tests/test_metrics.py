@@ -1,4 +1,5 @@
-"""yuanjax.metrics' device tables: which entry each JAX device_kind string finds."""
+"""yuanjax.metrics' device tables (which entry each JAX device_kind string finds) and its
+router-collapse warning."""
 import logging
 
 import numpy as np

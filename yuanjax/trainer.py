@@ -194,8 +194,7 @@ class _Logger:
     self.last = s
 
 
-VOCAB_MULTIPLE = 128  # the vocab_size the error suggests is rounded up to this (MXU/tensor-core
-# friendly rows)
+VOCAB_MULTIPLE = 128  # the error's suggested model.vocab_size is rounded up to a multiple of this
 
 
 def check_vocab(vocab_size: int, tokenizer) -> None:
