@@ -50,7 +50,7 @@ from collections.abc import Callable
 from launch import common, gpu_slurm, local, tpu_pod, xpk
 from yuanjax import publish, workdir as workdir_lib
 
-Named = list[tuple[str, argparse.Namespace]]  # (variant name, its backend args) per variant
+Named = list[tuple[str, argparse.Namespace | None]]  # (variant name, its backend args or None)
 
 
 def load_sweep(path: str, arg: str | None = None) -> list[dict]:
@@ -120,9 +120,22 @@ def runs(args) -> Named:
         *args.rest, f'--config={args.config}', f'--workdir={args.workdir.rstrip("/")}/{name}',
         *overrides.values()
     ]
-    named.append((name, backend.module.parse(argv)))
-  backend.distinct(args, named)  # so that variants do not overwrite each other
+    named.append((name, _parse_variant(backend, argv)))
+  if all(run is None for _, run in named):
+    raise SystemExit(2)  # refused whatever the variant: the sweep's own flags
+  backend.distinct(args, [(n, run) for n, run in named if run is not None])  # no overwriting
   return named
+
+
+def _parse_variant(backend, argv: list[str]) -> argparse.Namespace | None:
+  """The backend's args for one variant, or None when it refuses that variant alone (e.g. its
+  pre-flight: the message is on stderr): that variant fails and the others run."""
+  try:
+    return backend.module.parse(argv)
+  except SystemExit as e:
+    if not e.code:
+      raise
+    return None
 
 
 # ------------------------------------------------------------------------------- backends
@@ -243,6 +256,10 @@ def _run_one(name, plan, manifest, dry_run) -> int:
   if manifest.done(name):
     print(f'[sweep] variant {name}: done before, skipped', file=sys.stderr, flush=True)
     return 0
+  if plan is None:
+    print(f'[sweep] variant {name} refused by the launcher (above)', file=sys.stderr, flush=True)
+    manifest.set(name, 'failed', 2)
+    return 2
   if not dry_run:
     print(f'[sweep] variant {name}', file=sys.stderr, flush=True)
   manifest.set(name, 'running')
@@ -261,7 +278,7 @@ def main(argv=None) -> int:
   args = parse(argv)
   named = runs(args)
   launcher = BACKENDS[args.backend].module
-  plans = [(name, launcher.plan(run)) for name, run in named]  # all checked before any runs
+  plans = [(name, run and launcher.plan(run)) for name, run in named]  # checked before any runs
   manifest = Manifest(args, [(name, v) for (name, _), v in zip(named, args.variants)])
   if args.parallel == 1:  # in this thread: signals reach execute (a TPU slice's cleanup)
     codes = {name: _run_one(name, plan, manifest, args.dry_run) for name, plan in plans}

@@ -139,6 +139,28 @@ def test_a_backend_is_one_registry_entry(monkeypatch, cfg, capsys):
   assert '--parallel=2: not here' in capsys.readouterr().err
 
 
+def test_a_variant_the_launcher_refuses_fails_alone(monkeypatch, cfg, tmp_path, capsys):
+  """A launcher that refuses one variant (e.g. its pre-flight: exit 2) fails that variant,
+  recorded in the manifest, and the others still run; refusing every variant is the sweep's
+  own exit 2 (its flags)."""
+
+  def parse(argv):
+    if '--config.fail=True' in argv:
+      raise SystemExit(2)
+    return argparse.Namespace(argv=argv)
+
+  fake = types.SimpleNamespace(parse=parse, plan=lambda run: common.Plan(steps=[['true']]))
+  monkeypatch.setitem(sweep.BACKENDS, 'fake', sweep.Backend(fake, lambda args, named: None))
+  assert sweep.main([f'--config={cfg}:three', f'--workdir={tmp_path}', '--backend=fake']) == 1
+  runs = json.loads((tmp_path / 'sweep.json').read_text())['runs']
+  assert [(r['status'], r['returncode']) for r in runs] == [('done', 0), ('failed', 2), ('done', 0)]
+  assert 'train.seed=1+fail=True refused by the launcher' in capsys.readouterr().err
+  monkeypatch.setattr(fake, 'parse', lambda argv: parse(argv + ['--config.fail=True']))
+  with pytest.raises(SystemExit) as e:
+    sweep.main([f'--config={cfg}:three', f'--workdir={tmp_path}/all', '--backend=fake'])
+  assert e.value.code == 2
+
+
 def test_manifest_is_published_whole(tmp_path, cfg):
   """sweep.json is replaced atomically (yuanjax.publish): no temporary left, umask modes."""
   old = os.umask(0o022)
