@@ -13,8 +13,8 @@ Data: the embedded stdlib shards (`yuanjax.data.ensure_default_data`).
 2. Pipeline: `make_datasets` with configs/yuan_m32.py's data settings (seq 4096, FIM 0.5, SPM
    0.5, 2048-row shuffle window), one process, 8-row batches, timed for `--seconds` after the
    first batch (which fills the shuffle window): tokens/s per host. Against it: what one v5p host
-   (4 chips) consumes training M32 at 50% MFU = 4 x peak (yuanjax.metrics.peak_flops('TPU v5'))
-   x 0.5 / model FLOPs per token (yuanjax.metrics.train_flops_per_token, at seq 4096). The ratio
+   (4 chips) consumes training M32 at 50% MFU = 4 x peak (yuanjax.cost.peak_flops('TPU v5'))
+   x 0.5 / model FLOPs per token (yuanjax.cost.train_flops_per_token, at seq 4096). The ratio
    should be >= 3 (the pipeline runs in the host's spare cores while the chips compute).
 
 The last line printed is JSON with every figure.
@@ -77,7 +77,7 @@ def pipeline_figures(seconds: float, path: str | None = None, cache: str | None 
   """The M32 input pipeline's tokens/s on one host (shards at `path`; None: the embedded
   default on disk) and its ratio to a v5p host's consumption at 50% MFU."""
   import configs.yuan_m32 as m32
-  from yuanjax import metrics
+  from yuanjax import cost
   from yuanjax.data import make_datasets
   config = m32.get_config()
   config.data.update(dict(path=path, cache_dir=cache))
@@ -92,8 +92,8 @@ def pipeline_figures(seconds: float, path: str | None = None, cache: str | None 
     next(train)
     n += 1
   tokens_per_s = n * rows * config.train.seq_len / (time.perf_counter() - t0)
-  flops_per_token = metrics.train_flops_per_token(config)
-  consumed = V5P_CHIPS_PER_HOST * metrics.peak_flops('TPU v5') * MFU / flops_per_token
+  flops_per_token = cost.train_flops_per_token(config)
+  consumed = V5P_CHIPS_PER_HOST * cost.peak_flops('TPU v5') * MFU / flops_per_token
   return dict(seq_len=config.train.seq_len, fim_rate=config.data.fim_rate, first_batch_s=first,
               pipeline_tokens_per_s=tokens_per_s, train_flops_per_token=flops_per_token,
               v5p_host_tokens_per_s_at_50pct_mfu=consumed, ratio=tokens_per_s / consumed)

@@ -12,9 +12,9 @@ up to `block_until_ready`. One device (the default one).
 
 The last line printed is JSON: tokens_per_s (B x M / s), step_ms, prefill_s, compile_s,
 device_kind, experts_per_layer (distinct routed experts per MoE layer per step, measured in the
-timed steps), bytes_per_step and its parts (`yuanjax.stats.decode_bytes_per_step`: params +
+timed steps), bytes_per_step and its parts (`yuanjax.cost.decode_bytes_per_step`: params +
 those experts + the KV cache at the mean attended context N + (M + 1) / 2 + the LFA state),
-bandwidth (bytes/s of the device kind, `yuanjax.metrics.MEMORY_BANDWIDTH`; null where unknown)
+bandwidth (bytes/s of the device kind, `yuanjax.cost.DEVICES`; null where unknown)
 and roofline_fraction = bytes_per_step / step_s / bandwidth (null on the CPU). Decoding here
 uses the reference einsum attention over all B x (N + M) cache slots (masked), so with M much
 smaller than N it reads about what is counted.
@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from yuanjax import config_lib, loader, metrics, stats
+from yuanjax import config_lib, cost, loader
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
 from yuanjax.model.transformer import init_cache, num_blocks
@@ -97,14 +97,14 @@ def report(model_cfg, batch: int, context: int, new_tokens: int, timing: dict,
   """The JSON record: throughput, bytes per step and the roofline fraction."""
   step_s = timing['decode_s'] / new_tokens
   mean_context = context + (new_tokens + 1) / 2  # step i attends N + i + 1 positions
-  bytes_ = stats.decode_bytes_per_step(model_cfg, batch, mean_context, timing['experts_per_layer'])
+  bytes_ = cost.decode_bytes_per_step(model_cfg, batch, mean_context, timing['experts_per_layer'])
   return dict(batch=batch, context=context, new_tokens=new_tokens, dtype=model_cfg.dtype,
               param_dtype=model_cfg.param_dtype, device_kind=device_kind, tokens_per_s=batch *
               new_tokens / timing['decode_s'], step_ms=1e3 * step_s, prefill_s=timing['prefill_s'],
               compile_s=timing['compile_s'], experts_per_layer=timing['experts_per_layer'],
               bytes_per_step=bytes_['total'], bytes=bytes_, bytes_per_step_counts=COUNTS,
-              bandwidth=metrics.memory_bandwidth(device_kind),
-              roofline_fraction=metrics.roofline_fraction(bytes_['total'] / step_s, device_kind))
+              bandwidth=cost.memory_bandwidth(device_kind),
+              roofline_fraction=cost.roofline_fraction(bytes_['total'] / step_s, device_kind))
 
 
 def _parse(argv):

@@ -8,7 +8,7 @@ and donation included) on a synthetic batch, and says what it executes.
 
 Prints a few human lines, then (last line) one JSON object:
   tokens_per_s, step_s (mean of --steps timed steps after --warmup), step_s_min, compile_s
-  model_flops_per_token     6 x active params + causal attention (metrics.train_flops_per_token)
+  model_flops_per_token     6 x active params + causal attention (cost.train_flops_per_token)
   mfu                       null where the device kind's peak is unknown (CPU)
   executed_flops_per_token  XLA's cost analysis of the compiled step, layers unrolled
   flops_ratio               executed / model (< 1 would mean uncounted FLOPs)
@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from yuanjax import config_lib, metrics, sharding, step_cost, train_state, trainer
+from yuanjax import config_lib, cost, sharding, step_cost, train_state, trainer
 
 
 def synthetic_batch(config, mesh, seed: int = 0):
@@ -83,7 +83,7 @@ def run(config, steps: int, warmup: int, compile_only: bool) -> dict:
     step_s = float(np.mean(times))
     tokens_per_s = tokens / step_s
     out.update(tokens_per_s=tokens_per_s, step_s=step_s, step_s_min=float(np.min(times)),
-               mfu=metrics.mfu(tokens_per_s, out['model_flops_per_token'], kind, mesh.size))
+               mfu=cost.mfu(tokens_per_s, out['model_flops_per_token'], kind, mesh.size))
   return out
 
 

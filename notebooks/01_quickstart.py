@@ -41,9 +41,9 @@ import os
 import numpy as np
 from IPython.display import Markdown, display
 
-from yuanjax import config_lib, generate, loader, stats, workdir
+from yuanjax import config_lib, cost, generate, loader, workdir
 from yuanjax.analysis import notebook, plots
-from yuanjax.analysis import stats as astats
+from yuanjax.analysis import routing_stats
 
 SMOKE = notebook.smoke()
 GIVEN = os.environ.get('YUANJAX_WORKDIR')
@@ -60,7 +60,7 @@ print(f'smoke={SMOKE} workdir={WORKDIR}')
 config = notebook.quickstart_config(SMOKE)
 rows = []
 for name, m in [('Yuan2.0-M32', config_lib.m32_model()), ('this notebook', config.model)]:
-  f = stats.model_facts(m)
+  f = cost.model_facts(m)
   rows.append([name, m.num_layers, m.hidden_size, m.num_experts, m.router.top_k,
                m.router.type, f"{f['total_params'] / 1e6:,.1f} M",
                f"{f['active_params'] / 1e6:,.1f} M",
@@ -112,9 +112,9 @@ E = config.model.num_experts if not GIVEN else 1 + max(
     int(k.rsplit('_', 1)[1]) for k in last if k.startswith('moe/load/layer_0/'))
 M = 1 + max(int(k.split('/')[2].split('_')[1]) for k in last if k.startswith('moe/load/'))
 load = np.array([[last[f'moe/load/layer_{m}/expert_{e}'] for e in range(E)] for m in range(M)])
-fig = plots.relative_load_heatmap(astats.relative_load(load),
+fig = plots.relative_load_heatmap(routing_stats.relative_load(load),
                                   title=f"relative expert load, step {last['step']}")
-print('MaxVio per layer:', np.round(astats.max_vio(load), 3))
+print('MaxVio per layer:', np.round(routing_stats.max_vio(load), 3))
 
 # %% [markdown]
 # ## Generate

@@ -51,7 +51,7 @@ from IPython.display import Markdown, display
 from yuanjax import config_lib, loader, workdir
 from yuanjax.analysis import notebook, plots, texts
 from yuanjax.analysis import routing as routing_lib
-from yuanjax.analysis import stats
+from yuanjax.analysis import routing_stats
 from yuanjax.data import corpus
 
 SMOKE = notebook.smoke()
@@ -104,15 +104,15 @@ print({n: len(rows[n]) for n in names}, 'rows of', SEQ_LEN, 'tokens;',
 # the trainer's log flags it.
 
 # %%
-load = stats.expert_load(r.experts_MxBxLxK, E, r.mask_BxL)
-fig = plots.relative_load_heatmap(stats.relative_load(load), r.layers_M)
-entropy = stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL)
-margin = stats.top1_margin(r.probs_MxBxLxE, r.mask_BxL)
-same = stats.same_expert_as_previous(r.experts_MxBxLxK, r.mask_BxL)
-collapsed = dict(stats.collapsed_layers(load, K, COLLAPSE_SHARE))
-table = zip(r.layers_M, stats.max_vio(load), stats.dead_experts(load),
-            stats.top_k_load_share(load, K), entropy, stats.expert_diversity(entropy, E), margin,
-            same)
+load = routing_stats.expert_load(r.experts_MxBxLxK, E, r.mask_BxL)
+fig = plots.relative_load_heatmap(routing_stats.relative_load(load), r.layers_M)
+entropy = routing_stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL)
+margin = routing_stats.top1_margin(r.probs_MxBxLxE, r.mask_BxL)
+same = routing_stats.same_expert_as_previous(r.experts_MxBxLxK, r.mask_BxL)
+collapsed = dict(routing_stats.collapsed_layers(load, K, COLLAPSE_SHARE))
+table = zip(r.layers_M, routing_stats.max_vio(load), routing_stats.dead_experts(load),
+            routing_stats.top_k_load_share(load, K), entropy,
+            routing_stats.expert_diversity(entropy, E), margin, same)
 display(Markdown(notebook.markdown_table(
     ['layer', 'MaxVio', 'dead experts', f'top-{K} share', 'collapsed', 'router entropy (nats)',
      'diversity exp(H)/E', 'top-1 margin p1−p2', 'same 1st expert as previous token'],
@@ -141,7 +141,7 @@ for m in sorted({0, len(r.layers_M) - 1}):
 # cell means i and j are usually picked together: they may have learned overlapping skills.
 
 # %%
-coact = stats.coactivation(r.experts_MxBxLxK, E, r.mask_BxL)
+coact = routing_stats.coactivation(r.experts_MxBxLxK, E, r.mask_BxL)
 fig = plots.matrix_grid(coact, r.layers_M, title='co-activation P(j | i)', label='P(j | i)',
                         vmin=0.0, vmax=1.0)
 
@@ -181,7 +181,7 @@ else:
 # %%
 fig = plots.per_layer({'entropy (nats)': entropy}, r.layers_M, ylabel='nats',
                       title='router entropy', hlines={f'log E = {np.log(E):.2f}': np.log(E)})
-fig = plots.per_layer({'diversity exp(H)/E': stats.expert_diversity(entropy, E),
+fig = plots.per_layer({'diversity exp(H)/E': routing_stats.expert_diversity(entropy, E),
                        'top-1 margin p1 − p2': margin,
                        'same first expert as previous token': same}, r.layers_M,
                       ylabel='fraction', title='diversity, top-1 margin, consecutive agreement',
@@ -195,8 +195,8 @@ fig = plots.per_layer({'diversity exp(H)/E': stats.expert_diversity(entropy, E),
 
 # %%
 for m in sorted({0, len(r.layers_M) - 1}):
-  shares = {name: stats.token_share(r.experts_MxBxLxK[m:m + 1],
-                                    E, r.mask_BxL & (row_domain == i)[:, None])[0]
+  shares = {name: routing_stats.token_share(r.experts_MxBxLxK[m:m + 1],
+                                            E, r.mask_BxL & (row_domain == i)[:, None])[0]
             for i, name in enumerate(names)}
   fig = plots.domain_bars(shares, K / E, title=f'layer {r.layers_M[m]}: share of tokens per expert')
 
@@ -214,7 +214,7 @@ if len(steps) >= 2:
   for step in steps:
     m_s, p_s, _ = loader.load_checkpoint(CHECKPOINT, step=step)
     r_s = routing_lib.routing(m_s, p_s, tokens, segment_ids)
-    sat.append(stats.saturation(r_s.experts_MxBxLxK, r.experts_MxBxLxK, r.mask_BxL))
+    sat.append(routing_stats.saturation(r_s.experts_MxBxLxK, r.experts_MxBxLxK, r.mask_BxL))
   fig = plots.over_steps(steps, np.array(sat), r.layers_M, ylabel='saturation',
                          title='router saturation vs. the final checkpoint')
   print('saturation at the first checkpoint:', np.round(sat[0], 3))

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from yuanjax import config_lib, stats, workdir
+from yuanjax import config_lib, cost, workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +22,7 @@ def test_shared_matches_params_within_1_percent(arg):
       config = ablation.get_config(arg)
       config_lib.override(config, overrides)
       config_lib.validate(config)
-      facts[overrides['model.router.type']] = stats.model_facts(config.model)
+      facts[overrides['model.router.type']] = cost.model_facts(config.model)
   assert set(facts) == ({'attention', 'linear'}
                         if arg == 'smoke' else {'attention', 'linear', 'shared'})
   if 'shared' in facts:
@@ -42,7 +42,7 @@ def test_router_ablation_on_the_mixtral_block(arg):
     config_lib.override(config, overrides)
     config_lib.validate(config)
     assert config.model.attention_type == 'standard' and not config.model.tie_embeddings
-    facts[overrides['model.router.type']] = stats.model_facts(config.model)
+    facts[overrides['model.router.type']] = cost.model_facts(config.model)
   assert set(facts) == {'attention', 'linear', 'shared'}
   for key in ('total_params', 'active_params'):
     assert abs(facts['shared'][key] / facts['linear'][key] - 1) < 0.01, key

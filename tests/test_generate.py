@@ -26,7 +26,7 @@ NEW = 6
 S = max(LENGTHS) + NEW
 
 
-def _setup(cfg):
+def setup_model(cfg):
   model = Transformer(cfg)
   rng = np.random.default_rng(0)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 8), jnp.int32)))
@@ -49,12 +49,12 @@ def _setup(cfg):
 
 @pytest.fixture(scope='module')
 def setup():
-  return _setup(tiny(**{'moe.dispatch': 'capacity'}))  # generation must switch to dropless
+  return setup_model(tiny(**{'moe.dispatch': 'capacity'}))  # generation must switch to dropless
 
 
 @pytest.fixture(scope='module')
 def mixtral_setup():
-  return _setup(
+  return setup_model(
       tiny_mixtral(**{
           'moe.dispatch': 'capacity',
           'tie_embeddings': False,
@@ -98,9 +98,8 @@ def test_cached_decode_matches_full_forward(name, request):
     assert 'lf' not in kv
 
 
-@both_models
-def test_greedy_equals_argmax_of_full_forwards(name, request):
-  setup = request.getfixturevalue(name)
+def argmax_of_full_forwards(setup) -> list[list[int]]:
+  """What greedy generation must give: each new token the argmax of a full forward."""
   buf = np.zeros((len(LENGTHS), S), np.int32)
   for b, p in enumerate(setup['prompts']):
     buf[b, :len(p)] = p
@@ -110,6 +109,13 @@ def test_greedy_equals_argmax_of_full_forwards(name, request):
     for b, n in enumerate(LENGTHS):
       buf[b, n + t] = int(np.argmax(logits[b, n + t - 1]))
       want[b].append(int(buf[b, n + t]))
+  return want
+
+
+@both_models
+def test_greedy_equals_argmax_of_full_forwards(name, request):
+  setup = request.getfixturevalue(name)
+  want = argmax_of_full_forwards(setup)
   assert setup['greedy'] == want
   assert len({tuple(w) for w in want}) == len(LENGTHS)  # rows really differ
 

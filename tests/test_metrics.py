@@ -1,48 +1,9 @@
-"""yuanjax.metrics' device tables (which entry each JAX device_kind string finds) and its
-router-collapse warning."""
+"""yuanjax.metrics' router-collapse warning (its device tables moved to yuanjax.cost: tests/test_cost.py)."""
 import logging
 
 import numpy as np
-import pytest
 
 from yuanjax import metrics
-
-
-@pytest.mark.parametrize(
-    'kind, bandwidth',
-    [
-        ('NVIDIA H100 80GB HBM3', 3.35e12),
-        ('NVIDIA H100 PCIe', 2.0e12),
-        ('NVIDIA H200', 4.8e12),
-        ('NVIDIA A100-SXM4-40GB', 1.555e12),
-        ('NVIDIA A100-SXM4-80GB', 2.039e12),
-        ('NVIDIA L40S', 864e9),
-        ('NVIDIA L4', 300e9),
-        ('TPU v4', 1.2e12),
-        ('TPU v5 lite', 819e9),  # v5e
-        ('TPU v5', 2.765e12),  # v5p
-        ('TPU v6 lite', 1.638e12),  # v6e
-        ('cpu', None),
-    ])
-def test_memory_bandwidth_by_device_kind(kind, bandwidth):
-  assert metrics.memory_bandwidth(kind) == bandwidth
-  want = None if bandwidth is None else 0.25
-  assert metrics.roofline_fraction(0.25 * (bandwidth or 1.0), kind) == want
-
-
-@pytest.mark.parametrize('kind, peak', [
-    ('NVIDIA H100 80GB HBM3', 989e12),
-    ('NVIDIA H100 PCIe', 756e12),
-    ('NVIDIA L40S', 362e12),
-    ('NVIDIA L4', 121e12),
-    ('TPU v4', 275e12),
-    ('TPU v5 lite', 197e12),
-    ('TPU v5', 459e12),
-    ('TPU v6 lite', 918e12),
-    ('cpu', None),
-])
-def test_peak_flops_by_device_kind(kind, peak):
-  assert metrics.peak_flops(kind) == peak
 
 
 def test_log_collapse_warns_for_a_top_2_collapse(caplog):

@@ -1,4 +1,4 @@
-"""The memory planner: shard arithmetic, totals against yuanjax.stats, errors, the CLI."""
+"""The memory planner: shard arithmetic, totals against yuanjax.cost, errors, the CLI."""
 import json
 import math
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from yuanjax import plan, stats
+from yuanjax import cost, plan
 from yuanjax.model import layers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +55,7 @@ def test_m32_on_8_h100_with_expert_parallelism():
   config = yuan_m32.get_config()
   config.mesh.expert = 8
   r = plan.plan(config, devices=8, device_kind='H100-80G')
-  facts = stats.model_facts(config.model)
+  facts = cost.model_facts(config.model)
   assert r['mesh'] == dict(data=1, fsdp=1, expert=8, tensor=1)
   assert r['param_count'] == facts['total_params']
   assert r['totals']['params'] == 4 * facts['total_params']  # float32 params

@@ -8,7 +8,7 @@ import pytest
 import scipy.stats
 
 from yuanjax import report
-from yuanjax.analysis import stats
+from yuanjax.analysis import routing_stats
 
 
 @pytest.fixture(scope='module')
@@ -40,7 +40,7 @@ def test_report_numbers_match_metrics(study):
     # to hold its mean over seeds by expert index, which averages unaligned experts (issue 25);
     # it now holds each seed's map, and the mean over seeds of the maps sorted per layer.
     loads = [report.load_matrix(train[-1], 2, 8) for _, train in evals]
-    rels = [stats.relative_load(l) for l in loads]
+    rels = [routing_stats.relative_load(l) for l in loads]
     for seed, rel in zip((0, 1), rels):
       np.testing.assert_allclose(row['relative_load_by_seed'][str(seed)], rel, rtol=1e-12)
     expected = np.mean([-np.sort(-rel, axis=-1) for rel in rels], axis=0)
@@ -49,8 +49,9 @@ def test_report_numbers_match_metrics(study):
         np.array(row['relative_load_sorted'])[:, 0], np.mean([rel.max(-1) for rel in rels], axis=0),
         rtol=1e-12)
     np.testing.assert_allclose(row['max_load'], np.mean([rel.max() for rel in rels]))
-    np.testing.assert_allclose(row['collapsed_layers'],
-                               np.mean([len(stats.collapsed_layers(l, 2, 0.9)) for l in loads]))
+    np.testing.assert_allclose(
+        row['collapsed_layers'],
+        np.mean([len(routing_stats.collapsed_layers(l, 2, 0.9)) for l in loads]))
     entropy = [train[-1]['moe/entropy'] for _, train in evals]
     np.testing.assert_allclose(row['expert_diversity'], np.mean(np.exp(entropy) / 8))
   assert rows[1]['router_params'] == rows[0]['router_params'] // 3  # W vs Wq, Wk, Wv

@@ -1,11 +1,11 @@
-"""yuanjax.step_cost: the model's FLOPs by part, and counting a compiled module's dots.
+"""yuanjax.cost's model FLOPs by part, and yuanjax.step_cost counting a compiled module's dots.
 (The compiled train step's analysis is tested through the benchmark that prints it:
 tests/benchmarks/test_train_step.py.)"""
 import jax
 import jax.numpy as jnp
 import pytest
 
-from yuanjax import config_lib, metrics, step_cost
+from yuanjax import config_lib, cost, step_cost
 
 
 def tiny_config(num_layers=2, batch_size=2, seq_len=32):
@@ -29,8 +29,8 @@ def test_model_flops_equal_a_hand_count():
   attention = N * 2 * 2 * H * K * (L + 1) / 2  # QK^T and AV, causal: mean context (L+1)/2
   want = 3 * (2 * matmul_params + attention)
   config = tiny_config(seq_len=L)
-  assert metrics.train_flops_per_token(config) == pytest.approx(want, rel=1e-12)
-  assert sum(step_cost.model_parts(config).values()) == pytest.approx(want, rel=1e-12)
+  assert cost.train_flops_per_token(config) == pytest.approx(want, rel=1e-12)
+  assert sum(cost.train_flops_by_part(config).values()) == pytest.approx(want, rel=1e-12)
 
 
 def test_untied_grouped_model_flops_equal_a_hand_count():
@@ -44,8 +44,8 @@ def test_untied_grouped_model_flops_equal_a_hand_count():
   config = tiny_config(seq_len=L)
   config.model.update(attention_type='standard', num_kv_heads=G, tie_embeddings=False)
   config.model.router.type = 'linear'
-  assert metrics.train_flops_per_token(config) == pytest.approx(want, rel=1e-12)
-  assert sum(step_cost.model_parts(config).values()) == pytest.approx(want, rel=1e-12)
+  assert cost.train_flops_per_token(config) == pytest.approx(want, rel=1e-12)
+  assert sum(cost.train_flops_by_part(config).values()) == pytest.approx(want, rel=1e-12)
 
 
 def test_dot_flops_of_a_matmul_equal_cost_analysis():

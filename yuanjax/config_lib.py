@@ -280,7 +280,7 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   if r.jitter_eps >= 1:
     raise _err('router.jitter_eps', r.jitter_eps, 'must be < 1')
   if m.moe.dispatch not in moe.DISPATCHES:
-    raise _err('moe.dispatch', m.moe.dispatch, f'expected one of {moe.DISPATCHES}')
+    raise _err('moe.dispatch', m.moe.dispatch, f'expected one of {tuple(moe.DISPATCHES)}')
   if m.moe.capacity_factor <= 0:
     raise _err('moe.capacity_factor', m.moe.capacity_factor, 'must be > 0')
   if m.moe.ffn_size < 1:

@@ -30,8 +30,8 @@ probability reaches `top_p` (1.0: no cut), and sampled with `jax.random` from `s
 (reproducible; rows draw independently).
 
 Generation overrides two fields of `model.config` (the returned tokens are otherwise those of
-the full forward pass): `moe.dispatch` becomes 'dropless' unless it is already 'dense' or
-'dropless' (the `capacity` dispatch can drop token slots when few tokens are routed, as in a
+the full forward pass): `moe.dispatch` becomes 'dropless' if it can drop token slots
+(`yuanjax.model.moe.inference_dispatch`: `capacity` drops when few tokens are routed, as in a
 one-token decode step, and would then disagree with the full forward), and `remat` becomes
 'none'. The expert-choice router is refused: it is not causal.
 """
@@ -49,7 +49,7 @@ import ml_collections
 import numpy as np
 
 from yuanjax import loader
-from yuanjax.model import Transformer, routers
+from yuanjax.model import Transformer, moe, routers
 from yuanjax.model.transformer import init_cache
 
 f32 = jnp.float32
@@ -87,12 +87,11 @@ def sample_logits(logits_BxV, key, temperature, top_k, top_p):
 def generation_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.model as generation runs it: a dispatch that never drops, no remat."""
   m = ml_collections.ConfigDict(config.to_dict())
-  if m.moe_every and m.router.type not in routers.CAUSAL_ROUTERS:
+  if m.moe_every and not routers.router_class(m.router.type).causal:
     raise ValueError(
         f'config.model.router.type={m.router.type!r} is not causal (a token\'s routing '
-        f'depends on later tokens); generation needs one of {routers.CAUSAL_ROUTERS}')
-  if m.moe.dispatch not in ('dense', 'dropless'):
-    m.moe.dispatch = 'dropless'
+        f'depends on later tokens); generation needs one of {routers.causal_routers()}')
+  m.moe.dispatch = moe.inference_dispatch(m.moe.dispatch)
   m.remat = 'none'
   return m
 

@@ -77,13 +77,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from yuanjax import config_lib, sharding
+from yuanjax import config_lib, cost, sharding
 from yuanjax.model import attention
 
 GiB = 2**30
 HEADROOM = 0.85
-# Nominal memory per device (GiB): GPUs' HBM, TPU chips' HBM.
-DEVICE_MEMORY = {'H100-80G': 80, 'H200': 141, 'TPU v5e': 16, 'TPU v5p': 95, 'TPU v6e': 32}
 
 
 def shard_bytes(shape, dtype, spec, mesh_shape: dict) -> int:
@@ -128,8 +126,10 @@ def state_leaves(config, mesh_shape: dict) -> list[dict]:
 
 
 def attention_backend(config, device_kind: str | None = None) -> str:
-  """The attention backend that runs on `device_kind` (none: the CPU's)."""
-  platform = 'cpu' if device_kind is None else ('tpu' if device_kind.startswith('TPU') else 'gpu')
+  """The attention backend that runs on `device_kind` (`cost.device`; none or unknown: the
+  CPU's)."""
+  d = None if device_kind is None else cost.device(device_kind)
+  platform = 'cpu' if d is None else ('gpu' if d.gpu else 'tpu')
   return attention.resolve_backend(config.model.attention_backend, config.model.dtype, platform)
 
 
@@ -200,6 +200,15 @@ def loss_bytes(config, mesh_shape: dict, tokens: float) -> float:
   return 2 * rows * chunk * V * 4 + V * m.hidden_size * 4
 
 
+def check_device_kind(kind: str) -> str:
+  """The `cost.DEVICES` name of --device_kind (a name there, or JAX's device_kind); ValueError
+  unless that device's memory is known."""
+  name = cost.device_name(kind)
+  if name is None or cost.memory_gib(name) is None:
+    raise ValueError(f'--device_kind={kind!r}: expected one of {sorted(cost.planned_devices())}')
+  return name
+
+
 def plan(config: ml_collections.ConfigDict, devices: int | None = None,
          device_kind: str | None = None) -> dict:
   """The numbers the CLI prints (without `leaves` in its JSON)."""
@@ -210,8 +219,8 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
       tuple(mesh_shape.values()), tuple(mesh_shape),
       axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_shape))
   config_lib.validate_against_mesh(config, abstract_mesh)
-  if device_kind is not None and device_kind not in DEVICE_MEMORY:
-    raise ValueError(f'--device_kind={device_kind!r}: expected one of {sorted(DEVICE_MEMORY)}')
+  name = check_device_kind(device_kind) if device_kind else None
+  kinds = [name] if name else cost.planned_devices()
 
   leaves = state_leaves(config, mesh_shape)
   params = [x for x in leaves if x['part'] == 'params']
@@ -220,7 +229,7 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   grad_copies = 2 if config.train.grad_accum > 1 else 1
   grads_dev = grad_copies * sum(x['per_device_bytes'] // np.dtype(x['dtype']).itemsize * 4
                                 for x in params)
-  backend = attention_backend(config, device_kind)
+  backend = attention_backend(config, name)
   act, one_layer, tokens = activation_bytes(config, mesh_shape, backend)
   act += _backward_extra(config, mesh_shape, tokens, one_layer, params)
   per_device = dict(
@@ -232,13 +241,12 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   totals = dict(params=sum(x['total_bytes'] for x in params),
                 optimizer=sum(x['total_bytes'] for x in opt) + 4,
                 gradients=grad_copies * param_count * 4)
-  kinds = [device_kind] if device_kind else list(DEVICE_MEMORY)
-  fits = {k: per_device['total'] <= HEADROOM * DEVICE_MEMORY[k] * GiB for k in kinds}
+  memory = {k: cost.memory_gib(k) for k in kinds}
+  fits = {k: per_device['total'] <= HEADROOM * memory[k] * GiB for k in kinds}
   return dict(mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
               remat=config.model.remat, attention_backend=backend,
               micro_batch_tokens_per_device=tokens, per_device=per_device, totals=totals,
-              headroom=HEADROOM, device_memory_gib={k: DEVICE_MEMORY[k] for k in kinds
-                                                   }, fits=fits, leaves=leaves)
+              headroom=HEADROOM, device_memory_gib=memory, fits=fits, leaves=leaves)
 
 
 def _backward_extra(config, mesh_shape: dict, tokens: float, one_layer: float,
@@ -316,8 +324,13 @@ if __name__ == '__main__':
   _DEVICES = flags.DEFINE_integer(
       'devices', None, 'JAX devices (GPUs or TPU chips); default: '
       'the product of the fixed config.mesh axes')
-  _DEVICE_KIND = flags.DEFINE_enum('device_kind', None, list(DEVICE_MEMORY),
-                                   'device to check against (default: all of them)')
+  _DEVICE_KIND = flags.DEFINE_string(
+      'device_kind', None, f'device to check against: one of {cost.planned_devices()} or '
+      "JAX's device_kind of one (default: all of them)")
+  flags.register_validator(
+      'device_kind', lambda k: k is None or cost.memory_gib(k) is not None,
+      f'expected one of {cost.planned_devices()} or the device_kind JAX '
+      'gives one of them')
   _XLA = flags.DEFINE_bool(
       'xla', False, 'also compile the train step for one device of this machine (no '
       "allocation) and compare XLA's memory_analysis with the estimate")

@@ -22,12 +22,12 @@ the first D):
 
 and prints the table. Only finished runs (status `done` in the manifest and an eval line
 at the last step) are averaged; the others are listed by name with their status, never
-averaged in. Load statistics are those of yuanjax.analysis.stats, over the train steps
+averaged in. Load statistics are those of yuanjax.analysis.routing_stats, over the train steps
 logged in the last quarter of training (one batch per logged step), then over seeds.
 
 Row fields: variant, seeds (finished), runs_not_finished, tokens (training tokens per run),
 eval_tokens, eval_loss_mean, eval_loss_std (over seeds, ddof 1), eval_losses, total_params,
-active_params, router_params (yuanjax.stats), tokens_per_s (train, mean over seeds; the
+active_params, router_params (yuanjax.cost), tokens_per_s (train, mean over seeds; the
 first logged interval, which includes compilation, left out), max_load (max relative load
 over layers x experts), max_vio (mean over layers), expert_diversity (exp(router entropy)/E),
 dropped_fraction, dead_experts and collapsed_layers (summed over layers; collapsed: the top-k
@@ -51,8 +51,8 @@ import sys
 
 import numpy as np
 
-from yuanjax import config_lib, publish, stats as model_stats, workdir
-from yuanjax.analysis import significance, stats
+from yuanjax import config_lib, cost, publish, workdir
+from yuanjax.analysis import routing_stats, significance
 
 SEED_KEY = 'train.seed'
 LATE_FRACTION = 0.25  # load statistics over the last quarter of training
@@ -156,13 +156,15 @@ def run_stats(run: Run) -> dict:
   late = late_records(run)
   if num_moe_layers(run):
     load = np.mean([load_matrix(r, num_moe_layers(run), m.num_experts) for r in late], axis=0)
-    rel = stats.relative_load(load)
-    collapsed = stats.collapsed_layers(load, m.router.top_k, t.collapse_top_k_share)
+    rel = routing_stats.relative_load(load)
+    collapsed = routing_stats.collapsed_layers(load, m.router.top_k, t.collapse_top_k_share)
     out.update(
-        relative_load=rel, max_load=float(rel.max()), max_vio=float(stats.max_vio(load).mean()),
-        dead_experts=int(stats.dead_experts(load).sum()), collapsed_layers=len(collapsed),
+        relative_load=rel, max_load=float(rel.max()), max_vio=float(
+            routing_stats.max_vio(load).mean()), dead_experts=int(
+                routing_stats.dead_experts(load).sum()), collapsed_layers=len(collapsed),
         expert_diversity=float(
-            np.mean(stats.expert_diversity([r['moe/entropy'] for r in late], m.num_experts))),
+            np.mean(routing_stats.expert_diversity([r['moe/entropy'] for r in late],
+                                                   m.num_experts))),
         dropped_fraction=float(np.mean([r['moe/dropped_fraction'] for r in late])))
   return out
 
@@ -181,7 +183,7 @@ def variant_row(variant: str, runs: list[Run]) -> dict:
              runs_not_finished=[f'{r.name} ({r.status})' for r in runs if r.status != 'done'])
   config = next((r.config for r in runs if r.config is not None), None)
   if config is not None:
-    facts = model_stats.model_facts(config.model)
+    facts = cost.model_facts(config.model)
     row.update(total_params=facts['total_params'], active_params=facts['active_params'],
                router_params=facts['router_params'])
   if not done:
@@ -201,7 +203,7 @@ def variant_row(variant: str, runs: list[Run]) -> dict:
         str(r.seed): s['relative_load'].tolist() for r, s in zip(done, per_run)
     }
     row['relative_load_sorted'] = np.mean(
-        [stats.sorted_by_load(s['relative_load']) for s in per_run], axis=0).tolist()
+        [routing_stats.sorted_by_load(s['relative_load']) for s in per_run], axis=0).tolist()
   tokens, curves = eval_curve(runs)
   row['eval_curve'] = dict(tokens=tokens.tolist(), losses={
       str(r.seed): c.tolist() for r, c in zip(done, curves)

@@ -16,10 +16,10 @@ elements x contracted size, as XLA's cost analysis does) and assigned to a part 
 cost analysis counts beyond the dots (softmax, norms, rotary, the loss, the routing
 bookkeeping) is `elementwise`; the optimizer's own compile gives `optimizer`.
 
-`model_parts` is the same breakdown from the model alone (the FLOPs a step must do: each
-matmul of the active params forward + backward, attention causal), so that part by part the
-executed/model ratio shows what is waste: capacity padding (experts, capacity_factor),
-full-square attention (what XLA computes for a causal mask).
+`model_parts` is the same breakdown from the model alone (`yuanjax.cost.train_flops_by_part`:
+the FLOPs a step must do, each matmul of the active params forward + backward, attention
+causal), so that part by part the executed/model ratio shows what is waste: capacity padding
+(experts, capacity_factor), full-square attention (what XLA computes for a causal mask).
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from yuanjax import metrics, sharding, stats, train_state, trainer
+from yuanjax import cost, sharding, train_state, trainer
 from yuanjax.data import pipeline
-from yuanjax.model import attention, transformer
+from yuanjax.model import transformer
 
-# (part, test on a dot's op_name), first match wins. Backward dots keep the forward's name
-# under transpose(jvp(...)).
+# (part, test on a dot's op_name), first match wins; the parts of `cost.forward_flops_by_part`.
+# Backward dots keep the forward's name under transpose(jvp(...)).
 PARTS = (
     ('router', lambda n: '/router/' in n),
     ('experts', lambda n: '/moe/' in n),
@@ -87,28 +87,6 @@ def attribute(hlo_text: str) -> dict[str, float]:
   for name, flops in dot_flops(hlo_text):
     parts[part_of(name)] += flops
   return parts
-
-
-def model_parts(config: ml_collections.ConfigDict) -> dict[str, float]:
-  """Per token, forward + backward (3 x forward), the FLOPs the model must do, by part; they
-  sum to `metrics.train_flops_per_token(config)`."""
-  m, L = config.model, config.train.seq_len
-  D, H, K, E, F = m.hidden_size, m.num_heads, m.head_dim, m.num_experts, m.moe.ffn_size
-  G, lfa = attention.num_kv_heads(m), m.attention_type == 'lfa'
-  n_moe = 0 if m.moe_every == 0 else m.num_layers // m.moe_every
-  n_shared = m.router.num_shared_experts
-  router = {'attention': 3, 'linear': 1, 'shared': 1, 'expert_choice': 1}[m.router.type] * D * E
-  router += D * E if m.router.noisy_topk else 0
-  fwd = dict(
-      router=2 * router * n_moe,
-      experts=2 * 3 * D * F * (m.router.top_k + n_shared) * n_moe,
-      dense_ffn=2 * 3 * D * m.dense_ffn_size * (m.num_layers - n_moe),
-      lf_conv=2 * 2 * 2 * D * (D // 2) * m.num_layers * lfa,
-      qkvo_proj=2 * 2 * D * (H + G) * K * m.num_layers,
-      attention=stats.attention_flops_per_token(m, L),
-      lm_head=2 * m.vocab_size * D,
-  )
-  return {k: 3.0 * v for k, v in fwd.items()}
 
 
 def analysis_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -175,8 +153,8 @@ def analyse(config: ml_collections.ConfigDict, mesh, compiled=None, built=None) 
   dots = {k: v * mesh.size / micro_tokens for k, v in attribute(hlo).items()}
   elementwise = (total - optimizer) / micro_tokens - sum(dots.values())
   executed = dict(dots, elementwise=elementwise, optimizer=optimizer / tokens)
-  model = model_parts(config)
-  model_total = metrics.train_flops_per_token(config)
+  model = cost.train_flops_by_part(config)
+  model_total = sum(model.values())
   return dict(executed_flops_per_token=sum(executed.values()), model_flops_per_token=model_total,
               flops_ratio=sum(executed.values()) / model_total, executed_parts=executed,
               model_parts=model, analysis_loops=hlo.count(' while('))

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import checkpoint as ckpt_lib
-from yuanjax import config_lib, distributed, loss as loss_lib, metrics as metrics_lib
+from yuanjax import config_lib, cost, distributed, loss as loss_lib, metrics as metrics_lib
 from yuanjax import sample as sample_lib
 from yuanjax import sharding, step_guard, train_state
 from yuanjax.data import pipeline as data_pipeline
@@ -151,7 +151,7 @@ class _Logger:
     self.tcfg, self.writer, self.is_main = config.train, writer, is_main
     self.top_k = config.model.router.top_k
     self.tokens_per_step = config.train.batch_size * config.train.seq_len
-    self.flops_per_token = metrics_lib.train_flops_per_token(config)
+    self.flops_per_token = cost.train_flops_per_token(config)  # arithmetic on the config
     self.device_kind, self.num_devices = jax.devices()[0].device_kind, jax.device_count()
     self.last_step, self.last_time, self.last = start, time.time(), {}
     self.sources = [m['name'] for m in data_pipeline.mixture_sources(config.data)]
@@ -175,8 +175,7 @@ class _Logger:
     s['tokens_per_sec'] = (self.tokens_per_step * (step - self.last_step) /
                            max(now - self.last_time, 1e-9))
     self.last_step, self.last_time = step, now
-    mfu = metrics_lib.mfu(s['tokens_per_sec'], self.flops_per_token, self.device_kind,
-                          self.num_devices)
+    mfu = cost.mfu(s['tokens_per_sec'], self.flops_per_token, self.device_kind, self.num_devices)
     if mfu is not None:
       s['mfu'] = mfu
     for name, rows in zip(self.sources, self.source_rows):

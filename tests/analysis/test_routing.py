@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from yuanjax.analysis import routing as routing_lib
-from yuanjax.analysis import stats
+from yuanjax.analysis import routing_stats
 from yuanjax.model import Transformer
 from tests.model.helpers import tiny
 
@@ -63,9 +63,9 @@ def test_routing_load_matches_the_models_own_statistics():
   cfg, model, params, tokens = _setup()
   r = routing_lib.routing(model, params, tokens, per_token_attention=True)  # compiled above
   _, aux = jax.jit(model.apply)({'params': params}, tokens)
-  np.testing.assert_allclose(stats.expert_load(r.experts_MxBxLxK, cfg.num_experts),
+  np.testing.assert_allclose(routing_stats.expert_load(r.experts_MxBxLxK, cfg.num_experts),
                              aux['moe']['load'], atol=1e-6)
-  np.testing.assert_allclose(stats.router_entropy(r.probs_MxBxLxE), aux['moe']['entropy'],
+  np.testing.assert_allclose(routing_stats.router_entropy(r.probs_MxBxLxE), aux['moe']['entropy'],
                              rtol=1e-5)
 
 

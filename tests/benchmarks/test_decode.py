@@ -12,7 +12,7 @@ from benchmarks import decode
 from tests.model.helpers import tiny
 from tests.test_generate import save_workdir
 from yuanjax import generate as gen
-from yuanjax import stats
+from yuanjax import cost
 from yuanjax.model import Transformer
 
 B, N, M = 3, 8, 4  # batch, context, timed steps
@@ -50,8 +50,8 @@ def test_prints_the_record_and_no_roofline_on_cpu(workdir, capsys):
   assert rec['prefill_s'] > 0 and rec['compile_s'] > 0
   k = cfg.router.top_k  # each layer routes B rows to top-k experts each step
   assert k <= rec['experts_per_layer'] <= min(cfg.num_experts, B * k)
-  want = stats.decode_bytes_per_step(gen.generation_config(cfg), B, N + (M + 1) / 2,
-                                     rec['experts_per_layer'])
+  want = cost.decode_bytes_per_step(gen.generation_config(cfg), B, N + (M + 1) / 2,
+                                    rec['experts_per_layer'])
   assert rec['bytes'] == pytest.approx(want)
   assert rec['bytes_per_step'] == pytest.approx(want['total'])
 

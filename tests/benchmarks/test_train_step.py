@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from yuanjax import metrics, step_cost
+from yuanjax import cost, step_cost
 from tests.test_step_cost import tiny_config
 
 _SPEC = importlib.util.spec_from_file_location(
@@ -38,7 +38,7 @@ def test_json_has_the_fields_with_sane_values(one_layer):
   assert out['device_kind'] == 'cpu' and out['mfu'] is None  # no known peak
   assert out['step_s_min'] <= out['step_s'] and out['compile_s'] > 0
   assert out['tokens_per_s'] == pytest.approx(B * L / out['step_s'])
-  assert out['model_flops_per_token'] == metrics.train_flops_per_token(tiny_config(1, B, L))
+  assert out['model_flops_per_token'] == cost.train_flops_per_token(tiny_config(1, B, L))
   # Params + AdamW's two moments in float32 are arguments; activations are temporaries.
   assert out['argument_bytes'] > 3 * 4 * 100_000 and out['temp_bytes'] > 0
   # The dots do at least the model's FLOPs (less would be uncounted FLOPs) and at most that

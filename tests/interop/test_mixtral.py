@@ -18,7 +18,7 @@ from tests.interop.hf_reference import read_all
 from tests.interop import mixtral_reference as R
 from yuanjax import config_lib, convert, generate, loader
 from yuanjax.analysis import routing as routing_lib
-from yuanjax.analysis import stats
+from yuanjax.analysis import routing_stats
 from yuanjax.interop import hf, mappings, mixtral_mapping
 from yuanjax.model import Transformer
 
@@ -108,8 +108,8 @@ def test_routing_analysis_on_the_imported_model(f32):
   assert r.attention_MxExE is None and r.attention_MxBxLxExE is None
   np.testing.assert_allclose(r.weights_MxBxLxK.sum(-1), 1.0, rtol=1e-6)  # renormalised top-2
   want = [np.bincount(e.ravel(), minlength=4) / e.size for e in experts]  # share of the slots
-  np.testing.assert_allclose(stats.expert_load(r.experts_MxBxLxK, 4, r.mask_BxL), want)
-  assert stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL).shape == (2,)
+  np.testing.assert_allclose(routing_stats.expert_load(r.experts_MxBxLxK, 4, r.mask_BxL), want)
+  assert routing_stats.router_entropy(r.probs_MxBxLxE, r.mask_BxL).shape == (2,)
 
 
 def test_unknown_model_type_is_named_before_anything_is_written(tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 from yuanjax.model import routers
 from tests.model.helpers import rel_err, tiny
 
-TOKEN_CHOICE = routers.CAUSAL_ROUTERS
+TOKEN_CHOICE = routers.causal_routers()
 
 
 def _init(rtype, T=24, **kw):

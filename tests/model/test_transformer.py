@@ -25,7 +25,7 @@ def _model(**kw):
 
 
 @pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
-@pytest.mark.parametrize('rtype', routers.CAUSAL_ROUTERS)
+@pytest.mark.parametrize('rtype', routers.causal_routers())
 def test_causal(rtype, dispatch):
   """Changing token t never changes logits before t (through LFA convs and routing)."""
   cfg, model, v, tokens = _model(

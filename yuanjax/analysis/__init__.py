@@ -1,6 +1,6 @@
 """Routing analysis shared by `yuanjax.report` and the notebooks.
 
-`stats`: NumPy statistics over expert loads and routing decisions (no JAX, no plotting).
+`routing_stats`: NumPy statistics over expert loads and routing decisions (no JAX, no plotting).
 `routing`: one jitted forward returning what every MoE layer's router decided.
 `plots`: matplotlib figures of those statistics. `texts`: code vs. prose text sets.
 `notebook`: what notebooks/ share (smoke switch, quickstart config) and their runner.

@@ -1,6 +1,6 @@
-"""Matplotlib figures of routing statistics (`yuanjax.analysis.stats`); each returns a Figure.
+"""Matplotlib figures of routing statistics (`yuanjax.analysis.routing_stats`).
 
-Axis key: M MoE layers, E experts. Layer labels are the model layers (`Routing.layers_M`).
+Each function returns a Figure. Axis key: M MoE layers, E experts. Layer labels are the model layers (`Routing.layers_M`).
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
   r.attention_MxExE[m]            the Attention Router's softmax(q kᵀ), mean over real tokens
 
 Axis key: M MoE layers (model layer `r.layers_M[m]`), B rows, L positions, E routed experts,
-K = router.top_k. The arrays come back as NumPy; `yuanjax.analysis.stats` reads them.
+K = router.top_k. The arrays come back as NumPy; `yuanjax.analysis.routing_stats` reads them.
 The forward reads the model's sown 'intermediates' (router probabilities and combine weights
 from `yuanjax.model.moe`, the Attention Router's E×E matrix from `yuanjax.model.routers`), so
 it routes exactly as training and evaluation do.

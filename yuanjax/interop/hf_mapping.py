@@ -39,6 +39,7 @@ import numpy as np
 
 from yuanjax import config_lib
 from yuanjax.model import attention, layers
+from yuanjax.model import moe as moe_lib
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   m.router.top_k = moe['moe_top_k']
   m.router.norm_topk_prob = bool(moe.get('norm_topk_prob', True))
   m.moe.ffn_size = moe['ffn_hidden_size']
-  m.moe.dispatch = 'dropless'
+  m.moe.dispatch = moe_lib.inference_dispatch(m.moe.dispatch)
   config_lib.validate_model(m)
   return m
 

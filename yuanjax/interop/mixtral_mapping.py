@@ -40,7 +40,7 @@ import numpy as np
 from yuanjax import config_lib
 from yuanjax.interop import hf_mapping
 from yuanjax.interop.hf_mapping import (LM_HEAD, Group, keep_or_set, one_group, raise_problems)
-from yuanjax.model import attention, routers
+from yuanjax.model import attention, moe, routers
 
 MODEL_TYPE = 'mixtral'
 TIED_LM_HEAD = False  # lm_head.weight is a tensor of its own, mapped like any other
@@ -132,7 +132,7 @@ def model_config_from_hf(c: dict) -> ml_collections.ConfigDict:
   m.router.load_balance_weight = routers.weight_from_pooled_coef(
       float(c.get('router_aux_loss_coef', 0.02)), m.router.top_k, m.num_layers)
   m.moe.ffn_size = F
-  m.moe.dispatch = 'dropless'
+  m.moe.dispatch = moe.inference_dispatch(m.moe.dispatch)
   config_lib.validate_model(m)
   return m
 

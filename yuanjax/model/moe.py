@@ -16,6 +16,11 @@ Experts are stored stacked: w1_ExDx2F (first F columns the gate), w2_ExFxD.
 
 With ample capacity the three agree to float32 rounding, forward and gradients.
 
+`DISPATCHES` registers them by name (`Dispatch`: the function `MoE` calls, whether it runs
+expert-parallel, whether it can drop slots); adding a dispatch is one function of `Dispatch.run`'s
+signature plus its entry. `inference_dispatch` is the one rule for inference (generation, HF
+imports): a dispatch that can drop runs as 'dropless', the same forward with nothing dropped.
+
 Expert parallelism. Under a mesh of more than one device (`jax.set_mesh`) the sparse
 dispatches run inside `jax.shard_map`: each device routes its own tokens (the batch is
 split over the mesh axes of 'act_batch'), places its token-slots in per-expert buffers, and
@@ -26,8 +31,9 @@ router itself runs outside, on the global (auto-sharded) arrays, so routing and 
 statistics are those of a single device. Capacity is per device (GShard's groups): the
 C slots of an expert are counted over that device's tokens. `dropless` exchanges fixed-size
 buffers (every destination gets room for all of a device's slots: `ragged_all_to_all` is
-unimplemented on XLA:CPU and unmeasured here), so nothing is ever dropped. `dense` and
-`expert_choice` (which routes over the whole group) stay on plain GSPMD sharding.
+unimplemented on XLA:CPU and unmeasured here), so nothing is ever dropped. `dense`, and any
+router that is not causal (`expert_choice` routes over the whole group), stay on plain GSPMD
+sharding.
 
 Placement uses index scatter/gather, not GShard's one-hot dispatch einsum: at M32 sizes
 that einsum ([T, E, C] x [T, D]) costs more FLOPs than the experts themselves.
@@ -43,6 +49,7 @@ Axis key: see `yuanjax.model.layers`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -53,7 +60,6 @@ from jax.sharding import PartitionSpec as P
 from yuanjax.model import grouped_matmul, layers, routers
 
 f32 = jnp.float32
-DISPATCHES = ('dense', 'dropless', 'capacity')
 
 
 def _experts(x_ExCxD, w1_ExDx2F, w2_ExFxD):
@@ -179,11 +185,10 @@ def capacity_dispatch(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, capacity: 
   return y_TxD, dropped.astype(f32)
 
 
-def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, dispatch: str,
-                             top_k: int, capacity_factor: float, mesh,
-                             gmm: grouped_matmul.GroupedMatmul = grouped_matmul.RAGGED_DOT):
-  """`dispatch` ('capacity' or 'dropless') inside `shard_map` over `mesh`, experts exchanged
-  by all_to_all. Token-choice routings only (slots token-major, k per token)."""
+def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, run: Callable,
+                             cfg: ml_collections.ConfigDict, mesh):
+  """A dispatch's `run` inside `shard_map` over `mesh`, experts exchanged by all_to_all.
+  Causal (token-choice) routings only: slots token-major, k per token."""
   batch, ep, tp = (layers.mesh_axes_of(a) for a in ('act_batch', 'expert', 'mlp'))
   E, D, F2 = w1_ExDx2F.shape
   ex = Exchange(ep, layers.mesh_axes_size(mesh, ep), tp)
@@ -198,22 +203,75 @@ def expert_parallel_dispatch(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, *, 
                         valid_A=valid_A, probs_TxE=None, aux={})
     G, F = w1_GxDx2xF.shape[0], w1_GxDx2xF.shape[-1]
     w1_GxDx2F = w1_GxDx2xF.reshape(G, D, 2 * F)  # [gate | up] of this ffn shard
-    if dispatch == 'capacity':
-      C = routers.expert_capacity(T_loc, E, top_k, capacity_factor)
-      y, dropped = capacity_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, C, ex)
-    else:
-      y, dropped = dropless_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, ex, gmm)
+    y, dropped = run(x_TxD, r, w1_GxDx2F, w2_GxFxD, cfg, ex)
     return y, dropped[None]
 
   # Split w1's [gate | up] columns into (2, F) so that an ffn shard holds matching halves.
   w1_ExDx2xF = w1_ExDx2F.reshape(E, D, 2, F2 // 2)
   # Megablox's pallas_call declares outputs without the varying-axes type that check_vma needs.
+  megablox = grouped_matmul.GroupedMatmul.from_config(cfg.moe).kind == 'megablox'
   y_TxD, dropped_n = jax.shard_map(
       local, mesh=mesh, in_specs=(P(batch, None), P(batch), P(batch), P(batch), P(batch),
-                                  P(ep, None, None, tp), P(ep, tp, None)),
-      out_specs=(P(batch, None), P(batch)), check_vma=gmm.kind
-      != 'megablox')(x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A, w1_ExDx2xF, w2_ExFxD)
+                                  P(ep, None, None,
+                                    tp), P(ep, tp, None)), out_specs=(P(batch, None), P(batch)),
+      check_vma=not megablox)(x_TxD, r.token_A, r.expert_A, r.weight_A, r.valid_A, w1_ExDx2xF,
+                              w2_ExFxD)
   return y_TxD, jnp.mean(dropped_n)  # every shard routes the same number of slots
+
+
+def run_dense(x_TxD, r: routers.Routing, w1_ExDx2F, w2_ExFxD, cfg, ex: Exchange):
+  del cfg, ex  # one device, or plain GSPMD sharding
+  return dense_dispatch(x_TxD, r, w1_ExDx2F, w2_ExFxD)
+
+
+def run_dropless(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, cfg, ex: Exchange):
+  gmm = grouped_matmul.GroupedMatmul.from_config(cfg.moe)
+  return dropless_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, ex, gmm)
+
+
+def run_capacity(x_TxD, r: routers.Routing, w1_GxDx2F, w2_GxFxD, cfg, ex: Exchange):
+  """Capacity counted over the tokens here (per device under expert parallelism)."""
+  E = w1_GxDx2F.shape[0] * ex.n
+  C = routers.expert_capacity(x_TxD.shape[0], E, cfg.router.top_k, cfg.moe.capacity_factor)
+  return capacity_dispatch(x_TxD, r, w1_GxDx2F, w2_GxFxD, C, ex)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+  """A registered dispatch.
+
+  run              run(x_TxD, routing, w1_GxDx2F, w2_GxFxD, config.model, exchange) ->
+                   (y_TxD, dropped fraction); G = E / exchange.n experts here (`LOCAL`: all)
+  expert_parallel  `run` works inside `shard_map` with the experts split over devices
+                   (`expert_parallel_dispatch`), for causal routers
+  drops            `run` can drop slots (inference then runs 'dropless': `inference_dispatch`)
+  """
+  run: Callable
+  expert_parallel: bool = False
+  drops: bool = False
+
+
+DISPATCHES: dict[str, Dispatch] = {
+    'dense': Dispatch(run_dense),
+    'dropless': Dispatch(run_dropless, expert_parallel=True),
+    'capacity': Dispatch(run_capacity, expert_parallel=True, drops=True),
+}
+
+
+def dispatch_of(name: str) -> Dispatch:
+  """DISPATCHES[name]; ValueError naming config.model.moe.dispatch if there is none."""
+  try:
+    return DISPATCHES[name]
+  except KeyError:
+    raise ValueError(f'config.model.moe.dispatch={name!r}: expected one of '
+                     f'{tuple(DISPATCHES)}') from None
+
+
+def inference_dispatch(name: str) -> str:
+  """The dispatch inference runs for `name`: itself if it never drops, else 'dropless'. A
+  dispatch that drops would make a one-token decode step (few tokens routed) disagree with the
+  full forward, and HF's models drop nothing."""
+  return 'dropless' if dispatch_of(name).drops else name
 
 
 class MoE(nn.Module):
@@ -225,7 +283,7 @@ class MoE(nn.Module):
   def __call__(self, x_BxLxD):
     cfg = self.config
     B, L, D = x_BxLxD.shape
-    E, F, k = cfg.num_experts, cfg.moe.ffn_size, cfg.router.top_k
+    E, F = cfg.num_experts, cfg.moe.ffn_size
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
     out_init = nn.initializers.normal(layers.scaled_init_std(cfg.init_std, cfg.num_layers))
@@ -235,28 +293,19 @@ class MoE(nn.Module):
                                       pdtype)
 
     x_TxD = x_BxLxD.reshape(B * L, D)
-    r = routers.make_router(cfg)(x_TxD, deterministic=self.deterministic)
+    router = routers.make_router(cfg)
+    r = router(x_TxD, deterministic=self.deterministic)
     # For inspection (dead code unless 'intermediates' is mutable): probabilities and
     # the combine weight each token gives each expert (non-zero where the expert fires).
     self.sow('intermediates', 'router_probs', r.probs_TxE.reshape(B, L, E))
     self.sow('intermediates', 'combine_weights', combine_weights(r, B * L, E).reshape(B, L, E))
     w1, w2 = w1_ExDx2F.astype(dtype), w2_ExFxD.astype(dtype)
-    dispatch, gmm = cfg.moe.dispatch, grouped_matmul.GroupedMatmul.from_config(cfg.moe)
+    dispatch = dispatch_of(cfg.moe.dispatch)
     mesh = jax.sharding.get_abstract_mesh()
-    if (dispatch in ('capacity', 'dropless') and cfg.router.type in routers.CAUSAL_ROUTERS and
-        not mesh.empty and mesh.size > 1):
-      y_TxD, dropped = expert_parallel_dispatch(x_TxD, r, w1, w2, dispatch=dispatch, top_k=k,
-                                                capacity_factor=cfg.moe.capacity_factor, mesh=mesh,
-                                                gmm=gmm)
-    elif dispatch == 'dense':
-      y_TxD, dropped = dense_dispatch(x_TxD, r, w1, w2)
-    elif dispatch == 'dropless':
-      y_TxD, dropped = dropless_dispatch(x_TxD, r, w1, w2, gmm=gmm)
-    elif dispatch == 'capacity':
-      C = routers.expert_capacity(B * L, E, k, cfg.moe.capacity_factor)
-      y_TxD, dropped = capacity_dispatch(x_TxD, r, w1, w2, C)
+    if dispatch.expert_parallel and router.causal and not mesh.empty and mesh.size > 1:
+      y_TxD, dropped = expert_parallel_dispatch(x_TxD, r, w1, w2, dispatch.run, cfg, mesh)
     else:
-      raise ValueError(f'config.model.moe.dispatch={dispatch!r}: expected one of {DISPATCHES}')
+      y_TxD, dropped = dispatch.run(x_TxD, r, w1, w2, cfg, LOCAL)
 
     N = cfg.router.num_shared_experts
     if N:

@@ -15,8 +15,10 @@ dispatch causal: whether a slot is dropped depends only on earlier tokens.
                  token's routing depends on the other tokens of the group, later ones
                  included. For ablations only; never for autoregressive evaluation.
 
-Adding a router is one small subclass that defines `logits` (and `select` if it is not
-token-choice top-k) plus an entry in `ROUTERS`.
+Adding a router is one small subclass plus an entry in `ROUTERS`: it defines `logits` and
+`logit_flops` (its FLOPs per token, for `yuanjax.cost`), and `select` and `causal = False` if it
+is not token-choice top-k. What else reads a router (the cost model, expert parallelism,
+generation) asks the class.
 
 Options (config.model.router): top_k, norm_topk_prob (renormalise the chosen weights to
 sum to 1), jitter_eps (Switch: multiplicative input jitter in training), noisy_topk
@@ -28,7 +30,7 @@ converts an HF coefficient), z_loss_weight (ST-MoE). Noise needs the 'router' rn
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import flax.struct
@@ -79,8 +81,24 @@ def z_loss(logits_TxE):
 
 
 class Router(nn.Module):
-  """Token-choice top-k routing on the logits a subclass defines."""
+  """Token-choice top-k routing on the logits a subclass defines.
+
+  `causal`: a token's routing depends on that token alone, as token-choice routing's does (its
+  k slots per token come token-major): what decoding (`yuanjax.generate`) and the expert-
+  parallel dispatches (`yuanjax.model.moe`) need.
+  """
   config: ml_collections.ConfigDict  # config.model
+  causal: ClassVar[bool] = True
+
+  @staticmethod
+  def logit_flops(m) -> float:
+    """Forward FLOPs per token of `logits` for config.model `m`."""
+    raise NotImplementedError
+
+  @classmethod
+  def flops_per_token(cls, m) -> float:
+    """Forward FLOPs per token: the logits' and, with router.noisy_topk, the noise's."""
+    return cls.logit_flops(m) + 2 * m.hidden_size * m.num_experts * m.router.noisy_topk
 
   @property
   def rcfg(self):
@@ -132,6 +150,10 @@ class Router(nn.Module):
 class LinearRouter(Router):
   """Classical router (Mixtral): logits = W u."""
 
+  @staticmethod
+  def logit_flops(m) -> float:
+    return 2 * m.hidden_size * m.num_experts
+
   def logits(self, u_TxD):
     w_DxE = self.dense_init('w', (u_TxD.shape[-1], self.config.num_experts), ('embed', 'router'))
     return u_TxD @ w_DxE.astype(f32)
@@ -147,6 +169,11 @@ class AttentionRouter(Router):
   Row i of softmax(q k^T) depends on q_i alone (q k^T has rank one), so the router is a
   learned smooth function of each expert's own query; no 1/sqrt scaling (as in the paper).
   """
+
+  @staticmethod
+  def logit_flops(m) -> float:
+    """The q, k and v projections (the E x E mixing, 4 E^2 more, is not counted)."""
+    return 3 * 2 * m.hidden_size * m.num_experts
 
   def logits(self, u_TxD):
     D, E = u_TxD.shape[-1], self.config.num_experts
@@ -167,6 +194,7 @@ class ExpertChoiceRouter(LinearRouter):
   ones included. C = ceil(moe.capacity_factor * T * top_k / E). A token may get zero,
   one or several experts. Excluded from the causality test; for ablations only.
   """
+  causal: ClassVar[bool] = False
 
   def select(self, logits_TxE) -> Routing:
     T, E = logits_TxE.shape
@@ -185,13 +213,21 @@ ROUTERS: dict[str, type[Router]] = {
     'shared': SharedExpertRouter,
     'expert_choice': ExpertChoiceRouter,
 }
-CAUSAL_ROUTERS = ('attention', 'linear', 'shared')
+
+
+def router_class(router_type: str) -> type[Router]:
+  """ROUTERS[router_type]; ValueError naming config.model.router.type if there is none."""
+  try:
+    return ROUTERS[router_type]
+  except KeyError:
+    raise ValueError(f'config.model.router.type={router_type!r}: '
+                     f'expected one of {sorted(ROUTERS)}') from None
+
+
+def causal_routers() -> tuple[str, ...]:
+  """The names of the causal routers (`Router.causal`), in registry order."""
+  return tuple(name for name, cls in ROUTERS.items() if cls.causal)
 
 
 def make_router(config: ml_collections.ConfigDict, name: str = 'router') -> Router:
-  try:
-    cls = ROUTERS[config.router.type]
-  except KeyError:
-    raise ValueError(f'config.model.router.type={config.router.type!r}: '
-                     f'expected one of {sorted(ROUTERS)}') from None
-  return cls(config, name=name)
+  return router_class(config.router.type)(config, name=name)
