@@ -16,17 +16,17 @@ from yuanjax import generate as gen
 from yuanjax.model import layers, moe, routers
 
 
-class TwoHeadRouter(routers.Router):
-  """A router no table anywhere knows: logits = u Wa + u Wb."""
+class BilinearRouter(routers.Router):
+  """A router no table anywhere knows: logits = (u Wa) * (u Wb), elementwise."""
 
   @staticmethod
   def logit_flops(m) -> float:
-    return 2 * 2 * m.hidden_size * m.num_experts
+    return 2 * 2 * m.hidden_size * m.num_experts  # the two projections
 
   def logits(self, u_TxD):
     shape, axes = (u_TxD.shape[-1], self.config.num_experts), ('embed', 'router')
     wa_DxE, wb_DxE = (self.dense_init(n, shape, axes).astype(jnp.float32) for n in ('wa', 'wb'))
-    return u_TxD @ wa_DxE + u_TxD @ wb_DxE
+    return (u_TxD @ wa_DxE) * (u_TxD @ wb_DxE)
 
 
 def run_gather(x_TxD, r, w1_ExDx2F, w2_ExFxD, cfg, ex):
@@ -39,10 +39,10 @@ def run_gather(x_TxD, r, w1_ExDx2F, w2_ExFxD, cfg, ex):
 
 
 @pytest.fixture
-def two_head():
-  routers.ROUTERS['two_head'] = TwoHeadRouter
-  yield 'two_head'
-  del routers.ROUTERS['two_head']
+def bilinear():
+  routers.ROUTERS['bilinear'] = BilinearRouter
+  yield 'bilinear'
+  del routers.ROUTERS['bilinear']
 
 
 @pytest.fixture
@@ -52,29 +52,29 @@ def gather():
   del moe.DISPATCHES['gather']
 
 
-def test_a_new_router_is_counted_by_the_cost_model(two_head):
+def test_a_new_router_is_counted_by_the_cost_model(bilinear):
   m = config_lib.tiny_model()
-  m.router.type = two_head
+  m.router.type = bilinear
   facts = cost.model_facts(m)
   assert facts['router_params'] == m.num_layers * 2 * m.hidden_size * m.num_experts
   assert cost.forward_flops_by_part(m)['router'] == m.num_layers * 4 * m.hidden_size * m.num_experts
   assert facts['forward_flops_per_token'] == matmul_flops_from_params(m)
-  assert two_head in routers.causal_routers()
+  assert bilinear in routers.causal_routers()
 
 
-def test_a_new_router_is_analysed_in_the_compiled_step(two_head):
+def test_a_new_router_is_analysed_in_the_compiled_step(bilinear):
   """Its dots are found under the router part, and equal what its class declares."""
   config = tiny_config(1)
-  config.model.router.type = two_head
+  config.model.router.type = bilinear
   out = step_cost.analyse(config, sharding.make_mesh(config.mesh))
-  want = 3 * TwoHeadRouter.logit_flops(config.model)
+  want = 3 * BilinearRouter.logit_flops(config.model)
   assert out['model_parts']['router'] == want
   assert out['executed_parts']['router'] == pytest.approx(want, rel=1e-9)
 
 
-def test_a_new_router_generates(two_head):
+def test_a_new_router_generates(bilinear):
   """Generation takes it (it is causal) and its greedy tokens are the full forwards' argmax."""
-  setup = setup_model(tiny(**{'router.type': two_head}))
+  setup = setup_model(tiny(**{'router.type': bilinear}))
   assert setup['greedy'] == argmax_of_full_forwards(setup)
 
 
