@@ -106,6 +106,16 @@ def test_standard_attention_and_fewer_kv_heads_keep_what_they_should():
   assert std - gqa == pytest.approx(tokens * 3 * (m.num_heads - m.num_kv_heads) * m.head_dim * b)
 
 
+def test_device_kind_by_name_or_as_jax_reports_it():
+  config = tiny.get_config()
+  by_name = plan.plan(config, device_kind='TPU v5p')
+  by_kind = plan.plan(config, device_kind='TPU v5')  # what JAX calls a v5p chip
+  assert by_kind['fits'] == by_name['fits'] == {'TPU v5p': True}
+  assert by_kind['device_memory_gib'] == {'TPU v5p': 95}
+  with pytest.raises(ValueError, match=r"--device_kind='NVIDIA L4': expected one of \['H100-80G'"):
+    plan.plan(config, device_kind='NVIDIA L4')  # no memory listed
+
+
 @pytest.mark.parametrize('axis, value, devices', [('expert', 3, 24), ('expert', 0, 8),
                                                   ('tensor', 3, 3)])
 def test_bad_mesh_names_the_axis(axis, value, devices):
