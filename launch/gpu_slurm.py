@@ -72,7 +72,8 @@ GPU_ENV = {
     # H100 topologies, per NCCL's notes; -2 buffer sizes were NCCL's default anyway).
     'NCCL_LAUNCH_MODE': 'GROUP',
 }
-GPU_KINDS = ('H100-80G', 'H200')  # yuanjax.plan's names of the GPUs it has a memory figure for
+# yuanjax.cost's GPUs with a memory figure (launch/ imports no jax: tests/test_cost.py checks).
+GPU_KINDS = ('H100-80G', 'H200')
 PREFLIGHT = ('import socket, sys, jax, yuanjax; n = len(jax.local_devices(backend="gpu")); '
              'print(socket.gethostname(), sys.executable, "jax", jax.__version__, n, "GPUs"); '
              'sys.exit(0 if n == int(sys.argv[1]) else 1)')

@@ -205,3 +205,9 @@ def test_memory_bandwidth_by_device_kind(kind, bandwidth):
 ])
 def test_peak_flops_by_device_kind(kind, peak):
   assert cost.peak_flops(kind) == peak
+
+
+def test_the_slurm_launcher_offers_the_gpus_the_planner_knows():
+  """launch/ imports no jax, so gpu_slurm keeps its own list: it must be cost's."""
+  from launch import gpu_slurm  # pylint: disable=g-import-not-at-top
+  assert set(gpu_slurm.GPU_KINDS) == {n for n, d in cost.DEVICES.items() if d.gpu and d.memory_gib}
