@@ -88,7 +88,7 @@ def bench(backend: str, seq_len: int, batch: int, steps: int, interpret: bool) -
   jax.block_until_ready(out)
   sec = (time.perf_counter() - t) / steps
   flops = useful_flops(batch, cfg.num_heads, seq_len, cfg.head_dim)
-  record = dict(backend=attention.resolve_backend(backend, cfg.dtype), seq_len=seq_len, batch=batch,
+  record = dict(backend=attention.resolve_backend(cfg, seq_len), seq_len=seq_len, batch=batch,
                 heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.dtype, ms=1e3 * sec,
                 useful_tflops=flops / sec / 1e12, device=jax.devices()[0].device_kind,
                 measured=not interpret)

@@ -146,6 +146,14 @@ def test_attention_backend_settings_name_the_field(overrides, pattern):
     config_lib.validate(config)
 
 
+def test_auto_takes_a_length_splash_cannot_tile():
+  """Under 'auto' such a length runs XLA's attention on a TPU (yuanjax.model.attention, and
+  the planner counts its scores); only an explicit 'splash' refuses it (above)."""
+  config = demo.get_config()
+  config_lib.override(config, {'model.attention_backend': 'auto', 'train.seq_len': 200})
+  config_lib.validate(config)
+
+
 def test_m32_long_is_16k_with_the_ntk_base_and_full_remat():
   config = yuan_m32.get_config('long')
   config_lib.validate(config)

@@ -186,3 +186,46 @@ def test_long_context_fits_only_without_the_scores(devices, kind, fsdp):
   saved = xla['per_device']['activations'] - fused['per_device']['activations']
   # Kept twice: by the recomputed layer and by the block's backward (less cuDNN's mask).
   assert saved == pytest.approx(2 * 32 * 2**30, rel=0.02)
+
+
+def test_without_a_device_kind_each_kind_is_judged_with_its_own_attention():
+  """M32 at seq 16384 on a v5p-64-sized mesh under 'auto', every device kind in one plan()
+  call: TPU kinds with splash, GPU kinds with cuDNN, each kind's total the one plan() gives
+  with that --device_kind; the table's bytes stay the CPU's (XLA's scores: more than a v5p)."""
+  config = yuan_m32.get_config('long')
+  config.mesh.expert, config.mesh.fsdp = 8, 4
+  config.train.grad_accum = config.train.batch_size // 32
+  r = plan.plan(config, 32)
+  assert r['attention_backend'] == 'dot_product_attention'
+  assert r['device_attention_backend'] == {
+      k: 'cudnn' if cost.device(k).gpu else 'splash' for k in cost.planned_devices()
+  }
+  for kind in ('TPU v5p', 'H200'):
+    alone = plan.plan(config, 32, kind)
+    assert r['device_total'][kind] == alone['per_device']['total']
+    assert r['fits'][kind] and alone['fits'][kind]
+  assert r['per_device']['total'] > plan.HEADROOM * cost.memory_gib('TPU v5p') * plan.GiB
+  line = next(l for l in plan.format_table(r).splitlines() if l.startswith('TPU v5p'))
+  assert line.endswith(f"({r['device_total']['TPU v5p'] / plan.GiB:.1f} GiB of 80.8 usable at "
+                       '85%; attention=splash)')
+
+
+def test_auto_on_a_tpu_plans_xla_attention_where_splash_cannot_tile_the_length():
+  """'auto' takes XLA's attention on a TPU when config.model.splash cannot tile train.seq_len
+  (yuanjax.model.attention), so the plan counts the scores that run will keep."""
+  config = tiny.get_config()
+  config.model.attention_backend = 'auto'
+  assert plan.plan(config, device_kind='TPU v5p')['attention_backend'] == 'splash'  # 128
+  config.train.seq_len = 200
+  r = plan.plan(config, device_kind='TPU v5p')
+  assert r['attention_backend'] == 'dot_product_attention'
+  assert r['per_device'] == plan.plan(config)['per_device']  # the CPU's: XLA's scores too
+
+
+def test_explicit_splash_is_planned_on_tpus_only():
+  config = tiny.get_config()
+  config.model.attention_backend = 'splash'
+  tpus = [k for k in cost.planned_devices() if not cost.device(k).gpu]
+  assert list(plan.plan(config)['fits']) == tpus
+  with pytest.raises(ValueError, match=r"config\.model\.attention_backend='splash'.* gpu"):
+    plan.plan(config, device_kind='H100-80G')

@@ -306,8 +306,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(isinstance(t[f], int) and t[f] >= 0, f'train.{f}', t[f], 'must be an integer >= 0')
   _check(t.seq_len <= config.model.max_seq_len, 'train.seq_len', t.seq_len,
          f'longer than the rotary range config.model.max_seq_len={config.model.max_seq_len}')
+  # The length the blocks tile ('auto' runs XLA's attention where they do not: resolve_backend).
   if config.model.attention_backend == 'splash':
-    attention.splash_block_sizes(config.model.splash, t.seq_len)  # the length the blocks tile
+    attention.splash_block_sizes(config.model.splash, t.seq_len)
   _check(t.batch_size % t.grad_accum == 0, 'train.grad_accum', t.grad_accum,
          f'must divide train.batch_size={t.batch_size}')
   _check(

@@ -21,7 +21,10 @@ Per device, in bytes:
   activations  an analytic estimate of what the backward pass keeps, and of its peak (below)
   total        their sum; it fits a device when total <= HEADROOM x its memory (the rest is
                for XLA's scratch buffers, collectives and fragmentation; on GPU also set
-               XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, as JAX takes only 75% by default)
+               XLA_PYTHON_CLIENT_MEM_FRACTION=0.95, as JAX takes only 75% by default).
+               Without --device_kind the table's bytes are the CPU's and every device kind
+               is judged by its own total (`device_total`), with the attention backend that
+               runs on it (`device_attention_backend`; kinds it cannot run on are left out)
 
 Activations. T = train.batch_size / train.grad_accum / (data*fsdp*expert) * train.seq_len
 tokens per device per micro-batch; D hidden, H heads, G key/value heads (num_kv_heads), K
@@ -32,8 +35,9 @@ per token and layer without remat:
   attention        LFA: 8 D (norms, convolutions and their shifted inputs, residual);
                    standard: 3 D (residual, norm, output); + 3 (H + G) K / tp (q, rotated q
                    and the attention output; k, v and rotated k); + what the backend that
-                   runs keeps (config.model.attention_backend; 'auto' as on --device_kind:
-                   splash on TPU, cuDNN on GPU, XLA without a device kind): 'xla' and
+                   runs keeps (config.model.attention_backend; 'auto' as on the device kind:
+                   splash on TPU, cuDNN on GPU, XLA on the CPU, XLA where the first two
+                   cannot run: yuanjax.model.attention.resolve_backend): 'xla' and
                    'dot_product_attention' (XLA's implementation) the scores and
                    probabilities, 2 H L / tp in float32; 'splash' only the log-sum-exp
                    (H / tp floats); 'cudnn' the log-sum-exp and the packed rows' segment mask
@@ -127,10 +131,24 @@ def state_leaves(config, mesh_shape: dict) -> list[dict]:
 
 def attention_backend(config, device_kind: str | None = None) -> str:
   """The attention backend that runs on `device_kind` (`cost.device`; none or unknown: the
-  CPU's)."""
+  CPU's) at train.seq_len."""
   d = None if device_kind is None else cost.device(device_kind)
   platform = 'cpu' if d is None else ('gpu' if d.gpu else 'tpu')
-  return attention.resolve_backend(config.model.attention_backend, config.model.dtype, platform)
+  return attention.resolve_backend(config.model, config.train.seq_len, platform)
+
+
+def attention_backends(config, kinds: list[str]) -> dict[str, str]:
+  """{kind: attention_backend(config, kind)} for each of `kinds` the config's attention runs
+  on (an explicit 'splash' runs on no GPU); its ValueError when it runs on none of them."""
+  out, error = {}, None
+  for k in kinds:
+    try:
+      out[k] = attention_backend(config, k)
+    except ValueError as e:
+      error = e
+  if not out:
+    raise error
+  return out
 
 
 def attention_core_bytes(config, backend: str, tp: int) -> tuple[float, float]:
@@ -227,26 +245,39 @@ def plan(config: ml_collections.ConfigDict, devices: int | None = None,
   opt = [x for x in leaves if x['part'] == 'opt_state']
   param_count = sum(math.prod(x['shape']) for x in params)
   grad_copies = 2 if config.train.grad_accum > 1 else 1
-  grads_dev = grad_copies * sum(x['per_device_bytes'] // np.dtype(x['dtype']).itemsize * 4
-                                for x in params)
   backend = attention_backend(config, name)
+  per_device, tokens = device_bytes(config, mesh_shape, leaves, backend)
+  totals = dict(params=sum(x['total_bytes'] for x in params),
+                optimizer=sum(x['total_bytes'] for x in opt) + 4,
+                gradients=grad_copies * param_count * 4)
+  # Each kind judged with the attention that runs on it (per_device: `device_kind`'s).
+  backends = attention_backends(config, kinds)
+  kind_total = {
+      k: device_bytes(config, mesh_shape, leaves, b)[0]['total'] for k, b in backends.items()
+  }
+  memory = {k: cost.memory_gib(k) for k in backends}
+  fits = {k: kind_total[k] <= HEADROOM * memory[k] * GiB for k in backends}
+  return dict(mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
+              remat=config.model.remat, attention_backend=backend,
+              micro_batch_tokens_per_device=tokens, per_device=per_device, totals=totals,
+              headroom=HEADROOM, device_memory_gib=memory, device_attention_backend=backends,
+              device_total=kind_total, fits=fits, leaves=leaves)
+
+
+def device_bytes(config, mesh_shape: dict, leaves: list[dict], backend: str) -> tuple[dict, float]:
+  """(per device bytes: params, optimizer, gradients, activations with the attention `backend`
+  and their total; tokens per device per micro-batch) of the train state's `leaves`."""
+  params = [x for x in leaves if x['part'] == 'params']
+  grads = sum(x['per_device_bytes'] // np.dtype(x['dtype']).itemsize * 4 for x in params)
   act, one_layer, tokens = activation_bytes(config, mesh_shape, backend)
   act += _backward_extra(config, mesh_shape, tokens, one_layer, params)
   per_device = dict(
       params=sum(x['per_device_bytes'] for x in params),
-      optimizer=sum(x['per_device_bytes'] for x in opt) + 4,  # + the int32 step
-      gradients=grads_dev,
+      optimizer=sum(x['per_device_bytes'] for x in leaves if x['part'] == 'opt_state') + 4,  # step
+      gradients=(2 if config.train.grad_accum > 1 else 1) * grads,  # float32 (+ the accumulator)
       activations=int(act))
   per_device['total'] = sum(per_device.values())
-  totals = dict(params=sum(x['total_bytes'] for x in params),
-                optimizer=sum(x['total_bytes'] for x in opt) + 4,
-                gradients=grad_copies * param_count * 4)
-  memory = {k: cost.memory_gib(k) for k in kinds}
-  fits = {k: per_device['total'] <= HEADROOM * memory[k] * GiB for k in kinds}
-  return dict(mesh=mesh_shape, devices=n_devices, param_count=int(param_count),
-              remat=config.model.remat, attention_backend=backend,
-              micro_batch_tokens_per_device=tokens, per_device=per_device, totals=totals,
-              headroom=HEADROOM, device_memory_gib=memory, fits=fits, leaves=leaves)
+  return per_device, tokens
 
 
 def _backward_extra(config, mesh_shape: dict, tokens: float, one_layer: float,
@@ -296,9 +327,11 @@ def format_table(r: dict) -> str:
     lines.append(f'{k:12} {g(v)} {g(total) if total is not None else "":>10}')
   for k, ok in r['fits'].items():
     usable = HEADROOM * r['device_memory_gib'][k]
+    backend = r['device_attention_backend'][k]
     lines.append(f"{k:12} {r['device_memory_gib'][k]:>6} GiB: {'fits' if ok else 'does NOT fit'} "
-                 f"({r['per_device']['total'] / GiB:.1f} GiB of {usable:.1f} usable at "
-                 f'{HEADROOM:.0%})')
+                 f"({r['device_total'][k] / GiB:.1f} GiB of {usable:.1f} usable at "
+                 f'{HEADROOM:.0%}' +
+                 ('' if backend == r['attention_backend'] else f'; attention={backend}') + ')')
   return '\n'.join(lines)
 
 

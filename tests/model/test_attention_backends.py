@@ -95,14 +95,58 @@ def test_cudnn_arguments_and_result(monkeypatch):
 def test_auto_picks_by_platform_and_logs_once(caplog):
   caplog.set_level(logging.INFO)
   attention._log_choice.cache_clear()
-  pick = lambda platform, dtype='bfloat16': attention.resolve_backend('auto', dtype, platform)
+  pick = lambda platform, dtype='bfloat16': attention.resolve_backend(_cfg('auto', dtype), L,
+                                                                      platform)
   assert [pick('tpu'), pick('gpu'), pick('cpu')] == ['splash', 'cudnn', 'dot_product_attention']
   assert pick('gpu', 'float32') == 'dot_product_attention'  # cuDNN takes no float32
-  assert attention.resolve_backend('xla', 'bfloat16', 'tpu') == 'xla'
+  assert attention.resolve_backend(_cfg('xla'), L, 'tpu') == 'xla'
   for _ in range(3):
     pick('tpu')
   assert [r.getMessage() for r in caplog.records
          ].count("attention_backend='auto' on tpu with bfloat16 compute: 'splash'") == 1
+
+
+@pytest.mark.parametrize('length', [200, 64])  # not a multiple of 128; below one block
+def test_auto_on_a_tpu_takes_xla_where_splash_cannot_tile_the_length(monkeypatch, caplog, length):
+  """As MaxText's 'autoselected' below 128: 'auto' runs 'dot_product_attention' (and warns
+  why) instead of failing in the trace; the layer's result is the reference's."""
+  attention._log_choice.cache_clear()
+  cfg = _cfg('auto')
+  assert attention.resolve_backend(cfg, length, 'tpu') == 'dot_product_attention'
+  assert f'splash needs a sequence length ({length})' in caplog.records[-1].getMessage()
+  assert caplog.records[-1].levelno == logging.WARNING
+  q, k, v = (jnp.asarray(np.random.RandomState(i).randn(2, length, H, 256), jnp.float32)
+             for i, H in enumerate((2, 1, 1)))
+  want = attention.causal_attention(q, k, v, None, _cfg('xla'))
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'tpu')  # a TPU's resolution on this CPU
+  assert rel_err(attention.causal_attention(q, k, v, None, cfg), want) < 1e-5
+
+
+class _KernelBuilt(Exception):
+  pass
+
+
+@pytest.mark.parametrize('platform, interpret', [('cpu', True), ('tpu', False), ('gpu', None)])
+def test_splash_interpret_mode_only_on_the_cpu(monkeypatch, platform, interpret):
+  """An explicit 'splash' builds its kernel in interpret mode on the CPU, compiled on a TPU,
+  and elsewhere raises naming the field before any kernel is built."""
+  built = []
+
+  def kernel(seq_len, heads, blocks, interpret):
+    built.append(interpret)
+    raise _KernelBuilt
+
+  q = jnp.ones((1, L, 2, 256), jnp.float32)
+  monkeypatch.setattr(attention, '_splash_kernel', kernel)
+  monkeypatch.setattr(jax, 'default_backend', lambda: platform)
+  run = lambda: attention.causal_attention(q, q[:, :, :1], q[:, :, :1], None, _cfg('splash'))
+  if interpret is None:
+    with pytest.raises(ValueError, match=r"config\.model\.attention_backend='splash'.* gpu"):
+      run()
+  else:
+    with pytest.raises(_KernelBuilt):
+      run()
+  assert built == ([] if interpret is None else [interpret])
 
 
 def test_splash_blocks_name_the_field():

@@ -32,11 +32,15 @@ reference einsum attention (`xla_attention`) over the cache, whatever `attention
 
 Backends (`config.model.attention_backend`; the training path only):
   'auto'        (the default) 'splash' on TPU, 'cudnn' on GPU, 'dot_product_attention' (XLA)
-                elsewhere; logged once per platform and dtype (`resolve_backend`).
+                elsewhere, and 'dot_product_attention' where the platform's cannot run: cuDNN
+                without a dtype it takes, splash on a length its blocks do not tile (as
+                MaxText's 'autoselected' takes dot-product attention below one 128 block);
+                logged once per platform, dtype and choice (`resolve_backend`).
   'splash'      Pallas splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`):
                 a causal mask with segment ids, tiled by `config.model.splash` (the kernel's
                 BlockSizes; each block clamped to the sequence length, as MaxText does); keeps
-                no scores. Off TPU it runs in Pallas interpret mode (slow; for tests). Under a
+                no scores. TPU only; on the CPU it runs in Pallas interpret mode (slow; for
+                tests), elsewhere it is an error (`splash_interpret`). Under a
                 mesh it runs in `jax.shard_map`, batch over the 'act_batch' mesh axes, heads
                 over the 'act_heads' (and key/value heads over the same) axes.
   'cudnn'       `jax.nn.dot_product_attention(implementation='cudnn')`: cuDNN flash attention
@@ -174,22 +178,50 @@ def blocked_causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, s
   return jnp.concatenate(outs, axis=1)
 
 
-def resolve_backend(backend: str, dtype: str, platform: str | None = None) -> str:
-  """The backend that runs: `backend`, or for 'auto' the platform's (`AUTO_BACKENDS`; on GPU
-  'dot_product_attention' when `dtype` is not one cuDNN takes), logged once per choice."""
-  if backend != 'auto':
-    return backend
+def resolve_backend(cfg, seq_len: int, platform: str | None = None) -> str:
+  """The backend that runs `cfg.attention_backend` (config.model) at `seq_len` on `platform`
+  (default: JAX's): that backend ('splash' only where `splash_interpret` allows), or for
+  'auto' the platform's (`AUTO_BACKENDS`), 'dot_product_attention' where that cannot run
+  (module doc); logged once per choice."""
   platform = platform or jax.default_backend()
+  if cfg.attention_backend == 'splash':
+    splash_interpret(platform)
+  if cfg.attention_backend != 'auto':
+    return cfg.attention_backend
   chosen = AUTO_BACKENDS.get(platform, 'dot_product_attention')
-  if chosen == 'cudnn' and str(dtype) not in CUDNN_DTYPES:
+  why = ''
+  if chosen == 'cudnn' and str(cfg.dtype) not in CUDNN_DTYPES:
     chosen = 'dot_product_attention'
-  _log_choice(platform, str(dtype), chosen)
+  elif chosen == 'splash':
+    why = _splash_untiled(cfg.splash, seq_len)
+    chosen = 'dot_product_attention' if why else chosen
+  _log_choice(platform, str(cfg.dtype), chosen, why)
   return chosen
 
 
 @functools.cache
-def _log_choice(platform: str, dtype: str, chosen: str) -> None:
-  logging.info("attention_backend='auto' on %s with %s compute: %r", platform, dtype, chosen)
+def _log_choice(platform: str, dtype: str, chosen: str, why: str) -> None:
+  logging.log(logging.WARNING if why else logging.INFO,
+              "attention_backend='auto' on %s with %s compute: %r%s", platform, dtype, chosen,
+              f' ({why})' if why else '')
+
+
+def splash_interpret(platform: str) -> bool:
+  """Whether splash runs in Pallas interpret mode on `platform`: on the CPU (slow; for tests),
+  not on a TPU; ValueError elsewhere (a TPU kernel: interpret mode on a GPU is no backend)."""
+  if platform not in ('tpu', 'cpu'):
+    raise ValueError(f"config.model.attention_backend='splash': a TPU kernel, not for {platform} "
+                     "(the CPU runs it in interpret mode, for tests); use 'auto' or 'cudnn'")
+  return platform == 'cpu'
+
+
+def _splash_untiled(blocks, seq_len: int) -> str:
+  """Why `blocks` (config.model.splash) cannot tile `seq_len` ('' when they can)."""
+  try:
+    splash_block_sizes(blocks, seq_len)
+  except ValueError as e:
+    return str(e)
+  return ''
 
 
 def splash_block_sizes(blocks, seq_len: int | None = None) -> dict:
@@ -222,10 +254,11 @@ def _splash_kernel(seq_len: int, heads: int, blocks: dict, interpret: bool):
 
 
 def _splash_local(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale: float, blocks):
-  """Splash attention on one device's shard (interpret mode off TPU); the kernel does not
+  """Splash attention on one device's shard (interpret mode on the CPU); the kernel does not
   scale, so q is scaled first (as MaxText does)."""
   (_, L, H, _) = q_BxLxHxK.shape
-  kernel = _splash_kernel(L, H, splash_block_sizes(blocks, L), jax.default_backend() != 'tpu')
+  interpret = splash_interpret(jax.default_backend())
+  kernel = _splash_kernel(L, H, splash_block_sizes(blocks, L), interpret)
   heads_first = lambda x: jnp.swapaxes(x, 1, 2)
   q = heads_first(q_BxLxHxK * jnp.asarray(scale, q_BxLxHxK.dtype))
   segments = None
@@ -270,7 +303,7 @@ def causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, cfg):
   """Causal attention within segments, scaled by 1/sqrt(head_dim), by `cfg.attention_backend`
   (module doc); q, k, v after rotary."""
   scale = cfg.head_dim**-0.5
-  backend = resolve_backend(cfg.attention_backend, cfg.dtype)
+  backend = resolve_backend(cfg, q_BxLxHxK.shape[1])
   qkv = (q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL, scale)
   if backend == 'xla':
     return blocked_causal_attention(*qkv, cfg.attention_query_blocks)
