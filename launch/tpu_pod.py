@@ -248,20 +248,24 @@ class Gcloud:
     return ['gcloud', 'compute', 'tpus', *words]
 
   def run(self, argv: list[str], capture: bool = False, timeout: float = TIMEOUT_S,
-          own_session: bool = False) -> tuple[int, str]:
+          own_session: bool = False, echo: bool = False) -> tuple[int, str]:
     """(exit status, stdout if captured); 124 after `timeout` seconds (the call is killed).
     own_session: Ctrl-C at the terminal does not reach it (a create or delete carries on
-    server-side whatever happens to gcloud, so gcloud must live to report it)."""
+    server-side whatever happens to gcloud, so gcloud must live to report it). echo: stdout
+    and stderr captured together (to read an error code in them), then printed to stderr."""
     if self.dry_run:
       print(shlex.join(argv), flush=True)
       return 0, ''
     common.say(f'+ {shlex.join(argv)}')
     try:
-      r = subprocess.run(argv, stdout=subprocess.PIPE if capture else None, text=True,
-                         timeout=timeout, start_new_session=own_session)
+      r = subprocess.run(argv, stdout=subprocess.PIPE if capture or echo else None,
+                         stderr=subprocess.STDOUT if echo else None, text=True, timeout=timeout,
+                         start_new_session=own_session)
     except subprocess.TimeoutExpired:
       common.say(f'timed out after {timeout:g} s: {shlex.join(argv)}')
       return 124, ''
+    if echo:
+      sys.stderr.write(r.stdout)
     return r.returncode, r.stdout or ''
 
   def must(self, argv: list[str], what: str, **kw) -> str:
@@ -335,13 +339,13 @@ def _owned_path(args) -> str:
   return os.path.join(args.local_dir, 'created.json')
 
 
-def record_created(args, g: Gcloud) -> None:
-  """Written the moment a create succeeded: only then may a cleanup or `stop` delete. It names
-  the resource fully (project, zone, name) and by its createTime, so that a later slice of
-  the same name is never taken for it."""
+def record_created(args, create_time: str) -> None:
+  """Written the moment this launch's create made the slice: only then may a cleanup or `stop`
+  delete. It names the resource fully (project, zone, name) and by its createTime, so that a
+  later slice of the same name is never taken for it."""
   os.makedirs(args.local_dir, exist_ok=True)
   record = dict(name=args.name, zone=args.zone, project=args.project, queued=args.queued,
-                slices=args.num_slices, create_time=g.describe(args.queued, 'createTime'))
+                slices=args.num_slices, create_time=create_time)
   publish.file(_owned_path(args), json.dumps(record).encode())
 
 
@@ -418,13 +422,31 @@ def create_argv(args, g: Gcloud) -> list[str]:
 
 
 def create(args, g: Gcloud) -> None:
-  """Creates the slice; ALREADY_EXISTS (or any failure) raises, and nothing is ours to delete.
-  gcloud runs in a session of its own, so that a Ctrl-C at the terminal leaves it to return
-  (the launch defers signals meanwhile and then deletes what it made)."""
-  g.must(create_argv(args, g), f'creating {args.name}', own_session=True,
-         timeout=LONG_TIMEOUT_S['create'])
-  if not g.dry_run:
-    record_created(args, g)
+  """Creates the slice and records it as this launch's. A slice of that name already there is
+  refused (it is not ours to delete). A create that fails or times out once the server has
+  begun it (anything but ALREADY_EXISTS) can leave the slice all the same, billing: if it is
+  there afterwards, it is recorded and deleted before the failure is raised. gcloud runs in a
+  session of its own, so that a Ctrl-C at the terminal leaves it to return (the launch defers
+  signals meanwhile and then deletes what it made)."""
+  if not g.dry_run and g.describe(args.queued, 'createTime'):
+    raise Failed(1, f'{args.name} already exists in {args.zone}: not created, and not deleted '
+                 '(not this launch\'s); choose another --name')
+  rc, out = g.run(create_argv(args, g), own_session=True, timeout=LONG_TIMEOUT_S['create'],
+                  echo=True)
+  if g.dry_run:
+    return
+  made = '' if 'ALREADY_EXISTS' in out else g.describe(args.queued, 'createTime')
+  if made:
+    record_created(args, made)
+  if rc:
+    failed_create(args, g, rc, made)
+
+
+def failed_create(args, g: Gcloud, rc: int, made: str) -> None:
+  if made:
+    common.say(f'{args.name} exists all the same (createTime {made}): deleting it')
+    delete(args, g, args.queued)
+  raise Failed(rc, f'creating {args.name} failed with exit status {rc}')
 
 
 def wait_active(args, g: Gcloud) -> None:

@@ -35,19 +35,53 @@ def argv(repo, tmp_path, *extra):
 
 
 SETUP = [
-    'storage cp', 'storage rm', 'create', 'describe', 'ssh write-check', 'scp', 'ssh install',
+    'storage cp', 'storage rm', 'describe', 'create', 'describe', 'ssh write-check', 'scp',
+    'ssh install',
     'storage rm', 'ssh start'
 ]
 
 
-def test_already_exists_deletes_nothing(fake, repo, tmp_path):
-  """Someone else's slice of that name: the create fails, and nothing is deleted."""
+def test_already_exists_deletes_nothing(fake, repo, tmp_path, capsys):
+  """Someone else's slice of that name: refused before any create, and nothing is deleted;
+  one made between that check and the create (ALREADY_EXISTS) is not deleted either."""
   fake.scenario(create_error='ALREADY_EXISTS: node m32-a already exists', existing=['m32-a'])
   assert tpu_pod.main(argv(repo, tmp_path)) == 1
-  assert fake.kinds() == ['storage cp', 'storage rm', 'create']
+  assert fake.kinds() == ['storage cp', 'storage rm', 'describe']
+  assert 'm32-a already exists in us-east5-a: not created, and not deleted' in (
+      capsys.readouterr().err)
   fake.scenario(create_error='ALREADY_EXISTS', existing=['m32-a'])
   assert tpu_pod.main(argv(repo, tmp_path, '--queued')) == 1
+  fake.scenario(create_error='ALREADY_EXISTS: node m32-a already exists', create_makes=True)
+  assert tpu_pod.main(argv(repo, tmp_path)) == 1
+  assert fake.kinds()[-2:] == ['describe', 'create']
   assert not any('delete' in k for k in fake.kinds())
+  assert fake_state(fake)['slices'] == ['m32-a']
+  assert not os.path.exists(tmp_path / 'stage' / 'created.json')
+
+
+@pytest.mark.parametrize('queued', [False, True])
+def test_a_failed_create_that_made_the_slice_deletes_it(fake, repo, tmp_path, capsys, queued):
+  """gcloud fails (not ALREADY_EXISTS) after the server began the create: the slice is there
+  and bills; it is recorded and deleted, and the launch fails with gcloud's status."""
+  fake.scenario(create_error='INTERNAL: operation polling failed', create_makes=True)
+  assert tpu_pod.main(argv(repo, tmp_path, *(['--queued'] if queued else []))) == 1
+  prefix = 'qr ' if queued else ''
+  assert fake.kinds()[2:] == [f'{prefix}{k}' for k in ('describe', 'create', 'describe', 'delete')]
+  assert fake_state(fake)['slices'] == []
+  assert not os.path.exists(tmp_path / 'stage' / 'created.json')
+  err = capsys.readouterr().err
+  assert 'INTERNAL: operation polling failed' in err  # gcloud's own message still shown
+  assert 'm32-a exists all the same' in err and 'creating m32-a failed with exit status 1' in err
+
+
+@pytest.mark.parametrize('queued', [False, True])
+def test_a_timed_out_create_deletes_the_slice(fake, repo, tmp_path, monkeypatch, queued):
+  """The create outlives its timeout (gcloud is killed, the server goes on): deleted."""
+  monkeypatch.setitem(tpu_pod.LONG_TIMEOUT_S, 'create', 5)
+  fake.scenario(create_sleep=120)
+  assert tpu_pod.main(argv(repo, tmp_path, *(['--queued'] if queued else []))) == 124
+  assert fake.kinds()[-2:] == ['qr describe', 'qr delete'] if queued else ['describe', 'delete']
+  assert fake_state(fake)['slices'] == []
 
 
 def test_bucket_not_writable_creates_nothing(fake, repo, tmp_path):
@@ -180,7 +214,7 @@ def test_stop_deletes_only_what_this_machine_created(fake, repo, tmp_path):
   fake.scenario(existing=['m32-a'])
   assert tpu_pod.main(['stop', *where]) == 0
   assert fake.kinds() == ['ssh stop']  # not created here: not deleted
-  fake.scenario(runs=[{}], existing=['m32-a'])
+  fake.scenario(runs=[{}])  # (someone's m32-a gone: a create would refuse its name)
   assert tpu_pod.main(argv(repo, tmp_path, '--detach')) == 0
   assert fake.kinds()[-1] == 'ssh start'  # detached: no poll, no delete
   assert tpu_pod.main(['stop', *where]) == 0
