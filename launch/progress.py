@@ -1,4 +1,5 @@
-"""Has a run reached train.num_steps? Exit 0 if so, 1 if not (2: bad input).
+"""Has a run reached train.num_steps? Exit 0 if so, NOT_DONE (3) if not; 2: bad input, 1: an
+error (a traceback: e.g. an unreadable workdir), which callers must not take for "not done".
 
 The SLURM job script asks this after the trainer returns: a trainer stopped by the
 --signal before the time limit (or by a preemption) saved a checkpoint and exited 0, and the
@@ -18,6 +19,7 @@ import sys
 from yuanjax import workdir as workdir_lib
 
 KEY = '--config.train.num_steps='
+NOT_DONE = 3  # not 1, which is also Python's status for an uncaught exception
 
 
 def num_steps(config: str, overrides: list[str]) -> int:
@@ -41,7 +43,7 @@ def main(argv=None) -> int:
   args, overrides = p.parse_known_args(argv)
   target, step = num_steps(args.config, overrides), newest_step(args.workdir)
   print(f'[progress] newest checkpoint: step {step}; train.num_steps: {target}', flush=True)
-  return 0 if step is not None and step >= target else 1
+  return 0 if step is not None and step >= target else NOT_DONE
 
 
 if __name__ == '__main__':

@@ -19,9 +19,10 @@ not fit is refused with the fix the planner finds, unless --force.
 Preemption or a host failure: the pods get SIGTERM and --stop_grace_s (passed as
 --termination-grace-period-seconds; xpk's default is 30 s) to save a checkpoint; the trainer
 then exits 0, and the command turns that into exit status 42 when launch/progress.py finds the
-newest checkpoint short of train.num_steps: xpk restarts a JobSet only on exit statuses 42 and
-127-255, up to --max_restarts times, and the trainer resumes from the newest checkpoint in
---workdir (gs://). A trainer failure keeps its own status. Follow and end it with xpk:
+newest checkpoint short of train.num_steps (its exit 3): xpk restarts a JobSet only on exit
+statuses 42 and 127-255, up to --max_restarts times, and the trainer resumes from the newest
+checkpoint in --workdir (gs://). A trainer failure keeps its own status, and so does any other
+failure of progress.py (bad input, a traceback, an unreadable workdir: no restart). Follow and end it with xpk:
 `xpk workload list --cluster=C`, `xpk workload delete --cluster=C --workload=NAME`.
 
   python -m launch.xpk --cluster=my-v5p --workload=m32-a --tpu_type=v5p-64 \\
@@ -41,6 +42,7 @@ import shlex
 import sys
 
 from launch import common
+from launch import progress
 
 RESTART_STATUS = 42  # one of the exit statuses xpk restarts a JobSet on (42, 127-255)
 
@@ -113,14 +115,16 @@ def _ignores(path: str, names: tuple[str, ...]) -> bool:
 
 def command(args) -> str:
   """The shell command xpk runs in the container on every host: the trainer; its exit 0 short
-  of train.num_steps (a SIGTERM saved a checkpoint) becomes RESTART_STATUS."""
+  of train.num_steps (a SIGTERM saved a checkpoint: progress.py says NOT_DONE) becomes
+  RESTART_STATUS. Any other failure of progress.py (bad input, a traceback, an unreadable
+  workdir) is the command's status, never a restart."""
   train = shlex.join(common.train_argv('python3', args.config, args.workdir, args.overrides))
-  progress = shlex.join([
+  check = shlex.join([
       'python3', 'launch/progress.py', f'--config={args.config}', f'--workdir={args.workdir}',
       *args.overrides
   ])
-  run = (f'{train}; rc=$?; if [ "$rc" -eq 0 ] && ! {progress}; then exit {RESTART_STATUS}; fi; '
-         'exit "$rc"')
+  run = (f'{train}; rc=$?; if [ "$rc" -ne 0 ]; then exit "$rc"; fi; {check}; rc=$?; '
+         f'if [ "$rc" -eq {progress.NOT_DONE} ]; then exit {RESTART_STATUS}; fi; exit "$rc"')
   if args.base_docker_image:
     return "pip install -q -c constraints.txt . 'jax[tpu]' && " + run
   return run

@@ -208,9 +208,9 @@ def test_progress_reads_the_newest_checkpoint(tmp_path):
         return types.SimpleNamespace(train=types.SimpleNamespace(num_steps=int(arg or 8)))
       '''))
   wd = tmp_path / 'wd'
-  assert progress.main([f'--config={cfg}', f'--workdir={wd}']) == 1  # nothing yet
+  assert progress.main([f'--config={cfg}', f'--workdir={wd}']) == progress.NOT_DONE == 3  # none
   for name in ('4', '8.unreadable-1', 'tmp'):
     (wd / 'checkpoints' / name).mkdir(parents=True)
-  assert progress.main([f'--config={cfg}', f'--workdir={wd}']) == 1
+  assert progress.main([f'--config={cfg}', f'--workdir={wd}']) == progress.NOT_DONE
   assert progress.main([f'--config={cfg}:4', f'--workdir={wd}']) == 0
   assert progress.main([f'--config={cfg}', f'--workdir={wd}', '--config.train.num_steps=3']) == 0

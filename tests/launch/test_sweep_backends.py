@@ -101,8 +101,9 @@ def test_xpk_dry_run(capsys, cfg):
       '--termination-grace-period-seconds=300', '--zone=us-east5-a', '--project=p',
       '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
       '--command=' + shlex.join(['python3', '-u', '-m', 'yuanjax.train', *flags(i)]) +
-      '; rc=$?; if [ "$rc" -eq 0 ] && ! ' +
-      shlex.join(['python3', 'launch/progress.py', *flags(i)]) + '; then exit 42; fi; exit "$rc"'
+      '; rc=$?; if [ "$rc" -ne 0 ]; then exit "$rc"; fi; ' +
+      shlex.join(['python3', 'launch/progress.py', *flags(i)]) +
+      '; rc=$?; if [ "$rc" -eq 3 ]; then exit 42; fi; exit "$rc"'
   ] for i in (0, 1)]
 
 
@@ -149,25 +150,29 @@ def test_xpk_base_image_needs_a_dockerignore(capsys, cfg, tmp_path):
 
 
 # The container's python3: the trainer (exit FAKE_RC after writing checkpoint FAKE_STEP), or
-# the real interpreter for launch/progress.py.
+# the real interpreter for launch/progress.py (or, with FAKE_PROGRESS_RC, progress.py failing
+# with that status).
 FAKE_PY = textwrap.dedent('''\
     #!/bin/bash
     if [[ $1 == -u ]]; then
       mkdir -p "$FAKE_WORKDIR/checkpoints/$FAKE_STEP"
       exit "$FAKE_RC"
     fi
+    [[ -z ${FAKE_PROGRESS_RC:-} ]] || exit "$FAKE_PROGRESS_RC"
     exec %s "$@"
     ''') % shlex.quote(sys.executable)
 
 
 @pytest.mark.parametrize(
-    'step, rc, status',
+    'step, rc, status, progress_rc',
     [
-        (9, 0, 0),  # done: the JobSet completes
-        (4, 0, 42),  # SIGTERM (preemption) saved step 4 of 9 and exited 0: xpk restarts on 42
-        (4, 3, 3),  # a failure keeps its status
+        (9, 0, 0, ''),  # done: the JobSet completes
+        (4, 0, 42, ''),  # SIGTERM (preemption) saved step 4 of 9 and exited 0: xpk restarts on 42
+        (4, 3, 3, ''),  # a failure keeps its status
+        (4, 0, 1, '1'),  # progress.py's traceback (an unreadable workdir): passed on, no restart
+        (4, 0, 2, '2'),  # progress.py's bad input: passed on
     ])
-def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status):
+def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status, progress_rc):
   from launch import xpk  # pylint: disable=g-import-not-at-top
   args = xpk.parse([
       f'--config={cfg}', '--workdir=gs://b/x', '--cluster=c1', '--workload=wl', '--tpu_type=v5p-64',
@@ -178,7 +183,7 @@ def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status):
   (tmp_path / 'bin' / 'python3').write_text(FAKE_PY)
   (tmp_path / 'bin' / 'python3').chmod(0o755)
   env = dict(os.environ, PATH=f'{tmp_path}/bin:{os.environ["PATH"]}', FAKE_RC=str(rc),
-             FAKE_STEP=str(step), FAKE_WORKDIR=args.workdir)
+             FAKE_STEP=str(step), FAKE_WORKDIR=args.workdir, FAKE_PROGRESS_RC=progress_rc)
   r = subprocess.run(['bash', '-c', xpk.command(args)], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=60)
   assert r.returncode == status, r.stdout + r.stderr
