@@ -429,8 +429,9 @@ def create(args, g: Gcloud) -> None:
   session of its own, so that a Ctrl-C at the terminal leaves it to return (the launch defers
   signals meanwhile and then deletes what it made)."""
   if not g.dry_run and g.describe(args.queued, 'createTime'):
-    raise Failed(1, f'{args.name} already exists in {args.zone}: not created, and not deleted '
-                 '(not this launch\'s); choose another --name')
+    raise Failed(
+        1, f'{args.name} already exists in {args.zone}: not created, and not deleted '
+        '(not this launch\'s); choose another --name')
   rc, out = g.run(create_argv(args, g), own_session=True, timeout=LONG_TIMEOUT_S['create'],
                   echo=True)
   if g.dry_run:

@@ -6,11 +6,14 @@ made once (`xpk cluster create`, not here), and workloads queue for it, so a swe
 wait side by side on the cluster rather than each for a slice of its own. jax finds the other
 hosts by itself, as on a TPU VM.
 
-The image: --docker_image is used as it is (it must hold this repo, installed, with
+The image: --docker_image is used as it is (it must hold this repo's dependencies with
 jax[tpu], and start in the repo's folder); or --base_docker_image, on which xpk builds an
 image holding --script_dir (default: this repo; xpk copies it in, so it must have a
-.dockerignore that leaves out .venv and .git), and the command first runs
-`pip install -c constraints.txt . 'jax[tpu]'` there: on every pod start, restarts included.
+.dockerignore that leaves out .venv and .git; xpk's build only copies, it runs nothing), and
+the command first runs `pip install -c constraints.txt . 'jax[tpu]'` there, on every pod start,
+restarts included, unless the base image already holds those dependencies: one built with
+launch/xpk-base.Dockerfile records the sha256 of the setup.py and constraints.txt it installed
+from in DEPS_STAMP, and while the repo's two files hash the same the install is skipped.
 
 Before anything is submitted the pre-flight runs yuanjax.plan on the config for
 --num_slices x --tpu_type (and checks prod(config.mesh.dcn) == --num_slices); a run that does
@@ -45,6 +48,8 @@ from launch import common
 from launch import progress
 
 RESTART_STATUS = 42  # one of the exit statuses xpk restarts a JobSet on (42, 127-255)
+DEPS_STAMP = '/opt/yuanjax-deps.sha256'  # written by launch/xpk-base.Dockerfile
+INSTALL = "pip install -q -c constraints.txt . 'jax[tpu]'"
 
 
 def parse(argv=None):
@@ -120,14 +125,22 @@ def command(args) -> str:
   workdir) is the command's status, never a restart."""
   train = shlex.join(common.train_argv('python3', args.config, args.workdir, args.overrides))
   check = shlex.join([
-      'python3', 'launch/progress.py', f'--config={args.config}', f'--workdir={args.workdir}',
+      'python3', '-m', 'launch.progress', f'--config={args.config}', f'--workdir={args.workdir}',
       *args.overrides
   ])
   run = (f'{train}; rc=$?; if [ "$rc" -ne 0 ]; then exit "$rc"; fi; {check}; rc=$?; '
          f'if [ "$rc" -eq {progress.NOT_DONE} ]; then exit {RESTART_STATUS}; fi; exit "$rc"')
-  if args.base_docker_image:
-    return "pip install -q -c constraints.txt . 'jax[tpu]' && " + run
-  return run
+  return install() + run if args.base_docker_image else run
+
+
+def install() -> str:
+  """The dependencies, unless the image's DEPS_STAMP is the hash of this setup.py and
+  constraints.txt (YUANJAX_DEPS_STAMP overrides its path, for the tests). The trainer and
+  progress.py run with `python3 -m` from the working folder: its yuanjax is the one imported,
+  installed or not."""
+  stamp = f'"${{YUANJAX_DEPS_STAMP:-{DEPS_STAMP}}}"'
+  return (f'if [ "$(cat setup.py constraints.txt | sha256sum)" = "$(cat {stamp} 2>/dev/null)" ]; '
+          f'then echo "dependencies from the image"; else {INSTALL}; fi && ')
 
 
 def create_argv(args) -> list[str]:

@@ -1,5 +1,6 @@
 """launch.sweep on the cloud backends, against fake `gcloud` and `xpk` on PATH: TPU variants
 on N slices at once, or queued on one reused slice; xpk workloads."""
+import hashlib
 import json
 import os
 import shlex
@@ -102,7 +103,7 @@ def test_xpk_dry_run(capsys, cfg):
       '--env=LIBTPU_INIT_ARGS=--xla_x=1', '--env=A=b c',
       '--command=' + shlex.join(['python3', '-u', '-m', 'yuanjax.train', *flags(i)]) +
       '; rc=$?; if [ "$rc" -ne 0 ]; then exit "$rc"; fi; ' +
-      shlex.join(['python3', 'launch/progress.py', *flags(i)]) +
+      shlex.join(['python3', '-m', 'launch.progress', *flags(i)]) +
       '; rc=$?; if [ "$rc" -eq 3 ]; then exit 42; fi; exit "$rc"'
   ] for i in (0, 1)]
 
@@ -117,7 +118,8 @@ def test_xpk_submits_each_variant(fake, cfg, tmp_path):
   assert sorted(c[3] for c in calls) == ['--workload=wl-0', '--workload=wl-1']
   for c in calls:
     assert f'--script-dir={tmp_path}/repo' in c and '--base-docker-image=python:3.11' in c
-    assert c[-1].startswith("--command=pip install -q -c constraints.txt . 'jax[tpu]' && python3")
+    assert c[-1].startswith('--command=if [ "$(cat setup.py constraints.txt | sha256sum)" = ')
+    assert "else pip install -q -c constraints.txt . 'jax[tpu]'; fi && python3 -u -m" in c[-1]
 
 
 @pytest.mark.parametrize('flags, message', [
@@ -187,3 +189,37 @@ def test_xpk_command_exit_status(cfg, tmp_path, step, rc, status, progress_rc):
   r = subprocess.run(['bash', '-c', xpk.command(args)], cwd=REPO, env=env, capture_output=True,
                      text=True, timeout=60)
   assert r.returncode == status, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    'stamp, installs',
+    [
+        (None, True),  # a plain base image: installed at the pod's start
+        ('current', False),  # built with launch/xpk-base.Dockerfile from these files: skipped
+        ('stale', True),  # setup.py or constraints.txt changed since the image was built
+    ])
+def test_xpk_base_image_install_only_when_the_image_lacks_it(cfg, tmp_path, stamp, installs):
+  from launch import xpk  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'repo' / '.dockerignore').write_text('.venv\n.git\n')
+  args = xpk.parse([
+      f'--config={cfg}', '--workdir=gs://b/x', '--cluster=c1', '--workload=wl', '--tpu_type=v5p-64',
+      '--base_docker_image=python:3.11', f'--script_dir={tmp_path}/repo', '--force'
+  ])
+  bin_dir, stamp_file = tmp_path / 'bin', tmp_path / 'deps.sha256'
+  bin_dir.mkdir()
+  for name, body in (('pip', 'echo "pip $*" >>"$LOG"'), ('python3', 'exit 0')):
+    (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
+    (bin_dir / name).chmod(0o755)
+  if stamp:  # what the Dockerfile writes: the hash of the files it installed from
+    files = ('setup.py', 'constraints.txt') if stamp == 'current' else ('setup.py',)
+    data = b''.join(open(os.path.join(REPO, f), 'rb').read() for f in files)
+    stamp_file.write_text(hashlib.sha256(data).hexdigest() + '  -\n')
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', LOG=str(tmp_path / 'log'),
+             YUANJAX_DEPS_STAMP=str(stamp_file))
+  r = subprocess.run(['bash', '-c', xpk.command(args)], cwd=REPO, env=env, capture_output=True,
+                     text=True, timeout=60)
+  assert r.returncode == 0, r.stdout + r.stderr
+  log = (tmp_path / 'log').read_text() if (tmp_path / 'log').exists() else ''
+  assert log == ("pip install -q -c constraints.txt . jax[tpu]\n" if installs else '')
+  with open(os.path.join(REPO, 'launch', 'xpk-base.Dockerfile')) as f:
+    assert 'cat setup.py constraints.txt | sha256sum > ' + xpk.DEPS_STAMP in f.read()

@@ -36,8 +36,7 @@ def argv(repo, tmp_path, *extra):
 
 SETUP = [
     'storage cp', 'storage rm', 'describe', 'create', 'describe', 'ssh write-check', 'scp',
-    'ssh install',
-    'storage rm', 'ssh start'
+    'ssh install', 'storage rm', 'ssh start'
 ]
 
 
