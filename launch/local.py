@@ -4,8 +4,9 @@ Each process gets --coordinator_address=127.0.0.1:PORT --num_processes=N --proce
 (PORT: --port, or a free one the OS picks, so that jobs side by side never collide)
 and JAX_PLATFORMS=cpu (set through `env`, so the dry run shows it); JAX's distributed
 runtime connects them. First the pre-flight runs yuanjax.plan on the config for
-N x --host_device_count CPU devices (the mesh must match them; no memory check on CPU). Output is prefixed [i]; if one process fails the others are
-stopped and the launcher exits with its status.
+N x --host_device_count CPU devices (the mesh must match them; no memory check on CPU).
+Output is prefixed [i]; if one process fails the others are stopped and the launcher exits
+with its status.
 
   python -m launch.local --config=configs/tiny.py --workdir=/tmp/run \\
       --num_processes=2 --host_device_count=4 --config.mesh.data=8

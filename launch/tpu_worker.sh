@@ -118,7 +118,8 @@ start() {
   [[ ${1:-} == -- ]] && shift
   mkdir -p "$RUN_DIR"
   if alive; then
-    echo "$(hostname): a run is already going (pid $(cut -d' ' -f1 "$RUN_DIR/pid")); not starting another"
+    echo "$(hostname): a run is already going (pid $(cut -d' ' -f1 "$RUN_DIR/pid"));" \
+      "not starting another"
     return 0
   fi
   local name

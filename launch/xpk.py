@@ -25,8 +25,9 @@ then exits 0, and the command turns that into exit status 42 when launch/progres
 newest checkpoint short of train.num_steps (its exit 3): xpk restarts a JobSet only on exit
 statuses 42 and 127-255, up to --max_restarts times, and the trainer resumes from the newest
 checkpoint in --workdir (gs://). A trainer failure keeps its own status, and so does any other
-failure of progress.py (bad input, a traceback, an unreadable workdir: no restart). Follow and end it with xpk:
-`xpk workload list --cluster=C`, `xpk workload delete --cluster=C --workload=NAME`.
+failure of progress.py (bad input, a traceback, an unreadable workdir: no restart). Follow
+and end it with xpk: `xpk workload list --cluster=C`,
+`xpk workload delete --cluster=C --workload=NAME`.
 
   python -m launch.xpk --cluster=my-v5p --workload=m32-a --tpu_type=v5p-64 \\
       --docker_image=gcr.io/my-project/yuanjax:latest --zone=us-east5-a --project=my-project \\
