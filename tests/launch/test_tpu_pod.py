@@ -522,6 +522,7 @@ def test_worker_stop_lets_the_trainer_save(fake, tmp_path):
   assert r.returncode == 0 and 'started' in r.stdout, r.stderr
   assert 'running' in worker(tmp_path, 'status').stdout
   assert 'already going' in worker(tmp_path, 'start', url, '', '--', 'false').stdout
+  assert wait_for_text(tmp_path / 'run' / 'worker-0-of-1.log', 'training')  # handler set
   r = worker(tmp_path, 'stop', '20')
   assert r.returncode == 0 and 'stopped' in r.stdout, r.stderr
   gcs = fake.path / 'gcs' / 'b' / 'run' / 'worker_logs'
