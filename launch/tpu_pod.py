@@ -114,6 +114,19 @@ def _where_flags(p: argparse.ArgumentParser) -> None:
 def parse(argv=None):
   p = common.parser(__doc__)
   _where_flags(p)
+  _slice_flags(p)
+  _lifetime_flags(p)
+  _capacity_flags(p)
+  _run_flags(p)
+  common.fit_flag(p)
+  args = common.parse(p, argv)
+  _check(p, args)
+  _preflight(p, args)
+  return args
+
+
+def _slice_flags(p: argparse.ArgumentParser) -> None:
+  """What is created: the slice(s) and their software."""
   p.add_argument('--accelerator_type', default=None, help='e.g. v5p-64, v6e-32, v4-16')
   p.add_argument(
       '--version', default=None, help='TPU software version; default by generation: ' +
@@ -124,6 +137,10 @@ def parse(argv=None):
       '--num_slices', type=int, default=1,
       help='slices joined over DCN (multi-slice; needs --queued and '
       'prod(config.mesh.dcn) == N)')
+
+
+def _lifetime_flags(p: argparse.ArgumentParser) -> None:
+  """What is packed, and whose slice it is at the end."""
   p.add_argument('--include_untracked', action='store_true',
                  help='also pack untracked files git does not ignore (they may hold secrets)')
   p.add_argument('--reuse', action='store_true',
@@ -133,12 +150,20 @@ def parse(argv=None):
       '--detach', action='store_true',
       help='return once the run has started (worker 0 deletes a created slice at '
       'the end)')
+
+
+def _capacity_flags(p: argparse.ArgumentParser) -> None:
+  """How the slice is paid for, and the workers' identity."""
   p.add_argument('--spot', action='store_true', help='Spot capacity (cheaper; can be preempted)')
   p.add_argument('--reserved', action='store_true', help='use the project\'s reservation')
   p.add_argument('--valid_until_duration', default=None,
                  help='with --queued: the request expires if not filled by then, e.g. 6h')
   p.add_argument('--service_account', default=None, help='the workers\' service account')
   p.add_argument('--scopes', default=None, help='the workers\' access scopes, comma-separated')
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+  """How the launch runs, follows, restarts and stops the trainers."""
   p.add_argument('--libtpu_init_args', default=None, help='LIBTPU_INIT_ARGS for the trainers')
   p.add_argument('--max_restarts', type=int, default=3,
                  help='resubmissions after a preemption (default 3)')
@@ -153,9 +178,9 @@ def parse(argv=None):
       '--remote_python', default='python3.11',
       help='python on the workers that builds the venv (jax needs >= 3.11); '
       'installed with apt when it cannot make a venv')
-  common.fit_flag(p)
-  args = common.parse(p, argv)
-  _check(p, args)
+
+
+def _preflight(p, args) -> None:
   if args.accelerator_type:  # with --reuse: give it for the pre-flight
     try:
       target = common.tpu_target(args.accelerator_type, args.num_slices)
@@ -164,7 +189,6 @@ def parse(argv=None):
     common.preflight(p, args, target)
   else:
     common.say('pre-flight skipped: --reuse without --accelerator_type')
-  return args
 
 
 def _check(p, args) -> None:
@@ -607,48 +631,20 @@ def stop_trainers(args, g: Gcloud, keep: bool = False) -> None:
 # ------------------------------------------------------------------------------- launch
 
 
+@dataclasses.dataclass
+class Run:
+  """What the cleanup needs to know of a launch under way."""
+  ours: bool = False  # this launch created the slice (and it is not yet deleted)
+  running: bool = False  # trainers were started and have not ended
+  outcome: str | None = None  # follow()'s last answer
+  restarts: int = 0
+
+
 def launch(args) -> int:
-  g = gcloud_for(args)
-  ours, running, outcome, restarts, fresh = False, False, None, 0, True
+  g, run = gcloud_for(args), Run()
   handlers = common.exit_on_signals()
   try:
-    check_bucket(args, g)
-    pack(args, g)
-    if args.reuse:
-      check_reusable(args, g)
-    while True:
-      if fresh and not args.reuse:
-        with common.deferred_signals(f'waiting for the create of {args.name} to return, so '
-                                     'that what it made is deleted'):
-          create(args, g)
-          ours = True
-        if args.queued:
-          wait_active(args, g)
-      stopping()
-      if fresh:
-        install(args, g)
-        stopping()
-      running = True
-      start(args, g, created=ours)
-      if args.detach:
-        common.say(f'started; follow with: python -m launch.tpu_pod logs --workdir={args.workdir}')
-        ours = running = False  # worker 0 deletes it at the end
-        return 0
-      outcome = follow(args, g)
-      if outcome in ('done', 'failed'):
-        return 0 if outcome == 'done' else 1
-      running = False
-      if (args.reuse and outcome == 'preempted') or restarts >= args.max_restarts:
-        raise Failed(
-            1, f'{outcome}, and {restarts} of --max_restarts={args.max_restarts} '
-            'restarts used' + (' (--reuse: not resubmitted)' if args.reuse else ''))
-      restarts += 1
-      fresh = outcome == 'preempted'  # 'lost': the slice is up; start the trainers again
-      common.say(f'{"resubmitting" if fresh else "restarting on"} {args.name} (restart '
-                 f'{restarts} of {args.max_restarts})')
-      if fresh:
-        delete(args, g, args.queued)
-        ours = False
+    return run_to_end(args, g, run)
   except Failed as e:
     common.say(str(e))
     return e.rc
@@ -662,11 +658,68 @@ def launch(args) -> int:
     return e.code if isinstance(e.code, int) else 1
   finally:
     with common.deferred_signals('cleaning up first (trainers, then the slice)', act=False):
-      if running and outcome != 'done':
-        stop_trainers(args, g)
-      if ours and not args.keep:
-        delete(args, g, args.queued)
+      clean_up(args, g, run)
     common.restore_signals(handlers)
+
+
+def run_to_end(args, g: Gcloud, run: Run) -> int:
+  check_bucket(args, g)
+  pack(args, g)
+  if args.reuse:
+    check_reusable(args, g)
+  fresh = True
+  while True:
+    if fresh:
+      provision(args, g, run)
+    stopping()
+    run.running = True
+    start(args, g, created=run.ours)
+    if args.detach:
+      common.say(f'started; follow with: python -m launch.tpu_pod logs --workdir={args.workdir}')
+      run.ours = run.running = False  # worker 0 deletes it at the end
+      return 0
+    run.outcome = follow(args, g)
+    if run.outcome in ('done', 'failed'):
+      return 0 if run.outcome == 'done' else 1
+    run.running = False
+    fresh = next_attempt(args, g, run)
+
+
+def provision(args, g: Gcloud, run: Run) -> None:
+  """A slice to run on (created, unless --reuse), with the repo installed."""
+  if not args.reuse:
+    with common.deferred_signals(f'waiting for the create of {args.name} to return, so '
+                                 'that what it made is deleted'):
+      create(args, g)
+      run.ours = True
+    if args.queued:
+      wait_active(args, g)
+  stopping()
+  install(args, g)
+
+
+def next_attempt(args, g: Gcloud, run: Run) -> bool:
+  """After a preemption (True: a fresh slice, this one deleted) or trainers lost on a slice
+  still up (False: start them again there); raises once the restarts are used up."""
+  if (args.reuse and run.outcome == 'preempted') or run.restarts >= args.max_restarts:
+    raise Failed(
+        1, f'{run.outcome}, and {run.restarts} of --max_restarts={args.max_restarts} '
+        'restarts used' + (' (--reuse: not resubmitted)' if args.reuse else ''))
+  run.restarts += 1
+  fresh = run.outcome == 'preempted'
+  common.say(f'{"resubmitting" if fresh else "restarting on"} {args.name} (restart '
+             f'{run.restarts} of {args.max_restarts})')
+  if fresh:
+    delete(args, g, args.queued)
+    run.ours = False
+  return fresh
+
+
+def clean_up(args, g: Gcloud, run: Run) -> None:
+  if run.running and run.outcome != 'done':
+    stop_trainers(args, g)
+  if run.ours and not args.keep:
+    delete(args, g, args.queued)
 
 
 # ------------------------------------------------------------------------- status/logs/stop
