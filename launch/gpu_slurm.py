@@ -38,7 +38,7 @@ import re
 import shlex
 import sys
 
-from launch import common
+from launch import common, progress
 
 # XLA flags for H100/H200, each from where it is recommended; every one is checked to exist in
 # the installed jaxlib by tests/launch/test_gpu_slurm.py (an unknown XLA flag is fatal).
@@ -106,7 +106,11 @@ args=({args})
 "${{step[@]}}" bash -c 'exec "$@" --process_id="$SLURM_PROCID"' bash \\
   "${{python[@]}}" -u -m yuanjax.train "${{args[@]}}" \\
   --coordinator_address="$coordinator" --num_processes="$SLURM_JOB_NUM_NODES"
-if ! "${{python[@]}}" {progress} "${{args[@]}}"; then
+"${{python[@]}}" {progress} "${{args[@]}}" && done=0 || done=$?
+if ((done != 0 && done != {not_done})); then  # 2: bad input, 1: an error (a traceback)
+  echo "[launch] launch/progress.py failed (exit $done): not requeueing" >&2
+  exit "$done"
+elif ((done == {not_done})); then
   if ((${{SLURM_RESTART_COUNT:-0}} >= {max_requeues})); then
     echo "[launch] not at train.num_steps after {max_requeues} requeues; giving up" >&2
     exit 1
@@ -216,8 +220,8 @@ def script(args) -> str:
       cpus=args.cpus_per_task or '$((SLURM_CPUS_ON_NODE / 1))  # the node\'s CPUs / tasks per node',
       mem=f' --mem={args.mem}' if args.mem is not None else '', python=_quote(
           args.python), gpus=args.gpus_per_node, preflight=_quote(PREFLIGHT), args=' '.join(
-              map(_quote, train[4:])), max_requeues=args.max_requeues, progress=_quote(
-                  os.path.join(common.REPO, 'launch', 'progress.py')))
+              map(_quote, train[4:])), max_requeues=args.max_requeues, not_done=progress.NOT_DONE,
+      progress=_quote(os.path.join(common.REPO, 'launch', 'progress.py')))
 
 
 def _quote(arg: str) -> str:

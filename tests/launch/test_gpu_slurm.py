@@ -100,6 +100,8 @@ FAKE_PY = textwrap.dedent('''\
     if [[ $1 == -c ]]; then
       echo "preflight task $SLURM_PROCID wants $3 GPUs"
       exit "${FAKE_PREFLIGHT_RC:-0}"
+    elif [[ -n ${FAKE_PROGRESS_RC:-} && $1 == *progress.py ]]; then
+      exit "$FAKE_PROGRESS_RC"
     elif [[ $1 == -u ]]; then
       echo "train task $SLURM_PROCID: ${*:4}"
       mkdir -p "$FAKE_CKPT"
@@ -158,6 +160,14 @@ def test_job_requeues_until_num_steps(cfg, tmp_path):
   r, logs = run_job(tmp_path, cfg, 6, '--max_requeues=3', SLURM_RESTART_COUNT='3')
   assert r.returncode == 1 and 'not at train.num_steps after 3 requeues' in r.stderr
   assert logs['scontrol'] == ['requeue 77']  # the first run's only
+
+
+@pytest.mark.parametrize('rc', [1, 2])
+def test_a_failing_progress_check_is_no_reason_to_requeue(cfg, tmp_path, rc):
+  """progress.py's traceback (1) or bad input (2) is passed through; only NOT_DONE requeues."""
+  r, logs = run_job(tmp_path, cfg, 6, FAKE_PROGRESS_RC=str(rc))
+  assert r.returncode == rc and 'launch/progress.py failed' in r.stderr
+  assert logs['scontrol'] == []
 
 
 def test_preflight_failure_stops_before_training(cfg, tmp_path):
