@@ -344,6 +344,8 @@ def test_every_format_reads_the_same_documents(tmp_path):
     docs = list(corpus.read_documents([path], txt_format=fmt))
     assert [d.text for d in docs] == FORMAT_TEXTS, suffix
     assert [d.line for d in docs] == [1, 2, 3], suffix
+  parquet = corpus.read_documents([files["parquet"]])
+  assert [d.nbytes for d in parquet] == [len(t.encode()) for t in FORMAT_TEXTS]  # UTF-8 bytes
   [whole] = corpus.read_documents([files["txt"]])  # the default: a .txt file is one document
   assert whole.text.count("\n") == 3 and "<n>" in whole.text
 

@@ -136,3 +136,31 @@ def test_prepare_reads_inputs_from_the_bucket(local, bucket, tmp_path):
                                                                'shard_00000.bin').read_bytes()
   with pytest.raises(ValueError, match=f'{bucket}/raw/none.jsonl: no such file'):
     prepare_lib.prepare(tok, f'{bucket}/raw/none.jsonl', tmp_path / 'x', progress=False)
+
+
+def test_rewritten_object_of_the_same_size_is_fetched_again(bucket, tmp_path, monkeypatch):
+  """Shards re-prepared at the same URL with the same document count: the index has the same
+  size but new boundaries; the cache (keyed on the object's generation) serves the new one."""
+  url = f'{bucket}/again/shard_00000.idx.npy'
+  fs, path = storage.filesystem(url)
+  copies = []
+  for content in (b'first-index!', b'second-index'):
+    with fs.open(path, 'wb') as f:
+      f.write(content)
+    fs.invalidate_cache()
+    [info] = storage.listing(f'{bucket}/again').values()
+    copies.append(storage.cached_copy(url, info, str(tmp_path)))
+    assert open(copies[-1], 'rb').read() == content
+  assert copies[0] != copies[1]
+  assert storage.cached_copy(url, cache_dir=str(tmp_path)) == copies[1]  # info asked for: same
+
+  def fail(_):
+    raise ValueError(f'{url}: cannot read')
+
+  monkeypatch.setattr(storage, 'read_bytes', fail)
+  with fs.open(path, 'wb') as f:
+    f.write(b'third-index!')
+  with pytest.raises(ValueError, match='cannot read'):
+    storage.cached_copy(url, cache_dir=str(tmp_path))
+  assert sorted(os.listdir(tmp_path / 'remote')) == sorted(
+      os.path.basename(os.path.dirname(c)) for c in copies)  # no empty file left for the third

@@ -263,7 +263,7 @@ def _read_parquet(path: str, text_key: str, skip_invalid: bool) -> Iterator[Docu
             raise InputError(f'{path}:{row}: {text_key!r} is null')
           yield Document('', path, row, 0, f'{text_key!r} is null')
         else:
-          yield _checked(text, path, row, len(text), skip_invalid)
+          yield _checked(text, path, row, len(text.encode()), skip_invalid)
 
 
 def stdlib_root() -> str:

@@ -131,7 +131,7 @@ def _encode_in_worker(texts: list[str]):
 
 def _encoded(batches: Iterable[list[str]], tok: Tokenizer, newline_token: str | None,
              workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """`_encode_batch` of every batch, in order, on `workers` cores: 1 here, on one thread; more
+  """`encode_texts` of every batch, in order, on `workers` cores: 1 here, on one thread; more
   in that many processes, each encoding ahead (at most 2 batches each in flight, so memory
   stays bounded)."""
   if workers == 1:
@@ -343,10 +343,10 @@ class ShardedDocuments:
     self.remote = storage.is_url(shards_dir)
     self.path = shards_dir.rstrip('/') if self.remote else os.path.abspath(shards_dir)
     self.manifest = load_manifest(self.path)
-    sizes = storage.listing(self.path) if self.remote else None
+    objects = storage.listing(self.path) if self.remote else None
     self._tokens, self._offsets = [], []
     for shard in self.manifest['shards']:
-      tokens, offsets = self._open_shard(shard, sizes, cache_dir)
+      tokens, offsets = self._open_shard(shard, objects, cache_dir)
       if len(offsets) != shard['num_docs'] + 1 or offsets[-1] != len(tokens):
         raise ValueError(f"{storage.join(self.path, shard['tokens'])}: size does not match its "
                          f'index / {MANIFEST}')
@@ -354,20 +354,21 @@ class ShardedDocuments:
       self._offsets.append(offsets)
     self._first_doc = np.cumsum([0] + [s['num_docs'] for s in self.manifest['shards']])
 
-  def _open_shard(self, shard: dict, sizes: dict | None, cache_dir: str | None):
-    """(tokens, offsets) of one shard, after checking its files exist and hold whole tokens."""
+  def _open_shard(self, shard: dict, objects: dict | None, cache_dir: str | None):
+    """(tokens, offsets) of one shard, after checking its files exist and hold whole tokens
+    (`objects`: the remote directory's listing)."""
     tokens_path, index_path = (storage.join(self.path, shard[k]) for k in ('tokens', 'index'))
     for name, p in ((shard['tokens'], tokens_path), (shard['index'], index_path)):
-      if not (name in sizes if self.remote else os.path.isfile(p)):
+      if not (name in objects if self.remote else os.path.isfile(p)):
         raise ValueError(f'{p}: missing shard file (listed in {MANIFEST})')
-    nbytes = sizes[shard['tokens']] if self.remote else os.path.getsize(tokens_path)
+    nbytes = objects[shard['tokens']]['size'] if self.remote else os.path.getsize(tokens_path)
     dtype = self.manifest['dtype']
     if nbytes % np.dtype(dtype).itemsize:
       raise ValueError(f'{tokens_path}: {nbytes} bytes is not a whole '
                        f'number of {dtype} tokens (truncated or corrupt)')
     if not self.remote:
       return np.memmap(tokens_path, dtype=dtype, mode='r'), np.load(index_path, mmap_mode='r')
-    local_index = storage.cached_copy(index_path, sizes[shard['index']], cache_dir)
+    local_index = storage.cached_copy(index_path, objects[shard['index']], cache_dir)
     return _RemoteTokens(tokens_path, dtype, nbytes), np.load(local_index)
 
   def __len__(self) -> int:

@@ -98,14 +98,17 @@ def errors(url: str, what: str = 'object'):
     raise ValueError(f'{url}: cannot read ({e})') from e
 
 
-def listing(url: str) -> dict[str, int]:
-  """`{name: size in bytes}` of the objects directly under `url` (one request)."""
+def listing(url: str) -> dict[str, dict]:
+  """`{name: fsspec info}` of the objects directly under `url` (one request); each info's
+  `size` is an int."""
   fs, path = filesystem(url)
   with errors(url, 'directory'):
     entries = fs.ls(path, detail=True)
   if not entries and not fs.exists(path):
     raise ValueError(f'{url}: no such directory')
-  return {posixpath.basename(e['name'].rstrip('/')): int(e['size'] or 0) for e in entries}
+  return {
+      posixpath.basename(e['name'].rstrip('/')): dict(e, size=int(e['size'] or 0)) for e in entries
+  }
 
 
 def read_bytes(url: str) -> bytes:
@@ -123,23 +126,32 @@ def cache_root(cache_dir: str | None = None) -> str:
   return os.path.expanduser(cache_dir or os.environ.get('YUANJAX_CACHE') or '~/.cache/yuanjax')
 
 
-def cached_copy(url: str, size: int | None = None, cache_dir: str | None = None) -> str:
-  """A local copy of a small object (an index, a tokenizer), downloaded once.
+# What tells two versions of one object apart, most specific first (GCS: generation; S3: ETag).
+_VERSION_KEYS = ('generation', 'md5Hash', 'etag', 'ETag', 'mtime', 'LastModified', 'updated')
 
-  Keyed by the URL, the object's size (asked for when None) and the emulator endpoint; written
-  by an atomic rename, so concurrent processes are safe."""
-  if size is None:
+
+def cached_copy(url: str, info: dict | None = None, cache_dir: str | None = None) -> str:
+  """A local copy of a small object (an index, a tokenizer), downloaded once per version.
+
+  Keyed by the URL, the object's version (its generation, else md5/etag/mtime, from `info`: an
+  fsspec info or listing entry, asked for when None), its size and the emulator endpoint: an
+  object rewritten at the same URL with the same size is fetched again. Written by an atomic
+  rename once the read succeeded, so concurrent processes are safe."""
+  if info is None:
     fs, path = filesystem(url)
     with errors(url):
-      size = fs.size(path)
-  key = hashlib.sha256(f'{url}|{size}|{_emulator()}'.encode()).hexdigest()[:24]
+      info = fs.info(path)
+  version = next((info[k] for k in _VERSION_KEYS if info.get(k) is not None), None)
+  size = int(info['size'])
+  key = hashlib.sha256(f'{url}|{version}|{size}|{_emulator()}'.encode()).hexdigest()[:24]
   local = os.path.join(cache_root(cache_dir), 'remote', key, posixpath.basename(url))
   if os.path.isfile(local) and os.path.getsize(local) == size:
     return local
+  data = read_bytes(url)
   os.makedirs(os.path.dirname(local), exist_ok=True)
   tmp = f'{local}.{os.getpid()}.tmp'
   with open(tmp, 'wb') as f:
-    f.write(read_bytes(url))
+    f.write(data)
   os.replace(tmp, local)
   return local
 
