@@ -16,6 +16,7 @@ import pytest
 
 from yuanjax.data import ShardedDocuments, corpus
 from yuanjax.data import prepare as prepare_lib
+from yuanjax.data import storage
 from yuanjax.data import tokenizer as tokenizer_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,3 +73,31 @@ def test_beam_bad_input_names_file_and_line(inputs, tmp_path):
               str(tmp_path / 'out'))
   assert run.returncode != 0 and "bad.jsonl:2: no 'text' field" in run.stderr
   assert not (tmp_path / 'out' / 'manifest.json').exists()
+
+
+def test_beam_bucket_output_is_refused_checked_then_replaced(inputs, tmp_path):
+  """An existing gs:// output needs --overwrite; an input without documents is refused before
+  anything is written; a replacing run deletes the old manifest first."""
+  tok, _, _ = inputs
+  (tmp_path / 'a.jsonl').write_text('{"text": "def f(): pass"}\n')
+  (tmp_path / 'empty.jsonl').write_text('{"text": ""}\n')
+  (tmp_path / 'bad.jsonl').write_text('{"text": "a"}\n{"txt": "b"}\n')
+  with storage.emulator('beam'):
+    url = 'gs://beam/shards'
+    fs, path = storage.filesystem(url)
+    beam = lambda name, *flags: _beam('--tokenizer', tok, '--input', str(tmp_path / name),
+                                      '--output', url, *flags)
+    run = beam('a.jsonl')
+    assert run.returncode == 0, run.stderr[-3000:]
+    first = sorted(fs.ls(path))
+    assert f'{path}/manifest.json' in first and f'{path}/shard_00000.bin' in first
+    run = beam('a.jsonl')
+    assert run.returncode == 2 and f'{url}: already exists (pass --overwrite' in run.stderr
+    run = beam('empty.jsonl', '--overwrite')
+    assert run.returncode == 2 and 'no non-empty documents in the input' in run.stderr
+    fs.invalidate_cache()
+    assert sorted(fs.ls(path)) == first  # nothing touched
+    run = beam('bad.jsonl', '--overwrite')
+    assert run.returncode != 0 and "bad.jsonl:2: no 'text' field" in run.stderr
+    fs.invalidate_cache()
+    assert f'{path}/manifest.json' not in fs.ls(path)  # the old manifest went first

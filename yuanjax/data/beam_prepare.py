@@ -17,6 +17,10 @@ shard boundaries differ. A group of files without documents writes no shard. Eac
 its shard and a `.meta.json`; the launching process then writes `manifest.json` (last: an output
 directory without one is incomplete) and removes the `.meta.json` files. A bad input (bad JSON,
 a missing field) fails the pipeline with the error naming the file and line, as locally.
+
+Before the pipeline runs: the arguments and tokenizer are checked, the input must hold a
+non-empty document, and an existing output (a directory or a URL prefix) is refused without
+`--overwrite`; with it, the old `manifest.json` is deleted first.
 """
 from __future__ import annotations
 
@@ -80,7 +84,7 @@ class _ShardOfFiles(beam.DoFn):
       _write(storage.join(self.output_dir, name + '.idx.npy'), index.getvalue())
       meta.update(tokens=name + '.bin', index=name + '.idx.npy', num_docs=len(lengths),
                   num_tokens=int(tokens.size))
-    _write(storage.join(self.output_dir, f'shard_{shard:05d}.meta.json'), json.dumps(meta).encode())
+    _write(_meta_url(self.output_dir, shard), json.dumps(meta).encode())
     yield shard
 
 
@@ -89,7 +93,7 @@ def run(tokenizer_path: str, inputs: str | Sequence[str], output_dir: str, *,
         files_per_shard: int = 1, overwrite: bool = False,
         pipeline_args: Sequence[str] = ()) -> dict:
   """Runs the pipeline (DirectRunner unless `pipeline_args` say otherwise); returns the
-  manifest, which it writes last."""
+  manifest, which it writes last. Every check runs before anything is written."""
   if files_per_shard < 1:
     raise ValueError(f'files_per_shard must be positive, got {files_per_shard}')
   if txt_format not in corpus.TXT_FORMATS:
@@ -97,51 +101,51 @@ def run(tokenizer_path: str, inputs: str | Sequence[str], output_dir: str, *,
   files = corpus.expand_inputs(inputs)
   if not storage.is_url(output_dir):
     output_dir = os.path.abspath(output_dir)
-    if os.path.exists(output_dir) and not overwrite:
-      raise ValueError(f'{output_dir}: already exists (pass --overwrite to replace it)')
-  local_tok = storage.cached_copy(tokenizer_path) if storage.is_url(
-      tokenizer_path) else tokenizer_path
-  tok = Tokenizer(local_tok, newline_token=newline_token)
-  fs, out = storage.filesystem(output_dir)
-  fs.makedirs(out, exist_ok=True)
+  recorded = tokenizer_path if storage.is_url(tokenizer_path) else os.path.abspath(tokenizer_path)
+  tok = Tokenizer(
+      storage.cached_copy(tokenizer_path) if storage.is_url(tokenizer_path) else tokenizer_path,
+      newline_token=newline_token)
+  docs = corpus.read_documents(files, text_key, skip_invalid=True, txt_format=txt_format)
+  if not any(d.text for d in docs):  # stops at the first document
+    raise corpus.InputError('no non-empty documents in the input')
+  fs = _fresh_output(output_dir, overwrite)
   groups = [
       (k, files[i:i + files_per_shard]) for k, i in enumerate(range(0, len(files), files_per_shard))
   ]
   write = _ShardOfFiles(tokenizer_path, newline_token, output_dir, text_key, txt_format)
   with beam.Pipeline(options=PipelineOptions(list(pipeline_args))) as p:
     _ = (p | beam.Create(groups) | beam.Reshuffle() | beam.ParDo(write))
-  metas = [
-      json.loads(storage.read_bytes(storage.join(output_dir, f'shard_{k:05d}.meta.json')))
-      for k, _ in groups
-  ]
+  metas = [json.loads(storage.read_bytes(_meta_url(output_dir, k))) for k, _ in groups]
   shards = [{
       k: m[k] for k in ('tokens', 'index', 'num_docs', 'num_tokens')
   } for m in metas if m['num_docs']]
-  if not shards:
-    raise corpus.InputError('no non-empty documents in the input')
-  manifest = dict(
-      format=prepare_lib.FORMAT,
-      tokenizer=tokenizer_path
-      if storage.is_url(tokenizer_path) else os.path.abspath(tokenizer_path),
-      **prepare_lib.tokenizer_fingerprint(local_tok, tok.vocab_size),
-      eod_id=tok.eod_id,
-      newline_token=newline_token,
-      dtype=np.dtype(prepare_lib.TOKEN_DTYPE).name,
-      num_docs=sum(s['num_docs'] for s in shards),
-      num_tokens=sum(s['num_tokens'] for s in shards),
-      num_skipped_empty=sum(m['num_skipped_empty'] for m in metas),
-      num_skipped_invalid=sum(m['num_skipped_invalid'] for m in metas),
-      shards=shards,
-      cut='input_files',
-      files_per_shard=files_per_shard,
-      text_key=text_key,
-      txt_format=txt_format,
-      num_inputs=len(files),
-  )
+  skipped = {k: sum(m[f'num_skipped_{k}'] for m in metas) for k in ('empty', 'invalid')}
+  manifest = prepare_lib.make_manifest(tok, recorded, shards, skipped, cut='input_files',
+                                       files_per_shard=files_per_shard, text_key=text_key,
+                                       txt_format=txt_format, num_inputs=len(files))
   _write(storage.join(output_dir, prepare_lib.MANIFEST), json.dumps(manifest, indent=1).encode())
   for k, _ in groups:
-    fs.rm(fs._strip_protocol(storage.join(output_dir, f'shard_{k:05d}.meta.json')))
+    fs.rm(fs._strip_protocol(_meta_url(output_dir, k)))
   return manifest
+
+
+def _meta_url(output_dir: str, shard: int) -> str:
+  return storage.join(output_dir, f'shard_{shard:05d}.meta.json')
+
+
+def _fresh_output(output_dir: str, overwrite: bool):
+  """The output's filesystem, after refusing an existing output (local or URL) without
+  `overwrite`; with it, the old `manifest.json` is deleted first, so the directory reads as
+  incomplete until the new one is written."""
+  fs, out = storage.filesystem(output_dir)
+  with storage.errors(output_dir, 'destination'):
+    if fs.exists(out) and not overwrite:
+      raise ValueError(f'{output_dir}: already exists (pass --overwrite to replace it)')
+    manifest = fs._strip_protocol(storage.join(output_dir, prepare_lib.MANIFEST))
+    if fs.exists(manifest):
+      fs.rm(manifest)
+    fs.makedirs(out, exist_ok=True)
+  return fs
 
 
 def main(argv=None) -> int:

@@ -73,6 +73,27 @@ def tokenizer_fingerprint(tokenizer_path: str, vocab_size: int) -> dict:
   return dict(vocab_size=vocab_size, tokenizer_sha256=_file_sha256(tokenizer_path))
 
 
+def make_manifest(tok: Tokenizer, tokenizer: str, shards: list[dict], skipped: dict,
+                  **layout) -> dict:
+  """A shards directory's manifest: the tokenizer (`tokenizer` is the path recorded; `tok` the
+  model read), the shards and their totals, the documents `skipped` (`empty`, `invalid`), and
+  how shards were cut (`layout`: `cut` and its settings, the input's)."""
+  return dict(
+      format=FORMAT,
+      tokenizer=tokenizer,
+      **tokenizer_fingerprint(tok.model_path, tok.vocab_size),
+      eod_id=tok.eod_id,
+      newline_token=tok.newline_token,
+      dtype=np.dtype(TOKEN_DTYPE).name,
+      num_docs=sum(s['num_docs'] for s in shards),
+      num_tokens=sum(s['num_tokens'] for s in shards),
+      num_skipped_empty=skipped['empty'],
+      num_skipped_invalid=skipped['invalid'],
+      shards=shards,
+      **layout,
+  )
+
+
 def manifest_fingerprint(manifest: dict) -> dict:
   return {k: manifest.get(k) for k in ('vocab_size', 'tokenizer_sha256')}
 
@@ -224,22 +245,14 @@ def prepare_documents(
     writer.close()
     bar.close()
 
-    manifest = dict(
-        format=FORMAT,
-        tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
-        **tokenizer_fingerprint(tokenizer_path, tok.vocab_size),
-        eod_id=tok.eod_id,
-        newline_token=newline_token,
-        dtype=np.dtype(TOKEN_DTYPE).name,
-        num_docs=sum(s['num_docs'] for s in writer.shards),
-        num_tokens=sum(s['num_tokens'] for s in writer.shards),
-        num_skipped_empty=counts['empty'],
-        num_skipped_invalid=counts['invalid'],
-        shards=writer.shards,
+    manifest = make_manifest(
+        tok,
+        manifest_tokenizer or os.path.abspath(tokenizer_path),
+        writer.shards,
+        counts,
         cut='tokens',  # a shard closes at shard_tokens tokens or more (beam_prepare: by files)
         shard_tokens=shard_tokens,
-        **(extra or {}),
-    )
+        **(extra or {}))
     with open(os.path.join(tmp, MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=1)
     return manifest
