@@ -99,13 +99,14 @@ def config_path(spec: str) -> str:
 # --------------------------------------------------------------- pre-flight: does it fit?
 
 # TPU generation -> (the planner's device kind, TensorCores per chip in the type's number:
-# v5p-64 and v4-16 count TensorCores, two per chip; v5litepod-N and v6e-N count chips).
+# v5p-64 and v4-16 count TensorCores, two per chip; v5litepod-N and v6e-N count chips, the
+# most chips one host of that generation holds; a larger slice has 4 per host).
 # None: the planner has no memory figure for it (the mesh is still checked).
 TPU_KINDS = {
-    'v5p': ('TPU v5p', 2),
-    'v4': (None, 2),
-    'v5litepod': ('TPU v5e', 1),
-    'v6e': ('TPU v6e', 1)
+    'v5p': ('TPU v5p', 2, 4),
+    'v4': (None, 2, 4),
+    'v5litepod': ('TPU v5e', 1, 8),
+    'v6e': ('TPU v6e', 1, 8)
 }
 GIB = 2**30
 
@@ -116,16 +117,21 @@ class Target:
   devices: int  # JAX devices: GPUs, TPU chips, CPU devices
   device_kind: str | None  # the planner's name ('TPU v5p', 'H100-80G'); None: no memory check
   slices: int = 1  # must equal prod(config.mesh.dcn)
+  hosts: int = 1  # JAX processes (one per host)
+  platform: str = 'cpu'  # jax's platform name: 'cpu', 'gpu', 'tpu'
 
 
 def tpu_target(accelerator_type: str, slices: int = 1) -> Target:
-  """'v5p-64' -> 32 chips of 'TPU v5p' per slice; ValueError for a type the table lacks."""
+  """'v5p-64' -> 32 chips of 'TPU v5p' on 8 hosts per slice; ValueError for a type the table
+  lacks."""
   generation, _, n = accelerator_type.rpartition('-')
   if generation not in TPU_KINDS or not n.isdigit():
     raise ValueError(f'{accelerator_type!r}: no chip count known for the pre-flight '
                      f'(known: {", ".join(f"{g}-N" for g in TPU_KINDS)})')
-  kind, cores_per_chip = TPU_KINDS[generation]
-  return Target(slices * int(n) // cores_per_chip, kind, slices)
+  kind, cores_per_chip, host_chips = TPU_KINDS[generation]
+  chips = int(n) // cores_per_chip
+  hosts = 1 if chips <= host_chips else chips // 4
+  return Target(slices * chips, kind, slices, slices * hosts, 'tpu')
 
 
 def fit_flag(p: argparse.ArgumentParser) -> None:
@@ -161,7 +167,8 @@ def preflight(p: argparse.ArgumentParser, args: argparse.Namespace, target: Targ
 
 
 def fit_problem(config, target: Target) -> str | None:
-  """None when the config fits target (and its mesh.dcn matches the slices); else why not."""
+  """None when the config fits target (and its mesh.dcn matches the slices, and a multi-host run
+  names its data); else why not."""
   if 'mesh' not in getattr(config, 'keys', lambda: ())():
     raise ValueError(f'get_config() returned a {type(config).__name__} without a mesh')
   from yuanjax import plan, sharding  # pylint: disable=g-import-not-at-top  (jax: only here)
@@ -169,6 +176,8 @@ def fit_problem(config, target: Target) -> str | None:
   if math.prod(dcn.values()) != target.slices:
     return (f'config.mesh.dcn={dcn}: its product is {math.prod(dcn.values())}, but the launch '
             f'has {target.slices} slice(s); e.g. --config.mesh.dcn.data={target.slices}')
+  if problem := _data_problem(config, target):
+    return problem
   r = plan.plan(config, target.devices, target.device_kind)
   where = (f'{target.devices} x {target.device_kind}'
            if target.device_kind else f'{target.devices} devices')
@@ -183,6 +192,19 @@ def fit_problem(config, target: Target) -> str | None:
           f'{config.train.grad_accum}): does not fit; ' +
           (f'it fits with {" ".join(fix)}'
            if fix else 'no remat, grad_accum or mesh change tried fits: use more devices'))
+
+
+def _data_problem(config, target: Target) -> str | None:
+  """Why the trainer would refuse the data of a run on more than one host (streams.check_source:
+  no data.path on accelerators), found before anything is created."""
+  if target.hosts == 1:
+    return None
+  from yuanjax.data import streams  # pylint: disable=g-import-not-at-top
+  try:
+    streams.check_source(config.data, target.hosts, target.platform)
+  except ValueError as e:
+    return str(e)
+  return None
 
 
 REMATS = ('none', 'dots_saveable', 'dots', 'full')  # most memory first

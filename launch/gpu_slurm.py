@@ -164,7 +164,9 @@ def parse(argv=None):
   common.fit_flag(p)
   args = common.parse(p, argv)
   _check(p, args)
-  common.preflight(p, args, common.Target(args.nodes * args.gpus_per_node, args.gpu))
+  common.preflight(
+      p, args,
+      common.Target(args.nodes * args.gpus_per_node, args.gpu, hosts=args.nodes, platform='gpu'))
   return args
 
 

@@ -82,7 +82,10 @@ def test_a_config_that_does_not_fit_submits_nothing(capsys, tmp_path, monkeypatc
       '--config.mesh.fsdp=4', '--config.mesh.expert=8', '--config.train.grad_accum=8'
   ]
   with pytest.raises(SystemExit) as e:
-    gpu_slurm.main(argv)
+    gpu_slurm.main(argv)  # 4 nodes without data.path: refused first
+  assert 'data.path is not set: a 4-process gpu run' in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    gpu_slurm.main(argv + ['--config.data.path=/shared/shards'])
   err = capsys.readouterr().err
   assert e.value.code == 2 and 'usable on 32 x H100-80G' in err
   assert 'it fits with --config.' in err and '--config.train.grad_accum=' in err

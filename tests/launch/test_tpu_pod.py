@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FAKES = os.path.join(REPO, 'tests', 'launch', 'fakes')
 sys.path.insert(0, REPO)
 
-from launch import tpu_pod  # pylint: disable=g-import-not-at-top
+from launch import common, tpu_pod  # pylint: disable=g-import-not-at-top
 from tests.launch.conftest import (  # pylint: disable=g-import-not-at-top
     fake_state, kind, stand_in_repo)
 
@@ -425,6 +425,27 @@ def test_a_config_that_does_not_fit_creates_nothing(fake, tiny_repo, tmp_path, c
   assert 'launching anyway (--force)' in capsys.readouterr().err
 
 
+def test_a_pod_without_data_path_creates_nothing(fake, tiny_repo, tmp_path, capsys):
+  """More than one host without data.path would train on the embedded corpus: refused first."""
+  fake.scenario()
+  with pytest.raises(SystemExit) as e:
+    tpu_pod.main(tiny_argv(tiny_repo, tmp_path, '--accelerator_type=v5litepod-16'))
+  assert e.value.code == 2
+  assert 'pre-flight: data.path is not set: a 4-process tpu run' in capsys.readouterr().err
+  assert fake.calls() == []
+
+
+@pytest.mark.parametrize('accelerator_type, slices, chips, hosts', [('v5p-8', 1, 4, 1),
+                                                                    ('v5p-64', 1, 32, 8),
+                                                                    ('v4-16', 2, 16, 4),
+                                                                    ('v5litepod-8', 1, 8, 1),
+                                                                    ('v5litepod-4', 2, 8, 2),
+                                                                    ('v6e-16', 1, 16, 4)])
+def test_tpu_target_counts_hosts(accelerator_type, slices, chips, hosts):
+  target = common.tpu_target(accelerator_type, slices)
+  assert (target.devices, target.hosts, target.platform) == (chips, hosts, 'tpu')
+
+
 def test_dcn_must_match_num_slices(fake, tiny_repo, tmp_path, capsys):
   fake.scenario()
   with pytest.raises(SystemExit) as e:
@@ -439,7 +460,7 @@ def test_multi_slice(fake, tiny_repo, tmp_path):
   fake.scenario(runs=[{'exit_at_poll': 2}])
   assert tpu_pod.main(
       tiny_argv(tiny_repo, tmp_path, '--queued', '--num_slices=2', '--spot',
-                '--config.mesh.dcn.data=2')) == 0
+                '--config.mesh.dcn.data=2', '--config.data.path=gs://b/shards')) == 0
   calls = fake.calls()
   create = next(c for c in calls if kind(c) == 'qr create')
   assert create[4:8] == [
@@ -466,7 +487,7 @@ def test_multi_slice(fake, tiny_repo, tmp_path):
   fake.scenario(runs=[{}])
   assert tpu_pod.main(
       tiny_argv(tiny_repo, tmp_path, '--queued', '--num_slices=2', '--detach',
-                '--config.mesh.dcn.data=2')) == 0
+                '--config.mesh.dcn.data=2', '--config.data.path=gs://b/shards')) == 0
   where = ['--name=ms', '--zone=z', f'--local_dir={tmp_path}/stage']
   assert tpu_pod.main(['status', *where]) == 0  # every node's workers, from the record
   assert fake.calls()[-2][2:4] == ['queued-resources', 'describe']
