@@ -145,3 +145,25 @@ def test_trainer_logs_shares_and_eval_loss_per_source_and_resumes_exactly(source
   resumed = losses(_train(config, str(tmp_path / 'a'), 4))  # ... and is run again to step 4
   assert resumed == losses(_train(config, str(tmp_path / 'b'), 4))
   assert sorted(resumed) == [1, 2, 3, 4]
+
+
+def test_mixture_run_killed_after_a_checkpoint_resumes_with_the_same_losses(sources, tmp_path):
+  """`python -m yuanjax.train` on a mixture, SIGKILLed once a checkpoint is on disk, then run
+  again: the per-step losses of an uninterrupted run (the data iterator's state resumes)."""
+  from tests.test_train import _losses, _run, _start, _wait
+  from yuanjax import workdir as workdir_lib
+  _, paths = sources
+  mixture = tuple(dict(path=paths[n], weight=w) for n, w in (('alpha', 3.0), ('beta', 1.0)))
+  extra = (f'--config.data.mixture={mixture!r}', '--config.data.shuffle_rows=8')
+  flags = lambda d: (str(tmp_path / d), str(tmp_path / 'cache'), 6, extra)
+  _run(*flags('whole'))
+  want = _losses(str(tmp_path / 'whole'))
+  assert sorted(want) == [1, 2, 3, 4, 5, 6]
+  killed = str(tmp_path / 'killed')
+  p = _start(*flags('killed'))
+  _wait(lambda: workdir_lib.checkpoint_steps(killed), p)
+  p.kill()
+  p.wait()
+  assert max(_losses(killed)) < 6  # killed mid-run
+  _run(*flags('killed'))
+  assert _losses(killed) == want
