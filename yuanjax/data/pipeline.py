@@ -366,19 +366,20 @@ def data_config() -> ml_collections.ConfigDict:
   `seq_len` and the batch size are not here: the trainer passes them (model and batch
   settings own them)."""
   c = ml_collections.ConfigDict()
-  c.path = config_dict.placeholder(
-      str)  # shards dir written by `prepare`, local or gs://BUCKET/PATH; None: embedded default
+  # Shards dir written by `prepare`, local or gs://BUCKET/PATH; None: the embedded default.
+  c.path = config_dict.placeholder(str)
   c.tokenizer = config_dict.placeholder(str)  # .model; None: the manifest's (or embedded) tokenizer
-  c.cache_dir = config_dict.placeholder(
-      str)  # embedded default cache; None: $YUANJAX_CACHE or ~/.cache/yuanjax
+  # Embedded default data and copies of remote indexes; None: $YUANJAX_CACHE or ~/.cache/yuanjax.
+  c.cache_dir = config_dict.placeholder(str)
   c.vocab_size = 4096  # embedded default tokenizer's vocabulary size
   c.max_bytes = 8_000_000  # embedded default corpus: stdlib bytes used
   c.seed = 0  # document shuffle and FIM randomness
   c.eval_fraction = 0.02  # documents held out for eval (at least one if > 0)
   c.fim_rate = 0.5  # share of documents turned fill-in-the-middle (Yuan: 0.5)
   c.fim_spm_rate = 0.5  # share of FIM documents in SPM order, the rest PSM (Yuan: 0.5)
-  c.read_threads = 0  # grain read threads; 0: read in the prefetch thread (fastest on CPU), or 16
-  # when the shards are in a bucket (`path` a gs:// URL)
+  # Grain read threads; 0: read in the prefetch thread (fastest on CPU), or 16 when the shards
+  # are in a bucket (`path` a gs:// URL).
+  c.read_threads = 0
   c.prefetch = 4  # batches prepared ahead in a background thread (0: off)
   c.shuffle_rows = 2048  # train rows shuffled within windows of this many rows (0/1: off)
   # Weighted sources instead of `path` (Megatron's DATA_PATH='w1 p1 w2 p2'): a tuple of
