@@ -274,7 +274,9 @@ def test_second_signal_during_cleanup_still_deletes(fake, tmp_path):
   wait_for_call(fake, proc, 'ssh stop')
   proc.send_signal(signal.SIGTERM)  # impatient: again, while the trainers save
   _, err = proc.communicate(timeout=60)
-  assert fake.kinds()[-2:] == ['ssh stop', 'delete'], err
+  # A state poll started before the first signal may take the fake's lock (and be logged)
+  # after the stop: read-only, it is left out of the order.
+  assert [k for k in fake.kinds() if k != 'describe'][-2:] == ['ssh stop', 'delete'], err
   assert fake_state(fake)['slices'] == []
 
 
