@@ -88,6 +88,11 @@ OLD_BEHAVIOUR = {
 }
 
 
+def plain(value):
+  """A config field as plain data: a nested ConfigDict (e.g. `splash`) as a dict."""
+  return value.to_dict() if hasattr(value, 'to_dict') else value
+
+
 def without_added_fields(m) -> dict:
   """config.model as a dict saved before every field of OLD_BEHAVIOUR existed."""
   saved = m.to_dict()
@@ -111,7 +116,7 @@ def test_upgrade_gives_a_config_saved_before_each_field_its_old_behaviour():
     node = m
     for k in key.split('.'):
       node = node[k]
-    assert (node.to_dict() if hasattr(node, 'to_dict') else node) == value, key
+    assert plain(node) == value, key
   assert current.loss_chunk_len == 1024 and m.loss_chunk_len == 0
   config_lib.validate_model(m)
   assert {
