@@ -47,6 +47,15 @@ def model_config(args):
   return m
 
 
+def size_arguments(p: argparse.ArgumentParser, layers: int) -> None:
+  """The synthetic checkpoint's sizes (`model_config`)."""
+  p.add_argument('--layers', type=int, default=layers)
+  p.add_argument('--experts', type=int, default=8)
+  p.add_argument('--hidden', type=int, default=1024)
+  p.add_argument('--ffn', type=int, default=6144)
+  p.add_argument('--vocab', type=int, default=32000)
+
+
 def write_random_checkpoint(path, config: dict, shapes: dict, shards: int, seed: int = 0) -> None:
   """A random bf16 HF checkpoint written shard by shard (lm_head left out: tied, saved once)."""
   os.makedirs(path)
@@ -82,11 +91,7 @@ def run_child(args: list[str], repo: str, cwd: str) -> tuple[float, float]:
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--layers', type=int, default=6)
-  p.add_argument('--experts', type=int, default=8)
-  p.add_argument('--hidden', type=int, default=1024)
-  p.add_argument('--ffn', type=int, default=6144)
-  p.add_argument('--vocab', type=int, default=32000)
+  size_arguments(p, layers=6)
   p.add_argument('--repo', default=ROOT, help='the yuanjax checkout to measure (default: this one)')
   p.add_argument('--keep', default=None, help='work in this dir and keep it (default: a temp dir)')
   p.add_argument('--json', action='store_true')

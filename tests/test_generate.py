@@ -240,6 +240,23 @@ def test_cli_on_converted_dir(hf_dirs, capsys):
   assert 'neither' in capsys.readouterr().err
 
 
+def test_cli_chat_renders_yuans_template(hf_dirs, capsys):
+  """--chat: PROMPT<sep> (<n> in it a newline), the response alone, to <eod>, newlines back."""
+  path = str(hf_dirs / 'yj')
+  argv = ['--checkpoint', path, '--chat', '--prompt', 'line 1<n>of', '--max_new_tokens', '5']
+  assert gen.main([*argv, '--json']) == 0
+  r = json.loads(capsys.readouterr().out)
+  model, params = loader.load_model(path)
+  tok = loader.load_tokenizer(path)
+  prompt = tok.encode('line 1\nof') + [tok.sep_id]
+  want = gen.generate(model, params, [prompt], max_new_tokens=5, eod_id=tok.eod_id,
+                      vocab_limit=tok.vocab_size)[0]
+  assert r['tokens'] == want
+  assert r['completion'] == tok.decode(gen.strip_eod(want, tok.eod_id)).replace('<n>', '\n')
+  assert gen.main(argv) == 0
+  assert capsys.readouterr().out == r['completion'] + '\n'  # the response alone
+
+
 def save_workdir(workdir, setup, scales, saved_model=None):
   """WORKDIR/checkpoints/<step>/{state,meta} as the trainer writes them (state: the train
   state's fields; meta: the config json, with `saved_model` as config.model if given), step s

@@ -6,6 +6,7 @@ checks a model config before anything compiles and names the field and the rule 
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from yuanjax import step_guard
 from yuanjax.model import attention, grouped_matmul, moe, routers, transformer
@@ -372,6 +373,9 @@ def base_config() -> ml_collections.ConfigDict:
               grad_accum=1,
               seed=0,
               data_shards=0,  # input streams making up the batch; 0: one per process
+              # fine-tune: a workdir (DIR or DIR@STEP), a converted or an HF dir whose params
+              # start the run (yuanjax.finetune); None: random init
+              init_from=config_dict.placeholder(str),
               log_every=10,
               eval_every=0,
               eval_steps=8,

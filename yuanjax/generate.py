@@ -6,6 +6,11 @@ which is handled)::
 
     python -m yuanjax.generate --checkpoint PATH --prompt "def fib(n):" [--prompt ...] \\
         [--max_new_tokens 64] [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] [--json]
+    python -m yuanjax.generate --checkpoint PATH --chat --prompt "Write a haiku"
+
+--chat: the prompt as a fine-tuned model saw its instructions (yuanjax.data.sft.prompt_ids:
+`<sep>` after it; `<n>` in it is a newline); the response alone is printed, up to `<eod>`,
+with `<n>` turned back into newlines.
 
 Python::
 
@@ -49,6 +54,7 @@ import ml_collections
 import numpy as np
 
 from yuanjax import loader
+from yuanjax.data import sft
 from yuanjax.model import Transformer, moe, routers
 from yuanjax.model.transformer import init_cache
 
@@ -268,6 +274,8 @@ def _parse(argv):
   p.add_argument('--dtype', default=None, help='compute dtype override, e.g. float32')
   p.add_argument('--tokenizer', default=None,
                  help='a sentencepiece .model instead of the checkpoint\'s')
+  p.add_argument('--chat', action='store_true',
+                 help="Yuan's chat template: PROMPT<sep>, print the response (to <eod>)")
   p.add_argument('--json', action='store_true',
                  help='one JSON object per prompt: prompt, completion, tokens, stopped')
   return p.parse_args(argv)
@@ -280,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, params, tok = loader.load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
                                                 overrides=overrides, tokenizer=args.tokenizer)
     eod_id = tok.eod_id
-    prompts = [tok.encode(p) for p in args.prompt]
+    prompts = [sft.prompt_ids(tok, p) if args.chat else tok.encode(p) for p in args.prompt]
     outs = generate(model, params, prompts, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     seed=args.seed, eod_id=None if args.no_eod_stop else eod_id, vocab_limit=min(
@@ -291,6 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   for text, ids in zip(args.prompt, outs):
     stopped = 'eod' if ids and ids[-1] == eod_id and not args.no_eod_stop else 'length'
     completion = tok.decode(strip_eod(ids, eod_id) if stopped == 'eod' else ids)
+    if args.chat:
+      completion = completion.replace('<n>', '\n')  # a tokenizer without newline_token
     if args.json:
       print(
           json.dumps({
@@ -300,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               'stopped': stopped
           }, ensure_ascii=False))
     else:
-      print(text + completion)
+      print(completion if args.chat else text + completion)
       if len(args.prompt) > 1:
         print('-' * 40)
   sys.stdout.flush()

@@ -2,7 +2,9 @@
 
 PATH is one of
   an HF dir          config.json with a model_type (Yuan, Mixtral): converted in memory
-                     (yuanjax.interop.hf; the whole model in param_dtype on the host first)
+                     (yuanjax.interop.hf); with shardings, group by group, each leaf placed
+                     on its sharding (in the source dtype, cast there) before the next is
+                     built; without, the whole model in param_dtype on the host first
   a converted dir    what `python -m yuanjax.convert from-hf` writes (yuanjax.interop.converted):
                      restored one param at a time, straight into shardings when given
   a training workdir checkpoints/ (yuanjax.checkpoint): the newest readable checkpoint (an
@@ -14,6 +16,7 @@ Python::
     m, params = loader.load(path)                       # config.model, params (jax.Arrays)
     m, params = loader.load(path, shardings=fn)         # fn(config.model): the params' target
                                                         # shardings; restored into them
+    m = loader.model_config(path)                       # config.model alone, no weight read
     model, params = loader.load_model(path)             # a Transformer
     model, params, tok = loader.load_checkpoint(path)   # and its tokenizer
     tok = loader.load_tokenizer(path)                   # of an HF or converted dir
@@ -41,6 +44,7 @@ import ml_collections
 import numpy as np
 
 from yuanjax import checkpoint, config_lib, train_state
+from yuanjax import workdir as workdir_lib
 from yuanjax.interop import converted, hf, hf_mapping, mappings
 from yuanjax.model import Transformer
 
@@ -86,29 +90,44 @@ def _mapping_of_dir(path: str):
   return mappings.for_hf_config(hf.read_hf_config(path), os.path.join(path, 'config.json'))
 
 
+def _dir_model(path: str) -> ml_collections.ConfigDict:
+  """config.model of an HF or a converted dir (no weight read), computing in the source's
+  dtype (`torch_dtype` of its config.json)."""
+  if converted.is_converted(path):
+    converted.require_current_format(path)
+    m, record = converted.read(path)
+    hf_cfg = record.get('config', {})
+  else:
+    hf_cfg = hf.read_hf_config(path)
+    m = hf.model_config_from_hf(hf_cfg, os.path.join(path, 'config.json'))
+  source_dtype = hf_cfg.get('torch_dtype', hf_cfg.get('dtype'))  # 'dtype': transformers >= 5
+  if source_dtype in hf.SUPPORTED_DTYPES:
+    m.dtype = source_dtype
+  return m
+
+
 def _hf_dir(path: str, overrides: Mapping, exact_hf_rope: bool, shardings: Shardings | None):
   """(config.model, params) of an HF or a converted dir."""
   if exact_hf_rope and _mapping_of_dir(path) is not hf_mapping:  # before reading any weight
     raise ValueError(f'{path}: exact_hf_rope reproduces the HF Yuan runtime\'s bfloat16 rotary '
                      'angles (spec quirk 3); HF Mixtral computes its angles in float32')
-  if converted.is_converted(path):
-    converted.require_current_format(path)
-    m, record = converted.read(path)
-    params, hf_cfg = None, record.get('config', {})
-  else:
-    m, params = hf.params_from_hf(path)
-    hf_cfg = hf.read_hf_config(path)
-  source_dtype = hf_cfg.get('torch_dtype', hf_cfg.get('dtype'))  # 'dtype': transformers >= 5
-  if source_dtype in hf.SUPPORTED_DTYPES:
-    m.dtype = source_dtype
+  m = _dir_model(path)
   config_lib.override(m, overrides, 'config.model')
   if exact_hf_rope:
     m.rope_hf_bf16 = True
   config_lib.validate_model(m)
   mappings.check_against_model(m)
-  if params is None:
-    params = converted.restore_params(path, _abstract(m, shardings))
-  return m, params
+  if converted.is_converted(path):
+    return m, converted.restore_params(path, _abstract(m, shardings))
+  if shardings is None:
+    return m, hf.params_from_hf(path)[1]
+  targets, pdtype = shardings(m), jnp.dtype(m.param_dtype)
+
+  def place(leaf, a):
+    placed = jax.device_put(a, converted.get(targets, leaf))
+    return placed if placed.dtype == pdtype else placed.astype(pdtype)
+
+  return m, hf.params_from_hf(path, place, pdtype)[1]
 
 
 def _resolve(path, overrides, exact_hf_rope: bool, step: int | None, shardings):
@@ -127,6 +146,24 @@ def _resolve(path, overrides, exact_hf_rope: bool, step: int | None, shardings):
     return config.model, _placed(params, config.model, shardings), config
   raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
                           'training workdir (checkpoints/)')
+
+
+def model_config(path, *, step: int | None = None) -> ml_collections.ConfigDict:
+  """config.model of an HF dir, a converted dir or a training workdir (its newest checkpoint's,
+  or that of `step`), as `load` gives it without overrides; no weight is read."""
+  path = os.fspath(path)
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    if step is not None:
+      raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
+    return _dir_model(path)
+  steps = workdir_lib.checkpoint_steps(path)
+  if not steps:
+    raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
+                            'training workdir with checkpoints')
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f'{path}: no checkpoint of step {step} (there are {steps})')
+  meta = checkpoint.read_meta(path, steps[-1] if step is None else step)
+  return config_lib.upgrade(json.loads(meta['config'])['model'])
 
 
 def load(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: bool = False,

@@ -3,6 +3,7 @@
   built = train_state.build(config, mesh)   # model, optimizer, schedule, init,
                                             # abstract state, mesh specs, shardings
   state = jax.jit(built.init, out_shardings=built.shardings)(key)
+  state = jax.jit(built.init_with, out_shardings=built.shardings)(params)  # given params
 
 `build` evaluates the model's and optimizer's init with jax.eval_shape (nothing allocated),
 maps each leaf's logical axis names to mesh axes with `config.mesh`'s rules, and, given a
@@ -41,6 +42,7 @@ class Built:
   optimizer: optax.GradientTransformation
   schedule: Callable
   init: Callable  # key -> TrainState (unboxed; call under the mesh and the rules)
+  init_with: Callable  # params (unboxed) -> TrainState at step 0 with a fresh optimizer state
   abstract: TrainState  # ShapeDtypeStructs (with shardings when built with a mesh)
   mesh_specs: TrainState  # PartitionSpecs over mesh axes
   shardings: TrainState | None  # NamedShardings (None without a mesh)
@@ -61,7 +63,8 @@ def abstract_params(m: ml_collections.ConfigDict, boxed: bool = False):
 
 
 def _parts(config: ml_collections.ConfigDict):
-  """(model, optimizer, schedule, init_boxed): init_boxed(key) -> TrainState, leaves boxed."""
+  """(model, optimizer, schedule, init_boxed, state_of): init_boxed(key) -> TrainState, leaves
+  boxed; state_of(params) -> the step-0 TrainState of those params (boxed or not)."""
   tcfg = config.train
   model = Transformer(config.model)
   init_params = lambda key: model.init(key, jnp.zeros((1, tcfg.seq_len), jnp.int32))['params']
@@ -69,12 +72,11 @@ def _parts(config: ml_collections.ConfigDict):
                                    jax.eval_shape(init_params, jax.random.key(0)))
   schedule = optim.schedule(config.optimizer, tcfg.num_steps)
 
-  def init_boxed(key):
-    params = init_params(key)
+  def state_of(params):
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params),
                       step_guard.init(tcfg.spike_window))
 
-  return model, optimizer, schedule, init_boxed
+  return model, optimizer, schedule, lambda key: state_of(init_params(key)), state_of
 
 
 def build(config: ml_collections.ConfigDict, mesh=None) -> Built:
@@ -82,7 +84,7 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Built:
   rules = sharding.rules(config.mesh)
   ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx, nn.logical_axis_rules(rules):
-    model, optimizer, schedule, init_boxed = _parts(config)
+    model, optimizer, schedule, init_boxed, state_of = _parts(config)
     boxed = jax.eval_shape(init_boxed, jax.random.key(0))
   logical = nn.get_partition_spec(boxed)
   mesh_specs = nn.logical_to_mesh(logical, rules)
@@ -92,4 +94,4 @@ def build(config: ml_collections.ConfigDict, mesh=None) -> Built:
     abstract = jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   init = lambda key: nn.unbox(init_boxed(key))
-  return Built(model, optimizer, schedule, init, abstract, mesh_specs, shardings)
+  return Built(model, optimizer, schedule, init, state_of, abstract, mesh_specs, shardings)

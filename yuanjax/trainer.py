@@ -38,7 +38,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import checkpoint as ckpt_lib
-from yuanjax import config_lib, cost, distributed, loss as loss_lib, metrics as metrics_lib
+from yuanjax import config_lib, cost, distributed, finetune, loss as loss_lib
+from yuanjax import metrics as metrics_lib
 from yuanjax import sample as sample_lib
 from yuanjax import sharding, step_guard, train_state
 from yuanjax.data import pipeline as data_pipeline
@@ -96,7 +97,8 @@ def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_acc
                                           state.params, state.opt_state)
   moe = aux['moe']
   metrics = dict(loss=loss, aux_loss=aux['aux_loss'], grad_norm=grad_norm,
-                 learning_rate=schedule(state.step), **guard_metrics)
+                 learning_rate=schedule(state.step), loss_tokens=batch['loss_mask'].sum(),
+                 **guard_metrics)
   if moe:
     metrics['moe'] = dict(
         load=moe['load'], entropy=moe['entropy'].mean(), max_load=moe['max_load'].max(),
@@ -211,6 +213,15 @@ def check_vocab(vocab_size: int, tokenizer) -> None:
                vocab_size, n, tokenizer.model_path, vocab_size - n)
 
 
+def _initial_state(config: ml_collections.ConfigDict, built: train_state.Built) -> TrainState:
+  """Step 0: the init_from source's params with a fresh optimizer (yuanjax.finetune), else a
+  random init from config.train.seed."""
+  if config.train.init_from:
+    logging.info('initialising the params from train.init_from=%s', config.train.init_from)
+    return finetune.init_state(config, built)
+  return jax.jit(built.init, out_shardings=built.shardings)(jax.random.key(config.train.seed))
+
+
 def _halted(m) -> tuple[int, float, float] | None:
   """(step, loss, grad norm) of the step that halted the run, from fetched metrics/guard."""
   step = int(m['halted_at'])
@@ -219,7 +230,9 @@ def _halted(m) -> tuple[int, float, float] | None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains config.train.num_steps steps into workdir; returns the final summary."""
-  config_lib.validate(config)  # before any compile or write
+  if config.train.init_from:
+    finetune.resolve_model(config)  # the source's model; before any compile or write
+  config_lib.validate(config)
   tcfg = config.train
   is_main = jax.process_index() == 0
   check_workdir(workdir)
@@ -234,6 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # --- Data.
   train_iter, make_eval_iter, tokenizer = streams.make_data(config)
+  if tcfg.init_from:
+    finetune.check_tokenizer(config, tokenizer)
   check_vocab(config.model.vocab_size, tokenizer)
 
   # --- Model, optimizer and state: built abstractly, then initialised sharded.
@@ -247,12 +262,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     guard0 = jax.device_put(step_guard.init(tcfg.spike_window), shardings.guard)
     restored = ckpt.restore_latest(built.abstract, train_iter, {'guard': guard0})  # older ckpts
     if restored is None:
-      state = jax.jit(built.init, out_shardings=shardings)(jax.random.key(tcfg.seed))
-      start = 0
+      start, state = 0, _initial_state(config, built)
     else:
       start, state, _ = restored
       writer.truncate_after(start)
       logging.info('resumed from step %d', start)
+      if tcfg.init_from:
+        logging.info('train.init_from=%s is ignored: the run resumes from its own checkpoint',
+                     tcfg.init_from)
 
     step_fn = jit_train_step(config, built, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model=model),

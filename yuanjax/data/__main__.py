@@ -5,6 +5,8 @@
       --output out/shards
   python -m yuanjax.data prepare --tokenizer out/tok.model --text_key content \
       --input 'gs://BUCKET/hf/*.parquet' --output out/shards --workers 8
+  python -m yuanjax.data prepare --format=sft --tokenizer T --input sft.txt --output out/sft \
+      --seq_len 4096 --newline_token '<n>'   # instruction<sep>response samples (data/sft.py)
   python -m yuanjax.data default [--vocab_size 4096 --max_bytes 8000000]   # embedded stdlib data
   python -m yuanjax.data inspect [--path out/shards] --seq_len 128 --batch 4 --steps 100
 
@@ -16,7 +18,7 @@ import argparse
 import sys
 import time
 
-from yuanjax.data import corpus, pipeline, prepare, tokenizer
+from yuanjax.data import corpus, pipeline, prepare, sft, tokenizer
 
 
 def _tokenizer(args):
@@ -27,6 +29,8 @@ def _tokenizer(args):
 
 
 def _prepare(args):
+  if args.format == 'sft':
+    return _prepare_sft(args)
   workers = args.workers or prepare.default_workers()
   t0 = time.perf_counter()
   m = prepare.prepare(args.tokenizer, args.input, args.output, text_key=args.text_key,
@@ -39,6 +43,19 @@ def _prepare(args):
   print(f"{dt:.2f} s with {workers} worker(s): {m['num_docs'] / dt:.0f} documents/s, "
         f"{m['num_tokens'] / dt:.0f} tokens/s; per core {m['num_docs'] / dt / workers:.0f} "
         f"documents/s, {m['num_tokens'] / dt / workers:.0f} tokens/s")
+
+
+def _prepare_sft(args):
+  if args.seq_len is None:
+    raise ValueError('--format=sft needs --seq_len (a longer sample is skipped, not truncated)')
+  m = sft.prepare_sft(args.tokenizer, args.input, args.output, seq_len=args.seq_len,
+                      newline_token=args.newline_token, shard_tokens=args.shard_tokens,
+                      overwrite=args.overwrite)
+  print(f"wrote {args.output}: {m['num_docs']} samples, {m['num_tokens']} tokens "
+        f"({m['num_scored_tokens']} scored), {len(m['shards'])} shard(s); skipped: "
+        f"{m['num_skipped'] or 'none'}")
+  for place in m['skipped_at']:
+    print(f'  skipped {place}')
 
 
 def _default(args):
@@ -99,6 +116,10 @@ def main(argv=None) -> int:
                  help="'document': a .txt file is one document; 'yuan': one per line, <n> newlines")
   r.add_argument('--workers', type=int, default=0,
                  help='processes that tokenize (default 0: one per core); output is identical')
+  r.add_argument('--format', choices=('text', 'sft'), default='text',
+                 help="sft: instruction/response samples, loss on the response (yuanjax.data.sft)")
+  r.add_argument('--seq_len', type=int, default=None,
+                 help='--format=sft: the training seq_len (longer samples are skipped)')
   r.add_argument('--shard_tokens', type=int, default=prepare.DEFAULT_SHARD_TOKENS)
   r.add_argument('--newline_token', default=None, help="e.g. '<n>' for Yuan's released tokenizer")
   r.add_argument('--overwrite', action='store_true')

@@ -286,6 +286,12 @@ def make_pipeline(
     raise ValueError(
         "fim_rate > 0 needs the tokenizer's <FIM_PREFIX>/<FIM_MIDDLE>/<FIM_SUFFIX> ids")
 
+  if getattr(source, 'loss_masked', False):  # SFT shards: whole samples per row
+    from yuanjax.data import sft  # pylint: disable=g-import-not-at-top  (sft imports this module)
+    return sft.make_pipeline(source, seq_len=seq_len, batch_size=batch_size, special=special,
+                             doc_ids=doc_ids, train=train, seed=seed, fim_rate=fim_rate,
+                             process_index=process_index, process_count=process_count,
+                             prefetch=prefetch)
   rows = _packed_rows(
       source, seq_len=seq_len, batch_size=batch_size, special=special, doc_ids=doc_ids, train=train,
       seed=seed, fim_rate=fim_rate, fim_spm_rate=fim_spm_rate, process_index=process_index,

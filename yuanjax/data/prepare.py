@@ -52,6 +52,7 @@ from yuanjax.data.tokenizer import Tokenizer, train_from_documents
 
 log = logging.getLogger(__name__)
 FORMAT = 'yuanjax-shards-v1'
+SFT_FORMAT = 'yuanjax-shards-v2'  # v1 + a loss mask per shard (yuanjax.data.sft)
 MANIFEST = 'manifest.json'
 TOKEN_DTYPE = np.uint32
 INDEX_DTYPE = np.int64
@@ -307,8 +308,9 @@ def load_manifest(shards_dir: str | os.PathLike) -> dict:
     manifest = json.loads(text)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f'{path}: unreadable manifest ({e})') from e
-  if manifest.get('format') != FORMAT:
-    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+  if manifest.get('format') not in (FORMAT, SFT_FORMAT):
+    raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r} or "
+                     f'{SFT_FORMAT!r}')
   return manifest
 
 
@@ -357,7 +359,7 @@ class ShardedDocuments:
     self.path = shards_dir.rstrip('/') if self.remote else os.path.abspath(shards_dir)
     self.manifest = load_manifest(self.path)
     objects = storage.listing(self.path) if self.remote else None
-    self._tokens, self._offsets = [], []
+    self._tokens, self._offsets, self._masks = [], [], []
     for shard in self.manifest['shards']:
       tokens, offsets = self._open_shard(shard, objects, cache_dir)
       if len(offsets) != shard['num_docs'] + 1 or offsets[-1] != len(tokens):
@@ -365,6 +367,13 @@ class ShardedDocuments:
                          f'index / {MANIFEST}')
       self._tokens.append(tokens)
       self._offsets.append(offsets)
+      if 'loss_mask' in shard:  # SFT shards (yuanjax.data.sft): 1 byte per token
+        mask = storage.join(self.path, shard['loss_mask'])
+        if self.remote:
+          mask = storage.cached_copy(mask, objects[shard['loss_mask']]['size'], cache_dir)
+        self._masks.append(np.memmap(mask, np.uint8, 'r'))
+        if len(self._masks[-1]) != len(tokens):
+          raise ValueError(f"{mask}: size does not match {shard['tokens']}")
     self._first_doc = np.cumsum([0] + [s['num_docs'] for s in self.manifest['shards']])
 
   def _open_shard(self, shard: dict, objects: dict | None, cache_dir: str | None):
@@ -401,6 +410,16 @@ class ShardedDocuments:
                        f"{self.manifest['vocab_size']} ({MANIFEST}); the shard is corrupt "
                        'or was written with another tokenizer')
     return doc.astype(np.int32)
+
+  def loss_mask(self, index: int) -> np.ndarray:
+    """1 where document `index`'s token is scored (SFT shards, yuanjax.data.sft)."""
+    shard = int(np.searchsorted(self._first_doc, index, side='right')) - 1
+    local = index - self._first_doc[shard]
+    return self._masks[shard][self._offsets[shard][local]:self._offsets[shard][local + 1]]
+
+  @property
+  def loss_masked(self) -> bool:
+    return bool(self._masks)
 
   def doc_lengths(self) -> np.ndarray:
     """Token count (`<eod>` included) of every document, int64 [num_docs]."""

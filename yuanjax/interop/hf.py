@@ -224,13 +224,25 @@ def _open_hf(src: str):
   return hf_cfg, m, weights
 
 
-def params_from_hf(src: str) -> tuple[ml_collections.ConfigDict, dict]:
-  """(config.model, params as NumPy arrays) of an HF dir, converted in memory."""
+def params_from_hf(src: str, place: Callable | None = None,
+                   param_dtype=None) -> tuple[ml_collections.ConfigDict, dict]:
+  """(config.model, params as NumPy arrays) of an HF dir, converted in memory.
+
+  place(leaf path, NumPy array) -> what the tree holds instead (e.g. a jax.Array on its target
+  sharding, yuanjax.loader), called group by group, so only one group's NumPy leaves are alive
+  at a time; each group is then built in its storage dtype (the source's when param_dtype holds
+  it exactly: `_storage_dtype`) and `place` casts. param_dtype: that of the target params
+  (default config.model's)."""
   _, m, weights = _open_hf(src)
-  pdtype = np.dtype(m.param_dtype)
+  pdtype = np.dtype(param_dtype or m.param_dtype)
   flat = {}
   for g in mappings.for_model(m).tensor_groups(m):
-    flat.update(zip(g.leaves, _build_group(g, weights.get, m.num_layers, pdtype)))
+    if place is None:
+      flat.update(zip(g.leaves, _build_group(g, weights.get, m.num_layers, pdtype)))
+      continue
+    dtype = _storage_dtype(g, weights, m.num_layers, pdtype)
+    for path, a in zip(g.leaves, _build_group(g, weights.get, m.num_layers, dtype)):
+      flat[path] = place(path, a)
   return m, converted.nest(flat)
 
 

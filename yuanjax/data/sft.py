@@ -1,0 +1,283 @@
+"""Supervised fine-tuning data: instruction/response samples whose loss is on the response.
+
+  python -m yuanjax.data prepare --format=sft --tokenizer T --input F... --output D \
+      --seq_len 4096 [--newline_token '<n>']
+
+Inputs (one sample per line; a file's kind is its extension):
+  .txt    Yuan's SFT line format (Yuan2.0-M32 docs/data_process.md): `instruction<sep>response`,
+          `<n>` for a newline inside either part.
+  .jsonl  {"prompt": ..., "response": ...}, or {"messages": [{"role", "content"}, ...]}:
+          multi-turn, rendered as Yuan's chat runtime renders a conversation (the "yuan2"
+          template Yuan-2.0 registered in FastChat, docs/Yuan2_fastchat.md: every turn before
+          the last joined by newlines (`<n>`), `<sep>` after them, stop at `<eod>`); the last
+          message must be the assistant's, and it alone is scored (FastChat's
+          last_response_loss; Yuan's own `--sft-stage` scores the one response of a line).
+
+A sample is `prompt <sep> response <eod>` in tokens; the scored tokens are the response and its
+closing `<eod>`. Bad samples (no `<sep>`, no prompt/response, empty response, longer than
+`seq_len + 1` tokens, i.e. one packed row) are skipped, counted by reason, and reported by file
+and line (the first ones logged, all counts and the first 20 places in the manifest); nothing is
+truncated.
+
+Shards: the plain layout (yuanjax.data.prepare) plus, per shard, `shard_NNNNN.mask.bin` (uint8,
+1 where the token is scored), under manifest format prepare.SFT_FORMAT (older plain shards still
+load; older code refuses these).
+
+Packing (`make_pipeline`): whole samples only, next-fit into rows of `seq_len + 1` tokens
+padded at the end (MaxText's and Yuan's SFT packing reset positions per sample): the row's
+segment ids and positions restart after each `<eod>` (prepare.row_to_example), so no attention,
+LF-convolution state or position crosses samples. A row's target is scored when the token is.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+
+import grain
+import numpy as np
+
+from yuanjax import publish
+from yuanjax.data import corpus, pipeline, prepare
+from yuanjax.data.tokenizer import SEP, Tokenizer
+
+log = logging.getLogger(__name__)
+
+_REPORTED = 20  # places of skipped samples kept in the manifest
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+  where: str  # file:line
+  prompt: str = ''
+  response: str = ''
+  error: str | None = None  # why it is skipped (counted by this)
+  detail: str = ''
+
+
+def render_messages(messages) -> tuple[str, str]:
+  """(prompt, response) of a conversation: the turns before the last joined by newlines (Yuan's
+  `<n>`), the last (the assistant's) the response. ValueError when malformed."""
+  if not isinstance(messages, list) or len(messages) < 2:
+    raise ValueError('"messages" must be a list of at least 2 turns')
+  for m in messages:
+    if not isinstance(m, dict) or not isinstance(m.get('content'), str):
+      raise ValueError('each message needs a "role" and a string "content"')
+  if messages[-1].get('role') != 'assistant':
+    raise ValueError('the last message must be the assistant\'s (the response)')
+  return '\n'.join(m['content'] for m in messages[:-1]), messages[-1]['content']
+
+
+def _from_line(text: str, where: str) -> Sample:
+  if SEP not in text:
+    return Sample(where, error=f'no {SEP}')
+  prompt, response = text.split(SEP, 1)
+  return Sample(where, prompt.replace('<n>', '\n'), response.replace('<n>', '\n'))
+
+
+def _from_json(text: str, where: str) -> Sample:
+  try:
+    obj = json.loads(text)
+  except ValueError as e:  # json.JSONDecodeError
+    return Sample(where, error='not JSON', detail=str(e)[:200])
+  if isinstance(obj, dict) and 'messages' in obj:
+    try:
+      return Sample(where, *render_messages(obj['messages']))
+    except ValueError as e:
+      return Sample(where, error=str(e))
+  if not (isinstance(obj, dict) and isinstance(obj.get('prompt'), str) and
+          isinstance(obj.get('response'), str)):
+    return Sample(where, error='needs string "prompt" and "response" (or "messages")')
+  return Sample(where, obj['prompt'], obj['response'])
+
+
+def read_samples(files: Sequence[str]) -> Iterator[Sample]:
+  """The samples of .txt (Yuan's line format) and .jsonl files; blank lines are not samples."""
+  for path in files:
+    parse = _from_json if path.endswith('.jsonl') else _from_line
+    with open(path, encoding='utf-8', errors='strict') as f:
+      for n, line in enumerate(f, 1):
+        text = line.rstrip('\n')
+        if text.strip():
+          yield parse(text, f'{path}:{n}')
+
+
+def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
+  """`prompt <sep>`: what a sample's response follows, in training and in chat generation
+  (`python -m yuanjax.generate --chat`; `<n>` in the prompt is a newline)."""
+  return tok.encode(prompt.replace('<n>', '\n')) + [tok.sep_id]
+
+
+def encode(tok: Tokenizer, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens `prompt <sep> response <eod>`, scored: 1 on the response and its `<eod>`)."""
+  prompt, response = prompt_ids(tok, sample.prompt), tok.encode(sample.response)
+  ids = np.asarray(prompt + response + [tok.eod_id], prepare.TOKEN_DTYPE)
+  scored = np.zeros(len(ids), np.uint8)
+  scored[len(prompt):] = 1
+  return ids, scored
+
+
+class _MaskedShardWriter(prepare._ShardWriter):  # pylint: disable=protected-access
+  """Shards with a `.mask.bin` beside each token file."""
+
+  def _open(self):
+    super()._open()
+    self._mask = open(os.path.join(self.out_dir, self._name + '.mask.bin'), 'wb')
+
+  def add_sample(self, ids: np.ndarray, scored: np.ndarray):
+    if self._file is None:
+      self._open()
+    self._mask.write(scored.tobytes())
+    self.add(ids)
+
+  def close(self):
+    if self._file is None:
+      return
+    self._mask.close()
+    super().close()
+    self.shards[-1]['loss_mask'] = self._name + '.mask.bin'
+
+
+def _check(tok: Tokenizer, sample: Sample, seq_len: int):
+  """(ids, scored) of a good sample, or (why it is skipped, detail)."""
+  if sample.error:
+    return sample.error, sample.detail
+  if not sample.response.strip():
+    return 'empty response', ''
+  ids, scored = encode(tok, sample)
+  if len(ids) > seq_len + 1:
+    return 'longer than seq_len + 1 tokens', f'{len(ids)} > {seq_len + 1}'
+  return ids, scored
+
+
+def prepare_sft(tokenizer_path: str, inputs, output_dir, *, seq_len: int,
+                newline_token: str | None = None, shard_tokens: int = prepare.DEFAULT_SHARD_TOKENS,
+                overwrite: bool = False, manifest_tokenizer: str | None = None) -> dict:
+  """Tokenizes SFT samples into masked shards in output_dir; returns the manifest.
+  `manifest_tokenizer`: the tokenizer path recorded (relative: to the shards directory)."""
+  if seq_len < 1:
+    raise ValueError(f'seq_len must be positive, got {seq_len}')
+  files = corpus.expand_inputs(inputs)
+  tok = Tokenizer(tokenizer_path, newline_token=newline_token)
+  output_dir = os.path.abspath(os.fspath(output_dir))
+  if os.path.exists(output_dir) and not overwrite:
+    raise ValueError(f'{output_dir}: already exists (pass --overwrite to replace it)')
+
+  def write(tmp):
+    writer = _MaskedShardWriter(tmp, shard_tokens)
+    skipped, places, scored_tokens = collections.Counter(), [], 0
+    for sample in read_samples(files):
+      out = _check(tok, sample, seq_len)
+      if isinstance(out[0], str):
+        skipped[out[0]] += 1
+        if len(places) < _REPORTED:
+          places.append(f'{sample.where}: {out[0]}' + (f' ({out[1]})' if out[1] else ''))
+          log.warning('%s; skipped', places[-1])
+        continue
+      writer.add_sample(*out)
+      scored_tokens += int(out[1].sum())
+    writer.close()
+    if not writer.shards:
+      raise corpus.InputError(f'no usable sample in {files} (skipped: {dict(skipped)}; '
+                              f'{places[:3]})')
+    manifest = dict(
+        format=prepare.SFT_FORMAT,
+        tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
+        tokenizer_sha256=prepare._file_sha256(tokenizer_path),  # pylint: disable=protected-access
+        vocab_size=tok.vocab_size,
+        eod_id=tok.eod_id,
+        sep_id=tok.sep_id,
+        newline_token=newline_token,
+        dtype=np.dtype(prepare.TOKEN_DTYPE).name,
+        num_docs=sum(s['num_docs'] for s in writer.shards),
+        num_tokens=sum(s['num_tokens'] for s in writer.shards),
+        num_scored_tokens=scored_tokens,
+        seq_len=seq_len,
+        num_skipped=dict(skipped),
+        skipped_at=places,
+        shards=writer.shards,
+        num_inputs=len(files))
+    with open(os.path.join(tmp, prepare.MANIFEST), 'w') as f:
+      json.dump(manifest, f, indent=1)
+    return manifest
+
+  return publish.directory(output_dir, write, overwrite=overwrite)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(lengths: np.ndarray, row_len: int) -> list[np.ndarray]:
+  """Next-fit: runs of consecutive entries whose lengths sum to <= row_len (their positions)."""
+  rows, start, used = [], 0, 0
+  for i, n in enumerate(lengths.tolist()):
+    if used + n > row_len:
+      rows.append(np.arange(start, i))
+      start, used = i, 0
+    used += n
+  if len(lengths):
+    rows.append(np.arange(start, len(lengths)))
+  return rows
+
+
+class _Row:
+  """Doc ids of one row -> its example: samples back to back, padding after, the loss mask the
+  scored tokens'."""
+
+  def __init__(self, source, row_len: int, special: pipeline.SpecialIds):
+    self.source, self.row_len, self.special = source, row_len, special
+
+  def __call__(self, doc_ids: np.ndarray) -> dict[str, np.ndarray]:
+    tokens = np.full(self.row_len, -1, np.int32)  # negative: padding (row_to_example)
+    scored = np.zeros(self.row_len, np.float32)
+    at = 0
+    for d in doc_ids.tolist():
+      doc = self.source[d]
+      tokens[at:at + len(doc)] = doc
+      scored[at:at + len(doc)] = self.source.loss_mask(d)
+      at += len(doc)
+    ex = pipeline.row_to_example(tokens, eod_id=self.special.eod, pad_id=self.special.pad)
+    ex['loss_mask'] = ex['loss_mask'] * scored[1:]
+    return ex
+
+
+def _rows(source, ids: np.ndarray, row_len: int) -> list[np.ndarray]:
+  return [ids[r] for r in pack(source.doc_lengths()[ids], row_len)]
+
+
+def make_pipeline(source, *, seq_len: int, batch_size: int, special: pipeline.SpecialIds,
+                  doc_ids: np.ndarray | None = None, train: bool = True, seed: int = 0,
+                  fim_rate: float = 0.0, process_index: int = 0, process_count: int = 1,
+                  prefetch: int = 2) -> grain.IterDataset:
+  """pipeline.make_pipeline for SFT shards (see the module docstring): train rows are packed
+  once from a seeded order of this process's samples, then shuffled every epoch; eval rows are
+  in order, padded with empty rows to the same number of batches on every process."""
+  if fim_rate:
+    raise ValueError(f'data.fim_rate={fim_rate}: SFT shards ({source.path}) take no '
+                     'fill-in-the-middle (set it to 0, as Yuan\'s SFT does)')
+  row_len = seq_len + 1
+  all_ids = np.arange(len(source)) if doc_ids is None else np.asarray(doc_ids, np.int64)
+  longest = int(source.doc_lengths()[all_ids].max(initial=0))
+  if longest > row_len:
+    raise ValueError(f'{source.path}: a sample of {longest} tokens is longer than '
+                     f'train.seq_len + 1 = {row_len}; prepare the data with --seq_len {seq_len}')
+  shard = lambda p: pipeline.process_shard(all_ids, p, process_count)
+  ids = shard(process_index)
+  if train:
+    if not len(ids):
+      raise ValueError(f'process {process_index} of {process_count} gets no training samples')
+    order = np.random.default_rng(seed).permutation(ids)
+    ds = grain.MapDataset.source(_rows(source, order, row_len)).shuffle(seed=seed).repeat(None)
+  else:
+    counts = [len(_rows(source, shard(p), row_len)) for p in range(process_count)]
+    num_rows = -(-max(counts) // batch_size) * batch_size
+    rows = _rows(source, ids, row_len)
+    ds = grain.MapDataset.source(rows + [np.zeros(0, np.int64)] * (num_rows - len(rows)))
+  ds = ds.map(_Row(source, row_len, special)).to_iter_dataset()
+  ds = ds.batch(batch_size, drop_remainder=True)
+  if prefetch:
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  return ds
