@@ -161,7 +161,7 @@ def _fingerprint(path: str) -> tuple[str, int]:
     pieces = spm.SentencePieceProcessor(model_file=path).get_piece_size()
   except (OSError, RuntimeError):
     pieces = 0
-  return prepare._file_sha256(path), pieces  # pylint: disable=protected-access
+  return prepare.tokenizer_fingerprint(path, pieces)['tokenizer_sha256'], pieces
 
 
 def init_state(config: ml_collections.ConfigDict, built: train_state.Built):

@@ -184,21 +184,12 @@ def prepare_sft(tokenizer_path: str, inputs, output_dir, *, seq_len: int,
       raise corpus.InputError(f'no usable sample in {files} (skipped: {dict(skipped)}; '
                               f'{places[:3]})')
     manifest = dict(
-        format=prepare.SFT_FORMAT,
-        tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
-        tokenizer_sha256=prepare._file_sha256(tokenizer_path),  # pylint: disable=protected-access
-        vocab_size=tok.vocab_size,
-        eod_id=tok.eod_id,
-        sep_id=tok.sep_id,
-        newline_token=newline_token,
-        dtype=np.dtype(prepare.TOKEN_DTYPE).name,
-        num_docs=sum(s['num_docs'] for s in writer.shards),
-        num_tokens=sum(s['num_tokens'] for s in writer.shards),
-        num_scored_tokens=scored_tokens,
-        seq_len=seq_len,
-        num_skipped=dict(skipped),
-        skipped_at=places,
-        shards=writer.shards,
+        format=prepare.SFT_FORMAT, tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
+        **prepare.tokenizer_fingerprint(tokenizer_path, tok.vocab_size), eod_id=tok.eod_id,
+        sep_id=tok.sep_id, newline_token=newline_token, dtype=np.dtype(prepare.TOKEN_DTYPE).name,
+        num_docs=sum(s['num_docs'] for s in writer.shards), num_tokens=sum(
+            s['num_tokens'] for s in writer.shards), num_scored_tokens=scored_tokens,
+        seq_len=seq_len, num_skipped=dict(skipped), skipped_at=places, shards=writer.shards,
         num_inputs=len(files))
     with open(os.path.join(tmp, prepare.MANIFEST), 'w') as f:
       json.dump(manifest, f, indent=1)
