@@ -22,7 +22,7 @@ Variants (meshes checked by `python -m yuanjax.plan`, tests/test_finetune_config
 import os
 
 from yuanjax import config_lib, finetune
-from yuanjax.data import prepare
+from yuanjax.data import storage
 
 VARIANTS = (None, 'gpu', 'runlocal')
 # variant -> (mesh, grad_accum, devices the planner checks it on)
@@ -55,7 +55,7 @@ def runlocal(config, m, name: str):
   """A few CPU steps fine-tuning model `m` (random, saved in the HF layout on the fly under the
   cache, `name`) on the synthetic reverse task."""
   seq_len = 64
-  root = os.path.join(prepare.default_cache_root(), f'{name}-runlocal-v1')
+  root = os.path.join(storage.cache_root(), f'{name}-runlocal-v1')
   hf_dir, shards = finetune.local_example(root, m, seq_len)
   config.model = finetune.source_model(hf_dir)
   config.model.dtype = 'float32'
