@@ -525,6 +525,10 @@ def _mixture_pipelines(sources, weights, eval_fraction: float, *, batch_size: in
   checkpointable state), then shuffled within windows and batched. Eval: each source's eval
   rows in whole batches, padded to the same number of batches, taken round-robin (batch i is
   source i % K on every process). Every example carries `source` (its index)."""
+  for s in sources:
+    if getattr(s, 'loss_masked', False):
+      raise ValueError(f'data.mixture: {s.path} holds SFT shards (yuanjax.data.sft), which '
+                       'mixtures do not pack yet; train on them alone (data.path)')
   train, evals, splits = [], [], [split_documents(len(s), eval_fraction) for s in sources]
   num_eval = max(
       eval_num_batches(src, ev, seq_len=rows['seq_len'], batch_size=batch_size, seed=_source_seed(
