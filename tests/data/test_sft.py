@@ -166,3 +166,12 @@ def test_plain_shards_still_load(data, tmp_path):
       pipeline.make_datasets(_data_config(str(tmp_path / 'shards')), global_batch_size=2,
                              seq_len=16, process_index=0, process_count=1)[0])
   assert b['loss_mask'].min() == 1.0  # every token scored, as before
+
+
+def test_sft_shards_in_a_mixture_refused(data):
+  c = pipeline.data_config()
+  c.update({'fim_rate': 0.0, 'prefetch': 0})
+  c.mixture = tuple({'path': data['shards'], 'weight': 1.0, 'name': n} for n in ('a', 'b'))
+  with pytest.raises(ValueError, match='holds SFT shards'):
+    pipeline.make_datasets(c, global_batch_size=2, seq_len=SEQ_LEN, process_index=0,
+                           process_count=1)
