@@ -370,7 +370,7 @@ class ShardedDocuments:
       if 'loss_mask' in shard:  # SFT shards (yuanjax.data.sft): 1 byte per token
         mask = storage.join(self.path, shard['loss_mask'])
         if self.remote:
-          mask = storage.cached_copy(mask, objects[shard['loss_mask']]['size'], cache_dir)
+          mask = storage.cached_copy(mask, objects[shard['loss_mask']], cache_dir)
         self._masks.append(np.memmap(mask, np.uint8, 'r'))
         if len(self._masks[-1]) != len(tokens):
           raise ValueError(f"{mask}: size does not match {shard['tokens']}")
