@@ -92,7 +92,9 @@ def test_non_architectural_fields_are_the_configs(source):
   config = cases.config(str(source['root'] / 'hf'), source['cache'])
   config.model.update(dict(remat='full', max_seq_len=1024))
   config.model.moe.dispatch = 'dense'
+  config.model.splash.block_q = 256
   finetune.resolve_model(config)
+  assert config.model.splash.block_q == 256
   assert (config.model.remat, config.model.max_seq_len, config.model.moe.dispatch,
           config.model.dtype) == ('full', 1024, 'dense', 'float32')
   assert config.model.num_layers == cases.source_model().num_layers

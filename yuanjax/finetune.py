@@ -52,7 +52,12 @@ NON_ARCHITECTURAL = (
     'moe.capacity_factor',
     'moe.grouped_matmul',
     'moe.megablox_tiling',
+    'splash',  # the splash attention kernel's tiles (every splash.* field)
 )
+
+
+def _non_architectural(field: str) -> bool:
+  return any(field == f or field.startswith(f + '.') for f in NON_ARCHITECTURAL)
 
 
 def parse(init_from: str) -> tuple[str, int | None]:
@@ -102,7 +107,7 @@ def resolve_model(config: ml_collections.ConfigDict) -> None:
   source = source_model(init_from)
   mine, theirs = _flat(config.model), _flat(source)
   for field in sorted(set(mine) | set(theirs)):
-    if field in NON_ARCHITECTURAL or field in mine and field in theirs and _same(
+    if _non_architectural(field) or field in mine and field in theirs and _same(
         mine[field], theirs[field]):
       continue
     raise ValueError(
