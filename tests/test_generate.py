@@ -375,3 +375,11 @@ def test_load_restores_into_target_shardings(setup, hf_dirs, tmp_path):
                        jax.tree_util.tree_leaves(target(m))):
       assert isinstance(a, jax.Array) and a.sharding == s and a.dtype == jnp.dtype(m.param_dtype)
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_bad_dtype_names_the_flag_before_loading(capsys):
+  """--dtype float33 is refused by name before the checkpoint is opened (it does not exist)."""
+  with pytest.raises(SystemExit) as e:
+    gen.main(['--checkpoint', '/nonexistent', '--prompt', 'x', '--dtype', 'float33'])
+  assert e.value.code == 2
+  assert "argument --dtype: invalid choice: 'float33'" in capsys.readouterr().err

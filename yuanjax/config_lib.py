@@ -202,6 +202,9 @@ def upgrade(saved) -> ml_collections.ConfigDict:
   return m
 
 
+DTYPES = ('float32', 'bfloat16', 'float16')  # config.model.dtype and param_dtype
+
+
 def _err(field, value, rule):
   return ValueError(f'config.model.{field}={value!r}: {rule}')
 
@@ -251,8 +254,8 @@ def validate_model(m: ml_collections.ConfigDict) -> None:
   if m.remat not in transformer.REMAT_POLICIES:
     raise _err('remat', m.remat, f'expected one of {sorted(transformer.REMAT_POLICIES)}')
   for f in ('dtype', 'param_dtype'):
-    if m[f] not in ('float32', 'bfloat16', 'float16'):
-      raise _err(f, m[f], "expected 'float32', 'bfloat16' or 'float16'")
+    if m[f] not in DTYPES:
+      raise _err(f, m[f], f'expected one of {DTYPES}')
   chunk = m.loss_chunk_len
   if not isinstance(chunk, int) or chunk < 0:
     raise _err('loss_chunk_len', chunk, 'must be an integer >= 0 (0: the logits in one piece)')

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from yuanjax import loader
+from yuanjax import config_lib, loader
 from yuanjax.data import sft
 from yuanjax.model import Transformer, moe, routers
 from yuanjax.model.transformer import init_cache
@@ -271,7 +271,8 @@ def _parse(argv):
   p.add_argument('--no_eod_stop', action='store_true', help='do not stop at <eod>')
   p.add_argument('--exact_hf_rope', action='store_true',
                  help="HF runtime's bfloat16 rotary rounding (spec quirk 3)")
-  p.add_argument('--dtype', default=None, help='compute dtype override, e.g. float32')
+  p.add_argument('--dtype', default=None, choices=config_lib.DTYPES,
+                 help='compute dtype override (default: the checkpoint\'s)')
   p.add_argument('--tokenizer', default=None,
                  help='a sentencepiece .model instead of the checkpoint\'s')
   p.add_argument('--chat', action='store_true',
