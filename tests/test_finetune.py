@@ -73,6 +73,28 @@ def test_restart_resumes_its_own_checkpoint(source, uninterrupted, tmp_path, cap
   assert _losses(str(tmp_path)) == _losses(uninterrupted)
 
 
+def test_killed_run_reruns_to_the_uninterrupted_losses(source, uninterrupted, tmp_path):
+  """`python -m yuanjax.train` fine-tuning from the HF dir, SIGKILLed once it has a checkpoint
+  past step 0, then the same command again: the losses of the uninterrupted run."""
+  from tests.test_train import _wait, start_train
+  config_py, workdir = tmp_path / 'config.py', str(tmp_path / 'run')
+  config_py.write_text('from tests.multidevice import finetune_cases as cases\n\n'
+                       'def get_config():\n'
+                       f'  return cases.config({str(source["root"] / "hf")!r}, '
+                       f'{source["cache"]!r}, 4)\n')
+  flags = [f'--config={config_py}', f'--workdir={workdir}']
+  p = start_train(flags)
+  _wait(lambda: max(workdir_lib.checkpoint_steps(workdir), default=0) > 0, p)
+  p.kill()
+  p.wait()
+  assert max(_losses(workdir)) < 4  # killed mid-run
+  p = start_train(flags)
+  out, _ = p.communicate(timeout=600)
+  assert p.returncode == 0, out[-3000:]
+  assert 'is ignored: the run resumes from its own checkpoint' in out
+  assert _losses(workdir) == _losses(uninterrupted)
+
+
 def test_every_train_line_logs_its_loss_tokens(uninterrupted):
   train = workdir_lib.read_metrics(uninterrupted)['train']
   assert [r['loss_tokens'] for r in train] == [4 * 32] * 4  # plain shards: every target scored

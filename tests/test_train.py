@@ -31,11 +31,16 @@ def _flags(workdir, cache, steps=STEPS, extra=()):
   ]
 
 
-def _start(workdir, cache, steps=STEPS, extra=(), preexec_fn=None):
+def start_train(flags, preexec_fn=None):
+  """`python -m yuanjax.train FLAGS` on the CPU, in the background, its output piped."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  return subprocess.Popen(
-      [sys.executable, '-m', 'yuanjax.train', *_flags(workdir, cache, steps, extra)], cwd=REPO,
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=preexec_fn)
+  return subprocess.Popen([sys.executable, '-m', 'yuanjax.train', *flags], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=preexec_fn)
+
+
+def _start(workdir, cache, steps=STEPS, extra=(), preexec_fn=None):
+  return start_train(_flags(workdir, cache, steps, extra), preexec_fn)
 
 
 def _run(workdir, cache, steps=STEPS, extra=(), returncode=0, preexec_fn=None):

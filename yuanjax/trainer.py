@@ -364,6 +364,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         check(pending)
       if due_eval:
         evaluate(step)
+      if due_save and pending is not None:  # the line before its checkpoint: a kill between
+        flush(pending)  # the two would lose it (the run resumes after the checkpoint's step)
+        pending = None
       if due_save:
         save(step)
     if pending is not None:
