@@ -95,6 +95,21 @@ def test_samples_end_with_eod_and_score_the_response(data):
     np.testing.assert_array_equal(docs.loss_mask(i), [0] * (len(p) + 1) + [1] * (len(r) + 1))
 
 
+def test_messages_render_as_fastchats_yuan2_template():
+  """FastChat's "yuan2" template renders this conversation, for generation (the assistant's last
+  message left empty), as 'be brief\nu1<n>a1<n>u2<sep>': the system message then '\n', every
+  non-empty message then '<n>', the trailing '<n>' stripped, '<sep>'. Yuan's tokenizer reads '\n'
+  as '<n>' (sft.prompt_ids)."""
+  turns = [('system', 'be brief'), ('user', 'u1'), ('assistant', 'a1'), ('user', ''),
+           ('user', 'u2'), ('assistant', 'a2')]
+  messages = [{'role': r, 'content': c} for r, c in turns]
+  prompt, response = sft.render_messages(messages)
+  assert (prompt + '<sep>', response) == ('be brief\nu1\na1\nu2<sep>', 'a2')
+  assert sft.render_messages(messages[1:3] + messages[4:])[0] == 'u1\na1\nu2'  # 2 turns
+  last = [{'role': 'user', 'content': 'explain<n>'}, {'role': 'assistant', 'content': 'ok'}]
+  assert sft.render_messages(last)[0] == 'explain<n>'  # not FastChat's rstrip: see sft
+
+
 def _data_config(shards, **kw):
   c = pipeline.data_config()
   c.update({'path': shards, 'fim_rate': 0.0, 'eval_fraction': 0.0, 'prefetch': 0, **kw})

@@ -59,8 +59,14 @@ class Sample:
 
 
 def render_messages(messages) -> tuple[str, str]:
-  """(prompt, response) of a conversation: the turns before the last joined by newlines (Yuan's
-  `<n>`), the last (the assistant's) the response. ValueError when malformed."""
+  """(prompt, response) of a conversation: the non-empty turns before the last joined by newlines
+  (Yuan's `<n>`), the last (the assistant's) the response. ValueError when malformed.
+
+  FastChat's "yuan2" template (SeparatorStyle.YUAN2, sep '<sep>', sep2 '\n', no roles printed)
+  renders a system message followed by a newline, then every non-empty message followed by '<n>',
+  strips the trailing '<n>' and appends '<sep>'. A system turn given first is thus the same
+  string. Unlike FastChat, only the final '<n>' is removed: its str.rstrip('<n>') strips any
+  trailing '<', 'n' and '>' characters, so it also cuts a last turn ending in 'n'."""
   if not isinstance(messages, list) or len(messages) < 2:
     raise ValueError('"messages" must be a list of at least 2 turns')
   for m in messages:
@@ -68,7 +74,7 @@ def render_messages(messages) -> tuple[str, str]:
       raise ValueError('each message needs a "role" and a string "content"')
   if messages[-1].get('role') != 'assistant':
     raise ValueError('the last message must be the assistant\'s (the response)')
-  return '\n'.join(m['content'] for m in messages[:-1]), messages[-1]['content']
+  return '\n'.join(m['content'] for m in messages[:-1] if m['content']), messages[-1]['content']
 
 
 def _from_line(text: str, where: str) -> Sample:
