@@ -177,7 +177,7 @@ def _tpu(bf16: float, bandwidth: float, memory_gib: int | None = None) -> Device
 
 
 # Peaks: H100 SXM 989 TF dense bf16 (we measured 797 TF/s for a bf16 8192^3 matmul through JAX,
-# see ../shared notes). Bandwidths: NVIDIA's H200, H100 and A100 datasheets (H100 SXM 3.35 TB/s,
+# on an H100 in 2026-11). Bandwidths: NVIDIA's H200, H100 and A100 datasheets (H100 SXM 3.35 TB/s,
 # PCIe 2.0, NVL 3.9; A100 80GB SXM 2,039 GB/s, 80GB PCIe 1,935, 40GB 1,555), L40/L40S 864 GB/s,
 # L4 300 GB/s; Google Cloud's TPU pages (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e: 1200, 819,
 # 2765 and 1638 GB/s). The planner checks the devices with a memory, in this order.
