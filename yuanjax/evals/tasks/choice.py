@@ -3,16 +3,16 @@
 tasks/ARC/score_arc.py and tasks/MMLU/score_mmlu.py share one rule (get_ans_gen_letter): after
 LaTeX and full-width letters are undone, the first of five phrasings that occurs gives the letter
 from its last occurrence ("the correct answer is (C).", "... answer is "..." C.", "option C ...
-"..." ... the correct answer", "option C is the correct answer", " answer is ... C."); when the
-prompt asks for what is incorrect/not true/False, "incorrect statement is C." (all of them,
-sorted); else a letter ending a phrase in the last line (or the one before). "none of the X
-options are correct." (X one character, as Yuan's pattern has it) gives no letter.
+"..." ... the correct answer", "option C is the correct answer", " answer is ... C."); else a
+letter A-K ending a phrase in the last line (or the one before). "none of the X options are
+correct." (X one character, as Yuan's pattern has it) gives no letter.
 
 Where Yuan's cascade is quirky it is kept: a "closest answer ... "..." C." match gives no letter
-(its reduction pattern lacks "closest"), and the fifth phrasing keeps its whole match when the
-reduction fails on a `.`, its letter then being the last A-K in it. Note also that the prompt is
-searched for "incorrect" etc., not the question alone: ARC's 25-shot prompt contains "incorrect",
-so for ARC the "incorrect statement" phrasing always counts, as it does in Yuan's runs.
+(its reduction pattern lacks "closest"); the fifth phrasing keeps its whole match when the
+reduction fails on a `.`, its letter then being the last A-K in it; "I" counts as a letter ("I
+think..." on the last line reads as I). Yuan's branch for "incorrect statement is C" when the
+question asks for what is incorrect is never reached (the first phrasing matches its "correct
+statement is C" first), so it is left out.
 """
 from __future__ import annotations
 
@@ -39,9 +39,7 @@ _REDUCTIONS = (
     _PHRASINGS[3],
     r' answer (?:is|would be) [^\.]*?LETTER\s*[\)\.]',
 )
-_INCORRECT = r'incorrect statement (?:is|would be)[option\s<n>:*\(]*?LETTER\s*[\),:\.]'
 _LAST_LINE = r'(?:option|answer|Option|answer|)[a-z\s]*?LETTER[\s\.,:\)]'
-_NEGATIVE_RE = re.compile(r'(?:错误)|(?:incorrect)|(?:not true)|(?:False)|(?:无法推断)')
 _LATEX_LETTER = (
     (r'\\rm\s*\{([A-Z]+)\}', r'\1'),
     (r'\\mathrm\s*\{([A-Z]+)\}', r'\1'),
@@ -72,17 +70,14 @@ def answer_text(output: str) -> str:
   return text
 
 
-def _phrased(text: str, negative: bool) -> str | None:
-  """The letter(s) of the first phrasing found, before any normalisation; None if none."""
+def _phrased(text: str) -> str | None:
+  """What the first phrasing found reduces to (a letter, or the fifth's whole match); None."""
   for number, (pattern, reduction) in enumerate(zip(_PHRASINGS, _REDUCTIONS)):
     matches = _find(pattern, text)
     if matches:
       reduced = _reduce(reduction, matches[-1])
       # Yuan's later stages re-reduce the last character of an earlier stage's result.
       return reduced if number == len(_PHRASINGS) - 1 else reduced[-1]
-  incorrect = _find(_INCORRECT, text) if negative else []
-  if incorrect:
-    return ''.join(sorted({_reduce(_INCORRECT, match) for match in incorrect}))
   lines = text.split('<n>')
   for line in lines[-1:] if len(lines) < 2 else lines[:-3:-1]:
     matches = _find(_LAST_LINE, line)
@@ -91,17 +86,12 @@ def _phrased(text: str, negative: bool) -> str | None:
   return None
 
 
-def letter(output: str, prompt: str) -> str | None:
-  """The answer letter(s) Yuan's rule reads from the output (None if none).
-
-  `prompt` is the item's prompt; it says whether the question asks for what is incorrect.
-  """
+def letter(output: str) -> str | None:
+  """The answer letter Yuan's rule reads from the output (None if none)."""
   text = answer_text(output)
-  found = _phrased(text, bool(_NEGATIVE_RE.search(prompt.replace('．', '.'))))
+  found = _phrased(text)
   if found is None or re.findall(r'none of the [a-z\s*] options are correct.', text):
     return None
-  if re.fullmatch(r'[A-K]+', found):
-    return found
   letters = re.findall(r'[A-K]', found)
   return letters[-1] if letters else None
 
@@ -120,7 +110,7 @@ class ChoiceTask(yuan_text.SepFileTask):
     return super().item(id_, prompt_text, gold_letter(answer), question)
 
   def extract(self, output: str, item: task.Item) -> str | None:
-    return letter(output, item.prompt)
+    return letter(output)
 
   def correct(self, extracted: str | None, item: task.Item) -> bool:
     return extracted is not None and extracted == item.answer
