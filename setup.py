@@ -6,6 +6,8 @@ setuptools.setup(
     version="0.1.0",
     description="Train, evaluate and serve Yuan2.0-M32-style MoE language models in JAX/Flax.",
     packages=setuptools.find_packages(include=["yuanjax", "yuanjax.*"]),
+    # The few-shot texts of Yuan2.0-M32's benchmark prompts (yuanjax.evals.tasks).
+    package_data={"yuanjax.evals.tasks": ["prompts/*.txt"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10",
