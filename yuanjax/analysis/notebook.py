@@ -85,14 +85,14 @@ def source_tree() -> str:
 
 def run_sweep(config: str, sweep_dir: str, flags: list[str]) -> None:
   """`python -m launch.sweep --backend=local --config=<config> --workdir=<sweep_dir> <flags>`
-  run in source_tree() (`config` is relative to it: configs/x.py[:ARG]); prints the command as
-  typed in the repository's root, raises with the sweep's stderr if it fails."""
-  args = ['--backend=local', *flags]
-  print('python -m launch.sweep', *args, f'--config={config}', f'--workdir={sweep_dir}')
+  run in source_tree() (`config` is relative to it: configs/x.py[:ARG]); prints the command (the
+  config as named in the repository's root), raises with the sweep's stderr if it fails."""
+  print('python -m launch.sweep --backend=local', f'--config={config}', f'--workdir={sweep_dir}',
+        *flags)
   tree = source_tree()
   done = subprocess.run([
-      sys.executable, '-m', 'launch.sweep', *args, f'--config={os.path.join(tree, config)}',
-      f'--workdir={os.path.abspath(sweep_dir)}'
+      sys.executable, '-m', 'launch.sweep', '--backend=local',
+      f'--config={os.path.join(tree, config)}', f'--workdir={os.path.abspath(sweep_dir)}', *flags
   ], cwd=tree, capture_output=True, text=True)
   if done.returncode:
     raise RuntimeError(f'the sweep failed ({done.returncode}):\n{done.stderr[-3000:]}')
@@ -128,6 +128,7 @@ def token_pieces(tokenizer, ids) -> list[str]:
 
 
 # ---------------------------------------------------------------- executing the notebooks
+
 
 def sources(directory: str = NOTEBOOKS_DIR) -> list[str]:
   """The jupytext sources (notebooks/NN_*.py), in order."""
