@@ -36,14 +36,7 @@ VARIANTS = (None, 'runlocal', 'slice', 'long')
 
 def get_config(arg=None):
   config_lib.check_variant(arg, VARIANTS, 'configs/yuan_m32.py')
-  config = config_lib.base_config()
-  config.model = config_lib.m32_model()
-  config.train.update(
-      dict(num_steps=300_000, batch_size=1536, seq_len=4096, log_every=50, eval_every=5000,
-           eval_steps=32, sample_tokens=64))
-  config.optimizer.update(dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=6400))
-  config.checkpoint.update(dict(every=1000, keep=3))
-  config.data.update(dict(fim_rate=0.5, fim_spm_rate=0.5))
+  config = config_lib.m32_pretraining()
   if arg == 'runlocal':
     config_lib.runlocal(config, config_lib.tiny_model())
   elif arg == 'slice':

@@ -74,14 +74,16 @@ display(Markdown(notebook.markdown_table(
 #
 # `notebook.train_or_open` runs `yuanjax.trainer.train_and_evaluate`, the same loop as
 # `python -m yuanjax.train`: checkpoints every 50 steps, `metrics.jsonl`, exact resume (run the
-# cell again after an interruption and it continues).
+# cell again after an interruption and it continues). Its log line every 10 steps: loss,
+# perplexity, learning rate, gradient norm, throughput, the share of routed slots `dropped` by
+# the capacity dispatch, and the router's mean entropy `router-H`. Opening a workdir that
+# already holds the run prints the same lines from its `metrics.jsonl`.
 
 # %%
-if GIVEN:
-  print('opening', GIVEN, 'checkpoints:', workdir.checkpoint_steps(GIVEN))
-else:
-  trained = notebook.train_or_open(config, WORKDIR)
-  print('trained' if trained else 'already trained:', workdir.checkpoint_steps(WORKDIR))
+if GIVEN or not notebook.train_or_open(config, WORKDIR):   # trains, printing its log
+  print(f'opening {WORKDIR}; its log, from metrics.jsonl:')
+  notebook.print_log(WORKDIR)
+print('checkpoints:', workdir.checkpoint_steps(WORKDIR))
 
 # %% [markdown]
 # ## Loss
@@ -103,7 +105,9 @@ print(f"last train loss {train[-1]['loss']:.3f}" +
 # the balanced share it gives DeepSeek-V3's relative load: 1 (white) is balanced, red overloaded,
 # blue starved. Like the released M32, this model trains without a balance loss, so the load
 # drifts apart and the `capacity` dispatch drops the overflow (`dropped` in the log above; the
-# `dropless` dispatch or `--config.model.router.load_balance_weight` change that).
+# `dropless` dispatch or `--config.model.router.load_balance_weight` change that). The log's
+# warnings flag a layer as collapsed when its 2 busiest experts take more than 90% of the
+# routed slots (`config.train.collapse_top_k_share`); early in this run most layers do.
 # Notebook 02 goes much further.
 
 # %%
@@ -135,3 +139,14 @@ for p, g, s in zip(prompts, greedy, sampled):
   print('=' * 60, '\nprompt :', repr(p))
   print('greedy :', repr(tok.decode(generate.strip_eod(g, tok.eod_id))))
   print('sampled:', repr(tok.decode(generate.strip_eod(s, tok.eod_id))))
+
+# %% [markdown]
+# The greedy continuations are degenerate, and that is expected of this model, not a decoding
+# bug: a few minutes of training on 1 MB leaves it near 4.5 nats per token, so its single most
+# likely next token is usually something frequent in Python source: a space (indentation), a
+# common letter, `_`. Greedy decoding takes that token at every step, and once a few of them are
+# in the context they make themselves more likely still: runs of spaces, one letter repeated.
+# Sampling (temperature 0.8, top-p 0.95) draws from the whole distribution instead and shows
+# what the model has picked up so far: keywords, `self`, indentation and newlines, not yet code.
+# A longer run (`python -m yuanjax.train --config=configs/demo.py`, README's quick start) or a
+# converted checkpoint (notebook 02's `YUANJAX_CHECKPOINT`) gives fluent greedy text.

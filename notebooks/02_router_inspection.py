@@ -177,6 +177,12 @@ else:
 # combine weights are nearly equal); near 1 the router is sure. A collapsed load with a small
 # margin is that case; a collapsed load with a large margin is a router that learned to prefer
 # those experts.
+#
+# In the run stored with this notebook (notebook 01's 300 steps), layer 1 is the first case in
+# the making: diversity 0.998 and a margin of 0.002, yet its two busiest experts take 64% of
+# the routed slots (25% when balanced). Layers 0 and 2 are the second: margins near 0.1,
+# 86–88% of the slots on two experts, two or three experts never chosen. None crosses the
+# collapse flag's 90% at the last checkpoint; the training log flagged every layer on the way.
 
 # %%
 fig = plots.per_layer({'entropy (nats)': entropy}, r.layers_M, ylabel='nats',

@@ -23,16 +23,17 @@
 # variant with several seeds through `launch.sweep`; `yuanjax.report` turns the sweep dirs into a
 # table that says whether a gap exceeds the seed noise. This notebook draws the same data.
 #
-# `YUANJAX_SWEEP_DIRS=D1,D2`: the `--workdir`s of your sweeps, e.g.
+# `YUANJAX_SWEEP_DIRS=D1,D2`: the `--workdir`s of your sweeps, e.g. (in the repository's root)
 #
-#     python -m launch.sweep --backend=local --parallel=2 --config=configs/router_ablation.py \
-#         --workdir=workdir/router
+#     python -m launch.sweep --backend=local --parallel=2 --num_processes=1 \
+#         --config=configs/router_ablation.py --workdir=workdir/router
 #
 # Without it the notebook runs the study's `:smoke` variant itself (2 routers × 2 seeds on a tiny
 # model; 60 steps each here, 4 in smoke mode): curves and table work, but the numbers answer
-# nothing at that size. It needs a checkout of the repository (`launch/`, `configs/`).
-# The outputs committed with this notebook read the CPU study of `configs/router_ablation.py`
-# (3 routers × 3 seeds × 80 steps) run on a 2-core CPU: `docs/ablations.md` discusses it.
+# nothing at that size. The sweep needs `launch/` and `configs/`, which a pip install does not
+# ship: from a checkout it runs there, elsewhere (Colab) the notebook clones the repository
+# first (`notebook.source_tree`). The outputs committed with this notebook are that smoke study;
+# `docs/ablations.md` has the CPU studies' results (`yuanjax.report`'s tables and plots).
 
 # %%
 # Install yuanjax where it is missing (Colab); a no-op where it imports (CI, a local checkout).
@@ -46,8 +47,6 @@ except ImportError:
 
 # %%
 import os
-import subprocess
-import sys
 
 import numpy as np
 from IPython.display import Markdown, display
@@ -57,21 +56,13 @@ from yuanjax.analysis import notebook, plots
 
 SMOKE = notebook.smoke()
 SWEEP_DIRS = [d for d in os.environ.get('YUANJAX_SWEEP_DIRS', '').split(',') if d]
-REPO = os.path.dirname(notebook.NOTEBOOKS_DIR)
-os.chdir(REPO)        # sweep manifests name their config file relative to the repository root
 
 if not SWEEP_DIRS:
-  sweep_dir = notebook.workdir('router_ablation')
+  SWEEP_DIRS = [notebook.workdir('router_ablation')]
   steps = [] if SMOKE else ['--config.train.num_steps=60', '--config.train.eval_every=20',
                             '--config.train.log_every=10']
-  cmd = [sys.executable, '-m', 'launch.sweep', '--backend=local', '--parallel=2',
-         '--num_processes=1', '--config=configs/router_ablation.py:smoke',
-         f'--workdir={sweep_dir}', *steps]
-  print(' '.join(cmd[1:]))
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode:
-    raise RuntimeError(f'the sweep failed ({done.returncode}):\n{done.stderr[-3000:]}')
-  SWEEP_DIRS = [sweep_dir]
+  notebook.run_sweep('configs/router_ablation.py:smoke', SWEEP_DIRS[0],
+                     ['--parallel=2', '--num_processes=1', *steps])
 
 runs = [r for d in SWEEP_DIRS for r in report.load_runs(d)]
 groups = report.group(runs)

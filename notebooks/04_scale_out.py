@@ -33,7 +33,7 @@ import collections
 
 from IPython.display import Markdown, display
 
-from yuanjax import config_lib, plan, workdir
+from yuanjax import config_lib, plan
 from yuanjax.analysis import notebook, plots
 
 SMOKE = notebook.smoke()
@@ -60,13 +60,7 @@ if SMOKE:
 
 
 def m32_config(mesh: dict, remat: str, grad_accum: int):
-  import os
-  path = os.path.join(os.path.dirname(yuanjax.__file__), '..', 'configs', 'yuan_m32.py')
-  if os.path.exists(path):            # a checkout: the experiment's own config file
-    config = workdir.load_config(path)
-  else:                               # pip-installed (Colab): the same model on the base config
-    config = config_lib.base_config()
-    config.model = config_lib.m32_model()
+  config = config_lib.m32_pretraining()     # configs/yuan_m32.py's config
   config.mesh.update({**dict(data=1, fsdp=1, expert=1, tensor=1), **mesh})
   config.model.remat = remat
   config.train.grad_accum = grad_accum

@@ -393,3 +393,17 @@ def base_config() -> ml_collections.ConfigDict:
           mesh=sharding.mesh_config(),
           data=pipeline.data_config(),
       ))
+
+
+def m32_pretraining() -> ml_collections.ConfigDict:
+  """Yuan2.0-M32 pre-training as released (configs/yuan_m32.py, notebook 04): seq 4096, global
+  batch 1536, lr 1e-4 -> 1e-5 cosine after 6400 warm-up steps, FIM 0.5 / SPM 0.5."""
+  config = base_config()
+  config.model = m32_model()
+  config.train.update(
+      dict(num_steps=300_000, batch_size=1536, seq_len=4096, log_every=50, eval_every=5000,
+           eval_steps=32, sample_tokens=64))
+  config.optimizer.update(dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=6400))
+  config.checkpoint.update(dict(every=1000, keep=3))
+  config.data.update(dict(fim_rate=0.5, fim_spm_rate=0.5))
+  return config

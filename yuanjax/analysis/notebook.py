@@ -1,5 +1,6 @@
-"""What the notebooks (notebooks/*.py) share: the smoke switch, where they write, the small
-model they train (a workdir is read back with yuanjax.workdir).
+"""What the notebooks (notebooks/*.py) share: the repository they install from, the smoke
+switch, where they write, the small model they train (a workdir is read back with
+yuanjax.workdir), the sweep notebook 03 runs.
 
   YUANJAX_NOTEBOOK_SMOKE=1   shrink everything to seconds (CI runs the notebooks this way)
   YUANJAX_NOTEBOOK_DIR       where the notebooks train (default: $TMPDIR/yuanjax-notebooks)
@@ -8,11 +9,21 @@ from __future__ import annotations
 
 import glob
 import os
+import re
+import subprocess
+import sys
 import tempfile
 
 import ml_collections
 
-from yuanjax import config_lib, workdir as workdir_lib
+from yuanjax import config_lib, metrics, workdir as workdir_lib
+
+# The repository: each notebook's Colab badge opens it and its install cell pip-installs it.
+# The one place to change it (a fork, a move): `python -m yuanjax.analysis.notebook` writes it
+# into the notebooks (stamp), and tests/notebooks fails while one names another.
+REPOSITORY = 'https://github.com/yuanjax/yuanjax'
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+NOTEBOOKS_DIR = os.path.join(CHECKOUT, 'notebooks')  # absent where yuanjax is pip-installed
 
 
 def smoke() -> bool:
@@ -20,11 +31,15 @@ def smoke() -> bool:
   return os.environ.get('YUANJAX_NOTEBOOK_SMOKE', '0') == '1'
 
 
-def workdir(name: str) -> str:
-  """$YUANJAX_NOTEBOOK_DIR/<name> (-smoke in smoke mode), shared by the notebooks."""
-  root = os.environ.get('YUANJAX_NOTEBOOK_DIR',
+def root() -> str:
+  """$YUANJAX_NOTEBOOK_DIR, where the notebooks write (default: $TMPDIR/yuanjax-notebooks)."""
+  return os.environ.get('YUANJAX_NOTEBOOK_DIR',
                         os.path.join(tempfile.gettempdir(), 'yuanjax-notebooks'))
-  return os.path.join(root, name + ('-smoke' if smoke() else ''))
+
+
+def workdir(name: str) -> str:
+  """<root>/<name> (-smoke in smoke mode), shared by the notebooks."""
+  return os.path.join(root(), name + ('-smoke' if smoke() else ''))
 
 
 def quickstart_config(is_smoke: bool) -> ml_collections.ConfigDict:
@@ -57,6 +72,43 @@ def train_or_open(config: ml_collections.ConfigDict, path: str) -> bool:
   return True
 
 
+def source_tree() -> str:
+  """The repository's root, for what a pip install does not ship (launch/, configs/): the
+  checkout yuanjax is imported from, else a shallow clone of REPOSITORY (made once, in root())."""
+  if os.path.isfile(os.path.join(CHECKOUT, 'launch', 'sweep.py')):
+    return CHECKOUT
+  clone = os.path.join(root(), 'yuanjax-source')
+  if not os.path.isdir(clone):
+    subprocess.run(['git', 'clone', '-q', '--depth=1', REPOSITORY, clone], check=True)
+  return clone
+
+
+def run_sweep(config: str, sweep_dir: str, flags: list[str]) -> None:
+  """`python -m launch.sweep --backend=local --config=<config> --workdir=<sweep_dir> <flags>`
+  run in source_tree() (`config` is relative to it: configs/x.py[:ARG]); prints the command (the
+  config as named in the repository's root), raises with the sweep's stderr if it fails."""
+  print('python -m launch.sweep --backend=local', f'--config={config}', f'--workdir={sweep_dir}',
+        *flags)
+  tree = source_tree()
+  done = subprocess.run([
+      sys.executable, '-m', 'launch.sweep', '--backend=local',
+      f'--config={os.path.join(tree, config)}', f'--workdir={os.path.abspath(sweep_dir)}', *flags
+  ], cwd=tree, capture_output=True, text=True)
+  if done.returncode:
+    raise RuntimeError(f'the sweep failed ({done.returncode}):\n{done.stderr[-3000:]}')
+
+
+def print_log(path: str) -> None:
+  """Prints workdir `path`'s training log from its metrics.jsonl, as the trainer printed it."""
+  records = workdir_lib.read_metrics(path)
+  last = records['train'][-1]['step']
+  evals = {r['step']: r for r in records.get('eval', [])}
+  for r in records['train']:
+    print(metrics.summary_line(r['step'], last, r))
+    if r['step'] in evals:
+      print(f"step {r['step']}/{last} | eval loss {evals[r['step']]['loss']:.4f}")
+
+
 def markdown_table(header, rows) -> str:
   """A Markdown table (IPython.display.Markdown renders it; GitHub shows it)."""
   fmt = lambda x: f'{x:.4g}' if isinstance(x, float) else str(x)
@@ -77,13 +129,23 @@ def token_pieces(tokenizer, ids) -> list[str]:
 
 # ---------------------------------------------------------------- executing the notebooks
 
-NOTEBOOKS_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'notebooks')
-
 
 def sources(directory: str = NOTEBOOKS_DIR) -> list[str]:
   """The jupytext sources (notebooks/NN_*.py), in order."""
   return sorted(glob.glob(os.path.join(directory, '[0-9][0-9]_*.py')))
+
+
+def colab_url(name: str) -> str:
+  """The Colab address of notebooks/<name>.ipynb on REPOSITORY's main branch."""
+  return REPOSITORY.replace('https://github.com/', 'https://colab.research.google.com/github/',
+                            1) + f'/blob/main/notebooks/{name}.ipynb'
+
+
+def stamp(text: str, name: str) -> str:
+  """The jupytext source `text` of notebook `name` with REPOSITORY in its Colab badge and its
+  install cell (`git+URL`)."""
+  text = re.sub(r'https://colab\.research\.google\.com/github/[^)\s]+', colab_url(name), text)
+  return re.sub(r'git\+https://[^\'"\s]+', 'git+' + REPOSITORY, text)
 
 
 def execute(source: str, timeout: int = 1800):
@@ -103,19 +165,31 @@ def execute(source: str, timeout: int = 1800):
 def main(argv=None) -> int:
   """`python -m yuanjax.analysis.notebook [NAME ...]`: executes the notebooks (all by default;
   smoke mode if YUANJAX_NOTEBOOK_SMOKE=1) and writes each paired .ipynb with its outputs."""
-  import sys  # pylint: disable=g-import-not-at-top
-  import time
+  import time  # pylint: disable=g-import-not-at-top
   import jupytext
   names = (argv if argv is not None else sys.argv[1:])
   todo = [s for s in sources() if not names or any(n in os.path.basename(s) for n in names)]
   if names and not todo:
     raise SystemExit(f'no notebook matches {names} in {NOTEBOOKS_DIR}')
+  # The kernels run in notebooks/ and get their dir relative to it: no machine path in outputs.
+  where = os.environ.get('YUANJAX_NOTEBOOK_DIR', os.path.join(CHECKOUT, 'workdir', 'notebooks'))
+  os.environ['YUANJAX_NOTEBOOK_DIR'] = os.path.relpath(os.path.abspath(where), NOTEBOOKS_DIR)
   for source in todo:
     start = time.time()
+    _stamp_file(source)
     nb = execute(source)
     jupytext.write(nb, source[:-3] + '.ipynb', fmt='ipynb')
     print(f'{os.path.basename(source)}: executed in {time.time() - start:.0f} s', flush=True)
   return 0
+
+
+def _stamp_file(source: str) -> None:
+  with open(source, encoding='utf-8') as f:
+    text = f.read()
+  stamped = stamp(text, os.path.basename(source)[:-3])
+  if stamped != text:
+    with open(source, 'w', encoding='utf-8') as f:
+      f.write(stamped)
 
 
 if __name__ == '__main__':
