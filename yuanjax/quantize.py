@@ -120,7 +120,9 @@ def quantize_array(w, reduce_axes: tuple[int, ...]) -> QInt8:
   xp = jnp if isinstance(w, jax.Array) else np
   w32 = w.astype(np.float32)
   absmax = xp.max(xp.abs(w32), axis=reduce_axes, keepdims=True)
-  scale = xp.where(absmax > 0, absmax / _QMAX, 1.0).astype(np.float32)
+  # x (1 / 127) as a float32 constant: XLA may turn a division by a constant into that
+  # product; so the host and the device give the same scales, bit for bit.
+  scale = xp.where(absmax > 0, absmax * np.float32(1 / _QMAX), np.float32(1)).astype(np.float32)
   values = xp.clip(xp.rint(w32 / scale), -_QMAX, _QMAX).astype(np.int8)
   return QInt8(values, scale)
 
