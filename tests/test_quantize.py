@@ -10,7 +10,7 @@ import pytest
 
 from tests.model.helpers import rel_err, tiny, tiny_mixtral
 from tests.test_generate import save_workdir
-from yuanjax import config_lib, cost, loader, quantize
+from yuanjax import config_lib, cost, loader, quantize, train_state
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
 
@@ -204,6 +204,12 @@ def test_loader_quantizes_what_it_loads(workdir):
   want = quantize.quantize_params(params, cfg)
   jax.tree.map(np.testing.assert_array_equal, q, want)
   assert isinstance(q['embedding'], quantize.QInt8) and q['embedding'].values.dtype == jnp.int8
+  # With target shardings (here one device's): restored float, quantized where it lies, the
+  # float weights deleted; the same int8 as from the host.
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = lambda m: jax.tree.map(lambda _: one, train_state.abstract_params(m))
+  _, placed = loader.load(path, quantize='int8', shardings=shardings)
+  jax.tree.map(np.testing.assert_array_equal, placed, want)
   model = Transformer(gen.generation_config(m))
   assert gen.generate(model, q, [[1, 2, 3]],
                       max_new_tokens=4) == gen.generate(model, want, [[1, 2, 3]], max_new_tokens=4)
