@@ -1,6 +1,8 @@
 """Int8 weights (yuanjax.quantize): the per-channel round trip, which params are quantized and
 their bytes, the tiny model's logits and greedy tokens against its bfloat16 weights, and the
 loader / command-line entry points."""
+import json
+
 import flax
 import flax.linen as nn
 import jax
@@ -9,7 +11,7 @@ import numpy as np
 import pytest
 
 from tests.model.helpers import rel_err, tiny, tiny_mixtral
-from tests.test_generate import save_workdir
+from tests.test_generate import hf_dirs, save_workdir  # pylint: disable=unused-import (fixture)
 from yuanjax import config_lib, cost, loader, quantize, train_state
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
@@ -221,3 +223,20 @@ def test_bad_quantize_value_is_named_before_loading(tmp_path, capsys):
   with pytest.raises(SystemExit):
     gen.main(['--checkpoint', str(tmp_path / 'nowhere'), '--prompt', 'x', '--quantize', 'int4'])
   assert "--quantize: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_generate_cli_int8(hf_dirs, capsys):
+  """`python -m yuanjax.generate --quantize int8` on a converted dir: the tokens of `generate`
+  with the loaded params quantized."""
+  path = str(hf_dirs / 'yj')
+  assert gen.main([
+      '--checkpoint', path, '--prompt', 'line 1 of', '--max_new_tokens', '5', '--json',
+      '--quantize', 'int8'
+  ]) == 0
+  got = json.loads(capsys.readouterr().out)['tokens']
+  model, params = loader.load_model(path)
+  tok = loader.load_tokenizer(path)
+  want = gen.generate(model, quantize.quantize_params(params,
+                                                      model.config), [tok.encode('line 1 of')],
+                      max_new_tokens=5, eod_id=tok.eod_id, vocab_limit=tok.vocab_size)[0]
+  assert got == want

@@ -84,18 +84,6 @@ class QInt8:
   values: jax.Array
   scale: jax.Array
 
-  @property
-  def shape(self):
-    return self.values.shape
-
-  @property
-  def ndim(self):
-    return self.values.ndim
-
-  @property
-  def nbytes(self) -> int:
-    return self.values.nbytes + self.scale.nbytes
-
   def astype(self, dtype):
     """The dequantized weight in `dtype` (what the model's `w.astype(dtype)` reads)."""
     return (self.values.astype(f32) * self.scale).astype(dtype)
