@@ -1,7 +1,7 @@
 """Times cached decoding of a checkpoint: tokens/s and the fraction of the memory-bandwidth roofline.
 
   python benchmarks/decode.py --checkpoint WORKDIR_OR_DIR [--step S] --batch B --context N \\
-      [--new_tokens M] [--dtype bfloat16] [--param_dtype bfloat16]
+      [--new_tokens M] [--dtype bfloat16] [--param_dtype bfloat16] [--quantize int8]
 
 Loads the checkpoint as `yuanjax.generate` does (an HF dir, a converted dir or a training
 workdir; `--step` picks a workdir's checkpoint) and runs the model as generation runs it
@@ -13,7 +13,8 @@ up to `block_until_ready`. One device (the default one).
 The last line printed is JSON: tokens_per_s (B x M / s), step_ms, prefill_s, compile_s,
 device_kind, experts_per_layer (distinct routed experts per MoE layer per step, measured in the
 timed steps), bytes_per_step and its parts (`yuanjax.cost.decode_bytes_per_step`: params +
-those experts + the KV cache at the mean attended context N + (M + 1) / 2 + the LFA state),
+those experts + the KV cache at the mean attended context N + (M + 1) / 2 + the LFA state; with
+--quantize int8 the weights at `yuanjax.quantize.bytes_per_param`, about 1 byte, not 2 or 4),
 bandwidth (bytes/s of the device kind, `yuanjax.cost.DEVICES`; null where unknown)
 and roofline_fraction = bytes_per_step / step_s / bandwidth (null on the CPU). Decoding here
 uses the reference einsum attention over all B x (N + M) cache slots (masked), so with M much
@@ -31,14 +32,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from yuanjax import config_lib, cost, loader
+from yuanjax import quantize as quantize_lib
 from yuanjax import generate as gen
 from yuanjax.model import Transformer
 from yuanjax.model.transformer import init_cache, num_blocks
 
 DTYPES = ('float32', 'bfloat16', 'float16')
-COUNTS = ('non-expert params (param_dtype) + experts_per_layer routed experts per MoE layer '
-          '(param_dtype) + KV cache at the mean attended context (dtype) + LFA state (dtype); '
-          'reads only')
+COUNTS = (
+    'non-expert params (param_dtype; with --quantize int8: int8 + scales) + experts_per_layer '
+    'routed experts per MoE layer (the same) + KV cache at the mean attended context (dtype) '
+    '+ LFA state (dtype); reads only')
 
 
 def _programs(model: Transformer):
@@ -92,12 +95,14 @@ def measure(model: Transformer, params, batch: int, context: int, new_tokens: in
               experts_per_layer=experts)
 
 
-def report(model_cfg, batch: int, context: int, new_tokens: int, timing: dict,
-           device_kind: str) -> dict:
+def report(model_cfg, batch: int, context: int, new_tokens: int, timing: dict, device_kind: str,
+           quantize: str = 'none') -> dict:
   """The JSON record: throughput, bytes per step and the roofline fraction."""
   step_s = timing['decode_s'] / new_tokens
   mean_context = context + (new_tokens + 1) / 2  # step i attends N + i + 1 positions
-  bytes_ = cost.decode_bytes_per_step(model_cfg, batch, mean_context, timing['experts_per_layer'])
+  weight_bytes = None if quantize == 'none' else quantize_lib.bytes_per_param(model_cfg, quantize)
+  bytes_ = cost.decode_bytes_per_step(model_cfg, batch, mean_context, timing['experts_per_layer'],
+                                      weight_bytes)
   return dict(batch=batch, context=context, new_tokens=new_tokens, dtype=model_cfg.dtype,
               param_dtype=model_cfg.param_dtype, device_kind=device_kind, tokens_per_s=batch *
               new_tokens / timing['decode_s'], step_ms=1e3 * step_s, prefill_s=timing['prefill_s'],
@@ -118,6 +123,8 @@ def _parse(argv):
   p.add_argument('--new_tokens', type=int, default=32, help='timed decode steps (M)')
   p.add_argument('--dtype', default=None, help='compute dtype override (cache dtype too)')
   p.add_argument('--param_dtype', default=None, help='params dtype override, e.g. bfloat16')
+  p.add_argument('--quantize', default='none', choices=quantize_lib.MODES,
+                 help='int8: int8 matmul weights, per-channel scales (yuanjax.quantize)')
   p.add_argument('--dispatch', default=None, choices=('dropless', 'dense'),
                  help="MoE dispatch (default: generation's, dropless unless the config says dense)")
   p.add_argument('--seed', type=int, default=0, help='of the random prompt tokens')
@@ -139,7 +146,8 @@ def _load(args):
       k: v for k, v in (('dtype', args.dtype), ('param_dtype', args.param_dtype),
                         ('moe.dispatch', args.dispatch)) if v
   }
-  model, params = loader.load_model(args.checkpoint, overrides=overrides, step=args.step)
+  model, params = loader.load_model(args.checkpoint, overrides=overrides, step=args.step,
+                                    quantize=args.quantize)
   m = gen.generation_config(model.config)
   config_lib.validate_model(m)
   if args.context + args.new_tokens > m.max_seq_len:
@@ -158,10 +166,12 @@ def main(argv=None) -> int:
     return 1
   timing = measure(model, params, args.batch, args.context, args.new_tokens, args.seed)
   rec = report(model.config, args.batch, args.context, args.new_tokens, timing,
-               jax.devices()[0].device_kind)
-  rec = dict(checkpoint=args.checkpoint, step=args.step, **rec)
+               jax.devices()[0].device_kind, args.quantize)
+  rec = dict(checkpoint=args.checkpoint, step=args.step, quantize=args.quantize, **rec)
   print(f"{rec['device_kind']}: {rec['tokens_per_s']:.1f} tokens/s, {rec['step_ms']:.2f} ms/step, "
-        f"{rec['bytes_per_step'] / 1e6:.2f} MB read/step, prefill {rec['prefill_s']:.3f} s")
+        f"{rec['bytes_per_step'] / 1e6:.2f} MB read/step (weights "
+        f"{(rec['bytes']['params'] + rec['bytes']['experts']) / 1e6:.2f} MB, {args.quantize}), "
+        f"prefill {rec['prefill_s']:.3f} s")
   print(json.dumps(rec))
   return 0
 

@@ -108,18 +108,21 @@ def model_facts(m) -> dict:
               attention_flops_per_token=attention_flops)
 
 
-def decode_bytes_per_step(m, batch: int, context: float,
-                          experts_per_layer: float | None = None) -> dict:
+def decode_bytes_per_step(m, batch: int, context: float, experts_per_layer: float | None = None,
+                          weight_bytes: float | None = None) -> dict:
   """Bytes one cached decode step (one new token in each of `batch` rows) of config.model `m`
   must read from device memory: what a step that reads nothing twice and nothing it does not
   need reads, the memory-bandwidth roofline's numerator (`benchmarks/decode.py`).
 
     params      every non-expert parameter once (the tied embedding, as the LM head, or an
                 untied lm_head, whose embedding is only looked up (`batch` rows); attention,
-                LF convolutions, norms, routers, dense MLPs, shared experts), in
-                config.model.param_dtype (the step reads them so and casts them)
-    experts     per MoE layer, `experts_per_layer` of its E routed experts (w1 and w2); by
-                default min(E, batch x top_k), the most a step's tokens can reach
+                LF convolutions, norms, routers, dense MLPs, shared experts), at
+                `weight_bytes` per parameter: by default config.model.param_dtype's size (the
+                step reads them so and casts them); int8 weights: `yuanjax.quantize
+                .bytes_per_param` (about 1, their scales included)
+    experts     per MoE layer, `experts_per_layer` of its E routed experts (w1 and w2), at
+                `weight_bytes` per parameter; by default min(E, batch x top_k) experts, the
+                most a step's tokens can reach
     kv_cache    per layer, the keys and values (num_kv_heads of them) of `context` positions
                 per row (the tokens attended to, the new one included), in config.model.dtype
     lf_state    per layer, the LFA state (the last two LF inputs per row), config.model.dtype;
@@ -129,7 +132,7 @@ def decode_bytes_per_step(m, batch: int, context: float,
   Not counted: writes (the new keys/values and LF state), activations, the cache index.
   """
   config_lib.validate_model(m)
-  param_bytes = jnp.dtype(m.param_dtype).itemsize
+  param_bytes = jnp.dtype(m.param_dtype).itemsize if weight_bytes is None else weight_bytes
   act_bytes = jnp.dtype(m.dtype).itemsize
   E = m.num_experts
   G, lfa = attention.num_kv_heads(m), m.attention_type == 'lfa'

@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from yuanjax import config_lib, loader
+from yuanjax import config_lib, loader, quantize
 from yuanjax.data import sft
 from yuanjax.model import Transformer, moe, routers
 from yuanjax.model.transformer import init_cache
@@ -273,6 +273,8 @@ def _parse(argv):
                  help="HF runtime's bfloat16 rotary rounding (spec quirk 3)")
   p.add_argument('--dtype', default=None, choices=config_lib.DTYPES,
                  help='compute dtype override (default: the checkpoint\'s)')
+  p.add_argument('--quantize', default='none', choices=quantize.MODES,
+                 help='int8: int8 matmul weights, per-channel scales (yuanjax.quantize)')
   p.add_argument('--tokenizer', default=None,
                  help='a sentencepiece .model instead of the checkpoint\'s')
   p.add_argument('--chat', action='store_true',
@@ -287,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = {'dtype': args.dtype} if args.dtype else {}
   try:
     model, params, tok = loader.load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
-                                                overrides=overrides, tokenizer=args.tokenizer)
+                                                overrides=overrides, tokenizer=args.tokenizer,
+                                                quantize=args.quantize)
     eod_id = tok.eod_id
     prompts = [sft.prompt_ids(tok, p) if args.chat else tok.encode(p) for p in args.prompt]
     outs = generate(model, params, prompts, max_new_tokens=args.max_new_tokens,

@@ -16,6 +16,7 @@ Python::
     m, params = loader.load(path)                       # config.model, params (jax.Arrays)
     m, params = loader.load(path, shardings=fn)         # fn(config.model): the params' target
                                                         # shardings; restored into them
+    m, params = loader.load(path, quantize='int8')      # int8 matmul weights (yuanjax.quantize)
     m = loader.model_config(path)                       # config.model alone, no weight read
     model, params = loader.load_model(path)             # a Transformer
     model, params, tok = loader.load_checkpoint(path)   # and its tokenizer
@@ -44,6 +45,7 @@ import ml_collections
 import numpy as np
 
 from yuanjax import checkpoint, config_lib, train_state
+from yuanjax import quantize as quantize_lib
 from yuanjax import workdir as workdir_lib
 from yuanjax.interop import converted, hf, hf_mapping, mappings
 from yuanjax.model import Transformer
@@ -60,13 +62,18 @@ def _abstract(m: ml_collections.ConfigDict, shardings: Shardings | None):
                       shardings(m))
 
 
-def _placed(params, m: ml_collections.ConfigDict, shardings: Shardings | None):
-  """Params as jax.Arrays in param_dtype, on the default device or in the target shardings."""
+def _placed(params, m: ml_collections.ConfigDict, shardings: Shardings | None, quantize: str):
+  """Params as jax.Arrays in param_dtype, on the default device or in the target shardings;
+  quantize 'int8': matmul weights int8 (yuanjax.quantize), from the host leaves when
+  unsharded (no float copy on the device), else each float weight replaced where it lies."""
   pdtype = jnp.dtype(m.param_dtype)
   if shardings is None:
+    if quantize != 'none':
+      return quantize_lib.quantize_params(params, m, quantize)
     return jax.tree.map(lambda a: jnp.asarray(a, pdtype), params)
   place = lambda a, s: jax.device_put(a if isinstance(a, jax.Array) else np.asarray(a, pdtype), s)
-  return jax.tree.map(place, params, shardings(m))
+  placed = jax.tree.map(place, params, shardings(m))
+  return quantize_lib.quantize_params(placed, m, quantize, donate=True)
 
 
 def _workdir(path: str, overrides: Mapping, step: int | None, shardings: Shardings | None):
@@ -130,20 +137,21 @@ def _hf_dir(path: str, overrides: Mapping, exact_hf_rope: bool, shardings: Shard
   return m, hf.params_from_hf(path, place, pdtype)[1]
 
 
-def _resolve(path, overrides, exact_hf_rope: bool, step: int | None, shardings):
+def _resolve(path, overrides, exact_hf_rope: bool, step: int | None, shardings, quantize: str):
   """(config.model, params, the workdir's whole config or None for an HF/converted dir)."""
+  quantize_lib.check_mode(quantize)  # before any read
   path = os.fspath(path)
   overrides = dict(overrides or {})
   if os.path.isfile(os.path.join(path, 'config.json')):
     if step is not None:
       raise ValueError(f'{path}: step={step} is only for training workdirs (one checkpoint here)')
     m, params = _hf_dir(path, overrides, exact_hf_rope, shardings)
-    return m, _placed(params, m, shardings), None
+    return m, _placed(params, m, shardings, quantize), None
   if checkpoint.has_checkpoints(path):
     if exact_hf_rope:
       overrides['rope_hf_bf16'] = True
     config, params = _workdir(path, overrides, step, shardings)
-    return config.model, _placed(params, config.model, shardings), config
+    return config.model, _placed(params, config.model, shardings, quantize), config
   raise FileNotFoundError(f'{path}: neither an HF/converted checkpoint dir (config.json) nor a '
                           'training workdir (checkpoints/)')
 
@@ -167,20 +175,24 @@ def model_config(path, *, step: int | None = None) -> ml_collections.ConfigDict:
 
 
 def load(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: bool = False,
-         step: int | None = None, shardings: Shardings | None = None):
+         step: int | None = None, shardings: Shardings | None = None, quantize: str = 'none'):
   """(config.model, params) of an HF dir, a converted dir or a training workdir.
 
   step: for a workdir, that checkpoint instead of the newest (an error for other dirs).
   shardings: config.model -> a tree of jax.sharding.Sharding matching the unboxed params; the
   params are then restored straight into them (converted dirs and workdirs) or placed so.
+  quantize: 'none' or 'int8' (yuanjax.quantize: int8 matmul weights with per-channel scales,
+  which the model dequantizes where it uses them); another value is a ValueError naming it,
+  before anything is read.
   """
-  return _resolve(path, overrides, exact_hf_rope, step, shardings)[:2]
+  return _resolve(path, overrides, exact_hf_rope, step, shardings, quantize)[:2]
 
 
 def load_model(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: bool = False,
-               step: int | None = None):
+               step: int | None = None, quantize: str = 'none'):
   """(Transformer, params) of an HF dir, a converted dir or a training workdir (`load`)."""
-  m, params = load(path, overrides=overrides, exact_hf_rope=exact_hf_rope, step=step)
+  m, params = load(path, overrides=overrides, exact_hf_rope=exact_hf_rope, step=step,
+                   quantize=quantize)
   return Transformer(m), params
 
 
@@ -207,16 +219,17 @@ def load_tokenizer(path: str, model_file: str | None = None):
 
 def load_checkpoint(path, *, exact_hf_rope: bool = False,
                     overrides: Mapping[str, object] | None = None, tokenizer: str | None = None,
-                    step: int | None = None):
+                    step: int | None = None, quantize: str = 'none'):
   """(Transformer, params, tokenizer) of an HF dir, a converted dir or a training workdir.
 
   tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
   it is loaded with the model type's conventions: Yuan's '<n>' newlines, Mixtral's '<s>' and
   '</s>'; for workdirs as our trained ones are). Workdirs: the data config's tokenizer.
+  quantize: as for `load`.
   """
   from yuanjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from yuanjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  m, params, config = _resolve(path, overrides, exact_hf_rope, step, None)
+  m, params, config = _resolve(path, overrides, exact_hf_rope, step, None, quantize)
   if config is None:  # an HF or converted dir: its model's conventions (Yuan's, Mixtral's)
     tok = load_tokenizer(os.fspath(path), model_file=tokenizer)
   else:

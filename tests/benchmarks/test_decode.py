@@ -12,7 +12,7 @@ from benchmarks import decode
 from tests.model.helpers import tiny
 from tests.test_generate import save_workdir
 from yuanjax import generate as gen
-from yuanjax import cost
+from yuanjax import cost, quantize
 from yuanjax.model import Transformer
 
 B, N, M = 3, 8, 4  # batch, context, timed steps
@@ -54,6 +54,30 @@ def test_prints_the_record_and_no_roofline_on_cpu(workdir, capsys):
                                     rec['experts_per_layer'])
   assert rec['bytes'] == pytest.approx(want)
   assert rec['bytes_per_step'] == pytest.approx(want['total'])
+
+
+def test_int8_weights_halve_the_weight_bytes(workdir, capsys):
+  """--quantize int8 against --param_dtype bfloat16: the weights read per step at
+  `quantize.bytes_per_param` (1 byte + the scales and the float vectors: 1.148 for the tiny
+  model's 32-wide inputs, 1.0015 for M32), the KV cache and LFA state unchanged."""
+  path, cfg = workdir
+  rc, out, err = run(capsys, '--checkpoint', path, '--batch', B, '--context', N, '--new_tokens', M,
+                     '--param_dtype', 'bfloat16', '--quantize', 'int8')
+  assert rc == 0, err
+  print(out.splitlines()[0])
+  rec = json.loads(out.splitlines()[-1])
+  assert rec['quantize'] == 'int8'
+  m = gen.generation_config(cfg)
+  m.param_dtype = 'bfloat16'
+  bf16 = cost.decode_bytes_per_step(m, B, N + (M + 1) / 2, rec['experts_per_layer'])
+  per_param = quantize.bytes_per_param(m)
+  assert rec['bytes'] == pytest.approx(
+      cost.decode_bytes_per_step(m, B, N + (M + 1) / 2, rec['experts_per_layer'], per_param))
+  for part in ('params', 'experts'):
+    assert rec['bytes'][part] == pytest.approx(bf16[part] * per_param / 2)
+  assert per_param / 2 < 0.58
+  for part in ('kv_cache', 'lf_state'):
+    assert rec['bytes'][part] == bf16[part]
 
 
 def test_roofline_fraction_on_a_known_device_kind():

@@ -133,7 +133,8 @@ class Transformer(nn.Module):
     embedding_VxD = layers.param_with_axes(self, 'embedding', nn.initializers.normal(cfg.init_std),
                                            (cfg.vocab_size, cfg.hidden_size), ('vocab', 'embed'),
                                            pdtype)
-    x_BxLxD = layers.constrain(jnp.take(embedding_VxD, tokens_BxL, axis=0).astype(dtype), ACT)
+    # `.take`, not jnp.take: an int8 table (yuanjax.quantize.QInt8) reads only the looked-up rows.
+    x_BxLxD = layers.constrain(embedding_VxD.take(tokens_BxL, axis=0).astype(dtype), ACT)
 
     block = Block
     policy = REMAT_POLICIES[cfg.remat]
