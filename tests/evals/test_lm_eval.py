@@ -10,7 +10,9 @@ yuanjax.generate cut at the first stop string.
 import glob
 import json
 import os
+import socket
 import sys
+import types
 
 import jax
 import numpy as np
@@ -18,9 +20,11 @@ import pytest
 
 os.environ['HF_DATASETS_OFFLINE'] = '1'  # local data files only: no network
 os.environ['HF_HUB_OFFLINE'] = '1'
-lm_eval = pytest.importorskip('lm_eval')
+# pylint: disable=g-import-not-at-top  (after the offline settings)
+import lm_eval
+from lm_eval.tasks import TaskManager
 
-from yuanjax import generate as gen  # pylint: disable=g-import-not-at-top
+from yuanjax import generate as gen
 from yuanjax import loader
 from yuanjax.evals import lm_eval_model
 from yuanjax.model import Transformer
@@ -28,6 +32,21 @@ from yuanjax.model import Transformer
 WORDS = 'line of some text with more words on it'.split()
 BATCH = 4
 MAX_GEN = 8
+
+
+@pytest.fixture(scope='module', autouse=True)
+def no_network():
+  """Any attempt to open an internet connection fails the test."""
+  connect = socket.socket.connect
+
+  def local_only(sock, address):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+      raise AssertionError(f'network access to {address}')
+    return connect(sock, address)
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(socket.socket, 'connect', local_only)
+    yield
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +87,10 @@ def direct(ckpt, tokens, n):
 
 
 def pair_tokens(tok, context, continuation, max_length):
-  """lm-eval's split: the whole text's tokens, the context's ones first (checked here)."""
+  """lm-eval's split: the whole text's tokens, the context's ones first (checked here); an empty
+  context is the prefix token (<eod>: this tokenizer starts no text with a BOS)."""
+  if not context:
+    return [tok.eod_id] + tok.encode(continuation), len(tok.encode(continuation))
   ctx, whole = tok.encode(context), tok.encode(context + continuation)
   assert whole[:len(ctx)] == ctx
   return whole[-(max_length + 1):], len(whole) - len(ctx)
@@ -78,9 +100,10 @@ def write_task(ckpt, name, rows, **config):
   """A local task: NAME.jsonl and NAME.yaml (JSON is YAML) in the tasks folder."""
   folder = ckpt['root'] / 'tasks'
   (folder / f'{name}.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
-  config = dict(task=name, dataset_path='json', test_split='test',
-                dataset_kwargs=dict(data_files={'test': str(folder / f'{name}.jsonl')},
-                                    cache_dir=str(ckpt['root'] / 'hf_cache')), **config)
+  config = dict(
+      task=name, dataset_path='json', test_split='test',
+      dataset_kwargs=dict(data_files={'test': str(folder / f'{name}.jsonl')},
+                          cache_dir=str(ckpt['root'] / 'hf_cache')), **config)
   (folder / f'{name}.yaml').write_text(json.dumps(config))
 
 
@@ -90,19 +113,22 @@ def text(rng, n_words):
 
 @pytest.fixture(scope='module')
 def mc_task(ckpt):
-  """Six questions (one longer than the model's context), four choices each; the gold choice
-  is the directly most likely one for questions 0, 2, 4 and another for 1, 3, 5."""
+  """Eight questions (one longer than the model's context, one empty), four choices each; the
+  gold choice is the directly most likely one for even questions and another for odd ones."""
   rng = np.random.default_rng(1)
   rows = []
-  for q, n_words in enumerate([2, 5, 9, 14, 3, 70]):
+  for q, n_words in enumerate([2, 5, 9, 14, 3, 70, 0, 4]):
     question = text(rng, n_words)
     choices = [text(rng, k) for k in (1, 2, 2, 3)]
-    scores = [direct(ckpt, *pair_tokens(ckpt['tok'], question, ' ' + c, ckpt['S'])) for c in choices]
+    scores = [
+        direct(ckpt, *pair_tokens(ckpt['tok'], question, ' ' + c, ckpt['S'])) for c in choices
+    ]
     ranked = np.argsort([-s for s, _ in scores])
     rows.append(dict(question=question, choices=choices, label=int(ranked[q % 2]), scores=scores))
-  assert len(ckpt['tok'].encode(rows[-1]['question'])) > ckpt['S']  # truncated from the left
-  write_task(ckpt, 'yj_mc', [{k: r[k] for k in ('question', 'choices', 'label')} for r in rows],
-             output_type='multiple_choice', doc_to_text='question', doc_to_choice='choices',
+  assert len(ckpt['tok'].encode(rows[5]['question'])) > ckpt['S']  # truncated from the left
+  write_task(ckpt, 'yj_mc', [{
+      k: r[k] for k in ('question', 'choices', 'label')
+  } for r in rows], output_type='multiple_choice', doc_to_text='question', doc_to_choice='choices',
              doc_to_target='label', metric_list=[dict(metric='acc')])
   return rows
 
@@ -122,8 +148,8 @@ def gen_task(ckpt):
   stops = [outs[0][3:5], outs[1][4:6]]
   write_task(ckpt, 'yj_gen', [dict(prompt=p, target='') for p in prompts],
              output_type='generate_until', doc_to_text='prompt', doc_to_target='target',
-             generation_kwargs=dict(until=stops, max_gen_toks=MAX_GEN, do_sample=False),
-             metric_list=[dict(metric='exact_match')])
+             generation_kwargs=dict(until=stops, max_gen_toks=MAX_GEN,
+                                    do_sample=False), metric_list=[dict(metric='exact_match')])
   cut = lambda s: s[:min([s.find(t) for t in stops if t in s] or [len(s)])]
   want = [cut(o) for o in outs]
   assert want[0] != outs[0] and want[1] != outs[1]  # the stops cut
@@ -131,18 +157,20 @@ def gen_task(ckpt):
 
 
 @pytest.fixture(scope='module')
-def cli_run(ckpt, mc_task, gen_task, tmp_path_factory, monkeypatch_module):
+def cli_run(ckpt, mc_task, gen_task, tmp_path_factory):
   """`python -m yuanjax.evals.lm_eval_model` (lm-eval's CLI) on both tasks, in this process,
   with batch_size in model_args beside --batch_size (lm-eval's CLI always passes one)."""
   out = tmp_path_factory.mktemp('lm_eval_out')
-  monkeypatch_module.setattr(sys, 'argv', [
+  argv = [
       'lm_eval_model', '--model', 'yuanjax', '--model_args',
       f'checkpoint={ckpt["path"]},batch_size={BATCH}', '--batch_size', '1', '--tasks',
       'yj_mc,yj_gen', '--include_path',
       str(ckpt['root'] / 'tasks'), '--output_path',
       str(out), '--log_samples'
-  ])
-  lm_eval_model.main()
+  ]
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sys, 'argv', argv)
+    lm_eval_model.main()
   (results,) = glob.glob(str(out / '**' / 'results_*.json'), recursive=True)
   samples = {}
   for task in ('yj_mc', 'yj_gen'):
@@ -151,12 +179,6 @@ def cli_run(ckpt, mc_task, gen_task, tmp_path_factory, monkeypatch_module):
       samples[task] = sorted((json.loads(line) for line in f), key=lambda s: s['doc_id'])
   with open(results) as f:
     return json.load(f), samples
-
-
-@pytest.fixture(scope='module')
-def monkeypatch_module():
-  with pytest.MonkeyPatch.context() as mp:
-    yield mp
 
 
 def test_loglikelihoods_equal_direct_log_probs(cli_run, mc_task):
@@ -174,7 +196,7 @@ def test_multiple_choice_accuracy_is_the_hand_count(cli_run, mc_task):
   hand = np.mean([np.argmax([s for s, _ in r['scores']]) == r['label'] for r in mc_task])
   assert hand == 0.5  # the gold labels were chosen so
   assert results['results']['yj_mc']['acc,none'] == hand
-  assert [s['acc'] for s in samples['yj_mc']] == [1.0, 0.0] * 3
+  assert [s['acc'] for s in samples['yj_mc']] == [1.0, 0.0] * 4
 
 
 def test_generate_until_is_greedy_generation_cut_at_the_stop(cli_run, gen_task):
@@ -192,8 +214,8 @@ def test_loglikelihood_rolling_sums_lm_eval_windows(ckpt):
              doc_to_text='', doc_to_target='text', metric_list=[dict(metric='word_perplexity')])
   out = lm_eval.simple_evaluate(
       model='yuanjax', model_args=dict(checkpoint=ckpt['path'], batch_size=BATCH, max_length=L),
-      tasks=['yj_roll'], task_manager=lm_eval.tasks.TaskManager(
-          include_path=str(ckpt['root'] / 'tasks'), include_defaults=False), log_samples=True)
+      tasks=['yj_roll'], task_manager=TaskManager(include_path=str(ckpt['root'] / 'tasks'),
+                                                  include_defaults=False), log_samples=True)
   got = [s['resps'][0][0] for s in sorted(out['samples']['yj_roll'], key=lambda s: s['doc_id'])]
   for doc, ll in zip(docs, got):
     tokens = tok.encode(doc)
@@ -214,3 +236,9 @@ def test_bad_model_args_name_the_field(ckpt):
     lm_eval_model.YuanjaxLM(ckpt['path'], batch_size='auto')
   with pytest.raises(ValueError, match='max_length=65: more than .*max_seq_len=64'):
     lm_eval_model.YuanjaxLM(ckpt['path'], max_length=65)
+  lm = lm_eval_model.YuanjaxLM(ckpt['path'], max_length=16)
+  request = lambda **kw: [types.SimpleNamespace(args=('line of', kw))]
+  with pytest.raises(ValueError, match=r"generation kwargs \['num_beams'\]: not supported"):
+    lm.generate_until(request(until=['x'], num_beams=4))
+  with pytest.raises(ValueError, match='max_gen_toks=16: must be less than max_length=16'):
+    lm.generate_until(request(until=['x'], max_gen_toks=16))

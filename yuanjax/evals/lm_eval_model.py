@@ -120,8 +120,8 @@ class YuanjaxLM(lm_model.TemplateLM):
 
   @classmethod
   def create_from_arg_string(cls, arg_string, additional_config=None):
-    return cls.create_from_arg_obj(lm_utils.simple_parse_args_string(arg_string),
-                                   additional_config)
+    args = lm_utils.simple_parse_args_string(arg_string)
+    return cls.create_from_arg_obj(args, additional_config)
 
   @property
   def eot_token_id(self) -> int:
@@ -172,28 +172,28 @@ class YuanjaxLM(lm_model.TemplateLM):
     return out
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-    windows = []  # per document: its (context, continuation) windows
-    for req in requests:
-      tokens = self.tok_encode(req.args[0], add_special_tokens=False)
-      windows.append([
-          lm_utils.make_disjoint_window(w)
-          for w in lm_utils.get_rolling_token_windows(tokens, prefix_token=self.prefix_token_id,
-                                                      max_seq_len=self.max_length, context_len=1)
-      ])
-    scores = iter(
-        self._score_rows([(c + t, len(t)) for ws in windows for c, t in ws], disable_tqdm))
+    windows = [self._windows(req.args[0]) for req in requests]
+    rows = [(context + scored, len(scored)) for ws in windows for context, scored in ws]
+    scores = iter(self._score_rows(rows, disable_tqdm))
     out = [sum(next(scores)[0] for _ in ws) for ws in windows]
     for req, total in zip(requests, out):
       self.cache_hook.add_partial('loglikelihood_rolling', req.args, total)
     return out
 
+  def _windows(self, text: str) -> list[tuple[list[int], list[int]]]:
+    """lm-eval's disjoint rolling windows (context, tokens to score) of the text's tokens."""
+    tokens = self.tok_encode(text, add_special_tokens=False)
+    windows = lm_utils.get_rolling_token_windows(tokens, prefix_token=self.prefix_token_id,
+                                                 max_seq_len=self.max_length, context_len=1)
+    return [lm_utils.make_disjoint_window(w) for w in windows]
+
   # ---------------------------------------------------------------- generation
 
   def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
     """Batches of the same generation settings, longest contexts first (module docstring)."""
-    batches = model_utils.Collator([r.args for r in requests],
-                                   sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
-                                   group_by='gen_kwargs', group_fn=lambda a: a[1])
+    by_length = lambda args: (-len(self.tok_encode(args[0])), args[0])
+    batches = model_utils.Collator([r.args for r in requests], sort_fn=by_length,
+                                   group_by='gen_kwargs', group_fn=lambda args: args[1])
     out = []
     for chunk in tqdm(list(batches.get_batched(n=self.batch_size)), disable=disable_tqdm,
                       desc='yuanjax generate_until batches'):
@@ -204,27 +204,29 @@ class YuanjaxLM(lm_model.TemplateLM):
       out += texts
     return batches.get_original(out)
 
-  def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+  def _settings(self, gen_kwargs: dict) -> tuple[dict, list[str]]:
+    """(yuanjax.generate's settings, the stop strings) of a request's generation kwargs."""
     kw = dict(model_utils.normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
     unknown = sorted(set(kw) - set(GEN_KWARGS))
     if unknown:
       raise ValueError(f'generation kwargs {unknown}: not supported (yuanjax takes {GEN_KWARGS})')
-    n = kw['max_gen_toks']
-    if n >= self.max_length:
-      raise ValueError(f'max_gen_toks={n}: must be less than max_length={self.max_length}')
-    prompts = [self.tok_encode(c)[-(self.max_length - n):] or [self.prefix_token_id]
-               for c in contexts]
+    if kw['max_gen_toks'] >= self.max_length:
+      raise ValueError(f'max_gen_toks={kw["max_gen_toks"]}: must be less than '
+                       f'max_length={self.max_length}')
+    settings = dict(max_new_tokens=kw['max_gen_toks'],
+                    temperature=float(kw.get('temperature') or 0.0),
+                    top_k=int(kw.get('top_k') or 0), top_p=float(kw.get('top_p') or 1.0))
+    return settings, kw['until']
+
+  def _generate(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
+    settings, until = self._settings(gen_kwargs)
+    room = self.max_length - settings['max_new_tokens']
+    prompts = [self.tok_encode(c)[-room:] or [self.prefix_token_id] for c in contexts]
     rows = prompts + [prompts[0]] * (self.batch_size - len(prompts))  # one batch shape
-    outs = generate.generate(self.model, self.params, rows, max_new_tokens=n,
-                             temperature=float(kw.get('temperature') or 0.0),
-                             top_k=int(kw.get('top_k') or 0), top_p=float(kw.get('top_p') or 1.0),
-                             seed=self.seed, eod_id=self.tok.eod_id, max_len=self.max_length,
-                             vocab_limit=self.vocab_limit)
-    return [
-        model_utils.postprocess_generated_text(
-            self.tok.decode(generate.strip_eod(ids, self.tok.eod_id)), kw['until'], None)
-        for ids in outs[:len(prompts)]
-    ]
+    outs = generate.generate(self.model, self.params, rows, seed=self.seed, eod_id=self.tok.eod_id,
+                             max_len=self.max_length, vocab_limit=self.vocab_limit, **settings)
+    texts = [self.tok.decode(generate.strip_eod(o, self.tok.eod_id)) for o in outs[:len(prompts)]]
+    return [model_utils.postprocess_generated_text(t, until, None) for t in texts]
 
 
 def main() -> None:
