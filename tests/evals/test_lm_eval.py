@@ -24,6 +24,7 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 import lm_eval
 from lm_eval.tasks import TaskManager
 
+from tests.interop import hf_reference as R
 from yuanjax import generate as gen
 from yuanjax import loader
 from yuanjax.evals import lm_eval_model
@@ -53,18 +54,10 @@ def no_network():
 def ckpt(tmp_path_factory):
   """A tiny Yuan HF dir (max_seq_len 64) with its tokenizer, the loaded model, a jitted
   one-row forward over max_seq_len tokens, and a folder for the task files."""
-  spm = pytest.importorskip('sentencepiece')
-  from tests.interop import hf_reference as R
   root = tmp_path_factory.mktemp('lm_eval')
   rng = np.random.default_rng(0)
   lines = [' '.join(rng.choice(WORDS, 6)) + f' {i % 10}' for i in range(300)]
-  (root / 'corpus.txt').write_text('\n'.join(lines))
-  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
-                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
-                                 model_type='bpe', num_threads=1, minloglevel=2)
-  config = R.tiny_hf_config()
-  R.write_hf_dir(root / 'hf', R.random_hf_tensors(config, seed=3), config,
-                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+  R.write_yuan_dir_with_tokenizer(root / 'hf', lines, seed=3)
   model, params, tok = loader.load_checkpoint(str(root / 'hf'))
   full = Transformer(gen.generation_config(model.config))
   forward = jax.jit(lambda p, t: full.apply({'params': p}, t)[0])
