@@ -94,7 +94,7 @@ class YuanjaxLM(lm_model.TemplateLM):
                max_gen_toks: int = 256, step: int | None = None, dtype: str | None = None,
                tokenizer: str | None = None, seed: int = 0, max_batch_size=None, device=None):
     super().__init__()
-    del max_batch_size, device  # lm-eval passes them always; no automatic batch size, JAX places
+    del max_batch_size, device  # always passed by lm-eval: no automatic batch size; JAX places
     self.batch_size = _positive_int('batch_size', batch_size)
     self.max_gen_toks = _positive_int('max_gen_toks', max_gen_toks)
     self.seed = int(seed)
@@ -146,17 +146,21 @@ class YuanjaxLM(lm_model.TemplateLM):
     for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm,
                       desc='yuanjax loglikelihood batches'):
       batch = order[start:start + self.batch_size]
-      L = bucket_length(len(rows[batch[0]][0]) - 1, self.max_length)
-      inputs, targets = (np.zeros((self.batch_size, L), np.int32) for _ in range(2))
-      for r, i in enumerate(batch):
-        tokens = rows[i][0]
-        inputs[r, :len(tokens) - 1], targets[r, :len(tokens) - 1] = tokens[:-1], tokens[1:]
+      inputs, targets = self._padded([rows[i][0] for i in batch])
       logp, greedy = jax.device_get(self._score(self.params, inputs, targets))
       for r, i in enumerate(batch):
         end = len(rows[i][0]) - 1
         span = slice(end - rows[i][1], end)
         out[i] = (float(logp[r, span].astype(np.float64).sum()), bool(greedy[r, span].all()))
     return out
+
+  def _padded(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and targets [batch_size, bucket length] of token sequences, right-padded with 0."""
+    L = bucket_length(max(len(s) for s in seqs) - 1, self.max_length)
+    inputs, targets = (np.zeros((self.batch_size, L), np.int32) for _ in range(2))
+    for r, tokens in enumerate(seqs):
+      inputs[r, :len(tokens) - 1], targets[r, :len(tokens) - 1] = tokens[:-1], tokens[1:]
+    return inputs, targets
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
     rows = []
