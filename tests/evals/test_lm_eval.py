@@ -106,19 +106,22 @@ def text(rng, n_words):
 
 @pytest.fixture(scope='module')
 def mc_task(ckpt):
-  """Eight questions (one longer than the model's context, one empty), four choices each; the
-  gold choice is the directly most likely one for even questions and another for odd ones."""
+  """Eight questions (one longer than the model's context, one empty), four choices each (two
+  of one word: choices of one token after the same question share a forward row); the gold
+  choice is the directly most likely one for even questions and another for odd ones."""
   rng = np.random.default_rng(1)
   rows = []
   for q, n_words in enumerate([2, 5, 9, 14, 3, 70, 0, 4]):
     question = text(rng, n_words)
-    choices = [text(rng, k) for k in (1, 2, 2, 3)]
-    scores = [
-        direct(ckpt, *pair_tokens(ckpt['tok'], question, ' ' + c, ckpt['S'])) for c in choices
-    ]
+    choices = [text(rng, k) for k in (1, 1, 2, 3)]
+    pairs = [pair_tokens(ckpt['tok'], question, ' ' + c, ckpt['S']) for c in choices]
+    scores = [direct(ckpt, *p) for p in pairs]
     ranked = np.argsort([-s for s, _ in scores])
-    rows.append(dict(question=question, choices=choices, label=int(ranked[q % 2]), scores=scores))
+    rows.append(
+        dict(question=question, choices=choices, label=int(ranked[q % 2]), scores=scores,
+             one_token={c for c, (_, n) in zip(choices, pairs) if n == 1}))
   assert len(ckpt['tok'].encode(rows[5]['question'])) > ckpt['S']  # truncated from the left
+  assert sum(len(r['one_token']) >= 2 for r in rows) >= 3
   write_task(ckpt, 'yj_mc', [{
       k: r[k] for k in ('question', 'choices', 'label')
   } for r in rows], output_type='multiple_choice', doc_to_text='question', doc_to_choice='choices',

@@ -36,7 +36,9 @@ What each request computes (as lm-eval's HF model does; docs/lm_eval.md):
 
 Batching: requests are sorted by length (longest first) and taken batch_size at a time; a
 forward's rows are right-padded to a bucket length (16, 32, 64, ... up to max_length) and its
-batch to batch_size, so one compiled program serves every batch of a bucket. The model is
+batch to batch_size, so one compiled program serves every batch of a bucket. Log-likelihood
+requests whose tokens differ in the last one only (one-token choices after the same context)
+share one forward row, as in lm-eval's HF model. The model is
 causal and runs with a dispatch that never drops tokens (`generate.generation_config`), so a
 row's log-probs do not depend on its padding or on the other rows.
 """
@@ -71,19 +73,33 @@ def bucket_length(n: int, max_length: int) -> int:
   return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), max_length)
 
 
-def token_logprobs(params, inputs_BxL, targets_BxL, *, model: Transformer):
-  """Each target's log-prob given the inputs up to its position (float32 [B, L]), and whether
-  it is the most likely token (bool [B, L])."""
+def token_logprobs(params, inputs_BxL, targets_BxL, lengths_B, *, model: Transformer):
+  """Each target's log-prob given the inputs up to its position (float32 [B, L]), whether it is
+  the most likely token (bool [B, L]), and every token's log-prob after each row's last input
+  (float32 [B, V])."""
   logits_BxLxV, _ = model.apply({'params': params}, inputs_BxL)
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   logp_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  return logp_BxL, jnp.argmax(logp_BxLxV, axis=-1) == targets_BxL
+  last_BxV = jnp.take_along_axis(logp_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  return logp_BxL, jnp.argmax(logp_BxLxV, axis=-1) == targets_BxL, last_BxV
 
 
 def _positive_int(name: str, value) -> int:
   if isinstance(value, bool) or not str(value).isdigit() or int(value) < 1:
     raise ValueError(f'{name}={value!r}: must be an integer >= 1')
   return int(value)
+
+
+def _answer(tokens, n, logp_L, greedy_L, last_V) -> tuple[float, bool]:
+  """(sum of the log-probs of the last n tokens, whether each was the argmax) from a forward
+  over tokens[:-1]; the last token's from the log-probs after the last input (last_V), which
+  are the same for every row of the same inputs."""
+  if n == 0:
+    return 0.0, True
+  end = len(tokens) - 1
+  head = slice(end - n, end - 1)  # the scored tokens but the last
+  total = logp_L[head].astype(np.float64).sum() + float(last_V[tokens[-1]])
+  return float(total), bool(greedy_L[head].all() and np.argmax(last_V) == tokens[-1])
 
 
 @registry.register_model('yuanjax')
@@ -140,27 +156,33 @@ class YuanjaxLM(lm_model.TemplateLM):
 
   def _score_rows(self, rows, disable_tqdm: bool) -> list[tuple[float, bool]]:
     """rows: (tokens, n): the sum of the log-probs of the last n tokens, each given the tokens
-    before it, and whether all n were the argmax; batched by length (module docstring)."""
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    before it, and whether all n were the argmax. Rows whose tokens differ in the last one only
+    (one-token choices after one context) share a forward; batched by length (module docstring).
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (tokens, _) in enumerate(rows):
+      groups.setdefault(tuple(tokens[:-1]), []).append(i)
+    inputs = sorted(groups, key=len, reverse=True)
     out = [None] * len(rows)
-    for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm,
+    for start in tqdm(range(0, len(inputs), self.batch_size), disable=disable_tqdm,
                       desc='yuanjax loglikelihood batches'):
-      batch = order[start:start + self.batch_size]
-      inputs, targets = self._padded([rows[i][0] for i in batch])
-      logp, greedy = jax.device_get(self._score(self.params, inputs, targets))
-      for r, i in enumerate(batch):
-        end = len(rows[i][0]) - 1
-        span = slice(end - rows[i][1], end)
-        out[i] = (float(logp[r, span].astype(np.float64).sum()), bool(greedy[r, span].all()))
+      batch = inputs[start:start + self.batch_size]
+      scores = jax.device_get(self._score(self.params, *self._padded(batch, groups, rows)))
+      for r, key in enumerate(batch):
+        for i in groups[key]:
+          out[i] = _answer(*rows[i], *(a[r] for a in scores))
     return out
 
-  def _padded(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and targets [batch_size, bucket length] of token sequences, right-padded with 0."""
-    L = bucket_length(max(len(s) for s in seqs) - 1, self.max_length)
+  def _padded(self, batch, groups, rows):
+    """Inputs and targets [batch_size, bucket length] (right-padded with 0) and the lengths of
+    a batch of distinct inputs (each the tokens of its group's first row but the last)."""
+    L = bucket_length(len(batch[0]), self.max_length)
     inputs, targets = (np.zeros((self.batch_size, L), np.int32) for _ in range(2))
-    for r, tokens in enumerate(seqs):
-      inputs[r, :len(tokens) - 1], targets[r, :len(tokens) - 1] = tokens[:-1], tokens[1:]
-    return inputs, targets
+    lengths = np.ones((self.batch_size,), np.int32)
+    for r, key in enumerate(batch):
+      lengths[r] = len(key)
+      inputs[r, :len(key)], targets[r, :len(key)] = key, rows[groups[key][0]][0][1:]
+    return inputs, targets, lengths
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False):
     rows = []
