@@ -59,11 +59,15 @@ def ckpt(tmp_path_factory):
   lines = [' '.join(rng.choice(WORDS, 6)) + f' {i % 10}' for i in range(300)]
   R.write_yuan_dir_with_tokenizer(root / 'hf', lines, seed=3)
   model, params, tok = loader.load_checkpoint(str(root / 'hf'))
+  (root / 'tasks').mkdir()
+  return dict(root=root, path=str(root / 'hf'), **direct_setup(model, params, tok))
+
+
+def direct_setup(model, params, tok):
+  """What `direct` needs: the model, its params and tokenizer, and a jitted forward."""
   full = Transformer(gen.generation_config(model.config))
   forward = jax.jit(lambda p, t: full.apply({'params': p}, t)[0])
-  (root / 'tasks').mkdir()
-  return dict(root=root, path=str(root / 'hf'), model=model, params=params, tok=tok,
-              forward=forward, S=model.config.max_seq_len)
+  return dict(model=model, params=params, tok=tok, forward=forward, S=model.config.max_seq_len)
 
 
 def direct(ckpt, tokens, n):
@@ -225,6 +229,25 @@ def test_loglikelihood_rolling_sums_lm_eval_windows(ckpt):
   assert n > 2 * L  # three windows
   whole = direct(ckpt, [tok.eod_id] + tok.encode(docs[0]), n)[0]
   assert abs(float(got[0]) - whole) > 1e-3 * abs(whole)  # the windows lose context
+
+
+def test_bos_tokenizer_prefix(tmp_path):
+  """A Mixtral checkpoint (Llama-style tokenizer: '<s>' starts every text): an empty context
+  and a rolling window start from one '<s>', not two."""
+  from tests.interop import checkpoints
+  from tests.interop import mixtral_reference as MR
+  config = MR.tiny_config()
+  R.write_hf_dir(tmp_path / 'hf', MR.random_tensors(config, seed=4), config,
+                 extra_files={'tokenizer.model': checkpoints.llama_style_tokenizer(tmp_path)})
+  lm = lm_eval_model.YuanjaxLM(str(tmp_path / 'hf'), batch_size=2)
+  bos, doc = lm.tok.sp.piece_to_id('<s>'), 'line 12 of some text'
+  ids = lm.tok_encode(doc, add_special_tokens=False)
+  assert lm.prefix_token_id == bos and lm.tok_encode(doc) == [bos] + ids and bos not in ids
+  want = direct(direct_setup(lm.model, lm.params, lm.tok), [bos] + ids, len(ids))[0]
+  request = lambda *args: types.SimpleNamespace(args=args)
+  ((ll, _),) = lm.loglikelihood([request('', doc)])
+  (rolled,) = lm.loglikelihood_rolling([request(doc)])
+  assert abs(ll - want) <= 1e-5 * abs(want) and abs(rolled - want) <= 1e-5 * abs(want)
 
 
 def test_bad_model_args_name_the_field(ckpt):
