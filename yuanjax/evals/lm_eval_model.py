@@ -19,7 +19,8 @@ model_args: checkpoint (an HF dir, a converted dir or a training workdir: yuanja
 batch_size (rows per forward and per generation; model_args win over `--batch_size`),
 max_length (tokens a forward sees; default config.model.max_seq_len), max_gen_toks (default
 256; a task's own setting wins), step (a workdir's checkpoint), dtype, tokenizer (a
-sentencepiece .model instead of the checkpoint's), seed (sampling). lm-eval's `device` and
+sentencepiece .model instead of the checkpoint's), seed (sampling), quantize ('none' or
+'int8': int8 weights with per-channel scales, yuanjax.quantize). lm-eval's `device` and
 `max_batch_size` are ignored (JAX places the model on its default device).
 
 What each request computes (as lm-eval's HF model does; docs/lm_eval.md):
@@ -108,7 +109,8 @@ class YuanjaxLM(lm_model.TemplateLM):
 
   def __init__(self, checkpoint: str, batch_size: int | str = 1, max_length: int | None = None,
                max_gen_toks: int = 256, step: int | None = None, dtype: str | None = None,
-               tokenizer: str | None = None, seed: int = 0, max_batch_size=None, device=None):
+               tokenizer: str | None = None, seed: int = 0, quantize: str = 'none',
+               max_batch_size=None, device=None):
     super().__init__()
     del max_batch_size, device  # always passed by lm-eval: no automatic batch size; JAX places
     self.batch_size = _positive_int('batch_size', batch_size)
@@ -116,7 +118,7 @@ class YuanjaxLM(lm_model.TemplateLM):
     self.seed = int(seed)
     self.model, self.params, self.tok = loader.load_checkpoint(
         checkpoint, overrides={'dtype': dtype} if dtype else {}, tokenizer=tokenizer,
-        step=None if step is None else int(step))
+        step=None if step is None else int(step), quantize=quantize)
     m = self.model.config
     self.max_length = m.max_seq_len if max_length is None else _positive_int(
         'max_length', max_length)
