@@ -1,5 +1,5 @@
 # Everything a newcomer needs: `make test` and `make demo` build .venv from nothing (with the
-# optional tokamax kernels, which the tests cover).
+# optional tokamax kernels and lm-eval-harness, which the tests cover).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -14,7 +14,7 @@ FORMATTED := yuanjax tests configs benchmarks launch
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,tokamax]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,tokamax,eval]'
 	touch $(STAMP)
 
 install: $(STAMP)

