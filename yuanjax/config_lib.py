@@ -13,7 +13,7 @@ from yuanjax.model import attention, grouped_matmul, moe, routers, transformer
 
 
 def m32_model() -> ml_collections.ConfigDict:
-  """Yuan2.0-M32 exactly as released (../shared/yuan2-m32-spec.md)."""
+  """Yuan2.0-M32 exactly as released (paper, Megatron script, HF config.json and modelling code)."""
   return ml_collections.ConfigDict(
       dict(
           vocab_size=135040,
