@@ -8,7 +8,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["yuanjax", "yuanjax.*"]),
     # The few-shot texts of Yuan2.0-M32's benchmark prompts (yuanjax.evals.tasks).
     package_data={"yuanjax.evals.tasks": ["prompts/*.txt"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 needs it
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",

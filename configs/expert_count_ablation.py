@@ -1,9 +1,9 @@
 """Expert-count ablation (Yuan2.0-M32 paper, Table 2): 8 / 16 / 32 experts of equal size,
 top-2, Attention Router, 3 seeds each; same tokens, same held-out eval split.
 
-  python -m launch.sweep --backend=local --parallel=2 --config=configs/expert_count_ablation.py \
-      --workdir=/tmp/experts                                     # the CPU study (docs/ablations.md)
-  python -m yuanjax.report /tmp/experts
+  python -m launch.sweep --backend=local --parallel=2 --num_processes=1 \
+      --config=configs/expert_count_ablation.py --workdir=workdir/studies/experts  # the CPU study
+  python -m yuanjax.report workdir/studies/experts
 
 Variants as in configs/router_ablation.py (none: CPU study, `smoke`, `gpu`); the model,
 data, budget and eval are that file's. More experts of the same size means more total

@@ -8,8 +8,8 @@ vocab 32000, untied lm_head: 46.7B parameters, 12.9B active per token.
   python -m launch.sweep --backend=local --config=configs/mixtral_8x7b.py:runlocal \
       --workdir=/tmp/mixtral-routers && python -m yuanjax.report /tmp/mixtral-routers
 
-Released weights: `python -m yuanjax.convert from-hf Mixtral-8x7B-v0.1/ /tmp/mixtral` (README,
-Hugging Face interop). The architecture is from the HF config.json (mistralai/Mixtral-8x7B-v0.1).
+Released weights: `python -m yuanjax.convert from-hf Mixtral-8x7B-v0.1/ /tmp/mixtral`
+(docs/interop.md). The architecture is from the HF config.json (mistralai/Mixtral-8x7B-v0.1).
 Mixtral's training recipe was not published: the batch, schedule and data settings below are
 yuanjax's M32 defaults at seq 4096, placeholders for a researcher's own run.
 

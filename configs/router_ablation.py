@@ -1,11 +1,13 @@
 """Router ablation (Yuan2.0-M32 paper, Table 1): Attention Router vs classical (linear)
 router vs shared-expert isolation, 3 seeds each, same tokens, same held-out eval split.
 
-  python -m launch.sweep --backend=local --parallel=2 --config=configs/router_ablation.py \
-      --workdir=/tmp/router                                     # the CPU study (docs/ablations.md)
-  python -m yuanjax.report /tmp/router                           # table + plots
-  python -m launch.sweep --backend=local --config=configs/router_ablation.py:smoke --workdir=/tmp/s
-  python -m launch.sweep --backend=local --config=configs/router_ablation.py:gpu --workdir=/tmp/g
+  python -m launch.sweep --backend=local --parallel=2 --num_processes=1 \
+      --config=configs/router_ablation.py --workdir=workdir/studies/router  # docs/ablations.md
+  python -m yuanjax.report workdir/studies/router                # table + plots
+  python -m launch.sweep --backend=local --num_processes=1 \
+      --config=configs/router_ablation.py:smoke --workdir=workdir/smoke
+  python -m launch.sweep --backend=local --num_processes=1 \
+      --config=configs/router_ablation.py:gpu --workdir=workdir/studies/router_gpu
   python -m launch.sweep --backend=local --num_processes=1 \
       --config=configs/router_ablation.py:long --workdir=workdir/router_1m  # hours; rerun resumes
 

@@ -14,14 +14,14 @@ train on the embedded stdlib corpus); launch/README.md has the whole v5p sequenc
   python -m yuanjax.train --config=configs/yuan_m32.py:runlocal --workdir=/tmp/m32-local
 
 Variant `runlocal`: the same structure shrunk to run a few steps on a CPU.
-Variant `slice`: the performance slice of issue 12 and the README's performance table: 2 layers
+Variant `slice`: the performance slice of docs/performance.md (train step): 2 layers
 x 32 experts at the real M32 sizes, seq 4096 x batch 2, bf16 compute, capacity dispatch
 (factor 1.25), no remat -- what `benchmarks/train_step.py` times and analyses:
 
   python benchmarks/train_step.py --config=configs/yuan_m32.py:slice [--compile_only]
 Variant `long`: Yuan's 16K context (seq 16384, the NTK-aware rotary base 40890 from
 rope_ntk_factor 4, remat full) with the same tokens per step (384 x 16384); 48 micro-batches of
-8 rows: one row per device on 8 devices (README, Attention backends):
+8 rows: one row per device on 8 devices (docs/model.md, Attention backends):
 
   python -m yuanjax.plan --config=configs/yuan_m32.py:long --config.mesh.expert=8 \
       --config.mesh.fsdp=2 --devices=16 --device_kind=H100-80G

@@ -1,5 +1,6 @@
 """What the documentation tells a user to type: every `--config.X` names a field of the config
-on its command line, and README's "own data" recipe runs as written."""
+on its command line, the "own data" recipe (docs/data.md) runs as written, and every link of
+README and docs/ stays inside the repository and finds its file."""
 import glob
 import os
 import re
@@ -101,10 +102,12 @@ QUICK = ('--config.train.num_steps=2 --config.train.batch_size=2 --config.train.
          '--config.train.log_every=1 --config.train.eval_steps=1 --config.train.sample_tokens=0 '
          '--config.train.progress=False --config.checkpoint.every=2')
 
+RECIPE_DOC = 'docs/data.md'
+
 
 def own_data_recipe() -> list[str]:
-  """README's commands that train a tokenizer, prepare shards and train on them."""
-  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+  """The commands of RECIPE_DOC that train a tokenizer, prepare shards and train on them."""
+  with open(os.path.join(REPO, RECIPE_DOC), encoding='utf-8') as f:
     lines = [line.strip() for _, line in command_lines(f.read())]
   steps = ('yuanjax.data tokenizer', 'yuanjax.data prepare', 'yuanjax.train')
   recipe, i = [], 0
@@ -112,7 +115,7 @@ def own_data_recipe() -> list[str]:
     i = next(
         (j for j in range(i, len(lines)) if lines[j].startswith('python') and step in lines[j]),
         len(lines))
-    assert i < len(lines), f'README.md: no `{step}` command after {recipe}'
+    assert i < len(lines), f'{RECIPE_DOC}: no `{step}` command after {recipe}'
     recipe.append(lines[i])
   return recipe
 
@@ -136,7 +139,7 @@ def test_own_data_recipe_vocab_fits_the_tokenizer():
   overrides = dict(
       a[len('--config.'):].split('=', 1) for a in train_cmd if a.startswith('--config.'))
   vocab = int(overrides.get('model.vocab_size', config.model.vocab_size))
-  assert vocab >= tokens, f'README.md own-data recipe: model.vocab_size={vocab} < {tokens}'
+  assert vocab >= tokens, f'{RECIPE_DOC} own-data recipe: model.vocab_size={vocab} < {tokens}'
 
 
 def _localise(command: str, tmp, vocab: str) -> list[str]:
@@ -154,7 +157,7 @@ def _localise(command: str, tmp, vocab: str) -> list[str]:
 
 
 def test_own_data_recipe_runs(tmp_path):
-  """README's three commands, in a folder holding a small corpus (corpus/*.txt, *.jsonl) and
+  """RECIPE_DOC's three commands, in a folder holding a small corpus (corpus/*.txt, *.jsonl) and
   configs/; only the tokenizer size (to SMALL_VOCAB, wherever the recipe writes it) and the
   training length (QUICK, appended) change."""
   corpus = tmp_path / 'corpus'
@@ -175,3 +178,75 @@ def test_own_data_recipe_runs(tmp_path):
   assert f'config.model.vocab_size={SMALL_VOCAB} for a tokenizer of {SMALL_VOCAB}' in done.stderr
   assert '"step": 2' in open(glob.glob(str(tmp_path / '**/metrics.jsonl'),
                                        recursive=True)[0]).read()
+
+
+# ------------------------------------------------------------------------------- links
+
+LINK = re.compile(r'\]\(([^)\s]+)\)')
+MARKDOWN = ['README.md', 'launch/README.md', 'docs/**/*.md']
+
+
+def anchors(text: str) -> set[str]:
+  """GitHub's heading anchors: lower case, punctuation but `-` and `_` dropped, spaces to `-`."""
+  heads = re.findall(r'^#+ (.*)$', text, flags=re.M)
+  return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-') for h in heads}
+
+
+def bad_links(text: str, where: str) -> list[str]:
+  """'<where>: <target>: why' for each relative link of a markdown file (at REPO/where) that
+  leaves the repository, names no file, or names a heading the file does not have."""
+  bad = []
+  for target in LINK.findall(text):
+    if re.match(r'[a-z]+:', target):  # https:, mailto:
+      continue
+    path, _, anchor = target.partition('#')
+    full = os.path.normpath(
+        os.path.join(REPO, os.path.dirname(where), path) if path else os.path.join(REPO, where))
+    if os.path.relpath(full, REPO).startswith('..'):
+      bad.append(f'{where}: {target}: outside the repository')
+    elif not os.path.exists(full):
+      bad.append(f'{where}: {target}: no such file')
+    elif anchor and full.endswith('.md') and anchor not in anchors(
+        open(full, encoding='utf-8').read()):
+      bad.append(f'{where}: {target}: no heading #{anchor}')
+  return bad
+
+
+def markdown_files() -> list[str]:
+  return sorted({
+      os.path.relpath(p, REPO)
+      for g in MARKDOWN
+      for p in glob.glob(os.path.join(REPO, g), recursive=True)
+  })
+
+
+def test_links_stay_in_the_repository_and_resolve():
+  files = markdown_files()
+  assert 'README.md' in files and 'docs/data.md' in files
+  bad = []
+  for where in files:
+    with open(os.path.join(REPO, where), encoding='utf-8') as f:
+      bad += bad_links(f.read(), where)
+  assert not bad, '\n'.join(bad)
+
+
+def test_a_bad_link_is_caught():
+  text = ('[a](../shared/notes.md) [b](docs/nope.md) [c](docs/data.md#no-such-heading) '
+          '[d](docs/data.md#your-own-data) [e](https://example.com/x) [f](#faults)')
+  assert bad_links(text, 'README.md') == [
+      'README.md: ../shared/notes.md: outside the repository',
+      'README.md: docs/nope.md: no such file',
+      'README.md: docs/data.md#no-such-heading: no heading #no-such-heading',
+      'README.md: #faults: no heading #faults',
+  ]
+  assert bad_links('[a](#faults) [b](data.md) [c](../../x.md) [d](../launch/README.md)',
+                   'docs/training.md') == ['docs/training.md: ../../x.md: outside the repository']
+
+
+def test_readme_maps_every_docs_page():
+  """README's map of docs/ names every page there (studies' generated reports below docs/ are
+  linked from the page that discusses them)."""
+  with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+    linked = set(LINK.findall(f.read()))
+  pages = [p for p in markdown_files() if os.path.dirname(p) == 'docs']
+  assert pages and not [p for p in pages if p not in linked]

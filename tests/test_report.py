@@ -156,6 +156,8 @@ def test_unfinished_run_is_flagged(study, tmp_path):
   eval0, _ = final_eval(sw / 'model.router.type=attention+train.seed=0')
   assert rows[0]['eval_loss_mean'] == eval0['loss']
   assert np.isnan(rows[0]['eval_loss_std'])
+  saved = json.loads((tmp_path / 'report.json').read_text(), parse_constant=pytest.fail)
+  assert saved[0]['eval_loss_std'] is None and saved[0]['eval_loss_mean'] == eval0['loss']
 
 
 def test_pooled_std():

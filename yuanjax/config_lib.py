@@ -13,7 +13,7 @@ from yuanjax.model import attention, grouped_matmul, moe, routers, transformer
 
 
 def m32_model() -> ml_collections.ConfigDict:
-  """Yuan2.0-M32 exactly as released (../shared/yuan2-m32-spec.md)."""
+  """Yuan2.0-M32 exactly as released (paper, Megatron script, HF config.json and modelling code)."""
   return ml_collections.ConfigDict(
       dict(
           vocab_size=135040,
@@ -33,7 +33,7 @@ def m32_model() -> ml_collections.ConfigDict:
           init_std=0.02,
           dtype='bfloat16',  # compute dtype; router, softmax and loss stay float32
           param_dtype='float32',
-          attention_backend='auto',  # splash on TPU, cudnn on GPU, XLA elsewhere (README)
+          attention_backend='auto',  # splash on TPU, cudnn on GPU, XLA elsewhere (docs/model.md)
           splash={b: 512 for b in attention.SPLASH_BLOCKS},  # 'splash' tiles (MaxText's 512)
           attention_query_blocks=1,  # 'xla' backend: n > 1 skips most of the masked half
           remat='none',
@@ -54,7 +54,7 @@ def m32_model() -> ml_collections.ConfigDict:
               num_shared_experts=0,
           ),
           moe=dict(
-              dispatch='capacity',  # fastest measured on H100 and on CPU (README, MoE dispatch)
+              dispatch='capacity',  # fastest measured, on H100 and CPU (docs/model.md)
               capacity_factor=1.25,
               ffn_size=8192,  # per-expert FFN size
               # dropless only: ragged_dot | megablox (TPU) | tokamax (GPU; pip extra)

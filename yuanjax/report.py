@@ -36,7 +36,8 @@ over seeds; relative_load_by_seed ({seed: [L, E]}) and relative_load_sorted (eac
 [L, E] with every layer sorted largest first, then the mean over seeds). Expert indices are
 not aligned across seeds (each initialisation numbers its experts arbitrarily), so an [L, E]
 map averaged over seeds would average the imbalance away; the sorted one keeps it: its first
-column is each layer's max load, averaged over seeds.
+column is each layer's max load, averaged over seeds. In report.json and comparisons.json a
+non-finite number (the std of one seed) is null, as in metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -397,6 +398,19 @@ def write_plots(groups: dict[str, list[Run]], rows: list[dict], comparisons: lis
     _save(fig, os.path.join(out_dir, 'paired_gap.png'))
 
 
+def strict_json(obj) -> str:
+  """JSON text with every non-finite float as null (a one-seed std is nan), as metrics.jsonl."""
+
+  def clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+      return None
+    if isinstance(v, dict):
+      return {k: clean(x) for k, x in v.items()}
+    return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+  return json.dumps(clean(obj), indent=1, allow_nan=False)
+
+
 def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
   """Reads the sweeps, writes report.json/.md and the plots to out_dir; returns the rows."""
   runs = [r for d in sweep_dirs for r in load_runs(d)]
@@ -406,8 +420,8 @@ def report(sweep_dirs: list[str], out_dir: str | None = None) -> list[dict]:
   comparisons = compare(rows)
   os.makedirs(out_dir, exist_ok=True)
   text = markdown(rows, comparisons)
-  for name, data in (('report.json', json.dumps(rows, indent=1)),
-                     ('comparisons.json', json.dumps(comparisons, indent=1)), ('report.md', text)):
+  for name, data in (('report.json', strict_json(rows)),
+                     ('comparisons.json', strict_json(comparisons)), ('report.md', text)):
     publish.file(os.path.join(out_dir, name), data.encode())
   write_plots(groups, rows, comparisons, out_dir)
   print(text)

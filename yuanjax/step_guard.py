@@ -81,7 +81,7 @@ def update(guard: dict, step, loss, grad_norm, tcfg: ml_collections.ConfigDict):
 def apply_if(apply, update, params, opt_state):
   """update(params, opt_state) where apply, else both unchanged: a lax.cond, not a select of
   new and old, which made XLA keep a copy of the whole optimizer state alive through the step
-  (13 GB of the M32 slice's temp memory; README, Memory)."""
+  (13 GB of the M32 slice's temp memory; docs/scale_out.md, Memory)."""
   return jax.lax.cond(apply, update, lambda p, o: (p, o), params, opt_state)
 
 

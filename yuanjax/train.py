@@ -3,7 +3,7 @@
   python -m yuanjax.train --config=configs/demo.py --workdir=/tmp/demo \
       [--config.model.router.type=linear --config.train.num_steps=100 ...]
 
-Multi-process (README "Scale-out"; the launchers in launch/ write these): every process runs
+Multi-process (docs/scale_out.md; the launchers in launch/ write these): every process runs
 the same command plus --coordinator_address=HOST:PORT --num_processes=N --process_id=i. On a
 Cloud TPU pod, in a SLURM job step with several tasks, or with JAX_COORDINATOR_ADDRESS set,
 the flags may be left out: `yuanjax.distributed.initialize` asks the environment.

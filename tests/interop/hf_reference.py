@@ -1,6 +1,6 @@
 """A direct NumPy transcription of the HF Yuan2-M32 forward pass, on the HF tensors.
 
-Written from ../shared/yuan2-m32-spec.md and the released `yuan_moe_hf_model.py`, operation
+Written from the paper (arXiv 2405.17976) and the released `yuan_moe_hf_model.py`, operation
 by operation and in HF's layout (so it shares no code and no layout change with yuanjax):
 float64 throughout, batch-first, no KV cache, positions 0..L-1, plain causal mask.
 

@@ -3,7 +3,7 @@
   python -m yuanjax.data.beam_prepare --tokenizer tok.model --input 'corpus/*.jsonl.zst' \
       --output shards [--files_per_shard 1] [-- BEAM PIPELINE OPTIONS]
 
-DirectRunner (the default) runs it here; Dataflow, Flink or Spark run it over terabytes (README,
+DirectRunner (the default) runs it here; Dataflow, Flink or Spark run it over terabytes (docs/data.md,
 "Preparing a corpus on Dataflow"). Needs the `beam` extra in its own environment
 (`make venv-beam`: apache-beam pins protobuf and pyarrow below the versions the rest of the
 project uses).

@@ -5,7 +5,7 @@ n_G (rows sorted by group). Rows past sum(n_G) belong to no group: their result 
 is their gradient, whatever the kernel leaves there.
 
   ragged_dot  `jax.lax.ragged_dot` (default): any backend. XLA lowers it to a zero-padded
-              batched dot on GPU (slow, see the README's MoE section).
+              batched dot on GPU (slow, see docs/model.md, MoE dispatch).
   megablox    `jax.experimental.pallas.ops.tpu.megablox.gmm`, the Pallas TPU kernel MaxText
               uses. On any backend other than TPU it runs in Pallas interpret mode (chosen
               automatically): correct but slow, for tests only.
