@@ -197,8 +197,8 @@ def _char_tokenizer(path: str, text: str, symbols=('<n>', '<eod>', '<sep>', '<pa
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=path,
                                  model_type='char', vocab_size=len(set(text)) + 4,
-                                 hard_vocab_limit=False, user_defined_symbols=list(symbols),
-                                 minloglevel=2)
+                                 hard_vocab_limit=False, character_coverage=1.0,
+                                 user_defined_symbols=list(symbols), minloglevel=2)
   return path + '.model'
 
 
@@ -219,7 +219,8 @@ def local_example(root: str, m: ml_collections.ConfigDict, seq_len: int,
     with open(os.path.join(tmp, 'sft.txt'), 'w') as f:
       f.write('\n'.join(lines) + '\n')
     yuan = chat_template == 'yuan2'
-    tok = _char_tokenizer(os.path.join(tmp, 'tokenizer'), '\n'.join(lines + ['[INST] [/INST]']),
+    tok = _char_tokenizer(os.path.join(tmp, 'tokenizer'),
+                          '\n'.join(lines + ([] if yuan else ['[INST] [/INST]'])),
                           ('<n>', '<eod>', '<sep>', '<pad>') if yuan else ())
     params = Transformer(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
     hf.save_hf(os.path.join(tmp, 'hf'), m, params, dtype='float32')
