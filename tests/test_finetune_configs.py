@@ -67,7 +67,7 @@ def test_mixtral_runlocal_trains_in_the_mistral_template(tmp_path, monkeypatch):
   for i in (0, 1, len(train) - 1):
     prompt, answer = train[i]
     p, a = sft.prompt_ids(tok, prompt), tok.encode(answer, add_bos=False)
-    assert tok.decode(p) == f'<s>[INST] {prompt} [/INST]'
+    assert p[0] == tok.token_id('<s>') and tok.decode(p) == f'[INST] {prompt} [/INST]'
     assert docs[i].tolist() == p + a + [tok.eod_id]
     assert docs.loss_mask(i).tolist() == [0] * len(p) + [1] * (len(a) + 1)
   trainer.train_and_evaluate(config, str(tmp_path / 'run'))

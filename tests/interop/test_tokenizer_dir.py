@@ -85,7 +85,8 @@ def test_mixtral_tokenizer_dir_loads_as_llama(tmp_path):
   assert (tok.eod_id, tok.pad_id, tok.token_id('<s>')) == (2, 2, 1)
   assert tok.encode('line 3') == [1] + sp.encode('line 3')
   assert tok.encode('line</s>3', add_bos=False) == sp.encode('line') + [2] + sp.encode('3')
-  assert tok.decode(tok.encode('line</s>3')) == '<s>line</s>3'
+  assert tok.decode(tok.encode('line</s>3')) == 'line</s>3'  # the BOS encode adds dropped
+  assert tok.decode([1, 1] + sp.encode('line')) == '<s>line'  # one written in the text kept
 
 
 def test_tokenizer_dir_refusals(tmp_path):

@@ -232,7 +232,10 @@ class Tokenizer:
     return [self._join(ps, encoded, True) for ps in parts]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    """The text of `ids`, the inverse of `encode`: the `bos_token` it starts with dropped, added
+    tokens written as their text."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+    ids = ids[1:] if self._bos and ids[:1] == self._bos else ids
     parts, run = [], []
     for i in ids:  # runs of SentencePiece ids, and the added tokens
       if i in self._added_pieces:
