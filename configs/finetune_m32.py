@@ -60,7 +60,7 @@ def runlocal(config, m, name: str):
   cache, `name`) on the synthetic reverse task, in config.data.chat_template."""
   seq_len = 64
   template = config.data.chat_template
-  root = os.path.join(storage.cache_root(), f'{name}-runlocal-v2')
+  root = os.path.join(storage.cache_root(), f'{name}-runlocal-v1')
   hf_dir, shards = finetune.local_example(root, m, seq_len, template)
   config.model = finetune.source_model(hf_dir)
   config.model.dtype = 'float32'

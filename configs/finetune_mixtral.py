@@ -48,7 +48,7 @@ def get_config(arg=None):
   config.train.init_from = 'Mixtral-8x7B-v0.1'
   config.data.chat_template = 'mistral'
   if arg == 'runlocal':
-    _m32.runlocal(config, tiny_mixtral(), 'finetune_mixtral')
+    _m32.runlocal(config, tiny_mixtral(), 'finetune_mixtral-mistral')  # not the yuan2 cache
   return config
 
 

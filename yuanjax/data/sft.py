@@ -26,9 +26,9 @@ prompt/response pair being one user turn and one assistant turn:
            "mistral" template with the tokenizer's BOS first; a system message opens the first
            instruction (`[INST] system\nu1 [/INST]`); turns alternate user/assistant; every
            assistant turn and its `</s>` is scored
-The rendered text is encoded as HF encodes a rendered chat (its special tokens split out as
-their ids, the text between as plain SentencePiece), and the scored tokens are those of the
-scored parts. `prompt_ids` is what a generation starts from (the text up to the assistant's
+The rendered conversation is encoded as HF encodes a rendered chat: the template's special
+tokens as their ids, the text between them as one text each (with the tokenizer's own special
+tokens split out, as HF does); the scored tokens are those of the scored parts. `prompt_ids` is what a generation starts from (the text up to the assistant's
 turn); it stops at the tokenizer's end of document (`<eod>`, Mixtral's `</s>`).
 
 The scored tokens are the assistant's and the closing end of document. Bad samples (no `<sep>`, no prompt/response, empty response, longer than
@@ -105,9 +105,15 @@ def render_messages(messages) -> tuple[str, str]:
   return '\n'.join(m['content'] for m in messages[:-1] if m['content']), messages[-1]['content']
 
 
+class Special(str):
+  """A special token a chat template writes: encoded as its id, whether or not the tokenizer
+  splits it out of a text (a plain .model path's user-defined symbols in a character model are
+  not)."""
+
+
 def _yuan2(messages) -> list[tuple[str, bool]]:
   prompt, response = render_messages(messages)
-  return [(prompt + SEP, False), (response + EOD, True)]
+  return [(prompt, False), (Special(SEP), False), (response, True), (Special(EOD), True)]
 
 
 def _mistral(messages) -> list[tuple[str, bool]]:
@@ -119,18 +125,20 @@ def _mistral(messages) -> list[tuple[str, bool]]:
   if [m.get('role') for m in turns] != ['user', 'assistant'] * (len(turns) // 2) or not turns:
     raise ValueError('mistral: the turns must alternate user, assistant (after an optional '
                      'first system message)')
-  parts = [('<s>', False)]
+  parts = [(Special('<s>'), False)]
   for i in range(0, len(turns), 2):
     user = turns[i]['content'] if i or system is None else f'{system}\n{turns[i]["content"]}'
-    parts += [(f'[INST] {user} [/INST]', False), (' ' + turns[i + 1]['content'] + '</s>', True)]
+    parts += [(f'[INST] {user} [/INST]', False), (' ' + turns[i + 1]['content'], True),
+              (Special('</s>'), True)]
   return parts
 
 
 @dataclasses.dataclass(frozen=True)
 class ChatTemplate:
   """How a model family writes a conversation: `render(messages)` gives its text in (part,
-  scored) pieces; `specials` must each be one token of the tokenizer and `eod` must end its
-  documents (the token a response ends with and generation stops at)."""
+  scored) pieces, its special tokens `Special` parts; the tokenizer must have each of
+  `specials`, and `eod` must end its documents (the token a response ends with and generation
+  stops at)."""
   name: str
   render: Callable[[Sequence[dict]], list[tuple[str, bool]]]
   specials: tuple[str, ...]
@@ -148,9 +156,6 @@ def _problem(tok: Tokenizer, t: ChatTemplate) -> str | None:
   for piece in t.specials:
     if not tok.has_piece(piece):
       return f'needs {piece!r}, which tokenizer {tok.model_path} has not'
-    if tok.encode(piece, add_bos=False) != [tok.token_id(piece)]:
-      return (f'needs {piece!r} as one token, which tokenizer {tok.model_path} spells in pieces '
-              '(load it as its model family does: pass its checkpoint or tokenizer dir)')
   if tok.eod_piece != t.eod:
     return f'ends responses with {t.eod!r}, but tokenizer {tok.model_path} ends documents with ' \
            f'{tok.eod_piece!r}'
@@ -178,19 +183,31 @@ def _prefix_len(tok: Tokenizer, text: str, ids: list[int]) -> int:
   return len(prefix)
 
 
-def encode_parts(tok: Tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], np.ndarray]:
-  """(ids of the rendered text, 1 on those of the scored parts): the whole text encoded at once,
-  where each run of (un)scored parts ends found by encoding the text up to it."""
-  runs = [(''.join(p
-                   for p, _ in run), score)
-          for score, run in itertools.groupby(parts, key=lambda p: p[1])]
-  texts = list(itertools.accumulate(text for text, _ in runs))
+def _encode_text(tok: Tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+  """(ids, scored) of text parts encoded as one text (HF encodes a rendered chat so between its
+  special tokens); where each part ends is found by encoding the text up to it."""
+  texts = list(itertools.accumulate(p for p, _ in parts))
   ids = tok.encode(texts[-1], add_bos=False)
   ends = [_prefix_len(tok, text, ids) for text in texts[:-1]] + [len(ids)]
-  scored = np.zeros(len(ids), np.uint8)
-  for start, end, (_, score) in zip([0] + ends, ends, runs):
-    scored[start:end] = score
-  return ids, scored
+  return ids, [
+      score for start, end, (_, score) in zip([0] + ends, ends, parts) for _ in range(start, end)
+  ]
+
+
+def encode_parts(tok: Tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], np.ndarray]:
+  """(ids of a rendered conversation, 1 on those of its scored parts): each `Special` part its
+  id, each run of text parts between them encoded as one text."""
+  ids, scored = [], []
+  for special, run in itertools.groupby(parts, key=lambda p: isinstance(p[0], Special)):
+    run = list(run)
+    if special:
+      ids += [tok.token_id(p) for p, _ in run]
+      scored += [score for _, score in run]
+    else:
+      more_ids, more_scored = _encode_text(tok, run)
+      ids += more_ids
+      scored += more_scored
+  return ids, np.asarray(scored, np.uint8)
 
 
 def _from_line(text: str, where: str) -> Sample:
@@ -234,7 +251,7 @@ def prompt_ids(tok: Tokenizer, prompt: str, template: str | None = None) -> list
   assistant's turn (yuan2: `prompt<sep>`; mistral: `<s>[INST] prompt [/INST]`). `template`:
   its name (None: the tokenizer's, `chat_template`)."""
   parts = chat_template(tok, template).render(_turns(prompt.replace('<n>', '\n'), ''))
-  return tok.encode(''.join(p for p, scored in parts if not scored), add_bos=False)
+  return encode_parts(tok, [p for p in parts if not p[1]])[0]
 
 
 def encode(tok: Tokenizer, sample: Sample,
