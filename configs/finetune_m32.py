@@ -4,8 +4,8 @@ optimizer (`train.init_from`, yuanjax.finetune), seq 16384 (rotary base 40890: N
 global batch 1152, lr 8e-5 constant, 4220 steps, wd 0.1, clip 1.0, full recompute, positions
 reset per sample, no FIM, loss on the responses only (SFT shards, yuanjax.data.sft).
 
-  python -m yuanjax.data prepare --format=sft --tokenizer Yuan2-M32-hf/tokenizer.model \
-      --newline_token '<n>' --input sft.txt --output sft_shards --seq_len 16384
+  python -m yuanjax.data prepare --format=sft --tokenizer Yuan2-M32-hf \
+      --input sft.txt --output sft_shards --seq_len 16384
   python -m yuanjax.train --config=configs/finetune_m32.py --workdir=gs://BUCKET/m32-sft \
       --config.train.init_from=Yuan2-M32-hf --config.data.path=gs://BUCKET/sft_shards
   python -m yuanjax.train --config=configs/finetune_m32.py:runlocal --workdir=/tmp/m32-sft
@@ -47,16 +47,21 @@ def sft_settings(config, mesh, grad_accum):
       dict(lr=8e-5, min_lr_ratio=1.0, warmup_steps=0, b1=0.9, b2=0.95, weight_decay=0.1,
            clip_norm=1.0))
   config.checkpoint.update(dict(every=200, keep=3))
-  config.data.update(dict(path='sft_shards', fim_rate=0.0))
+  config.data.update(dict(path='sft_shards', fim_rate=0.0, chat_template='yuan2'))
   config.mesh.update(mesh)
+
+
+# The held-out-style prompt a :runlocal run samples, per chat template (sft.prompt_ids's text).
+SAMPLE_PROMPTS = {'yuan2': 'reverse: abcd<sep>', 'mistral': '[INST] reverse: abcd [/INST]'}
 
 
 def runlocal(config, m, name: str):
   """A few CPU steps fine-tuning model `m` (random, saved in the HF layout on the fly under the
-  cache, `name`) on the synthetic reverse task."""
+  cache, `name`) on the synthetic reverse task, in config.data.chat_template."""
   seq_len = 64
+  template = config.data.chat_template
   root = os.path.join(storage.cache_root(), f'{name}-runlocal-v1')
-  hf_dir, shards = finetune.local_example(root, m, seq_len)
+  hf_dir, shards = finetune.local_example(root, m, seq_len, template)
   config.model = finetune.source_model(hf_dir)
   config.model.dtype = 'float32'
   config.train.update(dict(init_from=hf_dir, batch_size=16, seq_len=seq_len, grad_accum=1))
@@ -64,7 +69,7 @@ def runlocal(config, m, name: str):
   config.data.update(dict(path=shards, fim_rate=0.0, eval_fraction=0.05))
   config.mesh.update(dict(expert=1, tensor=1, fsdp=1, data=-1))
   config_lib.short_run(config)
-  config.train.sample_prompt = 'reverse: abcd<sep>'
+  config.train.sample_prompt = SAMPLE_PROMPTS[template]
 
 
 def get_config(arg=None):

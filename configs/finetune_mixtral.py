@@ -2,16 +2,20 @@
 SFT recipe (configs/finetune_m32.py): seq 16384, global batch 1152, lr 8e-5 constant, 4220
 steps, wd 0.1, clip 1.0, full recompute, positions reset per sample, no FIM, loss on the
 responses only. Mixtral's rotary range (32K, theta 1e6) needs no change. Its tokenizer has no
-`<sep>`: prepare the SFT data with a tokenizer.model that has one (Mixtral-Instruct's own
-`[INST]` template is not implemented).
+`<sep>`: the samples are rendered in Mixtral-Instruct's chat template (data.chat_template
+'mistral', yuanjax.data.sft: `<s>[INST] u1 [/INST] a1</s>...`, the assistant turns and their
+`</s>` scored), the tokenizer read as HF reads Mixtral's.
 
+  python -m yuanjax.data prepare --format=sft --tokenizer Mixtral-8x7B-v0.1 \
+      --input sft.jsonl --output sft_shards --seq_len 16384
   python -m yuanjax.train --config=configs/finetune_mixtral.py --workdir=gs://BUCKET/mx-sft \
       --config.train.init_from=Mixtral-8x7B-v0.1 --config.data.path=gs://BUCKET/sft_shards
   python -m yuanjax.train --config=configs/finetune_mixtral.py:runlocal --workdir=/tmp/mx-sft
 
 Variants: as configs/finetune_m32.py (none: v5p-64, experts over 8 x tensor 4; gpu: 4 hosts
-of 8 H100s, experts over 8 x fsdp 4, 36 micro-batches of 32; runlocal: a tiny random Mixtral in the HF layout and the
-reverse task made on the fly). `sweep()`: the learning rate.
+of 8 H100s, experts over 8 x fsdp 4, 36 micro-batches of 32; runlocal: a tiny random Mixtral
+in the HF layout, a Llama-style character tokenizer (<s> </s>, no <sep>) and the reverse task
+made on the fly, in the mistral template). `sweep()`: the learning rate.
 """
 import os
 
@@ -42,8 +46,9 @@ def get_config(arg=None):
   config.model.remat = 'full'
   _m32.sft_settings(config, *MESHES[None if arg == 'runlocal' else arg][:2])
   config.train.init_from = 'Mixtral-8x7B-v0.1'
+  config.data.chat_template = 'mistral'
   if arg == 'runlocal':
-    _m32.runlocal(config, tiny_mixtral(), 'finetune_mixtral')
+    _m32.runlocal(config, tiny_mixtral(), 'finetune_mixtral-mistral')  # not the yuan2 cache
   return config
 
 

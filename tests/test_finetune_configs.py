@@ -48,3 +48,28 @@ def test_runlocal_fine_tunes_a_source_made_on_the_fly(name, tmp_path, monkeypatc
   assert os.path.isfile(os.path.join(config.train.init_from, 'config.json'))
   assert os.path.isfile(os.path.join(config.data.path, 'manifest.json'))
   assert config.train.num_steps <= 10
+
+
+def test_mixtral_runlocal_trains_in_the_mistral_template(tmp_path, monkeypatch):
+  """Mixtral's :runlocal: a Llama-style tokenizer (<s> </s>, no <sep>) read as HF reads Mixtral's;
+  each sample is `<s>[INST] reverse: w [/INST] w'</s>` with exactly the answer's tokens and the
+  `</s>` scored; a few steps train on responses only."""
+  from yuanjax import finetune, trainer  # pylint: disable=g-import-not-at-top
+  from yuanjax.data import ShardedDocuments, pipeline, sft  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv('YUANJAX_CACHE', str(tmp_path))
+  config = _module('finetune_mixtral.py').get_config('runlocal')
+  assert config.data.chat_template == 'mistral'
+  (docs,), tok = pipeline.resolve_data(config.data)
+  assert not tok.has_piece('<sep>') and tok.eod_piece == '</s>'
+  assert sft.chat_template(tok).name == 'mistral'
+  train = finetune.reverse_task()[0]
+  assert len(docs) == len(train)
+  for i in (0, 1, len(train) - 1):
+    prompt, answer = train[i]
+    p, a = sft.prompt_ids(tok, prompt), tok.encode(answer, add_bos=False)
+    assert p[0] == tok.token_id('<s>') and tok.decode(p) == f'[INST] {prompt} [/INST]'
+    assert docs[i].tolist() == p + a + [tok.eod_id]
+    assert docs.loss_mask(i).tolist() == [0] * len(p) + [1] * (len(a) + 1)
+  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
+  lines = workdir.read_metrics(str(tmp_path / 'run'))['train']
+  assert lines and all(0 < r['loss_tokens'] < 16 * 64 for r in lines)

@@ -1,6 +1,8 @@
 """A tiny M32 fine-tuned from its HF dir (configs/finetune_m32.py:runlocal) on the synthetic
 instruction `reverse: abc<sep>cba` answers held-out prompts, through the chat template, with
->= 90% exact match after a few CPU minutes: the loss mask, packing and init_from together."""
+>= 90% exact match after a few CPU minutes: the loss mask, packing and init_from together. The
+same for a tiny Mixtral (configs/finetune_mixtral.py:runlocal) in Mixtral-Instruct's template
+(`<s>[INST] reverse: abc [/INST] cba</s>`), stopping at `</s>`."""
 import os
 
 import pytest
@@ -11,10 +13,10 @@ from yuanjax.data import sft
 STEPS = 500
 
 
-@pytest.fixture(scope='module')
-def config_module():
+@pytest.fixture(scope='module', params=['finetune_m32.py', 'finetune_mixtral.py'])
+def config_module(request):
   return workdir.load_config_module(
-      os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', 'finetune_m32.py'))
+      os.path.join(os.path.dirname(os.path.dirname(__file__)), 'configs', request.param))
 
 
 def test_reverse_task_learned(config_module, tmp_path, monkeypatch):

@@ -191,21 +191,24 @@ def reverse_task(seed: int = 0, held_out: int = 64) -> tuple[list, list]:
   return pairs[held_out:], pairs[:held_out]
 
 
-def _char_tokenizer(path: str, text: str) -> str:
-  """A character-level sentencepiece model of `text` with Yuan's `<n>`, `<eod>`, `<sep>`."""
+def _char_tokenizer(path: str, text: str, symbols=('<n>', '<eod>', '<sep>', '<pad>')) -> str:
+  """A character-level sentencepiece model of `text` (with <unk> <s> </s>) and `symbols` (Yuan's
+  `<n>`, `<eod>`, `<sep>`, `<pad>` by default)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_prefix=path,
                                  model_type='char', vocab_size=len(set(text)) + 4,
-                                 hard_vocab_limit=False, user_defined_symbols=[
-                                     '<n>', '<eod>', '<sep>', '<pad>'
-                                 ], minloglevel=2)
+                                 hard_vocab_limit=False, character_coverage=1.0,
+                                 user_defined_symbols=list(symbols), minloglevel=2)
   return path + '.model'
 
 
-def local_example(root: str, m: ml_collections.ConfigDict, seq_len: int) -> tuple[str, str]:
+def local_example(root: str, m: ml_collections.ConfigDict, seq_len: int,
+                  chat_template: str = 'yuan2') -> tuple[str, str]:
   """(HF dir, SFT shards) under `root`, made once: model `m` (random, vocab 128) saved in the HF
   layout with a character tokenizer, and `reverse_task`'s training samples in Yuan's line
-  format prepared for `seq_len`. For `:runlocal` fine-tunes and tests."""
+  format prepared for `seq_len` with `chat_template` (yuan2: the tokenizer has Yuan's symbols;
+  mistral: only Llama's <unk> <s> </s>), the tokenizer read as the HF dir's model family's
+  runtime reads it. For `:runlocal` fine-tunes and tests."""
   from yuanjax import publish  # pylint: disable=g-import-not-at-top
   from yuanjax.data import sft  # pylint: disable=g-import-not-at-top
   from yuanjax.interop import hf  # pylint: disable=g-import-not-at-top
@@ -215,12 +218,16 @@ def local_example(root: str, m: ml_collections.ConfigDict, seq_len: int) -> tupl
     lines = [f'{p}<sep>{r}' for p, r in reverse_task()[0]]
     with open(os.path.join(tmp, 'sft.txt'), 'w') as f:
       f.write('\n'.join(lines) + '\n')
-    tok = _char_tokenizer(os.path.join(tmp, 'tokenizer'), '\n'.join(lines))
+    yuan = chat_template == 'yuan2'
+    tok = _char_tokenizer(os.path.join(tmp, 'tokenizer'),
+                          '\n'.join(lines + ([] if yuan else ['[INST] [/INST]'])),
+                          ('<n>', '<eod>', '<sep>', '<pad>') if yuan else ())
     params = Transformer(m).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
     hf.save_hf(os.path.join(tmp, 'hf'), m, params, dtype='float32')
     shutil.copy(tok, os.path.join(tmp, 'hf', 'tokenizer.model'))
-    sft.prepare_sft(tok, [os.path.join(tmp, 'sft.txt')], os.path.join(tmp, 'shards'),
-                    seq_len=seq_len, newline_token='<n>', manifest_tokenizer='../tokenizer.model')
+    sft.prepare_sft(loader.load_tokenizer(os.path.join(tmp, 'hf')), [os.path.join(tmp, 'sft.txt')],
+                    os.path.join(tmp, 'shards'), seq_len=seq_len, chat_template_name=chat_template,
+                    manifest_tokenizer='../tokenizer.model')
 
   if not os.path.isdir(root):
     publish.directory(root, write, keep_existing=True)  # another process may have made it

@@ -20,7 +20,7 @@ Python::
     m = loader.model_config(path)                       # config.model alone, no weight read
     model, params = loader.load_model(path)             # a Transformer
     model, params, tok = loader.load_checkpoint(path)   # and its tokenizer
-    tok = loader.load_tokenizer(path)                   # of an HF or converted dir
+    tok = loader.load_tokenizer(path)                   # of an HF, converted or tokenizer dir
 
 Every saved config.model comes back through `config_lib.upgrade` (fields added since it was
 saved get the behaviour they had). `overrides` (dotted config.model fields, e.g.
@@ -196,25 +196,68 @@ def load_model(path, *, overrides: Mapping[str, object] | None = None, exact_hf_
   return Transformer(m), params
 
 
-def load_tokenizer(path: str, model_file: str | None = None):
-  """The tokenizer of an HF dir or a converted dir, as the model's own runtime builds it
-  (`tokenizer_options()` of its mapping), from its tokenizer.model or `model_file`.
+# tokenizer_class values of a tokenizer-only dir that name a SentencePiece tokenizer.model.
+SENTENCEPIECE_TOKENIZERS = (None, 'LlamaTokenizer', 'LlamaTokenizerFast', 'YuanTokenizer')
 
-  Yuan: newlines as '<n>', then the added tokens (tokenizer.YUAN_ADDED_TOKENS: one that the
-  model lacks gets the next id past it, in order; each is encoded as one id).
+
+def _read_tokenizer_config(path: str) -> dict | None:
+  """tokenizer_config.json of a dir (or of its hf_files/), special_tokens_map.json's entries
+  over it (as HF reads them); None when there is none."""
+  for d in (path, os.path.join(path, 'hf_files')):
+    if os.path.isfile(os.path.join(d, 'tokenizer_config.json')):
+      config = {}
+      for name in ('tokenizer_config.json', 'special_tokens_map.json'):
+        if os.path.isfile(os.path.join(d, name)):
+          with open(os.path.join(d, name), encoding='utf-8') as f:
+            config.update(json.load(f))
+      return config
+  return None
+
+
+def _tokenizer_mapping(path: str, model_file: str, config: dict | None):
+  """The mapping whose runtime's tokenizer conventions apply: config.json's model type, or for a
+  tokenizer-only dir Yuan's when its eos is '<eod>' or its model has that piece, else Mixtral's
+  (Llama's)."""
+  if os.path.isfile(os.path.join(path, 'config.json')):
+    return _mapping_of_dir(path)
+  if config is None:
+    raise FileNotFoundError(f'{path}: neither a checkpoint (config.json) nor a tokenizer dir '
+                            '(tokenizer_config.json)')
+  if config.get('tokenizer_class') not in SENTENCEPIECE_TOKENIZERS:
+    raise ValueError(f'{path}/tokenizer_config.json: tokenizer_class='
+                     f'{config["tokenizer_class"]!r}; yuanjax reads SentencePiece tokenizers '
+                     f'({", ".join(map(str, SENTENCEPIECE_TOKENIZERS[1:]))})')
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  from yuanjax.data import tokenizer  # pylint: disable=g-import-not-at-top
+  sp = spm.SentencePieceProcessor(model_file=model_file)
+  yuan = (tokenizer.hf_special_tokens(config)['eos_token'] == tokenizer.EOD or
+          sp.id_to_piece(sp.piece_to_id(tokenizer.EOD)) == tokenizer.EOD)
+  return mappings.MAPPINGS['yuan' if yuan else 'mixtral']
+
+
+def load_tokenizer(path: str, model_file: str | None = None):
+  """The tokenizer of an HF dir, a converted dir or a tokenizer-only dir (tokenizer.model and
+  tokenizer_config.json, as Yuan2-M32-hf's tokenizer/), as the model's own runtime builds it
+  (`tokenizer_options()` of its mapping, given the dir's tokenizer_config.json), from its
+  tokenizer.model or `model_file`.
+
+  Yuan: newlines as '<n>', HF's special tokens with eos '<eod>', then the added tokens
+  (tokenizer.YUAN_ADDED_TOKENS: one that the model lacks gets the next id past it, in order;
+  each, '<eod>' too, is encoded as one id).
   Mixtral: Llama's sentencepiece model as is, '<s>' first, '</s>' ends documents (eod_id).
   """
   from yuanjax.data import tokenizer  # pylint: disable=g-import-not-at-top  (optional here)
-  options = _mapping_of_dir(path).tokenizer_options()
   candidates = [model_file] if model_file else [
       os.path.join(path, 'tokenizer.model'),
       os.path.join(path, 'hf_files', 'tokenizer.model')
   ]
-  for candidate in candidates:
-    if os.path.isfile(candidate):
-      return tokenizer.Tokenizer(candidate, **options)
-  raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)'
-                          if not model_file else f'{model_file}: no such file')
+  model = next((c for c in candidates if os.path.isfile(c)), None)
+  if model is None:
+    raise FileNotFoundError(f'{path}: no tokenizer.model (nor hf_files/tokenizer.model)'
+                            if not model_file else f'{model_file}: no such file')
+  config = _read_tokenizer_config(path)
+  options = _tokenizer_mapping(path, model, config).tokenizer_options(config)
+  return tokenizer.Tokenizer(model, **options)
 
 
 def load_checkpoint(path, *, exact_hf_rope: bool = False,

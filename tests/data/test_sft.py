@@ -190,3 +190,97 @@ def test_sft_shards_in_a_mixture_refused(data):
   with pytest.raises(ValueError, match='holds SFT shards'):
     pipeline.make_datasets(c, global_batch_size=2, seq_len=SEQ_LEN, process_index=0,
                            process_count=1)
+
+
+# ------------------------------------------------------------------ chat templates
+
+TWO_TURNS = [('user', 'u1'), ('assistant', 'a1'), ('user', 'u2'), ('assistant', 'a2')]
+
+
+def _messages(turns):
+  return [{'role': r, 'content': c} for r, c in turns]
+
+
+def _rendered(name, turns):
+  return ''.join(p for p, _ in sft.TEMPLATES[name].render(_messages(turns)))
+
+
+def test_templates_render_the_exact_strings():
+  """mistral: FastChat's "mistral" conversation ('[INST] u1 [/INST] a1</s>[INST] u2 [/INST]
+  a2</s>', its system message '[INST] sys\nu1') after the BOS its tokenizer adds, i.e. the
+  Mixtral-8x7B-Instruct model card's '<s>[INST] Instruction [/INST] Model answer</s>'. yuan2:
+  FastChat's yuan2 prompt, the response and <eod>."""
+  assert _rendered('mistral', TWO_TURNS) == '<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>'
+  assert _rendered('mistral', [('system', 'be brief')] +
+                   TWO_TURNS) == ('<s>[INST] be brief\nu1 [/INST] a1</s>[INST] u2 [/INST] a2</s>')
+  assert _rendered('yuan2', TWO_TURNS) == 'u1\na1\nu2<sep>a2<eod>'
+  for turns in (TWO_TURNS[:1] + TWO_TURNS, TWO_TURNS[1:], [('system', 's')] + TWO_TURNS[1:]):
+    with pytest.raises(ValueError, match='alternate user, assistant'):
+      sft.TEMPLATES['mistral'].render(_messages(turns))
+
+
+@pytest.fixture(scope='module')
+def mixtral_tok(tmp_path_factory):
+  """A Llama-style sentencepiece model (<unk> <s> </s>, a dummy prefix, no <sep>), read with
+  Mixtral's runtime options."""
+  spm = pytest.importorskip('sentencepiece')
+  from yuanjax.interop import mixtral_mapping
+  d = tmp_path_factory.mktemp('mixtral_tok')
+  (d / 'corpus.txt').write_text('[INST] reverse: abc u1 u2 [/INST] cba a1 a2 say hi\n' * 50)
+  spm.SentencePieceTrainer.train(input=str(d / 'corpus.txt'), model_prefix=str(d / 'tok'),
+                                 vocab_size=300, model_type='bpe', byte_fallback=True,
+                                 num_threads=1, minloglevel=2)
+  return tokenizer_lib.Tokenizer(d / 'tok.model', **mixtral_mapping.tokenizer_options())
+
+
+def test_mistral_scores_exactly_the_assistant_tokens_and_eos(mixtral_tok):
+  """The tokens are Mixtral-Instruct's reference ([BOS] tok('[INST]') tok(u1) tok('[/INST]')
+  tok(a1) [EOS] ..., tok adding a prefix space) and HF's encoding of the rendered string; the
+  mask is 1 on tok(a_i) and its EOS only."""
+  tok, sp = mixtral_tok, mixtral_tok.sp
+  sample = sft.Sample('x', tuple(_messages(TWO_TURNS)))
+  ids, scored = sft.encode(tok, sample, sft.chat_template(tok, 'mistral'))
+  want, mask = [sp.bos_id()], [0]
+  for user, answer in (('u1', 'a1'), ('u2', 'a2')):
+    prompt = sp.encode('[INST]') + sp.encode(user) + sp.encode('[/INST]')
+    want += prompt + sp.encode(answer) + [sp.eos_id()]
+    mask += [0] * len(prompt) + [1] * (len(sp.encode(answer)) + 1)
+  assert ids.tolist() == want and scored.tolist() == mask
+  assert ids.tolist() == tok.encode(_rendered('mistral', TWO_TURNS), add_bos=False)  # as HF's
+  assert tok.decode(ids) == _rendered('mistral', TWO_TURNS).removeprefix('<s>')  # BOS as encode's
+  assert sft.prompt_ids(tok, 'u1') == want[:1 + len(prompt)]  # where the assistant turn starts
+  assert sft.chat_template(tok).name == 'mistral'  # the default for a tokenizer without <sep>
+
+
+def test_template_and_tokenizer_mismatch_refused_before_any_write(data, mixtral_tok, tmp_path):
+  inputs = [str(data['dir'] / 'yuan.txt')]
+  cases = [(mixtral_tok, 'yuan2', "chat template 'yuan2' needs '<sep>', which tokenizer"),
+           (data['tok'], 'mistral', "chat template 'mistral' ends responses with '</s>', but "
+            "tokenizer .* ends documents with '<eod>'"),
+           (data['tok'], 'llama3', "chat_template='llama3': known templates are yuan2, mistral")]
+  for tok, name, match in cases:
+    with pytest.raises(ValueError, match=match):
+      sft.prepare_sft(tok, inputs, tmp_path / name, seq_len=SEQ_LEN, chat_template_name=name)
+    assert not (tmp_path / name).exists()
+  assert sft.chat_template(data['tok']).name == 'yuan2'
+
+
+def test_mistral_shards_and_data_chat_template(data, mixtral_tok, tmp_path):
+  """prepare records the template and the tokenizer's options; training reads the shards with
+  that tokenizer (Mixtral's '</s>' ends the samples), and data.chat_template must name it."""
+  m = sft.prepare_sft(mixtral_tok, [str(data['dir'] / 'chat.jsonl')], tmp_path / 'mx',
+                      seq_len=SEQ_LEN)
+  assert (m['chat_template'], m['eod_id'], m['sep_id']) == ('mistral', 2, None)
+  docs = ShardedDocuments(tmp_path / 'mx')
+  assert len(docs) == 2 and all(docs[i][0] == 1 and docs[i][-1] == 2 for i in range(2))
+  for name, ok in (('mistral', True), ('yuan2', False), (None, True)):
+    cfg = _data_config(str(tmp_path / 'mx'), chat_template=name)
+    if ok:
+      _, _, tok = pipeline.make_datasets(cfg, global_batch_size=2, seq_len=SEQ_LEN, process_index=0,
+                                         process_count=1)
+      assert tok.eod_id == 2 and tok.encode('hi')[0] == 1
+    else:
+      with pytest.raises(ValueError, match="data.chat_template='yuan2' but .* prepared with "
+                         "'mistral'"):
+        pipeline.make_datasets(cfg, global_batch_size=2, seq_len=SEQ_LEN, process_index=0,
+                               process_count=1)

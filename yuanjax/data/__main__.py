@@ -15,6 +15,7 @@ Errors in the input name the file and line and exit with status 2 before anythin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -48,9 +49,13 @@ def _prepare(args):
 def _prepare_sft(args):
   if args.seq_len is None:
     raise ValueError('--format=sft needs --seq_len (a longer sample is skipped, not truncated)')
-  m = sft.prepare_sft(args.tokenizer, args.input, args.output, seq_len=args.seq_len,
-                      newline_token=args.newline_token, shard_tokens=args.shard_tokens,
-                      overwrite=args.overwrite)
+  tok = args.tokenizer
+  if os.path.isdir(tok):  # a checkpoint or tokenizer dir: as its model family's runtime reads it
+    from yuanjax import loader  # pylint: disable=g-import-not-at-top  (imports jax)
+    tok = loader.load_tokenizer(tok)
+  m = sft.prepare_sft(tok, args.input, args.output, seq_len=args.seq_len,
+                      newline_token=args.newline_token, chat_template_name=args.chat_template,
+                      shard_tokens=args.shard_tokens, overwrite=args.overwrite)
   print(f"wrote {args.output}: {m['num_docs']} samples, {m['num_tokens']} tokens "
         f"({m['num_scored_tokens']} scored), {len(m['shards'])} shard(s); skipped: "
         f"{m['num_skipped'] or 'none'}")
@@ -122,6 +127,8 @@ def main(argv=None) -> int:
                  help='--format=sft: the training seq_len (longer samples are skipped)')
   r.add_argument('--shard_tokens', type=int, default=prepare.DEFAULT_SHARD_TOKENS)
   r.add_argument('--newline_token', default=None, help="e.g. '<n>' for Yuan's released tokenizer")
+  r.add_argument('--chat_template', default=None, choices=tuple(sft.TEMPLATES),
+                 help="--format=sft: how samples are rendered (default: the tokenizer's)")
   r.add_argument('--overwrite', action='store_true')
   r.set_defaults(fn=_prepare)
 

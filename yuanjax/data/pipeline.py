@@ -393,6 +393,9 @@ def data_config() -> ml_collections.ConfigDict:
   # those token shares; every source made with the same tokenizer. Metrics log each source's
   # realised share (data/share/NAME) and eval loss (eval_loss/NAME).
   c.mixture = ()
+  # SFT shards: the chat template they must have been prepared with (yuanjax.data.sft.TEMPLATES;
+  # None: whichever their manifest records).
+  c.chat_template = config_dict.placeholder(str)
   return c
 
 
@@ -461,7 +464,8 @@ def _open_tokenizer(data_cfg, source, default_tok: str | None) -> Tokenizer:
     tok_path = storage.cached_copy(tok_path, cache_dir=data_cfg.cache_dir)
   if not os.path.isfile(tok_path):
     raise ValueError(f'{field}: {tok_path}: no such file')
-  return Tokenizer(tok_path, newline_token=manifest.get('newline_token'))
+  options = manifest.get('tokenizer_options') or {'newline_token': manifest.get('newline_token')}
+  return Tokenizer(tok_path, **options)
 
 
 def _check_tokenizer(source, tok: Tokenizer, strict: bool, name: str | None = None) -> None:
@@ -586,6 +590,9 @@ def make_datasets(
 
   _check_range('data.shuffle_rows', data_cfg.shuffle_rows, 0)
   sources, tok = resolve_data(data_cfg)
+  from yuanjax.data import sft  # pylint: disable=g-import-not-at-top  (sft imports this module)
+  for source in sources:
+    sft.check_chat_template(source, data_cfg.get('chat_template'))
   remote = any(source.remote for source in sources)
   common = dict(
       seq_len=seq_len,

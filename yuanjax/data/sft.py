@@ -1,7 +1,11 @@
 """Supervised fine-tuning data: instruction/response samples whose loss is on the response.
 
   python -m yuanjax.data prepare --format=sft --tokenizer T --input F... --output D \
-      --seq_len 4096 [--newline_token '<n>']
+      --seq_len 4096 [--newline_token '<n>'] [--chat_template yuan2|mistral]
+
+T: a SentencePiece .model, or a checkpoint or tokenizer dir (Yuan2-M32-hf, its tokenizer/,
+Mixtral): loaded as its runtime loads it (yuanjax.loader.load_tokenizer), the options recorded
+in the manifest so that training reads the shards with the same tokenizer.
 
 Inputs (one sample per line; a file's kind is its extension):
   .txt    Yuan's SFT line format (Yuan2.0-M32 docs/data_process.md): `instruction<sep>response`,
@@ -13,15 +17,29 @@ Inputs (one sample per line; a file's kind is its extension):
           message must be the assistant's, and it alone is scored (FastChat's
           last_response_loss; Yuan's own `--sft-stage` scores the one response of a line).
 
-A sample is `prompt <sep> response <eod>` in tokens; the scored tokens are the response and its
-closing `<eod>`. Bad samples (no `<sep>`, no prompt/response, empty response, longer than
+Chat templates (`TEMPLATES`; --chat_template, default: the first the tokenizer can render, so
+'yuan2' for a tokenizer with `<sep>`, 'mistral' for Mixtral's) render every sample, a line or a
+prompt/response pair being one user turn and one assistant turn:
+  yuan2    `prompt<sep>response<eod>` (above); multi-turn: the earlier turns are the prompt and
+           the last response alone is scored
+  mistral  Mixtral-Instruct's `<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>`: FastChat's
+           "mistral" template with the tokenizer's BOS first; a system message opens the first
+           instruction (`[INST] system\nu1 [/INST]`); turns alternate user/assistant; every
+           assistant turn and its `</s>` is scored
+The rendered conversation is encoded as HF encodes a rendered chat: the template's special
+tokens as their ids, the text between them as one text each (with the tokenizer's own special
+tokens split out, as HF does); the scored tokens are those of the scored parts. `prompt_ids` is what a generation starts from (the text up to the assistant's
+turn); it stops at the tokenizer's end of document (`<eod>`, Mixtral's `</s>`).
+
+The scored tokens are the assistant's and the closing end of document. Bad samples (no `<sep>`, no prompt/response, empty response, longer than
 `seq_len + 1` tokens, i.e. one packed row) are skipped, counted by reason, and reported by file
 and line (the first ones logged, all counts and the first 20 places in the manifest); nothing is
 truncated.
 
 Shards: the plain layout (yuanjax.data.prepare) plus, per shard, `shard_NNNNN.mask.bin` (uint8,
 1 where the token is scored), under manifest format prepare.SFT_FORMAT (older plain shards still
-load; older code refuses these).
+load; older code refuses these); the manifest records `chat_template` (config.data.chat_template,
+when set, must name it) and `tokenizer_options`.
 
 Packing (`make_pipeline`): whole samples only, next-fit into rows of `seq_len + 1` tokens
 padded at the end (MaxText's and Yuan's SFT packing reset positions per sample): the row's
@@ -32,17 +50,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
 
 from yuanjax import publish
 from yuanjax.data import corpus, pipeline, prepare
-from yuanjax.data.tokenizer import SEP, Tokenizer
+from yuanjax.data.tokenizer import EOD, SEP, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,36 +71,150 @@ _REPORTED = 20  # places of skipped samples kept in the manifest
 @dataclasses.dataclass(frozen=True)
 class Sample:
   where: str  # file:line
-  prompt: str = ''
-  response: str = ''
+  messages: tuple = ()  # [{'role', 'content'}], the last the assistant's (the response)
   error: str | None = None  # why it is skipped (counted by this)
   detail: str = ''
 
 
-def render_messages(messages) -> tuple[str, str]:
-  """(prompt, response) of a conversation: the non-empty turns before the last joined by newlines
-  (Yuan's `<n>`), the last (the assistant's) the response. ValueError when malformed.
+def _turns(prompt: str, response: str) -> tuple:
+  return ({'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': response})
 
-  FastChat's "yuan2" template (SeparatorStyle.YUAN2, sep '<sep>', sep2 '\n', no roles printed)
-  renders a system message followed by a newline, then every non-empty message followed by '<n>',
-  strips the trailing '<n>' and appends '<sep>'. A system turn given first is thus the same
-  string. Unlike FastChat, only the final '<n>' is removed: its str.rstrip('<n>') strips any
-  trailing '<', 'n' and '>' characters, so it also cuts a last turn ending in 'n'."""
-  if not isinstance(messages, list) or len(messages) < 2:
+
+def _check_messages(messages) -> None:
+  """ValueError unless `messages` is a conversation of string turns ending with the assistant's."""
+  if not isinstance(messages, (list, tuple)) or len(messages) < 2:
     raise ValueError('"messages" must be a list of at least 2 turns')
   for m in messages:
     if not isinstance(m, dict) or not isinstance(m.get('content'), str):
       raise ValueError('each message needs a "role" and a string "content"')
   if messages[-1].get('role') != 'assistant':
     raise ValueError('the last message must be the assistant\'s (the response)')
+
+
+def render_messages(messages) -> tuple[str, str]:
+  """(prompt, response) of a conversation in the yuan2 template: the non-empty turns before the
+  last joined by newlines (Yuan's `<n>`), the last (the assistant's) the response. ValueError
+  when malformed.
+
+  FastChat's "yuan2" template (SeparatorStyle.YUAN2, sep '<sep>', sep2 '\n', no roles printed)
+  renders a system message followed by a newline, then every non-empty message followed by '<n>',
+  strips the trailing '<n>' and appends '<sep>'. A system turn given first is thus the same
+  string. Unlike FastChat, only the final '<n>' is removed: its str.rstrip('<n>') strips any
+  trailing '<', 'n' and '>' characters, so it also cuts a last turn ending in 'n'."""
+  _check_messages(messages)
   return '\n'.join(m['content'] for m in messages[:-1] if m['content']), messages[-1]['content']
+
+
+class Special(str):
+  """A special token a chat template writes: encoded as its id, whether or not the tokenizer
+  splits it out of a text (a plain .model path's user-defined symbols in a character model are
+  not)."""
+
+
+def _yuan2(messages) -> list[tuple[str, bool]]:
+  prompt, response = render_messages(messages)
+  return [(prompt, False), (Special(SEP), False), (response, True), (Special(EOD), True)]
+
+
+def _mistral(messages) -> list[tuple[str, bool]]:
+  """FastChat's "mistral" (SeparatorStyle.LLAMA2, sep ' ', sep2 '</s>'), the BOS its tokenizer
+  adds written first: '<s>[INST] u1 [/INST] a1</s>[INST] u2 [/INST] a2</s>'."""
+  _check_messages(messages)
+  system = messages[0]['content'] if messages[0].get('role') == 'system' else None
+  turns = messages[1:] if system is not None else messages
+  if [m.get('role') for m in turns] != ['user', 'assistant'] * (len(turns) // 2) or not turns:
+    raise ValueError('mistral: the turns must alternate user, assistant (after an optional '
+                     'first system message)')
+  parts = [(Special('<s>'), False)]
+  for i in range(0, len(turns), 2):
+    user = turns[i]['content'] if i or system is None else f'{system}\n{turns[i]["content"]}'
+    parts += [(f'[INST] {user} [/INST]', False), (' ' + turns[i + 1]['content'], True),
+              (Special('</s>'), True)]
+  return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatTemplate:
+  """How a model family writes a conversation: `render(messages)` gives its text in (part,
+  scored) pieces, its special tokens `Special` parts; the tokenizer must have each of
+  `specials`, and `eod` must end its documents (the token a response ends with and generation
+  stops at)."""
+  name: str
+  render: Callable[[Sequence[dict]], list[tuple[str, bool]]]
+  specials: tuple[str, ...]
+  eod: str
+
+
+TEMPLATES = {
+    t.name: t for t in (ChatTemplate('yuan2', _yuan2, (SEP, EOD), EOD),
+                        ChatTemplate('mistral', _mistral, ('<s>', '</s>'), '</s>'))
+}
+
+
+def _problem(tok: Tokenizer, t: ChatTemplate) -> str | None:
+  """Why `tok` cannot encode template `t`, or None."""
+  for piece in t.specials:
+    if not tok.has_piece(piece):
+      return f'needs {piece!r}, which tokenizer {tok.model_path} has not'
+  if tok.eod_piece != t.eod:
+    return f'ends responses with {t.eod!r}, but tokenizer {tok.model_path} ends documents with ' \
+           f'{tok.eod_piece!r}'
+  return None
+
+
+def chat_template(tok: Tokenizer, name: str | None = None) -> ChatTemplate:
+  """The chat template `name`, or (None) the first of TEMPLATES that `tok` can encode;
+  ValueError naming the template and the token it lacks."""
+  if name is not None and name not in TEMPLATES:
+    raise ValueError(f'chat_template={name!r}: known templates are {", ".join(TEMPLATES)}')
+  candidates = [TEMPLATES[name]] if name else list(TEMPLATES.values())
+  problems = [(t.name, _problem(tok, t)) for t in candidates]
+  for (n, problem), t in zip(problems, candidates):
+    if problem is None:
+      return t
+  raise ValueError('; '.join(f'chat template {n!r} {p}' for n, p in problems))
+
+
+def _prefix_len(tok: Tokenizer, text: str, ids: list[int]) -> int:
+  """How many of `ids` (a longer text's) are `text`'s; ValueError if they are not a prefix."""
+  prefix = tok.encode(text, add_bos=False)
+  if prefix != ids[:len(prefix)]:
+    raise ValueError(f'the tokens of {text[-30:]!r} change with the text after them')
+  return len(prefix)
+
+
+def _encode_text(tok: Tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+  """(ids, scored) of text parts encoded as one text (HF encodes a rendered chat so between its
+  special tokens); where each part ends is found by encoding the text up to it."""
+  texts = list(itertools.accumulate(p for p, _ in parts))
+  ids = tok.encode(texts[-1], add_bos=False)
+  ends = [_prefix_len(tok, text, ids) for text in texts[:-1]] + [len(ids)]
+  return ids, [
+      score for start, end, (_, score) in zip([0] + ends, ends, parts) for _ in range(start, end)
+  ]
+
+
+def encode_parts(tok: Tokenizer, parts: list[tuple[str, bool]]) -> tuple[list[int], np.ndarray]:
+  """(ids of a rendered conversation, 1 on those of its scored parts): each `Special` part its
+  id, each run of text parts between them encoded as one text."""
+  ids, scored = [], []
+  for special, run in itertools.groupby(parts, key=lambda p: isinstance(p[0], Special)):
+    run = list(run)
+    if special:
+      ids += [tok.token_id(p) for p, _ in run]
+      scored += [score for _, score in run]
+    else:
+      more_ids, more_scored = _encode_text(tok, run)
+      ids += more_ids
+      scored += more_scored
+  return ids, np.asarray(scored, np.uint8)
 
 
 def _from_line(text: str, where: str) -> Sample:
   if SEP not in text:
     return Sample(where, error=f'no {SEP}')
   prompt, response = text.split(SEP, 1)
-  return Sample(where, prompt.replace('<n>', '\n'), response.replace('<n>', '\n'))
+  return Sample(where, _turns(prompt.replace('<n>', '\n'), response.replace('<n>', '\n')))
 
 
 def _from_json(text: str, where: str) -> Sample:
@@ -91,13 +224,14 @@ def _from_json(text: str, where: str) -> Sample:
     return Sample(where, error='not JSON', detail=str(e)[:200])
   if isinstance(obj, dict) and 'messages' in obj:
     try:
-      return Sample(where, *render_messages(obj['messages']))
+      _check_messages(obj['messages'])
     except ValueError as e:
       return Sample(where, error=str(e))
+    return Sample(where, tuple(obj['messages']))
   if not (isinstance(obj, dict) and isinstance(obj.get('prompt'), str) and
           isinstance(obj.get('response'), str)):
     return Sample(where, error='needs string "prompt" and "response" (or "messages")')
-  return Sample(where, obj['prompt'], obj['response'])
+  return Sample(where, _turns(obj['prompt'], obj['response']))
 
 
 def read_samples(files: Sequence[str]) -> Iterator[Sample]:
@@ -111,19 +245,22 @@ def read_samples(files: Sequence[str]) -> Iterator[Sample]:
           yield parse(text, f'{path}:{n}')
 
 
-def prompt_ids(tok: Tokenizer, prompt: str) -> list[int]:
-  """`prompt <sep>`: what a sample's response follows, in training and in chat generation
-  (`python -m yuanjax.generate --chat`; `<n>` in the prompt is a newline)."""
-  return tok.encode(prompt.replace('<n>', '\n')) + [tok.sep_id]
+def prompt_ids(tok: Tokenizer, prompt: str, template: str | None = None) -> list[int]:
+  """The ids a response to `prompt` (one user turn; `<n>` a newline) follows, in training and in
+  chat generation (`python -m yuanjax.generate --chat`): the chat template's text up to the
+  assistant's turn (yuan2: `prompt<sep>`; mistral: `<s>[INST] prompt [/INST]`). `template`:
+  its name (None: the tokenizer's, `chat_template`)."""
+  parts = chat_template(tok, template).render(_turns(prompt.replace('<n>', '\n'), ''))
+  return encode_parts(tok, [p for p in parts if not p[1]])[0]
 
 
-def encode(tok: Tokenizer, sample: Sample) -> tuple[np.ndarray, np.ndarray]:
-  """(tokens `prompt <sep> response <eod>`, scored: 1 on the response and its `<eod>`)."""
-  prompt, response = prompt_ids(tok, sample.prompt), tok.encode(sample.response)
-  ids = np.asarray(prompt + response + [tok.eod_id], prepare.TOKEN_DTYPE)
-  scored = np.zeros(len(ids), np.uint8)
-  scored[len(prompt):] = 1
-  return ids, scored
+def encode(tok: Tokenizer, sample: Sample,
+           template: ChatTemplate | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens of the sample rendered by `template` (None: the tokenizer's), scored: 1 on the
+  assistant's tokens and the end of document closing them). ValueError: a malformed sample."""
+  template = template or chat_template(tok)
+  ids, scored = encode_parts(tok, template.render(sample.messages))
+  return np.asarray(ids, prepare.TOKEN_DTYPE), scored
 
 
 class _MaskedShardWriter(prepare._ShardWriter):  # pylint: disable=protected-access
@@ -147,27 +284,39 @@ class _MaskedShardWriter(prepare._ShardWriter):  # pylint: disable=protected-acc
     self.shards[-1]['loss_mask'] = self._name + '.mask.bin'
 
 
-def _check(tok: Tokenizer, sample: Sample, seq_len: int):
+def _check(tok: Tokenizer, template: ChatTemplate, sample: Sample, seq_len: int):
   """(ids, scored) of a good sample, or (why it is skipped, detail)."""
   if sample.error:
     return sample.error, sample.detail
-  if not sample.response.strip():
+  if not sample.messages[-1]['content'].strip():
     return 'empty response', ''
-  ids, scored = encode(tok, sample)
+  try:
+    ids, scored = encode(tok, sample, template)
+  except ValueError as e:
+    return str(e), ''
   if len(ids) > seq_len + 1:
     return 'longer than seq_len + 1 tokens', f'{len(ids)} > {seq_len + 1}'
   return ids, scored
 
 
-def prepare_sft(tokenizer_path: str, inputs, output_dir, *, seq_len: int,
-                newline_token: str | None = None, shard_tokens: int = prepare.DEFAULT_SHARD_TOKENS,
-                overwrite: bool = False, manifest_tokenizer: str | None = None) -> dict:
+def prepare_sft(tokenizer: str | Tokenizer, inputs, output_dir, *, seq_len: int,
+                newline_token: str | None = None, chat_template_name: str | None = None,
+                shard_tokens: int = prepare.DEFAULT_SHARD_TOKENS, overwrite: bool = False,
+                manifest_tokenizer: str | None = None) -> dict:
   """Tokenizes SFT samples into masked shards in output_dir; returns the manifest.
-  `manifest_tokenizer`: the tokenizer path recorded (relative: to the shards directory)."""
+  `tokenizer`: a .model path (read with `newline_token`) or a Tokenizer; `chat_template_name`:
+  one of TEMPLATES (None: the tokenizer's). `manifest_tokenizer`: the tokenizer path recorded
+  (relative: to the shards directory)."""
   if seq_len < 1:
     raise ValueError(f'seq_len must be positive, got {seq_len}')
   files = corpus.expand_inputs(inputs)
-  tok = Tokenizer(tokenizer_path, newline_token=newline_token)
+  if isinstance(tokenizer, Tokenizer):
+    if newline_token is not None:
+      raise ValueError('newline_token is for a tokenizer .model path; a Tokenizer has its own')
+    tok = tokenizer
+  else:
+    tok = Tokenizer(tokenizer, newline_token=newline_token)
+  template = chat_template(tok, chat_template_name)
   output_dir = os.path.abspath(os.fspath(output_dir))
   if os.path.exists(output_dir) and not overwrite:
     raise ValueError(f'{output_dir}: already exists (pass --overwrite to replace it)')
@@ -176,7 +325,7 @@ def prepare_sft(tokenizer_path: str, inputs, output_dir, *, seq_len: int,
     writer = _MaskedShardWriter(tmp, shard_tokens)
     skipped, places, scored_tokens = collections.Counter(), [], 0
     for sample in read_samples(files):
-      out = _check(tok, sample, seq_len)
+      out = _check(tok, template, sample, seq_len)
       if isinstance(out[0], str):
         skipped[out[0]] += 1
         if len(places) < _REPORTED:
@@ -190,11 +339,12 @@ def prepare_sft(tokenizer_path: str, inputs, output_dir, *, seq_len: int,
       raise corpus.InputError(f'no usable sample in {files} (skipped: {dict(skipped)}; '
                               f'{places[:3]})')
     manifest = dict(
-        format=prepare.SFT_FORMAT, tokenizer=manifest_tokenizer or os.path.abspath(tokenizer_path),
-        **prepare.tokenizer_fingerprint(tokenizer_path, tok.vocab_size), eod_id=tok.eod_id,
-        sep_id=tok.sep_id, newline_token=newline_token, dtype=np.dtype(prepare.TOKEN_DTYPE).name,
-        num_docs=sum(s['num_docs'] for s in writer.shards), num_tokens=sum(
-            s['num_tokens'] for s in writer.shards), num_scored_tokens=scored_tokens,
+        format=prepare.SFT_FORMAT, tokenizer=manifest_tokenizer or os.path.abspath(tok.model_path),
+        **prepare.tokenizer_fingerprint(tok.model_path, tok.vocab_size), eod_id=tok.eod_id,
+        sep_id=tok.sep_id if tok.has_piece(SEP) else None, newline_token=tok.newline_token,
+        tokenizer_options=tok.options, chat_template=template.name, dtype=np.dtype(
+            prepare.TOKEN_DTYPE).name, num_docs=sum(s['num_docs'] for s in writer.shards),
+        num_tokens=sum(s['num_tokens'] for s in writer.shards), num_scored_tokens=scored_tokens,
         seq_len=seq_len, num_skipped=dict(skipped), skipped_at=places, shards=writer.shards,
         num_inputs=len(files))
     with open(os.path.join(tmp, prepare.MANIFEST), 'w') as f:
@@ -202,6 +352,19 @@ def prepare_sft(tokenizer_path: str, inputs, output_dir, *, seq_len: int,
     return manifest
 
   return publish.directory(output_dir, write, overwrite=overwrite)
+
+
+def check_chat_template(source, name: str | None) -> None:
+  """config.data.chat_template (None: any) names the template SFT shards were prepared with."""
+  if name is None:
+    return
+  if name not in TEMPLATES:
+    raise ValueError(f'data.chat_template={name!r}: known templates are {", ".join(TEMPLATES)}')
+  have = source.manifest.get('chat_template', 'yuan2') if getattr(source, 'loss_masked',
+                                                                  False) else None
+  if have != name:
+    raise ValueError(f'data.chat_template={name!r} but {source.path} holds ' +
+                     (f'SFT shards prepared with {have!r}' if have else 'no SFT shards'))
 
 
 # --------------------------------------------------------------------------- packing

@@ -30,13 +30,16 @@ therefore decodes as a newline in that mode; the same holds for Yuan's own runti
 Like every SentencePiece model with user-defined symbols, a literal `<eod>` (or any other
 special symbol) inside a text is encoded as that symbol's id.
 
-Added tokens (Yuan's released tokenizer). Yuan's runtime loads `tokenizer.model` with HF's
-SentencePiece-based LlamaTokenizer and then adds `YUAN_ADDED_TOKENS`, in that order: a
+Added and special tokens (released tokenizers). Yuan's runtime loads `tokenizer.model` with HF's
+SentencePiece-based LlamaTokenizer(eos_token='<eod>') and then adds `YUAN_ADDED_TOKENS`, in that
+order. HF splits every one of its special tokens (bos, eos, unk: `hf_special_tokens`) and added
+tokens out of a text before the SentencePiece model sees it, so a literal `<eod>` is its id 77185
+whatever kind of piece the model holds it as. `Tokenizer(path, added_tokens=...)` does the same
+(what `yuanjax.loader.load_tokenizer` passes, `tokenizer_options()` of the model's mapping): a
 token already in the SentencePiece model keeps its id, each one that is not gets the next id
-from the model's size on. `Tokenizer(path, added_tokens=YUAN_ADDED_TOKENS)` (what
-`yuanjax.loader.load_tokenizer` does) gives exactly those ids, and encodes a literal
-occurrence of any of them in a text as that one id (the text is split on them and the pieces
-encoded), as HF's added tokens are.
+from the model's size on; the text is split on them and the parts between encoded as plain
+`SentencePieceProcessor.encode` does (a text without them encodes exactly as before), and
+decoding writes each of them back as its text.
 
 Other released tokenizers (Mixtral's Llama-style `tokenizer.model`: `<unk> <s> </s>`, no
 `<eod>`): `aliases` names the piece that plays each of yuanjax's special roles
@@ -79,6 +82,8 @@ YUAN_ADDED_TOKENS = (
     '<repo_name>',
     '<file_sep>',
 )
+# HF LlamaTokenizer's special tokens when tokenizer_config.json does not name them.
+LLAMA_SPECIAL_TOKENS = dict(bos_token='<s>', eos_token='</s>', unk_token='<unk>')
 
 TRAINER_OPTIONS = dict(
     model_type='bpe',
@@ -92,6 +97,18 @@ TRAINER_OPTIONS = dict(
 )
 
 
+def hf_special_tokens(tokenizer_config: dict | None = None, **runtime: str) -> dict[str, str]:
+  """HF LlamaTokenizer's special tokens {bos_token, eos_token, unk_token[, pad_token]}, in the
+  order it adds them: Llama's defaults, then tokenizer_config.json's (a value may be an
+  AddedToken dict), then the runtime's keyword arguments (Yuan's eos_token='<eod>')."""
+  named = {
+      k: v.get('content') if isinstance(v, dict) else v
+      for k, v in (tokenizer_config or {}).items()
+      if k in (*LLAMA_SPECIAL_TOKENS, 'pad_token')
+  }
+  return {**LLAMA_SPECIAL_TOKENS, **{k: v for k, v in named.items() if v}, **runtime}
+
+
 class Tokenizer:
   """A `sentencepiece.SentencePieceProcessor` with Yuan's special ids and newline handling.
 
@@ -99,7 +116,8 @@ class Tokenizer:
     model_path: a SentencePiece `.model` file.
     newline_token: `None` (newlines are encoded natively; our trained tokenizers) or a piece
       such as `'<n>'` that stands for `'\\n'` (Yuan's released tokenizer).
-    added_tokens: tokens added past the SentencePiece model, in order (module docstring).
+    added_tokens: tokens split out of every text, in order: each keeps its SentencePiece id, one
+      the model lacks gets the next id past it (module docstring).
     aliases: {yuanjax special piece: the piece of this model that plays it}, e.g.
       `{'<eod>': '</s>'}` (module docstring).
     bos_token: a piece every `encode` starts with (`None`: none)."""
@@ -114,7 +132,7 @@ class Tokenizer:
     self._sp = spm.SentencePieceProcessor(model_file=self.model_path)
     self.newline_token = newline_token
     self._added = self._add_tokens(added_tokens)
-    self._added_pieces = {i: t for t, i in self._added.items() if i >= self._sp.get_piece_size()}
+    self._added_pieces = {i: t for t, i in self._added.items()}
     by_length = sorted(self._added, key=len, reverse=True)
     self._split = re.compile('(' + '|'.join(map(re.escape, by_length)) + ')') if by_length else None
     if newline_token is not None and self._piece_id(newline_token) is None:
@@ -125,6 +143,7 @@ class Tokenizer:
         raise ValueError(f'tokenizer: {self.model_path} has no piece {piece!r} (aliases[{role!r}])')
     if self._piece_id(EOD) is None:
       raise ValueError(f'tokenizer: {self.model_path} has no {EOD} piece')
+    self._bos_piece = bos_token
     self._bos = [] if bos_token is None else [self._special(bos_token)]
 
   def _add_tokens(self, tokens: Sequence[str]) -> dict[str, int]:
@@ -159,7 +178,18 @@ class Tokenizer:
 
   @property
   def vocab_size(self) -> int:
-    return self._sp.get_piece_size() + len(self._added_pieces)
+    return max(self._sp.get_piece_size(), max(self._added_pieces, default=-1) + 1)
+
+  @property
+  def options(self) -> dict:
+    """This tokenizer's keyword arguments (JSON-serialisable; a manifest records them)."""
+    return dict(newline_token=self.newline_token, added_tokens=list(self._added),
+                aliases=dict(self._aliases), bos_token=self._bos_piece)
+
+  @property
+  def eod_piece(self) -> str:
+    """The piece that ends documents (`<eod>`, or the one aliased to it)."""
+    return self._aliases.get(EOD, EOD)
 
   def token_id(self, piece: str) -> int:
     """The id of a special or added token (ValueError naming the model if it has none)."""
@@ -178,26 +208,36 @@ class Tokenizer:
   def _pre(self, text: str) -> str:
     return text if self.newline_token is None else text.replace('\n', self.newline_token)
 
-  def encode(self, text: str) -> list[int]:
+  def _parts(self, text: str) -> list[str]:
+    """The text split on the added tokens (odd parts), after the newline replacement."""
     text = self._pre(text)
-    if self._split is None:
-      return self._bos + self._sp.encode(text)
-    ids = list(self._bos)
-    for i, part in enumerate(self._split.split(text)):  # odd parts: the added tokens
-      ids.extend([self._added[part]] if i % 2 else self._sp.encode(part) if part else [])
+    return [text] if self._split is None else self._split.split(text)
+
+  def _join(self, parts: list[str], encoded: Iterator[list[int]], bos: bool) -> list[int]:
+    ids = list(self._bos) if bos else []
+    for i, part in enumerate(parts):
+      ids.extend([self._added[part]] if i % 2 else next(encoded) if part else [])
     return ids
+
+  def encode(self, text: str, add_bos: bool = True) -> list[int]:
+    """Ids of `text`; `add_bos=False`: without the `bos_token` (a chat template's parts)."""
+    parts = self._parts(text)
+    return self._join(parts, iter(self._sp.encode([p for p in parts[::2] if p])), add_bos)
 
   def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> list[list[int]]:
     """Encodes many texts at once in SentencePiece's own C++ thread pool."""
-    if self._split is not None:
-      return [self.encode(t) for t in texts]
-    ids = self._sp.encode([self._pre(t) for t in texts], num_threads=num_threads)
-    return [self._bos + row for row in ids] if self._bos else ids
+    parts = [self._parts(t) for t in texts]
+    plain = [p for ps in parts for p in ps[::2] if p]
+    encoded = iter(self._sp.encode(plain, num_threads=num_threads))
+    return [self._join(ps, encoded, True) for ps in parts]
 
   def decode(self, ids: Iterable[int] | np.ndarray) -> str:
+    """The text of `ids`, the inverse of `encode`: the `bos_token` it starts with dropped, added
+    tokens written as their text."""
     ids = np.asarray(ids, dtype=np.int64).reshape(-1).tolist()
+    ids = ids[1:] if self._bos and ids[:1] == self._bos else ids
     parts, run = [], []
-    for i in ids:  # runs of SentencePiece ids, and the added tokens past the model
+    for i in ids:  # runs of SentencePiece ids, and the added tokens
       if i in self._added_pieces:
         parts += [self._sp.decode(run), self._added_pieces[i]]
         run = []

@@ -84,10 +84,15 @@ DEFAULT_HF_CONFIG = {
 }
 
 
-def tokenizer_options() -> dict:
-  """yuanjax.data.tokenizer.Tokenizer's options for Yuan's tokenizer.model (Yuan's runtime)."""
-  from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS  # lazily: the data package is optional
-  return dict(newline_token='<n>', added_tokens=YUAN_ADDED_TOKENS)
+def tokenizer_options(tokenizer_config: dict | None = None) -> dict:
+  """yuanjax.data.tokenizer.Tokenizer's options for Yuan's tokenizer.model, as Yuan's runtime
+  loads it: HF LlamaTokenizer(eos_token='<eod>', add_bos_token=False) (the special tokens of
+  `tokenizer_config`, a tokenizer_config.json dict, with that eos), then YUAN_ADDED_TOKENS;
+  newlines written as '<n>'."""
+  # lazily: the data package is optional
+  from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS, hf_special_tokens
+  special = hf_special_tokens(tokenizer_config, eos_token='<eod>')
+  return dict(newline_token='<n>', added_tokens=tuple(special.values()) + YUAN_ADDED_TOKENS)
 
 
 class HFConfigError(ValueError):

@@ -66,10 +66,24 @@ DEFAULT_HF_CONFIG = {
 }
 
 
-def tokenizer_options() -> dict:
-  """yuanjax.data.tokenizer.Tokenizer's options for Mixtral's (Llama's) tokenizer.model: no
-  <eod> piece, '</s>' plays it (and pads), every text starts with '<s>' (HF's add_bos_token)."""
-  return dict(aliases={'<eod>': '</s>', '<pad>': '</s>'}, bos_token='<s>')
+def tokenizer_options(tokenizer_config: dict | None = None) -> dict:
+  """yuanjax.data.tokenizer.Tokenizer's options for Mixtral's (Llama's) tokenizer.model, as HF's
+  LlamaTokenizer loads it with `tokenizer_config` (a tokenizer_config.json dict; Mixtral's when
+  None): no <eod> piece, its eos '</s>' plays it (and pads), every text starts with its bos
+  '<s>' (add_bos_token), and its special tokens are split out of texts."""
+  from yuanjax.data.tokenizer import hf_special_tokens  # pylint: disable=g-import-not-at-top
+  config = tokenizer_config or {}
+  special = hf_special_tokens(config)
+  more = [
+      t.get('content') if isinstance(t, dict) else t
+      for t in config.get('additional_special_tokens') or ()
+  ]
+  eos = special['eos_token']
+  return dict(aliases={
+      '<eod>': eos,
+      '<pad>': special.get('pad_token', eos)
+  }, bos_token=special['bos_token'] if config.get('add_bos_token', True) else None,
+              added_tokens=tuple(special.values()) + tuple(more))
 
 
 # ---------------------------------------------------------------- config
