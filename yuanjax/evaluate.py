@@ -56,7 +56,7 @@ def _parse_run(argv):
   p.add_argument('--data', required=True, help="the task's data file (or directory)")
   p.add_argument('--limit', type=_positive, default=None, help='the first N items only')
   p.add_argument('--batch', type=_positive, default=8, help='rows per generate call')
-  p.add_argument('--out', default=None, help='output directory (default: eval/TASK)')
+  p.add_argument('--out', default=None, help='output directory (default: workdir/eval/TASK)')
   p.add_argument('--dtype', default=None, choices=config_lib.DTYPES,
                  help="compute dtype override (default: the checkpoint's)")
   p.add_argument('--tokenizer', default=None,
@@ -139,7 +139,7 @@ def _run(args) -> dict:
   for flag, what in (('quantize', 'int8 weights'), ('mesh', 'sharded inference')):
     if getattr(args, flag) is not None:
       raise ValueError(f'--{flag}: ' + NOT_YET.format(what))
-  out = args.out or os.path.join('eval', task.name)
+  out = args.out or os.path.join('workdir', 'eval', task.name)
   _check_out(out)
   outputs_path = os.path.join(out, OUTPUTS)
   done = _read_done(outputs_path, items)
