@@ -3,8 +3,9 @@ config.evals.run (TaskEval) share.
 
 Generation is Yuan's: each item's prompt (Item.prompt, tokenised as is: no BOS; Yuan's prompts
 end with `<sep>`) is decoded greedily by yuanjax.generate up to the task's max_new_tokens,
-stopping at `<eod>`; the output is the decoded new text, cut at the first of the task's stop
-strings. Items go in batches of a fixed number of rows (a short last batch is padded with copies
+stopping at `<eod>` (a prompt plus max_new_tokens may run past config.model.max_seq_len, as
+the trainer's sample may); the output is the decoded new text, cut at the first of the task's
+stop strings. Items go in batches of a fixed number of rows (a short last batch is padded with copies
 of its last prompt and those rows dropped), so one program serves every batch of a prompt-length
 bucket. A record is {id, prompt, output, extracted, correct, tokens, seconds}: tokens generated
 (the `<eod>` included), and the batch's wall seconds shared out over its rows.
@@ -28,8 +29,10 @@ from collections.abc import Iterator, Sequence
 
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import generate as generate_lib
+from yuanjax import sharding
 from yuanjax.evals import evaluator
 from yuanjax.evals import task as task_lib
 from yuanjax.evals import tasks  # pylint: disable=unused-import  (registers the tasks)
@@ -43,6 +46,14 @@ def local_params(params):
   if jax.process_count() > 1:
     return multihost_utils.process_allgather(params, tiled=True)
   return params
+
+
+def one_device(params):
+  """(a one-device mesh, the params whole on it): where a task eval decodes inside the training
+  mesh's context, whose rules and MoE would split a batch of prompts over the training mesh,
+  until generation takes a mesh itself (issue 21's sharded inference)."""
+  mesh = sharding.make_mesh(sharding.mesh_config(), jax.local_devices()[:1])
+  return mesh, jax.device_put(local_params(params), NamedSharding(mesh, P()))
 
 
 def cut(text: str, stop: Sequence[str]) -> str:
@@ -188,14 +199,16 @@ class TaskEval(evaluator.Evaluator):
     super().__init__(ctx, spec)
     self.task = task_lib.get(spec.name)
     self.items = self.task.load(spec.data)[:spec.limit]
+    if not self.items:
+      raise ValueError(f'config.evals.run: {spec.name}: no items in {spec.data}')
     self.rows = min(ctx.config.evals.batch_size, len(self.items))
 
   def __call__(self, params) -> dict[str, float]:
-    params, ctx = local_params(params), self.ctx
-    records = [
-        r for batch in run(ctx.model, params, ctx.tokenizer, self.task, self.items, self.rows)
-        for r in batch
-    ]
+    mesh, params = one_device(params)
+    with jax.set_mesh(mesh):
+      batches = list(
+          run(self.ctx.model, params, self.ctx.tokenizer, self.task, self.items, self.rows))
+    records = [r for batch in batches for r in batch]
     out = results(self.task.name, records)
     name = self.task.name
     return {
