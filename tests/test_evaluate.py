@@ -118,10 +118,23 @@ def test_bad_input_is_refused_before_loading(hf_dirs, echo, tmp_path, capsys, mo
   assert status == 1 and 'none.txt' in err and 'the test that writes it' in err
   status, _, err = _main(capsys, *run, '--task', 'nope', '--data', echo[1])
   assert status == 1 and "unknown task 'nope'" in err and "'echo'" in err
-  for flag in ('--quantize=int8', '--mesh=tensor:2'):
-    status, _, err = _main(capsys, *run, '--task', echo[0], '--data', echo[1], flag)
-    assert status == 1 and f'{flag.split("=")[0]}: not available yet' in err
+  status, _, err = _main(capsys, *run, '--task', echo[0], '--data', echo[1], '--mesh=tensor:2')
+  assert status == 1 and '--mesh: not available yet' in err
   assert not os.path.exists(tmp_path / 'out')
   status, _, err = _main(capsys, 'score', '--task', echo[0], '--data', tmp_path / 'none.txt',
                          '--outputs', tmp_path / 'o.jsonl')
   assert status == 1 and 'none.txt' in err
+
+
+def test_quantize_reaches_the_loader(hf_dirs, echo, tmp_path, capsys, monkeypatch):
+  asked = {}
+
+  def load(path, **kwargs):
+    asked.update(kwargs, path=path)
+    raise ValueError('loaded')
+
+  monkeypatch.setattr(loader, 'load_checkpoint', load)
+  status, _, err = _main(capsys, '--checkpoint', hf_dirs / 'hf', '--task', echo[0], '--data',
+                         echo[1], '--out', tmp_path, '--quantize', 'int8', '--dtype', 'bfloat16')
+  assert status == 1 and 'loaded' in err
+  assert asked['quantize'] == 'int8' and asked['overrides'] == {'dtype': 'bfloat16'}

@@ -1,21 +1,22 @@
 """Evaluate a checkpoint on a benchmark task, or score outputs already generated.
 
   python -m yuanjax.evaluate --checkpoint PATH --task TASK --data DATA [--limit N] [--batch B] \\
-      [--out DIR] [--dtype bfloat16] [--tokenizer FILE] [--quantize int8] [--mesh ...]
+      [--out DIR] [--dtype bfloat16] [--tokenizer FILE] [--quantize int8]
   python -m yuanjax.evaluate score --task TASK --data DATA --outputs FILE
 
 PATH: an HF dir, a converted dir or a training workdir (yuanjax.loader). TASK: a registered task
 (yuanjax.evals.tasks; docs/evaluate.md says where each one's DATA comes from). The items (the
 first N with --limit) are decoded greedily in batches of B rows, to `<eod>` or the task's
-max_new_tokens (yuanjax.evals.generative). DIR/outputs.jsonl gets one record per item (id,
+max_new_tokens (yuanjax.evals.generative); --quantize int8: with int8 weights (yuanjax.quantize);
+--mesh is refused until generation takes a mesh. DIR/outputs.jsonl gets one record per item (id,
 prompt, output, extracted, correct, tokens, seconds), appended and flushed after every batch:
 run again, the same command skips the ids already there and continues. DIR/results.json
 (accuracy, n, correct, the 95% Wilson interval ci95_low..ci95_high, seconds, tokens,
 tokens_per_sec, over all of outputs.jsonl) is published atomically at the end, and printed.
 
-`score` judges the outputs of a file again: this runtime's outputs.jsonl, or the
+`score` judges the outputs of a file again: this runtime's outputs.jsonl, the
 `question[SEP]output` text file Yuan's own runtime writes (lines matched to items by question),
-and prints its results JSON as the last line, so both runtimes can be compared on the same
+or the samples.jsonl of its HumanEval script ({task_id, completion}), and prints its results JSON as the last line, so both runtimes can be compared on the same
 outputs.
 
 Everything is checked before the model loads: the task's name, its data file (a missing one is
@@ -32,13 +33,13 @@ from collections.abc import Sequence
 
 import tqdm
 
-from yuanjax import config_lib, loader, publish
+from yuanjax import config_lib, loader, publish, quantize
 from yuanjax.evals import generative
 from yuanjax.evals import task as task_lib
 
 OUTPUTS, RESULTS = 'outputs.jsonl', 'results.json'
-NOT_YET = ('not available yet: it comes with issue 21\'s {} (yuanjax.loader / yuanjax.generate '
-           'do not take it yet)')
+NOT_YET = ('--mesh: not available yet: decoding on a mesh comes with issue 21\'s sharded inference '
+           '(yuanjax.generate does not take a mesh yet)')
 
 
 def _positive(text: str) -> int:
@@ -61,7 +62,8 @@ def _parse_run(argv):
                  help="compute dtype override (default: the checkpoint's)")
   p.add_argument('--tokenizer', default=None,
                  help="a sentencepiece .model instead of the checkpoint's")
-  p.add_argument('--quantize', default=None, choices=('int8',), help='int8 weights')
+  p.add_argument('--quantize', default='none', choices=quantize.MODES,
+                 help='int8: int8 matmul weights, per-channel scales (yuanjax.quantize)')
   p.add_argument('--mesh', default=None, help='decode on a device mesh')
   return p.parse_args(argv)
 
@@ -124,7 +126,7 @@ def _generate(args, task, todo, outputs_path: str, done: int) -> None:
   """Decodes the items not done yet, appending each batch's records to outputs.jsonl."""
   overrides = {'dtype': args.dtype} if args.dtype else {}
   model, params, tok = loader.load_checkpoint(args.checkpoint, overrides=overrides,
-                                              tokenizer=args.tokenizer)
+                                              tokenizer=args.tokenizer, quantize=args.quantize)
   bar = tqdm.tqdm(total=done + len(todo), initial=done, desc=task.name, dynamic_ncols=True)
   with open(outputs_path, 'a', encoding='utf-8') as f:
     for records in generative.run(model, params, tok, task, todo, args.batch):
@@ -136,9 +138,8 @@ def _generate(args, task, todo, outputs_path: str, done: int) -> None:
 
 def _run(args) -> dict:
   task, items = _items(args.task, args.data, args.limit)
-  for flag, what in (('quantize', 'int8 weights'), ('mesh', 'sharded inference')):
-    if getattr(args, flag) is not None:
-      raise ValueError(f'--{flag}: ' + NOT_YET.format(what))
+  if args.mesh is not None:
+    raise ValueError(NOT_YET)
   out = args.out or os.path.join('workdir', 'eval', task.name)
   _check_out(out)
   outputs_path = os.path.join(out, OUTPUTS)

@@ -37,3 +37,28 @@ def test_yuan_lines_matched_by_the_longest_question(echo):
   assert unmatched == 1
   assert not generative.is_outputs_jsonl(lines)
   assert generative.is_outputs_jsonl(['', '{"id": "e1", "output": "4"}'])
+
+
+def test_yuans_humaneval_samples_are_judged_as_they_are(tmp_path):
+  """samples.jsonl of Yuan's HumanEval script: {task_id, completion}, run against the tests."""
+  import gzip
+  import json
+  problem = dict(task_id='HumanEval/0', prompt='def inc(x):\n',
+                 canonical_solution='  return x + 1\n', test='def check(f):\n  assert f(1) == 2\n',
+                 entry_point='inc')
+  with gzip.open(tmp_path / 'HumanEval.jsonl.gz', 'wt') as f:
+    f.write(json.dumps(problem) + '\n')
+  (tmp_path / 'HumanEval-instructions.jsonl').write_text(
+      json.dumps({
+          'task_id': 'HumanEval/0',
+          'prompt': 'Instruction: inc\nResponse:\n'
+      }) + '\n')
+  task = task_lib.get('humaneval')
+  samples = [{
+      'task_id': 'HumanEval/0',
+      'completion': c
+  } for c in ('def inc(x):\n  return x + 1\n', 'def inc(x):\n  return x\n')]
+  lines = [json.dumps(s) for s in samples + [{'task_id': 'HumanEval/9', 'completion': ''}]]
+  (tmp_path / 'samples.jsonl').write_text('\n'.join(lines) + '\n')
+  got = generative.score_file(task, task.load(str(tmp_path)), str(tmp_path / 'samples.jsonl'))
+  assert (got['n'], got['correct'], got['unmatched']) == (2, 1, 1)

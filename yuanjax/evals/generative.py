@@ -18,7 +18,9 @@ Outputs of Yuan's own runtime (`question[SEP]output` per line, `<n>` for each ne
 tasks/*/eval_for_*.py write them) are matched to items as its scorers do: a line belongs to the
 item whose question (Item.question) is a substring of the line's question part (the longest such
 question here, where Yuan's take the first; newlines and doubled `<n>` compared as Yuan writes
-them). Every matched line is scored, as in Yuan's scorers; unmatched lines are counted.
+them). Every matched line is scored, as in Yuan's scorers; unmatched lines are counted. Its
+HumanEval script writes samples.jsonl instead ({task_id, completion}): each completion is judged
+as it is (Task.correct), for the item of that id.
 """
 from __future__ import annotations
 
@@ -132,14 +134,24 @@ def _flat(text: str) -> str:
   return text.strip()
 
 
-def is_outputs_jsonl(lines: Sequence[str]) -> bool:
-  """Whether lines are this runtime's outputs.jsonl (else Yuan's `question[SEP]output`)."""
+def _first_record(lines: Sequence[str]) -> dict:
+  """The first non-blank line as a JSON object ({} when it is not one)."""
   first = next((line for line in lines if line.strip()), '')
   try:
     record = json.loads(first)
   except json.JSONDecodeError:
-    return False
-  return isinstance(record, dict) and 'output' in record and 'id' in record
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def is_outputs_jsonl(lines: Sequence[str]) -> bool:
+  """Whether lines are this runtime's outputs.jsonl."""
+  return {'id', 'output'} <= set(_first_record(lines))
+
+
+def is_yuan_samples(lines: Sequence[str]) -> bool:
+  """Whether lines are the samples.jsonl of Yuan's HumanEval script."""
+  return {'task_id', 'completion'} <= set(_first_record(lines))
 
 
 def judge_jsonl(task, items, lines: Sequence[str], path: str) -> tuple[list[dict], int]:
@@ -182,11 +194,29 @@ def judge_yuan(task, items, lines: Sequence[str], path: str) -> tuple[list[dict]
   return records, unmatched
 
 
+def judge_yuan_samples(task, items, lines: Sequence[str], path: str) -> tuple[list[dict], int]:
+  """(records, unmatched) of Yuan's HumanEval samples.jsonl: each completion judged as it is."""
+  by_id = {item.id: item for item in items}
+  records, unmatched = [], 0
+  for sample in (json.loads(line) for line in lines if line.strip()):
+    item = by_id.get(sample['task_id'])
+    if item is None:
+      unmatched += 1
+      continue
+    code = sample['completion']
+    records.append(
+        dict(id=item.id, prompt=item.prompt, output=code, extracted=code,
+             correct=bool(task.correct(code, item))))
+  return records, unmatched
+
+
 def score_file(task, items, path: str) -> dict:
-  """results() of an outputs.jsonl or a Yuan-format text file, with `unmatched` lines."""
+  """results() of an outputs.jsonl, a Yuan-format text file or Yuan's HumanEval samples.jsonl,
+  with the number of `unmatched` lines."""
   with open(path, encoding='utf-8') as f:
     lines = f.read().splitlines()
-  judge_lines = judge_jsonl if is_outputs_jsonl(lines) else judge_yuan
+  judge_lines = (judge_jsonl if is_outputs_jsonl(lines) else
+                 judge_yuan_samples if is_yuan_samples(lines) else judge_yuan)
   records, unmatched = judge_lines(task, items, lines, path)
   return dict(results(task.name, records), unmatched=unmatched)
 
