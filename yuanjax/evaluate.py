@@ -16,8 +16,8 @@ tokens_per_sec, over all of outputs.jsonl) is published atomically at the end, a
 
 `score` judges the outputs of a file again: this runtime's outputs.jsonl, the
 `question[SEP]output` text file Yuan's own runtime writes (lines matched to items by question),
-or the samples.jsonl of its HumanEval script ({task_id, completion}), and prints its results JSON as the last line, so both runtimes can be compared on the same
-outputs.
+or the samples.jsonl of its HumanEval script ({task_id, completion}), and prints its results
+JSON as the last line, so both runtimes can be compared on the same outputs.
 
 Everything is checked before the model loads: the task's name, its data file (a missing one is
 an error naming the path and where the files come from), the limits, the output directory, and

@@ -7,8 +7,8 @@ metrics.jsonl (kind 'eval'; TensorBoard tags eval/<name>); `console` and `summar
 them goes to the console line and to the run's summary.
 
 Registered by name (`@register('loss')`): `config.evals.run` names them
-(yuanjax.evals.in_training); a name that is no evaluator's but a task's (yuanjax.evals.task.TASKS) runs that task
-(yuanjax.evals.generative.TaskEval).
+(yuanjax.evals.in_training); a name that is no evaluator's but a task's
+(yuanjax.evals.task.TASKS) runs that task (yuanjax.evals.generative.TaskEval).
 """
 from __future__ import annotations
 

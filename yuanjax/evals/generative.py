@@ -5,10 +5,10 @@ Generation is Yuan's: each item's prompt (Item.prompt, tokenised as is: no BOS; 
 end with `<sep>`) is decoded greedily by yuanjax.generate up to the task's max_new_tokens,
 stopping at `<eod>` (a prompt plus max_new_tokens may run past config.model.max_seq_len, as
 the trainer's sample may); the output is the decoded new text, cut at the first of the task's
-stop strings. Items go in batches of a fixed number of rows (a short last batch is padded with copies
-of its last prompt and those rows dropped), so one program serves every batch of a prompt-length
-bucket. A record is {id, prompt, output, extracted, correct, tokens, seconds}: tokens generated
-(the `<eod>` included), and the batch's wall seconds shared out over its rows.
+stop strings. Items go in batches of a fixed number of rows (a short last batch is padded with
+copies of its last prompt and those rows dropped), so one program serves every batch of a
+prompt-length bucket. A record is {id, prompt, output, extracted, correct, tokens, seconds}:
+tokens generated (the `<eod>` included), and the batch's wall seconds shared out over its rows.
 
 Results: accuracy over n records, with the 95% Wilson score interval (Wilson 1927: it stays
 inside [0, 1] and keeps its coverage at small n and at accuracies near 0 or 1, where the normal
@@ -17,10 +17,10 @@ approximation does not).
 Outputs of Yuan's own runtime (`question[SEP]output` per line, `<n>` for each newline, as its
 tasks/*/eval_for_*.py write them) are matched to items as its scorers do: a line belongs to the
 item whose question (Item.question) is a substring of the line's question part (the longest such
-question here, where Yuan's take the first; newlines and doubled `<n>` compared as Yuan writes
-them). Every matched line is scored, as in Yuan's scorers; unmatched lines are counted. Its
-HumanEval script writes samples.jsonl instead ({task_id, completion}): each completion is judged
-as it is (Task.correct), for the item of that id.
+question here, where Yuan's take the first; newlines and runs of `<n>` compared as Yuan's
+scorers key them: yuan_text). Every matched line is scored, as in Yuan's scorers; unmatched lines
+are counted. Its HumanEval script writes samples.jsonl instead ({task_id, completion}): each
+completion is judged as it is (Task.correct), for the item of that id.
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ from yuanjax import sharding
 from yuanjax.evals import evaluator
 from yuanjax.evals import task as task_lib
 from yuanjax.evals import tasks  # pylint: disable=unused-import  (registers the tasks)
+from yuanjax.evals.tasks import yuan_text
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
-YUAN_SEP, YUAN_NEWLINE = '[SEP]', '<n>'
 
 
 def local_params(params):
@@ -127,11 +127,8 @@ def speed(records: Sequence[dict]) -> dict:
 
 
 def _flat(text: str) -> str:
-  """Text as Yuan's runtime writes it on one line: newlines as <n>, doubled <n> once."""
-  text = text.replace('\n', YUAN_NEWLINE)
-  while YUAN_NEWLINE * 2 in text:
-    text = text.replace(YUAN_NEWLINE * 2, YUAN_NEWLINE)
-  return text.strip()
+  """Text as Yuan's scorers compare questions: newlines as <n>, runs of them squeezed."""
+  return yuan_text.question_key(text.replace('\n', yuan_text.NEWLINE))
 
 
 def _first_record(lines: Sequence[str]) -> dict:
@@ -184,13 +181,13 @@ def judge_yuan(task, items, lines: Sequence[str], path: str) -> tuple[list[dict]
   for line in lines:
     if not line.strip():
       continue
-    head, _, output = line.strip().partition(YUAN_SEP)
+    head, _, output = line.strip().partition(yuan_text.SEP)
     head = _flat(head)
     item = next((item for q, item in questions if q in head), None)
     if item is None:
       unmatched += 1
       continue
-    records.append(judge(task, item, output.strip().replace(YUAN_NEWLINE, '\n')))
+    records.append(judge(task, item, output.strip().replace(yuan_text.NEWLINE, '\n')))
   return records, unmatched
 
 
