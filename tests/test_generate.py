@@ -302,7 +302,7 @@ def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
 
 
 def test_trainer_sample_uses_cached_generation(setup):
-  from yuanjax import sample
+  from yuanjax.evals import sample
   greedy = setup['greedy'][2]
   eod = greedy[3] if greedy[3] not in greedy[:3] else None
   got = sample.greedy(setup['model'], setup['params'], setup['prompts'][2], NEW, eod_id=eod)

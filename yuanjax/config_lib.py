@@ -390,6 +390,9 @@ def base_config() -> ml_collections.ConfigDict:
           optimizer=dict(lr=1e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95, eps=1e-8,
                          weight_decay=0.1, clip_norm=1.0),
           checkpoint=dict(every=500, keep=3, async_save=True),
+          # What runs every train.eval_every steps and at the end (yuanjax.evals.in_training):
+          # run 'loss' and/or TASK:LIMIT, comma-separated; data TASK=PATH, comma-separated.
+          evals=dict(run='loss', data='', batch_size=8),
           mesh=sharding.mesh_config(),
           data=pipeline.data_config(),
       ))

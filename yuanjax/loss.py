@@ -1,6 +1,7 @@
 """The LM loss: token cross-entropy (float32) of the final hidden states against the LM head.
 
   ce_sum = loss.cross_entropy_sum(hidden_BxLxD, head_VxD, targets_BxL, mask_BxL, chunk_len)
+  total, out = loss.loss_fn(params, model, batch, rng)   # a batch through the model
 
 In one piece (`chunk_len` 0, or >= L) it is optax's cross-entropy of the full float32 logits
 [B, L, V]. Tiled (`0 < chunk_len < L`, `config.model.loss_chunk_len`), the sequence is cut into
@@ -143,3 +144,20 @@ def _chunked_bwd(tiling, residuals, g):
 
 
 _chunked_ce_sum.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def loss_fn(params, model, batch, rng, aux_in_loss=True):
+  """The model's training loss on a batch (inputs, targets, loss_mask, segment_ids, positions):
+  mean token cross-entropy (float32) over loss_mask, plus the routers' aux losses; scored in
+  chunks of config.model.loss_chunk_len positions (0: the logits in one piece). The trainer's
+  step and the held-out eval loss (yuanjax.evals.loss) both take it."""
+  (hidden, head), aux = model.apply({'params': params}, batch['inputs'],
+                                    segment_ids=batch['segment_ids'], positions=batch['positions'],
+                                    deterministic=False, rngs={'router': rng}, hidden=True)
+  mask = batch['loss_mask'].astype(f32)
+  n = jnp.maximum(mask.sum(), 1.0)
+  m = model.config
+  lm_loss = cross_entropy_sum(hidden, head, batch['targets'], mask, m.loss_chunk_len,
+                              m.loss_unroll) / n
+  total = lm_loss + aux['aux_loss'] if aux_in_loss else lm_loss
+  return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())

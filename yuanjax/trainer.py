@@ -1,10 +1,11 @@
-"""The trainer: the loss, the pure jitted step, and the loop (mesh, data, state, checkpoints,
-logging, eval and a greedy sample, each owned by its own module).
+"""The trainer: the pure jitted step and the loop (mesh, data, state, checkpoints, logging,
+evaluations and a greedy sample, each owned by its own module: the loss by yuanjax.loss, what
+runs every train.eval_every steps by config.evals and yuanjax.evals).
 
   python -m yuanjax.train --config=configs/demo.py --workdir=/tmp/demo
 
 Writes WORKDIR/metrics.jsonl (one JSON object per logged step, eval lines with
-"kind": "eval"), WORKDIR/tb/ (TensorBoard) and WORKDIR/checkpoints/. Started again with the
+"kind": "eval": yuanjax.evals.in_training), WORKDIR/tb/ (TensorBoard) and WORKDIR/checkpoints/. Started again with the
 same workdir it resumes from the newest readable checkpoint, data iterator included, and
 continues with exactly the losses of an uninterrupted run. SIGTERM/SIGINT save the current
 step and exit 0. A step whose loss or grad norm is not finite halts the run (a HaltError, exit
@@ -34,34 +35,19 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from yuanjax import checkpoint as ckpt_lib
-from yuanjax import config_lib, cost, distributed, finetune, loss as loss_lib
+from yuanjax import config_lib, cost, distributed, finetune
 from yuanjax import metrics as metrics_lib
-from yuanjax import sample as sample_lib
 from yuanjax import sharding, step_guard, train_state
 from yuanjax.data import pipeline as data_pipeline
 from yuanjax.data import streams
+from yuanjax.evals import evaluator, in_training, sample
+from yuanjax.loss import loss_fn
 from yuanjax.train_state import TrainState
 
 f32 = jnp.float32
-
-
-def loss_fn(params, model, batch, rng, aux_in_loss=True):
-  """Mean token cross-entropy (float32) over loss_mask, plus the routers' aux losses; scored in
-  chunks of config.model.loss_chunk_len positions (yuanjax.loss; 0: the logits in one piece)."""
-  (hidden, head), aux = model.apply({'params': params}, batch['inputs'],
-                                    segment_ids=batch['segment_ids'], positions=batch['positions'],
-                                    deterministic=False, rngs={'router': rng}, hidden=True)
-  mask = batch['loss_mask'].astype(f32)
-  n = jnp.maximum(mask.sum(), 1.0)
-  m = model.config
-  lm_loss = loss_lib.cross_entropy_sum(hidden, head, batch['targets'], mask, m.loss_chunk_len,
-                                       m.loss_unroll) / n
-  total = lm_loss + aux['aux_loss'] if aux_in_loss else lm_loss
-  return total, dict(lm_loss=lm_loss, aux=aux, tokens=mask.sum())
 
 
 def train_step(state: TrainState, batch, *, model, optimizer, schedule, grad_accum, seed,
@@ -126,11 +112,6 @@ def batch_sharding(mesh) -> NamedSharding:
 def _update(optimizer, grads, params, opt_state):
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state
-
-
-def eval_step(params, batch, *, model):
-  _, out = loss_fn(params, model, batch, jax.random.key(0), aux_in_loss=False)
-  return out['lm_loss'] * out['tokens'], out['tokens']
 
 
 def check_workdir(workdir: str) -> None:
@@ -233,6 +214,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.train.init_from:
     finetune.resolve_model(config)  # the source's model; before any compile or write
   config_lib.validate(config)
+  eval_specs = in_training.specs(config)
   tcfg = config.train
   is_main = jax.process_index() == 0
   check_workdir(workdir)
@@ -243,7 +225,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rules = sharding.rules(config.mesh)
   config_lib.validate_against_mesh(config, mesh)
   data_sharding = batch_sharding(mesh)
-  replicated = NamedSharding(mesh, P())
 
   # --- Data.
   train_iter, make_eval_iter, tokenizer = streams.make_data(config)
@@ -272,14 +253,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      tcfg.init_from)
 
     step_fn = jit_train_step(config, built, mesh)
-    eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(shardings.params, data_sharding), out_shardings=replicated)
 
     def to_device(batch):  # this process's rows -> the global batch array
       return jax.tree_util.tree_map(
           lambda x: jax.make_array_from_process_local_data(data_sharding, x), batch)
 
     logger = _Logger(config, writer, start, is_main)
+    evaluators = in_training.build(
+        evaluator.Context(config, model, tokenizer, mesh, shardings.params, data_sharding,
+                          make_eval_iter, to_device, logger.sources), eval_specs)
     last_saved = None if restored is None else start
 
     def halt(info, pending):
@@ -309,27 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_saved = step
 
     def evaluate(step):
-      """Eval loss over eval_steps batches (per mixture source: they come round-robin)."""
-      sums = np.zeros((max(len(logger.sources), 1), 2))  # (loss sum, tokens) by source
-      for i, batch in enumerate(make_eval_iter()):
-        if i >= tcfg.eval_steps * len(sums):
-          break
-        source = batch.pop('source', np.zeros(1, np.int32))[0]
-        sums[source] += [float(x) for x in eval_fn(state.params, to_device(batch))]
-      total, count = sums.sum(0)
-      loss = total / max(count, 1.0)
-      per_source = {
-          f'eval_loss/{name}': s / max(n, 1.0) for name, (s, n) in zip(logger.sources, sums)
-      }
-      writer.write(step, {
-          'loss': loss,
-          'perplexity': float(np.exp(min(loss, 50.0))),
-          'tokens': count,
-          **per_source
-      }, kind='eval')  # tokens: the eval tokens scored
-      if is_main:
-        tqdm.tqdm.write(f'step {step}/{tcfg.num_steps} | eval loss {loss:.4f}')
-      return loss
+      return in_training.run(evaluators, state.params, step, writer, is_main, tcfg.num_steps)
 
     def flush(pending):
       """Logs the pending step (fetched now: it is done or nearly) unless it halted."""
@@ -380,18 +342,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.close()
       return {**summary, 'preempted': True}
 
-    summary['eval_loss'] = evaluate(step)
+    summary.update(evaluate(step))
 
-  # The sample runs outside the mesh, on this process's devices (parameters gathered first
-  # when they span processes): one short sequence has nothing to split over a mesh.
+  # The sample runs outside the mesh, on this process's devices (yuanjax.evals.sample).
   if tcfg.sample_tokens:
-    prompt = tcfg.sample_prompt
-    params = state.params
-    if jax.process_count() > 1:
-      params = multihost_utils.process_allgather(params, tiled=True)
-    ids = sample_lib.greedy(model, params, tokenizer.encode(prompt), tcfg.sample_tokens,
-                            eod_id=tokenizer.eod_id)
-    summary['sample'] = prompt + tokenizer.decode(ids)
+    summary['sample'] = sample.end_of_run(model, state.params, tokenizer, tcfg.sample_prompt,
+                                          tcfg.sample_tokens)
     if is_main:
       print(f'--- greedy sample ({tcfg.sample_tokens} tokens) ---\n{summary["sample"]}\n---')
   writer.close()

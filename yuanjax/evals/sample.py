@@ -1,8 +1,10 @@
-"""Greedy sampling for the trainer's end-of-run sample: `yuanjax.generate` (KV cache, one
-jitted decode loop) on one prompt."""
+"""The trainer's end-of-run greedy sample: `yuanjax.generate` (KV cache, one jitted decode
+loop) on one prompt, on this process's devices (the params gathered first when they span
+processes: generation on the training mesh comes with issue 21's sharded inference)."""
 from __future__ import annotations
 
 from yuanjax import generate as generate_lib
+from yuanjax.evals import generative
 
 
 def greedy(model, params, prompt_ids, num_tokens: int, eod_id: int | None = None) -> list[int]:
@@ -16,3 +18,10 @@ def greedy(model, params, prompt_ids, num_tokens: int, eod_id: int | None = None
                                  eod_id=eod_id, max_len=max(P + num_tokens,
                                                             model.config.max_seq_len))
   return generate_lib.strip_eod(out, eod_id)
+
+
+def end_of_run(model, params, tokenizer, prompt: str, num_tokens: int) -> str:
+  """The prompt and its greedy continuation of num_tokens tokens (to <eod>)."""
+  ids = greedy(model, generative.local_params(params), tokenizer.encode(prompt), num_tokens,
+               eod_id=tokenizer.eod_id)
+  return prompt + tokenizer.decode(ids)
