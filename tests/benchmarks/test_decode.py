@@ -40,10 +40,13 @@ def run(capsys, *argv):
 
 def test_prints_the_record_and_no_roofline_on_cpu(workdir, capsys):
   path, cfg = workdir
-  rc, out, err = run(capsys, '--checkpoint', path, '--step', 3, '--batch', B, '--context', N,
+  rc, out, err = run(capsys, '--checkpoint', path, '--step', 3, '--batch', f'1,{B}', '--context', N,
                      '--new_tokens', M)
   assert rc == 0, err
-  rec = json.loads(out.splitlines()[-1])
+  lines = out.splitlines()  # per batch size: a line of text, a JSON record
+  assert len(lines) == 4 and [json.loads(lines[i])['batch'] for i in (1, 3)] == [1, B]
+  assert lines[0].endswith(' s') and ', batch 1: ' in lines[0]
+  rec = json.loads(lines[-1])
   assert rec['device_kind'] == jax.devices()[0].device_kind
   assert rec['bandwidth'] is None and rec['roofline_fraction'] is None  # CPU: unknown
   assert rec['tokens_per_s'] == pytest.approx(B * 1e3 / rec['step_ms'])
