@@ -7,6 +7,7 @@ which is handled)::
     python -m yuanjax.generate --checkpoint PATH --prompt "def fib(n):" [--prompt ...] \\
         [--max_new_tokens 64] [--temperature 0.8 --top_k 50 --top_p 0.95 --seed 0] [--json]
     python -m yuanjax.generate --checkpoint PATH --chat --prompt "Write a haiku"
+    python -m yuanjax.generate --checkpoint PATH --mesh data=2,tensor=2,expert=2 --prompt ...
 
 --chat: the prompt as a fine-tuned model saw its instructions (yuanjax.data.sft.prompt_ids:
 `<sep>` after it; `<n>` in it is a newline); the response alone is printed, up to `<eod>`,
@@ -20,14 +21,31 @@ Python::
                              max_new_tokens=32, temperature=0.7, top_p=0.9, eod_id=tok.eod_id)
     texts = [tok.decode(generate.strip_eod(o, tok.eod_id)) for o in outs]
 
+    # Sharded: the checkpoint restored straight onto its shards, then the same call with mesh=.
+    mesh = generate.make_mesh({'data': 2, 'fsdp': 1, 'expert': 2, 'tensor': 2})
+    place = generate.Placement(mesh)                  # + rules=, default sharding.DEFAULT_RULES
+    model, params, tok = loader.load_checkpoint(
+        path, shardings=lambda m: generate.param_shardings(m, place))
+    outs = generate.generate(model, params, prompts, max_new_tokens=32, mesh=mesh)
+
+Sharded (--mesh NAME=SIZE,... over the config.mesh axes data, fsdp, expert, tensor; absent ones
+1; the sizes multiply to the device count; checked against the checkpoint's config.model before
+any weight is read): the params are split by the logical-axis rules (`yuanjax.sharding`: heads,
+ffn and vocabulary over 'tensor', experts over 'expert', the MoE layers' tokens exchanged by
+all_to_all as in training), the batch rows and the KV cache and LFA state over the 'act_batch'
+axes (data x fsdp x expert; the batch is padded to a multiple of them, the padding rows done
+from the start) with key/value heads over 'tensor'. Prefill and the decode loop run as one
+jitted program with those in/out shardings; no param is gathered. The tokens are one device's.
+
 How: the prompts are right-padded into one [B, P] batch; one cached forward (prefill) over it
 fills every layer's KV cache and LFA state (`yuanjax.model.transformer`, decode=True) and
-gives the first new token of each row from the logits at its last real position; then a
+gives the first new token of each row from the logits at its last real position (only those
+are computed); then a
 `jax.lax.while_loop` feeds one token per row per step into the cache, for at most
 `max_new_tokens - 1` steps, and stops early once every row has emitted `eod_id`. Shapes are
 fixed ([B, P + max_new_tokens] cache, P the longest prompt rounded up to a multiple of 16),
-so the loop compiles once per (batch size, P, max_new_tokens); sampling settings and the seed
-are traced values (changing them does not recompile).
+so the loop compiles once per (batch size, P, max_new_tokens, mesh); sampling settings and the
+seed are traced values (changing them does not recompile; greedy skips the sampler's sort).
 
 Sampling: `temperature == 0` is greedy (argmax). Otherwise the logits are divided by the
 temperature, cut to the `top_k` most likely tokens (0: no cut), then to the smallest set whose
@@ -123,6 +141,17 @@ def cached_forward(model: Transformer, params, cache, tokens_BxL, lengths_B=None
   return logits_BxLxV, aux, state['cache']
 
 
+def prefill(model: Transformer, params, cache, prompt_BxP, lengths_B):
+  """The prompts' cached forward: (logits [B, V] at each row's last real token, the new cache).
+  Only those rows of logits are computed (a [B, P, V] float32 array would be M32's largest)."""
+  ((hidden_BxPxD, head_VxD), _), state = model.apply({
+      'params': params,
+      'cache': cache
+  }, prompt_BxP, decode=True, lengths=lengths_B, hidden=True, mutable=['cache'])
+  last_Bx1xD = jnp.take_along_axis(hidden_BxPxD, (lengths_B - 1)[:, None, None], axis=1)
+  return layers.logits(last_Bx1xD, head_VxD)[:, 0], state['cache']
+
+
 def _run(params, cache, prompt_BxP, lengths_B, rows, key, temperature, top_k, top_p, eod_id, pad_id,
          vocab_limit, *, model: Transformer, max_new_tokens: int):
   """Prefill + while_loop decode into `cache` (zeros, [B, P + N]); rows >= `rows` are padding
@@ -137,8 +166,7 @@ def _run(params, cache, prompt_BxP, lengths_B, rows, key, temperature, top_k, to
     logits, _, cache = cached_forward(model, params, cache, tokens_BxL, lengths)
     return logits, cache
 
-  logits_BxPxV, cache = forward(cache, prompt_BxP, lengths_B)
-  last_BxV = jnp.take_along_axis(logits_BxPxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+  last_BxV, cache = prefill(model, params, cache, prompt_BxP, lengths_B)
   tok_B = sample(last_BxV, jax.random.fold_in(key, 0))
   out_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok_B)
   done_B = (tok_B == eod_id) | (jnp.arange(B) >= rows)
