@@ -91,7 +91,7 @@ def test_cached_decode_matches_full_forward(name, request):
       assert rel_err(logits[b, 0], ref[b, n + t]) < 1e-5, (b, t)
   np.testing.assert_array_equal(state['cache']['index'], np.array(LENGTHS) + NEW)
   kv, cfg = state['cache']['blocks']['layer_0']['attention'], setup['cfg']
-  assert kv['k'].shape == (cfg.num_layers, len(LENGTHS), S, num_kv_heads(cfg), cfg.head_dim)
+  assert kv['k'].shape == (cfg.num_layers, len(LENGTHS), num_kv_heads(cfg), S, cfg.head_dim)
   if cfg.attention_type == 'lfa':
     assert kv['lf']['u_prev'].shape == (cfg.num_layers, len(LENGTHS), 2, cfg.hidden_size)
   else:

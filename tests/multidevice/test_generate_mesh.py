@@ -59,12 +59,12 @@ def test_params_and_cache_are_sharded(run):
   assert out['embedding'] == ['tensor', 'fsdp']  # vocab over tensor
   assert out['wq'] == [None, 'fsdp', 'tensor', None]  # [layers, D, H, K]: heads over tensor
   assert out['w1'] == [None, 'expert', 'fsdp', 'tensor']  # [layers, E, D, 2F]
-  # KV cache [layers, B, S, G, K]: rows over data x expert (x fsdp), heads over tensor.
-  assert out['k'] == [None, BATCH, None, 'tensor', None]
+  # KV cache [layers, B, G, S, K]: rows over data x expert (x fsdp), heads over tensor.
+  assert out['k'] == [None, BATCH, 'tensor', None, None]
   cfg = tiny()
-  assert out['k_shard'] == [cfg.num_layers, 8 // 4, 32, cfg.num_heads // 2, cfg.head_dim]
+  assert out['k_shard'] == [cfg.num_layers, 8 // 4, cfg.num_heads // 2, 32, cfg.head_dim]
   assert out['u_prev'] == [None, BATCH, None, None]  # LFA state: rows split
-  assert run[2]['tensor=2,data=4']['k'] == [None, BATCH, None, 'tensor', None]
+  assert run[2]['tensor=2,data=4']['k'] == [None, BATCH, 'tensor', None, None]
 
 
 @pytest.mark.parametrize('mesh', sorted(cases.REFUSED))

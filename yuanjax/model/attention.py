@@ -18,8 +18,11 @@ exactly its stand-alone result.
 
 Decoding (`decode=True`; one sequence per row, no segments). State in the 'cache' collection,
 created by `yuanjax.model.transformer.init_cache`:
-  attention/k, attention/v   [B, S, G, K] (compute dtype): keys (after rotary) and values of
-                             cache slots 0..S-1; slot = the token's position in its row
+  attention/k, attention/v   [B, G, S, K] (compute dtype): keys (after rotary) and values of
+                             cache slots 0..S-1; slot = the token's position in its row. Heads
+                             before slots: the attention's batched dots (over rows and heads)
+                             read them as they lie (in [B, S, G, K] a CPU copied the whole
+                             cache into that order at every step)
   attention/lf/u_prev        [B, 2, D]: the last two LF inputs u[p-2], u[p-1] of each row
                              (zeros before the row's start: u[-2] = u[-1] = 0); LFA only
 A call feeds a chunk of L tokens per row at positions p..p+L-1 (p differs per row): the chunk's
@@ -141,16 +144,18 @@ def attention_mask(segment_ids_BxL, q_len: int, kv_len: int):
   return causal_LxS[None, None] & same_BxLxS[:, None]
 
 
-def xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale: float):
+def xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale: float,
+                  heads_first: bool = False):
   """Reference attention: einsum, float32 logits and softmax. G (key/value heads) divides H;
   query head h reads key/value head h // R (R = H / G) without repeating the keys/values
-  (for G = H, plain multi-head einsums: the same ops as before GQA existed, bit for bit)."""
-  (B, L, H, K), G = q_BxLxHxK.shape, k_BxSxGxK.shape[2]
+  (for G = H, plain multi-head einsums: the same ops as before GQA existed, bit for bit).
+  heads_first: the keys and values come as [B, G, S, K] (the decode cache's layout)."""
+  (B, L, H, K), G = q_BxLxHxK.shape, k_BxSxGxK.shape[1 if heads_first else 2]
   q, mask = q_BxLxHxK, mask_Bx1xLxS
-  q_axes, k_axes, logit_axes = 'blhk', 'bshk', 'bhls'
+  q_axes, k_axes, logit_axes = 'blhk', 'bhsk' if heads_first else 'bshk', 'bhls'
   if G < H:
     q, mask = q.reshape(B, L, G, H // G, K), mask[:, :, None]
-    q_axes, k_axes, logit_axes = 'blgrk', 'bsgk', 'bgrls'
+    q_axes, k_axes, logit_axes = 'blgrk', 'bgsk' if heads_first else 'bsgk', 'bgrls'
   logits = jnp.einsum(f'{q_axes},{k_axes}->{logit_axes}', q, k_BxSxGxK,
                       preferred_element_type=f32) * scale
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(f32).min), axis=-1)
@@ -363,15 +368,17 @@ class Attention(nn.Module):
     The cache is created by init_cache with the maximum length as L (see the module doc)."""
     B, L, G, K = k_BxLxGxK.shape
     dtype = layers.dtype_of(self.config.dtype)
-    cached_k = self.variable('cache', 'k', jnp.zeros, (B, L, G, K), dtype)
-    cached_v = self.variable('cache', 'v', jnp.zeros, (B, L, G, K), dtype)
-    slots = (jnp.arange(B)[:, None], positions_BxL)
+    cached_k = self.variable('cache', 'k', jnp.zeros, (B, G, L, K), dtype)
+    cached_v = self.variable('cache', 'v', jnp.zeros, (B, G, L, K), dtype)
+    # [rows, :, positions]: the indexed dims come first, so the update is [B, L, G, K].
+    slots = (jnp.arange(B)[:, None], slice(None), positions_BxL)
     for var, new_BxLxGxK in ((cached_k, k_BxLxGxK), (cached_v, v_BxLxGxK)):
       var.value = var.value.at[slots if block is None else
                                (block, *slots)].set(new_BxLxGxK, mode='drop')
-    k_BxSxGxK, v_BxSxGxK = cache_block(cached_k, block), cache_block(cached_v, block)
-    mask_Bx1xLxS = (jnp.arange(k_BxSxGxK.shape[1]) <= positions_BxL[:, :, None])[:, None]
-    return xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, self.config.head_dim**-0.5)
+    k_BxGxSxK, v_BxGxSxK = cache_block(cached_k, block), cache_block(cached_v, block)
+    mask_Bx1xLxS = (jnp.arange(k_BxGxSxK.shape[2]) <= positions_BxL[:, :, None])[:, None]
+    return xla_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS, self.config.head_dim**-0.5,
+                         heads_first=True)
 
 
 def cache_block(var, block):

@@ -36,7 +36,7 @@ Cached decoding (what `yuanjax.generate` uses; one sequence per row, right-padde
 Each call appends a chunk of L tokens to every row at positions index..index+L-1 (index [B]
 lives in the cache and starts at 0), of which the first lengths_B (default L) are real; the
 row's index then advances by its length. Prefill is one call with the padded prompts, each
-decode step a call with L = 1. The cache holds, per layer, keys/values [B, max_len, G, K] and,
+decode step a call with L = 1. The cache holds, per layer, keys/values [B, G, max_len, K] and,
 for LFA, its state (the last two LF inputs; `yuanjax.model.attention`). Logits at padded places
 are meaningless. Routing must be per token and must not drop (a causal router with the
 `dropless` or `dense` dispatch) for decoding to reproduce the full forward; `capacity`
@@ -195,8 +195,8 @@ class Transformer(nn.Module):
 
 # The logical axes of each cache leaf (by name; 'layers' is the stacked blocks' axis).
 CACHE_AXES = {
-    'k': ('layers', 'act_batch', 'act_len', 'act_heads', 'act_kv'),
-    'v': ('layers', 'act_batch', 'act_len', 'act_heads', 'act_kv'),
+    'k': ('layers', 'act_batch', 'act_heads', 'act_len', 'act_kv'),
+    'v': ('layers', 'act_batch', 'act_heads', 'act_len', 'act_kv'),
     'u_prev': ('layers', 'act_batch', None, 'act_embed'),
     'index': ('act_batch',),
 }
