@@ -244,7 +244,8 @@ _COMPILED: dict[tuple, object] = {}
 
 def _compiled_run(config: ml_collections.ConfigDict, place: Placement | None, max_new_tokens: int):
   """The jitted `_run` for a generation config, a placement and a number of new tokens (one per
-  triple; jit caches shapes): on a mesh, every input and output in its sharding."""
+  triple; jit caches shapes): on a mesh, every input in its sharding, the (small) outputs
+  replicated, so that every process can read them."""
   key = (json.dumps(config.to_dict(), sort_keys=True, default=str), place, max_new_tokens)
   if key not in _COMPILED:
     if len(_COMPILED) >= 8:
@@ -256,7 +257,7 @@ def _compiled_run(config: ml_collections.ConfigDict, place: Placement | None, ma
       cache = place.tree(cache_axes(jax.eval_shape(lambda: init_cache(model, 1, 1))))
       shardings = dict(
           in_shardings=(param_shardings(config, place), cache, rows, rows, *(one,) * 8),
-          out_shardings=(rows, rows))
+          out_shardings=(one, one))
     _COMPILED[key] = jax.jit(functools.partial(_run, model=model, max_new_tokens=max_new_tokens),
                              **shardings)
   return _COMPILED[key]
