@@ -274,6 +274,18 @@ def save_workdir(workdir, setup, scales, saved_model=None):
     mngr.wait_until_finished()
 
 
+def save_random_workdir(workdir, cfg, step: int = 1):
+  """A training workdir whose checkpoint `step` holds random params (0.3 N(0, 1), seed 0) of
+  config.model `cfg`; returns them."""
+  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
+      nn.unbox(abstract)['params'])
+  save_workdir(workdir, {'cfg': cfg, 'params': params}, {step: 1.0})
+  return params
+
+
 def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):
   """WORKDIR/checkpoints/<step>/{state,meta} as the trainer writes them (state: the train
   state's fields; meta: the config json); the tokenizer given with --tokenizer."""

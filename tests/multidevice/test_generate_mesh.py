@@ -7,18 +7,14 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from tests.model.helpers import tiny
 from tests.multidevice import generate_cases as cases
-from tests.test_generate import save_workdir
+from tests.test_generate import save_random_workdir
 from yuanjax import generate as gen
 from yuanjax import loader
-from yuanjax.model import Transformer
 
 BATCH = ['data', 'fsdp', 'expert']  # sharding.BATCH_AXES: rows over every non-tensor axis
 
@@ -27,13 +23,8 @@ BATCH = ['data', 'fsdp', 'expert']  # sharding.BATCH_AXES: rows over every non-t
 def run(tmp_path_factory):
   """(one device's tokens, the worker's JSON) for a workdir holding random tiny-M32 params
   (vocabulary 96: the embedding splits over tensor=2)."""
-  cfg = tiny(**{'vocab_size': 96, 'moe.dispatch': 'capacity'})
-  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
-                        nn.unbox(abstract)['params'])
   path = tmp_path_factory.mktemp('gen_mesh') / 'workdir'
-  save_workdir(path, {'cfg': cfg, 'params': params}, {1: 1.0})
+  save_random_workdir(path, tiny(**{'vocab_size': 96, 'moe.dispatch': 'capacity'}))
   worker = os.path.join(os.path.dirname(__file__), 'generate_worker.py')
   proc = subprocess.Popen([sys.executable, worker, str(path)], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
