@@ -12,9 +12,10 @@ decode steps run in one jitted loop, after a warm-up step on a copy of the cache
 up to `block_until_ready`. One device (the default one).
 
 Per batch size, a line of text and then one of JSON: tokens_per_s (B x M / s), step_ms,
-prefill_s, compile_s, device_kind, experts_per_layer (distinct routed experts per MoE layer per step, measured in the
-timed steps), bytes_per_step and its parts (`yuanjax.cost.decode_bytes_per_step`: params +
-those experts + the KV cache at the mean attended context N + (M + 1) / 2 + the LFA state; with
+prefill_s, compile_s, device_kind, experts_per_layer (distinct routed experts per MoE layer per
+step, measured in the timed steps), bytes_per_step and its parts
+(`yuanjax.cost.decode_bytes_per_step`: params + those experts + the KV cache at the mean attended
+context N + (M + 1) / 2 + the LFA state; with
 --quantize int8 the weights at `yuanjax.quantize.bytes_per_param`, about 1 byte, not 2 or 4),
 bandwidth (bytes/s of the device kind, `yuanjax.cost.DEVICES`; null where unknown)
 and roofline_fraction = bytes_per_step / step_s / bandwidth (null on the CPU). Decoding here

@@ -244,8 +244,9 @@ _COMPILED: dict[tuple, object] = {}
 
 def _compiled_run(config: ml_collections.ConfigDict, place: Placement | None, max_new_tokens: int):
   """The jitted `_run` for a generation config, a placement and a number of new tokens (one per
-  triple; jit caches shapes): on a mesh, every input in its sharding, the (small) outputs
-  replicated, so that every process can read them."""
+  triple; jit caches shapes): on a mesh, the params in their own shardings (`param_shardings`,
+  or int8 values and scales derived from them: `_check_on_mesh`), every other input in its
+  sharding, the (small) outputs replicated, so that every process can read them."""
   key = (json.dumps(config.to_dict(), sort_keys=True, default=str), place, max_new_tokens)
   if key not in _COMPILED:
     if len(_COMPILED) >= 8:
@@ -256,7 +257,7 @@ def _compiled_run(config: ml_collections.ConfigDict, place: Placement | None, ma
       rows, one = place.sharding('act_batch'), place.sharding()
       cache = place.tree(cache_axes(jax.eval_shape(lambda: init_cache(model, 1, 1))))
       shardings = dict(
-          in_shardings=(param_shardings(config, place), cache, rows, rows, *(one,) * 8),
+          in_shardings=(None, cache, rows, rows, *(one,) * 8),  # params: as they lie
           out_shardings=(one, one))
     _COMPILED[key] = jax.jit(functools.partial(_run, model=model, max_new_tokens=max_new_tokens),
                              **shardings)
@@ -317,6 +318,7 @@ def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]]
       mesh, sharding.DEFAULT_RULES if rules is None else tuple(rules))
   if place is not None:
     config_lib.validate_model_against_mesh(m, mesh)
+    _check_on_mesh(params, mesh)
   batch, lengths = _batch(prompts, 1 if place is None else place.rows)
   gm = generation_config(m)
   run = _compiled_run(gm, place, int(max_new_tokens))
@@ -328,6 +330,16 @@ def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]]
                          jnp.float32(top_p), jnp.int32(eod), jnp.int32(max(eod, 0)),
                          jnp.int32(vocab_limit))
   return np.asarray(tokens)[:len(prompts)], np.asarray(counts)[:len(prompts)]
+
+
+def _check_on_mesh(params, mesh: jax.sharding.Mesh) -> None:
+  """ValueError naming the first param that is not a jax.Array on `mesh`'s devices."""
+  devices = set(mesh.devices.flat)
+  for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
+    if not isinstance(a, jax.Array) or not a.sharding.device_set <= devices:
+      raise ValueError(f'params{jax.tree_util.keystr(path)}: not on the mesh; load the params onto '
+                       'it: loader.load(path, shardings=lambda m: '
+                       'generate.param_shardings(m, generate.Placement(mesh)))')
 
 
 def _batch(prompts, multiple: int) -> tuple[np.ndarray, np.ndarray]:
@@ -356,9 +368,10 @@ def generate(model: Transformer, params, prompts: Sequence[Sequence[int]], *, ma
   `seed`. max_len (default config.model.max_seq_len) bounds prompt + new tokens. vocab_limit:
   ids >= it are never generated (a model vocabulary padded beyond the tokenizer's).
   `model.config.moe.dispatch` 'capacity' runs as 'dropless' (see the module docstring).
-  mesh: run on this device mesh (`make_mesh`), the params on it in `param_shardings` (placed
-  there if they are not), with `rules` (default `yuanjax.sharding.DEFAULT_RULES`); the batch is
-  padded to a multiple of the devices it is split over. The tokens are one device's.
+  mesh: run on this device mesh (`make_mesh`), the params already on it (`param_shardings`,
+  e.g. by `loader.load(..., shardings=...)`; a ValueError names one that is not), with `rules`
+  (default `yuanjax.sharding.DEFAULT_RULES`); the batch is padded to a multiple of the devices
+  it is split over. The tokens are one device's.
   Raises ValueError naming the argument for an empty or too long prompt, an id outside the
   vocabulary, a bad setting, or a mesh the model does not divide over.
   """
