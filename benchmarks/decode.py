@@ -1,19 +1,21 @@
 """Times cached decoding of a checkpoint: tokens/s and the fraction of the memory-bandwidth roofline.
 
-  python benchmarks/decode.py --checkpoint WORKDIR_OR_DIR [--step S] --batch B --context N \\
-      [--new_tokens M] [--dtype bfloat16] [--param_dtype bfloat16] [--quantize int8]
+  python benchmarks/decode.py --checkpoint WORKDIR_OR_DIR [--step S] [--batch 1,4,16,64] \\
+      --context N [--new_tokens M] [--dtype bfloat16] [--param_dtype bfloat16] [--quantize int8]
 
 Loads the checkpoint as `yuanjax.generate` does (an HF dir, a converted dir or a training
 workdir; `--step` picks a workdir's checkpoint) and runs the model as generation runs it
-(`generate.generation_config`: a dispatch that never drops). B rows of N random prompt tokens
+(`generate.generation_config`: a dispatch that never drops), at each batch size B of --batch
+(default 1, 4, 16 and 64; each compiled apart). B rows of N random prompt tokens
 fill a [B, N + M] KV cache in one prefill (timed apart, compile excluded); then M greedy one-token
 decode steps run in one jitted loop, after a warm-up step on a copy of the cache, and are timed
 up to `block_until_ready`. One device (the default one).
 
-The last line printed is JSON: tokens_per_s (B x M / s), step_ms, prefill_s, compile_s,
-device_kind, experts_per_layer (distinct routed experts per MoE layer per step, measured in the
-timed steps), bytes_per_step and its parts (`yuanjax.cost.decode_bytes_per_step`: params +
-those experts + the KV cache at the mean attended context N + (M + 1) / 2 + the LFA state; with
+Per batch size, a line of text and then one of JSON: tokens_per_s (B x M / s), step_ms,
+prefill_s, compile_s, device_kind, experts_per_layer (distinct routed experts per MoE layer per
+step, measured in the timed steps), bytes_per_step and its parts
+(`yuanjax.cost.decode_bytes_per_step`: params + those experts + the KV cache at the mean attended
+context N + (M + 1) / 2 + the LFA state; with
 --quantize int8 the weights at `yuanjax.quantize.bytes_per_param`, about 1 byte, not 2 or 4),
 bandwidth (bytes/s of the device kind, `yuanjax.cost.DEVICES`; null where unknown)
 and roofline_fraction = bytes_per_step / step_s / bandwidth (null on the CPU). Decoding here
@@ -118,7 +120,10 @@ def _parse(argv):
   p.add_argument('--checkpoint', required=True,
                  help='HF dir, converted (from-hf) dir, or yuanjax training workdir')
   p.add_argument('--step', type=int, default=None, help="a workdir's checkpoint (default newest)")
-  p.add_argument('--batch', type=int, required=True, help='rows decoded together (B)')
+  p.add_argument(
+      '--batch', type=_batches, default=(1, 4, 16, 64),
+      help='rows decoded together (B), or several sizes, comma-separated (each timed '
+      'apart); default 1,4,16,64')
   p.add_argument('--context', type=int, required=True, help='prompt tokens in the cache (N)')
   p.add_argument('--new_tokens', type=int, default=32, help='timed decode steps (M)')
   p.add_argument('--dtype', default=None, help='compute dtype override (cache dtype too)')
@@ -131,8 +136,18 @@ def _parse(argv):
   return p.parse_args(argv)
 
 
+def _batches(text: str) -> tuple[int, ...]:
+  try:
+    return tuple(int(b) for b in text.split(','))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r}: expected B or B1,B2,... (integers)') from None
+
+
 def _check_args(args) -> None:
-  for name in ('batch', 'context', 'new_tokens'):
+  for b in args.batch:
+    if b < 1:
+      raise ValueError(f'--batch={",".join(map(str, args.batch))}: must be >= 1')
+  for name in ('context', 'new_tokens'):
     if getattr(args, name) < 1:
       raise ValueError(f'--{name}={getattr(args, name)}: must be >= 1')
   for name in ('dtype', 'param_dtype'):
@@ -164,15 +179,17 @@ def main(argv=None) -> int:
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
-  timing = measure(model, params, args.batch, args.context, args.new_tokens, args.seed)
-  rec = report(model.config, args.batch, args.context, args.new_tokens, timing,
-               jax.devices()[0].device_kind, args.quantize)
-  rec = dict(checkpoint=args.checkpoint, step=args.step, quantize=args.quantize, **rec)
-  print(f"{rec['device_kind']}: {rec['tokens_per_s']:.1f} tokens/s, {rec['step_ms']:.2f} ms/step, "
-        f"{rec['bytes_per_step'] / 1e6:.2f} MB read/step (weights "
+  for batch in args.batch:
+    timing = measure(model, params, batch, args.context, args.new_tokens, args.seed)
+    rec = report(model.config, batch, args.context, args.new_tokens, timing,
+                 jax.devices()[0].device_kind, args.quantize)
+    rec = dict(checkpoint=args.checkpoint, step=args.step, quantize=args.quantize, **rec)
+    print(
+        f"{rec['device_kind']}, batch {batch}: {rec['tokens_per_s']:.1f} tokens/s, "
+        f"{rec['step_ms']:.2f} ms/step, {rec['bytes_per_step'] / 1e6:.2f} MB read/step (weights "
         f"{(rec['bytes']['params'] + rec['bytes']['experts']) / 1e6:.2f} MB, {args.quantize}), "
-        f"prefill {rec['prefill_s']:.3f} s")
-  print(json.dumps(rec))
+        f"prefill {rec['prefill_s']:.3f} s", flush=True)
+    print(json.dumps(rec), flush=True)
   return 0
 
 

@@ -91,7 +91,7 @@ def test_cached_decode_matches_full_forward(name, request):
       assert rel_err(logits[b, 0], ref[b, n + t]) < 1e-5, (b, t)
   np.testing.assert_array_equal(state['cache']['index'], np.array(LENGTHS) + NEW)
   kv, cfg = state['cache']['blocks']['layer_0']['attention'], setup['cfg']
-  assert kv['k'].shape == (cfg.num_layers, len(LENGTHS), S, num_kv_heads(cfg), cfg.head_dim)
+  assert kv['k'].shape == (cfg.num_layers, len(LENGTHS), num_kv_heads(cfg), S, cfg.head_dim)
   if cfg.attention_type == 'lfa':
     assert kv['lf']['u_prev'].shape == (cfg.num_layers, len(LENGTHS), 2, cfg.hidden_size)
   else:
@@ -272,6 +272,18 @@ def save_workdir(workdir, setup, scales, saved_model=None):
       meta = ocp.args.JsonSave({'step': step, 'config': json.dumps(config)})
       mngr.save(step, args=ocp.args.Composite(state=state, meta=meta))
     mngr.wait_until_finished()
+
+
+def save_random_workdir(workdir, cfg, step: int = 1):
+  """A training workdir whose checkpoint `step` holds random params (0.3 N(0, 1), seed 0) of
+  config.model `cfg`; returns them."""
+  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
+      nn.unbox(abstract)['params'])
+  save_workdir(workdir, {'cfg': cfg, 'params': params}, {step: 1.0})
+  return params
 
 
 def test_cli_on_training_workdir(setup, hf_dirs, tmp_path, capsys):

@@ -229,3 +229,56 @@ def test_explicit_splash_is_planned_on_tpus_only():
   assert list(plan.plan(config)['fits']) == tpus
   with pytest.raises(ValueError, match=r"config\.model\.attention_backend='splash'.* gpu"):
     plan.plan(config, device_kind='H100-80G')
+
+
+def _inference_by_hand(config, B: int, S: int, weight_bytes: float, dp: int = 1, tp: int = 1):
+  """Weights, KV cache and LFA state per device of tiny (float32 cache; params not split):
+  counted from the config's sizes, not from any tree."""
+  m = config.model
+  facts = cost.model_facts(m)
+  L, G, K, D = m.num_layers, m.num_kv_heads or m.num_heads, m.head_dim, m.hidden_size
+  rows = -(-B // dp)
+  return dict(weights=facts['total_params'] * weight_bytes,
+              kv_cache=2 * L * rows * S * (G // tp) * K * 4 + rows * 4,
+              lfa_state=L * rows * 2 * D * 4)
+
+
+@pytest.mark.parametrize('weight_bytes', [None, 1])
+def test_inference_memory_is_weights_cache_and_lfa_state(weight_bytes):
+  config = tiny.get_config()
+  config.mesh.data = 1
+  r = plan.inference(config, 3, 40, weight_bytes)
+  want = _inference_by_hand(config, 3, 40, 4 if weight_bytes is None else 1)
+  assert {k: v for k, v in r['per_device'].items() if k != 'total'} == want
+  assert r['per_device']['total'] == sum(want.values())
+  assert r['devices'] == 1 and r['weight_bytes'] == (weight_bytes or 4)
+
+
+def test_inference_cache_splits_rows_over_data_and_heads_over_tensor():
+  config = tiny.get_config()
+  config.mesh.data, config.mesh.tensor = 2, 2
+  r = plan.inference(config, 5, 64, 1)  # 5 rows: 3 per device (generation pads to 6)
+  want = _inference_by_hand(config, 5, 64, 1, dp=2, tp=2)
+  assert r['per_device']['kv_cache'] == want['kv_cache']
+  assert r['per_device']['lfa_state'] == want['lfa_state']
+  assert r['per_device']['weights'] < want['weights']  # heads, ffn, vocab split over tensor
+  with pytest.raises(ValueError, match='--inference_batch=0: must be >= 1'):
+    plan.inference(config, 0, 64)
+  config.mesh.expert = 16
+  with pytest.raises(ValueError, match='config.model.num_experts=8: must be divisible'):
+    plan.inference(config, 4, 64, devices=64)
+
+
+def test_cli_inference_prints_table_then_json():
+  r = subprocess.run([
+      sys.executable, '-m', 'yuanjax.plan', f'--config={REPO}/configs/tiny.py',
+      '--config.mesh.data=1', '--inference_batch=2', '--inference_context=16', '--weight_bytes=1',
+      '--device_kind=H100-80G'
+  ], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
+                     timeout=300, check=False)
+  assert r.returncode == 0, r.stderr
+  lines = r.stdout.strip().splitlines()
+  out = json.loads(lines[-1])
+  assert lines[0].startswith('inference: mesh data=1 fsdp=1 expert=1 tensor=1 (1 devices)')
+  assert out['per_device']['total'] == sum(v for k, v in out['per_device'].items() if k != 'total')
+  assert out['fits'] == {'H100-80G': True} and 'H100-80G' in lines[-2]

@@ -350,7 +350,11 @@ def validate_against_mesh(config: ml_collections.ConfigDict, mesh) -> None:
          f'must be divisible by the number of processes ({jax.process_count()})')
   _check(t.data_shards % jax.process_count() == 0, 'train.data_shards', t.data_shards,
          f'must be 0 or a multiple of the number of processes ({jax.process_count()})')
-  m = config.model
+  validate_model_against_mesh(config.model, mesh)
+
+
+def validate_model_against_mesh(m: ml_collections.ConfigDict, mesh) -> None:
+  """config.model's sizes that the mesh splits (experts, ffn, heads) divide by its axes."""
   if m.moe_every:
     _check(m.num_experts % mesh.shape['expert'] == 0, 'model.num_experts', m.num_experts,
            f"must be divisible by config.mesh.expert={mesh.shape['expert']}")
@@ -361,6 +365,8 @@ def validate_against_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   G = attention.num_kv_heads(m)
   _check(G % mesh.shape['tensor'] == 0, 'model.num_kv_heads', G,
          f"must be divisible by config.mesh.tensor={mesh.shape['tensor']}")
+  _check(m.vocab_size % mesh.shape['tensor'] == 0, 'model.vocab_size', m.vocab_size,
+         f"must be divisible by config.mesh.tensor={mesh.shape['tensor']} (the embedding's split)")
 
 
 def base_config() -> ml_collections.ConfigDict:

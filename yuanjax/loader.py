@@ -189,10 +189,10 @@ def load(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: 
 
 
 def load_model(path, *, overrides: Mapping[str, object] | None = None, exact_hf_rope: bool = False,
-               step: int | None = None, quantize: str = 'none'):
+               step: int | None = None, quantize: str = 'none', shardings: Shardings | None = None):
   """(Transformer, params) of an HF dir, a converted dir or a training workdir (`load`)."""
   m, params = load(path, overrides=overrides, exact_hf_rope=exact_hf_rope, step=step,
-                   quantize=quantize)
+                   quantize=quantize, shardings=shardings)
   return Transformer(m), params
 
 
@@ -260,19 +260,20 @@ def load_tokenizer(path: str, model_file: str | None = None):
   return tokenizer.Tokenizer(model, **options)
 
 
-def load_checkpoint(path, *, exact_hf_rope: bool = False,
-                    overrides: Mapping[str, object] | None = None, tokenizer: str | None = None,
-                    step: int | None = None, quantize: str = 'none'):
+def load_checkpoint(path, *, exact_hf_rope: bool = False, overrides: Mapping[str, object] |
+                    None = None, tokenizer: str | None = None, step: int | None = None,
+                    quantize: str = 'none', shardings: Shardings | None = None):
   """(Transformer, params, tokenizer) of an HF dir, a converted dir or a training workdir.
 
   tokenizer: a sentencepiece .model to use instead of the checkpoint's (for HF/converted dirs
   it is loaded with the model type's conventions: Yuan's '<n>' newlines, Mixtral's '<s>' and
   '</s>'; for workdirs as our trained ones are). Workdirs: the data config's tokenizer.
-  quantize: as for `load`.
+  quantize: as for `load`. shardings: as `load`'s (e.g. `yuanjax.generate.param_shardings` on a
+  mesh).
   """
   from yuanjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from yuanjax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
-  m, params, config = _resolve(path, overrides, exact_hf_rope, step, None, quantize)
+  m, params, config = _resolve(path, overrides, exact_hf_rope, step, shardings, quantize)
   if config is None:  # an HF or converted dir: its model's conventions (Yuan's, Mixtral's)
     tok = load_tokenizer(os.fspath(path), model_file=tokenizer)
   else:

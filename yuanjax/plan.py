@@ -74,6 +74,7 @@ from __future__ import annotations
 import json
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -295,6 +296,89 @@ def _backward_extra(config, mesh_shape: dict, tokens: float, one_layer: float,
   return casts + max(loss_bytes(config, mesh_shape, tokens), one_block_grads + one_layer)
 
 
+def inference_leaves(config, mesh_shape: dict, batch: int, context: int) -> list[dict]:
+  """Every leaf that generation keeps (`yuanjax.generate` on a mesh): the params ('weights')
+  and the decode cache of `batch` rows x `context` slots (`init_cache`: 'kv_cache' for the keys,
+  values and row positions, 'lfa_state' for LFA's last two inputs), each with its mesh spec
+  under `config.mesh.rules` (the cache by `transformer.cache_axes`) and its element count per
+  device."""
+  from yuanjax import generate, train_state  # pylint: disable=g-import-not-at-top  (heavy)
+  from yuanjax.model import Transformer, transformer  # pylint: disable=g-import-not-at-top
+  m, rules = generate.generation_config(config.model), sharding.rules(config.mesh)
+  params = train_state.abstract_params(m, boxed=True)
+  cache = jax.eval_shape(lambda: transformer.init_cache(Transformer(m), batch, context))
+  parts = {'k': 'kv_cache', 'v': 'kv_cache', 'index': 'kv_cache', 'u_prev': 'lfa_state'}
+  out = []
+  for tree, logical, part in ((train_state.strip_boxes(params), nn.get_partition_spec(params),
+                               None), (cache, transformer.cache_axes(cache), 'cache')):
+    specs = jax.tree_util.tree_leaves(nn.logical_to_mesh(logical, rules),
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    for (path, leaf), spec in zip(flat, specs, strict=True):
+      out.append(
+          dict(part=parts[path[-1].key] if part else 'weights', path=jax.tree_util.keystr(path),
+               shape=tuple(leaf.shape), dtype=str(leaf.dtype), spec=tuple(spec),
+               per_device=shard_bytes(leaf.shape, np.int8, spec, mesh_shape)))
+  return out
+
+
+def inference(config: ml_collections.ConfigDict, batch: int, context: int,
+              weight_bytes: float | None = None, devices: int | None = None,
+              device_kind: str | None = None) -> dict:
+  """Bytes per device of generating `batch` rows of `context` tokens (prompt + new) on the
+  config's mesh: weights (every param at `weight_bytes` bytes; default the compute dtype's:
+  2 for bfloat16, 1 for int8 weights), the KV cache and the LFA state (compute dtype; the row
+  positions int32), their total, and whether it fits each device kind at HEADROOM. The batch
+  is split over the 'act_batch' mesh axes (rounded up per device, as generation pads it),
+  key/value heads over tensor. Not counted: the step's transient activations (for a prefill of
+  P tokens, one layer's, and the attention scores, B H P S float32 split like the cache)."""
+  config_lib.validate_model(config.model)
+  for name, v in (('--inference_batch', batch), ('--inference_context', context)):
+    if v < 1:
+      raise ValueError(f'{name}={v}: must be >= 1')
+  mesh_shape = _resolve_mesh(config, devices)
+  config_lib.validate_model_against_mesh(config.model, _FakeMesh(mesh_shape))
+  b = np.dtype(jnp.dtype(config.model.dtype)).itemsize
+  weight_bytes = b if weight_bytes is None else weight_bytes
+  if weight_bytes <= 0:
+    raise ValueError(f'--weight_bytes={weight_bytes}: must be > 0')
+  leaves = inference_leaves(config, mesh_shape, batch, context)
+  per_device = dict.fromkeys(('weights', 'kv_cache', 'lfa_state'), 0.0)
+  for x in leaves:
+    size = weight_bytes if x['part'] == 'weights' else np.dtype(x['dtype']).itemsize
+    per_device[x['part']] += x['per_device'] * size
+  per_device['total'] = sum(per_device.values())
+  kinds = [check_device_kind(device_kind)] if device_kind else cost.planned_devices()
+  memory = {k: cost.memory_gib(k) for k in kinds}
+  return dict(mesh=mesh_shape, devices=math.prod(mesh_shape.values()), batch=batch, context=context,
+              weight_bytes=weight_bytes, cache_dtype=config.model.dtype, per_device=per_device,
+              headroom=HEADROOM, device_memory_gib=memory,
+              fits={k: per_device['total'] <= HEADROOM * memory[k] * GiB for k in kinds})
+
+
+class _FakeMesh:
+  """What `config_lib.validate_model_against_mesh` reads of a mesh: its axis sizes."""
+
+  def __init__(self, shape: dict):
+    self.shape = shape
+
+
+def format_inference(r: dict) -> str:
+  mesh = ' '.join(f'{k}={v}' for k, v in r['mesh'].items())
+  lines = [
+      f"inference: mesh {mesh} ({r['devices']} devices); batch {r['batch']} x context "
+      f"{r['context']}; weights {r['weight_bytes']:g} bytes/param, cache {r['cache_dtype']}",
+      f"{'':12} {'GiB/device':>10}"
+  ]
+  lines += [f'{k:12} {v / GiB:10.2f}' for k, v in r['per_device'].items()]
+  for k, ok in r['fits'].items():
+    usable = HEADROOM * r['device_memory_gib'][k]
+    lines.append(f"{k:12} {r['device_memory_gib'][k]:>6} GiB: {'fits' if ok else 'does NOT fit'} "
+                 f"({r['per_device']['total'] / GiB:.1f} GiB of {usable:.1f} usable at "
+                 f'{HEADROOM:.0%})')
+  return '\n'.join(lines)
+
+
 def xla_memory(config: ml_collections.ConfigDict) -> dict:
   """XLA's memory_analysis of the real train step (`trainer.jit_train_step`: optimizer and step
   guard included), compiled on this machine's devices for `config.mesh` (one device unless the
@@ -337,6 +421,14 @@ def format_table(r: dict) -> str:
 
 def main(argv):
   del argv
+  if _INFERENCE_BATCH.value is not None or _INFERENCE_CONTEXT.value is not None:
+    if _INFERENCE_BATCH.value is None or _INFERENCE_CONTEXT.value is None:
+      raise app.UsageError('--inference_batch and --inference_context go together')
+    r = inference(_CONFIG.value, _INFERENCE_BATCH.value, _INFERENCE_CONTEXT.value,
+                  _WEIGHT_BYTES.value, _DEVICES.value, _DEVICE_KIND.value)
+    print(format_inference(r))
+    print(json.dumps(r))
+    return
   r = plan(_CONFIG.value, _DEVICES.value, _DEVICE_KIND.value)
   print(format_table(r))
   out = {k: v for k, v in r.items() if k != 'leaves'}
@@ -367,5 +459,13 @@ if __name__ == '__main__':
   _XLA = flags.DEFINE_bool(
       'xla', False, 'also compile the train step for one device of this machine (no '
       "allocation) and compare XLA's memory_analysis with the estimate")
+  _INFERENCE_BATCH = flags.DEFINE_integer(
+      'inference_batch', None, 'instead of training: the memory per device of generating this '
+      'many rows (with --inference_context)')
+  _INFERENCE_CONTEXT = flags.DEFINE_integer('inference_context', None,
+                                            'tokens per row (prompt + new) for --inference_batch')
+  _WEIGHT_BYTES = flags.DEFINE_float(
+      'weight_bytes', None, 'bytes per param for --inference_batch (default: the compute '
+      "dtype's; 1: int8 weights)")
   flags.mark_flags_as_required(['config'])
   app.run(main)

@@ -2,18 +2,14 @@
 the roofline on a known device kind, and bad arguments refused before anything compiles."""
 import json
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from benchmarks import decode
 from tests.model.helpers import tiny
-from tests.test_generate import save_workdir
+from tests.test_generate import save_random_workdir
 from yuanjax import generate as gen
 from yuanjax import cost, quantize
-from yuanjax.model import Transformer
 
 B, N, M = 3, 8, 4  # batch, context, timed steps
 
@@ -23,12 +19,8 @@ def workdir(tmp_path_factory):
   """A training workdir whose step-3 checkpoint holds random params of the tiny M32 (the dense
   dispatch, which generation keeps: the quickest to compile)."""
   cfg = tiny(**{'moe.dispatch': 'dense'})
-  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
-  rng = np.random.default_rng(0)
-  params = jax.tree.map(lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
-                        nn.unbox(abstract)['params'])
   path = tmp_path_factory.mktemp('decode') / 'workdir'
-  save_workdir(path, {'cfg': cfg, 'params': params}, {3: 1.0})
+  save_random_workdir(path, cfg, step=3)
   return path, cfg
 
 
@@ -40,10 +32,13 @@ def run(capsys, *argv):
 
 def test_prints_the_record_and_no_roofline_on_cpu(workdir, capsys):
   path, cfg = workdir
-  rc, out, err = run(capsys, '--checkpoint', path, '--step', 3, '--batch', B, '--context', N,
+  rc, out, err = run(capsys, '--checkpoint', path, '--step', 3, '--batch', f'1,{B}', '--context', N,
                      '--new_tokens', M)
   assert rc == 0, err
-  rec = json.loads(out.splitlines()[-1])
+  lines = out.splitlines()  # per batch size: a line of text, a JSON record
+  assert len(lines) == 4 and [json.loads(lines[i])['batch'] for i in (1, 3)] == [1, B]
+  assert lines[0].endswith(' s') and ', batch 1: ' in lines[0]
+  rec = json.loads(lines[-1])
   assert rec['device_kind'] == jax.devices()[0].device_kind
   assert rec['bandwidth'] is None and rec['roofline_fraction'] is None  # CPU: unknown
   assert rec['tokens_per_s'] == pytest.approx(B * 1e3 / rec['step_ms'])

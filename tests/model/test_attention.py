@@ -175,7 +175,7 @@ def test_grouped_kv_heads_equal_repeated_full_heads():
   dec = attention.Attention(gqa, decode=True)
   cache = jax.eval_shape(lambda: dec.init(jax.random.key(0), u, None, pos, jnp.array([7, 7])))
   cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), cache['cache'])
-  assert cache['k'].shape == (2, 7, 2, gqa.head_dim)
+  assert cache['k'].shape == (2, 2, 7, gqa.head_dim)  # [B, G, S, K]
   out, _ = dec.apply({
       'params': p,
       'cache': cache

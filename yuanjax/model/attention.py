@@ -18,8 +18,11 @@ exactly its stand-alone result.
 
 Decoding (`decode=True`; one sequence per row, no segments). State in the 'cache' collection,
 created by `yuanjax.model.transformer.init_cache`:
-  attention/k, attention/v   [B, S, G, K] (compute dtype): keys (after rotary) and values of
-                             cache slots 0..S-1; slot = the token's position in its row
+  attention/k, attention/v   [B, G, S, K] (compute dtype): keys (after rotary) and values of
+                             cache slots 0..S-1; slot = the token's position in its row. Heads
+                             before slots: the attention's batched dots (over rows and heads)
+                             read them as they lie (in [B, S, G, K] a CPU copied the whole
+                             cache into that order at every step)
   attention/lf/u_prev        [B, 2, D]: the last two LF inputs u[p-2], u[p-1] of each row
                              (zeros before the row's start: u[-2] = u[-1] = 0); LFA only
 A call feeds a chunk of L tokens per row at positions p..p+L-1 (p differs per row): the chunk's
@@ -93,7 +96,7 @@ class LocalizedFiltering(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, u_BxLxD, segment_ids_BxL=None, positions_BxL=None, lengths_B=None):
+  def __call__(self, u_BxLxD, segment_ids_BxL=None, positions_BxL=None, lengths_B=None, block=None):
     cfg = self.config
     D, dtype, pdtype = cfg.hidden_size, layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     init = nn.initializers.normal(cfg.init_std)
@@ -122,13 +125,13 @@ class LocalizedFiltering(nn.Module):
     else:
       B, L, _ = u_BxLxD.shape
       u_prev = self.variable('cache', 'u_prev', jnp.zeros, (B, 2, D), dtype)
-      u_ext = jnp.concatenate([u_prev.value, u_BxLxD], axis=1)  # u[p-2] .. u[p+L-1]
+      u_ext = jnp.concatenate([cache_block(u_prev, block), u_BxLxD], axis=1)  # u[p-2]..u[p+L-1]
       c1_ext = conv(u_ext[:, 1:], u_ext[:, :-1], a_2xDxM, a_M)  # c1[p-1] .. c1[p+L-1]
       c1_ext = c1_ext.at[:, 0].multiply((positions_BxL[:, 0] > 0)[:,
                                                                   None].astype(dtype))  # c1[-1] = 0
       c2_BxLxD = conv(c1_ext[:, 1:], c1_ext[:, :-1], b_2xMxD, b_D)
       last_two_Bx2 = lengths_B[:, None] + jnp.arange(2)  # u[p+n-2], u[p+n-1] in u_ext
-      u_prev.value = jnp.take_along_axis(u_ext, last_two_Bx2[..., None], axis=1)
+      set_cache_block(u_prev, block, jnp.take_along_axis(u_ext, last_two_Bx2[..., None], axis=1))
     return layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='norm')(c2_BxLxD + u_BxLxD)
 
 
@@ -141,16 +144,18 @@ def attention_mask(segment_ids_BxL, q_len: int, kv_len: int):
   return causal_LxS[None, None] & same_BxLxS[:, None]
 
 
-def xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale: float):
+def xla_attention(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, mask_Bx1xLxS, scale: float,
+                  heads_first: bool = False):
   """Reference attention: einsum, float32 logits and softmax. G (key/value heads) divides H;
   query head h reads key/value head h // R (R = H / G) without repeating the keys/values
-  (for G = H, plain multi-head einsums: the same ops as before GQA existed, bit for bit)."""
-  (B, L, H, K), G = q_BxLxHxK.shape, k_BxSxGxK.shape[2]
+  (for G = H, plain multi-head einsums: the same ops as before GQA existed, bit for bit).
+  heads_first: the keys and values come as [B, G, S, K] (the decode cache's layout)."""
+  (B, L, H, K), G = q_BxLxHxK.shape, k_BxSxGxK.shape[1 if heads_first else 2]
   q, mask = q_BxLxHxK, mask_Bx1xLxS
-  q_axes, k_axes, logit_axes = 'blhk', 'bshk', 'bhls'
+  q_axes, k_axes, logit_axes = 'blhk', 'bhsk' if heads_first else 'bshk', 'bhls'
   if G < H:
     q, mask = q.reshape(B, L, G, H // G, K), mask[:, :, None]
-    q_axes, k_axes, logit_axes = 'blgrk', 'bsgk', 'bgrls'
+    q_axes, k_axes, logit_axes = 'blgrk', 'bgsk' if heads_first else 'bsgk', 'bgrls'
   logits = jnp.einsum(f'{q_axes},{k_axes}->{logit_axes}', q, k_BxSxGxK,
                       preferred_element_type=f32) * scale
   probs = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(f32).min), axis=-1)
@@ -326,7 +331,7 @@ class Attention(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, u_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
+  def __call__(self, u_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None, block=None):
     cfg = self.config
     D, H, G, K = cfg.hidden_size, cfg.num_heads, num_kv_heads(cfg), cfg.head_dim
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
@@ -343,7 +348,7 @@ class Attention(nn.Module):
     f_BxLxD = u_BxLxD
     if cfg.attention_type == 'lfa':
       f_BxLxD = LocalizedFiltering(cfg, self.decode, name='lf')(u_BxLxD, segment_ids_BxL,
-                                                                positions_BxL, lengths_B)
+                                                                positions_BxL, lengths_B, block)
     q = jnp.einsum('bld,dhk->blhk', f_BxLxD, wq_DxHxK.astype(dtype))
     k = jnp.einsum('bld,dgk->blgk', f_BxLxD, wk_DxGxK.astype(dtype))
     base = layers.rope_base(cfg.rope_base, cfg.rotary_dims, cfg.rope_ntk_factor)
@@ -352,23 +357,36 @@ class Attention(nn.Module):
     k = layers.apply_rotary(k, positions_BxL, cfg.rotary_dims, base, hf_bf16)
     q, k, v = (layers.constrain(t, heads) for t in (q, k, v))
     if self.decode:
-      o_BxLxHxK = self._attend_cache(q, k, v, positions_BxL)
+      o_BxLxHxK = self._attend_cache(q, k, v, positions_BxL, block)
     else:
       o_BxLxHxK = causal_attention(q, k, v, segment_ids_BxL, cfg)
     o_BxLxHxK = layers.constrain(o_BxLxHxK, heads)
     return jnp.einsum('blhk,hkd->bld', o_BxLxHxK, wo_HxKxD.astype(dtype))
 
-  def _attend_cache(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL):
+  def _attend_cache(self, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL, block=None):
     """Writes the chunk's keys/values into their cache slots; attends over slots <= position.
     The cache is created by init_cache with the maximum length as L (see the module doc)."""
     B, L, G, K = k_BxLxGxK.shape
     dtype = layers.dtype_of(self.config.dtype)
-    cached_k = self.variable('cache', 'k', jnp.zeros, (B, L, G, K), dtype)
-    cached_v = self.variable('cache', 'v', jnp.zeros, (B, L, G, K), dtype)
-    rows_Bx1 = jnp.arange(B)[:, None]
-    cached_k.value = cached_k.value.at[rows_Bx1, positions_BxL].set(k_BxLxGxK, mode='drop')
-    cached_v.value = cached_v.value.at[rows_Bx1, positions_BxL].set(v_BxLxGxK, mode='drop')
-    S = cached_k.value.shape[1]
-    mask_Bx1xLxS = (jnp.arange(S) <= positions_BxL[:, :, None])[:, None]
-    return xla_attention(q_BxLxHxK, cached_k.value, cached_v.value, mask_Bx1xLxS,
-                         self.config.head_dim**-0.5)
+    cached_k = self.variable('cache', 'k', jnp.zeros, (B, G, L, K), dtype)
+    cached_v = self.variable('cache', 'v', jnp.zeros, (B, G, L, K), dtype)
+    # [rows, :, positions]: the indexed dims come first, so the update is [B, L, G, K].
+    slots = (jnp.arange(B)[:, None], slice(None), positions_BxL)
+    for var, new_BxLxGxK in ((cached_k, k_BxLxGxK), (cached_v, v_BxLxGxK)):
+      var.value = var.value.at[slots if block is None else
+                               (block, *slots)].set(new_BxLxGxK, mode='drop')
+    k_BxGxSxK, v_BxGxSxK = cache_block(cached_k, block), cache_block(cached_v, block)
+    mask_Bx1xLxS = (jnp.arange(k_BxGxSxK.shape[2]) <= positions_BxL[:, :, None])[:, None]
+    return xla_attention(q_BxLxHxK, k_BxGxSxK, v_BxGxSxK, mask_Bx1xLxS, self.config.head_dim**-0.5,
+                         heads_first=True)
+
+
+def cache_block(var, block):
+  """A decode cache variable's value, or its block `block` when the layer loop carries the
+  cache stacked over blocks (`yuanjax.model.transformer`)."""
+  return var.value if block is None else var.value[block]
+
+
+def set_cache_block(var, block, value):
+  """Sets what `cache_block` reads (in place in the stacked cache)."""
+  var.value = value if block is None else var.value.at[block].set(value)

@@ -36,7 +36,7 @@ Cached decoding (what `yuanjax.generate` uses; one sequence per row, right-padde
 Each call appends a chunk of L tokens to every row at positions index..index+L-1 (index [B]
 lives in the cache and starts at 0), of which the first lengths_B (default L) are real; the
 row's index then advances by its length. Prefill is one call with the padded prompts, each
-decode step a call with L = 1. The cache holds, per layer, keys/values [B, max_len, G, K] and,
+decode step a call with L = 1. The cache holds, per layer, keys/values [B, G, max_len, K] and,
 for LFA, its state (the last two LF inputs; `yuanjax.model.attention`). Logits at padded places
 are meaningless. Routing must be per token and must not drop (a causal router with the
 `dropless` or `dense` dispatch) for decoding to reproduce the full forward; `capacity`
@@ -50,6 +50,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import PartitionSpec as P
 
 from yuanjax.model import layers
 from yuanjax.model.attention import Attention
@@ -72,12 +73,12 @@ class DecoderLayer(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None, block=None):
     cfg = self.config
     dtype, pdtype = layers.dtype_of(cfg.dtype), layers.dtype_of(cfg.param_dtype)
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name=name)
     h = x_BxLxD + Attention(cfg, self.decode, name='attention')(
-        norm('input_norm')(x_BxLxD), segment_ids_BxL, positions_BxL, lengths_B)
+        norm('input_norm')(x_BxLxD), segment_ids_BxL, positions_BxL, lengths_B, block)
     h = layers.constrain(h, ACT)
     u = norm('post_attention_norm')(h)
     if self.use_moe:
@@ -97,14 +98,14 @@ class Block(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None):
+  def __call__(self, x_BxLxD, segment_ids_BxL, positions_BxL, lengths_B=None, block=None):
     n = self.config.moe_every
     kinds = [False] if n == 0 else [False] * (n - 1) + [True]
     stats = {}
     for i, use_moe in enumerate(kinds):
       x_BxLxD, s = DecoderLayer(self.config, use_moe, self.deterministic, self.decode,
                                 name=f'layer_{i}')(x_BxLxD, segment_ids_BxL, positions_BxL,
-                                                   lengths_B)
+                                                   lengths_B, block)
       if s is not None:
         stats = s
     return x_BxLxD, stats
@@ -140,17 +141,28 @@ class Transformer(nn.Module):
     policy = REMAT_POLICIES[cfg.remat]
     if cfg.remat != 'none' and not decode:  # remat only matters for gradients
       block = nn.remat(block, policy=policy, prevent_cse=False)
-    blocks = nn.scan(block, variable_axes={
+    # A decode step carries the whole stacked cache through the layer loop and updates block
+    # i's slots in place (`block` = i); scanning it as per-block slices would copy every
+    # block's cache in and out of the loop at every step. init creates it sliced, [blocks, ...].
+    carry_cache = decode and not self.is_initializing()
+    scanned = ({
+        'params': 0,
+        'intermediates': 0
+    } if carry_cache else {
         'params': 0,
         'intermediates': 0,
         'cache': 0
-    }, split_rngs={
-        'params': True,
-        'router': True
-    }, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=num_blocks(cfg),
-                     unroll=cfg.scan_unroll, metadata_params={nn.PARTITION_NAME: 'layers'})
-    x_BxLxD, stats = blocks(cfg, deterministic, decode, name='blocks')(x_BxLxD, segment_ids,
-                                                                       positions, lengths)
+    })
+    blocks = nn.scan(block, variable_axes=scanned, variable_carry='cache' if carry_cache else False,
+                     split_rngs={
+                         'params': True,
+                         'router': True
+                     }, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast) + (0,) * carry_cache,
+                     length=num_blocks(cfg), unroll=cfg.scan_unroll,
+                     metadata_params={nn.PARTITION_NAME: 'layers'})
+    block_index = (jnp.arange(num_blocks(cfg)),) if carry_cache else ()
+    x_BxLxD, stats = blocks(cfg, deterministic, decode,
+                            name='blocks')(x_BxLxD, segment_ids, positions, lengths, *block_index)
 
     x_BxLxD = layers.RMSNorm(cfg.norm_eps, dtype, pdtype, name='final_norm')(x_BxLxD)
     head_VxD = embedding_VxD  # the one place that names the LM head: tied, or its own param
@@ -179,6 +191,20 @@ class Transformer(nn.Module):
     positions = index.value[:, None] + jnp.arange(L, dtype=jnp.int32)
     index.value = index.value + lengths
     return positions, lengths
+
+
+# The logical axes of each cache leaf (by name; 'layers' is the stacked blocks' axis).
+CACHE_AXES = {
+    'k': ('layers', 'act_batch', 'act_heads', 'act_len', 'act_kv'),
+    'v': ('layers', 'act_batch', 'act_heads', 'act_len', 'act_kv'),
+    'u_prev': ('layers', 'act_batch', None, 'act_embed'),
+    'index': ('act_batch',),
+}
+
+
+def cache_axes(cache):
+  """The tree of `init_cache`'s leaves' logical axes (PartitionSpecs of logical names)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: P(*CACHE_AXES[path[-1].key]), cache)
 
 
 def init_cache(model: Transformer, batch_size: int, max_len: int):
