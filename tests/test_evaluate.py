@@ -1,10 +1,13 @@
 """`python -m yuanjax.evaluate` on a tiny HF checkpoint with a toy task (tests/evals/echo_task.py):
 an interrupted run resumes to the uninterrupted run's outputs and results, `score` gives the
-run's results from its outputs.jsonl and from Yuan's `question[SEP]output` format, and bad
-input is refused before the model loads."""
+run's results from its outputs.jsonl and from Yuan's `question[SEP]output` format, a run on a
+mesh of 8 CPU devices gives the one-device run's outputs, and bad input is refused before the
+model loads."""
 import json
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +16,16 @@ from tests.test_generate import hf_dirs  # pylint: disable=unused-import  (a fix
 from yuanjax import evaluate, loader
 from yuanjax.evals import generative
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The run on 8 CPU devices (experts and rows split), in a process of its own.
+ON_MESH = '''
+import sys
+from tests.evals import echo_task
+from yuanjax import evaluate
+from yuanjax.evals import task
+task.TASKS['echo'] = echo_task.Echo
+sys.exit(evaluate.main(sys.argv[1:]))
+'''
 SCORED = ('task', 'n', 'correct', 'accuracy', 'ci95_low', 'ci95_high', 'interval')
 
 
@@ -119,7 +132,9 @@ def test_bad_input_is_refused_before_loading(hf_dirs, echo, tmp_path, capsys, mo
   status, _, err = _main(capsys, *run, '--task', 'nope', '--data', echo[1])
   assert status == 1 and "unknown task 'nope'" in err and "'echo'" in err
   status, _, err = _main(capsys, *run, '--task', echo[0], '--data', echo[1], '--mesh=tensor:2')
-  assert status == 1 and '--mesh: not available yet' in err
+  assert status == 1 and "--mesh 'tensor:2': unknown axis 'tensor:2'" in err
+  status, _, err = _main(capsys, *run, '--task', echo[0], '--data', echo[1], '--mesh=data=2')
+  assert status == 1 and '2 devices, but there are 1' in err
   assert not os.path.exists(tmp_path / 'out')
   status, _, err = _main(capsys, 'score', '--task', echo[0], '--data', tmp_path / 'none.txt',
                          '--outputs', tmp_path / 'o.jsonl')
@@ -138,3 +153,19 @@ def test_quantize_reaches_the_loader(hf_dirs, echo, tmp_path, capsys, monkeypatc
                          echo[1], '--out', tmp_path, '--quantize', 'int8', '--dtype', 'bfloat16')
   assert status == 1 and 'loaded' in err
   assert asked['quantize'] == 'int8' and asked['overrides'] == {'dtype': 'bfloat16'}
+
+
+def test_a_run_on_a_mesh_gives_the_one_device_outputs(full_run, hf_dirs, echo, tmp_path):
+  """--mesh data=2,expert=4 on 8 CPU devices: the checkpoint loaded onto the mesh, batches of 4
+  padded to the 8 rows; every record but its seconds is the one-device run's."""
+  env = dict(
+      os.environ, PYTHONPATH=REPO,
+      XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+  argv = [
+      '--checkpoint', hf_dirs / 'hf', '--task', echo[0], '--data', echo[1], '--batch', '4', '--out',
+      tmp_path, '--mesh', 'data=2,expert=4'
+  ]
+  run = subprocess.run([sys.executable, '-c', ON_MESH, *map(str, argv)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)
+  assert run.returncode == 0, run.stderr[-4000:]
+  assert _without_seconds(_records(tmp_path)) == _without_seconds(_records(full_run[0]))

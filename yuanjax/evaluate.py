@@ -1,14 +1,18 @@
 """Evaluate a checkpoint on a benchmark task, or score outputs already generated.
 
   python -m yuanjax.evaluate --checkpoint PATH --task TASK --data DATA [--limit N] [--batch B] \\
-      [--out DIR] [--dtype bfloat16] [--tokenizer FILE] [--quantize int8]
+      [--out DIR] [--dtype bfloat16] [--tokenizer FILE] [--quantize int8] \\
+      [--mesh data=2,tensor=2,expert=2]
   python -m yuanjax.evaluate score --task TASK --data DATA --outputs FILE
 
 PATH: an HF dir, a converted dir or a training workdir (yuanjax.loader). TASK: a registered task
 (yuanjax.evals.tasks; docs/evaluate.md says where each one's DATA comes from). The items (the
 first N with --limit) are decoded greedily in batches of B rows, to `<eod>` or the task's
 max_new_tokens (yuanjax.evals.generative); --quantize int8: with int8 weights (yuanjax.quantize);
---mesh is refused until generation takes a mesh. DIR/outputs.jsonl gets one record per item (id,
+--mesh: the checkpoint loaded straight onto that device mesh and decoded there (yuanjax.generate's
+--mesh: NAME=SIZE,... over data, fsdp, expert, tensor, the sizes multiplying to the device
+count, checked against the checkpoint's config before any weight is read); the batch is padded
+to the devices it splits over. DIR/outputs.jsonl gets one record per item (id,
 prompt, output, extracted, correct, tokens, seconds), appended and flushed after every batch:
 run again, the same command skips the ids already there and continues. DIR/results.json
 (accuracy, n, correct, the 95% Wilson interval ci95_low..ci95_high, seconds, tokens,
@@ -20,7 +24,8 @@ or the samples.jsonl of its HumanEval script ({task_id, completion}), and prints
 JSON as the last line, so both runtimes can be compared on the same outputs.
 
 Everything is checked before the model loads: the task's name, its data file (a missing one is
-an error naming the path and where the files come from), the limits, the output directory, and
+an error naming the path and where the files come from), the limits, the mesh, the output
+directory, and
 that outputs already in DIR belong to these items.
 """
 from __future__ import annotations
@@ -33,13 +38,11 @@ from collections.abc import Sequence
 
 import tqdm
 
-from yuanjax import config_lib, loader, publish, quantize
+from yuanjax import config_lib, generate, loader, publish, quantize
 from yuanjax.evals import generative
 from yuanjax.evals import task as task_lib
 
 OUTPUTS, RESULTS = 'outputs.jsonl', 'results.json'
-NOT_YET = ('--mesh: not available yet: decoding on a mesh comes with issue 21\'s sharded inference '
-           '(yuanjax.generate does not take a mesh yet)')
 
 
 def _positive(text: str) -> int:
@@ -64,7 +67,8 @@ def _parse_run(argv):
                  help="a sentencepiece .model instead of the checkpoint's")
   p.add_argument('--quantize', default='none', choices=quantize.MODES,
                  help='int8: int8 matmul weights, per-channel scales (yuanjax.quantize)')
-  p.add_argument('--mesh', default=None, help='decode on a device mesh')
+  p.add_argument('--mesh', default=None,
+                 help='decode on a device mesh, e.g. data=2,tensor=2,expert=2 (yuanjax.generate)')
   return p.parse_args(argv)
 
 
@@ -122,14 +126,18 @@ def _check_out(out: str) -> None:
     raise ValueError(f'--out={out}: not writable')
 
 
-def _generate(args, task, todo, outputs_path: str, done: int) -> None:
-  """Decodes the items not done yet, appending each batch's records to outputs.jsonl."""
+def _generate(args, mesh, task, todo, outputs_path: str, done: int) -> None:
+  """Decodes the items not done yet (on `mesh` unless None), appending each batch's records to
+  outputs.jsonl."""
   overrides = {'dtype': args.dtype} if args.dtype else {}
+  shardings = None if mesh is None else (
+      lambda m: generate.param_shardings(m, generate.Placement(mesh)))
   model, params, tok = loader.load_checkpoint(args.checkpoint, overrides=overrides,
-                                              tokenizer=args.tokenizer, quantize=args.quantize)
+                                              tokenizer=args.tokenizer, quantize=args.quantize,
+                                              shardings=shardings)
   bar = tqdm.tqdm(total=done + len(todo), initial=done, desc=task.name, dynamic_ncols=True)
   with open(outputs_path, 'a', encoding='utf-8') as f:
-    for records in generative.run(model, params, tok, task, todo, args.batch):
+    for records in generative.run(model, params, tok, task, todo, args.batch, mesh):
       f.write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
       f.flush()
       bar.update(len(records))
@@ -138,8 +146,7 @@ def _generate(args, task, todo, outputs_path: str, done: int) -> None:
 
 def _run(args) -> dict:
   task, items = _items(args.task, args.data, args.limit)
-  if args.mesh is not None:
-    raise ValueError(NOT_YET)
+  mesh = None if args.mesh is None else generate.mesh_for(args.checkpoint, args.mesh)
   out = args.out or os.path.join('workdir', 'eval', task.name)
   _check_out(out)
   outputs_path = os.path.join(out, OUTPUTS)
@@ -147,7 +154,7 @@ def _run(args) -> dict:
   done_ids = {r['id'] for r in done}
   todo = [item for item in items if item.id not in done_ids]
   if todo:
-    _generate(args, task, todo, outputs_path, len(done))
+    _generate(args, mesh, task, todo, outputs_path, len(done))
   with open(outputs_path, encoding='utf-8') as f:
     records = [json.loads(line) for line in f if line.strip()]
   results = {

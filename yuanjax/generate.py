@@ -255,7 +255,8 @@ def _compiled_run(config: ml_collections.ConfigDict, place: Placement | None, ma
     shardings = {}
     if place is not None:
       rows, one = place.sharding('act_batch'), place.sharding()
-      cache = place.tree(cache_axes(jax.eval_shape(lambda: init_cache(model, 1, 1))))
+      # place.rows rows: traced inside a caller's mesh (the trainer's), the MoE splits them.
+      cache = place.tree(cache_axes(jax.eval_shape(lambda: init_cache(model, place.rows, 1))))
       shardings = dict(
           in_shardings=(None, cache, rows, rows, *(one,) * 8),  # params: as they lie
           out_shardings=(one, one))

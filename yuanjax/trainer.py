@@ -344,11 +344,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     summary.update(evaluate(step))
 
-  # The sample runs outside the mesh, on this process's devices (yuanjax.evals.sample).
-  if tcfg.sample_tokens:
-    summary['sample'] = sample.end_of_run(model, state.params, tokenizer, tcfg.sample_prompt,
-                                          tcfg.sample_tokens)
-    if is_main:
-      print(f'--- greedy sample ({tcfg.sample_tokens} tokens) ---\n{summary["sample"]}\n---')
+    # The sample: decoded on the training mesh, on every process (yuanjax.evals.sample).
+    if tcfg.sample_tokens:
+      summary['sample'] = sample.end_of_run(model, state.params, tokenizer, tcfg.sample_prompt,
+                                            tcfg.sample_tokens, mesh=mesh, rules=rules)
+      if is_main:
+        print(f'--- greedy sample ({tcfg.sample_tokens} tokens) ---\n{summary["sample"]}\n---')
   writer.close()
   return summary

@@ -1,6 +1,7 @@
 """config.evals in a training run: a task evaluated every train.eval_every steps beside the
 held-out loss, on one eval line per step (metrics.jsonl and TensorBoard), with the params split
-over two devices; bad settings refused before anything compiles."""
+over two devices (the task and the end-of-run sample decoded on that mesh); bad settings refused
+before anything compiles."""
 import glob
 import json
 import os
@@ -11,9 +12,10 @@ import pytest
 
 from tests.evals.echo_task import echo  # pylint: disable=unused-import  (a fixture)
 from yuanjax import loader, trainer, workdir
-from yuanjax.evals import generative
+from yuanjax.evals import generative, sample
 from yuanjax.evals import task as task_lib
 
+SAMPLE_TOKENS = 8
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The run on two CPU devices, the params split over them (fsdp 2), in a process of its own.
 TWO_DEVICES = '''
@@ -24,6 +26,7 @@ from yuanjax.evals import task
 task.TASKS['echo'] = echo_task.Echo
 config = test_in_training.config(('echo', sys.argv[1]))
 config.mesh.update(dict(data=1, fsdp=2))
+config.train.sample_tokens = test_in_training.SAMPLE_TOKENS
 print(json.dumps(trainer.train_and_evaluate(config, sys.argv[2]), default=float))
 '''
 
@@ -38,7 +41,8 @@ def config(echo_task, run='loss,echo:5'):
 
 def test_a_task_eval_logs_its_accuracy_on_two_devices(echo, tmp_path):
   """Steps 1 and 2 (the end) each log one eval line with the loss and echo/accuracy; the last
-  equals the evaluation runtime's on the saved checkpoint (here, on one device)."""
+  equals the evaluation runtime's on the saved checkpoint (here, on one device), and so does
+  the end-of-run sample, decoded on the fsdp=2 mesh."""
   env = dict(
       os.environ, PYTHONPATH=REPO,
       XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
@@ -57,6 +61,9 @@ def test_a_task_eval_logs_its_accuracy_on_two_devices(echo, tmp_path):
   task = task_lib.get('echo')
   batches = generative.run(model, params, tok, task, task.load(echo[1])[:5], 3)
   assert sum(r['correct'] for b in batches for r in b) == evals[-1]['echo/correct']
+  prompt = config(echo).train.sample_prompt
+  assert len(summary['sample']) > len(prompt)
+  assert summary['sample'] == sample.end_of_run(model, params, tok, prompt, SAMPLE_TOKENS)
   events = b''.join(open(f, 'rb').read() for f in glob.glob(str(tmp_path / 'tb' / '*')))
   assert b'eval/echo/accuracy' in events and b'eval/loss' in events
 

@@ -5,12 +5,14 @@ found through include_path). What lm-eval reports must equal what the model comp
 each loglikelihood the sum of the continuation's log-probs from one unpadded-batch forward, a
 multiple-choice accuracy the count of questions whose gold choice has the highest of them,
 loglikelihood_rolling the sum over lm-eval's windows, and generate_until the greedy tokens of
-yuanjax.generate cut at the first stop string.
+yuanjax.generate cut at the first stop string. On a mesh of 8 CPU devices (model_arg mesh),
+the same requests give the one-device answers.
 """
 import glob
 import json
 import os
 import socket
+import subprocess
 import sys
 import types
 
@@ -30,6 +32,15 @@ from yuanjax import loader
 from yuanjax.evals import lm_eval_model
 from yuanjax.model import Transformer
 
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# mesh_answers on 8 CPU devices, in a process of its own: its JSON as the last line.
+ON_MESH = '''
+import json, sys
+from tests.evals import test_lm_eval
+from yuanjax.evals import lm_eval_model
+lm = lm_eval_model.YuanjaxLM(sys.argv[1], batch_size=3, mesh=sys.argv[2])
+print(json.dumps(test_lm_eval.mesh_answers(lm)))
+'''
 WORDS = 'line of some text with more words on it'.split()
 BATCH = 4
 MAX_GEN = 8
@@ -275,3 +286,32 @@ def test_bad_model_args_name_the_field(ckpt):
     lm.generate_until(request(until=['x'], num_beams=4))
   with pytest.raises(ValueError, match='max_gen_toks=16: must be less than max_length=16'):
     lm.generate_until(request(until=['x'], max_gen_toks=16))
+
+
+def mesh_answers(lm) -> dict:
+  """Log-likelihoods of 5 pairs (an empty context among them: batches of 3 rows and of 2) and
+  greedy generations of 4 prompts, from lm."""
+  request = lambda *args: types.SimpleNamespace(args=args)
+  pairs = [('line of', ' some'), ('', 'text with'), ('more words on', ' it 3'), ('on', ' 4'),
+           ('with more words on it line of some', ' text')]
+  until = dict(until=['\n'], max_gen_toks=6)
+  prompts = ['line of some', 'text with more', 'on 3', 'words']
+  return dict(ll=lm.loglikelihood([request(*p) for p in pairs]),
+              gen=lm.generate_until([request(p, until) for p in prompts]))
+
+
+def test_a_mesh_gives_the_one_device_answers(ckpt):
+  """mesh=data=2/expert=4 (model_args' form): the checkpoint loaded onto 8 CPU devices, the
+  rows split over data x expert and the experts over expert; log-likelihoods within float32
+  reduction order of one device's, the same greedy flags and generations."""
+  env = dict(
+      os.environ, PYTHONPATH=REPO,
+      XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+  run = subprocess.run([sys.executable, '-c', ON_MESH, ckpt['path'], 'data=2/expert=4'], cwd=REPO,
+                       env=env, capture_output=True, text=True, timeout=600, check=False)
+  assert run.returncode == 0, run.stderr[-4000:]
+  got = json.loads(run.stdout.strip().splitlines()[-1])
+  want = mesh_answers(lm_eval_model.YuanjaxLM(ckpt['path'], batch_size=3))
+  assert [g for _, g in got['ll']] == [g for _, g in want['ll']]
+  assert np.allclose([x for x, _ in got['ll']], [x for x, _ in want['ll']], rtol=1e-5, atol=0)
+  assert got['gen'] == want['gen'] and any(want['gen'])

@@ -29,10 +29,6 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 
-import jax
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
-
 from yuanjax import generate as generate_lib
 from yuanjax import sharding
 from yuanjax.evals import evaluator
@@ -43,21 +39,6 @@ from yuanjax.evals.tasks import yuan_text
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
 
-def local_params(params):
-  """The params whole on this process's devices (gathered when they span processes)."""
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(params, tiled=True)
-  return params
-
-
-def one_device(params):
-  """(a one-device mesh, the params whole on it): where a task eval decodes inside the training
-  mesh's context, whose rules and MoE would split a batch of prompts over the training mesh,
-  until generation takes a mesh itself (issue 21's sharded inference)."""
-  mesh = sharding.make_mesh(sharding.mesh_config(), jax.local_devices()[:1])
-  return mesh, jax.device_put(local_params(params), NamedSharding(mesh, P()))
-
-
 def cut(text: str, stop: Sequence[str]) -> str:
   """text up to the first of the stop strings."""
   ends = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -65,14 +46,16 @@ def cut(text: str, stop: Sequence[str]) -> str:
 
 
 def complete(model, params, tokenizer, task: task_lib.Task, items: Sequence[task_lib.Item],
-             rows: int) -> list[tuple[str, int]]:
-  """(output, tokens generated) of each item: greedy, one generate call of `rows` rows."""
+             rows: int, mesh=None, rules=None) -> list[tuple[str, int]]:
+  """(output, tokens generated) of each item: greedy, one generate call of `rows` rows (on
+  `mesh` with `rules` when given: generate's, the params already on it)."""
   prompts = [tokenizer.encode(item.prompt) for item in items]
   prompts += [prompts[-1]] * (rows - len(prompts))
   m, N = model.config, task.max_new_tokens
   outs = generate_lib.generate(model, params, prompts, max_new_tokens=N, eod_id=tokenizer.eod_id,
                                max_len=max(max(map(len, prompts)) + N, m.max_seq_len),
-                               vocab_limit=min(tokenizer.vocab_size, m.vocab_size))
+                               vocab_limit=min(tokenizer.vocab_size,
+                                               m.vocab_size), mesh=mesh, rules=rules)
   return [(cut(tokenizer.decode(generate_lib.strip_eod(ids, tokenizer.eod_id)),
                task.stop), len(ids)) for ids in outs[:len(items)]]
 
@@ -85,13 +68,13 @@ def judge(task: task_lib.Task, item: task_lib.Item, output: str) -> dict:
               correct=bool(task.correct(extracted, item)))
 
 
-def run(model, params, tokenizer, task: task_lib.Task, items: Sequence[task_lib.Item],
-        rows: int) -> Iterator[list[dict]]:
-  """Each batch's records, in item order, as it is done."""
+def run(model, params, tokenizer, task: task_lib.Task, items: Sequence[task_lib.Item], rows: int,
+        mesh=None, rules=None) -> Iterator[list[dict]]:
+  """Each batch's records, in item order, as it is done (mesh, rules: `complete`'s)."""
   for start in range(0, len(items), rows):
     batch = items[start:start + rows]
     t0 = time.perf_counter()
-    done = complete(model, params, tokenizer, task, batch, rows)
+    done = complete(model, params, tokenizer, task, batch, rows, mesh, rules)
     seconds = (time.perf_counter() - t0) / len(batch)
     yield [
         dict(judge(task, item, output), tokens=n, seconds=seconds)
@@ -231,10 +214,9 @@ class TaskEval(evaluator.Evaluator):
     self.rows = min(ctx.config.evals.batch_size, len(self.items))
 
   def __call__(self, params) -> dict[str, float]:
-    mesh, params = one_device(params)
-    with jax.set_mesh(mesh):
-      batches = list(
-          run(self.ctx.model, params, self.ctx.tokenizer, self.task, self.items, self.rows))
+    batches = list(
+        run(self.ctx.model, params, self.ctx.tokenizer, self.task, self.items, self.rows,
+            self.ctx.mesh, sharding.rules(self.ctx.config.mesh)))
     records = [r for batch in batches for r in batch]
     out = results(self.task.name, records)
     name = self.task.name

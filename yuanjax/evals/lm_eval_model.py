@@ -20,8 +20,12 @@ batch_size (rows per forward and per generation; model_args win over `--batch_si
 max_length (tokens a forward sees; default config.model.max_seq_len), max_gen_toks (default
 256; a task's own setting wins), step (a workdir's checkpoint), dtype, tokenizer (a
 sentencepiece .model instead of the checkpoint's), seed (sampling), quantize ('none' or
-'int8': int8 weights with per-channel scales, yuanjax.quantize). lm-eval's `device` and
-`max_batch_size` are ignored (JAX places the model on its default device).
+'int8': int8 weights with per-channel scales, yuanjax.quantize), mesh (a device mesh as
+yuanjax.generate's --mesh, its axes joined by '/' since commas separate model_args:
+mesh=data=2/expert=4; checked against the checkpoint before any weight is read): the
+checkpoint is loaded straight onto it, the forwards and generate run there, a forward's batch
+padded to a multiple of the devices its rows split over. lm-eval's `device` and
+`max_batch_size` are ignored (JAX places the model on its default device, or on the mesh).
 
 What each request computes (as lm-eval's HF model does; docs/lm_eval.md):
   loglikelihood: the context and continuation are tokenized as one text and split at the
@@ -45,6 +49,7 @@ row's log-probs do not depend on its padding or on the other rows.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -110,15 +115,20 @@ class YuanjaxLM(lm_model.TemplateLM):
   def __init__(self, checkpoint: str, batch_size: int | str = 1, max_length: int | None = None,
                max_gen_toks: int = 256, step: int | None = None, dtype: str | None = None,
                tokenizer: str | None = None, seed: int = 0, quantize: str = 'none',
-               max_batch_size=None, device=None):
+               mesh: str | None = None, max_batch_size=None, device=None):
     super().__init__()
     del max_batch_size, device  # always passed by lm-eval: no automatic batch size; JAX places
     self.batch_size = _positive_int('batch_size', batch_size)
     self.max_gen_toks = _positive_int('max_gen_toks', max_gen_toks)
     self.seed = int(seed)
+    self.mesh = None if mesh is None else generate.mesh_for(checkpoint, str(mesh).replace('/', ','))
+    self.place = None if mesh is None else generate.Placement(self.mesh)
+    self.rows = self.batch_size if mesh is None else -(-self.batch_size // self.place.rows) * (
+        self.place.rows)  # a forward's batch: split evenly over the mesh
     self.model, self.params, self.tok = loader.load_checkpoint(
         checkpoint, overrides={'dtype': dtype} if dtype else {}, tokenizer=tokenizer,
-        step=None if step is None else int(step), quantize=quantize)
+        step=None if step is None else int(step), quantize=quantize,
+        shardings=None if mesh is None else lambda m: generate.param_shardings(m, self.place))
     m = self.model.config
     self.max_length = m.max_seq_len if max_length is None else _positive_int(
         'max_length', max_length)
@@ -169,18 +179,19 @@ class YuanjaxLM(lm_model.TemplateLM):
     for start in tqdm(range(0, len(inputs), self.batch_size), disable=disable_tqdm,
                       desc='yuanjax loglikelihood batches'):
       batch = inputs[start:start + self.batch_size]
-      scores = jax.device_get(self._score(self.params, *self._padded(batch, groups, rows)))
+      with self.place.context() if self.place else contextlib.nullcontext():
+        scores = jax.device_get(self._score(self.params, *self._padded(batch, groups, rows)))
       for r, key in enumerate(batch):
         for i in groups[key]:
           out[i] = _answer(*rows[i], *(a[r] for a in scores))
     return out
 
   def _padded(self, batch, groups, rows):
-    """Inputs and targets [batch_size, bucket length] (right-padded with 0) and the lengths of
-    a batch of distinct inputs (each the tokens of its group's first row but the last)."""
+    """Inputs and targets [rows, bucket length] (right-padded with 0) and the lengths of a
+    batch of distinct inputs (each the tokens of its group's first row but the last)."""
     L = bucket_length(len(batch[0]), self.max_length)
-    inputs, targets = (np.zeros((self.batch_size, L), np.int32) for _ in range(2))
-    lengths = np.ones((self.batch_size,), np.int32)
+    inputs, targets = (np.zeros((self.rows, L), np.int32) for _ in range(2))
+    lengths = np.ones((self.rows,), np.int32)
     for r, key in enumerate(batch):
       lengths[r] = len(key)
       inputs[r, :len(key)], targets[r, :len(key)] = key, rows[groups[key][0]][0][1:]
@@ -252,7 +263,8 @@ class YuanjaxLM(lm_model.TemplateLM):
     prompts = [self.tok_encode(c)[-room:] or [self.prefix_token_id] for c in contexts]
     rows = prompts + [prompts[0]] * (self.batch_size - len(prompts))  # one batch shape
     outs = generate.generate(self.model, self.params, rows, seed=self.seed, eod_id=self.tok.eod_id,
-                             max_len=self.max_length, vocab_limit=self.vocab_limit, **settings)
+                             max_len=self.max_length, vocab_limit=self.vocab_limit, mesh=self.mesh,
+                             **settings)
     texts = [self.tok.decode(generate.strip_eod(o, self.tok.eod_id)) for o in outs[:len(prompts)]]
     return [model_utils.postprocess_generated_text(t, until, None) for t in texts]
 
