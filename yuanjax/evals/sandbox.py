@@ -41,9 +41,14 @@ _RUNNER = r'''
 import builtins, os, resource, shutil, signal, subprocess, sys
 path, timeout_s, memory, cpu, fsize, block = sys.argv[1:7]
 nonce = sys.stdin.readline().strip()
-for limit, value in ((resource.RLIMIT_AS, int(memory)), (resource.RLIMIT_CPU, int(cpu)),
-                     (resource.RLIMIT_FSIZE, int(fsize)), (resource.RLIMIT_CORE, 0)):
-  resource.setrlimit(limit, (value, value))
+# The CPU limit's hard value is 1 s past the soft one: at the soft limit the kernel sends
+# SIGXCPU (which ends the program), at the hard limit SIGKILL (checked first, so equal limits
+# would always report a plain SIGKILL).
+for limit, soft, hard in ((resource.RLIMIT_AS, int(memory), int(memory)),
+                          (resource.RLIMIT_CPU, int(cpu), int(cpu) + 1),
+                          (resource.RLIMIT_FSIZE, int(fsize), int(fsize)),
+                          (resource.RLIMIT_CORE, 0, 0)):
+  resource.setrlimit(limit, (soft, hard))
 if block == '1':
   import socket
   def refuse(*args, **kwargs):
