@@ -6,17 +6,15 @@ model loads."""
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 
+from tests import cpu_devices
 from tests.evals.echo_task import echo  # pylint: disable=unused-import  (a fixture)
 from tests.test_generate import hf_dirs  # pylint: disable=unused-import  (a fixture)
 from yuanjax import evaluate, loader
 from yuanjax.evals import generative
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The run on 8 CPU devices (experts and rows split), in a process of its own.
 ON_MESH = '''
 import sys
@@ -158,14 +156,9 @@ def test_quantize_reaches_the_loader(hf_dirs, echo, tmp_path, capsys, monkeypatc
 def test_a_run_on_a_mesh_gives_the_one_device_outputs(full_run, hf_dirs, echo, tmp_path):
   """--mesh data=2,expert=4 on 8 CPU devices: the checkpoint loaded onto the mesh, batches of 4
   padded to the 8 rows; every record but its seconds is the one-device run's."""
-  env = dict(
-      os.environ, PYTHONPATH=REPO,
-      XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
   argv = [
       '--checkpoint', hf_dirs / 'hf', '--task', echo[0], '--data', echo[1], '--batch', '4', '--out',
       tmp_path, '--mesh', 'data=2,expert=4'
   ]
-  run = subprocess.run([sys.executable, '-c', ON_MESH, *map(str, argv)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600, check=False)
-  assert run.returncode == 0, run.stderr[-4000:]
+  cpu_devices.run(8, ON_MESH, *map(str, argv))
   assert _without_seconds(_records(tmp_path)) == _without_seconds(_records(full_run[0]))

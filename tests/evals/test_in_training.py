@@ -5,18 +5,16 @@ before anything compiles."""
 import glob
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests import cpu_devices
 from tests.evals.echo_task import echo  # pylint: disable=unused-import  (a fixture)
 from yuanjax import loader, trainer, workdir
 from yuanjax.evals import generative, sample
 from yuanjax.evals import task as task_lib
 
 SAMPLE_TOKENS = 8
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The run on two CPU devices, the params split over them (fsdp 2), in a process of its own.
 TWO_DEVICES = '''
 import json, sys
@@ -33,7 +31,7 @@ print(json.dumps(trainer.train_and_evaluate(config, sys.argv[2]), default=float)
 
 def config(echo_task, run='loss,echo:5'):
   """configs/tiny.py:runlocal for 2 steps of 4 x 64 tokens, evaluated after each."""
-  c = workdir.load_config(os.path.join(REPO, 'configs', 'tiny.py'), 'runlocal')
+  c = workdir.load_config(os.path.join(cpu_devices.REPO, 'configs', 'tiny.py'), 'runlocal')
   c.train.update(dict(num_steps=2, eval_every=1, batch_size=4, seq_len=64, sample_tokens=0))
   c.evals.update(dict(run=run, data=f'echo={echo_task[1]}', batch_size=3))
   return c
@@ -43,13 +41,7 @@ def test_a_task_eval_logs_its_accuracy_on_two_devices(echo, tmp_path):
   """Steps 1 and 2 (the end) each log one eval line with the loss and echo/accuracy; the last
   equals the evaluation runtime's on the saved checkpoint (here, on one device), and so does
   the end-of-run sample, decoded on the fsdp=2 mesh."""
-  env = dict(
-      os.environ, PYTHONPATH=REPO,
-      XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2')
-  run = subprocess.run([sys.executable, '-c', TWO_DEVICES, echo[1],
-                        str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True,
-                       timeout=600, check=False)
-  assert run.returncode == 0, run.stderr[-4000:]
+  run = cpu_devices.run(2, TWO_DEVICES, echo[1], str(tmp_path))
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   evals = workdir.read_metrics(str(tmp_path))['eval']
   assert [e['step'] for e in evals] == [1, 2]

@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import socket
-import subprocess
 import sys
 import types
 
@@ -26,13 +25,13 @@ os.environ['HF_HUB_OFFLINE'] = '1'
 import lm_eval
 from lm_eval.tasks import TaskManager
 
+from tests import cpu_devices
 from tests.interop import hf_reference as R
 from yuanjax import generate as gen
 from yuanjax import loader
 from yuanjax.evals import lm_eval_model
 from yuanjax.model import Transformer
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # mesh_answers on 8 CPU devices, in a process of its own: its JSON as the last line.
 ON_MESH = '''
 import json, sys
@@ -304,12 +303,7 @@ def test_a_mesh_gives_the_one_device_answers(ckpt):
   """mesh=data=2/expert=4 (model_args' form): the checkpoint loaded onto 8 CPU devices, the
   rows split over data x expert and the experts over expert; log-likelihoods within float32
   reduction order of one device's, the same greedy flags and generations."""
-  env = dict(
-      os.environ, PYTHONPATH=REPO,
-      XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
-  run = subprocess.run([sys.executable, '-c', ON_MESH, ckpt['path'], 'data=2/expert=4'], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=600, check=False)
-  assert run.returncode == 0, run.stderr[-4000:]
+  run = cpu_devices.run(8, ON_MESH, ckpt['path'], 'data=2/expert=4')
   got = json.loads(run.stdout.strip().splitlines()[-1])
   want = mesh_answers(lm_eval_model.YuanjaxLM(ckpt['path'], batch_size=3))
   assert [g for _, g in got['ll']] == [g for _, g in want['ll']]
