@@ -89,3 +89,24 @@ def test_curves_mark_eval_points_and_colour_by_variant():
   assert colours[0] == colours[1] and len(set(colours)) == 3
   assert [l.get_marker() for l in lines] == ['None', 'None', 'None', 'o']
   assert [t.get_text() for t in fig.legends[0].get_texts()] == ['a', 'b', 'eval']
+
+
+LONG = 'type=shared num_shared_experts=2 num_experts=14 ffn_size=96 (mean of 3 seeds)'
+
+
+def _extent(fig, artist):
+  fig.canvas.draw()
+  return artist.get_window_extent(fig.canvas.get_renderer())
+
+
+def test_long_variant_names_neither_clip_nor_squeeze_the_plot():
+  """A sweep's variant names are long: a panel title stays inside its figure (wrapped), and a
+  legend of long names leaves the axes most of the figure's width (it sits below them)."""
+  fig = plots.relative_load_panels({LONG: np.ones((4, 14)), 'b': np.ones((4, 8))})
+  title = _extent(fig, fig.axes[0].title)
+  assert 0 <= title.x0 and title.x1 <= fig.bbox.width
+  x = [1e5, 2e5, 3e5]
+  flat = (x, [0.0] * 3, [-1.0] * 3, [1.0] * 3)
+  bands = {LONG + ' and more words': flat, 'b': flat}
+  fig = plots.lines_with_bands(bands, zero_line=True)
+  assert _extent(fig, fig.axes[0]).width > 0.7 * fig.bbox.width

@@ -1,14 +1,18 @@
 """Matplotlib figures of routing statistics (`yuanjax.analysis.routing_stats`).
 
-Each function returns a Figure. Axis key: M MoE layers, E experts. Layer labels are the model layers (`Routing.layers_M`).
+Each function returns a Figure. Axis key: M MoE layers, E experts. Layer labels are the model
+layers (`Routing.layers_M`).
 """
 from __future__ import annotations
 
+import textwrap
 from typing import Mapping, Sequence
 
 import matplotlib.colors as mcolors
 import matplotlib.pyplot as plt
 import numpy as np
+
+TITLE_CHARS_PER_INCH = 9  # a panel title wraps to its figure's width (no clipped variant names)
 
 
 def _layer_labels(layers_M, m: int) -> list[str]:
@@ -35,6 +39,7 @@ def relative_load_panels(rel_loads: Mapping[str, np.ndarray], layers_M=None,
   for ax, title, rel in zip(axes[:, 0], rel_loads, rels):
     M, E = rel.shape
     im = ax.imshow(rel, cmap='RdBu_r', aspect='auto', norm=norm)
+    title = textwrap.fill(title, int(TITLE_CHARS_PER_INCH * width))
     ax.set(xlabel='experts by load, most loaded first' if sorted_experts else 'expert',
            ylabel='layer', title=title, xticks=range(E), yticks=range(M),
            xticklabels=range(1, E + 1) if sorted_experts else range(E), yticklabels=_layer_labels(
@@ -167,7 +172,7 @@ def curves(runs: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabe
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
   if logy:
     ax.set_yscale('log')
-  fig.legend(loc='outside right upper', fontsize='small')
+  fig.legend(loc='outside lower center', fontsize='small')  # below: long labels keep the width
   return fig
 
 
@@ -212,5 +217,5 @@ def lines_with_bands(series: Mapping[str, tuple[Sequence[float], ...]], *, xlabe
     line, = ax.plot(x, middle, marker='o', label=name)
     ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
   ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-  fig.legend(loc='outside right upper', fontsize='small')
+  fig.legend(loc='outside lower center', fontsize='small')  # below: long labels keep the width
   return fig
