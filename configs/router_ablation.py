@@ -9,17 +9,18 @@ router vs shared-expert isolation, 3 seeds each, same tokens, same held-out eval
   python -m launch.sweep --backend=local --num_processes=1 \
       --config=configs/router_ablation.py:gpu --workdir=workdir/studies/router_gpu
   python -m launch.sweep --backend=local --num_processes=1 \
-      --config=configs/router_ablation.py:long --workdir=workdir/router_1m  # hours; rerun resumes
+      --config=configs/router_ablation.py:long --workdir=workdir/studies/router_1m  # hours
 
 Variants (the `:arg`, passed to both get_config and sweep): none (the CPU study, 2 cores),
 `smoke` (a few steps, seconds; for tests: 2 routers x 2 seeds), `gpu` (one H100/H200, about an
 hour for the whole sweep), `long` (the 1M-token study, docs/ablations.md: dropless dispatch,
 480 steps = 983,040 tokens per run, the same 65,536 eval tokens every 80 steps; attention and
 linear with LONG_SEEDS, the n a power analysis of a pilot's paired differences gives for a
-0.01 gap, shared with 3 seeds; runs ordered seed by seed, so a partial study is paired). `shared` is 2 always-on experts + top-2 of 14 routed experts of half
-the FFN size (the paper's 2 + top-2 of 14): total and active parameters match the 8-expert
-variants (within 1%, tests/test_ablation_configs.py). Seeds set `train.seed` only:
-parameter init and router noise; the data order and the eval split are the same for every run.
+0.01 gap, shared with 3 seeds; runs ordered seed by seed, so a partial study is paired).
+`shared` is 2 always-on experts + top-2 of 14 routed experts of half the FFN size (the
+paper's 2 + top-2 of 14): total and active parameters match the 8-expert variants (within 1%,
+tests/test_ablation_configs.py). Seeds set `train.seed` only: parameter init and router noise;
+the data order and the eval split are the same for every run.
 """
 from yuanjax import config_lib
 
