@@ -152,11 +152,13 @@ def prefill(model: Transformer, params, cache, prompt_BxP, lengths_B):
   return layers.logits(last_Bx1xD, head_VxD)[:, 0], state['cache']
 
 
-def _run(params, cache, prompt_BxP, lengths_B, rows, key, temperature, top_k, top_p, eod_id, pad_id,
+def _run(params, prompt_BxP, lengths_B, rows, key, temperature, top_k, top_p, eod_id, pad_id,
          vocab_limit, *, model: Transformer, max_new_tokens: int):
-  """Prefill + while_loop decode into `cache` (zeros, [B, P + N]); rows >= `rows` are padding
-  (done from the start). Returns (tokens [B, N], number generated [B])."""
+  """Prefill + while_loop decode into a zeroed cache of P + N slots (`decode_cache`, created
+  here, so the device holds one); rows >= `rows` are padding (done from the start). Returns
+  (tokens [B, N], number generated [B])."""
   B, N = prompt_BxP.shape[0], max_new_tokens
+  cache = decode_cache(model, B, prompt_BxP.shape[1] + N)
 
   def sample(logits_BxV, key):
     logits_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab_limit, logits_BxV, -jnp.inf)
@@ -229,14 +231,12 @@ def param_shardings(m: ml_collections.ConfigDict, place: Placement):
   return place.tree(nn.get_partition_spec(train_state.abstract_params(m, boxed=True)))
 
 
-def decode_cache(model: Transformer, batch_size: int, max_len: int, place: Placement | None = None):
-  """The zeroed cache (`init_cache`) for `batch_size` rows of `max_len` slots, created on its
-  shards when `place` is given (`cache_axes`: rows over the batch axes, heads over tensor)."""
-  if place is None:
-    return init_cache(model, batch_size, max_len)
-  abstract = jax.eval_shape(lambda: init_cache(model, batch_size, max_len))
-  return jax.tree.map(lambda a, s: jnp.zeros(a.shape, a.dtype, device=s), abstract,
-                      place.tree(cache_axes(abstract)))
+def decode_cache(model: Transformer, batch_size: int, max_len: int):
+  """The zeroed cache (`init_cache`) for `batch_size` rows of `max_len` slots; traced under a
+  `Placement.context()`, on its shards (`cache_axes`: rows over the batch axes, heads over
+  tensor)."""
+  cache = init_cache(model, batch_size, max_len)
+  return nn.with_logical_constraint(cache, cache_axes(cache))
 
 
 _COMPILED: dict[tuple, object] = {}
@@ -255,10 +255,8 @@ def _compiled_run(config: ml_collections.ConfigDict, place: Placement | None, ma
     shardings = {}
     if place is not None:
       rows, one = place.sharding('act_batch'), place.sharding()
-      # place.rows rows: traced inside a caller's mesh (the trainer's), the MoE splits them.
-      cache = place.tree(cache_axes(jax.eval_shape(lambda: init_cache(model, place.rows, 1))))
       shardings = dict(
-          in_shardings=(None, cache, rows, rows, *(one,) * 8),  # params: as they lie
+          in_shardings=(None, rows, rows, *(one,) * 8),  # params: as they lie
           out_shardings=(one, one))
     _COMPILED[key] = jax.jit(functools.partial(_run, model=model, max_new_tokens=max_new_tokens),
                              **shardings)
@@ -323,13 +321,11 @@ def generate_padded(model: Transformer, params, prompts: Sequence[Sequence[int]]
   batch, lengths = _batch(prompts, 1 if place is None else place.rows)
   gm = generation_config(m)
   run = _compiled_run(gm, place, int(max_new_tokens))
-  cache = decode_cache(Transformer(gm), batch.shape[0], batch.shape[1] + max_new_tokens, place)
   eod = _NO_EOD if eod_id is None else int(eod_id)
   with place.context() if place is not None else contextlib.nullcontext():
-    tokens, counts = run(params, cache, batch, lengths, jnp.int32(len(prompts)),
-                         jax.random.key(seed), jnp.float32(temperature), jnp.int32(top_k),
-                         jnp.float32(top_p), jnp.int32(eod), jnp.int32(max(eod, 0)),
-                         jnp.int32(vocab_limit))
+    tokens, counts = run(params, batch, lengths, jnp.int32(len(prompts)), jax.random.key(seed),
+                         jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p),
+                         jnp.int32(eod), jnp.int32(max(eod, 0)), jnp.int32(vocab_limit))
   return np.asarray(tokens)[:len(prompts)], np.asarray(counts)[:len(prompts)]
 
 

@@ -20,10 +20,13 @@ from tests.multidevice import generate_cases as cases  # pylint: disable=wrong-i
 from yuanjax import generate as gen  # pylint: disable=wrong-import-position
 from yuanjax import loader  # pylint: disable=wrong-import-position
 from yuanjax.model import Transformer  # pylint: disable=wrong-import-position
+from yuanjax.model.transformer import cache_axes  # pylint: disable=wrong-import-position
 
 
 def spec(a) -> list:
-  return [list(x) if isinstance(x, tuple) else x for x in a.sharding.spec]
+  """The PartitionSpec of an array, or of a sharding, as JSON."""
+  sharding = getattr(a, 'sharding', a)
+  return [list(x) if isinstance(x, tuple) else x for x in sharding.spec]
 
 
 def on_mesh(path: str, text: str) -> dict:
@@ -31,13 +34,19 @@ def on_mesh(path: str, text: str) -> dict:
   place = gen.Placement(mesh)
   m, params = loader.load(path, shardings=lambda m: gen.param_shardings(m, place))
   tokens = gen.generate(Transformer(m), params, cases.PROMPTS, max_new_tokens=cases.NEW, mesh=mesh)
-  cache = gen.decode_cache(Transformer(gen.generation_config(m)), 8, 32, place)
+  with place.context():  # as generate traces it: the cache takes its constraint's shardings
+    cache = jax.jit(lambda: gen.decode_cache(Transformer(gen.generation_config(m)), 8, 32))()
+  asked = place.tree(cache_axes(cache))  # what the constraint asks for, by the rules
+  for a, want in zip(jax.tree.leaves(cache), jax.tree.leaves(asked)):
+    if not a.sharding.is_equivalent_to(want, a.ndim):  # jit drops size-1 axes from the spec
+      raise SystemExit(f'cache leaf sharded {a.sharding}, asked for {want}')
+  attention = asked['blocks']['layer_0']['attention']
   k = cache['blocks']['layer_0']['attention']['k']
   blocks = params['blocks']['layer_0']
   return dict(tokens=tokens, embedding=spec(params['embedding']),
-              wq=spec(blocks['attention']['wq']), w1=spec(blocks['moe']['w1']), k=spec(k),
-              k_shard=list(k.addressable_shards[0].data.shape),
-              u_prev=spec(cache['blocks']['layer_0']['attention']['lf']['u_prev']))
+              wq=spec(blocks['attention']['wq']), w1=spec(blocks['moe']['w1']),
+              k=spec(attention['k']), k_shard=list(k.addressable_shards[0].data.shape),
+              u_prev=spec(attention['lf']['u_prev']))
 
 
 def refused(path: str, text: str) -> str:
