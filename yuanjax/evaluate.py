@@ -126,9 +126,9 @@ def _check_out(out: str) -> None:
     raise ValueError(f'--out={out}: not writable')
 
 
-def _generate(args, mesh, task, todo, outputs_path: str, done: int) -> None:
+def _generate(args, mesh, task, todo, outputs_path: str, done: int) -> list[dict]:
   """Decodes the items not done yet (on `mesh` unless None), appending each batch's records to
-  outputs.jsonl."""
+  outputs.jsonl; returns them."""
   overrides = {'dtype': args.dtype} if args.dtype else {}
   shardings = None if mesh is None else (
       lambda m: generate.param_shardings(m, generate.Placement(mesh)))
@@ -136,12 +136,15 @@ def _generate(args, mesh, task, todo, outputs_path: str, done: int) -> None:
                                               tokenizer=args.tokenizer, quantize=args.quantize,
                                               shardings=shardings)
   bar = tqdm.tqdm(total=done + len(todo), initial=done, desc=task.name, dynamic_ncols=True)
+  new = []
   with open(outputs_path, 'a', encoding='utf-8') as f:
     for records in generative.run(model, params, tok, task, todo, args.batch, mesh):
       f.write(''.join(json.dumps(r, ensure_ascii=False) + '\n' for r in records))
       f.flush()
       bar.update(len(records))
+      new += records
   bar.close()
+  return new
 
 
 def _run(args) -> dict:
@@ -153,10 +156,8 @@ def _run(args) -> dict:
   done = _read_done(outputs_path, items)
   done_ids = {r['id'] for r in done}
   todo = [item for item in items if item.id not in done_ids]
-  if todo:
-    _generate(args, mesh, task, todo, outputs_path, len(done))
-  with open(outputs_path, encoding='utf-8') as f:
-    records = [json.loads(line) for line in f if line.strip()]
+  # outputs.jsonl now holds exactly these records (_read_done dropped a cut-short last line).
+  records = done + (_generate(args, mesh, task, todo, outputs_path, len(done)) if todo else [])
   results = {
       **generative.results(task.name, records),
       **generative.speed(records), 'checkpoint': args.checkpoint,

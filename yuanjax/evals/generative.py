@@ -47,8 +47,9 @@ def cut(text: str, stop: Sequence[str]) -> str:
 
 def complete(model, params, tokenizer, task: task_lib.Task, items: Sequence[task_lib.Item],
              rows: int, mesh=None, rules=None) -> list[tuple[str, int]]:
-  """(output, tokens generated) of each item: greedy, one generate call of `rows` rows (on
-  `mesh` with `rules` when given: generate's, the params already on it)."""
+  """(output, tokens generated) of each item, uncut (`judge` cuts it at the task's stop
+  strings): greedy, one generate call of `rows` rows (on `mesh` with `rules` when given:
+  generate's, the params already on it)."""
   prompts = [tokenizer.encode(item.prompt) for item in items]
   prompts += [prompts[-1]] * (rows - len(prompts))
   m, N = model.config, task.max_new_tokens
@@ -56,8 +57,8 @@ def complete(model, params, tokenizer, task: task_lib.Task, items: Sequence[task
                                max_len=max(max(map(len, prompts)) + N, m.max_seq_len),
                                vocab_limit=min(tokenizer.vocab_size,
                                                m.vocab_size), mesh=mesh, rules=rules)
-  return [(cut(tokenizer.decode(generate_lib.strip_eod(ids, tokenizer.eod_id)),
-               task.stop), len(ids)) for ids in outs[:len(items)]]
+  return [(tokenizer.decode(generate_lib.strip_eod(ids, tokenizer.eod_id)), len(ids))
+          for ids in outs[:len(items)]]
 
 
 def judge(task: task_lib.Task, item: task_lib.Item, output: str) -> dict:
