@@ -16,7 +16,7 @@ from yuanjax import publish, workdir as workdir_lib
 from yuanjax.analysis import routing_stats
 
 
-def _strict(v):
+def strict(v):
   """A non-finite float -> None (JSON null); anything else unchanged."""
   return None if isinstance(v, float) and not math.isfinite(v) else v
 
@@ -64,7 +64,7 @@ class MetricsWriter:
   def write(self, step: int, scalars: dict[str, float], kind: str = 'train') -> None:
     if not self.enabled:
       return
-    record = {'step': int(step), 'kind': kind, **{k: _strict(v) for k, v in scalars.items()}}
+    record = {'step': int(step), 'kind': kind, **{k: strict(v) for k, v in scalars.items()}}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record, allow_nan=False) + '\n')
     for k, v in scalars.items():

@@ -52,7 +52,7 @@ import sys
 
 import numpy as np
 
-from yuanjax import config_lib, cost, publish, workdir
+from yuanjax import config_lib, cost, metrics, publish, workdir
 from yuanjax.analysis import routing_stats, significance
 
 SEED_KEY = 'train.seed'
@@ -402,11 +402,9 @@ def strict_json(obj) -> str:
   """JSON text with every non-finite float as null (a one-seed std is nan), as metrics.jsonl."""
 
   def clean(v):
-    if isinstance(v, float) and not math.isfinite(v):
-      return None
     if isinstance(v, dict):
       return {k: clean(x) for k, x in v.items()}
-    return [clean(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return [clean(x) for x in v] if isinstance(v, (list, tuple)) else metrics.strict(v)
 
   return json.dumps(clean(obj), indent=1, allow_nan=False)
 
