@@ -228,16 +228,19 @@ def check_device_kind(kind: str) -> str:
   return name
 
 
+def _abstract_mesh(mesh_shape: dict) -> jax.sharding.AbstractMesh:
+  """A mesh of these axis sizes and no devices (what the config checks read)."""
+  return jax.sharding.AbstractMesh(tuple(mesh_shape.values()), tuple(mesh_shape),
+                                   axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_shape))
+
+
 def plan(config: ml_collections.ConfigDict, devices: int | None = None,
          device_kind: str | None = None) -> dict:
   """The numbers the CLI prints (without `leaves` in its JSON)."""
   config_lib.validate(config)
   mesh_shape = _resolve_mesh(config, devices)
   n_devices = math.prod(mesh_shape.values())
-  abstract_mesh = jax.sharding.AbstractMesh(
-      tuple(mesh_shape.values()), tuple(mesh_shape),
-      axis_types=(jax.sharding.AxisType.Auto,) * len(mesh_shape))
-  config_lib.validate_against_mesh(config, abstract_mesh)
+  config_lib.validate_against_mesh(config, _abstract_mesh(mesh_shape))
   name = check_device_kind(device_kind) if device_kind else None
   kinds = [name] if name else cost.planned_devices()
 
@@ -337,7 +340,7 @@ def inference(config: ml_collections.ConfigDict, batch: int, context: int,
     if v < 1:
       raise ValueError(f'{name}={v}: must be >= 1')
   mesh_shape = _resolve_mesh(config, devices)
-  config_lib.validate_model_against_mesh(config.model, _FakeMesh(mesh_shape))
+  config_lib.validate_model_against_mesh(config.model, _abstract_mesh(mesh_shape))
   b = np.dtype(jnp.dtype(config.model.dtype)).itemsize
   weight_bytes = b if weight_bytes is None else weight_bytes
   if weight_bytes <= 0:
@@ -354,13 +357,6 @@ def inference(config: ml_collections.ConfigDict, batch: int, context: int,
               weight_bytes=weight_bytes, cache_dtype=config.model.dtype, per_device=per_device,
               headroom=HEADROOM, device_memory_gib=memory,
               fits={k: per_device['total'] <= HEADROOM * memory[k] * GiB for k in kinds})
-
-
-class _FakeMesh:
-  """What `config_lib.validate_model_against_mesh` reads of a mesh: its axis sizes."""
-
-  def __init__(self, shape: dict):
-    self.shape = shape
 
 
 def format_inference(r: dict) -> str:
