@@ -16,7 +16,7 @@ import pytest
 
 from tests.model.helpers import rel_err, tiny, tiny_mixtral
 from yuanjax import generate as gen
-from yuanjax import loader
+from yuanjax import loader, train_state
 from yuanjax.model import Transformer
 from yuanjax.model.attention import num_kv_heads
 from yuanjax.model.transformer import init_cache
@@ -277,11 +277,10 @@ def save_workdir(workdir, setup, scales, saved_model=None):
 def save_random_workdir(workdir, cfg, step: int = 1):
   """A training workdir whose checkpoint `step` holds random params (0.3 N(0, 1), seed 0) of
   config.model `cfg`; returns them."""
-  abstract = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
       lambda a: jnp.asarray(0.3 * rng.standard_normal(a.shape), a.dtype),
-      nn.unbox(abstract)['params'])
+      train_state.abstract_params(cfg))
   save_workdir(workdir, {'cfg': cfg, 'params': params}, {step: 1.0})
   return params
 
@@ -374,7 +373,6 @@ def test_workdir_saved_before_the_added_fields(setup, tmp_path):
 def test_load_restores_into_target_shardings(setup, hf_dirs, tmp_path):
   """loader.load(path, shardings=fn): the params come back as jax.Arrays in fn(config.model)'s
   shardings and param_dtype, with the values of a plain load (workdir, converted and HF dir)."""
-  from yuanjax import train_state
   save_workdir(tmp_path, setup, {1: 1.0})
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ('x',))
   spec = lambda a: jax.sharding.PartitionSpec('x') if a.ndim >= 2 else jax.sharding.PartitionSpec()

@@ -4,7 +4,6 @@ loader / command-line entry points."""
 import json
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,9 +24,7 @@ GREEDY_AGREEMENT = 0.9
 
 def random_params(cfg, std: float, seed: int = 0):
   """Params of config.model `cfg` ~ N(0, std) (norm scales near 1, biases 0.1)."""
-  abstract = nn.unbox(
-      jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 8),
-                                                                         jnp.int32)))['params']
+  abstract = train_state.abstract_params(cfg)
   rng = np.random.default_rng(seed)
 
   def leaf(path, a):
