@@ -130,11 +130,9 @@ def _generate(args, mesh, task, todo, outputs_path: str, done: int) -> list[dict
   """Decodes the items not done yet (on `mesh` unless None), appending each batch's records to
   outputs.jsonl; returns them."""
   overrides = {'dtype': args.dtype} if args.dtype else {}
-  shardings = None if mesh is None else (
-      lambda m: generate.param_shardings(m, generate.Placement(mesh)))
   model, params, tok = loader.load_checkpoint(args.checkpoint, overrides=overrides,
                                               tokenizer=args.tokenizer, quantize=args.quantize,
-                                              shardings=shardings)
+                                              shardings=generate.load_shardings(mesh))
   bar = tqdm.tqdm(total=done + len(todo), initial=done, desc=task.name, dynamic_ncols=True)
   new = []
   with open(outputs_path, 'a', encoding='utf-8') as f:

@@ -231,6 +231,12 @@ def param_shardings(m: ml_collections.ConfigDict, place: Placement):
   return place.tree(nn.get_partition_spec(train_state.abstract_params(m, boxed=True)))
 
 
+def load_shardings(mesh: jax.sharding.Mesh | None):
+  """`loader.load`'s `shardings=` for `mesh` (default rules): the params restored straight onto
+  it by `param_shardings`; None without a mesh (one device)."""
+  return None if mesh is None else lambda m: param_shardings(m, Placement(mesh))
+
+
 def decode_cache(model: Transformer, batch_size: int, max_len: int):
   """The zeroed cache (`init_cache`) for `batch_size` rows of `max_len` slots; traced under a
   `Placement.context()`, on its shards (`cache_axes`: rows over the batch axes, heads over
@@ -463,10 +469,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   overrides = {'dtype': args.dtype} if args.dtype else {}
   try:
     mesh = None if args.mesh is None else mesh_for(args.checkpoint, args.mesh)
-    shardings = None if mesh is None else lambda m: param_shardings(m, Placement(mesh))
-    model, params, tok = loader.load_checkpoint(args.checkpoint, exact_hf_rope=args.exact_hf_rope,
-                                                overrides=overrides, tokenizer=args.tokenizer,
-                                                quantize=args.quantize, shardings=shardings)
+    model, params, tok = loader.load_checkpoint(
+        args.checkpoint, exact_hf_rope=args.exact_hf_rope, overrides=overrides,
+        tokenizer=args.tokenizer, quantize=args.quantize, shardings=load_shardings(mesh))
     eod_id = tok.eod_id
     prompts = [sft.prompt_ids(tok, p) if args.chat else tok.encode(p) for p in args.prompt]
     outs = generate(model, params, prompts, max_new_tokens=args.max_new_tokens,

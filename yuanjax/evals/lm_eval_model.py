@@ -128,7 +128,7 @@ class YuanjaxLM(lm_model.TemplateLM):
     self.model, self.params, self.tok = loader.load_checkpoint(
         checkpoint, overrides={'dtype': dtype} if dtype else {}, tokenizer=tokenizer,
         step=None if step is None else int(step), quantize=quantize,
-        shardings=None if mesh is None else lambda m: generate.param_shardings(m, self.place))
+        shardings=generate.load_shardings(self.mesh))
     m = self.model.config
     self.max_length = m.max_seq_len if max_length is None else _positive_int(
         'max_length', max_length)
