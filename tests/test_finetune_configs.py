@@ -53,8 +53,8 @@ def test_runlocal_fine_tunes_a_source_made_on_the_fly(name, tmp_path, monkeypatc
 def test_mixtral_runlocal_trains_in_the_mistral_template(tmp_path, monkeypatch):
   """Mixtral's :runlocal: a Llama-style tokenizer (<s> </s>, no <sep>) read as HF reads Mixtral's;
   each sample is `<s>[INST] reverse: w [/INST] w'</s>` with exactly the answer's tokens and the
-  `</s>` scored; a few steps train on responses only."""
-  from yuanjax import finetune, trainer  # pylint: disable=g-import-not-at-top
+  `</s>` scored (training it on responses only: tests/test_finetune_task.py)."""
+  from yuanjax import finetune  # pylint: disable=g-import-not-at-top
   from yuanjax.data import ShardedDocuments, pipeline, sft  # pylint: disable=g-import-not-at-top
   monkeypatch.setenv('YUANJAX_CACHE', str(tmp_path))
   config = _module('finetune_mixtral.py').get_config('runlocal')
@@ -70,6 +70,3 @@ def test_mixtral_runlocal_trains_in_the_mistral_template(tmp_path, monkeypatch):
     assert p[0] == tok.token_id('<s>') and tok.decode(p) == f'[INST] {prompt} [/INST]'
     assert docs[i].tolist() == p + a + [tok.eod_id]
     assert docs.loss_mask(i).tolist() == [0] * len(p) + [1] * (len(a) + 1)
-  trainer.train_and_evaluate(config, str(tmp_path / 'run'))
-  lines = workdir.read_metrics(str(tmp_path / 'run'))['train']
-  assert lines and all(0 < r['loss_tokens'] < 16 * 64 for r in lines)
