@@ -109,6 +109,15 @@ def _resolve_mesh(config, devices: int | None) -> dict:
   return dict(zip(sharding.MESH_AXES, shape))
 
 
+def _with_specs(tree, mesh_specs) -> list[tuple]:
+  """(path, leaf, PartitionSpec) of every leaf of `tree`, its spec from `mesh_specs` (a tree of
+  PartitionSpecs of the same structure)."""
+  specs = jax.tree_util.tree_leaves(mesh_specs,
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return [(path, leaf, spec) for (path, leaf), spec in zip(flat, specs, strict=True)]
+
+
 def state_leaves(config, mesh_shape: dict) -> list[dict]:
   """Every leaf of the abstract train state: path, shape, dtype, mesh spec, per-device and
   total bytes, and whether it is a param or optimizer state."""
@@ -117,11 +126,7 @@ def state_leaves(config, mesh_shape: dict) -> list[dict]:
   mesh_specs, values = built.mesh_specs, built.abstract
   out = []
   for part in ('params', 'opt_state'):
-    flat, _ = jax.tree_util.tree_flatten_with_path(getattr(values, part))
-    specs = jax.tree_util.tree_leaves(getattr(mesh_specs, part),
-                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    assert len(flat) == len(specs), (part, len(flat), len(specs))
-    for (path, leaf), spec in zip(flat, specs):
+    for path, leaf, spec in _with_specs(getattr(values, part), getattr(mesh_specs, part)):
       out.append(
           dict(part=part, path=jax.tree_util.keystr(path), shape=tuple(leaf.shape),
                dtype=str(leaf.dtype), spec=tuple(spec),
@@ -314,10 +319,7 @@ def inference_leaves(config, mesh_shape: dict, batch: int, context: int) -> list
   out = []
   for tree, logical, part in ((train_state.strip_boxes(params), nn.get_partition_spec(params),
                                None), (cache, transformer.cache_axes(cache), 'cache')):
-    specs = jax.tree_util.tree_leaves(nn.logical_to_mesh(logical, rules),
-                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    for (path, leaf), spec in zip(flat, specs, strict=True):
+    for path, leaf, spec in _with_specs(tree, nn.logical_to_mesh(logical, rules)):
       out.append(
           dict(part=parts[path[-1].key] if part else 'weights', path=jax.tree_util.keystr(path),
                shape=tuple(leaf.shape), dtype=str(leaf.dtype), spec=tuple(spec),
