@@ -195,17 +195,14 @@ def test_bad_inputs_name_the_argument(setup):
 def hf_dirs(tmp_path_factory):
   """A tiny HF checkpoint with a sentencepiece tokenizer ('<n>' for newlines), and its
   conversion."""
-  spm = pytest.importorskip('sentencepiece')
+  pytest.importorskip('sentencepiece')
   from tests.interop import hf_reference as R
   from yuanjax.interop import hf
   root = tmp_path_factory.mktemp('gen_hf')
-  (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(200)))
-  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
-                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
-                                 model_type='bpe', num_threads=1, minloglevel=2)
+  model = R.yuan_sentencepiece(root, [f'line {i} of some text' for i in range(200)])
   config = R.tiny_hf_config()
   R.write_hf_dir(root / 'hf', R.random_hf_tensors(config, seed=5), config,
-                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+                 extra_files={'tokenizer.model': model})
   hf.import_hf(str(root / 'hf'), str(root / 'yj'))
   return root
 

@@ -265,22 +265,27 @@ def write_hf_dir(path, tensors: dict, config: dict, shards: int = 1, extra_files
       f.write(content)
 
 
-def write_yuan_dir_with_tokenizer(path, lines, seed: int) -> None:
-  """A tiny Yuan HF dir (tiny_hf_config, random weights of `seed`) whose tokenizer.model is a
-  60-piece BPE sentencepiece model trained on `lines`, with Yuan's '<eod>', '<sep>', '<n>'."""
+def yuan_sentencepiece(root, lines) -> bytes:
+  """A 60-piece BPE sentencepiece model trained on `lines`, with Yuan's '<eod>', '<sep>', '<n>'
+  (root/corpus.txt, root/tok.model); its bytes."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top  (optional elsewhere)
-  corpus, prefix = os.path.join(path, 'corpus.txt'), os.path.join(path, 'tok')
-  os.makedirs(path, exist_ok=True)
+  corpus, prefix = os.path.join(root, 'corpus.txt'), os.path.join(root, 'tok')
+  os.makedirs(root, exist_ok=True)
   with open(corpus, 'w') as f:
     f.write('\n'.join(lines))
   spm.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, vocab_size=60,
                                  user_defined_symbols=['<eod>', '<sep>', '<n>'], model_type='bpe',
                                  num_threads=1, minloglevel=2)
   with open(prefix + '.model', 'rb') as f:
-    model = f.read()
+    return f.read()
+
+
+def write_yuan_dir_with_tokenizer(path, lines, seed: int) -> None:
+  """A tiny Yuan HF dir (tiny_hf_config, random weights of `seed`) whose tokenizer.model is
+  `yuan_sentencepiece` of `lines` (trained in `path`)."""
   config = tiny_hf_config()
   write_hf_dir(path, random_hf_tensors(config, seed=seed), config,
-               extra_files={'tokenizer.model': model})
+               extra_files={'tokenizer.model': yuan_sentencepiece(path, lines)})
 
 
 _STORAGE_NAMES = {

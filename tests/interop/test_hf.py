@@ -374,15 +374,10 @@ def test_exact_hf_rope(tiny_src):
 
 def test_load_tokenizer(tiny_src):
   tokenizer = pytest.importorskip('yuanjax.data.tokenizer')
-  spm = pytest.importorskip('sentencepiece')
+  pytest.importorskip('sentencepiece')
   root, config, tensors = tiny_src
-  text = '\n'.join(f'line {i} of some text' for i in range(200))
-  (root / 'corpus.txt').write_text(text)
-  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
-                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
-                                 model_type='bpe', num_threads=1, minloglevel=2)
-  R.write_hf_dir(root / 'src', tensors, config,
-                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+  model = R.yuan_sentencepiece(root, [f'line {i} of some text' for i in range(200)])
+  R.write_hf_dir(root / 'src', tensors, config, extra_files={'tokenizer.model': model})
   hf.import_hf(str(root / 'src'), str(root / 'dst'))
   for path in (root / 'src', root / 'dst'):
     tok = loader.load_tokenizer(str(path))
@@ -393,14 +388,10 @@ def test_load_tokenizer(tiny_src):
 def test_load_tokenizer_adds_yuan_tokens_past_the_model(tiny_src):
   """The tokens Yuan's runtime adds: <sep> (in the model) keeps its id, the rest follow it."""
   from yuanjax.data.tokenizer import YUAN_ADDED_TOKENS
-  spm = pytest.importorskip('sentencepiece')
+  pytest.importorskip('sentencepiece')
   root, config, tensors = tiny_src
-  (root / 'corpus.txt').write_text('\n'.join(f'line {i} of some text' for i in range(200)))
-  spm.SentencePieceTrainer.train(input=str(root / 'corpus.txt'), model_prefix=str(root / 'tok'),
-                                 vocab_size=60, user_defined_symbols=['<eod>', '<sep>', '<n>'],
-                                 model_type='bpe', num_threads=1, minloglevel=2)
-  R.write_hf_dir(root / 'src', tensors, config,
-                 extra_files={'tokenizer.model': (root / 'tok.model').read_bytes()})
+  model = R.yuan_sentencepiece(root, [f'line {i} of some text' for i in range(200)])
+  R.write_hf_dir(root / 'src', tensors, config, extra_files={'tokenizer.model': model})
   tok = loader.load_tokenizer(str(root / 'src'))
   added = [t for t in YUAN_ADDED_TOKENS if t != '<sep>']
   assert [tok.token_id(t) for t in added] == list(range(60, 60 + len(added)))
