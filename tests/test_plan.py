@@ -125,15 +125,19 @@ def test_bad_mesh_names_the_axis(axis, value, devices):
     plan.plan(config, devices=devices)
 
 
-def test_cli_prints_table_then_json():
-  r = subprocess.run([
-      sys.executable, '-m', 'yuanjax.plan', '--config=configs/yuan_m32.py',
-      '--config.mesh.expert=8', '--devices=8', '--device_kind=H100-80G'
-  ], cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
-                     timeout=300)
+def _cli(*flags) -> tuple[list[str], dict]:
+  """`python -m yuanjax.plan FLAGS` from the repository root: (its lines, its last line's JSON)."""
+  r = subprocess.run([sys.executable, '-m', 'yuanjax.plan', *flags], cwd=REPO,
+                     env=dict(os.environ,
+                              JAX_PLATFORMS='cpu'), capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   lines = r.stdout.strip().splitlines()
-  out = json.loads(lines[-1])
+  return lines, json.loads(lines[-1])
+
+
+def test_cli_prints_table_then_json():
+  lines, out = _cli('--config=configs/yuan_m32.py', '--config.mesh.expert=8', '--devices=8',
+                    '--device_kind=H100-80G')
   assert out['devices'] == 8 and out['fits'] == {'H100-80G': False}
   assert out['totals']['params'] == 4 * out['param_count']
   assert any('does NOT fit' in line for line in lines[:-1])
@@ -270,15 +274,9 @@ def test_inference_cache_splits_rows_over_data_and_heads_over_tensor():
 
 
 def test_cli_inference_prints_table_then_json():
-  r = subprocess.run([
-      sys.executable, '-m', 'yuanjax.plan', f'--config={REPO}/configs/tiny.py',
-      '--config.mesh.data=1', '--inference_batch=2', '--inference_context=16', '--weight_bytes=1',
-      '--device_kind=H100-80G'
-  ], capture_output=True, text=True, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'),
-                     timeout=300, check=False)
-  assert r.returncode == 0, r.stderr
-  lines = r.stdout.strip().splitlines()
-  out = json.loads(lines[-1])
+  lines, out = _cli(f'--config={REPO}/configs/tiny.py', '--config.mesh.data=1',
+                    '--inference_batch=2', '--inference_context=16', '--weight_bytes=1',
+                    '--device_kind=H100-80G')
   assert lines[0].startswith('inference: mesh data=1 fsdp=1 expert=1 tensor=1 (1 devices)')
   assert out['per_device']['total'] == sum(v for k, v in out['per_device'].items() if k != 'total')
   assert out['fits'] == {'H100-80G': True} and 'H100-80G' in lines[-2]
